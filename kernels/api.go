@@ -1,0 +1,210 @@
+package kernels
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+)
+
+// DType of a weight matrix as stored.
+type DType uint8
+
+// Stored weight formats.
+const (
+	F32    DType = iota // IEEE float32
+	BF16                // bfloat16
+	F16                 // IEEE half
+	F8E4M3              // OCP E4M3FN with DeepSeek 128x128 block scales (weight_scale_inv)
+	Q8_0                // int8 with one float32 scale per 32 consecutive values of a row
+)
+
+// String names the dtype as safetensors/GGUF users know it.
+func (d DType) String() string {
+	switch d {
+	case F32:
+		return "F32"
+	case BF16:
+		return "BF16"
+	case F16:
+		return "F16"
+	case F8E4M3:
+		return "F8_E4M3"
+	case Q8_0:
+		return "Q8_0"
+	}
+	return fmt.Sprintf("DType(%d)", uint8(d))
+}
+
+// F8Block is the side of DeepSeek's square FP8 scale blocks.
+const F8Block = 128
+
+// Q8Block is the number of consecutive row values sharing one Q8_0 scale.
+const Q8Block = 32
+
+// ErrInvalidMatrix is wrapped by every Validate error.
+var ErrInvalidMatrix = errors.New("kernels: invalid matrix")
+
+// Matrix is a row-major [Rows x Cols] weight in its stored format; y = W·x.
+// Data is raw little-endian bytes (often a view into an mmapped file: the
+// kernels never copy or modify it).
+//
+//	F32: 4*Rows*Cols bytes. BF16, F16: 2*Rows*Cols.
+//	F8E4M3: Rows*Cols bytes (OCP E4M3FN: bias 7, no inf, 0x7f/0xff NaN) with
+//	  Scales = DeepSeek's weight_scale_inv, block 128x128:
+//	  len ceil(Rows/128)*ceil(Cols/128), row-major; w = fp8 * scale.
+//	Q8_0: Data = Rows*Cols int8, Scales = Rows*(Cols/32) float32 (one per 32
+//	  consecutive values in a row); requires Cols%32==0.
+type Matrix struct {
+	DType      DType
+	Rows, Cols int
+	Data       []byte
+	Scales     []float32
+}
+
+// Validate checks that Data and Scales have the sizes the dtype and shape
+// imply. Kernels assume a valid matrix; call this on anything read from
+// outside the process.
+func (m *Matrix) Validate() error {
+	if m == nil {
+		return fmt.Errorf("%w: nil", ErrInvalidMatrix)
+	}
+	if m.Rows <= 0 || m.Cols <= 0 {
+		return fmt.Errorf("%w: shape %dx%d must be positive", ErrInvalidMatrix, m.Rows, m.Cols)
+	}
+	n := int64(m.Rows) * int64(m.Cols)
+	var wantData, wantScales int64
+	switch m.DType {
+	case F32:
+		wantData = 4 * n
+	case BF16, F16:
+		wantData = 2 * n
+	case F8E4M3:
+		wantData = n
+		wantScales = int64(ceilDiv(m.Rows, F8Block)) * int64(ceilDiv(m.Cols, F8Block))
+	case Q8_0:
+		if m.Cols%Q8Block != 0 {
+			return fmt.Errorf("%w: Q8_0 needs Cols a multiple of %d, have %d", ErrInvalidMatrix, Q8Block, m.Cols)
+		}
+		wantData = n
+		wantScales = int64(m.Rows) * int64(m.Cols/Q8Block)
+	default:
+		return fmt.Errorf("%w: unknown dtype %d", ErrInvalidMatrix, uint8(m.DType))
+	}
+	if int64(len(m.Data)) != wantData {
+		return fmt.Errorf("%w: %s %dx%d needs %d data bytes, have %d", ErrInvalidMatrix, m.DType, m.Rows, m.Cols, wantData, len(m.Data))
+	}
+	if int64(len(m.Scales)) != wantScales {
+		return fmt.Errorf("%w: %s %dx%d needs %d scales, have %d", ErrInvalidMatrix, m.DType, m.Rows, m.Cols, wantScales, len(m.Scales))
+	}
+	return nil
+}
+
+// Bytes is the number of bytes one full pass over the matrix reads (Data
+// plus Scales), the numerator of GB/s figures.
+func (m *Matrix) Bytes() int64 {
+	return int64(len(m.Data)) + 4*int64(len(m.Scales))
+}
+
+// RowF32 widens row r to float32 into dst[:Cols] (the embedding lookup).
+func (m *Matrix) RowF32(dst []float32, r int) {
+	if r < 0 || r >= m.Rows {
+		panic(fmt.Sprintf("kernels: RowF32 row %d out of range [0,%d)", r, m.Rows))
+	}
+	if len(dst) < m.Cols {
+		panic(fmt.Sprintf("kernels: RowF32 dst has %d floats, need %d", len(dst), m.Cols))
+	}
+	rowF32Generic(dst[:m.Cols], m, r, 0, m.Cols)
+}
+
+// rowF32Generic widens columns [c0,c1) of row r into dst[:c1-c0].
+func rowF32Generic(dst []float32, m *Matrix, r, c0, c1 int) {
+	cols := m.Cols
+	base := r * cols
+	switch m.DType {
+	case F32:
+		d := m.Data[4*(base+c0) : 4*(base+c1)]
+		for i := range dst[:c1-c0] {
+			dst[i] = math.Float32frombits(binary.LittleEndian.Uint32(d[4*i:]))
+		}
+	case BF16:
+		d := m.Data[2*(base+c0) : 2*(base+c1)]
+		for i := range dst[:c1-c0] {
+			dst[i] = BF16ToF32(binary.LittleEndian.Uint16(d[2*i:]))
+		}
+	case F16:
+		d := m.Data[2*(base+c0) : 2*(base+c1)]
+		for i := range dst[:c1-c0] {
+			dst[i] = F16ToF32(binary.LittleEndian.Uint16(d[2*i:]))
+		}
+	case F8E4M3:
+		d := m.Data[base+c0 : base+c1]
+		srow := m.Scales[(r/F8Block)*ceilDiv(cols, F8Block):]
+		for i, b := range d {
+			dst[i] = e4m3Table[b] * srow[(c0+i)/F8Block]
+		}
+	case Q8_0:
+		d := m.Data[base+c0 : base+c1]
+		srow := m.Scales[r*(cols/Q8Block):]
+		for i, b := range d {
+			dst[i] = float32(int8(b)) * srow[(c0+i)/Q8Block]
+		}
+	default:
+		panic(fmt.Sprintf("kernels: unknown dtype %d", uint8(m.DType)))
+	}
+}
+
+// QuantizeQ8 converts any valid matrix to Q8_0: per 32 values of a row the
+// scale is absmax/127 and each value is rounded to the nearest int8 (ties
+// away from zero, as ggml's roundf). The result owns fresh memory.
+func QuantizeQ8(m *Matrix) (*Matrix, error) {
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	if m.Cols%Q8Block != 0 {
+		return nil, fmt.Errorf("%w: Q8_0 needs Cols a multiple of %d, have %d", ErrInvalidMatrix, Q8Block, m.Cols)
+	}
+	out := &Matrix{
+		DType:  Q8_0,
+		Rows:   m.Rows,
+		Cols:   m.Cols,
+		Data:   make([]byte, m.Rows*m.Cols),
+		Scales: make([]float32, m.Rows*(m.Cols/Q8Block)),
+	}
+	row := make([]float32, m.Cols)
+	nb := m.Cols / Q8Block
+	for r := 0; r < m.Rows; r++ {
+		rowF32Generic(row, m, r, 0, m.Cols)
+		for b := 0; b < nb; b++ {
+			blk := row[b*Q8Block : (b+1)*Q8Block]
+			var amax float32
+			for _, v := range blk {
+				if a := float32(math.Abs(float64(v))); a > amax {
+					amax = a
+				}
+			}
+			d := amax / 127
+			out.Scales[r*nb+b] = d
+			q := out.Data[r*m.Cols+b*Q8Block:]
+			if d == 0 {
+				for i := range blk {
+					q[i] = 0
+				}
+				continue
+			}
+			id := 1 / d
+			for i, v := range blk {
+				x := math.Round(float64(v * id))
+				if x > 127 {
+					x = 127
+				} else if x < -127 {
+					x = -127
+				}
+				q[i] = byte(int8(x))
+			}
+		}
+	}
+	return out, nil
+}
+
+func ceilDiv(a, b int) int { return (a + b - 1) / b }

@@ -1,0 +1,124 @@
+package kernels
+
+import (
+	"encoding/binary"
+	"math"
+)
+
+// matVecRowsGeneric computes y[r] for r in [lo,hi) one row at a time,
+// widening on the fly. Sums run left to right in float32: this is the
+// reference the SIMD versions are tested against.
+func matVecRowsGeneric(y []float32, w *Matrix, x []float32, lo, hi int) {
+	cols := w.Cols
+	switch w.DType {
+	case F32:
+		for r := lo; r < hi; r++ {
+			d := w.Data[4*r*cols : 4*(r+1)*cols]
+			var s float32
+			for c, xv := range x[:cols] {
+				s += math.Float32frombits(binary.LittleEndian.Uint32(d[4*c:])) * xv
+			}
+			y[r] = s
+		}
+	case BF16:
+		for r := lo; r < hi; r++ {
+			d := w.Data[2*r*cols : 2*(r+1)*cols]
+			var s float32
+			for c, xv := range x[:cols] {
+				s += math.Float32frombits(uint32(binary.LittleEndian.Uint16(d[2*c:]))<<16) * xv
+			}
+			y[r] = s
+		}
+	case F16:
+		for r := lo; r < hi; r++ {
+			d := w.Data[2*r*cols : 2*(r+1)*cols]
+			var s float32
+			for c, xv := range x[:cols] {
+				s += F16ToF32(binary.LittleEndian.Uint16(d[2*c:])) * xv
+			}
+			y[r] = s
+		}
+	case F8E4M3:
+		nb := ceilDiv(cols, F8Block)
+		for r := lo; r < hi; r++ {
+			d := w.Data[r*cols : (r+1)*cols]
+			srow := w.Scales[(r/F8Block)*nb : (r/F8Block+1)*nb]
+			var s float32
+			for b, sc := range srow {
+				c0, c1 := b*F8Block, min((b+1)*F8Block, cols)
+				var bs float32
+				for c := c0; c < c1; c++ {
+					bs += e4m3Table[d[c]] * x[c]
+				}
+				s += bs * sc
+			}
+			y[r] = s
+		}
+	case Q8_0:
+		nb := cols / Q8Block
+		for r := lo; r < hi; r++ {
+			d := w.Data[r*cols : (r+1)*cols]
+			srow := w.Scales[r*nb : (r+1)*nb]
+			var s float32
+			for b, sc := range srow {
+				var bs float32
+				for c := b * Q8Block; c < (b+1)*Q8Block; c++ {
+					bs += float32(int8(d[c])) * x[c]
+				}
+				s += bs * sc
+			}
+			y[r] = s
+		}
+	default:
+		panic("kernels: unknown dtype")
+	}
+}
+
+// matMulXBlock is how many rows of x one pass over a thread's W rows
+// serves: 32 rows of 2048 floats is 256 KiB, about an L2.
+const matMulXBlock = 32
+
+// matMulScratch is the per-thread scratch (floats) MatMul needs for Cols:
+// one widened tile of up to 16 W rows plus a BF16 copy of one x block.
+func matMulScratch(cols int) int { return 16*cols + matMulXBlock*cols/2 + 64 }
+
+// matMulRowsGeneric: W rows [lo,hi) against all n rows of x, one W row
+// widened into scratch and reused against a block of x rows.
+func matMulRowsGeneric(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
+	cols, rows := w.Cols, w.Rows
+	wr := scratch[:cols]
+	for i0 := 0; i0 < n; i0 += matMulXBlock {
+		i1 := min(i0+matMulXBlock, n)
+		for r := lo; r < hi; r++ {
+			rowF32Generic(wr, w, r, 0, cols)
+			for i := i0; i < i1; i++ {
+				xi := x[i*cols : (i+1)*cols]
+				var s float32
+				for c, wv := range wr {
+					s += wv * xi[c]
+				}
+				y[i*rows+r] = s
+			}
+		}
+	}
+}
+
+// matMulBF16ActRowsGeneric is matMulRowsGeneric with x rounded to BF16.
+func matMulBF16ActRowsGeneric(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
+	cols, rows := w.Cols, w.Rows
+	wr := scratch[:cols]
+	for i0 := 0; i0 < n; i0 += matMulXBlock {
+		i1 := min(i0+matMulXBlock, n)
+		for r := lo; r < hi; r++ {
+			rowF32Generic(wr, w, r, 0, cols)
+			for i := i0; i < i1; i++ {
+				xi := x[i*cols : (i+1)*cols]
+				var s float32
+				for c, wv := range wr {
+					s += wv * BF16ToF32(F32ToBF16(xi[c]))
+				}
+				y[i*rows+r] = s
+			}
+		}
+	}
+}

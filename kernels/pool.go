@@ -1,0 +1,271 @@
+package kernels
+
+import (
+	"fmt"
+	"runtime"
+	"sync/atomic"
+)
+
+// Pool is a persistent set of worker goroutines (threads-1 workers plus the
+// calling goroutine). A call publishes one job, every thread runs its
+// contiguous share, and the call returns when all shares are done. Nothing
+// is allocated and no goroutine is started per call in the steady state.
+//
+// A Pool serves one caller at a time: its methods must not be called
+// concurrently (give each concurrent caller its own Pool). Close stops the
+// workers; the Pool must not be used afterwards.
+//
+// Workers spin briefly on the job counter before parking on a channel, so
+// back-to-back calls (one per layer in decode) do not pay a scheduler
+// wake-up each.
+type Pool struct {
+	threads int
+	gen     atomic.Uint64 // incremented once per published job
+	pending atomic.Int32  // worker shares of the current job not yet done
+	closed  atomic.Bool
+	workers []poolWorker
+	job     job
+	scratch [][]float32 // per thread (index 0 is the caller), grown on demand
+	exited  chan struct{}
+}
+
+type poolWorker struct {
+	parked atomic.Bool
+	wake   chan struct{}
+	_      [48]byte // keep workers' flags on separate cache lines
+}
+
+type jobKind uint8
+
+const (
+	jobFunc jobKind = iota
+	jobMatVec
+	jobMatMul
+	jobMatMulBF16
+	jobMLA
+)
+
+// job holds the arguments of the current call; storing them in the Pool
+// (instead of a closure) is what keeps MatVec allocation-free.
+type job struct {
+	kind  jobKind
+	n     int // items split across threads
+	grain int // chunk boundaries are multiples of grain
+	fn    func(lo, hi int)
+	y, x  []float32
+	w     *Matrix
+	rows  int // MatMul: rows of x
+	mla   mlaArgs
+}
+
+// spinIters bounds the busy-wait before a worker parks. About 20-50µs on
+// current CPUs: longer than the gap between kernels of one layer, far
+// shorter than the gap between tokens.
+const spinIters = 1 << 14
+
+// NewPool starts threads-1 workers; threads <= 0 means runtime.GOMAXPROCS(0).
+func NewPool(threads int) *Pool {
+	if threads <= 0 {
+		threads = runtime.GOMAXPROCS(0)
+	}
+	p := &Pool{
+		threads: threads,
+		workers: make([]poolWorker, threads-1),
+		scratch: make([][]float32, threads),
+		exited:  make(chan struct{}, threads),
+	}
+	for i := range p.workers {
+		p.workers[i].wake = make(chan struct{}, 1)
+		go p.work(i + 1)
+	}
+	return p
+}
+
+// Threads is the number of threads a call is split across.
+func (p *Pool) Threads() int { return p.threads }
+
+// Close stops the workers and waits for them to exit. Calling it twice is
+// harmless.
+func (p *Pool) Close() {
+	if p.closed.Swap(true) {
+		return
+	}
+	p.gen.Add(1)
+	p.wakeAll()
+	for range p.workers {
+		<-p.exited
+	}
+}
+
+func (p *Pool) wakeAll() {
+	for i := range p.workers {
+		w := &p.workers[i]
+		if w.parked.CompareAndSwap(true, false) {
+			w.wake <- struct{}{}
+		}
+	}
+}
+
+func (p *Pool) work(id int) {
+	defer func() { p.exited <- struct{}{} }()
+	w := &p.workers[id-1]
+	seen := p.gen.Load()
+	for {
+		g := p.waitGen(w, seen)
+		if p.closed.Load() {
+			return
+		}
+		seen = g
+		lo, hi := p.share(id)
+		if lo < hi {
+			p.runShare(id, lo, hi)
+		}
+		p.pending.Add(-1)
+	}
+}
+
+// waitGen returns once the job counter moves past seen: spinning first, then
+// parking. The parked flag is set before the final re-check, and whoever
+// clears it (the publisher, by CAS) owes one wake token, so no wake-up is lost.
+func (p *Pool) waitGen(w *poolWorker, seen uint64) uint64 {
+	for i := 0; i < spinIters; i++ {
+		if g := p.gen.Load(); g != seen {
+			return g
+		}
+		if i&255 == 255 {
+			runtime.Gosched()
+		}
+	}
+	for {
+		w.parked.Store(true)
+		if g := p.gen.Load(); g != seen {
+			if !w.parked.CompareAndSwap(true, false) {
+				<-w.wake // the publisher cleared it and sent a token: consume it
+			}
+			return g
+		}
+		<-w.wake
+	}
+}
+
+// share is thread id's contiguous part of [0, job.n), aligned to job.grain.
+func (p *Pool) share(id int) (lo, hi int) {
+	n, g := p.job.n, p.job.grain
+	units := ceilDiv(n, g)
+	lo = units * id / p.threads * g
+	hi = units * (id + 1) / p.threads * g
+	if hi > n {
+		hi = n
+	}
+	if lo > n {
+		lo = n
+	}
+	return lo, hi
+}
+
+// run publishes p.job, runs the caller's share and waits for the others.
+func (p *Pool) run() {
+	if p.closed.Load() {
+		panic("kernels: Pool used after Close")
+	}
+	if p.threads == 1 || p.job.n <= p.job.grain {
+		if p.job.n > 0 {
+			p.runShare(0, 0, p.job.n)
+		}
+		p.job = job{}
+		return
+	}
+	p.pending.Store(int32(len(p.workers)))
+	p.gen.Add(1)
+	p.wakeAll()
+	lo, hi := p.share(0)
+	if lo < hi {
+		p.runShare(0, lo, hi)
+	}
+	for i := 0; p.pending.Load() != 0; i++ {
+		if i&63 == 63 {
+			runtime.Gosched()
+		}
+	}
+	p.job = job{} // drop references to the caller's buffers
+}
+
+func (p *Pool) runShare(id, lo, hi int) {
+	j := &p.job
+	switch j.kind {
+	case jobFunc:
+		j.fn(lo, hi)
+	case jobMatVec:
+		matVecRows(j.y, j.w, j.x, lo, hi)
+	case jobMatMul:
+		matMulRows(j.y, j.w, j.x, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
+	case jobMatMulBF16:
+		matMulBF16ActRows(j.y, j.w, j.x, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
+	case jobMLA:
+		mlaHeads(&j.mla, lo, hi)
+	}
+}
+
+// scratchFor returns thread id's scratch of at least n floats, allocating
+// only when it must grow.
+func (p *Pool) scratchFor(id, n int) []float32 {
+	if cap(p.scratch[id]) < n {
+		p.scratch[id] = make([]float32, n)
+	}
+	return p.scratch[id][:n]
+}
+
+// ParallelFor splits [0,n) into contiguous chunks across the threads and
+// runs fn(lo,hi) on each; it returns when all are done.
+func (p *Pool) ParallelFor(n int, fn func(lo, hi int)) {
+	if n <= 0 {
+		return
+	}
+	p.job = job{kind: jobFunc, n: n, grain: 1, fn: fn}
+	p.run()
+}
+
+// rowGrain keeps thread boundaries on multiples of the kernels' row tile.
+const rowGrain = 16
+
+// MatVec computes y[r] = sum_c W[r,c]*x[c] with float32 activations and
+// float32 accumulation, rows split across threads. len(x) must be Cols and
+// len(y) Rows; a mismatch is a programming error and panics.
+func (p *Pool) MatVec(y []float32, w *Matrix, x []float32) {
+	checkMat("MatVec", y, w, x, 1)
+	p.job = job{kind: jobMatVec, n: w.Rows, grain: rowGrain, y: y, w: w, x: x}
+	p.run()
+}
+
+// MatMul computes, for i<n, y[i*Rows:(i+1)*Rows] = W · x[i*Cols:(i+1)*Cols]
+// with the precision of MatVec. W rows are split across threads; each
+// thread streams its W rows once per block of x rows.
+func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
+	checkMat("MatMul", y, w, x, n)
+	if n == 0 {
+		return
+	}
+	p.job = job{kind: jobMatMul, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}
+	p.run()
+}
+
+// MatMulBF16Act is MatMul with activations rounded to BF16 (round to
+// nearest even) and products accumulated in float32 — VDPBF16PS where the
+// CPU has AVX512_BF16, the same arithmetic in software elsewhere. It is an
+// opt-in precision trade for prefill; results deviate from MatMul by the
+// activation rounding (relative 2^-9 per element).
+func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
+	checkMat("MatMulBF16Act", y, w, x, n)
+	if n == 0 {
+		return
+	}
+	p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}
+	p.run()
+}
+
+func checkMat(op string, y []float32, w *Matrix, x []float32, n int) {
+	if n < 0 || len(x) != n*w.Cols || len(y) != n*w.Rows {
+		panic(fmt.Sprintf("kernels: %s %s %dx%d with n=%d: len(x)=%d (want %d), len(y)=%d (want %d)",
+			op, w.DType, w.Rows, w.Cols, n, len(x), n*w.Cols, len(y), n*w.Rows))
+	}
+}
