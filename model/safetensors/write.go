@@ -58,10 +58,12 @@ func WriteSharded(dir string, specs []TensorSpec, maxShardBytes int64, fill func
 	// Greedy packing in spec order keeps each layer's tensors together, as
 	// HF's shard_checkpoint does.
 	type span struct{ lo, hi int }
+	// Zero-length tensors never open a shard, so "a tensor bigger than the
+	// limit gets a shard of its own" means no other bytes share it.
 	var shards []span
 	var cur int64
 	for i, s := range sizes {
-		if len(shards) == 0 || (cur > 0 && cur+s > maxShardBytes) {
+		if len(shards) == 0 || (s > 0 && cur > 0 && cur+s > maxShardBytes) {
 			shards = append(shards, span{i, i})
 			cur = 0
 		}
