@@ -1,0 +1,170 @@
+package tokenizer
+
+import (
+	"container/heap"
+	"sync"
+)
+
+// maxCachedWord bounds the words kept in the cache: long pieces (a run of
+// spaces, a base64 blob) are rare and would only evict useful entries.
+const maxCachedWord = 64
+
+// wordCache maps a piece's bytes to its ids. It is bounded: when full it is
+// dropped wholesale, which keeps memory fixed without LRU bookkeeping on the
+// hot path (natural text re-fills the common words within a few KB).
+type wordCache struct {
+	mu    sync.RWMutex
+	m     map[string][]int32
+	limit int
+}
+
+func (c *wordCache) init(limit int) {
+	c.m = make(map[string][]int32)
+	c.limit = limit
+}
+
+func (c *wordCache) get(w string) ([]int32, bool) {
+	c.mu.RLock()
+	ids, ok := c.m[w]
+	c.mu.RUnlock()
+	return ids, ok
+}
+
+func (c *wordCache) put(w string, ids []int32) {
+	c.mu.Lock()
+	if len(c.m) >= c.limit {
+		c.m = make(map[string][]int32, c.limit/4)
+	}
+	c.m[w] = ids
+	c.mu.Unlock()
+}
+
+type symbol struct {
+	id         int32
+	prev, next int32
+	gone       bool
+}
+
+// mergeCand is a candidate merge of the symbol at pos with its next one.
+type mergeCand struct {
+	rank, id int32
+	pos      int32
+}
+
+type mergeQueue []mergeCand
+
+func (q mergeQueue) Len() int { return len(q) }
+func (q mergeQueue) Less(i, j int) bool {
+	if q[i].rank != q[j].rank {
+		return q[i].rank < q[j].rank
+	}
+	return q[i].pos < q[j].pos
+}
+func (q mergeQueue) Swap(i, j int) { q[i], q[j] = q[j], q[i] }
+func (q *mergeQueue) Push(x any)   { *q = append(*q, x.(mergeCand)) }
+func (q *mergeQueue) Pop() any {
+	old := *q
+	x := old[len(old)-1]
+	*q = old[:len(old)-1]
+	return x
+}
+
+// bpeScratch holds per-call buffers so that encoding does not allocate per
+// piece in steady state.
+type bpeScratch struct {
+	syms  []symbol
+	queue mergeQueue
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(bpeScratch) }}
+
+// bpeWord appends the ids of one pre-tokenized piece (raw bytes).
+func (t *Tokenizer) bpeWord(word string, out []int, sc *bpeScratch) []int {
+	if len(word) == 1 {
+		if id := t.byteID[word[0]]; id >= 0 {
+			return append(out, int(id))
+		}
+	}
+	cacheable := len(word) <= maxCachedWord
+	if cacheable {
+		if ids, ok := t.cache.get(word); ok {
+			for _, id := range ids {
+				out = append(out, int(id))
+			}
+			return out
+		}
+	}
+	if t.ignoreMerges {
+		if id, ok := t.vocab[byteLevelString(word)]; ok {
+			return append(out, id)
+		}
+	}
+	ids := t.merge(word, sc)
+	for _, id := range ids {
+		out = append(out, int(id))
+	}
+	if cacheable {
+		t.cache.put(word, append([]int32(nil), ids...))
+	}
+	return out
+}
+
+// merge runs HuggingFace's BPE merge loop (Word::merge_all): a priority
+// queue of adjacent pairs ordered by (rank, position); stale entries are
+// skipped when popped. It is O(n log n) in the word length.
+func (t *Tokenizer) merge(word string, sc *bpeScratch) []int32 {
+	syms := sc.syms[:0]
+	for i := 0; i < len(word); i++ {
+		id := t.byteID[word[i]]
+		if id < 0 {
+			continue // byte missing from the vocab and no unk token: HF drops it
+		}
+		n := int32(len(syms))
+		syms = append(syms, symbol{id: id, prev: n - 1, next: n + 1})
+	}
+	if len(syms) > 0 {
+		syms[len(syms)-1].next = -1
+	}
+	q := sc.queue[:0]
+	for i := 0; i+1 < len(syms); i++ {
+		if m, ok := t.merges[pairKey(syms[i].id, syms[i+1].id)]; ok {
+			q = append(q, mergeCand{m.rank, m.id, int32(i)})
+		}
+	}
+	heap.Init(&q)
+	for q.Len() > 0 {
+		top := heap.Pop(&q).(mergeCand)
+		cur := &syms[top.pos]
+		if cur.gone || cur.next < 0 {
+			continue
+		}
+		right := syms[cur.next]
+		if m, ok := t.merges[pairKey(cur.id, right.id)]; !ok || m.id != top.id {
+			continue // stale: one side has merged since this was queued
+		}
+		cur.id = top.id
+		syms[cur.next].gone = true
+		cur.next = right.next
+		if right.next >= 0 {
+			syms[right.next].prev = top.pos
+		}
+		if cur.prev >= 0 {
+			if m, ok := t.merges[pairKey(syms[cur.prev].id, cur.id)]; ok {
+				heap.Push(&q, mergeCand{m.rank, m.id, cur.prev})
+			}
+		}
+		if cur.next >= 0 {
+			if m, ok := t.merges[pairKey(cur.id, syms[cur.next].id)]; ok {
+				heap.Push(&q, mergeCand{m.rank, m.id, top.pos})
+			}
+		}
+	}
+	ids := make([]int32, 0, len(syms))
+	for i := range syms {
+		if !syms[i].gone {
+			ids = append(ids, syms[i].id)
+		}
+	}
+	sc.syms, sc.queue = syms, q
+	return ids
+}

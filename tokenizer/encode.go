@@ -1,0 +1,84 @@
+package tokenizer
+
+// Encode returns the token ids of text, as HuggingFace's
+// tokenizer(text, add_special_tokens=addSpecialTokens)["input_ids"]: added
+// and special tokens written in the text are always recognised, and
+// addSpecialTokens adds the BOS/EOS the post-processor (or, for Llama-class
+// tokenizers, tokenizer_config.json's add_bos_token/add_eos_token) asks for.
+func (t *Tokenizer) Encode(text string, addSpecialTokens bool) []int {
+	out := make([]int, 0, len(text)/3+4)
+	if addSpecialTokens {
+		out = append(out, t.prefix...)
+	}
+	out = t.appendIDs(out, text)
+	if addSpecialTokens {
+		out = append(out, t.suffix...)
+	}
+	return out
+}
+
+func (t *Tokenizer) appendIDs(out []int, text string) []int {
+	sc := scratchPool.Get().(*bpeScratch)
+	defer scratchPool.Put(sc)
+	var segBuf [16]segment
+	// Tokens with normalized=false are split out first, on the raw text;
+	// the normalized ones in what is left (HF AddedVocabulary).
+	segs := t.nonNormalized.split(text, 0, len(text), segBuf[:0])
+	var pieces, next []span
+	for _, sg := range segs {
+		if sg.id >= 0 {
+			out = append(out, sg.id)
+			continue
+		}
+		var inner [8]segment
+		for _, sg2 := range t.normalizedToks.split(text, sg.start, sg.end, inner[:0]) {
+			if sg2.id >= 0 {
+				out = append(out, sg2.id)
+				continue
+			}
+			if sg2.start == sg2.end {
+				continue
+			}
+			pieces = append(pieces[:0], span{sg2.start, sg2.end})
+			for _, st := range t.pre {
+				next = next[:0]
+				for _, p := range pieces {
+					next = st.split(text, p, next)
+				}
+				pieces, next = next, pieces
+			}
+			for _, p := range pieces {
+				out = t.bpeWord(text[p.start:p.end], out, sc)
+			}
+		}
+	}
+	return out
+}
+
+// Decode returns the text of ids: the concatenated bytes of each token as
+// the ByteLevel decoder spells them. Ids that are no token (such as the
+// padding rows between the vocab and the model's vocab_size) are skipped, as
+// HuggingFace skips them; so are special tokens when skipSpecialTokens.
+func (t *Tokenizer) Decode(ids []int, skipSpecialTokens bool) string {
+	n := 0
+	for _, id := range ids {
+		if b, ok := t.tokenBytes(id, skipSpecialTokens); ok {
+			n += len(b)
+		}
+	}
+	buf := make([]byte, 0, n)
+	for _, id := range ids {
+		if b, ok := t.tokenBytes(id, skipSpecialTokens); ok {
+			buf = append(buf, b...)
+		}
+	}
+	return string(buf)
+}
+
+// tokenBytes returns the decoded bytes of one id.
+func (t *Tokenizer) tokenBytes(id int, skipSpecial bool) ([]byte, bool) {
+	if id < 0 || id >= len(t.tokens) || !t.known[id] || (skipSpecial && t.special[id]) {
+		return nil, false
+	}
+	return t.decoded[t.off[id]:t.off[id+1]], true
+}
