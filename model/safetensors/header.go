@@ -68,11 +68,11 @@ func (h *Header) buildIndex() {
 }
 
 // rawTensor is a header entry as it appears in JSON. Pointers tell a missing
-// field from a zero one.
+// (or null) field from a zero one.
 type rawTensor struct {
-	DType       *string  `json:"dtype"`
-	Shape       *[]int64 `json:"shape"`
-	DataOffsets *[]int64 `json:"data_offsets"`
+	DType       *string
+	Shape       *[]int64
+	DataOffsets *[]int64
 }
 
 // ParseHeader parses the 8-byte little-endian header length and the JSON header
@@ -191,9 +191,29 @@ func parseMetadata(raw json.RawMessage) (map[string]string, error) {
 }
 
 func parseTensor(name string, raw json.RawMessage, dataSize int64) (TensorInfo, error) {
-	var rt rawTensor
-	if err := json.Unmarshal(raw, &rt); err != nil {
+	// Exact, case-sensitive field names with duplicates rejected:
+	// json.Unmarshal into a struct would accept "DTYPE" and let a second
+	// "dtype" silently override the first.
+	fields, err := decodeObject(raw)
+	if err != nil {
 		return TensorInfo{}, fmt.Errorf("%w: tensor %q: %v", ErrCorrupt, name, err)
+	}
+	var rt rawTensor
+	for _, fl := range fields {
+		var dst any
+		switch fl.key {
+		case "dtype":
+			dst = &rt.DType
+		case "shape":
+			dst = &rt.Shape
+		case "data_offsets":
+			dst = &rt.DataOffsets
+		default:
+			continue // unknown fields are ignored, as by the reference reader
+		}
+		if err := json.Unmarshal(fl.value, dst); err != nil {
+			return TensorInfo{}, fmt.Errorf("%w: tensor %q: %s: %v", ErrCorrupt, name, fl.key, err)
+		}
 	}
 	if rt.DType == nil || rt.Shape == nil || rt.DataOffsets == nil {
 		return TensorInfo{}, fmt.Errorf("%w: tensor %q: needs dtype, shape and data_offsets", ErrCorrupt, name)
