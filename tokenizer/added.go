@@ -118,7 +118,7 @@ func (m *addedMatcher) split(s string, start, end int, out []segment) []segment 
 
 // isWordChar is the regex crate's Unicode \w.
 func isWordChar(r rune) bool {
-	return r == '_' || unicode.IsLetter(r) || unicode.IsMark(r) || unicode.Is(unicode.Nd, r) ||
+	return r == '_' || isLetterOrMark(r) || unicode.Is(unicode.Nd, r) ||
 		unicode.Is(unicode.Pc, r) || r == 0x200C || r == 0x200D
 }
 

@@ -5,6 +5,9 @@ import (
 	"unicode/utf8"
 )
 
+// Character classes use unicode_hf.go's corrections so that they agree
+// with HuggingFace's (newer) Unicode tables.
+//
 // Hand-written matchers for the regexes DeepSeek-V3's pre-tokenizer uses.
 // The third one needs lookahead, which Go's regexp lacks, and regexp2 is a
 // slow backtracker; these loops implement the exact leftmost-first
@@ -59,21 +62,29 @@ func isLetter(r rune) bool {
 	if r < utf8.RuneSelf {
 		return (r|0x20) >= 'a' && (r|0x20) <= 'z'
 	}
-	return unicode.IsLetter(r)
+	return unicode.IsLetter(r) || unicode.Is(hfAddL, r)
 }
 
 func isLetterOrMark(r rune) bool {
 	if r < utf8.RuneSelf {
 		return (r|0x20) >= 'a' && (r|0x20) <= 'z'
 	}
-	return unicode.IsLetter(r) || unicode.IsMark(r)
+	return unicode.IsLetter(r) || unicode.IsMark(r) || unicode.Is(hfAddL, r) || unicode.Is(hfAddM, r)
 }
 
 func isNumber(r rune) bool {
 	if r < utf8.RuneSelf {
 		return r >= '0' && r <= '9'
 	}
-	return unicode.IsNumber(r)
+	return unicode.IsNumber(r) || unicode.Is(hfAddN, r)
+}
+
+// isNumeric is Rust's char::is_numeric (HF's Digits pre-tokenizer).
+func isNumeric(r rune) bool {
+	if r < utf8.RuneSelf {
+		return r >= '0' && r <= '9'
+	}
+	return unicode.IsNumber(r) || unicode.Is(hfAddNumeric, r)
 }
 
 // isPunctOrSymbol is \p{P} or \p{S}.
@@ -81,7 +92,7 @@ func isPunctOrSymbol(r rune) bool {
 	if r < utf8.RuneSelf {
 		return r > ' ' && r < 0x7f && !(r >= '0' && r <= '9') && (r|0x20 < 'a' || r|0x20 > 'z')
 	}
-	return unicode.IsPunct(r) || unicode.IsSymbol(r)
+	return unicode.IsPunct(r) || unicode.IsSymbol(r) || unicode.Is(hfAddS, r) || unicode.Is(hfAddP, r)
 }
 
 func isASCIIPunct(r rune) bool {

@@ -63,3 +63,40 @@ func TestOracle(t *testing.T) {
 		})
 	}
 }
+
+// TestOracleFile runs a large differential check against a JSON-lines file
+// written by testdata/oracle/fuzz.js; it is skipped unless
+// TOKENIZER_ORACLE_FILE names one (the file is too big to commit).
+func TestOracleFile(t *testing.T) {
+	path := os.Getenv("TOKENIZER_ORACLE_FILE")
+	if path == "" {
+		t.Skip("TOKENIZER_ORACLE_FILE not set")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	v2, v3 := load(t, v2Dir), load(t, v3Dir)
+	dec := json.NewDecoder(f)
+	n, fails := 0, 0
+	for dec.More() {
+		var e oracleEntry
+		if err := dec.Decode(&e); err != nil {
+			t.Fatal(err)
+		}
+		n++
+		for _, c := range []struct {
+			name string
+			tok  *Tokenizer
+			want []int
+		}{{"v2", v2, e.V2}, {"v3", v3, e.V3}} {
+			if got := c.tok.Encode(e.Text, false); !slices.Equal(got, c.want) {
+				if fails++; fails <= 30 {
+					t.Errorf("%s line %d %q (%+q):\n got  %v\n want %v", c.name, n, e.Text, e.Text, got, c.want)
+				}
+			}
+		}
+	}
+	t.Logf("%d texts, %d mismatches", n, fails)
+}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
-	"unicode"
 	"unicode/utf8"
 
 	"github.com/dlclark/regexp2"
@@ -380,7 +379,7 @@ func parsePreTokenizer(raw json.RawMessage) ([]preStep, error) {
 			bh = isolated
 		}
 		// Rust's char::is_numeric: categories Nd, Nl, No.
-		return []preStep{&splitStep{m: runePred(unicode.IsNumber), behavior: bh}}, nil
+		return []preStep{&splitStep{m: runePred(isNumeric), behavior: bh}}, nil
 	case "ByteLevel":
 		if p.AddPrefixSpace {
 			return nil, fmt.Errorf("%w ByteLevel pre-tokenizer with add_prefix_space", ErrUnsupported)
