@@ -82,3 +82,21 @@ func (t *Tokenizer) tokenBytes(id int, skipSpecial bool) ([]byte, bool) {
 	}
 	return t.decoded[t.off[id]:t.off[id+1]], true
 }
+
+// preTokenize returns the pieces the pre-tokenizer cuts text into (without
+// added-token handling); tests compare it with HF's pre_tokenize_str.
+func (t *Tokenizer) preTokenize(text string) []string {
+	pieces := []span{{0, len(text)}}
+	for _, st := range t.pre {
+		var next []span
+		for _, p := range pieces {
+			next = st.split(text, p, next)
+		}
+		pieces = next
+	}
+	out := make([]string, len(pieces))
+	for i, p := range pieces {
+		out[i] = text[p.start:p.end]
+	}
+	return out
+}
