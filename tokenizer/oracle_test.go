@@ -12,6 +12,8 @@ type oracleEntry struct {
 	Text string `json:"text"`
 	V2   []int  `json:"v2"`
 	V3   []int  `json:"v3"`
+	// ByteLevel is the encoding with testdata/bytelevel-512 (WriteByteLevel).
+	ByteLevel []int `json:"bytelevel512"`
 }
 
 func readOracle(tb testing.TB) []oracleEntry {

@@ -1,6 +1,8 @@
 // Regenerates ../oracle.json: reference encodings made by HuggingFace
 // tokenizers (the Rust library, through its official Node binding) for the
-// DeepSeek-V2 and -V3 tokenizer.json files in ../. Run:
+// DeepSeek-V2 and -V3 tokenizer.json files in ../, and for the small
+// tokenizer WriteByteLevel writes (../bytelevel-512, see
+// TestWriteByteLevelGolden). Run:
 //   npm install tokenizers@0.23.2 && node gen.js
 // Inputs: a hand-written table (cases.txt, one case per block, see there)
 // and random strings from a fixed-seed generator mixing the scripts and
@@ -11,6 +13,7 @@ const path = require('path');
 const { Tokenizer } = require('tokenizers');
 
 function loadTok(dir) {
+  if (fs.existsSync(path.join(__dirname, '..', dir, 'tokenizer.json'))) return Tokenizer.fromFile(path.join(__dirname, '..', dir, 'tokenizer.json'));
   const tmp = path.join(require('os').tmpdir(), 'tok-' + path.basename(dir) + '.json');
   fs.writeFileSync(tmp, zlib.gunzipSync(fs.readFileSync(path.join(__dirname, '..', dir, 'tokenizer.json.gz'))));
   return Tokenizer.fromFile(tmp);
@@ -67,6 +70,7 @@ function readCases() {
 (async () => {
   const v2 = loadTok('deepseek-v2');
   const v3 = loadTok('deepseek-v3');
+  const bl = loadTok('bytelevel-512');
   const texts = readCases();
   for (let i = 0; i < 1500; i++) texts.push(randomText());
   const entries = [];
@@ -75,7 +79,8 @@ function readCases() {
     const e3 = await v3.encode(text, undefined, { addSpecialTokens: false });
     const d3 = await v3.decode(e3.getIds(), false);
     if (d3 !== text) throw new Error('v3 round trip failed for ' + JSON.stringify(text));
-    entries.push({ text, v2: e2.getIds(), v3: e3.getIds() });
+    const eb = await bl.encode(text, undefined, { addSpecialTokens: false });
+    entries.push({ text, v2: e2.getIds(), v3: e3.getIds(), bytelevel512: eb.getIds() });
   }
   const out = { generator: 'testdata/oracle/gen.js', tokenizers: require('tokenizers/package.json').version, add_special_tokens: false, entries };
   fs.writeFileSync(path.join(__dirname, '..', 'oracle.json'), JSON.stringify(out) + '\n');
