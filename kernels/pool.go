@@ -109,7 +109,9 @@ func (p *Pool) wakeAll() {
 func (p *Pool) work(id int) {
 	defer func() { p.exited <- struct{}{} }()
 	w := &p.workers[id-1]
-	seen := p.gen.Load()
+	// Start from generation 0, not gen.Load(): a job published before this
+	// goroutine first runs must still be seen, or its caller waits forever.
+	var seen uint64
 	for {
 		g := p.waitGen(w, seen)
 		if p.closed.Load() {
@@ -196,7 +198,7 @@ func (p *Pool) runShare(id, lo, hi int) {
 	case jobFunc:
 		j.fn(lo, hi)
 	case jobMatVec:
-		matVecRows(j.y, j.w, j.x, lo, hi)
+		matVecRows(j.y, j.w, j.x, lo, hi, p.scratchFor(id, j.w.Cols))
 	case jobMatMul:
 		matMulRows(j.y, j.w, j.x, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
 	case jobMatMulBF16:
