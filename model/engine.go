@@ -1,0 +1,341 @@
+package model
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/expertmesh/expertmesh/kernels"
+)
+
+// ErrBadInput marks a request the engine refuses: token ids outside the
+// vocabulary, positions past max_position_embeddings, malformed batches.
+var ErrBadInput = errors.New("bad input")
+
+// ExpertBackend computes the routed-expert part of one MoE layer for a
+// batch of rows: out[i] = Σ_k weights[i*k+j] · Expert_{ids[i*k+j]}(x[i]).
+// The local backend runs the experts in-process; an attention node's
+// backend dispatches rows to the expert nodes that hold them. Calls are
+// stateless, so a backend may retry them.
+type ExpertBackend interface {
+	RoutedExperts(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) error
+}
+
+// Row is one token of the batch a Forward call processes: the sequence it
+// belongs to, its id and position. Rows of one sequence must come in
+// increasing position order and be contiguous from the sequence's Len.
+type Row struct {
+	Seq    *Sequence
+	Token  int
+	Pos    int
+	Logits bool // compute logits for this row
+}
+
+// Engine runs the fast forward pass: absorbed MLA against the paged latent
+// cache, batched projections, routed experts through a backend. One caller
+// at a time (it owns scratch buffers and a kernel pool).
+type Engine struct {
+	W       *Weights
+	C       *Config
+	Pool    *kernels.Pool
+	Rope    *Rope
+	Experts ExpertBackend
+
+	scale float32
+	buf   scratch
+	// Trace, if set, receives each MoE layer's routing (tests and stats).
+	Trace func(layer int, ids []int32, weights []float32, n, k int)
+}
+
+// NewEngine wires weights, a kernel pool and an expert backend. A nil
+// backend means every routed expert is local (w must hold them all).
+func NewEngine(w *Weights, pool *kernels.Pool, experts ExpertBackend) *Engine {
+	e := &Engine{W: w, C: w.Config, Pool: pool, Rope: NewRope(w.Config), Experts: experts}
+	e.scale = float32(w.Config.SoftmaxScale())
+	if e.Experts == nil {
+		e.Experts = NewLocalExperts(w, pool)
+	}
+	return e
+}
+
+// scratch holds every per-step buffer, grown to the largest batch seen so
+// steady-state decode allocates nothing.
+type scratch struct {
+	rows                int
+	x, hn               []float32
+	qa, q, kva          []float32
+	qLat, qPE, attnLat  []float32
+	gatherIn, gatherOut []float32
+	vcat, o             []float32
+	mlpG, mlpU          []float32
+	gateLogits          []float32
+	ids                 []int32
+	weights             []float32
+	shared, routed      []float32
+	cos, sin            []float32
+	mla                 []float32
+	routeIDs            []int
+	router              []*Router
+}
+
+func grow(b []float32, n int) []float32 {
+	if cap(b) < n {
+		return make([]float32, n)
+	}
+	return b[:n]
+}
+
+func (e *Engine) ensure(n, maxTokens int) {
+	c := e.C
+	s := &e.buf
+	h, heads := c.HiddenSize, c.NumAttentionHeads
+	s.x = grow(s.x, n*h)
+	s.hn = grow(s.hn, n*h)
+	if c.QLoraRank != nil {
+		s.qa = grow(s.qa, n**c.QLoraRank)
+	}
+	s.q = grow(s.q, n*heads*c.QHeadDim())
+	s.kva = grow(s.kva, n*c.LatentDim())
+	s.qLat = grow(s.qLat, n*heads*c.KVLoraRank)
+	s.qPE = grow(s.qPE, n*heads*c.QKRopeHeadDim)
+	s.attnLat = grow(s.attnLat, n*heads*c.KVLoraRank)
+	s.gatherIn = grow(s.gatherIn, n*max(c.KVLoraRank, c.QKNopeHeadDim))
+	s.gatherOut = grow(s.gatherOut, n*max(c.KVLoraRank, c.VHeadDim))
+	s.vcat = grow(s.vcat, n*heads*c.VHeadDim)
+	s.o = grow(s.o, n*h)
+	inter := max(c.IntermediateSize, c.MoEIntermediateSize*max(c.SharedExperts(), 1))
+	s.mlpG = grow(s.mlpG, n*inter)
+	s.mlpU = grow(s.mlpU, n*inter)
+	if c.HasMoE() {
+		s.gateLogits = grow(s.gateLogits, n*c.NumExperts())
+		if cap(s.ids) < n*c.TopK() {
+			s.ids = make([]int32, n*c.TopK())
+		}
+		s.ids = s.ids[:n*c.TopK()]
+		s.weights = grow(s.weights, n*c.TopK())
+		s.routeIDs = make([]int, c.TopK())
+		if s.router == nil {
+			s.router = make([]*Router, c.NumHiddenLayers)
+		}
+	}
+	s.shared = grow(s.shared, n*h)
+	s.routed = grow(s.routed, n*h)
+	s.cos = grow(s.cos, c.QKRopeHeadDim/2)
+	s.sin = grow(s.sin, c.QKRopeHeadDim/2)
+	s.mla = grow(s.mla, kernels.MLAScratchSize(heads, maxTokens))
+	s.rows = n
+}
+
+// Forward runs rows through the model, writing their latents into their
+// sequences' caches, and fills logits[i] (len vocab) for every row with
+// Logits set, in row order. Sequences must have cache room reserved.
+func (e *Engine) Forward(ctx context.Context, rows []Row, logits [][]float32) error {
+	c := e.C
+	n := len(rows)
+	if n == 0 {
+		return nil
+	}
+	maxTok := 0
+	for _, r := range rows {
+		if r.Token < 0 || r.Token >= c.VocabSize {
+			return fmt.Errorf("%w: token id %d outside vocabulary [0,%d)", ErrBadInput, r.Token, c.VocabSize)
+		}
+		if r.Pos < 0 || r.Pos >= c.MaxPositionEmbeddings {
+			return fmt.Errorf("%w: position %d outside [0,%d)", ErrBadInput, r.Pos, c.MaxPositionEmbeddings)
+		}
+		if r.Pos >= len(r.Seq.blocks)*r.Seq.cache.blockSize {
+			return fmt.Errorf("%w: position %d has no reserved cache block", ErrBadInput, r.Pos)
+		}
+		maxTok = max(maxTok, r.Pos+1)
+	}
+	e.ensure(n, maxTok)
+	s := &e.buf
+	h := c.HiddenSize
+	for i, r := range rows {
+		e.W.Embed.RowF32(s.x[i*h:(i+1)*h], r.Token)
+	}
+	for l := range e.W.Layers {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		e.attention(l, rows)
+		if err := e.ffn(ctx, l, n); err != nil {
+			return err
+		}
+	}
+	for _, r := range rows {
+		if r.Pos+1 > r.Seq.Len {
+			r.Seq.Len = r.Pos + 1
+		}
+	}
+	return e.logits(rows, logits)
+}
+
+func (e *Engine) logits(rows []Row, out [][]float32) error {
+	c := e.C
+	h := c.HiddenSize
+	s := &e.buf
+	// Gather the rows that want logits so lm_head streams once for all.
+	m := 0
+	for i, r := range rows {
+		if !r.Logits {
+			continue
+		}
+		kernels.RMSNorm(s.hn[m*h:(m+1)*h], s.x[i*h:(i+1)*h], e.W.Norm, float32(c.RMSNormEps))
+		m++
+	}
+	if m == 0 {
+		return nil
+	}
+	if len(out) < m {
+		return fmt.Errorf("%w: %d rows want logits, %d buffers given", ErrBadInput, m, len(out))
+	}
+	v := c.VocabSize
+	if m == 1 {
+		e.Pool.MatVec(out[0][:v], e.W.LMHead, s.hn[:h])
+		return nil
+	}
+	// Several rows (echo or batched decode): one pass over lm_head.
+	all := make([]float32, m*v)
+	e.Pool.MatMul(all, e.W.LMHead, s.hn[:m*h], m)
+	for j := range m {
+		copy(out[j][:v], all[j*v:(j+1)*v])
+	}
+	return nil
+}
+
+// attention runs the MLA half of layer l: norm, projections, latent cache
+// write, absorbed attention, output projection, residual add.
+func (e *Engine) attention(l int, rows []Row) {
+	c := e.C
+	s := &e.buf
+	L := &e.W.Layers[l]
+	a := &L.Attn
+	n := len(rows)
+	h, heads := c.HiddenSize, c.NumAttentionHeads
+	R, P, dn, dv, qhd := c.KVLoraRank, c.QKRopeHeadDim, c.QKNopeHeadDim, c.VHeadDim, c.QHeadDim()
+	eps := float32(c.RMSNormEps)
+
+	for i := range n {
+		kernels.RMSNorm(s.hn[i*h:(i+1)*h], s.x[i*h:(i+1)*h], L.InputNorm, eps)
+	}
+	q := s.q[:n*heads*qhd]
+	if a.QProj != nil {
+		e.matmul(q, a.QProj, s.hn[:n*h], n)
+	} else {
+		qr := *c.QLoraRank
+		e.matmul(s.qa[:n*qr], a.QA, s.hn[:n*h], n)
+		for i := range n {
+			row := s.qa[i*qr : (i+1)*qr]
+			kernels.RMSNorm(row, row, a.QANorm, eps)
+		}
+		e.matmul(q, a.QB, s.qa[:n*qr], n)
+	}
+	W := c.LatentDim()
+	e.matmul(s.kva[:n*W], a.KVA, s.hn[:n*h], n)
+
+	// Cache write: normalised latent, rotated shared rope key. Queries'
+	// rope parts are rotated with the same tables.
+	for i, r := range rows {
+		e.Rope.CosSin(s.cos, s.sin, r.Pos)
+		slot := r.Seq.Slot(l, r.Pos)
+		kv := s.kva[i*W : (i+1)*W]
+		kernels.RMSNorm(slot[:R], kv[:R], a.KVANorm, eps)
+		copy(slot[R:], kv[R:])
+		kernels.RoPEInterleaved(slot[R:], s.cos, s.sin)
+		for hd := range heads {
+			pe := s.qPE[(i*heads+hd)*P : (i*heads+hd+1)*P]
+			copy(pe, q[(i*heads+hd)*qhd+dn:(i*heads+hd+1)*qhd])
+			kernels.RoPEInterleaved(pe, s.cos, s.sin)
+		}
+	}
+
+	// Absorb W_UK into the query: qLat[h] = W_UK[h]^T q_nope[h].
+	for hd := range heads {
+		for i := range n {
+			copy(s.gatherIn[i*dn:(i+1)*dn], q[(i*heads+hd)*qhd:(i*heads+hd)*qhd+dn])
+		}
+		e.matmul(s.gatherOut[:n*R], a.UKT[hd], s.gatherIn[:n*dn], n)
+		for i := range n {
+			copy(s.qLat[(i*heads+hd)*R:(i*heads+hd+1)*R], s.gatherOut[i*R:(i+1)*R])
+		}
+	}
+	// Attention straight against the latent cache.
+	for i, r := range rows {
+		e.Pool.MLADecode(s.attnLat[i*heads*R:(i+1)*heads*R], s.qLat[i*heads*R:(i+1)*heads*R],
+			s.qPE[i*heads*P:(i+1)*heads*P], r.Seq.LayerBlocks(l), r.Seq.cache.blockSize, r.Pos+1,
+			heads, R, P, e.scale, s.mla)
+	}
+	// Fold W_UV into the output: v[h] = W_UV[h] · attnLat[h].
+	for hd := range heads {
+		for i := range n {
+			copy(s.gatherIn[i*R:(i+1)*R], s.attnLat[(i*heads+hd)*R:(i*heads+hd+1)*R])
+		}
+		e.matmul(s.gatherOut[:n*dv], a.UV[hd], s.gatherIn[:n*R], n)
+		for i := range n {
+			copy(s.vcat[(i*heads+hd)*dv:(i*heads+hd+1)*dv], s.gatherOut[i*dv:(i+1)*dv])
+		}
+	}
+	e.matmul(s.o[:n*h], a.O, s.vcat[:n*heads*dv], n)
+	kernels.Add(s.x[:n*h], s.x[:n*h], s.o[:n*h])
+}
+
+// ffn runs the feed-forward half of layer l and adds it to the residual.
+func (e *Engine) ffn(ctx context.Context, l, n int) error {
+	c := e.C
+	s := &e.buf
+	L := &e.W.Layers[l]
+	h := c.HiddenSize
+	for i := range n {
+		kernels.RMSNorm(s.hn[i*h:(i+1)*h], s.x[i*h:(i+1)*h], L.PostNorm, float32(c.RMSNormEps))
+	}
+	if L.Dense != nil {
+		e.mlp(s.o[:n*h], L.Dense, s.hn[:n*h], n)
+		kernels.Add(s.x[:n*h], s.x[:n*h], s.o[:n*h])
+		return nil
+	}
+	m := L.MoE
+	E, k := c.NumExperts(), c.TopK()
+	e.matmul(s.gateLogits[:n*E], m.Gate, s.hn[:n*h], n)
+	if s.router[l] == nil {
+		s.router[l] = NewRouter(c, m.Bias)
+	}
+	for i := range n {
+		s.router[l].Route(s.gateLogits[i*E:(i+1)*E], s.routeIDs, s.weights[i*k:(i+1)*k])
+		for j, id := range s.routeIDs {
+			s.ids[i*k+j] = int32(id)
+		}
+	}
+	if e.Trace != nil {
+		e.Trace(l, s.ids[:n*k], s.weights[:n*k], n, k)
+	}
+	clear(s.routed[:n*h])
+	if err := e.Experts.RoutedExperts(ctx, l, s.hn[:n*h], n, k, s.ids[:n*k], s.weights[:n*k], s.routed[:n*h]); err != nil {
+		return fmt.Errorf("layer %d routed experts: %w", l, err)
+	}
+	// HF: y = Σ routed + shared(x); then residual + y.
+	if m.Shared != nil {
+		e.mlp(s.shared[:n*h], m.Shared, s.hn[:n*h], n)
+		kernels.Add(s.routed[:n*h], s.routed[:n*h], s.shared[:n*h])
+	}
+	kernels.Add(s.x[:n*h], s.x[:n*h], s.routed[:n*h])
+	return nil
+}
+
+// mlp computes out = down(silu(gate(x)) * up(x)) for n rows.
+func (e *Engine) mlp(out []float32, m *MLP, x []float32, n int) {
+	inter := m.Gate.Rows
+	g, u := e.buf.mlpG[:n*inter], e.buf.mlpU[:n*inter]
+	e.matmul(g, m.Gate, x, n)
+	e.matmul(u, m.Up, x, n)
+	kernels.SiLUMul(g, g, u)
+	e.matmul(out, m.Down, g, n)
+}
+
+func (e *Engine) matmul(y []float32, w *kernels.Matrix, x []float32, n int) {
+	if n == 1 {
+		e.Pool.MatVec(y, w, x)
+		return
+	}
+	e.Pool.MatMul(y, w, x, n)
+}

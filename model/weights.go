@@ -1,0 +1,353 @@
+package model
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/expertmesh/expertmesh/kernels"
+	"github.com/expertmesh/expertmesh/model/safetensors"
+)
+
+// ErrWeights marks a checkpoint whose tensors do not fit the config:
+// missing, wrong dtype, wrong shape, or a quantised weight without scales.
+var ErrWeights = errors.New("model weights")
+
+// MLP is a SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+type MLP struct {
+	Gate, Up, Down *kernels.Matrix
+}
+
+// Attention holds one layer's MLA weights plus the per-head views the
+// absorbed decode needs.
+type Attention struct {
+	QProj   *kernels.Matrix // q_lora_rank == null
+	QA, QB  *kernels.Matrix // q_lora_rank set
+	QANorm  []float32
+	KVA     *kernels.Matrix // [R+rope, hidden]
+	KVANorm []float32
+	KVB     *kernels.Matrix // [heads*(nope+v), R]
+	O       *kernels.Matrix // [hidden, heads*v]
+
+	// UKT[h] is head h's W_UK transposed ([R, nope]): q_nope·W_UK becomes
+	// a matrix-vector product streaming rows. UV[h] is head h's W_UV
+	// ([v, R]), a row range of KVB.
+	UKT []*kernels.Matrix
+	UV  []*kernels.Matrix
+}
+
+// MoE holds one MoE layer's gate, shared experts and whichever routed
+// experts this process loaded (nil entries are hosted elsewhere).
+type MoE struct {
+	Gate    *kernels.Matrix // [experts, hidden]
+	Bias    []float32       // e_score_correction_bias, noaux_tc only
+	Shared  *MLP            // nil when n_shared_experts == 0
+	Experts []*MLP
+}
+
+// Layer is one decoder layer. Exactly one of Dense and MoE is set.
+type Layer struct {
+	InputNorm, PostNorm []float32
+	Attn                Attention
+	Dense               *MLP
+	MoE                 *MoE
+}
+
+// Weights is a loaded checkpoint bound to its config. Matrices view the
+// mmapped files, so Close only after every user is done.
+type Weights struct {
+	Config *Config
+	Embed  *kernels.Matrix
+	Layers []Layer
+	Norm   []float32
+	LMHead *kernels.Matrix
+
+	ckpt *safetensors.Checkpoint
+}
+
+// LoadOptions selects what a process loads. The zero value loads
+// everything (single-process engine).
+type LoadOptions struct {
+	// Expert reports whether routed expert e of layer l is hosted here;
+	// nil means all of them.
+	Expert func(layer, expert int) bool
+	// ExpertsOnly skips embeddings, attention, dense layers, gates, shared
+	// experts and lm_head (an expert node).
+	ExpertsOnly bool
+	// Quantize, if set, converts every linear weight except the router gate
+	// to this format at load (kernels.Q8_0 is the only one supported).
+	Quantize *kernels.DType
+}
+
+// Load opens dir's config and checkpoint and binds every tensor the options
+// ask for, validating name, dtype and shape against the config.
+func Load(dir string, opts LoadOptions) (*Weights, error) {
+	cfg, err := LoadConfig(dir)
+	if err != nil {
+		return nil, err
+	}
+	ck, err := safetensors.OpenCheckpoint(dir)
+	if err != nil {
+		return nil, err
+	}
+	w, err := Bind(cfg, ck, opts)
+	if err != nil {
+		ck.Close()
+		return nil, err
+	}
+	return w, nil
+}
+
+// Close unmaps the checkpoint.
+func (w *Weights) Close() error {
+	if w.ckpt == nil {
+		return nil
+	}
+	return w.ckpt.Close()
+}
+
+// Bind binds the checkpoint's tensors to c.
+func Bind(c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, error) {
+	b := binder{c: c, ck: ck, quant: opts.Quantize}
+	w := &Weights{Config: c, ckpt: ck, Layers: make([]Layer, c.NumHiddenLayers)}
+	h := c.HiddenSize
+	if !opts.ExpertsOnly {
+		w.Embed = b.matrix("model.embed_tokens.weight", c.VocabSize, h, false)
+		w.Norm = b.vector("model.norm.weight", h)
+		if c.TieWordEmbeddings {
+			w.LMHead = w.Embed
+		} else {
+			w.LMHead = b.matrix("lm_head.weight", c.VocabSize, h, true)
+		}
+	}
+	for i := range w.Layers {
+		p := fmt.Sprintf("model.layers.%d.", i)
+		l := &w.Layers[i]
+		if !opts.ExpertsOnly {
+			l.InputNorm = b.vector(p+"input_layernorm.weight", h)
+			l.PostNorm = b.vector(p+"post_attention_layernorm.weight", h)
+			b.attention(&l.Attn, p+"self_attn.")
+		}
+		if !c.IsMoELayer(i) {
+			if !opts.ExpertsOnly {
+				l.Dense = b.mlp(p+"mlp.", c.IntermediateSize)
+			}
+			continue
+		}
+		l.MoE = &MoE{Experts: make([]*MLP, c.NumExperts())}
+		if !opts.ExpertsOnly {
+			// The router stays in its stored precision: it decides routing.
+			l.MoE.Gate = b.matrix(p+"mlp.gate.weight", c.NumExperts(), h, false)
+			if c.TopKMethod == TopKNoAuxTC {
+				l.MoE.Bias = b.vector(p+"mlp.gate.e_score_correction_bias", c.NumExperts())
+			}
+			if n := c.SharedExperts(); n > 0 {
+				l.MoE.Shared = b.mlp(p+"mlp.shared_experts.", n*c.MoEIntermediateSize)
+			}
+		}
+		for e := range l.MoE.Experts {
+			if opts.Expert == nil || opts.Expert(i, e) {
+				l.MoE.Experts[e] = b.mlp(fmt.Sprintf("%smlp.experts.%d.", p, e), c.MoEIntermediateSize)
+			}
+		}
+	}
+	if b.err != nil {
+		return nil, b.err
+	}
+	return w, nil
+}
+
+// binder accumulates the first error so binding reads as a flat list.
+type binder struct {
+	c     *Config
+	ck    *safetensors.Checkpoint
+	quant *kernels.DType
+	err   error
+}
+
+func (b *binder) fail(format string, args ...any) {
+	if b.err == nil {
+		b.err = fmt.Errorf("%w: %s", ErrWeights, fmt.Sprintf(format, args...))
+	}
+}
+
+func (b *binder) tensor(name string) *safetensors.Tensor {
+	if b.err != nil {
+		return nil
+	}
+	t, err := b.ck.Tensor(name)
+	if err != nil {
+		b.fail("tensor %s: %v", name, err)
+		return nil
+	}
+	return t
+}
+
+func shapeIs(t *safetensors.Tensor, dims ...int) bool {
+	if len(t.Shape) != len(dims) {
+		return false
+	}
+	for i, d := range dims {
+		if t.Shape[i] != d {
+			return false
+		}
+	}
+	return true
+}
+
+// vector reads a 1-D norm weight or bias into float32.
+func (b *binder) vector(name string, n int) []float32 {
+	t := b.tensor(name)
+	if t == nil {
+		return nil
+	}
+	if !shapeIs(t, n) {
+		b.fail("tensor %s: shape %v, want [%d]", name, t.Shape, n)
+		return nil
+	}
+	m, ok := b.asMatrix(name, t, 1, n)
+	if !ok {
+		return nil
+	}
+	out := make([]float32, n)
+	m.RowF32(out, 0)
+	return out
+}
+
+// matrix binds a [rows, cols] linear weight; quantizable weights are
+// converted when LoadOptions.Quantize asks for it.
+func (b *binder) matrix(name string, rows, cols int, quantizable bool) *kernels.Matrix {
+	t := b.tensor(name)
+	if t == nil {
+		return nil
+	}
+	if !shapeIs(t, rows, cols) {
+		b.fail("tensor %s: shape %v, want [%d %d]", name, t.Shape, rows, cols)
+		return nil
+	}
+	m, ok := b.asMatrix(name, t, rows, cols)
+	if !ok {
+		return nil
+	}
+	if quantizable && b.quant != nil && m.DType != *b.quant {
+		q, err := kernels.QuantizeQ8(m)
+		if err != nil {
+			b.fail("tensor %s: quantize: %v", name, err)
+			return nil
+		}
+		return q
+	}
+	return m
+}
+
+func (b *binder) asMatrix(name string, t *safetensors.Tensor, rows, cols int) (*kernels.Matrix, bool) {
+	m := &kernels.Matrix{Rows: rows, Cols: cols, Data: t.Data}
+	switch t.DType {
+	case safetensors.F32:
+		m.DType = kernels.F32
+	case safetensors.BF16:
+		m.DType = kernels.BF16
+	case safetensors.F16:
+		m.DType = kernels.F16
+	case safetensors.F8E4M3:
+		m.DType = kernels.F8E4M3
+		sname := name + "_scale_inv"
+		st := b.tensor(sname)
+		if st == nil {
+			return nil, false
+		}
+		br, bc := ceilDiv(rows, 128), ceilDiv(cols, 128)
+		if st.DType != safetensors.F32 || !shapeIs(st, br, bc) {
+			b.fail("tensor %s: %s %v, want F32 [%d %d]", sname, st.DType, st.Shape, br, bc)
+			return nil, false
+		}
+		m.Scales = make([]float32, br*bc)
+		for i := range m.Scales {
+			m.Scales[i] = math.Float32frombits(binary.LittleEndian.Uint32(st.Data[4*i:]))
+		}
+	default:
+		b.fail("tensor %s: dtype %s not supported (want BF16, F16, F32 or F8_E4M3)", name, t.DType)
+		return nil, false
+	}
+	if err := m.Validate(); err != nil {
+		b.fail("tensor %s: %v", name, err)
+		return nil, false
+	}
+	return m, true
+}
+
+func (b *binder) mlp(prefix string, inter int) *MLP {
+	h := b.c.HiddenSize
+	return &MLP{
+		Gate: b.matrix(prefix+"gate_proj.weight", inter, h, true),
+		Up:   b.matrix(prefix+"up_proj.weight", inter, h, true),
+		Down: b.matrix(prefix+"down_proj.weight", h, inter, true),
+	}
+}
+
+func (b *binder) attention(a *Attention, p string) {
+	c := b.c
+	h, heads := c.HiddenSize, c.NumAttentionHeads
+	if c.QLoraRank == nil {
+		a.QProj = b.matrix(p+"q_proj.weight", heads*c.QHeadDim(), h, true)
+	} else {
+		a.QA = b.matrix(p+"q_a_proj.weight", *c.QLoraRank, h, true)
+		a.QANorm = b.vector(p+"q_a_layernorm.weight", *c.QLoraRank)
+		a.QB = b.matrix(p+"q_b_proj.weight", heads*c.QHeadDim(), *c.QLoraRank, true)
+	}
+	a.KVA = b.matrix(p+"kv_a_proj_with_mqa.weight", c.LatentDim(), h, true)
+	a.KVANorm = b.vector(p+"kv_a_layernorm.weight", c.KVLoraRank)
+	a.KVB = b.matrix(p+"kv_b_proj.weight", heads*(c.QKNopeHeadDim+c.VHeadDim), c.KVLoraRank, false)
+	a.O = b.matrix(p+"o_proj.weight", h, heads*c.VHeadDim, true)
+	if b.err == nil {
+		a.UKT, a.UV = absorbViews(c, a.KVB)
+	}
+}
+
+// absorbViews splits kv_b_proj per head into W_UK^T (a transposed copy,
+// [R, nope]) and W_UV (a [v, R] view). BF16 and F32 keep their bits
+// exactly; other formats are widened to F32 because their block scales do
+// not survive the transpose.
+func absorbViews(c *Config, kvb *kernels.Matrix) (ukt, uv []*kernels.Matrix) {
+	heads, dn, dv, r := c.NumAttentionHeads, c.QKNopeHeadDim, c.VHeadDim, c.KVLoraRank
+	src := kvb
+	if kvb.DType != kernels.BF16 && kvb.DType != kernels.F32 {
+		src = widenF32(kvb)
+	}
+	esz := 2
+	if src.DType == kernels.F32 {
+		esz = 4
+	}
+	for h := range heads {
+		base := h * (dn + dv)
+		t := &kernels.Matrix{DType: src.DType, Rows: r, Cols: dn, Data: make([]byte, r*dn*esz)}
+		for i := range dn {
+			// Copy the element bits: no rounding, so absorbed == expanded
+			// up to summation order.
+			for col := range r {
+				off := ((base+i)*r + col) * esz
+				copy(t.Data[(col*dn+i)*esz:], src.Data[off:off+esz])
+			}
+		}
+		ukt = append(ukt, t)
+		uv = append(uv, &kernels.Matrix{DType: src.DType, Rows: dv, Cols: r,
+			Data: src.Data[(base+dn)*r*esz : (base+dn+dv)*r*esz]})
+	}
+	return ukt, uv
+}
+
+// widenF32 converts any matrix to an F32 copy.
+func widenF32(m *kernels.Matrix) *kernels.Matrix {
+	out := &kernels.Matrix{DType: kernels.F32, Rows: m.Rows, Cols: m.Cols, Data: make([]byte, 4*m.Rows*m.Cols)}
+	row := make([]float32, m.Cols)
+	for r := range m.Rows {
+		m.RowF32(row, r)
+		for i, v := range row {
+			binary.LittleEndian.PutUint32(out.Data[4*(r*m.Cols+i):], math.Float32bits(v))
+		}
+	}
+	return out
+}
+
+func ceilDiv(a, b int) int { return (a + b - 1) / b }
