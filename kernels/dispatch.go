@@ -27,7 +27,7 @@ func (i ISA) String() string {
 // kernelSet is the table of implementations in use.
 type kernelSet struct {
 	isa               ISA
-	matVecRows        func(y []float32, w *Matrix, x []float32, lo, hi int)
+	matVecRows        func(y []float32, w *Matrix, x []float32, lo, hi int, scratch []float32)
 	matMulRows        func(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32)
 	matMulBF16ActRows func(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32)
 	dot               func(a, b []float32) float32
@@ -76,8 +76,8 @@ func SetISA(isa ISA) error {
 	return nil
 }
 
-func matVecRows(y []float32, w *Matrix, x []float32, lo, hi int) {
-	impl.matVecRows(y, w, x, lo, hi)
+func matVecRows(y []float32, w *Matrix, x []float32, lo, hi int, scratch []float32) {
+	impl.matVecRows(y, w, x, lo, hi, scratch)
 }
 
 func matMulRows(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {

@@ -2,7 +2,31 @@
 
 package kernels
 
-// BestISA is the highest level this CPU and build support.
-func BestISA() ISA { return ISAGeneric }
+import "golang.org/x/sys/cpu"
 
-func kernelsFor(ISA) kernelSet { return genericKernels }
+// BestISA is the highest level this CPU and build support.
+func BestISA() ISA {
+	switch {
+	case cpu.X86.HasAVX512F && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512VL && cpu.X86.HasAVX512DQ:
+		return ISAAVX512
+	case cpu.X86.HasAVX2 && cpu.X86.HasFMA && cpu.X86.HasF16C:
+		return ISAAVX2
+	}
+	return ISAGeneric
+}
+
+// hasBF16 reports AVX512_BF16 (VDPBF16PS) for MatMulBF16Act.
+var hasBF16 = cpu.X86.HasAVX512BF16
+
+func kernelsFor(isa ISA) kernelSet {
+	k := genericKernels
+	switch isa {
+	case ISAAVX512:
+		k.isa = ISAAVX512
+		k.matVecRows = matVecRowsAVX512
+	case ISAAVX2:
+		k.isa = ISAAVX2
+		k.matVecRows = matVecRowsAVX2
+	}
+	return k
+}

@@ -8,7 +8,7 @@ import (
 // matVecRowsGeneric computes y[r] for r in [lo,hi) one row at a time,
 // widening on the fly. Sums run left to right in float32: this is the
 // reference the SIMD versions are tested against.
-func matVecRowsGeneric(y []float32, w *Matrix, x []float32, lo, hi int) {
+func matVecRowsGeneric(y []float32, w *Matrix, x []float32, lo, hi int, _ []float32) {
 	cols := w.Cols
 	switch w.DType {
 	case F32:

@@ -1,0 +1,4 @@
+package main
+
+func genMatMul(g *gen) {}
+func genVec(g *gen)    {}

@@ -1,0 +1,35 @@
+package kernels
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+)
+
+// V2-Lite decode shapes (rows x cols).
+var mvBenchShapes = [][2]int{{1408, 2048}, {2048, 1408}, {3072, 2048}, {576, 2048}, {102400, 2048}}
+
+func BenchmarkMatVec(b *testing.B) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, dt := range allDTypes {
+		for _, sh := range mvBenchShapes {
+			var w *Matrix
+			x := randVec(rng, sh[1], 0)
+			y := make([]float32, sh[0])
+			for _, th := range []int{1, 2} {
+				b.Run(fmt.Sprintf("%s/%dx%d/t%d", dt, sh[0], sh[1], th), func(b *testing.B) {
+					if w == nil {
+						w = fastMatrix(uint64(sh[0]), dt, sh[0], sh[1])
+					}
+					p := NewPool(th)
+					defer p.Close()
+					b.SetBytes(w.Bytes())
+					for b.Loop() {
+						p.MatVec(y, w, x)
+					}
+					b.ReportMetric(2*float64(sh[0])*float64(sh[1])*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
+				})
+			}
+		}
+	}
+}
