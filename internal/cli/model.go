@@ -1,0 +1,191 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/expertmesh/expertmesh/kernels"
+	"github.com/expertmesh/expertmesh/model"
+)
+
+func runGenModel(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("gen-model", stderr)
+	preset := fs.String("preset", "tiny-v2", "model shape: "+strings.Join(model.PresetNames(), ", "))
+	out := fs.String("out", "", "directory to write the checkpoint into (required)")
+	seed := fs.Uint64("seed", 1, "random seed of the weights")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *out == "" {
+		fmt.Fprintln(stderr, "gen-model: --out is required")
+		return errUsage
+	}
+	p, ok := model.IsPreset(*preset)
+	if !ok {
+		return fmt.Errorf("--preset %q: unknown (have %s)", *preset, strings.Join(model.PresetNames(), ", "))
+	}
+	if err := model.GenerateCheckpoint(*out, p, model.GenOptions{Seed: *seed}); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "wrote %s (%s) to %s\n", p.Name, p.Description, *out)
+	return nil
+}
+
+// engineFlags are the flags every in-process engine command shares.
+type engineFlags struct {
+	model    *string
+	threads  *int
+	quantize *string
+}
+
+func addEngineFlags(fs interface {
+	String(string, string, string) *string
+	Int(string, int, string) *int
+}) engineFlags {
+	return engineFlags{
+		model:    fs.String("model", "", "checkpoint directory in HF layout (required)"),
+		threads:  fs.Int("threads", 0, "compute threads (0: all cores)"),
+		quantize: fs.String("quantize", "", "convert weights at load: q8 (int8, per-32 block scales)"),
+	}
+}
+
+func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
+	if *f.model == "" {
+		return nil, nil, fmt.Errorf("--model is required")
+	}
+	var opts model.LoadOptions
+	switch *f.quantize {
+	case "":
+	case "q8":
+		q := kernels.Q8_0
+		opts.Quantize = &q
+	default:
+		return nil, nil, fmt.Errorf("--quantize %q: want q8 or nothing", *f.quantize)
+	}
+	w, err := model.Load(*f.model, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	return w, kernels.NewPool(*f.threads), nil
+}
+
+func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("generate", stderr)
+	ef := addEngineFlags(fs)
+	prompt := fs.String("prompt-ids", "", "prompt token ids, comma separated (required)")
+	maxTokens := fs.Int("max-tokens", 16, "tokens to generate at most")
+	temp := fs.Float64("temperature", 0, "sampling temperature (0: greedy)")
+	topP := fs.Float64("top-p", 1, "nucleus sampling mass (1: off)")
+	topK := fs.Int("top-k", 0, "sample among the k most likely tokens (0: off)")
+	seed := fs.Uint64("seed", 0, "sampling seed")
+	logprobs := fs.Int("logprobs", 0, "report the top K logprobs per position")
+	echo := fs.Bool("echo", false, "also report the prompt positions")
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at EOS")
+	chunk := fs.Int("prefill-chunk", 512, "prompt tokens per prefill step")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	ids, err := parseIDs(*prompt)
+	if err != nil {
+		return fmt.Errorf("--prompt-ids: %v", err)
+	}
+	if len(ids) == 0 {
+		return fmt.Errorf("--prompt-ids: at least one token id is required")
+	}
+	w, pool, err := ef.load()
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	defer pool.Close()
+	gen, err := model.LoadGenerationConfig(*ef.model, w.Config)
+	if err != nil {
+		return err
+	}
+	total := len(ids) + *maxTokens
+	cache, err := model.NewLatentCache(w.Config, 16, (total+15)/16)
+	if err != nil {
+		return err
+	}
+	req := model.GenerateRequest{
+		Prompt: ids, MaxTokens: *maxTokens, Logprobs: *logprobs, Echo: *echo, PrefillChunk: *chunk,
+		Sampling: model.SamplingParams{Temperature: *temp, TopP: *topP, TopK: *topK, Seed: *seed},
+	}
+	if !*ignoreEOS {
+		req.StopIDs = gen.EOSTokenIDs
+	}
+	eng := model.NewEngine(w, pool, nil)
+	res, err := eng.Generate(ctx, cache, req)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return writeGenerateJSON(stdout, res)
+	}
+	fmt.Fprintf(stdout, "prompt %v\ntokens %v (%s)\n", res.Prompt, res.Tokens, res.FinishReason)
+	fmt.Fprintf(stdout, "prefill %d tokens in %v (%.1f tok/s); decode %d tokens in %v (%.1f tok/s); %d threads\n",
+		len(res.Prompt), res.PrefillTime, rate(len(res.Prompt), res.PrefillTime.Seconds()),
+		max(len(res.Tokens)-1, 0), res.DecodeTime, rate(len(res.Tokens)-1, res.DecodeTime.Seconds()), pool.Threads())
+	return nil
+}
+
+func rate(n int, s float64) float64 {
+	if n <= 0 || s <= 0 {
+		return 0
+	}
+	return float64(n) / s
+}
+
+// positionJSON is one position of generate --json's logprobs.
+type positionJSON struct {
+	Position    int                `json:"position"`
+	TokenID     int                `json:"token_id"`
+	Logprob     *float64           `json:"logprob"`
+	TopLogprobs map[string]float64 `json:"top_logprobs"`
+}
+
+func toPosition(pos int, tl *model.TokenLogprob, token int) positionJSON {
+	p := positionJSON{Position: pos, TokenID: token}
+	if tl == nil {
+		return p
+	}
+	lp := tl.Logprob
+	p.Logprob = &lp
+	p.TopLogprobs = map[string]float64{}
+	for _, t := range tl.Top {
+		p.TopLogprobs[strconv.Itoa(t.ID)] = t.Logprob
+	}
+	return p
+}
+
+func writeGenerateJSON(w io.Writer, res *model.GenerateResult) error {
+	out := struct {
+		PromptTokenIDs []int          `json:"prompt_token_ids"`
+		TokenIDs       []int          `json:"token_ids"`
+		FinishReason   string         `json:"finish_reason"`
+		Logprobs       []positionJSON `json:"logprobs"`
+		PrefillTPS     float64        `json:"prefill_tokens_per_s"`
+		DecodeTPS      float64        `json:"decode_tokens_per_s"`
+	}{PromptTokenIDs: res.Prompt, TokenIDs: res.Tokens, FinishReason: res.FinishReason, Logprobs: []positionJSON{}}
+	if res.Tokens == nil {
+		out.TokenIDs = []int{}
+	}
+	if res.PromptLogprobs != nil {
+		for p, tl := range res.PromptLogprobs {
+			out.Logprobs = append(out.Logprobs, toPosition(p, tl, res.Prompt[p]))
+		}
+	}
+	for i := range res.Logprobs {
+		out.Logprobs = append(out.Logprobs, toPosition(len(res.Prompt)+i, &res.Logprobs[i], res.Tokens[i]))
+	}
+	out.PrefillTPS = rate(len(res.Prompt), res.PrefillTime.Seconds())
+	out.DecodeTPS = rate(len(res.Tokens)-1, res.DecodeTime.Seconds())
+	enc := json.NewEncoder(w)
+	return enc.Encode(out)
+}
+
