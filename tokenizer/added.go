@@ -11,6 +11,9 @@ import (
 type addedMatcher struct {
 	nodes []trieNode
 	toks  []jsonAddedToken
+	// first[b] is the root's child for byte b (0 = none): the per-byte scan
+	// of the whole input must not pay a map lookup.
+	first [256]int32
 }
 
 type trieNode struct {
@@ -41,6 +44,9 @@ func newAddedMatcher(toks []jsonAddedToken) *addedMatcher {
 		if m.nodes[n].tok == 0 { // first declaration wins on duplicates
 			m.nodes[n].tok = int32(i + 1)
 		}
+	}
+	for b, n := range m.nodes[0].next {
+		m.first[b] = n
 	}
 	return m
 }
@@ -76,7 +82,7 @@ func (m *addedMatcher) split(s string, start, end int, out []segment) []segment 
 	sub := s[start:end]
 	prev := 0
 	for i := 0; i < len(sub); {
-		if m.nodes[0].next[sub[i]] == 0 {
+		if m.first[sub[i]] == 0 {
 			i++
 			continue
 		}

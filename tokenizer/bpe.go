@@ -72,8 +72,26 @@ func (q *mergeQueue) Pop() any {
 // bpeScratch holds per-call buffers so that encoding does not allocate per
 // piece in steady state.
 type bpeScratch struct {
-	syms  []symbol
-	queue mergeQueue
+	syms    []symbol
+	queue   mergeQueue
+	levels  [][]span // per pre-tokenizer step
+	matches []span
+}
+
+// maxScratch caps the buffers a pooled scratch keeps, so one huge input
+// does not pin its buffers forever.
+const maxScratch = 1 << 14
+
+func (sc *bpeScratch) release() {
+	if cap(sc.syms) > maxScratch || cap(sc.queue) > maxScratch || cap(sc.matches) > maxScratch {
+		sc.syms, sc.queue, sc.matches = nil, nil, nil
+	}
+	for i, l := range sc.levels {
+		if cap(l) > maxScratch {
+			sc.levels[i] = nil
+		}
+	}
+	scratchPool.Put(sc)
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(bpeScratch) }}

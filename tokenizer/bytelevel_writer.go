@@ -134,10 +134,11 @@ func trainMerges(text string, n int) [][2]string {
 		&splitStep{m: v3Matcher{}, behavior: isolated},
 	}
 	pieces := []span{{0, len(text)}}
+	var ms []span
 	for _, st := range steps {
 		var next []span
 		for _, p := range pieces {
-			next = st.split(text, p, next)
+			next = st.split(text, p, next, &ms)
 		}
 		pieces = next
 	}

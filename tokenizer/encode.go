@@ -19,12 +19,14 @@ func (t *Tokenizer) Encode(text string, addSpecialTokens bool) []int {
 
 func (t *Tokenizer) appendIDs(out []int, text string) []int {
 	sc := scratchPool.Get().(*bpeScratch)
-	defer scratchPool.Put(sc)
+	defer sc.release()
+	if len(sc.levels) < len(t.pre) {
+		sc.levels = make([][]span, len(t.pre))
+	}
 	var segBuf [16]segment
 	// Tokens with normalized=false are split out first, on the raw text;
 	// the normalized ones in what is left (HF AddedVocabulary).
 	segs := t.nonNormalized.split(text, 0, len(text), segBuf[:0])
-	var pieces, next []span
 	for _, sg := range segs {
 		if sg.id >= 0 {
 			out = append(out, sg.id)
@@ -34,23 +36,25 @@ func (t *Tokenizer) appendIDs(out []int, text string) []int {
 		for _, sg2 := range t.normalizedToks.split(text, sg.start, sg.end, inner[:0]) {
 			if sg2.id >= 0 {
 				out = append(out, sg2.id)
-				continue
-			}
-			if sg2.start == sg2.end {
-				continue
-			}
-			pieces = append(pieces[:0], span{sg2.start, sg2.end})
-			for _, st := range t.pre {
-				next = next[:0]
-				for _, p := range pieces {
-					next = st.split(text, p, next)
-				}
-				pieces, next = next, pieces
-			}
-			for _, p := range pieces {
-				out = t.bpeWord(text[p.start:p.end], out, sc)
+			} else if sg2.start < sg2.end {
+				out = t.encodePiece(text, span{sg2.start, sg2.end}, 0, out, sc)
 			}
 		}
+	}
+	return out
+}
+
+// encodePiece runs pre-tokenizer steps level.. on p depth first, so each
+// level's buffer holds only the sub-pieces of one piece, then BPE on the
+// leaves.
+func (t *Tokenizer) encodePiece(text string, p span, level int, out []int, sc *bpeScratch) []int {
+	if level == len(t.pre) {
+		return t.bpeWord(text[p.start:p.end], out, sc)
+	}
+	pieces := t.pre[level].split(text, p, sc.levels[level][:0], &sc.matches)
+	sc.levels[level] = pieces // deeper levels use other buffers
+	for _, q := range pieces {
+		out = t.encodePiece(text, q, level+1, out, sc)
 	}
 	return out
 }
@@ -87,10 +91,11 @@ func (t *Tokenizer) tokenBytes(id int, skipSpecial bool) ([]byte, bool) {
 // added-token handling); tests compare it with HF's pre_tokenize_str.
 func (t *Tokenizer) preTokenize(text string) []string {
 	pieces := []span{{0, len(text)}}
+	var ms []span
 	for _, st := range t.pre {
 		var next []span
 		for _, p := range pieces {
-			next = st.split(text, p, next)
+			next = st.split(text, p, next, &ms)
 		}
 		pieces = next
 	}

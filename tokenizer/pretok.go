@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 	"unicode/utf8"
 
@@ -15,8 +16,9 @@ type span struct{ start, end int }
 
 // preStep is one pre-tokenizer: it refines each piece into smaller pieces.
 type preStep interface {
-	// split appends to out the sub-pieces of s[p.start:p.end].
-	split(s string, p span, out []span) []span
+	// split appends to out the sub-pieces of s[p.start:p.end]; ms is
+	// scratch space for matches, reused across calls.
+	split(s string, p span, out []span, ms *[]span) []span
 }
 
 // matcher finds the non-overlapping matches of a pattern, leftmost-first
@@ -48,20 +50,37 @@ type splitStep struct {
 	invert   bool
 }
 
-func (st *splitStep) split(s string, p span, out []span) []span {
+func (st *splitStep) split(s string, p span, out []span, ms *[]span) []span {
 	if p.start == p.end {
 		return out
 	}
 	sub := s[p.start:p.end]
-	var buf [32]span
-	matches := st.m.findAll(sub, buf[:0])
+	matches := st.m.findAll(sub, (*ms)[:0])
+	*ms = matches
+	if st.behavior == isolated {
+		// The hot path: every gap and every match becomes a piece (invert
+		// does not change that), so no intermediate list is needed.
+		prev := 0
+		for _, m := range matches {
+			if prev < m.start {
+				out = append(out, span{p.start + prev, p.start + m.start})
+			}
+			if m.start < m.end {
+				out = append(out, span{p.start + m.start, p.start + m.end})
+			}
+			prev = m.end
+		}
+		if prev < len(sub) {
+			out = append(out, span{p.start + prev, p.end})
+		}
+		return out
+	}
 	// pieces covers sub with alternating gaps and matches.
 	type piece struct {
 		span
 		match bool
 	}
-	var pbuf [64]piece
-	pieces := pbuf[:0]
+	var pieces []piece
 	prev := 0
 	for _, m := range matches {
 		if prev != m.start {
@@ -78,24 +97,15 @@ func (st *splitStep) split(s string, p span, out []span) []span {
 			pieces[i].match = !pieces[i].match
 		}
 	}
-	emit := func(a, b int) {
-		if a != b {
-			out = append(out, span{p.start + a, p.start + b})
-		}
-	}
+	var acc []span
 	switch st.behavior {
 	case removed:
 		for _, pc := range pieces {
 			if !pc.match {
-				emit(pc.start, pc.end)
+				acc = append(acc, pc.span)
 			}
 		}
-	case isolated:
-		for _, pc := range pieces {
-			emit(pc.start, pc.end)
-		}
 	case mergedWithPrevious:
-		var acc []span
 		prevMatch := false
 		for _, pc := range pieces {
 			if pc.match && !prevMatch && len(acc) > 0 {
@@ -105,11 +115,7 @@ func (st *splitStep) split(s string, p span, out []span) []span {
 			}
 			prevMatch = pc.match
 		}
-		for _, a := range acc {
-			emit(a.start, a.end)
-		}
 	case mergedWithNext:
-		var acc []span
 		prevMatch := false
 		for i := len(pieces) - 1; i >= 0; i-- {
 			pc := pieces[i]
@@ -120,11 +126,8 @@ func (st *splitStep) split(s string, p span, out []span) []span {
 			}
 			prevMatch = pc.match
 		}
-		for i := len(acc) - 1; i >= 0; i-- {
-			emit(acc[i].start, acc[i].end)
-		}
+		slices.Reverse(acc)
 	case contiguous:
-		var acc []span
 		prevMatch := false
 		for _, pc := range pieces {
 			if pc.match == prevMatch && len(acc) > 0 {
@@ -134,8 +137,10 @@ func (st *splitStep) split(s string, p span, out []span) []span {
 			}
 			prevMatch = pc.match
 		}
-		for _, a := range acc {
-			emit(a.start, a.end)
+	}
+	for _, a := range acc {
+		if a.start != a.end {
+			out = append(out, span{p.start + a.start, p.start + a.end})
 		}
 	}
 	return out
@@ -178,6 +183,8 @@ func (l literal) findAll(s string, out []span) []span {
 type goRegexp struct{ re *regexp.Regexp }
 
 func (g goRegexp) findAll(s string, out []span) []span {
+	// FindAll on the whole piece (not re-searching slices of it) keeps ^,
+	// \b and the like anchored where Oniguruma would see them.
 	for _, m := range g.re.FindAllStringIndex(s, -1) {
 		out = append(out, span{m[0], m[1]})
 	}
@@ -218,6 +225,9 @@ func compilePattern(pat string) (matcher, error) {
 
 func compileGeneric(pat string) (matcher, error) {
 	if tr, ok := translateToRE2(pat); ok {
+		if m, ok := compileClassPattern(tr); ok {
+			return m, nil
+		}
 		if re, err := regexp.Compile(tr); err == nil {
 			return goRegexp{re}, nil
 		}
@@ -314,14 +324,16 @@ func translateToRE2(pat string) (string, bool) {
 // splits with GPT-2's pattern.
 type byteLevelPre struct{ regex bool }
 
-func (b byteLevelPre) split(s string, p span, out []span) []span {
+var gpt2Split = &splitStep{m: gpt2Matcher{}, behavior: isolated}
+
+func (b byteLevelPre) split(s string, p span, out []span, ms *[]span) []span {
 	if !b.regex {
 		if p.start != p.end {
 			out = append(out, p)
 		}
 		return out
 	}
-	return (&splitStep{m: gpt2Matcher{}, behavior: isolated}).split(s, p, out)
+	return gpt2Split.split(s, p, out, ms)
 }
 
 func parsePreTokenizer(raw json.RawMessage) ([]preStep, error) {
