@@ -24,9 +24,11 @@ func kernelsFor(isa ISA) kernelSet {
 	case ISAAVX512:
 		k.isa = ISAAVX512
 		k.matVecRows = matVecRowsAVX512
+		k.matMulRows = matMulRowsAVX512
 	case ISAAVX2:
 		k.isa = ISAAVX2
 		k.matVecRows = matVecRowsAVX2
+		k.matMulRows = matMulRowsAVX2
 	}
 	return k
 }

@@ -78,9 +78,8 @@ func matVecRowsGeneric(y []float32, w *Matrix, x []float32, lo, hi int, _ []floa
 // serves: 32 rows of 2048 floats is 256 KiB, about an L2.
 const matMulXBlock = 32
 
-// matMulScratch is the per-thread scratch (floats) MatMul needs for Cols:
-// one widened tile of up to 16 W rows plus a BF16 copy of one x block.
-func matMulScratch(cols int) int { return 16*cols + matMulXBlock*cols/2 + 64 }
+// matMulScratch is the per-thread scratch (floats) MatMul needs for Cols.
+func matMulScratch(cols int) int { return max(cols, matMulScratchSIMD(cols)) }
 
 // matMulRowsGeneric: W rows [lo,hi) against all n rows of x, one W row
 // widened into scratch and reused against a block of x rows.

@@ -26,6 +26,8 @@ type Pool struct {
 	workers []poolWorker
 	job     job
 	scratch [][]float32 // per thread (index 0 is the caller), grown on demand
+	xb      []uint16    // MatMulBF16Act: x rounded to bf16, shared by all threads
+	xr      []float32   // MatMulBF16Act: x rounded to bf16 as float32
 	exited  chan struct{}
 }
 
@@ -43,6 +45,9 @@ const (
 	jobMatMul
 	jobMatMulBF16
 	jobMLA
+	jobRoundBF16 // x rows -> bf16 rows of stride kp2 (for the VDPBF16PS path)
+	jobRoundF32  // x rows -> bf16-rounded float32 (MatMulBF16Act elsewhere)
+	jobMatMulDP
 )
 
 // job holds the arguments of the current call; storing them in the Pool
@@ -55,6 +60,8 @@ type job struct {
 	y, x  []float32
 	w     *Matrix
 	rows  int // MatMul: rows of x
+	xb    []uint16
+	kp2   int // row stride of xb
 	mla   mlaArgs
 }
 
@@ -205,6 +212,20 @@ func (p *Pool) runShare(id, lo, hi int) {
 		matMulBF16ActRows(j.y, j.w, j.x, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
 	case jobMLA:
 		mlaHeads(&j.mla, lo, hi)
+	case jobRoundBF16:
+		cols := j.w.Cols
+		for i := lo; i < hi; i++ {
+			roundBF16(j.xb[i*j.kp2:i*j.kp2+cols], j.x[i*cols:(i+1)*cols])
+			if cols < j.kp2 {
+				j.xb[i*j.kp2+cols] = 0
+			}
+		}
+	case jobRoundF32:
+		for i, v := range j.x[lo*j.w.Cols : hi*j.w.Cols] {
+			j.y[lo*j.w.Cols+i] = BF16ToF32(F32ToBF16(v))
+		}
+	case jobMatMulDP:
+		matMulDPRows(j.y, j.w, j.xb, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
 	}
 }
 
@@ -228,7 +249,7 @@ func (p *Pool) ParallelFor(n int, fn func(lo, hi int)) {
 }
 
 // rowGrain keeps thread boundaries on multiples of the kernels' row tile.
-const rowGrain = 16
+const rowGrain = 32
 
 // MatVec computes y[r] = sum_c W[r,c]*x[c] with float32 activations and
 // float32 accumulation, rows split across threads. len(x) must be Cols and
@@ -261,8 +282,32 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 	if n == 0 {
 		return
 	}
-	p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}
-	p.run()
+	cols := w.Cols
+	switch {
+	case dpAvailable(w):
+		kp2 := 2 * ((cols + 1) / 2)
+		if cap(p.xb) < n*kp2 {
+			p.xb = make([]uint16, n*kp2)
+		}
+		xb := p.xb[:n*kp2]
+		p.job = job{kind: jobRoundBF16, n: n, grain: 1, w: w, x: x, xb: xb, kp2: kp2}
+		p.run()
+		p.job = job{kind: jobMatMulDP, n: w.Rows, grain: rowGrain, y: y, w: w, xb: xb, rows: n}
+		p.run()
+	case impl.isa == ISAGeneric:
+		p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}
+		p.run()
+	default:
+		// Same arithmetic as the reference: round x once, then the exact
+		// float32 kernels.
+		if cap(p.xr) < n*cols {
+			p.xr = make([]float32, n*cols)
+		}
+		xr := p.xr[:n*cols]
+		p.job = job{kind: jobRoundF32, n: n, grain: 1, w: w, x: x, y: xr}
+		p.run()
+		p.MatMul(y, w, xr, n)
+	}
 }
 
 func checkMat(op string, y []float32, w *Matrix, x []float32, n int) {

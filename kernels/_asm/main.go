@@ -50,4 +50,7 @@ func main() {
 	g = header()
 	genVec(g)
 	g.write("vec_amd64.s")
+	g = header()
+	genProbe(g)
+	g.write("probe_amd64.s")
 }

@@ -1,0 +1,192 @@
+package main
+
+import "fmt"
+
+// Matrix-matrix micro-kernels in the broadcast (outer-product) form: W
+// rows are packed k-major ([k][NR] floats, or [k/2][NR] bf16 pairs), so
+// each step loads NR weights into vector registers and multiplies them by
+// one broadcast x value per x row. Results land in y rows directly, with no
+// horizontal reductions. K is not blocked: a packed tile of 32 rows x 2048
+// is 256 KiB and stays in L2 while every x row streams past it.
+//
+// func mm<kind>x<mr><ISA>(x *T, xstride uintptr, p *T, k int, y *float32, ystride uintptr)
+// x rows are xstride bytes apart, y rows ystride bytes apart; k counts
+// steps (columns, or column pairs for DP).
+
+// x16Addr addresses x row i (0..7) at byte offset off, AVX-512 layout:
+// rows 0-3 from SI, 4-7 from DI, with R9 = stride and R10 = 3*stride.
+func x16Addr(i, off int) (string, mem) {
+	base := "SI"
+	if i >= 4 {
+		base = "DI"
+	}
+	idx := []string{"", "R9", "R9", "R10"}[i%4]
+	sc := []int{0, 1, 2, 1}[i%4]
+	s := fmt.Sprintf("%d(%s)", off, base)
+	if idx != "" {
+		s += fmt.Sprintf("(%s*%d)", idx, sc)
+	}
+	return s, mem{base: base, index: idx, scale: sc, disp: off}
+}
+
+func y16Addr(i, off int) string {
+	base := "DX"
+	if i >= 4 {
+		base = "R13"
+	}
+	idx := []string{"", "R11", "R11", "R12"}[i%4]
+	sc := []int{0, 1, 2, 1}[i%4]
+	s := fmt.Sprintf("%d(%s)", off, base)
+	if idx != "" {
+		s += fmt.Sprintf("(%s*%d)", idx, sc)
+	}
+	return s
+}
+
+// genMM512 emits the AVX-512 kernel for mr x rows by 32 W rows; dp selects
+// VDPBF16PS on bf16 pairs instead of VFMADD231PS on float32.
+func genMM512(g *gen, mr int, dp bool) {
+	kind := "F32"
+	if dp {
+		kind = "DP"
+	}
+	g.text(fmt.Sprintf("mm%sx%dAVX512", kind, mr), 48)
+	g.p("MOVQ x+0(FP), SI")
+	g.p("MOVQ xstride+8(FP), R9")
+	g.p("LEAQ (R9)(R9*2), R10")
+	g.p("LEAQ (SI)(R9*4), DI")
+	g.p("MOVQ p+16(FP), BX")
+	g.p("MOVQ k+24(FP), CX")
+	g.p("MOVQ y+32(FP), DX")
+	g.p("MOVQ ystride+40(FP), R11")
+	g.p("LEAQ (R11)(R11*2), R12")
+	g.p("LEAQ (DX)(R11*4), R13")
+	for i := 0; i < 2*mr; i++ {
+		g.p("VXORPS Z%d, Z%d, Z%d", i, i, i)
+	}
+	step := func(u int) {
+		w0, w1 := 28+2*u, 29+2*u
+		for i := 0; i < mr; i++ {
+			s, m := x16Addr(i, 4*u)
+			if dp {
+				g.raw("\t" + vdpbf16psBcst(2*i, w0, m) + "\n")
+				g.raw("\t" + vdpbf16psBcst(2*i+1, w1, m) + "\n")
+			} else {
+				g.p("VFMADD231PS.BCST %s, Z%d, Z%d", s, w0, 2*i)
+				g.p("VFMADD231PS.BCST %s, Z%d, Z%d", s, w1, 2*i+1)
+			}
+		}
+	}
+	g.label("loop")
+	g.p("CMPQ CX, $2")
+	g.p("JL tail")
+	g.p("VMOVUPS (BX), Z28")
+	g.p("VMOVUPS 64(BX), Z29")
+	g.p("VMOVUPS 128(BX), Z30")
+	g.p("VMOVUPS 192(BX), Z31")
+	step(0)
+	step(1)
+	g.p("ADDQ $8, SI")
+	g.p("ADDQ $8, DI")
+	g.p("ADDQ $256, BX")
+	g.p("SUBQ $2, CX")
+	g.p("JMP loop")
+	g.label("tail")
+	g.p("TESTQ CX, CX")
+	g.p("JZ store")
+	g.p("VMOVUPS (BX), Z28")
+	g.p("VMOVUPS 64(BX), Z29")
+	step(0)
+	g.label("store")
+	for i := 0; i < mr; i++ {
+		g.p("VMOVUPS Z%d, %s", 2*i, y16Addr(i, 0))
+		g.p("VMOVUPS Z%d, %s", 2*i+1, y16Addr(i, 64))
+	}
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genMMAVX2 emits the AVX2 kernel for mr (<= 6) x rows by 16 W rows.
+// x rows: SI + i*R9 (R10 = 3*, R11 = 5*); y rows: DX + i*R12 (R13 = 3*, AX = 5*).
+func genMMAVX2(g *gen, mr int) {
+	g.text(fmt.Sprintf("mmF32x%dAVX2", mr), 48)
+	g.p("MOVQ x+0(FP), SI")
+	g.p("MOVQ xstride+8(FP), R9")
+	g.p("LEAQ (R9)(R9*2), R10")
+	g.p("LEAQ (R9)(R9*4), R11")
+	g.p("MOVQ p+16(FP), BX")
+	g.p("MOVQ k+24(FP), CX")
+	g.p("MOVQ y+32(FP), DX")
+	g.p("MOVQ ystride+40(FP), R12")
+	g.p("LEAQ (R12)(R12*2), R13")
+	g.p("LEAQ (R12)(R12*4), AX")
+	addr := func(base, s1, s3, s5 string, i, off int) string {
+		a := fmt.Sprintf("%d(%s)", off, base)
+		switch i {
+		case 1:
+			a += "(" + s1 + "*1)"
+		case 2:
+			a += "(" + s1 + "*2)"
+		case 3:
+			a += "(" + s3 + "*1)"
+		case 4:
+			a += "(" + s1 + "*4)"
+		case 5:
+			a += "(" + s5 + "*1)"
+		}
+		return a
+	}
+	for i := 0; i < 2*mr; i++ {
+		g.p("VXORPS Y%d, Y%d, Y%d", i, i, i)
+	}
+	g.label("loop")
+	g.p("VMOVUPS (BX), Y12")
+	g.p("VMOVUPS 32(BX), Y13")
+	for i := 0; i < mr; i++ {
+		g.p("VBROADCASTSS %s, Y14", addr("SI", "R9", "R10", "R11", i, 0))
+		g.p("VFMADD231PS Y12, Y14, Y%d", 2*i)
+		g.p("VFMADD231PS Y13, Y14, Y%d", 2*i+1)
+	}
+	g.p("ADDQ $4, SI")
+	g.p("ADDQ $64, BX")
+	g.p("DECQ CX")
+	g.p("JNZ loop")
+	for i := 0; i < mr; i++ {
+		g.p("VMOVUPS Y%d, %s", 2*i, addr("DX", "R12", "R13", "AX", i, 0))
+		g.p("VMOVUPS Y%d, %s", 2*i+1, addr("DX", "R12", "R13", "AX", i, 32))
+	}
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genCvtBF16 emits func cvtBF16AVX512(dst *uint16, src *float32, n int),
+// n a multiple of 32: round to nearest even with VCVTNE2PS2BF16.
+func genCvtBF16(g *gen) {
+	g.text("cvtBF16AVX512", 24)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ n+16(FP), CX")
+	g.label("loop")
+	g.p("VMOVUPS (SI), Z0")
+	g.p("VMOVUPS 64(SI), Z1")
+	g.raw("\t" + vcvtne2ps2bf16(2, 1, 0) + "\n")
+	g.p("VMOVDQU32 Z2, (DI)")
+	g.p("ADDQ $128, SI")
+	g.p("ADDQ $64, DI")
+	g.p("SUBQ $32, CX")
+	g.p("JNZ loop")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+func genMatMul(g *gen) {
+	for _, mr := range []int{8, 1} {
+		genMM512(g, mr, false)
+		genMM512(g, mr, true)
+	}
+	genMMAVX2(g, 6)
+	genMMAVX2(g, 1)
+	genCvtBF16(g)
+}
+
+func genVec(g *gen) {}

@@ -1,4 +1,0 @@
-package main
-
-func genMatMul(g *gen) {}
-func genVec(g *gen)    {}

@@ -1,0 +1,207 @@
+//go:build amd64 && !purego
+
+package kernels
+
+import (
+	"encoding/binary"
+	"math"
+	"unsafe"
+)
+
+// Generated in matmul_amd64.s; see kernels/_asm/matmul.go for the layout.
+
+//go:noescape
+func mmF32x8AVX512(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
+
+//go:noescape
+func mmF32x1AVX512(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
+
+//go:noescape
+func mmDPx8AVX512(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
+
+//go:noescape
+func mmDPx1AVX512(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
+
+//go:noescape
+func mmF32x6AVX2(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
+
+//go:noescape
+func mmF32x1AVX2(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
+
+//go:noescape
+func cvtBF16AVX512(dst *uint16, src *float32, n int)
+
+type mmFunc func(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
+
+// mmSet is one ISA's micro-kernels: mr x rows by nr W rows, and 1 by nr.
+type mmSet struct {
+	mr, nr   int
+	big, one mmFunc
+	mv       *mvSet
+}
+
+var (
+	mmAVX512 = mmSet{mr: 8, nr: 32, big: mmF32x8AVX512, one: mmF32x1AVX512, mv: &mvAVX512}
+	mmAVX2   = mmSet{mr: 6, nr: 16, big: mmF32x6AVX2, one: mmF32x1AVX2, mv: &mvAVX2}
+	mmDP     = mmSet{mr: 8, nr: 32, big: mmDPx8AVX512, one: mmDPx1AVX512}
+)
+
+// mmSmallN: below this many x rows, packing W costs more than it saves and
+// the row kernels of MatVec run once per x row instead.
+const mmSmallN = 4
+
+func matMulRowsAVX512(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
+	matMulRowsSIMD(&mmAVX512, y, w, x, n, lo, hi, scratch)
+}
+
+func matMulRowsAVX2(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
+	matMulRowsSIMD(&mmAVX2, y, w, x, n, lo, hi, scratch)
+}
+
+// matMulScratchSIMD: one packed tile (nr x Cols, 32 at most), a row
+// buffer, and an output tile for partial tiles.
+func matMulScratchSIMD(cols int) int { return 33*cols + 8*32 + 64 }
+
+// matMulRowsSIMD packs NR W rows at a time k-major (widened once) and runs
+// the micro-kernel over all x rows against the packed tile.
+func matMulRowsSIMD(s *mmSet, y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
+	if lo >= hi {
+		return
+	}
+	cols, rows := w.Cols, w.Rows
+	if n < mmSmallN {
+		for i := 0; i < n; i++ {
+			matVecRowsSIMD(s.mv, y[i*rows:(i+1)*rows], w, x[i*cols:(i+1)*cols], lo, hi, scratch)
+		}
+		return
+	}
+	nr := s.nr
+	packed := scratch[:nr*cols]
+	rowBuf := scratch[nr*cols : (nr+1)*cols]
+	tile := scratch[(nr+1)*cols : (nr+1)*cols+s.mr*nr]
+	for r0 := lo; r0 < hi; r0 += nr {
+		cnt := min(nr, hi-r0)
+		packF32(packed, rowBuf, w, r0, cnt, nr)
+		runTiles(s, y, x, packed, cols, rows, n, r0, cnt, tile)
+	}
+}
+
+// runTiles applies the micro-kernels of s to all n x rows against one
+// packed tile of cnt (<= nr) W rows starting at r0; k is the kernel's step
+// count (cols, or column pairs) and x rows are xstride bytes apart.
+func runTilesK(s *mmSet, y []float32, xp unsafe.Pointer, xstride uintptr, packed []float32, k, rows, n, r0, cnt int, tile []float32) {
+	nr, mr := s.nr, s.mr
+	ystride := uintptr(4 * rows)
+	i := 0
+	for ; i+mr <= n; i += mr {
+		xi := (*float32)(unsafe.Add(xp, uintptr(i)*xstride))
+		if cnt == nr {
+			s.big(xi, xstride, &packed[0], k, &y[i*rows+r0], ystride)
+			continue
+		}
+		s.big(xi, xstride, &packed[0], k, &tile[0], uintptr(4*nr))
+		for ii := 0; ii < mr; ii++ {
+			copy(y[(i+ii)*rows+r0:(i+ii)*rows+r0+cnt], tile[ii*nr:])
+		}
+	}
+	for ; i < n; i++ {
+		xi := (*float32)(unsafe.Add(xp, uintptr(i)*xstride))
+		if cnt == nr {
+			s.one(xi, xstride, &packed[0], k, &y[i*rows+r0], ystride)
+			continue
+		}
+		s.one(xi, xstride, &packed[0], k, &tile[0], uintptr(4*nr))
+		copy(y[i*rows+r0:i*rows+r0+cnt], tile[:cnt])
+	}
+}
+
+func runTiles(s *mmSet, y, x, packed []float32, cols, rows, n, r0, cnt int, tile []float32) {
+	_ = x[n*cols-1]
+	_ = y[(n-1)*rows+r0+cnt-1]
+	runTilesK(s, y, unsafe.Pointer(&x[0]), uintptr(4*cols), packed, cols, rows, n, r0, cnt, tile)
+}
+
+// packF32 writes rows [r0, r0+cnt) of w as float32 into dst k-major:
+// dst[c*nr+j] = W[r0+j][c], zero for j >= cnt.
+func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
+	cols := w.Cols
+	if cnt < nr {
+		clear(dst)
+	}
+	if w.DType == BF16 {
+		for j := 0; j < cnt; j++ {
+			src := w.Data[2*(r0+j)*cols : 2*(r0+j+1)*cols]
+			d := dst[j:]
+			for c := 0; c < cols; c++ {
+				d[c*nr] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(src[2*c:])) << 16)
+			}
+		}
+		return
+	}
+	for j := 0; j < cnt; j++ {
+		rowF32Generic(rowBuf, w, r0+j, 0, cols)
+		d := dst[j:]
+		for c, v := range rowBuf {
+			d[c*nr] = v
+		}
+	}
+}
+
+// packBF16Pairs writes BF16 rows [r0, r0+cnt) k-pair-major for VDPBF16PS:
+// dst[kp*nr+j] = the two bf16 of W[r0+j][2kp:2kp+2] (odd tail paired with 0).
+func packBF16Pairs(dst []uint32, w *Matrix, r0, cnt, nr int) {
+	cols := w.Cols
+	kp := (cols + 1) / 2
+	if cnt < nr {
+		clear(dst)
+	}
+	for j := 0; j < cnt; j++ {
+		src := w.Data[2*(r0+j)*cols : 2*(r0+j+1)*cols]
+		d := dst[j:]
+		for c := 0; c < cols/2; c++ {
+			d[c*nr] = binary.LittleEndian.Uint32(src[4*c:])
+		}
+		if cols%2 == 1 {
+			d[(kp-1)*nr] = uint32(binary.LittleEndian.Uint16(src[2*(cols-1):]))
+		}
+	}
+}
+
+// matMulDPRows: W (BF16) rows [lo,hi) against xb, the n x rows already
+// rounded to bf16 with row stride kp2 = 2*ceil(Cols/2) (zero padded).
+func matMulDPRows(y []float32, w *Matrix, xb []uint16, n, lo, hi int, scratch []float32) {
+	if lo >= hi {
+		return
+	}
+	cols, rows := w.Cols, w.Rows
+	kp := (cols + 1) / 2
+	nr := mmDP.nr
+	packedF := scratch[:nr*kp]
+	packed := unsafe.Slice((*uint32)(unsafe.Pointer(&packedF[0])), len(packedF))
+	tile := scratch[nr*kp : nr*kp+mmDP.mr*nr]
+	_ = xb[n*2*kp-1]
+	for r0 := lo; r0 < hi; r0 += nr {
+		cnt := min(nr, hi-r0)
+		packBF16Pairs(packed, w, r0, cnt, nr)
+		runTilesK(&mmDP, y, unsafe.Pointer(&xb[0]), uintptr(4*kp), packedF, kp, rows, n, r0, cnt, tile)
+	}
+}
+
+// roundBF16 writes bf16(src) into dst (same length), vectorised where the
+// CPU has AVX512_BF16. (The hardware conversion flushes subnormals to
+// zero, a difference below anything activations carry.)
+func roundBF16(dst []uint16, src []float32) {
+	n := 0
+	if hasBF16 && BestISA() >= ISAAVX512 && len(src) >= 32 {
+		n = len(src) &^ 31
+		cvtBF16AVX512(&dst[0], &src[0], n)
+	}
+	for i := n; i < len(src); i++ {
+		dst[i] = F32ToBF16(src[i])
+	}
+}
+
+// dpAvailable reports whether MatMulBF16Act can use VDPBF16PS for w.
+func dpAvailable(w *Matrix) bool {
+	return hasBF16 && impl.isa >= ISAAVX512 && w.DType == BF16
+}

@@ -1,0 +1,37 @@
+//go:build amd64 && !purego
+
+package kernels
+
+//go:noescape
+func readSumAVX512(p *byte, n int) float32
+
+func fmaPeakAVX512(iters int)
+
+func dpbf16PeakAVX512(iters int)
+
+// probeRead sums buf (len a multiple of 512) as fast as the CPU can read it.
+func probeRead(buf []byte) float32 {
+	if BestISA() >= ISAAVX512 {
+		return readSumAVX512(&buf[0], len(buf))
+	}
+	return probeReadGeneric(buf)
+}
+
+// probeFMA runs iters iterations of 12 16-lane FMAs and returns the flops
+// done, or 0 where the probe has no SIMD version.
+func probeFMA(iters int) float64 {
+	if BestISA() < ISAAVX512 {
+		return 0
+	}
+	fmaPeakAVX512(iters)
+	return float64(iters) * 12 * 32
+}
+
+// probeDPBF16 is probeFMA for VDPBF16PS (64 flops each).
+func probeDPBF16(iters int) float64 {
+	if BestISA() < ISAAVX512 || !hasBF16 {
+		return 0
+	}
+	dpbf16PeakAVX512(iters)
+	return float64(iters) * 12 * 64
+}

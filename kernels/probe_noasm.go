@@ -1,0 +1,9 @@
+//go:build !amd64 || purego
+
+package kernels
+
+func probeRead(buf []byte) float32 { return probeReadGeneric(buf) }
+
+func probeFMA(iters int) float64 { return 0 }
+
+func probeDPBF16(iters int) float64 { return 0 }
