@@ -133,3 +133,112 @@ func maxAbsDiff(a, b []float32) float64 {
 	}
 	return m
 }
+
+// TestChunkedPrefillAndBatching: chunked prefill, and two sequences sharing
+// Forward calls, give the same tokens and logprobs as one sequence alone.
+func TestChunkedPrefillAndBatching(t *testing.T) {
+	w := loadTiny(t, "tiny-v2")
+	c := w.Config
+	pool := kernels.NewPool(2)
+	defer pool.Close()
+	eng := NewEngine(w, pool, nil)
+	cache, err := NewLatentCache(c, 4, 128)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	promptA := []int{5, 9, 200, 31, 7, 7, 400, 12, 90, 3, 44}
+	promptB := []int{11, 300, 2}
+	gen := func(prompt []int, chunk int) *GenerateResult {
+		res, err := eng.Generate(ctx, cache, GenerateRequest{Prompt: prompt, MaxTokens: 6, Logprobs: 3, Echo: true, PrefillChunk: chunk})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	whole := gen(promptA, 0)
+	chunked := gen(promptA, 3)
+	for i := range whole.Tokens {
+		if whole.Tokens[i] != chunked.Tokens[i] || math.Abs(whole.Logprobs[i].Logprob-chunked.Logprobs[i].Logprob) > 1e-4 {
+			t.Fatalf("chunked prefill diverges at %d", i)
+		}
+	}
+	for p := 1; p < len(promptA); p++ {
+		if math.Abs(whole.PromptLogprobs[p].Logprob-chunked.PromptLogprobs[p].Logprob) > 1e-4 {
+			t.Fatalf("echo logprob at %d differs", p)
+		}
+	}
+	aloneB := gen(promptB, 0)
+
+	// Interleave: prefill B while A decodes, in the same Forward calls.
+	sa, sb := cache.NewSequence(), cache.NewSequence()
+	defer sa.Release()
+	defer sb.Release()
+	sa.Reserve(len(promptA) + 6)
+	sb.Reserve(len(promptB) + 6)
+	la, lb := make([]float32, c.VocabSize), make([]float32, c.VocabSize)
+	var rows []Row
+	for p, id := range promptA {
+		rows = append(rows, Row{Seq: sa, Token: id, Pos: p, Logits: p == len(promptA)-1})
+	}
+	if err := eng.Forward(ctx, rows, [][]float32{la}); err != nil {
+		t.Fatal(err)
+	}
+	tokA := []int{Argmax(la)}
+	rows = []Row{{Seq: sa, Token: tokA[0], Pos: len(promptA), Logits: true}}
+	for p, id := range promptB {
+		rows = append(rows, Row{Seq: sb, Token: id, Pos: p, Logits: p == len(promptB)-1})
+	}
+	if err := eng.Forward(ctx, rows, [][]float32{la, lb}); err != nil {
+		t.Fatal(err)
+	}
+	tokA = append(tokA, Argmax(la))
+	tokB := []int{Argmax(lb)}
+	for step := 0; step < 4; step++ {
+		rows = []Row{
+			{Seq: sb, Token: tokB[len(tokB)-1], Pos: len(promptB) + len(tokB) - 1, Logits: true},
+			{Seq: sa, Token: tokA[len(tokA)-1], Pos: len(promptA) + len(tokA) - 1, Logits: true},
+		}
+		if err := eng.Forward(ctx, rows, [][]float32{lb, la}); err != nil {
+			t.Fatal(err)
+		}
+		tokA, tokB = append(tokA, Argmax(la)), append(tokB, Argmax(lb))
+	}
+	for i := range tokB {
+		if tokB[i] != aloneB.Tokens[i] {
+			t.Fatalf("batched B %v, alone %v", tokB, aloneB.Tokens[:len(tokB)])
+		}
+	}
+	for i := range tokA {
+		if tokA[i] != whole.Tokens[i] {
+			t.Fatalf("batched A %v, alone %v", tokA, whole.Tokens[:len(tokA)])
+		}
+	}
+}
+
+func TestForwardRejectsBadInput(t *testing.T) {
+	w := loadTiny(t, "tiny-v2-lite")
+	pool := kernels.NewPool(1)
+	defer pool.Close()
+	eng := NewEngine(w, pool, nil)
+	cache, _ := NewLatentCache(w.Config, 4, 4)
+	ctx := context.Background()
+	for _, req := range []GenerateRequest{
+		{Prompt: nil, MaxTokens: 1},
+		{Prompt: []int{1, w.Config.VocabSize}, MaxTokens: 1},
+		{Prompt: []int{-1}, MaxTokens: 1},
+		{Prompt: []int{1}, MaxTokens: w.Config.MaxPositionEmbeddings},
+		{Prompt: []int{1}, MaxTokens: 1, Sampling: SamplingParams{TopP: 2}},
+	} {
+		if _, err := eng.Generate(ctx, cache, req); err == nil {
+			t.Errorf("request %+v accepted", req)
+		}
+	}
+	// Cache too small: a clean ErrCacheFull, no blocks lost.
+	if _, err := eng.Generate(ctx, cache, GenerateRequest{Prompt: make([]int, 20), MaxTokens: 1}); err == nil {
+		t.Error("oversized prompt accepted by a 16-token cache")
+	}
+	if cache.FreeBlocks() != cache.Capacity() {
+		t.Fatal("failed requests leaked cache blocks")
+	}
+}

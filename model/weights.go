@@ -178,7 +178,9 @@ func (b *binder) tensor(name string) *safetensors.Tensor {
 	}
 	t, err := b.ck.Tensor(name)
 	if err != nil {
-		b.fail("tensor %s: %v", name, err)
+		if b.err == nil {
+			b.err = fmt.Errorf("%w: tensor %s: %w", ErrWeights, name, err)
+		}
 		return nil
 	}
 	return t
