@@ -2,6 +2,7 @@ package kernels
 
 import (
 	"encoding/binary"
+	"flag"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -199,3 +200,5 @@ func elemSize(dt DType) int {
 	}
 	return 1
 }
+
+var runBench = flag.Bool("runbench", false, "run RunBench's machine report in TestRunBench")

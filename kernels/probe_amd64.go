@@ -35,3 +35,17 @@ func probeDPBF16(iters int) float64 {
 	dpbf16PeakAVX512(iters)
 	return float64(iters) * 12 * 64
 }
+
+func probeFMAFlops(iters int) float64 {
+	if BestISA() < ISAAVX512 {
+		return 0
+	}
+	return float64(iters) * 12 * 32
+}
+
+func probeDPBF16Flops(iters int) float64 {
+	if BestISA() < ISAAVX512 || !hasBF16 {
+		return 0
+	}
+	return float64(iters) * 12 * 64
+}

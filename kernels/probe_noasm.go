@@ -7,3 +7,7 @@ func probeRead(buf []byte) float32 { return probeReadGeneric(buf) }
 func probeFMA(iters int) float64 { return 0 }
 
 func probeDPBF16(iters int) float64 { return 0 }
+
+func probeFMAFlops(iters int) float64 { return 0 }
+
+func probeDPBF16Flops(iters int) float64 { return 0 }

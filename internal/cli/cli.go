@@ -22,8 +22,8 @@ type command struct {
 
 func commands() map[string]command {
 	return map[string]command{
-		"gen-model":     {"write a random-weight checkpoint of a preset in HF layout", runGenModel},
-		"generate":      {"generate tokens from a checkpoint in one process", runGenerate},
+		"gen-model": {"write a random-weight checkpoint of a preset in HF layout", runGenModel},
+		"generate":  {"generate tokens from a checkpoint in one process", runGenerate},
 	}
 }
 

@@ -188,4 +188,3 @@ func writeGenerateJSON(w io.Writer, res *model.GenerateResult) error {
 	enc := json.NewEncoder(w)
 	return enc.Encode(out)
 }
-
