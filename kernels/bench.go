@@ -1,0 +1,300 @@
+package kernels
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"math"
+	"runtime"
+	"time"
+)
+
+// RunBench measures this machine's limits and the kernels against them in
+// one run, so that the ratios it prints are comparable even when the
+// machine's bandwidth drifts: a read-bandwidth probe over a 1 GiB buffer,
+// the float32 FMA and VDPBF16PS peaks from register-only loops, and each
+// kernel at the DeepSeek-V2-Lite shapes, for every thread count in threads
+// (nil means 1 and GOMAXPROCS). Decode kernels read weights from copies
+// that together exceed the caches, as decode does. Each figure is the best
+// of several timed batches (other processes share the machine). It takes
+// about a minute and a half and 2 GiB of memory.
+func RunBench(w io.Writer, threads []int) error {
+	if len(threads) == 0 {
+		threads = []int{1, runtime.GOMAXPROCS(0)}
+		if threads[1] == 1 {
+			threads = threads[:1]
+		}
+	}
+	for _, t := range threads {
+		if t <= 0 {
+			return fmt.Errorf("kernels: RunBench: thread count %d must be positive", t)
+		}
+	}
+	fmt.Fprintf(w, "kernels %s (best %s, AVX512_BF16 %v), threads %v\n", ActiveISA(), BestISA(), dpAvailable(&Matrix{DType: BF16}), threads)
+	type limits struct{ bw, fma, dp float64 }
+	lim := map[int]limits{}
+
+	buf := make([]byte, 1<<30)
+	fillRandom(buf, 1)
+	for _, t := range threads {
+		p := NewPool(t)
+		chunks := len(buf) / (1 << 20)
+		bw := float64(len(buf)) / bestOf(3, func() {
+			p.ParallelFor(chunks, func(lo, hi int) { probeRead(buf[lo<<20 : hi<<20]) })
+		})
+		var fl float64
+		fma := bestRate(func() float64 {
+			fl = 0
+			p.ParallelFor(t, func(lo, hi int) { probeFMA(1 << 19 * (hi - lo)) })
+			return float64(t) * probeFMAFlops(1<<19)
+		})
+		dp := bestRate(func() float64 {
+			p.ParallelFor(t, func(lo, hi int) { probeDPBF16(1 << 19 * (hi - lo)) })
+			return float64(t) * probeDPBF16Flops(1<<19)
+		})
+		_ = fl
+		p.Close()
+		lim[t] = limits{bw, fma, dp}
+		fmt.Fprintf(w, "limits t%d: read %.1f GB/s, f32 FMA %.1f GFLOP/s, VDPBF16PS %.1f GFLOP/s\n", t, bw/1e9, fma/1e9, dp/1e9)
+	}
+	buf = nil
+	runtime.GC()
+
+	fmt.Fprintf(w, "\n%-34s", "MatVec (decode), weights >> cache")
+	for _, t := range threads {
+		fmt.Fprintf(w, " | t%d GB/s  of-bw", t)
+	}
+	fmt.Fprintln(w)
+	type mvCase struct {
+		name       string
+		dt         DType
+		rows, cols int
+		count      int // matrices per op (the absorbed per-head products)
+	}
+	cases := []mvCase{
+		{"BF16 1408x2048 expert gate/up", BF16, 1408, 2048, 1},
+		{"BF16 2048x1408 expert down", BF16, 2048, 1408, 1},
+		{"BF16 3072x2048 q", BF16, 3072, 2048, 1},
+		{"BF16 576x2048 kv_a", BF16, 576, 2048, 1},
+		{"BF16 16x(512x128) absorbed", BF16, 512, 128, 16},
+		{"BF16 102400x2048 lm_head", BF16, 102400, 2048, 1},
+		{"Q8_0 1408x2048", Q8_0, 1408, 2048, 1},
+		{"F8E4M3 1408x2048", F8E4M3, 1408, 2048, 1},
+		{"F16 1408x2048", F16, 1408, 2048, 1},
+		{"F32 1408x2048", F32, 1408, 2048, 1},
+	}
+	for _, c := range cases {
+		proto := benchMatrix(c.dt, c.rows, c.cols, 7)
+		per := proto.Bytes() * int64(c.count)
+		copies := int(max(1, (256<<20)/per)) * c.count
+		ws := make([]*Matrix, copies)
+		for i := range ws {
+			ws[i] = benchMatrix(c.dt, c.rows, c.cols, uint64(i+8))
+		}
+		x := make([]float32, c.cols)
+		y := make([]float32, c.rows)
+		for i := range x {
+			x[i] = float32(i%7) - 3
+		}
+		fmt.Fprintf(w, "%-34s", c.name)
+		for _, t := range threads {
+			p := NewPool(t)
+			k := 0
+			sec := bestOf(5, func() {
+				for j := 0; j < c.count; j++ {
+					p.MatVec(y, ws[k], x)
+					k = (k + 1) % len(ws)
+				}
+			})
+			p.Close()
+			gbs := float64(per) / sec
+			fmt.Fprintf(w, " | %7.1f  %5.1f%%", gbs/1e9, 100*gbs/lim[t].bw)
+		}
+		fmt.Fprintln(w)
+	}
+
+	fmt.Fprintf(w, "\n%-34s", "MatMul (prefill n=512)")
+	for _, t := range threads {
+		fmt.Fprintf(w, " | t%d GFLOP/s of-peak", t)
+	}
+	fmt.Fprintln(w)
+	const n = 512
+	for _, c := range []struct {
+		name       string
+		dt         DType
+		rows, cols int
+		bf16act    bool
+	}{
+		{"BF16 1408x2048 f32 act", BF16, 1408, 2048, false},
+		{"BF16 2048x1408 f32 act", BF16, 2048, 1408, false},
+		{"BF16 1408x2048 bf16 act (DP peak)", BF16, 1408, 2048, true},
+		{"BF16 2048x1408 bf16 act (DP peak)", BF16, 2048, 1408, true},
+		{"Q8_0 1408x2048 f32 act", Q8_0, 1408, 2048, false},
+	} {
+		wm := benchMatrix(c.dt, c.rows, c.cols, 3)
+		x := make([]float32, n*c.cols)
+		for i := range x {
+			x[i] = float32(i%13)*0.1 - 0.6
+		}
+		y := make([]float32, n*c.rows)
+		flops := 2 * float64(n) * float64(c.rows) * float64(c.cols)
+		fmt.Fprintf(w, "%-34s", c.name)
+		for _, t := range threads {
+			p := NewPool(t)
+			sec := bestOf(3, func() {
+				if c.bf16act {
+					p.MatMulBF16Act(y, wm, x, n)
+				} else {
+					p.MatMul(y, wm, x, n)
+				}
+			})
+			p.Close()
+			peak := lim[t].fma
+			if c.bf16act && dpAvailable(wm) {
+				peak = lim[t].dp
+			}
+			fmt.Fprintf(w, " | %8.1f  %5.1f%%", flops/sec/1e9, 100*flops/sec/peak)
+		}
+		fmt.Fprintln(w)
+	}
+
+	fmt.Fprintf(w, "\n%-34s", "MLADecode H=16 R=512 P=64")
+	for _, t := range threads {
+		fmt.Fprintf(w, " | t%d GB/s   µs", t)
+	}
+	fmt.Fprintln(w)
+	for _, tokens := range []int{512, 4096} {
+		const H, R, P, bs = 16, 512, 64, 64
+		blocks := make([][]float32, ceilDiv(tokens, bs))
+		for i := range blocks {
+			blocks[i] = make([]float32, bs*(R+P))
+			for j := range blocks[i] {
+				blocks[i][j] = float32((i+j)%11)*0.01 - 0.05
+			}
+		}
+		qLat, qPE, out := make([]float32, H*R), make([]float32, H*P), make([]float32, H*R)
+		for i := range qLat {
+			qLat[i] = float32(i%5) * 0.1
+		}
+		scratch := make([]float32, MLAScratchSize(H, tokens))
+		fmt.Fprintf(w, "%-34s", fmt.Sprintf("  %d tokens (cache %.1f MB)", tokens, float64(tokens*(R+P)*4)/1e6))
+		for _, t := range threads {
+			p := NewPool(t)
+			sec := bestOf(5, func() { p.MLADecode(out, qLat, qPE, blocks, bs, tokens, H, R, P, 0.1, scratch) })
+			p.Close()
+			fmt.Fprintf(w, " | %6.1f %6.1f", float64(tokens*(R+P)*4)/sec/1e9, sec*1e6)
+		}
+		fmt.Fprintln(w)
+	}
+
+	fmt.Fprintf(w, "\nvector kernels (1 thread, ns/call, 2048 floats unless noted)\n")
+	a, b, o := make([]float32, 2048), make([]float32, 2048), make([]float32, 2048)
+	for i := range a {
+		a[i], b[i] = float32(i%9)*0.1-0.4, float32(i%5)*0.2-0.3
+	}
+	idx := make([]int, 0, 6)
+	for _, v := range []struct {
+		name string
+		f    func()
+	}{
+		{"Dot", func() { Dot(a, b) }},
+		{"Axpy", func() { Axpy(o, 0.5, a) }},
+		{"RMSNorm", func() { RMSNorm(o, a, b, 1e-6) }},
+		{"SiLUMul", func() { SiLUMul(o, a, b) }},
+		{"Softmax", func() { copy(o, a); Softmax(o) }},
+		{"RoPE 64", func() { RoPEInterleaved(o[:64], a[:32], b[:32]) }},
+		{"TopK 6 of 64", func() { idx = TopK(idx, a[:64], 6) }},
+	} {
+		sec := bestOf(5, v.f)
+		fmt.Fprintf(w, "  %-12s %8.0f\n", v.name, sec*1e9)
+	}
+	return nil
+}
+
+// bestOf returns the fastest per-call time of f over reps batches of at
+// least 20ms each (after one warm-up call).
+func bestOf(reps int, f func()) float64 {
+	f()
+	best := math.Inf(1)
+	for r := 0; r < reps; r++ {
+		calls := 0
+		t0 := time.Now()
+		var el time.Duration
+		for el < 20*time.Millisecond {
+			f()
+			calls++
+			el = time.Since(t0)
+		}
+		best = min(best, el.Seconds()/float64(calls))
+	}
+	return best
+}
+
+// bestRate returns the best of 5 rates (units per second) of f, which
+// returns the units it did.
+func bestRate(f func() float64) float64 {
+	best := 0.0
+	for r := 0; r < 5; r++ {
+		t0 := time.Now()
+		u := f()
+		best = max(best, u/time.Since(t0).Seconds())
+	}
+	return best
+}
+
+// fillRandom fills buf with xorshift bytes (fast; content is irrelevant).
+func fillRandom(buf []byte, seed uint64) {
+	s := seed*0x9e3779b97f4a7c15 | 1
+	for i := 0; i+8 <= len(buf); i += 8 {
+		s ^= s << 13
+		s ^= s >> 7
+		s ^= s << 17
+		binary.LittleEndian.PutUint64(buf[i:], s)
+	}
+}
+
+// benchMatrix builds a matrix of moderate finite values quickly.
+func benchMatrix(dt DType, rows, cols int, seed uint64) *Matrix {
+	m := &Matrix{DType: dt, Rows: rows, Cols: cols}
+	n := rows * cols
+	m.Data = make([]byte, n*elemBytesOf(dt))
+	fillRandom(m.Data, seed)
+	switch dt {
+	case F32:
+		for i := 0; i < n; i++ {
+			v := binary.LittleEndian.Uint32(m.Data[4*i:])&0x807fffff | 0x3f000000
+			binary.LittleEndian.PutUint32(m.Data[4*i:], v)
+		}
+	case BF16:
+		for i := 0; i < n; i++ {
+			v := binary.LittleEndian.Uint16(m.Data[2*i:])&0x807f | 0x3f00
+			binary.LittleEndian.PutUint16(m.Data[2*i:], v)
+		}
+	case F16:
+		for i := 0; i < n; i++ {
+			v := binary.LittleEndian.Uint16(m.Data[2*i:])&0x83ff | 0x3800
+			binary.LittleEndian.PutUint16(m.Data[2*i:], v)
+		}
+	case F8E4M3:
+		for i := range m.Data {
+			m.Data[i] &= 0xb7
+		}
+		m.Scales = make([]float32, ceilDiv(rows, F8Block)*ceilDiv(cols, F8Block))
+	case Q8_0:
+		m.Scales = make([]float32, rows*(cols/Q8Block))
+	}
+	for i := range m.Scales {
+		m.Scales[i] = 0.01
+	}
+	return m
+}
+
+func elemBytesOf(dt DType) int {
+	switch dt {
+	case F32:
+		return 4
+	case BF16, F16:
+		return 2
+	}
+	return 1
+}
