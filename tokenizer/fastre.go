@@ -51,49 +51,66 @@ func runEnd(s string, i int, f func(rune) bool) int {
 	return i
 }
 
-func isSpace(r rune) bool {
-	if r < utf8.RuneSelf {
-		return r == ' ' || (r >= '\t' && r <= '\r')
+// Character classes, as bits of charClass.
+const (
+	clsL       = 1 << iota // \p{L}
+	clsM                   // \p{M}
+	clsN                   // \p{N} (Oniguruma)
+	clsPS                  // \p{P} or \p{S}
+	clsSpace               // \s (White_Space)
+	clsNumeric             // Rust's char::is_numeric
+)
+
+// bmpClass caches charClass for the Basic Multilingual Plane, where almost
+// all text lives: the unicode package's binary searches cost more than the
+// rest of pre-tokenization.
+var bmpClass = func() *[0x10000]uint8 {
+	var t [0x10000]uint8
+	for r := rune(0); r < 0x10000; r++ {
+		t[r] = slowClass(r)
 	}
-	return unicode.IsSpace(r)
+	return &t
+}()
+
+func slowClass(r rune) uint8 {
+	var c uint8
+	if unicode.IsLetter(r) || unicode.Is(hfAddL, r) {
+		c |= clsL
+	}
+	if unicode.IsMark(r) || unicode.Is(hfAddM, r) {
+		c |= clsM
+	}
+	if unicode.IsNumber(r) || unicode.Is(hfAddN, r) {
+		c |= clsN
+	}
+	if unicode.IsPunct(r) || unicode.IsSymbol(r) || unicode.Is(hfAddP, r) || unicode.Is(hfAddS, r) {
+		c |= clsPS
+	}
+	if unicode.IsSpace(r) {
+		c |= clsSpace
+	}
+	if unicode.IsNumber(r) || unicode.Is(hfAddNumeric, r) {
+		c |= clsNumeric
+	}
+	return c
 }
 
-func isLetter(r rune) bool {
-	if r < utf8.RuneSelf {
-		return (r|0x20) >= 'a' && (r|0x20) <= 'z'
+func charClass(r rune) uint8 {
+	if uint32(r) < 0x10000 {
+		return bmpClass[r]
 	}
-	return unicode.IsLetter(r) || unicode.Is(hfAddL, r)
+	if r < 0 { // decodeAt's "end of text"
+		return 0
+	}
+	return slowClass(r)
 }
 
-func isLetterOrMark(r rune) bool {
-	if r < utf8.RuneSelf {
-		return (r|0x20) >= 'a' && (r|0x20) <= 'z'
-	}
-	return unicode.IsLetter(r) || unicode.IsMark(r) || unicode.Is(hfAddL, r) || unicode.Is(hfAddM, r)
-}
-
-func isNumber(r rune) bool {
-	if r < utf8.RuneSelf {
-		return r >= '0' && r <= '9'
-	}
-	return unicode.IsNumber(r) || unicode.Is(hfAddN, r)
-}
-
-// isNumeric is Rust's char::is_numeric (HF's Digits pre-tokenizer).
-func isNumeric(r rune) bool {
-	if r < utf8.RuneSelf {
-		return r >= '0' && r <= '9'
-	}
-	return unicode.IsNumber(r) || unicode.Is(hfAddNumeric, r)
-}
-
-// isPunctOrSymbol is \p{P} or \p{S}.
-func isPunctOrSymbol(r rune) bool {
-	if r < utf8.RuneSelf {
-		return r > ' ' && r < 0x7f && !(r >= '0' && r <= '9') && (r|0x20 < 'a' || r|0x20 > 'z')
-	}
-	return unicode.IsPunct(r) || unicode.IsSymbol(r) || unicode.Is(hfAddS, r) || unicode.Is(hfAddP, r)
-}
+func isSpace(r rune) bool         { return charClass(r)&clsSpace != 0 }
+func isLetter(r rune) bool        { return charClass(r)&clsL != 0 }
+func isLetterOrMark(r rune) bool  { return charClass(r)&(clsL|clsM) != 0 }
+func isNumber(r rune) bool        { return charClass(r)&clsN != 0 }
+func isNumeric(r rune) bool       { return charClass(r)&clsNumeric != 0 }
+func isPunctOrSymbol(r rune) bool { return charClass(r)&clsPS != 0 }
 
 func isASCIIPunct(r rune) bool {
 	return r < utf8.RuneSelf && isPunctOrSymbol(r)
