@@ -37,3 +37,20 @@ fuzz:
 
 clean:
 	rm -rf bin
+
+# Generated protobuf code. Versions pinned: bump them here and regenerate.
+PROTOC_GEN_GO_VERSION      := v1.36.10
+PROTOC_GEN_GO_GRPC_VERSION := v1.5.1
+GOBIN_DIR := $(CURDIR)/bin/tools
+
+proto:
+	GOBIN=$(GOBIN_DIR) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(GOBIN_DIR) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	PATH=$(GOBIN_DIR):$$PATH protoc --proto_path=proto \
+		--go_out=proto --go_opt=paths=source_relative \
+		--go-grpc_out=proto --go-grpc_opt=paths=source_relative \
+		proto/expertmesh.proto
+
+# Fails when regenerating would change committed generated code.
+check-generated: proto
+	git diff --exit-code -- proto/
