@@ -113,8 +113,11 @@ func (m *addedMatcher) split(s string, start, end int, out []segment) []segment 
 			out = append(out, segment{start + prev, start + ms, -1})
 		}
 		out = append(out, segment{start + ms, start + me, a.ID})
-		prev = me
-		i = me
+		// The scan resumes at the raw match end, not after the stripped
+		// spaces: HF's Aho-Corasick iterator does, so a token inside an
+		// rstrip'd run is still emitted (its span overlaps; only ids matter).
+		prev = me // even if that moves back, as HF does
+		i = e
 	}
 	if prev < len(sub) {
 		out = append(out, segment{start + prev, end, -1})

@@ -293,31 +293,56 @@ func checkDecoder(raw json.RawMessage) error {
 	return fmt.Errorf("%w decoder type %q (only ByteLevel)", ErrUnsupported, d.Type)
 }
 
+// loadAdded registers the added tokens as HuggingFace's deserializer does
+// (AddedVocabulary::add_tokens): the id in the file is not trusted (HF only
+// warns on a mismatch); a token whose content is in the model vocab takes
+// that id, any other the next free one after the vocab. A repeated content
+// keeps its id and takes the later flags; empty contents are skipped.
 func (t *Tokenizer) loadAdded(toks []jsonAddedToken) error {
 	t.added = make(map[string]int, len(toks))
-	maxID := len(t.tokens) - 1
+	vocabLen := len(t.vocab)
+	maxAdded := -1
+	byID := map[int]jsonAddedToken{}
+	var order []int
 	for _, a := range toks {
-		if a.ID < 0 || a.ID > 1<<24 {
-			return fmt.Errorf("tokenizer.json: added token id %d out of range", a.ID)
-		}
 		if a.Content == "" {
-			return fmt.Errorf("tokenizer.json: added token %d has empty content", a.ID)
+			continue
 		}
-		maxID = max(maxID, a.ID)
+		id, ok := t.added[a.Content]
+		if !ok {
+			id, ok = t.vocab[a.Content]
+		}
+		if !ok {
+			switch {
+			case maxAdded < 0:
+				id = vocabLen
+			case maxAdded >= vocabLen || vocabLen == 0:
+				id = maxAdded + 1
+			default:
+				id = vocabLen
+			}
+		}
+		if id > 1<<24 {
+			return fmt.Errorf("tokenizer.json: too many added tokens")
+		}
+		t.added[a.Content] = id
+		maxAdded = max(maxAdded, id)
+		if _, seen := byID[id]; !seen {
+			order = append(order, id)
+		}
+		a.ID = id
+		byID[id] = a
 	}
-	for len(t.tokens) <= maxID {
+	for len(t.tokens) <= maxAdded {
 		t.tokens = append(t.tokens, "")
 		t.known = append(t.known, false)
 	}
-	t.special = make([]bool, maxID+1)
+	t.special = make([]bool, len(t.tokens))
 	var norm, nonNorm []jsonAddedToken
-	for _, a := range toks {
-		if t.known[a.ID] && t.tokens[a.ID] != a.Content {
-			return fmt.Errorf("tokenizer.json: added token %d %q clashes with vocab token %q", a.ID, a.Content, t.tokens[a.ID])
-		}
-		t.tokens[a.ID], t.known[a.ID] = a.Content, true
-		t.special[a.ID] = a.Special
-		t.added[a.Content] = a.ID
+	for _, id := range order {
+		a := byID[id]
+		t.tokens[id], t.known[id] = a.Content, true
+		t.special[id] = a.Special
 		if a.Normalized {
 			norm = append(norm, a)
 		} else {

@@ -1,6 +1,7 @@
 package tokenizer
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -249,5 +250,38 @@ func TestLoadErrors(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "tokenizer.json.gz"), []byte("not gzip"), 0o644)
 	if _, err := Load(dir); err == nil {
 		t.Error("Load(bad gzip) succeeded")
+	}
+}
+
+// TestAddedTokenFlags compares with HF tokenizers on added tokens with
+// lstrip, rstrip, single_word, normalized and overlapping contents, and
+// ids given out of order in the file (testdata/oracle/flags.js).
+func TestAddedTokenFlags(t *testing.T) {
+	dir := filepath.Join("testdata", "flags")
+	tok, err := Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "encodings.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entries []struct {
+		Text string `json:"text"`
+		IDs  []int  `json:"ids"`
+	}
+	if err := json.Unmarshal(b, &entries); err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) < 40 {
+		t.Fatalf("%d entries", len(entries))
+	}
+	for _, e := range entries {
+		if got := tok.Encode(e.Text, false); !slices.Equal(got, e.IDs) {
+			t.Errorf("%q:\n got  %v\n want %v", e.Text, got, e.IDs)
+		}
+	}
+	if id, ok := tok.TokenID("<mask>"); !ok || id != 388 || !tok.IsSpecial(id) {
+		t.Errorf("<mask> = %d %v (HF numbers added tokens after the vocab)", id, ok)
 	}
 }
