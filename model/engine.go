@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/expertmesh/expertmesh/kernels"
 )
@@ -13,12 +14,17 @@ import (
 var ErrBadInput = errors.New("bad input")
 
 // ExpertBackend computes the routed-expert part of one MoE layer for a
-// batch of rows: out[i] = Σ_k weights[i*k+j] · Expert_{ids[i*k+j]}(x[i]).
+// batch of rows: out[i] += Σ_j weights[i*k+j] · Expert_{ids[i*k+j]}(x[i]).
 // The local backend runs the experts in-process; an attention node's
 // backend dispatches rows to the expert nodes that hold them. Calls are
 // stateless, so a backend may retry them.
+//
+// StartRoutedExperts begins the work and returns wait, which blocks until
+// out is complete; the engine computes the shared experts in between, so a
+// remote round trip overlaps local work. x, ids and weights must not change
+// and out must not be read until wait returns.
 type ExpertBackend interface {
-	RoutedExperts(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) error
+	StartRoutedExperts(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) (wait func() error)
 }
 
 // Row is one token of the batch a Forward call processes: the sequence it
@@ -45,6 +51,11 @@ type Engine struct {
 	buf   scratch
 	// Trace, if set, receives each MoE layer's routing (tests and stats).
 	Trace func(layer int, ids []int32, weights []float32, n, k int)
+	// Compute, if set, is held while this engine computes and released
+	// while it waits for routed experts, so engines of several
+	// micro-batches sharing one kernel pool take turns: one computes
+	// attention while another's experts are in flight (ping-pong).
+	Compute sync.Locker
 }
 
 // NewEngine wires weights, a kernel pool and an expert backend. A nil
@@ -147,6 +158,10 @@ func (e *Engine) Forward(ctx context.Context, rows []Row, logits [][]float32) er
 			return fmt.Errorf("%w: position %d has no reserved cache block", ErrBadInput, r.Pos)
 		}
 		maxTok = max(maxTok, r.Pos+1)
+	}
+	if e.Compute != nil {
+		e.Compute.Lock()
+		defer e.Compute.Unlock()
 	}
 	e.ensure(n, maxTok)
 	s := &e.buf
@@ -310,12 +325,23 @@ func (e *Engine) ffn(ctx context.Context, l, n int) error {
 		e.Trace(l, s.ids[:n*k], s.weights[:n*k], n, k)
 	}
 	clear(s.routed[:n*h])
-	if err := e.Experts.RoutedExperts(ctx, l, s.hn[:n*h], n, k, s.ids[:n*k], s.weights[:n*k], s.routed[:n*h]); err != nil {
+	wait := e.Experts.StartRoutedExperts(ctx, l, s.hn[:n*h], n, k, s.ids[:n*k], s.weights[:n*k], s.routed[:n*h])
+	// Shared experts run while the routed ones are in flight.
+	if m.Shared != nil {
+		e.mlp(s.shared[:n*h], m.Shared, s.hn[:n*h], n)
+	}
+	if e.Compute != nil {
+		e.Compute.Unlock()
+	}
+	err := wait()
+	if e.Compute != nil {
+		e.Compute.Lock()
+	}
+	if err != nil {
 		return fmt.Errorf("layer %d routed experts: %w", l, err)
 	}
 	// HF: y = Σ routed + shared(x); then residual + y.
 	if m.Shared != nil {
-		e.mlp(s.shared[:n*h], m.Shared, s.hn[:n*h], n)
 		kernels.Add(s.routed[:n*h], s.routed[:n*h], s.shared[:n*h])
 	}
 	kernels.Add(s.x[:n*h], s.x[:n*h], s.routed[:n*h])

@@ -30,9 +30,11 @@ func NewLocalExperts(w *Weights, pool *kernels.Pool) *ExpertRunner {
 	return &ExpertRunner{W: w, Pool: pool}
 }
 
-// RoutedExperts implements ExpertBackend.
-func (r *ExpertRunner) RoutedExperts(_ context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) error {
-	return r.Run(layer, x, n, k, ids, weights, out)
+// StartRoutedExperts implements ExpertBackend. Local experts compute at
+// once; wait only reports the result.
+func (r *ExpertRunner) StartRoutedExperts(_ context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) func() error {
+	err := r.Run(layer, x, n, k, ids, weights, out)
+	return func() error { return err }
 }
 
 // Run adds Σ_j weights[i*k+j]·Expert_{ids[i*k+j]}(x_i) to out_i for each
