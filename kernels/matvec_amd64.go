@@ -7,94 +7,60 @@ import (
 	"math"
 )
 
-// Generated in matvec_amd64.s. Each computes rows 4 (x4) or 1 (x1)
-// consecutive outputs y[j] = W[j]·x over n columns, n a multiple of the
-// vector width (32 for Q8), rows stride bytes apart.
+// Generated in matvec_amd64.s. Each computes rows consecutive outputs
+// y[j] = W[j]·x over the first n columns (n a multiple of the vector
+// width, 32 for Q8), rows stride bytes apart, each row streamed in order.
 
 //go:noescape
-func mvF32x4AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvF32RAVX512(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvF32x1AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvBF16RAVX512(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvBF16x4AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvF16RAVX512(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvBF16x1AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvF8RAVX512(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvF16x4AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvQ8RAVX512(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
 
 //go:noescape
-func mvF16x1AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvF32RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvF8x4AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvBF16RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvF8x1AVX512(y *float32, w *byte, stride uintptr, x *float32, n int)
+func mvF16RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvQ8x4AVX512(y *float32, w *byte, stride uintptr, x *float32, n int, s *float32, sstride uintptr)
+func mvF8RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
-func mvQ8x1AVX512(y *float32, w *byte, stride uintptr, x *float32, n int, s *float32, sstride uintptr)
+func mvQ8RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
 
-//go:noescape
-func mvF32x4AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvF32x1AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvBF16x4AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvBF16x1AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvF16x4AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvF16x1AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvF8x4AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvF8x1AVX2(y *float32, w *byte, stride uintptr, x *float32, n int)
-
-//go:noescape
-func mvQ8x4AVX2(y *float32, w *byte, stride uintptr, x *float32, n int, s *float32, sstride uintptr)
-
-//go:noescape
-func mvQ8x1AVX2(y *float32, w *byte, stride uintptr, x *float32, n int, s *float32, sstride uintptr)
-
-type mvFunc func(y *float32, w *byte, stride uintptr, x *float32, n int)
-type mvQ8Func func(y *float32, w *byte, stride uintptr, x *float32, n int, s *float32, sstride uintptr)
+type mvFunc func(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
+type mvQ8Func func(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
 
 // mvSet is one ISA's matrix-vector row kernels.
 type mvSet struct {
-	lanes      int
-	x4, x1     [Q8_0]mvFunc // indexed by DType (F32..F8E4M3)
-	q8x4, q8x1 mvQ8Func
+	lanes int
+	rows  [Q8_0]mvFunc // indexed by DType (F32..F8E4M3)
+	q8    mvQ8Func
 }
 
 var mvAVX512 = mvSet{
 	lanes: 16,
-	x4:    [Q8_0]mvFunc{mvF32x4AVX512, mvBF16x4AVX512, mvF16x4AVX512, mvF8x4AVX512},
-	x1:    [Q8_0]mvFunc{mvF32x1AVX512, mvBF16x1AVX512, mvF16x1AVX512, mvF8x1AVX512},
-	q8x4:  mvQ8x4AVX512,
-	q8x1:  mvQ8x1AVX512,
+	rows:  [Q8_0]mvFunc{mvF32RAVX512, mvBF16RAVX512, mvF16RAVX512, mvF8RAVX512},
+	q8:    mvQ8RAVX512,
 }
 
 var mvAVX2 = mvSet{
 	lanes: 8,
-	x4:    [Q8_0]mvFunc{mvF32x4AVX2, mvBF16x4AVX2, mvF16x4AVX2, mvF8x4AVX2},
-	x1:    [Q8_0]mvFunc{mvF32x1AVX2, mvBF16x1AVX2, mvF16x1AVX2, mvF8x1AVX2},
-	q8x4:  mvQ8x4AVX2,
-	q8x1:  mvQ8x1AVX2,
+	rows:  [Q8_0]mvFunc{mvF32RAVX2, mvBF16RAVX2, mvF16RAVX2, mvF8RAVX2},
+	q8:    mvQ8RAVX2,
 }
 
 func matVecRowsAVX512(y []float32, w *Matrix, x []float32, lo, hi int, scratch []float32) {
@@ -105,8 +71,8 @@ func matVecRowsAVX2(y []float32, w *Matrix, x []float32, lo, hi int, scratch []f
 	matVecRowsSIMD(&mvAVX2, y, w, x, lo, hi, scratch)
 }
 
-// matVecRowsSIMD runs the 4-row kernel over [lo,hi), the 1-row kernel on
-// the last rows, and finishes columns beyond the vector width in Go.
+// matVecRowsSIMD runs the row kernel over [lo,hi) and finishes columns
+// beyond the vector width in Go.
 func matVecRowsSIMD(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int, scratch []float32) {
 	if lo >= hi {
 		return
@@ -117,14 +83,7 @@ func matVecRowsSIMD(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int, s
 	switch w.DType {
 	case Q8_0:
 		nb := cols / Q8Block
-		stride := uintptr(cols)
-		r := lo
-		for ; r+4 <= hi; r += 4 {
-			s.q8x4(&y[r], &w.Data[r*cols], stride, &x[0], cols, &w.Scales[r*nb], uintptr(4*nb))
-		}
-		for ; r < hi; r++ {
-			s.q8x1(&y[r], &w.Data[r*cols], stride, &x[0], cols, &w.Scales[r*nb], uintptr(4*nb))
-		}
+		s.q8(&y[lo], &w.Data[lo*cols], uintptr(cols), &x[0], cols, hi-lo, &w.Scales[lo*nb], uintptr(4*nb))
 	case F8E4M3:
 		// Fold the block scale (and the 2^8 of the kernel's half trick)
 		// into x once per 128-row block: the rows then need no scaling.
@@ -150,15 +109,8 @@ func mvRange(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int) {
 	main := cols &^ (s.lanes - 1)
 	eb := elemBytes(w.DType)
 	stride := uintptr(eb * cols)
-	k4, k1 := s.x4[w.DType], s.x1[w.DType]
-	r := lo
 	if main > 0 {
-		for ; r+4 <= hi; r += 4 {
-			k4(&y[r], &w.Data[r*cols*eb], stride, &x[0], main)
-		}
-		for ; r < hi; r++ {
-			k1(&y[r], &w.Data[r*cols*eb], stride, &x[0], main)
-		}
+		s.rows[w.DType](&y[lo], &w.Data[lo*cols*eb], stride, &x[0], main, hi-lo)
 	} else {
 		clear(y[lo:hi])
 	}
