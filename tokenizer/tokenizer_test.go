@@ -285,3 +285,46 @@ func TestAddedTokenFlags(t *testing.T) {
 		t.Errorf("<mask> = %d %v (HF numbers added tokens after the vocab)", id, ok)
 	}
 }
+
+func TestIgnoreMerges(t *testing.T) {
+	// "abc" is in the vocab but no merge builds it: BPE gives "ab" "c"
+	// unless ignore_merges lets the whole word through.
+	const tj = `{"model":{"type":"BPE","ignore_merges":%v,"vocab":{"a":0,"b":1,"c":2,"ab":3,"abc":4},"merges":[["a","b"]]},
+		"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"use_regex":false},"decoder":{"type":"ByteLevel"}}`
+	for _, c := range []struct {
+		ignore bool
+		want   []int
+	}{{false, []int{3, 2}}, {true, []int{4}}} {
+		tok, err := FromJSON([]byte(fmt.Sprintf(tj, c.ignore)), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := tok.Encode("abc", false); !slices.Equal(got, c.want) {
+			t.Errorf("ignore_merges=%v: %v, want %v", c.ignore, got, c.want)
+		}
+	}
+}
+
+// TestEncodeConcurrent shares one Tokenizer (and its word cache) between
+// goroutines; run with -race.
+func TestEncodeConcurrent(t *testing.T) {
+	tok := load(t, v3Dir)
+	entries := readOracle(t)
+	done := make(chan string, 4)
+	for g := 0; g < 4; g++ {
+		go func(g int) {
+			for i := g; i < len(entries); i += 4 {
+				if got := tok.Encode(entries[i].Text, false); !slices.Equal(got, entries[i].V3) {
+					done <- fmt.Sprintf("%q: %v", entries[i].Text, got)
+					return
+				}
+			}
+			done <- ""
+		}(g)
+	}
+	for g := 0; g < 4; g++ {
+		if msg := <-done; msg != "" {
+			t.Error(msg)
+		}
+	}
+}
