@@ -112,8 +112,9 @@ def _fp8_e4m3fn_table():
 class SafeTensors:
     """Reads HF-layout safetensors (single file or sharded with an index)."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, block=(128, 128)):
         self.dir = model_dir
+        self.block = tuple(block)  # FP8 weight_block_size
         self.where = {}  # name -> (path, dtype, shape, begin, end)
         self.cache = {}
         files = []
@@ -195,8 +196,10 @@ class SafeTensors:
             _, s = self.raw(sname)
             if a.ndim != 2 or s.ndim != 2:
                 raise RefError("tensor %s: FP8 block scales need 2-D tensors" % name)
-            bo = -(-a.shape[0] // s.shape[0])
-            bi = -(-a.shape[1] // s.shape[1])
+            bo, bi = self.block
+            if s.shape != (-(-a.shape[0] // bo), -(-a.shape[1] // bi)):
+                raise RefError("tensor %s: scales %s do not tile %s in %dx%d blocks"
+                               % (sname, s.shape, a.shape, bo, bi))
             full = np.repeat(np.repeat(s, bo, axis=0), bi, axis=1)[: a.shape[0], : a.shape[1]]
             a = (a * full).astype(F32)
         if shape is not None and tuple(a.shape) != tuple(shape):
@@ -355,7 +358,11 @@ class Model:
                 eos = g["eos_token_id"]
         if eos is not None:
             self.eos = list(eos) if isinstance(eos, list) else [eos]
-        self.st = SafeTensors(model_dir)
+        qc = c.get("quantization_config") or {}
+        block = qc.get("weight_block_size") or [128, 128]
+        if len(block) != 2 or not all(isinstance(x, int) and x > 0 for x in block):
+            raise RefError("config.json: quantization_config.weight_block_size %r is not two sizes" % (block,))
+        self.st = SafeTensors(model_dir, block)
         self.noaux_fill = noaux_fill
         if norm_rule == "auto":
             norm_rule = "v3" if c.get("model_type") == "deepseek_v3" else "v2"

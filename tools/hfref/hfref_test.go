@@ -3,6 +3,7 @@ package hfref
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
+	"github.com/expertmesh/expertmesh/model/safetensors"
 )
 
 // tol bounds |Δ logprob| between the engine and the reference. Both run
@@ -55,6 +57,9 @@ type shape struct {
 	preset  model.Preset
 	seed    uint64
 	prompts []prompt
+	// fp8 rewrites the checkpoint's decoder linear weights as F8_E4M3 with
+	// 128x128 weight_scale_inv blocks, as DeepSeek-V3's release ships them.
+	fp8 bool
 }
 
 // script is hfref.py beside this file (go test runs in the package dir).
@@ -192,6 +197,16 @@ func shapes(t *testing.T) []shape {
 				"num_experts_per_tok": 1, "n_group": 2, "topk_group": 1,
 			}),
 		},
+		{
+			// FP8 block-quantised V3, with dimensions that span several
+			// 128x128 scale blocks in both directions (ragged at the edges).
+			name: "v3-fp8-blocks", seed: 15, prompts: two(15)[1:], fp8: true,
+			preset: derive(t, "tiny-v3", "v3-fp8-blocks", map[string]any{
+				"hidden_size": 160, "intermediate_size": 288, "moe_intermediate_size": 136,
+				"n_routed_experts": 32, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+				"num_hidden_layers": 3, "qk_nope_head_dim": 24, "v_head_dim": 40,
+			}),
+		},
 	}
 }
 
@@ -208,6 +223,11 @@ func TestMatchesHFReference(t *testing.T) {
 			dir := t.TempDir()
 			if err := model.GenerateCheckpoint(dir, s.preset, model.GenOptions{Seed: s.seed}); err != nil {
 				t.Fatalf("GenerateCheckpoint: %v", err)
+			}
+			if s.fp8 {
+				fp8 := t.TempDir()
+				toFP8(t, dir, fp8)
+				dir = fp8
 			}
 			for _, p := range s.prompts {
 				t.Run(p.name, func(t *testing.T) {
@@ -257,8 +277,12 @@ func joinIDs(ids []int) string {
 
 func runRef(t *testing.T, py, dir string, ids []int, maxTokens, k int) output {
 	t.Helper()
-	cmd := exec.Command(py, script, "--model", dir, "--prompt-ids", joinIDs(ids),
-		"--max-tokens", strconv.Itoa(maxTokens), "--logprobs", strconv.Itoa(k), "--echo")
+	args := []string{script, "--model", dir, "--prompt-ids", joinIDs(ids),
+		"--max-tokens", strconv.Itoa(maxTokens), "--logprobs", strconv.Itoa(k), "--echo"}
+	// HFREF_ARGS passes extra flags to the script, e.g. --norm-rule=v3 to
+	// see this test fail when the reference takes the other HF variant.
+	args = append(args, strings.Fields(os.Getenv("HFREF_ARGS"))...)
+	cmd := exec.Command(py, args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
@@ -416,4 +440,144 @@ func comparePosition(g, w position) []string {
 		}
 	}
 	return msgs
+}
+
+// isFP8Linear reports whether DeepSeek-V3's FP8 release stores tensor name
+// as F8_E4M3: the decoder layers' projection weights (attention, dense MLP,
+// experts, shared experts), not embeddings, norms, router or lm_head.
+func isFP8Linear(name string, layers int) bool {
+	if !strings.HasPrefix(name, "model.layers.") || !strings.HasSuffix(name, "_proj.weight") {
+		return false
+	}
+	rest := strings.TrimPrefix(name, "model.layers.")
+	l, err := strconv.Atoi(rest[:strings.IndexByte(rest, '.')])
+	return err == nil && l < layers
+}
+
+// toFP8 copies the BF16 checkpoint in src to dst with FP8 linear weights:
+// per 128x128 block, scale = amax/448 and each weight is rounded to the
+// nearest E4M3 value of w/scale; weight_scale_inv holds the scales.
+func toFP8(t *testing.T, src, dst string) {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(src, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := map[string]any{}
+	if err := json.Unmarshal(raw, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	cfg["quantization_config"] = map[string]any{"activation_scheme": "dynamic", "fmt": "e4m3",
+		"quant_method": "fp8", "weight_block_size": []int{128, 128}}
+	layers := int(cfg["num_hidden_layers"].(float64))
+	ck, err := safetensors.OpenCheckpoint(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ck.Close()
+	var specs []safetensors.TensorSpec
+	data := map[string][]byte{}
+	for _, name := range ck.Names() {
+		tn, err := ck.Tensor(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !isFP8Linear(name, layers) {
+			specs = append(specs, safetensors.TensorSpec{Name: name, DType: tn.DType, Shape: tn.Shape})
+			data[name] = tn.Data
+			continue
+		}
+		if tn.DType != safetensors.BF16 || len(tn.Shape) != 2 {
+			t.Fatalf("%s: %s%v, want a BF16 matrix", name, tn.DType, tn.Shape)
+		}
+		q, scales, br, bc := quantizeE4M3(tn.Data, tn.Shape[0], tn.Shape[1])
+		specs = append(specs,
+			safetensors.TensorSpec{Name: name, DType: safetensors.F8E4M3, Shape: tn.Shape},
+			safetensors.TensorSpec{Name: name + "_scale_inv", DType: safetensors.F32, Shape: []int{br, bc}})
+		data[name] = q
+		data[name+"_scale_inv"] = scales
+	}
+	err = safetensors.WriteSharded(dst, specs, 1<<20, func(s safetensors.TensorSpec, b []byte) error {
+		copy(b, data[s.Name])
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dst, "config.json"), out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	gen, err := os.ReadFile(filepath.Join(src, "generation_config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dst, "generation_config.json"), gen, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// e4m3Pos lists the finite non-negative E4M3FN values by code 0x00..0x7e,
+// which is also ascending order.
+var e4m3Pos = func() []float64 {
+	v := make([]float64, 0x7f)
+	for b := range v {
+		e, m := b>>3, b&7
+		if e == 0 {
+			v[b] = float64(m) / 8 * math.Exp2(-6)
+		} else {
+			v[b] = (1 + float64(m)/8) * math.Exp2(float64(e-7))
+		}
+	}
+	return v
+}()
+
+func toE4M3(x float64) byte {
+	var sign byte
+	if x < 0 {
+		sign, x = 0x80, -x
+	}
+	i := sort.SearchFloat64s(e4m3Pos, x)
+	switch {
+	case i == len(e4m3Pos):
+		i--
+	case i > 0 && x-e4m3Pos[i-1] < e4m3Pos[i]-x:
+		i--
+	}
+	return sign | byte(i)
+}
+
+func quantizeE4M3(bf []byte, rows, cols int) (q, scales []byte, br, bc int) {
+	const blk = 128
+	br, bc = (rows+blk-1)/blk, (cols+blk-1)/blk
+	w := make([]float64, rows*cols)
+	for i := range w {
+		w[i] = float64(math.Float32frombits(uint32(binary.LittleEndian.Uint16(bf[2*i:])) << 16))
+	}
+	q = make([]byte, rows*cols)
+	scales = make([]byte, 4*br*bc)
+	for bi := 0; bi < br; bi++ {
+		for bj := 0; bj < bc; bj++ {
+			amax := 0.0
+			for r := bi * blk; r < min(rows, (bi+1)*blk); r++ {
+				for c := bj * blk; c < min(cols, (bj+1)*blk); c++ {
+					amax = max(amax, math.Abs(w[r*cols+c]))
+				}
+			}
+			s := float32(1)
+			if amax > 0 {
+				s = float32(amax / 448)
+			}
+			binary.LittleEndian.PutUint32(scales[4*(bi*bc+bj):], math.Float32bits(s))
+			for r := bi * blk; r < min(rows, (bi+1)*blk); r++ {
+				for c := bj * blk; c < min(cols, (bj+1)*blk); c++ {
+					q[r*cols+c] = toE4M3(w[r*cols+c] / float64(s))
+				}
+			}
+		}
+	}
+	return q, scales, br, bc
 }
