@@ -41,6 +41,7 @@ type kernelSet struct {
 	max               func(x []float32) float32
 	sigmoid           func(x []float32)
 	rope              func(x, cos, sin []float32)
+	mla               func(a *mlaArgs, h0, h1 int)
 }
 
 var genericKernels = kernelSet{
@@ -61,7 +62,14 @@ var genericKernels = kernelSet{
 	rope:              ropeGeneric,
 }
 
-var impl = kernelsFor(BestISA())
+var impl kernelSet
+
+func init() {
+	// Set here, not in the literal: the generic MLA loop calls through impl,
+	// which would make the initialisation cyclic.
+	genericKernels.mla = mlaHeadsGeneric
+	impl = kernelsFor(BestISA())
+}
 
 // ActiveISA is the level the kernels currently use.
 func ActiveISA() ISA { return impl.isa }

@@ -57,16 +57,18 @@ func (p *Pool) MLADecode(out, qLat, qPE []float32, blocks [][]float32, blockSize
 		clear(out[:heads*R])
 		return
 	}
-	p.job = job{kind: jobMLA, n: heads, grain: 1, mla: mlaArgs{
+	p.job = job{kind: jobMLA, n: heads, grain: 8, mla: mlaArgs{
 		out: out, qLat: qLat, qPE: qPE, blocks: blocks, blockSize: blockSize,
 		nTokens: nTokens, r: R, pe: P, scale: scale, scratch: scratch,
 	}}
 	p.run()
 }
 
-// mlaHeads processes heads [h0,h1): scores for every token, softmax, then
-// the probability-weighted sum of latent rows.
-func mlaHeads(a *mlaArgs, h0, h1 int) {
+func mlaHeads(a *mlaArgs, h0, h1 int) { impl.mla(a, h0, h1) }
+
+// mlaHeadsGeneric processes heads [h0,h1) one at a time: scores for every
+// token, softmax, then the probability-weighted sum of latent rows.
+func mlaHeadsGeneric(a *mlaArgs, h0, h1 int) {
 	R, P, stride := a.r, a.pe, a.r+a.pe
 	for h := h0; h < h1; h++ {
 		ql := a.qLat[h*R : (h+1)*R]

@@ -188,5 +188,3 @@ func genMatMul(g *gen) {
 	genMMAVX2(g, 1)
 	genCvtBF16(g)
 }
-
-func genVec(g *gen) {}

@@ -1,0 +1,202 @@
+//go:build amd64 && !purego
+
+package kernels
+
+// Generated in vec_amd64.s. n is a positive multiple of the vector width
+// (16 for AVX512, 8 for AVX2); the wrappers below finish the tails in Go.
+
+//go:noescape
+func dotAVX512(a, b *float32, n int) float32
+
+//go:noescape
+func dotAVX2(a, b *float32, n int) float32
+
+//go:noescape
+func axpyAVX512(y *float32, a float32, x *float32, n int)
+
+//go:noescape
+func axpyAVX2(y *float32, a float32, x *float32, n int)
+
+//go:noescape
+func scaleAVX512(x *float32, a float32, n int)
+
+//go:noescape
+func scaleAVX2(x *float32, a float32, n int)
+
+//go:noescape
+func addAVX512(dst, a, b *float32, n int)
+
+//go:noescape
+func addAVX2(dst, a, b *float32, n int)
+
+//go:noescape
+func mulScaleAVX512(out, x, weight *float32, inv float32, n int)
+
+//go:noescape
+func mulScaleAVX2(out, x, weight *float32, inv float32, n int)
+
+//go:noescape
+func siluMulAVX512(out, gate, up *float32, n int)
+
+//go:noescape
+func sigmoidAVX512(x *float32, n int)
+
+//go:noescape
+func expSubAVX512(x *float32, m float32, n int) float32
+
+//go:noescape
+func dot8AVX512(out *float32, q *float32, qstride uintptr, c *float32, n int)
+
+//go:noescape
+func axpy8AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c *float32, n int)
+
+func dotV512(a, b []float32) float32 {
+	m := len(a) &^ 15
+	var s float32
+	if m > 0 {
+		s = dotAVX512(&a[0], &b[0], m)
+	}
+	return s + dotGeneric(a[m:], b[m:])
+}
+
+func dotV2(a, b []float32) float32 {
+	m := len(a) &^ 7
+	var s float32
+	if m > 0 {
+		s = dotAVX2(&a[0], &b[0], m)
+	}
+	return s + dotGeneric(a[m:], b[m:])
+}
+
+func axpyV512(y []float32, a float32, x []float32) {
+	m := len(y) &^ 15
+	if m > 0 {
+		axpyAVX512(&y[0], a, &x[0], m)
+	}
+	axpyGeneric(y[m:], a, x[m:])
+}
+
+func axpyV2(y []float32, a float32, x []float32) {
+	m := len(y) &^ 7
+	if m > 0 {
+		axpyAVX2(&y[0], a, &x[0], m)
+	}
+	axpyGeneric(y[m:], a, x[m:])
+}
+
+func scaleV512(x []float32, a float32) {
+	m := len(x) &^ 15
+	if m > 0 {
+		scaleAVX512(&x[0], a, m)
+	}
+	scaleGeneric(x[m:], a)
+}
+
+func scaleV2(x []float32, a float32) {
+	m := len(x) &^ 7
+	if m > 0 {
+		scaleAVX2(&x[0], a, m)
+	}
+	scaleGeneric(x[m:], a)
+}
+
+func addV512(dst, a, b []float32) {
+	m := len(dst) &^ 15
+	if m > 0 {
+		addAVX512(&dst[0], &a[0], &b[0], m)
+	}
+	addGeneric(dst[m:], a[m:], b[m:])
+}
+
+func addV2(dst, a, b []float32) {
+	m := len(dst) &^ 7
+	if m > 0 {
+		addAVX2(&dst[0], &a[0], &b[0], m)
+	}
+	addGeneric(dst[m:], a[m:], b[m:])
+}
+
+func sumSqV512(x []float32) float32 { return dotV512(x, x) }
+func sumSqV2(x []float32) float32   { return dotV2(x, x) }
+
+func mulScaleV512(out, x, weight []float32, inv float32) {
+	m := len(out) &^ 15
+	if m > 0 {
+		mulScaleAVX512(&out[0], &x[0], &weight[0], inv, m)
+	}
+	mulScaleGeneric(out[m:], x[m:], weight[m:], inv)
+}
+
+func mulScaleV2(out, x, weight []float32, inv float32) {
+	m := len(out) &^ 7
+	if m > 0 {
+		mulScaleAVX2(&out[0], &x[0], &weight[0], inv, m)
+	}
+	mulScaleGeneric(out[m:], x[m:], weight[m:], inv)
+}
+
+func siluMulV512(out, gate, up []float32) {
+	m := len(out) &^ 15
+	if m > 0 {
+		siluMulAVX512(&out[0], &gate[0], &up[0], m)
+	}
+	siluMulGeneric(out[m:], gate[m:], up[m:])
+}
+
+func sigmoidV512(x []float32) {
+	m := len(x) &^ 15
+	if m > 0 {
+		sigmoidAVX512(&x[0], m)
+	}
+	sigmoidGeneric(x[m:])
+}
+
+func expSubV512(x []float32, mx float32) float32 {
+	m := len(x) &^ 15
+	var s float32
+	if m > 0 {
+		s = expSubAVX512(&x[0], mx, m)
+	}
+	return s + expSubGeneric(x[m:], mx)
+}
+
+// mlaHeadsAVX512 processes heads 8 at a time with every cache row read
+// once per group: scores for 8 heads per token (dot8), softmax per head,
+// then the weighted latent sum for 8 heads per token (axpy8). Falls back
+// to the per-head loop for odd shapes.
+func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
+	R, P, stride, nt := a.r, a.pe, a.r+a.pe, a.nTokens
+	if R%16 != 0 || P%16 != 0 {
+		mlaHeadsGeneric(a, h0, h1)
+		return
+	}
+	h := h0
+	for ; h+8 <= h1; h += 8 {
+		var sl, sp [8]float32
+		s := a.scratch[h*nt : (h+8)*nt]
+		for t := 0; t < nt; t++ {
+			row := a.blocks[t/a.blockSize][(t%a.blockSize)*stride:]
+			row = row[:stride]
+			dot8AVX512(&sl[0], &a.qLat[h*R], uintptr(4*R), &row[0], R)
+			if P > 0 {
+				dot8AVX512(&sp[0], &a.qPE[h*P], uintptr(4*P), &row[R], P)
+			}
+			for k := 0; k < 8; k++ {
+				s[k*nt+t] = a.scale * (sl[k] + sp[k])
+			}
+		}
+		for k := 0; k < 8; k++ {
+			Softmax(s[k*nt : (k+1)*nt])
+		}
+		o := a.out[h*R : (h+8)*R]
+		clear(o)
+		for t := 0; t < nt; t++ {
+			row := a.blocks[t/a.blockSize][(t%a.blockSize)*stride:]
+			row = row[:R]
+			axpy8AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row[0], R)
+		}
+	}
+	if h < h1 {
+		mlaHeadsGeneric(a, h, h1)
+	}
+}
