@@ -25,7 +25,12 @@ type chatTmpl struct{ t *exec.Template }
 
 // compileChatTemplate parses a Jinja template with the environment options
 // transformers uses for chat templates (trim_blocks, lstrip_blocks).
-func compileChatTemplate(src string) (*chatTmpl, error) {
+func compileChatTemplate(src string) (ct *chatTmpl, err error) {
+	defer func() {
+		if r := recover(); r != nil { // gonja must not take the server down
+			ct, err = nil, fmt.Errorf("tokenizer: parsing chat_template: %v", r)
+		}
+	}()
 	cfg := config.New()
 	cfg.TrimBlocks = true
 	cfg.LeftStripBlocks = true
@@ -66,7 +71,7 @@ func (t *Tokenizer) ApplyChatTemplate(msgs []Message, addGenerationPrompt bool) 
 // RenderChatTemplate is ApplyChatTemplate for messages with more fields
 // than Role and Content (tool_calls, ...) and extra template variables
 // (tools, ...).
-func (t *Tokenizer) RenderChatTemplate(messages []map[string]any, addGenerationPrompt bool, extra map[string]any) (string, error) {
+func (t *Tokenizer) RenderChatTemplate(messages []map[string]any, addGenerationPrompt bool, extra map[string]any) (out string, err error) {
 	if t.chatTemplate == "" {
 		return "", ErrNoChatTemplate
 	}
@@ -87,7 +92,12 @@ func (t *Tokenizer) RenderChatTemplate(messages []map[string]any, addGenerationP
 	for k, v := range extra {
 		vars[k] = v
 	}
-	out, err := t.tmpl.t.t.ExecuteToString(exec.NewContext(vars))
+	defer func() {
+		if r := recover(); r != nil {
+			out, err = "", fmt.Errorf("tokenizer: rendering chat_template: %v", r)
+		}
+	}()
+	out, err = t.tmpl.t.t.ExecuteToString(exec.NewContext(vars))
 	if err != nil {
 		return "", fmt.Errorf("tokenizer: rendering chat_template: %w", err)
 	}

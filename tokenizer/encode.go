@@ -1,5 +1,7 @@
 package tokenizer
 
+import "strings"
+
 // Encode returns the token ids of text, as HuggingFace's
 // tokenizer(text, add_special_tokens=addSpecialTokens)["input_ids"]: added
 // and special tokens written in the text are always recognised, and
@@ -64,19 +66,15 @@ func (t *Tokenizer) encodePiece(text string, p span, level int, out []int, sc *b
 // padding rows between the vocab and the model's vocab_size) are skipped, as
 // HuggingFace skips them; so are special tokens when skipSpecialTokens.
 func (t *Tokenizer) Decode(ids []int, skipSpecialTokens bool) string {
-	n := 0
+	var b strings.Builder
+	b.Grow(4 * len(ids)) // ~4 bytes per token on average text; Builder grows if needed
 	for _, id := range ids {
-		if b, ok := t.tokenBytes(id, skipSpecialTokens); ok {
-			n += len(b)
+		if uint(id) >= uint(len(t.tokens)) || !t.known[id] || (skipSpecialTokens && t.special[id]) {
+			continue
 		}
+		b.Write(t.decoded[t.off[id]:t.off[id+1]])
 	}
-	buf := make([]byte, 0, n)
-	for _, id := range ids {
-		if b, ok := t.tokenBytes(id, skipSpecialTokens); ok {
-			buf = append(buf, b...)
-		}
-	}
-	return string(buf)
+	return b.String()
 }
 
 // tokenBytes returns the decoded bytes of one id.

@@ -54,6 +54,10 @@ type Tokenizer struct {
 
 type merge struct{ rank, id int32 }
 
+// maxTokenID bounds ids read from files (real vocabularies are < 2^18), so
+// a corrupt file cannot make Load allocate gigabytes.
+const maxTokenID = 1 << 21
+
 func pairKey(a, b int32) uint64 { return uint64(uint32(a))<<32 | uint64(uint32(b)) }
 
 // Load reads tokenizer.json (or tokenizer.json.gz) and tokenizer_config.json
@@ -194,7 +198,7 @@ func (t *Tokenizer) loadModel(j *jsonTokenizer) error {
 	t.ignoreMerges = m.IgnoreMerges
 	maxID := -1
 	for tok, id := range m.Vocab {
-		if id < 0 || id > 1<<24 {
+		if id < 0 || id > maxTokenID {
 			return fmt.Errorf("tokenizer.json: vocab id %d of %q out of range", id, tok)
 		}
 		maxID = max(maxID, id)
@@ -322,7 +326,7 @@ func (t *Tokenizer) loadAdded(toks []jsonAddedToken) error {
 				id = vocabLen
 			}
 		}
-		if id > 1<<24 {
+		if id > maxTokenID {
 			return fmt.Errorf("tokenizer.json: too many added tokens")
 		}
 		t.added[a.Content] = id

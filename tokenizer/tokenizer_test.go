@@ -328,3 +328,27 @@ func TestEncodeConcurrent(t *testing.T) {
 		}
 	}
 }
+
+// FuzzFromJSON feeds arbitrary tokenizer.json / config contents: Load must
+// return an error or a working tokenizer, never panic.
+func FuzzFromJSON(f *testing.F) {
+	f.Add(`{"model":{"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]},"added_tokens":[{"id":5,"content":"<s>","special":true}],
+		"pre_tokenizer":{"type":"Sequence","pretokenizers":[{"type":"Split","pattern":{"Regex":"\\s+(?!\\S)|\\p{L}+"},"behavior":"MergedWithNext","invert":true},{"type":"Digits","individual_digits":true},{"type":"ByteLevel","add_prefix_space":false,"use_regex":true}]},
+		"post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<s>"}},{"Sequence":{"id":"A"}}],"special_tokens":{"<s>":{"ids":[5]}}},
+		"decoder":{"type":"ByteLevel"}}`, `{"bos_token":"<s>","chat_template":"{% for m in messages %}{{ m.content }}{% endfor %}"}`, "ab ab12 <s>")
+	f.Add(`{"model":{"type":"BPE","vocab":{"a":0}},"pre_tokenizer":{"type":"Split","pattern":{"String":"a"},"behavior":"Contiguous"},"decoder":{"type":"ByteLevel"}}`, `{}`, "aaa")
+	f.Fuzz(func(t *testing.T, tj, cfg, text string) {
+		tok, err := FromJSON([]byte(tj), []byte(cfg))
+		if err != nil {
+			return
+		}
+		ids := tok.Encode(text, true)
+		tok.Decode(ids, false)
+		s := tok.NewStream(true)
+		for _, id := range ids {
+			s.Add(id)
+		}
+		s.Flush()
+		tok.ApplyChatTemplate([]Message{{"user", text}}, true)
+	})
+}
