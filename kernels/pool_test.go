@@ -1,0 +1,96 @@
+package kernels
+
+import (
+	"runtime"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestParallelForCoversRangeOnce(t *testing.T) {
+	for _, threads := range []int{1, 2, 3, 5} {
+		p := NewPool(threads)
+		for _, n := range []int{0, 1, 2, 3, 7, 100, 1001} {
+			hits := make([]atomic.Int32, n)
+			p.ParallelFor(n, func(lo, hi int) {
+				for i := lo; i < hi; i++ {
+					hits[i].Add(1)
+				}
+			})
+			for i := range hits {
+				if hits[i].Load() != 1 {
+					t.Fatalf("threads %d n %d: index %d run %d times", threads, n, i, hits[i].Load())
+				}
+			}
+		}
+		p.Close()
+	}
+}
+
+// TestPoolNoAllocs: the decode hot path allocates nothing once warm.
+func TestPoolNoAllocs(t *testing.T) {
+	p := NewPool(2)
+	defer p.Close()
+	w := fastMatrix(1, BF16, 256, 128)
+	x := make([]float32, 8*128)
+	y := make([]float32, 8*256)
+	blocks := [][]float32{make([]float32, 16*80)}
+	out, q, pe := make([]float32, 16*64), make([]float32, 16*64), make([]float32, 16*16)
+	scratch := make([]float32, MLAScratchSize(16, 16))
+	run := func() {
+		p.MatVec(y[:256], w, x[:128])
+		p.MatMul(y, w, x, 8)
+		p.MatMulBF16Act(y, w, x, 8)
+		p.MLADecode(out, q, pe, blocks, 16, 16, 16, 64, 16, 0.1, scratch)
+	}
+	run()
+	if a := testing.AllocsPerRun(20, run); a != 0 {
+		t.Fatalf("%v allocations per call, want 0", a)
+	}
+}
+
+func TestPoolCloseStopsWorkers(t *testing.T) {
+	before := runtime.NumGoroutine()
+	p := NewPool(4)
+	p.ParallelFor(10, func(lo, hi int) {})
+	p.Close()
+	p.Close() // idempotent
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines after Close, %d before", runtime.NumGoroutine(), before)
+		}
+		runtime.Gosched()
+	}
+}
+
+// TestPoolParkedWorkersWake: after workers park (idle longer than the
+// spin), a call still completes with every share run.
+func TestPoolParkedWorkersWake(t *testing.T) {
+	p := NewPool(3)
+	defer p.Close()
+	for round := 0; round < 3; round++ {
+		for i := range p.workers {
+			for !p.workers[i].parked.Load() {
+				runtime.Gosched()
+			}
+		}
+		var sum atomic.Int64
+		p.ParallelFor(300, func(lo, hi int) { sum.Add(int64(hi - lo)) })
+		if sum.Load() != 300 {
+			t.Fatalf("round %d: covered %d of 300", round, sum.Load())
+		}
+	}
+}
+
+func TestMatVecPanicsOnBadLengths(t *testing.T) {
+	p := NewPool(1)
+	defer p.Close()
+	w := fastMatrix(1, BF16, 4, 32)
+	defer func() {
+		if recover() == nil {
+			t.Fatal("no panic for short x")
+		}
+	}()
+	p.MatVec(make([]float32, 4), w, make([]float32, 31))
+}
