@@ -1,0 +1,56 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/expertmesh/expertmesh/attnnode"
+	"github.com/expertmesh/expertmesh/model"
+	"github.com/expertmesh/expertmesh/placement"
+)
+
+// runAttn is `expertmesh attn`: one attention node serving AttentionService.
+func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("attn", stderr)
+	cfg := attnnode.DefaultConfig()
+	fs.StringVar(&cfg.ModelDir, "model", "", "checkpoint directory in HF layout (required)")
+	fs.StringVar(&cfg.NodeID, "node-id", cfg.NodeID, "node name in logs, traces and Info")
+	fs.StringVar(&cfg.ListenAddr, "listen", cfg.ListenAddr, "gRPC listen address (port 0 picks one)")
+	fs.IntVar(&cfg.Threads, "threads", 0, "compute threads (0: all cores)")
+	cacheMB := fs.Int64("cache-mb", cfg.CacheBytes>>20, "latent cache size in MiB")
+	fs.IntVar(&cfg.BlockSize, "block-size", cfg.BlockSize, "tokens per cache block")
+	fs.IntVar(&cfg.MicroBatches, "micro-batches", 0, "micro-batches per step (0: 2 with expert nodes, else 1)")
+	fs.StringVar(&cfg.Quantize, "quantize", "", "convert weights at load: q8")
+	spec := fs.String("placement", "", `expert placement "ADDR=EXPERTS;ADDR=EXPERTS" (EXPERTS: "0-53" or "1:0-53,2:54-107"); empty: all experts in-process`)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cfg.CacheBytes = *cacheMB << 20
+	if cfg.ModelDir == "" {
+		return fmt.Errorf("--model is required")
+	}
+	if *spec != "" {
+		c, err := model.LoadConfig(cfg.ModelDir)
+		if err != nil {
+			return err
+		}
+		t, err := placement.ParseSpec(placement.ShapeOf(c), *spec)
+		if err != nil {
+			return fmt.Errorf("--placement: %w", err)
+		}
+		cfg.Placement = placement.Static{T: t}
+	}
+	s, err := attnnode.Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	fmt.Fprintf(stdout, "attention node %s listening on %s\n", cfg.NodeID, s.Addr())
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-s.Err():
+		return err
+	}
+}
