@@ -49,6 +49,10 @@ type prompt struct {
 	name  string
 	ids   []int
 	chunk int // engine prefill chunk; 0: whole prompt
+	// maxTokens, if > 0, replaces the test's generation length (the
+	// reference recomputes the whole sequence per token, so long prompts
+	// generate few).
+	maxTokens int
 }
 
 // shape is one checkpoint to compare on.
@@ -145,6 +149,13 @@ func presetShape(t *testing.T, name string, seed uint64) shape {
 	}}
 }
 
+// withVeryLong adds a prompt long enough for rope phases and attention
+// over several hundred positions to matter.
+func withVeryLong(s shape) shape {
+	s.prompts = append(s.prompts, prompt{name: "600-tokens", ids: ids(s.seed+200, 600, 512), chunk: 64, maxTokens: 3})
+	return s
+}
+
 func shapes(t *testing.T) []shape {
 	two := func(seed uint64) []prompt {
 		return []prompt{
@@ -155,7 +166,15 @@ func shapes(t *testing.T) []shape {
 	return []shape{
 		presetShape(t, "tiny-v2", 1),
 		presetShape(t, "tiny-v2-lite", 2),
-		presetShape(t, "tiny-v3", 3),
+		withVeryLong(presetShape(t, "tiny-v3", 3)),
+		{
+			// DeepSeek's real rope width (64), where YaRN's correction
+			// range ramps over many frequencies, and a wider latent.
+			name: "v2-rope64", seed: 18, prompts: two(18),
+			preset: derive(t, "tiny-v2", "v2-rope64", map[string]any{
+				"qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32, "kv_lora_rank": 96,
+			}),
+		},
 		{
 			// Plain RoPE (no rope_scaling: no mscale anywhere), v_head_dim
 			// != qk_nope_head_dim with q LoRA, 4 groups of 8 choosing 2,
@@ -255,8 +274,12 @@ func TestMatchesHFReference(t *testing.T) {
 			}
 			for _, p := range s.prompts {
 				t.Run(p.name, func(t *testing.T) {
-					want := runRef(t, py, dir, p.ids, maxTokens, 5)
-					got := runGo(t, pool, dir, p, maxTokens, 5)
+					n := maxTokens
+					if p.maxTokens > 0 {
+						n = p.maxTokens
+					}
+					want := runRef(t, py, dir, p.ids, n, 5)
+					got := runGo(t, pool, dir, p, n, 5)
 					compare(t, got, want)
 				})
 			}
