@@ -130,7 +130,7 @@ func byteLevelFiles(vocabSize int) (tokenizerJSON, configJSON []byte, err error)
 func trainMerges(text string, n int) [][2]string {
 	steps := []preStep{
 		&splitStep{m: digits3Matcher{}, behavior: isolated},
-		&splitStep{m: runMatcher(isV3CJK), behavior: isolated},
+		&splitStep{m: cjkMatcher{}, behavior: isolated},
 		&splitStep{m: v3Matcher{}, behavior: isolated},
 	}
 	pieces := []span{{0, len(text)}}

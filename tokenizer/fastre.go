@@ -1,6 +1,7 @@
 package tokenizer
 
 import (
+	"sync"
 	"unicode"
 	"unicode/utf8"
 )
@@ -23,7 +24,7 @@ const (
 
 var knownPatterns = map[string]matcher{
 	v3Digits: digits3Matcher{},
-	v3CJK:    runMatcher(isV3CJK),
+	v3CJK:    cjkMatcher{},
 	v3Main:   v3Matcher{},
 	gpt2Pat:  gpt2Matcher{},
 }
@@ -61,16 +62,27 @@ const (
 	clsNumeric             // Rust's char::is_numeric
 )
 
-// bmpClass caches charClass for the Basic Multilingual Plane, where almost
-// all text lives: the unicode package's binary searches cost more than the
-// rest of pre-tokenization.
-var bmpClass = func() *[0x10000]uint8 {
-	var t [0x10000]uint8
-	for r := rune(0); r < 0x10000; r++ {
-		t[r] = slowClass(r)
-	}
-	return &t
-}()
+// classTable caches charClass for the first two planes, where almost all
+// text (emoji included) lives: the unicode package's binary searches cost
+// more than the rest of pre-tokenization. It is built on first use (~15 ms)
+// rather than at init, so importing the package stays free.
+var (
+	classOnce  sync.Once
+	classCache *[tableRunes]uint8
+)
+
+const tableRunes = 0x20000
+
+func classTable() *[tableRunes]uint8 {
+	classOnce.Do(func() {
+		var t [tableRunes]uint8
+		for r := rune(0); r < tableRunes; r++ {
+			t[r] = slowClass(r)
+		}
+		classCache = &t
+	})
+	return classCache
+}
 
 func slowClass(r rune) uint8 {
 	var c uint8
@@ -96,8 +108,8 @@ func slowClass(r rune) uint8 {
 }
 
 func charClass(r rune) uint8 {
-	if uint32(r) < 0x10000 {
-		return bmpClass[r]
+	if uint32(r) < tableRunes {
+		return classTable()[r]
 	}
 	if r < 0 { // decodeAt's "end of text"
 		return 0
@@ -144,15 +156,55 @@ type digits3Matcher struct{}
 
 func (digits3Matcher) findAll(s string, out []span) []span {
 	for i := 0; i < len(s); {
-		r, w := decodeAt(s, i)
-		if !isNumber(r) {
-			i += w
-			continue
+		var w int
+		if c := s[i]; c < utf8.RuneSelf {
+			if c < '0' || c > '9' { // fast path: ASCII non-digits
+				i++
+				continue
+			}
+			w = 1
+		} else {
+			var r rune
+			r, w = utf8.DecodeRuneInString(s[i:])
+			if !isNumber(r) {
+				i += w
+				continue
+			}
 		}
 		e := i + w
 		for n := 1; n < 3; n++ {
 			r, w := decodeAt(s, e)
 			if w == 0 || !isNumber(r) {
+				break
+			}
+			e += w
+		}
+		out = append(out, span{i, e})
+		i = e
+	}
+	return out
+}
+
+// cjkMatcher is V3's `[一-龥぀-ゟ゠-ヿ]+`. Every rune of the class is
+// three bytes long with a lead byte in E3..E9, so other bytes are skipped
+// without decoding.
+type cjkMatcher struct{}
+
+func (cjkMatcher) findAll(s string, out []span) []span {
+	for i := 0; i < len(s); {
+		if c := s[i]; c < 0xE3 || c > 0xE9 {
+			i++
+			continue
+		}
+		r, w := utf8.DecodeRuneInString(s[i:])
+		if !isV3CJK(r) {
+			i += w
+			continue
+		}
+		e := i + w
+		for e < len(s) {
+			r, w := utf8.DecodeRuneInString(s[e:])
+			if !isV3CJK(r) {
 				break
 			}
 			e += w
