@@ -16,6 +16,7 @@ import (
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model/safetensors"
+	"github.com/expertmesh/expertmesh/tokenizer"
 )
 
 // Preset is a named model shape gen-model can write.
@@ -115,8 +116,11 @@ type GenOptions struct {
 	// VocabSize, if > 0, overrides the preset's vocabulary (a real
 	// tokenizer needs every one of its ids covered).
 	VocabSize int
-	// BOS and EOS, if set, override the preset's special ids.
-	BOS, EOS *int
+	// TokenizerDir, if set, is a model directory whose tokenizer.json and
+	// tokenizer_config.json are copied in; the vocabulary then grows to
+	// cover every id of that tokenizer. Empty means a small byte-level
+	// tokenizer sized to the preset's vocabulary.
+	TokenizerDir string
 }
 
 // GenerateCheckpoint writes a random-weight checkpoint of preset p into
@@ -129,11 +133,21 @@ func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
 	if opt.VocabSize > 0 {
 		cfgMap["vocab_size"] = opt.VocabSize
 	}
-	if opt.BOS != nil {
-		cfgMap["bos_token_id"] = *opt.BOS
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
 	}
-	if opt.EOS != nil {
-		cfgMap["eos_token_id"] = *opt.EOS
+	// The tokenizer decides the special ids and, for a real one, the
+	// vocabulary size.
+	tok, err := writeTokenizer(dir, opt.TokenizerDir, cfgMap["vocab_size"].(int))
+	if err != nil {
+		return err
+	}
+	cfgMap["vocab_size"] = max(cfgMap["vocab_size"].(int), tok.VocabSize())
+	if id, ok := tok.BOS(); ok {
+		cfgMap["bos_token_id"] = id
+	}
+	if id, ok := tok.EOS(); ok {
+		cfgMap["eos_token_id"] = id
 	}
 	cfgJSON, err := json.MarshalIndent(cfgMap, "", "  ")
 	if err != nil {
@@ -142,9 +156,6 @@ func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
 	cfg, err := ParseConfig(cfgJSON)
 	if err != nil {
 		return fmt.Errorf("preset %s: %w", p.Name, err)
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
 	}
 	specs, init := checkpointSpecs(cfg)
 	fill := func(s safetensors.TensorSpec, dst []byte) error {
@@ -279,6 +290,31 @@ func fillTensor(dst []byte, s safetensors.TensorSpec, in initSpec, seed uint64) 
 		}()
 	}
 	wg.Wait()
+}
+
+// writeTokenizer puts tokenizer files into dir: a copy of src's, or a
+// byte-level tokenizer of vocab ids, and loads them back.
+func writeTokenizer(dir, src string, vocab int) (*tokenizer.Tokenizer, error) {
+	if src == "" {
+		if err := tokenizer.WriteByteLevel(dir, vocab); err != nil {
+			return nil, err
+		}
+		return tokenizer.Load(dir)
+	}
+	for _, name := range []string{"tokenizer.json", "tokenizer_config.json"} {
+		b, err := os.ReadFile(filepath.Join(src, name))
+		if err != nil {
+			return nil, fmt.Errorf("--tokenizer: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	tok, err := tokenizer.Load(dir)
+	if err != nil {
+		return nil, fmt.Errorf("--tokenizer %s: %w", src, err)
+	}
+	return tok, nil
 }
 
 // IsPreset reports whether name is a known preset (case-insensitive).

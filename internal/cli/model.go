@@ -17,6 +17,7 @@ func runGenModel(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	preset := fs.String("preset", "tiny-v2", "model shape: "+strings.Join(model.PresetNames(), ", "))
 	out := fs.String("out", "", "directory to write the checkpoint into (required)")
 	seed := fs.Uint64("seed", 1, "random seed of the weights")
+	tok := fs.String("tokenizer", "", "model directory whose tokenizer to use (vocab grows to cover it); default: a small byte-level tokenizer")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -28,7 +29,7 @@ func runGenModel(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if !ok {
 		return fmt.Errorf("--preset %q: unknown (have %s)", *preset, strings.Join(model.PresetNames(), ", "))
 	}
-	if err := model.GenerateCheckpoint(*out, p, model.GenOptions{Seed: *seed}); err != nil {
+	if err := model.GenerateCheckpoint(*out, p, model.GenOptions{Seed: *seed, TokenizerDir: *tok}); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "wrote %s (%s) to %s\n", p.Name, p.Description, *out)
