@@ -154,6 +154,13 @@ func (w *writer) create(final string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("safetensors: %w", err)
 	}
+	// CreateTemp makes 0600 files; checkpoints are read by other users'
+	// processes (containers, services), so publish them world-readable.
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, fmt.Errorf("safetensors: %w", err)
+	}
 	w.pending = append(w.pending, pendingFile{f.Name(), final})
 	return f, nil
 }
