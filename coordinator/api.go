@@ -1,0 +1,883 @@
+package coordinator
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/expertmesh/expertmesh/model"
+	meshpb "github.com/expertmesh/expertmesh/proto"
+	"github.com/expertmesh/expertmesh/tokenizer"
+)
+
+// maxBody bounds a request body; prompts are token ids or text, so 16 MiB
+// is far beyond any context the models take.
+const maxBody = 16 << 20
+
+// maxLogprobs is the most alternatives a request may ask for (vLLM's cap).
+const maxLogprobs = 20
+
+// Handler is the coordinator's HTTP API. Start serves it on Config.Addr;
+// it is exported so it can also be mounted elsewhere.
+func (c *Coordinator) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("POST /v1/completions", c.instrument("completions", c.handleCompletions))
+	mux.Handle("POST /v1/chat/completions", c.instrument("chat_completions", c.handleChat))
+	mux.Handle("GET /v1/models", c.instrument("models", c.handleModels))
+	mux.Handle("POST /tokenize", c.instrument("tokenize", c.handleTokenize))
+	mux.Handle("POST /detokenize", c.instrument("detokenize", c.handleDetokenize))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /readyz", c.handleReady)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(c.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, map[string]*apiError{"error": {Type: "invalid_request_error",
+			Code: strp("not_found"), Message: fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path)}})
+	})
+	return mux
+}
+
+// statusWriter records the status for metrics and spans; it forwards Flush
+// so SSE works through it.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(s int) {
+	if w.status == 0 {
+		w.status = s
+	}
+	w.ResponseWriter.WriteHeader(s)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// instrument wraps an API handler in an "http.request" span (the parent of
+// the request's work; steps link to it) and counts it by status.
+func (c *Coordinator) instrument(endpoint string, h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, span := tracer.Start(r.Context(), "http.request", trace.WithSpanKind(trace.SpanKindServer),
+			trace.WithAttributes(attribute.String("http.route", r.Pattern), attribute.String("endpoint", endpoint)))
+		defer span.End()
+		sw := &statusWriter{ResponseWriter: w}
+		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+		h(sw, r.WithContext(ctx))
+		if sw.status == 0 {
+			sw.status = http.StatusOK
+		}
+		span.SetAttributes(attribute.Int("http.status_code", sw.status))
+		if sw.status >= 500 {
+			span.SetStatus(codes.Error, http.StatusText(sw.status))
+		}
+		c.metrics.requests.WithLabelValues(endpoint, strconv.Itoa(sw.status)).Inc()
+	})
+}
+
+func (c *Coordinator) handleReady(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	var missing []string
+	for i, n := range c.nodes {
+		if _, err := n.Info(ctx); err != nil {
+			missing = append(missing, fmt.Sprintf("node %d: %v", i, err))
+		}
+	}
+	if len(missing) > 0 {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"ready": false, "errors": missing})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"ready": true, "nodes": len(c.nodes)})
+}
+
+func (c *Coordinator) handleModels(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": []map[string]any{{
+		"id": c.name, "object": "model", "created": 0, "owned_by": "expertmesh",
+		"max_model_len": c.mcfg.MaxPositionEmbeddings,
+	}}})
+}
+
+// decodeBody reads a JSON body, turning decode failures into 400s that
+// name the field.
+func decodeBody(r *http.Request, v any) error {
+	b, err := io.ReadAll(r.Body)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return &apiError{status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error",
+				Message: fmt.Sprintf("request body exceeds %d bytes", mbe.Limit)}
+		}
+		return badRequest("", "reading body: %v", err)
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		var te *json.UnmarshalTypeError
+		var se *json.SyntaxError
+		switch {
+		case errors.As(err, &te):
+			return badRequest(te.Field, "%s: expected %s, got JSON %s", te.Field, te.Type, te.Value)
+		case errors.As(err, &se):
+			return badRequest("", "body is not valid JSON: %v (at byte %d)", se, se.Offset)
+		}
+		return badRequest("", "body: %v", err)
+	}
+	return nil
+}
+
+type streamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
+}
+
+// commonFields are the generation parameters completions and chat share.
+type commonFields struct {
+	Model         string          `json:"model"`
+	MaxTokens     *int            `json:"max_tokens"`
+	Temperature   *float64        `json:"temperature"`
+	TopP          *float64        `json:"top_p"`
+	TopK          *int            `json:"top_k"`
+	Seed          *int64          `json:"seed"`
+	Stop          json.RawMessage `json:"stop"`
+	StopTokenIDs  []int           `json:"stop_token_ids"`
+	N             *int            `json:"n"`
+	BestOf        *int            `json:"best_of"`
+	IgnoreEOS     bool            `json:"ignore_eos"`
+	Timeout       *float64        `json:"timeout"`
+	Stream        bool            `json:"stream"`
+	StreamOptions *streamOptions  `json:"stream_options"`
+}
+
+// checkModel accepts the served model's name (or none).
+func (c *Coordinator) checkModel(name string) error {
+	if name != "" && name != c.name {
+		return &apiError{status: http.StatusNotFound, Type: "invalid_request_error", Param: strp("model"),
+			Code: strp("model_not_found"), Message: fmt.Sprintf("model %q does not exist; this server serves %q", name, c.name)}
+	}
+	return nil
+}
+
+// params validates the shared fields for a prompt of prompt tokens.
+// Omitted sampling parameters take generation_config.json's defaults, as
+// vLLM does; with do_sample false there the default is greedy.
+func (c *Coordinator) params(f *commonFields, prompt []int) (*genRequest, error) {
+	if err := c.checkModel(f.Model); err != nil {
+		return nil, err
+	}
+	if f.N != nil && *f.N != 1 {
+		return nil, badRequest("n", "n=%d: only n=1 is supported; send separate requests for more choices", *f.N)
+	}
+	if f.BestOf != nil && *f.BestOf != 1 {
+		return nil, badRequest("best_of", "best_of=%d: only 1 is supported", *f.BestOf)
+	}
+	if len(prompt) == 0 {
+		return nil, badRequest("prompt", "the prompt is empty")
+	}
+	for i, id := range prompt {
+		if id < 0 || id >= c.mcfg.VocabSize {
+			return nil, badRequest("prompt", "prompt token %d is id %d, outside the vocabulary [0, %d)", i, id, c.mcfg.VocabSize)
+		}
+	}
+	g := &genRequest{prompt: prompt, maxTokens: c.cfg.DefaultMaxTokens, logprobs: -1}
+	if f.MaxTokens != nil {
+		if *f.MaxTokens < 0 {
+			return nil, badRequest("max_tokens", "max_tokens must be >= 0, got %d", *f.MaxTokens)
+		}
+		g.maxTokens = *f.MaxTokens
+	}
+	if t := len(prompt) + g.maxTokens; t > c.mcfg.MaxPositionEmbeddings {
+		ae := badRequest("max_tokens", "prompt (%d tokens) + max_tokens (%d) = %d exceeds the model's context of %d tokens",
+			len(prompt), g.maxTokens, t, c.mcfg.MaxPositionEmbeddings)
+		ae.Code = strp("context_length_exceeded")
+		return nil, ae
+	}
+	p := model.SamplingParams{Temperature: 1, TopP: 1}
+	if c.gen.DoSample != nil && !*c.gen.DoSample {
+		p.Temperature = 0
+	} else {
+		if c.gen.Temperature != nil {
+			p.Temperature = *c.gen.Temperature
+		}
+		if c.gen.TopP != nil {
+			p.TopP = *c.gen.TopP
+		}
+		if c.gen.TopK != nil {
+			p.TopK = *c.gen.TopK
+		}
+	}
+	if f.Temperature != nil {
+		p.Temperature = *f.Temperature
+	}
+	if f.TopP != nil {
+		p.TopP = *f.TopP
+	}
+	if f.TopK != nil {
+		p.TopK = *f.TopK
+		if p.TopK == -1 { // vLLM's spelling of "off"
+			p.TopK = 0
+		}
+	}
+	if f.Seed != nil {
+		p.Seed = uint64(*f.Seed)
+	}
+	if err := p.Validate(); err != nil {
+		param := "temperature"
+		switch {
+		case p.TopK < 0:
+			param = "top_k"
+		case math.IsNaN(p.TopP) || p.TopP < 0 || p.TopP > 1:
+			param = "top_p"
+		}
+		return nil, badRequest(param, "%v", err)
+	}
+	g.sampling = &meshpb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed}
+	if !f.IgnoreEOS {
+		g.stopIDs = slices.Clone(c.eos)
+	}
+	for _, id := range f.StopTokenIDs {
+		if id < 0 || id >= c.mcfg.VocabSize {
+			return nil, badRequest("stop_token_ids", "stop token id %d is outside the vocabulary [0, %d)", id, c.mcfg.VocabSize)
+		}
+		g.stopIDs = append(g.stopIDs, id)
+	}
+	if err := c.parseStop(f.Stop, g); err != nil {
+		return nil, err
+	}
+	if f.Timeout != nil && !(*f.Timeout > 0) {
+		return nil, badRequest("timeout", "timeout must be a positive number of seconds, got %g", *f.Timeout)
+	}
+	return g, nil
+}
+
+// parseStop reads "stop": a string, a list of strings (matched in the
+// generated text, which needs a tokenizer) or a list of token ids.
+func (c *Coordinator) parseStop(raw json.RawMessage, g *genRequest) error {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil
+	}
+	var one string
+	var strs []string
+	var ids []int
+	switch {
+	case json.Unmarshal(raw, &one) == nil:
+		strs = []string{one}
+	case json.Unmarshal(raw, &strs) == nil:
+	case json.Unmarshal(raw, &ids) == nil:
+		for _, id := range ids {
+			if id < 0 || id >= c.mcfg.VocabSize {
+				return badRequest("stop", "stop token id %d is outside the vocabulary [0, %d)", id, c.mcfg.VocabSize)
+			}
+		}
+		g.stopIDs = append(g.stopIDs, ids...)
+		return nil
+	default:
+		return badRequest("stop", "stop must be a string, a list of strings or a list of token ids")
+	}
+	if len(strs) > 4 {
+		return badRequest("stop", "at most 4 stop strings, got %d", len(strs))
+	}
+	for _, s := range strs {
+		if s == "" {
+			return badRequest("stop", "stop strings must not be empty")
+		}
+	}
+	if c.tok == nil && len(strs) > 0 {
+		return badRequest("stop", "stop strings need a tokenizer and the model directory has no tokenizer.json; pass stop token ids instead")
+	}
+	g.stopStrs = strs
+	return nil
+}
+
+// requestContext applies the coordinator's and the request's timeouts.
+func (c *Coordinator) requestContext(ctx context.Context, f *commonFields) (context.Context, context.CancelFunc) {
+	d := c.cfg.RequestTimeout
+	if f.Timeout != nil {
+		rd := time.Duration(*f.Timeout * float64(time.Second))
+		if d == 0 || rd < d {
+			d = rd
+		}
+	}
+	if d > 0 {
+		return context.WithTimeout(ctx, d)
+	}
+	return context.WithCancel(ctx)
+}
+
+func newID(prefix string) string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return prefix + hex.EncodeToString(b[:])
+}
+
+// ---------------------------------------------------------------------------
+// /v1/completions
+
+type completionRequest struct {
+	commonFields
+	Prompt   json.RawMessage `json:"prompt"`
+	Logprobs *int            `json:"logprobs"`
+	Echo     bool            `json:"echo"`
+}
+
+type completionLogprobs struct {
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []*float64           `json:"token_logprobs"`
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	TextOffset    []int                `json:"text_offset"`
+}
+
+type completionChoice struct {
+	Index        int                 `json:"index"`
+	Text         string              `json:"text"`
+	Logprobs     *completionLogprobs `json:"logprobs"`
+	FinishReason *string             `json:"finish_reason"`
+	// TokenIDs is not OpenAI's: the ids behind Text (prompt ids first with
+	// echo), so clients without the tokenizer can check tokens exactly.
+	TokenIDs []int `json:"token_ids"`
+}
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+type completionResponse struct {
+	ID      string             `json:"id"`
+	Object  string             `json:"object"`
+	Created int64              `json:"created"`
+	Model   string             `json:"model"`
+	Choices []completionChoice `json:"choices"`
+	Usage   *usage             `json:"usage,omitempty"`
+}
+
+// parsePrompt reads "prompt": a list of token ids, or text when the model
+// has a tokenizer (encoded with the BOS, as HF and vLLM do). A list
+// holding exactly one of those is accepted too.
+func (c *Coordinator) parsePrompt(raw json.RawMessage) (ids []int, text string, isText bool, err error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, "", false, badRequest("prompt", "prompt is required")
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		if c.tok == nil {
+			return nil, "", false, badRequest("prompt", "text prompts need a tokenizer and the model directory has no tokenizer.json; send the prompt as a list of token ids")
+		}
+		return c.tok.Encode(s, true), s, true, nil
+	}
+	if json.Unmarshal(raw, &ids) == nil {
+		return ids, "", false, nil
+	}
+	var many []json.RawMessage
+	if json.Unmarshal(raw, &many) == nil {
+		if len(many) == 1 {
+			return c.parsePrompt(many[0])
+		}
+		return nil, "", false, badRequest("prompt", "batched prompts (%d) are not supported; send one prompt per request", len(many))
+	}
+	return nil, "", false, badRequest("prompt", "prompt must be a string or a list of token ids")
+}
+
+func (c *Coordinator) handleCompletions(w http.ResponseWriter, r *http.Request) {
+	var req completionRequest
+	if err := decodeBody(r, &req); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	ids, text, isText, err := c.parsePrompt(req.Prompt)
+	if err != nil {
+		c.writeError(w, err)
+		return
+	}
+	g, err := c.params(&req.commonFields, ids)
+	if err != nil {
+		c.writeError(w, err)
+		return
+	}
+	if req.Logprobs != nil {
+		if *req.Logprobs < 0 || *req.Logprobs > maxLogprobs {
+			c.writeError(w, badRequest("logprobs", "logprobs must be in [0, %d], got %d", maxLogprobs, *req.Logprobs))
+			return
+		}
+		g.logprobs = *req.Logprobs
+	}
+	g.echo = req.Echo
+	if g.echo {
+		if isText {
+			g.promptText = text
+		} else if c.tok != nil {
+			g.promptText = c.tok.Decode(ids, true)
+		}
+	}
+	ctx, cancel := c.requestContext(r.Context(), &req.commonFields)
+	defer cancel()
+	id, created := newID("cmpl-"), time.Now().Unix()
+	if req.Stream {
+		c.streamCompletion(ctx, w, r, &req, g, id, created)
+		return
+	}
+	res, err := c.generate(ctx, g, nil)
+	if err != nil {
+		if r.Context().Err() == nil {
+			c.writeError(w, err)
+		}
+		return
+	}
+	ch := completionChoice{Text: res.text, FinishReason: &res.finish}
+	entries := res.tokens
+	if g.echo {
+		ch.Text = g.promptText + res.text
+		entries = append(slices.Clone(res.prompt), res.tokens...)
+	}
+	for _, e := range entries {
+		ch.TokenIDs = append(ch.TokenIDs, e.id)
+	}
+	if g.logprobs >= 0 {
+		off := 0
+		if !g.echo {
+			off = len(g.promptText)
+		}
+		ch.Logprobs = c.completionLogprobs(entries, off)
+	}
+	writeJSON(w, http.StatusOK, completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name,
+		Choices: []completionChoice{ch}, Usage: &usage{len(ids), len(res.tokens), len(ids) + len(res.tokens)}})
+}
+
+// completionLogprobs lays entries out in OpenAI's legacy shape; offsets
+// count bytes of the token texts from off.
+func (c *Coordinator) completionLogprobs(entries []tokenEntry, off int) *completionLogprobs {
+	lp := &completionLogprobs{Tokens: []string{}, TokenLogprobs: []*float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
+	for _, e := range entries {
+		lp.Tokens = append(lp.Tokens, e.text)
+		lp.TokenLogprobs = append(lp.TokenLogprobs, e.lp)
+		var top map[string]float64
+		if e.lp != nil {
+			top = map[string]float64{}
+			for _, t := range e.top {
+				top[c.tokenText(int(t.Token))] = t.Logprob
+			}
+		}
+		lp.TopLogprobs = append(lp.TopLogprobs, top)
+		lp.TextOffset = append(lp.TextOffset, off)
+		off += len(e.text)
+	}
+	return lp
+}
+
+// sse writes Server-Sent Events and flushes each one.
+type sse struct {
+	w http.ResponseWriter
+	f http.Flusher
+}
+
+func startSSE(w http.ResponseWriter) *sse {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("Connection", "keep-alive")
+	w.WriteHeader(http.StatusOK)
+	f, _ := w.(http.Flusher)
+	return &sse{w: w, f: f}
+}
+
+func (s *sse) send(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if _, err := fmt.Fprintf(s.w, "data: %s\n\n", b); err != nil {
+		return err
+	}
+	if s.f != nil {
+		s.f.Flush()
+	}
+	return nil
+}
+
+func (s *sse) done() {
+	io.WriteString(s.w, "data: [DONE]\n\n")
+	if s.f != nil {
+		s.f.Flush()
+	}
+}
+
+// streamError ends a stream whose headers are out: vLLM's convention of an
+// error event followed by [DONE].
+func (c *Coordinator) streamError(s *sse, r *http.Request, err error) {
+	if r.Context().Err() != nil {
+		return // the client is gone; nobody reads
+	}
+	s.send(map[string]*apiError{"error": c.toAPIError(err)})
+	s.done()
+}
+
+func (c *Coordinator) streamCompletion(ctx context.Context, w http.ResponseWriter, r *http.Request, req *completionRequest, g *genRequest, id string, created int64) {
+	s := startSSE(w)
+	off := 0
+	if !g.echo {
+		off = len(g.promptText)
+	}
+	res, err := c.generate(ctx, g, func(d genDelta) error {
+		entries := append(d.prompt, d.tokens...)
+		if d.text == "" && len(entries) == 0 {
+			return nil
+		}
+		ch := completionChoice{Text: d.text}
+		for _, e := range entries {
+			ch.TokenIDs = append(ch.TokenIDs, e.id)
+		}
+		if g.logprobs >= 0 {
+			ch.Logprobs = c.completionLogprobs(entries, off)
+			for _, e := range entries {
+				off += len(e.text)
+			}
+		}
+		return s.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name, Choices: []completionChoice{ch}})
+	})
+	if err != nil {
+		c.streamError(s, r, err)
+		return
+	}
+	s.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name,
+		Choices: []completionChoice{{Text: "", FinishReason: &res.finish, TokenIDs: []int{}}}})
+	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
+		n := len(g.prompt)
+		s.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name,
+			Choices: []completionChoice{}, Usage: &usage{n, len(res.tokens), n + len(res.tokens)}})
+	}
+	s.done()
+}
+
+// ---------------------------------------------------------------------------
+// /v1/chat/completions
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+type chatRequest struct {
+	commonFields
+	Messages            []chatMessage `json:"messages"`
+	MaxCompletionTokens *int          `json:"max_completion_tokens"`
+	Logprobs            bool          `json:"logprobs"`
+	TopLogprobs         *int          `json:"top_logprobs"`
+}
+
+// content reads a message's content: a string or a list of text parts.
+func (m chatMessage) content(i int) (string, error) {
+	if len(m.Content) == 0 || string(m.Content) == "null" {
+		return "", nil
+	}
+	var s string
+	if json.Unmarshal(m.Content, &s) == nil {
+		return s, nil
+	}
+	var parts []struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}
+	if err := json.Unmarshal(m.Content, &parts); err != nil {
+		return "", badRequest(fmt.Sprintf("messages[%d].content", i), "content must be a string or a list of text parts")
+	}
+	for j, p := range parts {
+		if p.Type != "text" {
+			return "", badRequest(fmt.Sprintf("messages[%d].content[%d].type", i, j), "only text content parts are supported, got %q", p.Type)
+		}
+		s += p.Text
+	}
+	return s, nil
+}
+
+type chatLogprobEntry struct {
+	Token       string             `json:"token"`
+	Logprob     float64            `json:"logprob"`
+	Bytes       []int              `json:"bytes"`
+	TopLogprobs []chatLogprobEntry `json:"top_logprobs,omitempty"`
+}
+
+type chatLogprobs struct {
+	Content []chatLogprobEntry `json:"content"`
+}
+
+type chatMsgOut struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+type chatChoice struct {
+	Index        int           `json:"index"`
+	Message      *chatMsgOut   `json:"message,omitempty"`
+	Delta        *chatMsgOut   `json:"delta,omitempty"`
+	Logprobs     *chatLogprobs `json:"logprobs"`
+	FinishReason *string       `json:"finish_reason"`
+	TokenIDs     []int         `json:"token_ids,omitempty"`
+}
+
+type chatResponse struct {
+	ID      string       `json:"id"`
+	Object  string       `json:"object"`
+	Created int64        `json:"created"`
+	Model   string       `json:"model"`
+	Choices []chatChoice `json:"choices"`
+	Usage   *usage       `json:"usage,omitempty"`
+}
+
+func byteList(s string) []int {
+	out := make([]int, len(s))
+	for i := range len(s) {
+		out[i] = int(s[i])
+	}
+	return out
+}
+
+func (c *Coordinator) chatLogprobs(entries []tokenEntry, top int) *chatLogprobs {
+	lp := &chatLogprobs{Content: []chatLogprobEntry{}}
+	for _, e := range entries {
+		ce := chatLogprobEntry{Token: e.text, Bytes: byteList(e.text)}
+		if e.lp != nil {
+			ce.Logprob = *e.lp
+		}
+		for _, t := range e.top[:min(len(e.top), top)] {
+			s := c.tokenText(int(t.Token))
+			ce.TopLogprobs = append(ce.TopLogprobs, chatLogprobEntry{Token: s, Logprob: t.Logprob, Bytes: byteList(s)})
+		}
+		lp.Content = append(lp.Content, ce)
+	}
+	return lp
+}
+
+func (c *Coordinator) handleChat(w http.ResponseWriter, r *http.Request) {
+	if c.tok == nil {
+		c.writeError(w, badRequest("messages", "chat needs a tokenizer with a chat template and the model directory has no tokenizer.json; use /v1/completions with token ids"))
+		return
+	}
+	var req chatRequest
+	if err := decodeBody(r, &req); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	if len(req.Messages) == 0 {
+		c.writeError(w, badRequest("messages", "messages must hold at least one message"))
+		return
+	}
+	msgs := make([]tokenizer.Message, len(req.Messages))
+	for i, m := range req.Messages {
+		switch m.Role {
+		case "system", "user", "assistant", "developer":
+		default:
+			c.writeError(w, badRequest(fmt.Sprintf("messages[%d].role", i), "role %q: want system, user or assistant", m.Role))
+			return
+		}
+		s, err := m.content(i)
+		if err != nil {
+			c.writeError(w, err)
+			return
+		}
+		role := m.Role
+		if role == "developer" {
+			role = "system"
+		}
+		msgs[i] = tokenizer.Message{Role: role, Content: s}
+	}
+	text, err := c.tok.ApplyChatTemplate(msgs, true)
+	if err != nil {
+		if errors.Is(err, tokenizer.ErrNoChatTemplate) {
+			c.writeError(w, badRequest("messages", "%v", err))
+			return
+		}
+		c.writeError(w, badRequest("messages", "rendering the chat template: %v", err))
+		return
+	}
+	ids := c.tok.Encode(text, false) // the template writes the BOS itself
+	if req.MaxTokens == nil {
+		req.MaxTokens = req.MaxCompletionTokens
+	}
+	g, err := c.params(&req.commonFields, ids)
+	if err != nil {
+		c.writeError(w, err)
+		return
+	}
+	top := 0
+	if req.TopLogprobs != nil {
+		if *req.TopLogprobs < 0 || *req.TopLogprobs > maxLogprobs {
+			c.writeError(w, badRequest("top_logprobs", "top_logprobs must be in [0, %d], got %d", maxLogprobs, *req.TopLogprobs))
+			return
+		}
+		if !req.Logprobs {
+			c.writeError(w, badRequest("top_logprobs", "top_logprobs needs logprobs: true"))
+			return
+		}
+		top = *req.TopLogprobs
+	}
+	if req.Logprobs {
+		g.logprobs = top
+	}
+	ctx, cancel := c.requestContext(r.Context(), &req.commonFields)
+	defer cancel()
+	id, created := newID("chatcmpl-"), time.Now().Unix()
+	if req.Stream {
+		s := startSSE(w)
+		role := "assistant"
+		empty := ""
+		if err := s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
+			Choices: []chatChoice{{Delta: &chatMsgOut{Role: role, Content: &empty}}}}); err != nil {
+			return
+		}
+		res, err := c.generate(ctx, g, func(d genDelta) error {
+			if d.text == "" && len(d.tokens) == 0 {
+				return nil
+			}
+			text := d.text
+			ch := chatChoice{Delta: &chatMsgOut{Content: &text}}
+			if req.Logprobs {
+				ch.Logprobs = c.chatLogprobs(d.tokens, top)
+			}
+			return s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name, Choices: []chatChoice{ch}})
+		})
+		if err != nil {
+			c.streamError(s, r, err)
+			return
+		}
+		s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
+			Choices: []chatChoice{{Delta: &chatMsgOut{}, FinishReason: &res.finish}}})
+		if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
+			s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
+				Choices: []chatChoice{}, Usage: &usage{len(ids), len(res.tokens), len(ids) + len(res.tokens)}})
+		}
+		s.done()
+		return
+	}
+	res, err := c.generate(ctx, g, nil)
+	if err != nil {
+		if r.Context().Err() == nil {
+			c.writeError(w, err)
+		}
+		return
+	}
+	ch := chatChoice{Message: &chatMsgOut{Role: "assistant", Content: &res.text}, FinishReason: &res.finish}
+	for _, e := range res.tokens {
+		ch.TokenIDs = append(ch.TokenIDs, e.id)
+	}
+	if req.Logprobs {
+		ch.Logprobs = c.chatLogprobs(res.tokens, top)
+	}
+	writeJSON(w, http.StatusOK, chatResponse{ID: id, Object: "chat.completion", Created: created, Model: c.name,
+		Choices: []chatChoice{ch}, Usage: &usage{len(ids), len(res.tokens), len(ids) + len(res.tokens)}})
+}
+
+// ---------------------------------------------------------------------------
+// /tokenize, /detokenize (vLLM's shapes)
+
+type tokenizeRequest struct {
+	Model               string        `json:"model"`
+	Prompt              *string       `json:"prompt"`
+	Messages            []chatMessage `json:"messages"`
+	AddSpecialTokens    *bool         `json:"add_special_tokens"`
+	AddGenerationPrompt *bool         `json:"add_generation_prompt"`
+}
+
+func (c *Coordinator) needTokenizer(param string) error {
+	if c.tok == nil {
+		return badRequest(param, "the model directory has no tokenizer.json")
+	}
+	return nil
+}
+
+func (c *Coordinator) handleTokenize(w http.ResponseWriter, r *http.Request) {
+	var req tokenizeRequest
+	if err := decodeBody(r, &req); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	if err := c.needTokenizer("prompt"); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	if err := c.checkModel(req.Model); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	var ids []int
+	switch {
+	case req.Prompt != nil && req.Messages != nil:
+		c.writeError(w, badRequest("prompt", "give either prompt or messages, not both"))
+		return
+	case req.Prompt != nil:
+		add := req.AddSpecialTokens == nil || *req.AddSpecialTokens
+		ids = c.tok.Encode(*req.Prompt, add)
+	case req.Messages != nil:
+		msgs := make([]tokenizer.Message, len(req.Messages))
+		for i, m := range req.Messages {
+			s, err := m.content(i)
+			if err != nil {
+				c.writeError(w, err)
+				return
+			}
+			msgs[i] = tokenizer.Message{Role: m.Role, Content: s}
+		}
+		text, err := c.tok.ApplyChatTemplate(msgs, req.AddGenerationPrompt == nil || *req.AddGenerationPrompt)
+		if err != nil {
+			c.writeError(w, badRequest("messages", "%v", err))
+			return
+		}
+		add := req.AddSpecialTokens != nil && *req.AddSpecialTokens
+		ids = c.tok.Encode(text, add)
+	default:
+		c.writeError(w, badRequest("prompt", "prompt (or messages) is required"))
+		return
+	}
+	if ids == nil {
+		ids = []int{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"tokens": ids, "count": len(ids), "max_model_len": c.mcfg.MaxPositionEmbeddings})
+}
+
+func (c *Coordinator) handleDetokenize(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Model  string `json:"model"`
+		Tokens []int  `json:"tokens"`
+	}
+	if err := decodeBody(r, &req); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	if err := c.needTokenizer("tokens"); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	if err := c.checkModel(req.Model); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	for i, id := range req.Tokens {
+		if id < 0 || id >= c.mcfg.VocabSize {
+			c.writeError(w, badRequest("tokens", "token %d is id %d, outside the vocabulary [0, %d)", i, id, c.mcfg.VocabSize))
+			return
+		}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"prompt": c.tok.Decode(req.Tokens, false)})
+}

@@ -1,0 +1,92 @@
+package coordinator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"google.golang.org/grpc/codes"
+)
+
+// apiError is an OpenAI-shaped error: {"error": {message, type, param, code}}
+// with the HTTP status it travels under.
+type apiError struct {
+	status     int
+	Message    string  `json:"message"`
+	Type       string  `json:"type"`
+	Param      *string `json:"param"`
+	Code       *string `json:"code"`
+	retryAfter time.Duration
+}
+
+func (e *apiError) Error() string { return e.Message }
+
+func strp(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
+// badRequest is a 400 naming the offending parameter.
+func badRequest(param, format string, args ...any) *apiError {
+	return &apiError{status: http.StatusBadRequest, Type: "invalid_request_error", Param: strp(param),
+		Message: fmt.Sprintf(format, args...)}
+}
+
+// errTimeout marks a request that ran past its timeout.
+var errTimeout = errors.New("request timed out")
+
+// toAPIError is the one table from internal errors to HTTP answers.
+func (c *Coordinator) toAPIError(err error) *apiError {
+	var ae *apiError
+	var nse *NodeSeqError
+	switch {
+	case errors.As(err, &ae):
+		return ae
+	case errors.Is(err, ErrOverloaded):
+		return &apiError{status: http.StatusTooManyRequests, Type: "rate_limit_error", Code: strp("queue_full"),
+			Message: fmt.Sprintf("%v: the coordinator's waiting queue (%d) is full; retry later", err, c.cfg.MaxWaiting),
+			retryAfter: c.cfg.RetryAfter}
+	case errors.Is(err, ErrTooLong):
+		return &apiError{status: http.StatusBadRequest, Type: "invalid_request_error", Param: strp("max_tokens"),
+			Code: strp("context_length_exceeded"), Message: err.Error()}
+	case errors.Is(err, errTimeout), errors.Is(err, context.DeadlineExceeded):
+		return &apiError{status: http.StatusGatewayTimeout, Type: "timeout_error", Code: strp("timeout"), Message: err.Error()}
+	case errors.As(err, &nse):
+		switch nse.Code {
+		case codes.InvalidArgument:
+			return &apiError{status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}
+		case codes.ResourceExhausted, codes.Unavailable:
+			return &apiError{status: http.StatusServiceUnavailable, Type: "service_unavailable", Code: strp("node_busy"),
+				Message: err.Error(), retryAfter: c.cfg.RetryAfter}
+		}
+		return &apiError{status: http.StatusInternalServerError, Type: "internal_error", Message: err.Error()}
+	case errors.Is(err, ErrNoNodes), errors.Is(err, ErrNodeFailed), errors.Is(err, ErrShuttingDown):
+		return &apiError{status: http.StatusServiceUnavailable, Type: "service_unavailable", Code: strp("unavailable"),
+			Message: err.Error(), retryAfter: c.cfg.RetryAfter}
+	}
+	return &apiError{status: http.StatusInternalServerError, Type: "internal_error", Message: err.Error()}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	_ = enc.Encode(v)
+}
+
+func (c *Coordinator) writeError(w http.ResponseWriter, err error) int {
+	ae := c.toAPIError(err)
+	if ae.retryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(ae.retryAfter.Seconds()))))
+	}
+	writeJSON(w, ae.status, map[string]*apiError{"error": ae})
+	return ae.status
+}

@@ -1,0 +1,438 @@
+package coordinator
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/codes"
+
+	meshpb "github.com/expertmesh/expertmesh/proto"
+)
+
+// The scheduler is the coordinator's decision core: a pure state machine
+// with no clock, network or goroutines inside. The driver (coordinator.go)
+// feeds it events — a request arrives, a node answered Info, a step
+// returned or failed, a client went away — and turns its decisions into
+// StepRequests and deliveries. Tests drive it directly with tables.
+//
+// Continuous batching falls out of the shape: a node's next step is planned
+// from whatever is running on it at that moment, so sequences join as soon
+// as they are placed and leave as soon as they finish.
+
+// sequence is one request's generation as the scheduler sees it. Fields
+// below "scheduler state" are owned by the scheduler (guarded by the
+// coordinator's mutex); the rest is fixed at creation.
+type sequence struct {
+	id        uint64
+	prompt    []int
+	maxTokens int
+	// stopIDs end the sequence when sampled (the stop token is kept, as
+	// Engine.Generate and HF do with eos_token_id).
+	stopIDs  []int
+	sampling *meshpb.SamplingParams
+	// logprobs is the number of alternatives per position (-1: none).
+	logprobs int32
+	// echoLogprobs asks for the prompt positions' logprobs too.
+	echoLogprobs bool
+	// span is the request's span, linked from the steps that serve it.
+	span trace.SpanContext
+
+	// scheduler state
+	node      int // -1 while waiting
+	blocks    int // cache blocks reserved on node
+	sent      int // positions the node holds
+	generated []int
+	inflight  bool // part of the node's step in flight
+	done      bool
+}
+
+func (q *sequence) reserveTokens() int { return len(q.prompt) + q.maxTokens }
+
+func (q *sequence) prefilling() bool { return q.sent < len(q.prompt) }
+
+// decoding means the last sampled token still has to be fed back.
+func (q *sequence) decoding() bool {
+	return len(q.generated) > 0 && q.sent == len(q.prompt)+len(q.generated)-1
+}
+
+// update is what one step (or failure) produced for one sequence, for the
+// driver to deliver to the waiting request.
+type update struct {
+	seq *sequence
+	// promptLogprobs are this chunk's prompt positions (echo).
+	promptLogprobs []*meshpb.TokenLogprob
+	sampled        bool
+	token          int
+	logprob        *meshpb.TokenLogprob
+	// finish is "stop" or "length" once the sequence is complete.
+	finish string
+	err    error
+}
+
+// Errors the scheduler reports to requests; the HTTP layer maps them to
+// status codes in one table (errors.go).
+var (
+	ErrNoNodes      = errors.New("no attention node is available")
+	ErrNodeFailed   = errors.New("attention node failed")
+	ErrOverloaded   = errors.New("too many requests waiting")
+	ErrTooLong      = errors.New("request does not fit")
+	ErrShuttingDown = errors.New("coordinator is shutting down")
+)
+
+// NodeSeqError is a per-sequence failure a node reported in SeqResult.
+type NodeSeqError struct {
+	Code    codes.Code
+	Message string
+}
+
+func (e *NodeSeqError) Error() string {
+	return fmt.Sprintf("attention node: %s: %s", e.Code, e.Message)
+}
+
+type releaseItem struct {
+	id uint64
+	// blocks are credited back to the node's free count once the step
+	// carrying the release succeeded.
+	blocks int
+}
+
+type nodeState struct {
+	up          bool
+	blockSize   int
+	totalBlocks int
+	freeBlocks  int
+	// running holds the node's sequences in admission order; earlier
+	// sequences get prompt budget first.
+	running []*sequence
+	release []releaseItem
+	step    uint64
+	// inflight is the step sent and not yet applied or failed.
+	inflight *inflightStep
+}
+
+type inflightStep struct {
+	work    []workItem
+	release []releaseItem
+}
+
+type workItem struct {
+	seq    *sequence
+	n      int
+	sample bool
+}
+
+type schedConfig struct {
+	budget  int // tokens per step per node
+	maxSeqs int // running sequences per node
+}
+
+type scheduler struct {
+	cfg     schedConfig
+	waiting []*sequence // arrival order
+	nodes   []*nodeState
+}
+
+func newScheduler(cfg schedConfig, nodes int) *scheduler {
+	s := &scheduler{cfg: cfg}
+	for range nodes {
+		s.nodes = append(s.nodes, &nodeState{})
+	}
+	return s
+}
+
+// nodeUp records a node's Info. Releases still pending from before the
+// node went down lose their block credit: Info's free count is the truth
+// now, and crediting them again could over-admit.
+func (s *scheduler) nodeUp(i int, info *meshpb.NodeInfo) {
+	n := s.nodes[i]
+	n.up = true
+	n.blockSize = max(int(info.BlockSize), 1)
+	n.totalBlocks = int(info.TotalBlocks)
+	n.freeBlocks = int(info.FreeBlocks)
+	for j := range n.release {
+		n.release[j].blocks = 0
+	}
+}
+
+func (s *scheduler) anyUp() bool {
+	for _, n := range s.nodes {
+		if n.up {
+			return true
+		}
+	}
+	return false
+}
+
+func blocksFor(tokens, blockSize int) int { return (tokens + blockSize - 1) / blockSize }
+
+// check says whether q could ever run: some live node's whole cache must
+// hold its reservation. It is called before enqueue so that a request that
+// can never be placed is refused rather than blocking the queue forever.
+func (s *scheduler) check(q *sequence) error {
+	if !s.anyUp() {
+		return ErrNoNodes
+	}
+	best := 0
+	for _, n := range s.nodes {
+		if n.up {
+			best = max(best, n.totalBlocks*n.blockSize)
+		}
+	}
+	if t := q.reserveTokens(); blocksFor(t, 1) > best {
+		return fmt.Errorf("%w: prompt (%d tokens) + max_tokens (%d) = %d tokens exceed the largest attention node's cache of %d tokens",
+			ErrTooLong, len(q.prompt), q.maxTokens, t, best)
+	}
+	return nil
+}
+
+func (s *scheduler) enqueue(q *sequence) {
+	q.node = -1
+	s.waiting = append(s.waiting, q)
+}
+
+// admit places waiting sequences, in arrival order, each on the live node
+// with the most free cache blocks (ties: lowest index) that has a free
+// seat. It stops at the first sequence that does not fit anywhere so a big
+// request is not overtaken forever by small ones. With no live node every
+// waiting sequence fails. It returns the nodes that got work.
+func (s *scheduler) admit() (woken []int, failed []update) {
+	if !s.anyUp() {
+		for _, q := range s.waiting {
+			q.done = true
+			failed = append(failed, update{seq: q, err: ErrNoNodes})
+		}
+		s.waiting = nil
+		return nil, failed
+	}
+	for len(s.waiting) > 0 {
+		q := s.waiting[0]
+		best := -1
+		for i, n := range s.nodes {
+			if !n.up || len(n.running) >= s.cfg.maxSeqs {
+				continue
+			}
+			if best < 0 || n.freeBlocks > s.nodes[best].freeBlocks {
+				best = i
+			}
+		}
+		if best < 0 {
+			break
+		}
+		n := s.nodes[best]
+		need := blocksFor(q.reserveTokens(), n.blockSize)
+		if need > n.freeBlocks {
+			break
+		}
+		n.freeBlocks -= need
+		q.node, q.blocks = best, need
+		n.running = append(n.running, q)
+		s.waiting = s.waiting[1:]
+		if !slices.Contains(woken, best) {
+			woken = append(woken, best)
+		}
+	}
+	return woken, failed
+}
+
+// plan builds node i's next step, or nil when it has nothing to do. Every
+// decoding sequence feeds back its last token; the remaining budget goes
+// to prompt chunks in admission order.
+func (s *scheduler) plan(i int) *meshpb.StepRequest {
+	n := s.nodes[i]
+	if !n.up || n.inflight != nil {
+		return nil
+	}
+	req := &meshpb.StepRequest{}
+	in := &inflightStep{}
+	budget := s.cfg.budget
+	for _, q := range n.running {
+		if !q.decoding() {
+			continue
+		}
+		last := q.generated[len(q.generated)-1]
+		req.Work = append(req.Work, &meshpb.SeqWork{SeqId: q.id, Tokens: []int32{int32(last)}, StartPos: uint32(q.sent), Sample: true})
+		in.work = append(in.work, workItem{seq: q, n: 1, sample: true})
+		budget--
+	}
+	for _, q := range n.running {
+		if budget <= 0 {
+			break
+		}
+		if !q.prefilling() {
+			continue
+		}
+		k := min(len(q.prompt)-q.sent, budget)
+		budget -= k
+		end := q.sent + k
+		w := &meshpb.SeqWork{SeqId: q.id, StartPos: uint32(q.sent), EchoLogprobs: q.echoLogprobs}
+		w.Tokens = make([]int32, k)
+		for j, t := range q.prompt[q.sent:end] {
+			w.Tokens[j] = int32(t)
+		}
+		w.Sample = end == len(q.prompt) && q.maxTokens > 0
+		if q.sent == 0 {
+			w.Sampling = q.sampling
+			w.ReserveTokens = uint32(q.reserveTokens())
+			w.Logprobs = q.logprobs
+		}
+		req.Work = append(req.Work, w)
+		in.work = append(in.work, workItem{seq: q, n: k, sample: w.Sample})
+	}
+	in.release = n.release
+	n.release = nil
+	for _, r := range in.release {
+		req.Release = append(req.Release, r.id)
+	}
+	if len(req.Work) == 0 && len(req.Release) == 0 {
+		return nil
+	}
+	for _, w := range in.work {
+		w.seq.inflight = true
+	}
+	n.step++
+	req.Step = n.step
+	n.inflight = in
+	return req
+}
+
+// remove takes q off node n's running list and queues its release. A
+// sequence the node never saw needs no release; its blocks return at once.
+func (s *scheduler) remove(n *nodeState, q *sequence) {
+	n.running = slices.DeleteFunc(n.running, func(x *sequence) bool { return x == q })
+	q.done = true
+	if q.sent == 0 && !q.inflight {
+		n.freeBlocks += q.blocks
+		return
+	}
+	n.release = append(n.release, releaseItem{id: q.id, blocks: q.blocks})
+}
+
+// apply takes node i's answer to its in-flight step.
+func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
+	n := s.nodes[i]
+	in := n.inflight
+	if in == nil {
+		return nil
+	}
+	n.inflight = nil
+	for _, r := range in.release {
+		n.freeBlocks += r.blocks
+	}
+	byID := make(map[uint64]*meshpb.SeqResult, len(resp.GetResults()))
+	for _, r := range resp.GetResults() {
+		byID[r.SeqId] = r
+	}
+	var out []update
+	for _, w := range in.work {
+		q := w.seq
+		q.inflight = false
+		if q.done { // cancelled while in flight; its release is queued
+			continue
+		}
+		r := byID[q.id]
+		switch {
+		case r == nil:
+			s.remove(n, q)
+			out = append(out, update{seq: q, err: fmt.Errorf("%w: no result for sequence %d in step %d", ErrNodeFailed, q.id, resp.GetStep())})
+			continue
+		case r.Code != 0:
+			s.remove(n, q)
+			out = append(out, update{seq: q, err: &NodeSeqError{Code: codes.Code(r.Code), Message: r.Message}})
+			continue
+		case w.sample && !r.Sampled:
+			s.remove(n, q)
+			out = append(out, update{seq: q, err: fmt.Errorf("%w: sequence %d was not sampled", ErrNodeFailed, q.id)})
+			continue
+		}
+		q.sent += w.n
+		u := update{seq: q}
+		if q.echoLogprobs && q.sent <= len(q.prompt) {
+			u.promptLogprobs = r.PromptLogprobs
+		}
+		if w.sample {
+			u.sampled, u.token = true, int(r.Token)
+			if q.logprobs >= 0 {
+				u.logprob = r.Logprob
+			}
+			q.generated = append(q.generated, u.token)
+			switch {
+			case slices.Contains(q.stopIDs, u.token):
+				u.finish = "stop"
+			case len(q.generated) >= q.maxTokens:
+				u.finish = "length"
+			}
+		} else if q.sent == len(q.prompt) && q.maxTokens == 0 {
+			u.finish = "length"
+		}
+		if u.finish != "" {
+			s.remove(n, q)
+		}
+		if u.sampled || u.finish != "" || len(u.promptLogprobs) > 0 {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// fail takes node i down after a whole-step failure: every sequence on it
+// fails with err (their state on the node is unknown) and gets a release
+// for when the node answers again.
+func (s *scheduler) fail(i int, err error) []update {
+	n := s.nodes[i]
+	n.up = false
+	if in := n.inflight; in != nil {
+		n.release = append(in.release, n.release...)
+		for _, w := range in.work {
+			w.seq.inflight = false
+		}
+		n.inflight = nil
+	}
+	var out []update
+	for _, q := range slices.Clone(n.running) {
+		q.inflight = false
+		n.release = append(n.release, releaseItem{id: q.id})
+		n.running = slices.DeleteFunc(n.running, func(x *sequence) bool { return x == q })
+		q.done = true
+		out = append(out, update{seq: q, err: err})
+	}
+	return out
+}
+
+// cancel withdraws q (client gone, timeout, stop string). It returns the
+// node whose next step carries the release, or -1.
+func (s *scheduler) cancel(q *sequence) int {
+	if q.done {
+		return -1
+	}
+	if q.node < 0 {
+		s.waiting = slices.DeleteFunc(s.waiting, func(x *sequence) bool { return x == q })
+		q.done = true
+		return -1
+	}
+	n := s.nodes[q.node]
+	s.remove(n, q)
+	if len(n.release) > 0 {
+		return q.node
+	}
+	return -1
+}
+
+// failAll ends every sequence with err (shutdown).
+func (s *scheduler) failAll(err error) []update {
+	var out []update
+	for _, q := range s.waiting {
+		q.done = true
+		out = append(out, update{seq: q, err: err})
+	}
+	s.waiting = nil
+	for _, n := range s.nodes {
+		for _, q := range n.running {
+			q.done = true
+			out = append(out, update{seq: q, err: err})
+		}
+		n.running = nil
+	}
+	return out
+}
