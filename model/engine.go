@@ -27,6 +27,11 @@ type ExpertBackend interface {
 	StartRoutedExperts(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) (wait func() error)
 }
 
+// LoraNormEps is the epsilon of q_a_layernorm and kv_a_layernorm. HF
+// builds both as DeepseekV2RMSNorm(rank) with the class default 1e-6,
+// ignoring rms_norm_eps; only the hidden-size norms use the config's.
+const LoraNormEps = 1e-6
+
 // Row is one token of the batch a Forward call processes: the sequence it
 // belongs to, its id and position. Rows of one sequence must come in
 // increasing position order and be contiguous from the sequence's Len.
@@ -242,7 +247,7 @@ func (e *Engine) attention(l int, rows []Row) {
 		e.matmul(s.qa[:n*qr], a.QA, s.hn[:n*h], n)
 		for i := range n {
 			row := s.qa[i*qr : (i+1)*qr]
-			kernels.RMSNorm(row, row, a.QANorm, eps)
+			kernels.RMSNorm(row, row, a.QANorm, LoraNormEps)
 		}
 		e.matmul(q, a.QB, s.qa[:n*qr], n)
 	}
@@ -255,7 +260,7 @@ func (e *Engine) attention(l int, rows []Row) {
 		e.Rope.CosSin(s.cos, s.sin, r.Pos)
 		slot := r.Seq.Slot(l, r.Pos)
 		kv := s.kva[i*W : (i+1)*W]
-		kernels.RMSNorm(slot[:R], kv[:R], a.KVANorm, eps)
+		kernels.RMSNorm(slot[:R], kv[:R], a.KVANorm, LoraNormEps)
 		copy(slot[R:], kv[R:])
 		kernels.RoPEInterleaved(slot[R:], s.cos, s.sin)
 		for hd := range heads {

@@ -84,10 +84,10 @@ func (r *Reference) attention(l int, hn [][]float32) [][]float32 {
 			q[t] = refLinear(a.QProj, hn[t])
 		} else {
 			qa := refLinear(a.QA, hn[t])
-			q[t] = refLinear(a.QB, refNorm(qa, a.QANorm, c.RMSNormEps))
+			q[t] = refLinear(a.QB, refNorm(qa, a.QANorm, LoraNormEps))
 		}
 		ckv := refLinear(a.KVA, hn[t])
-		kv[t] = refLinear(a.KVB, refNorm(ckv[:R], a.KVANorm, c.RMSNormEps))
+		kv[t] = refLinear(a.KVB, refNorm(ckv[:R], a.KVANorm, LoraNormEps))
 		r.rope.CosSin(cos, sin, t)
 		kpe[t] = refRotate(ckv[R:], cos, sin)
 		for hd := range heads {
