@@ -115,6 +115,7 @@ class SafeTensors:
     def __init__(self, model_dir, block=(128, 128)):
         self.dir = model_dir
         self.block = tuple(block)  # FP8 weight_block_size
+        self.keep = True  # cache converted tensors (off: re-read per use, for big checkpoints)
         self.where = {}  # name -> (path, dtype, shape, begin, end)
         self.cache = {}
         files = []
@@ -205,7 +206,8 @@ class SafeTensors:
         if shape is not None and tuple(a.shape) != tuple(shape):
             raise RefError("tensor %s has shape %s, want %s" % (name, tuple(a.shape), tuple(shape)))
         a = np.ascontiguousarray(a, dtype=F32)
-        self.cache[name] = a
+        if self.keep:
+            self.cache[name] = a
         return a
 
 
@@ -590,6 +592,8 @@ def main(argv):
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--noaux-mask-fill", choices=["0", "-inf"], default="0",
                     help="value noaux_tc gives experts of non-selected groups")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="re-read weights on every use instead of keeping float32 copies (big checkpoints)")
     ap.add_argument("--norm-rule", choices=["auto", "v2", "v3"], default="auto",
                     help="routing weight rule: v2 normalise-or-scale, v3 normalise-then-scale")
     a = ap.parse_args(argv)
@@ -598,6 +602,7 @@ def main(argv):
         if a.logprobs < 0:
             raise RefError("--logprobs must be >= 0")
         m = Model(a.model, noaux_fill=0.0 if a.noaux_mask_fill == "0" else -np.inf, norm_rule=a.norm_rule)
+        m.st.keep = not a.no_cache
         out = generate(m, ids, a.max_tokens, a.logprobs, a.echo, a.ignore_eos)
     except RefError as e:
         sys.stderr.write("hfref: %s\n" % e)
