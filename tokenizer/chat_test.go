@@ -192,3 +192,32 @@ func TestChatGolden(t *testing.T) {
 		}
 	}
 }
+
+func TestChatTemplateJinjaFile(t *testing.T) {
+	dir := t.TempDir()
+	if err := WriteByteLevel(dir, 300); err != nil {
+		t.Fatal(err)
+	}
+	// Drop the template from the config and put it in chat_template.jinja.
+	cfgPath := filepath.Join(dir, "tokenizer_config.json")
+	b, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	delete(cfg, "chat_template")
+	b, _ = json.Marshal(cfg)
+	os.WriteFile(cfgPath, b, 0o644)
+	os.WriteFile(filepath.Join(dir, "chat_template.jinja"), []byte("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"), 0o644)
+	tok, err := Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := tok.ApplyChatTemplate([]Message{{"user", "hi"}}, false)
+	if want := BOSText + "[user]hi"; got != want || err != nil {
+		t.Errorf("got %q, %v; want %q", got, err, want)
+	}
+}

@@ -13,29 +13,33 @@ import (
 // times faster than a general engine; fastre_test.go checks them against
 // Go's regexp on random text.
 
-// runeClass is a set of runes: a bitmap for ASCII, sorted ranges above.
+// runeClass is a set of runes: a bitmap over the BMP (8 KB), sorted
+// ranges above it.
 type runeClass struct {
-	ascii  [2]uint64
-	ranges []rune // lo, hi pairs, sorted, all >= 0x80
+	bmp    [0x10000 / 64]uint64
+	ranges []rune // lo, hi pairs, sorted, all > 0xFFFF
 }
 
 func newRuneClass(pairs []rune) *runeClass {
 	c := &runeClass{}
 	for i := 0; i+1 < len(pairs); i += 2 {
 		lo, hi := pairs[i], pairs[i+1]
-		for r := lo; r <= hi && r < utf8.RuneSelf; r++ {
-			c.ascii[r>>6] |= 1 << (r & 63)
+		for r := lo; r <= hi && r <= 0xFFFF; r++ {
+			c.bmp[r>>6] |= 1 << (r & 63)
 		}
-		if hi >= utf8.RuneSelf {
-			c.ranges = append(c.ranges, max(lo, utf8.RuneSelf), hi)
+		if hi > 0xFFFF {
+			c.ranges = append(c.ranges, max(lo, 0x10000), hi)
 		}
 	}
 	return c
 }
 
 func (c *runeClass) has(r rune) bool {
-	if r < utf8.RuneSelf {
-		return r >= 0 && c.ascii[r>>6]&(1<<(r&63)) != 0
+	if uint32(r) <= 0xFFFF {
+		return c.bmp[r>>6]&(1<<(r&63)) != 0
+	}
+	if r < 0 {
+		return false
 	}
 	// Index of the first range whose hi >= r.
 	n := len(c.ranges) / 2

@@ -77,6 +77,12 @@ func Load(dir string) (*Tokenizer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tokenizer: loading %s: %w", dir, err)
 	}
+	// Newer transformers versions save the template beside the config.
+	if t.chatTemplate == "" {
+		if b, err := os.ReadFile(filepath.Join(dir, "chat_template.jinja")); err == nil {
+			t.chatTemplate = string(b)
+		}
+	}
 	return t, nil
 }
 
