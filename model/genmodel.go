@@ -138,11 +138,15 @@ func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
 	}
 	// The tokenizer decides the special ids and, for a real one, the
 	// vocabulary size.
-	tok, err := writeTokenizer(dir, opt.TokenizerDir, cfgMap["vocab_size"].(int))
+	vocab, ok := asInt(cfgMap["vocab_size"])
+	if !ok {
+		return fmt.Errorf("preset %s: vocab_size %v is not an integer", p.Name, cfgMap["vocab_size"])
+	}
+	tok, err := writeTokenizer(dir, opt.TokenizerDir, vocab)
 	if err != nil {
 		return err
 	}
-	cfgMap["vocab_size"] = max(cfgMap["vocab_size"].(int), tok.VocabSize())
+	cfgMap["vocab_size"] = max(vocab, tok.VocabSize())
 	if id, ok := tok.BOS(); ok {
 		cfgMap["bos_token_id"] = id
 	}
@@ -290,6 +294,21 @@ func fillTensor(dst []byte, s safetensors.TensorSpec, in initSpec, seed uint64) 
 		}()
 	}
 	wg.Wait()
+}
+
+func asInt(v any) (int, bool) {
+	switch x := v.(type) {
+	case int:
+		return x, true
+	case int64:
+		return int(x), true
+	case float64:
+		return int(x), x == math.Trunc(x)
+	case json.Number:
+		i, err := x.Int64()
+		return int(i), err == nil
+	}
+	return 0, false
 }
 
 // writeTokenizer puts tokenizer files into dir: a copy of src's, or a
