@@ -36,29 +36,52 @@ func RunBench(w io.Writer, threads []int) error {
 
 	buf := make([]byte, 1<<30)
 	fillRandom(buf, 1)
+	pools := map[int]*Pool{}
 	for _, t := range threads {
-		p := NewPool(t)
-		chunks := len(buf) / (1 << 20)
-		bw := float64(len(buf)) / bestOf(3, func() {
-			p.ParallelFor(chunks, func(lo, hi int) { probeRead(buf[lo<<20 : hi<<20]) })
-		})
-		var fl float64
-		fma := bestRate(func() float64 {
-			fl = 0
-			p.ParallelFor(t, func(lo, hi int) { probeFMA(1 << 19 * (hi - lo)) })
-			return float64(t) * probeFMAFlops(1<<19)
-		})
-		dp := bestRate(func() float64 {
-			p.ParallelFor(t, func(lo, hi int) { probeDPBF16(1 << 19 * (hi - lo)) })
-			return float64(t) * probeDPBF16Flops(1<<19)
-		})
-		_ = fl
-		p.Close()
-		lim[t] = limits{bw, fma, dp}
-		fmt.Fprintf(w, "limits t%d: read %.1f GB/s, f32 FMA %.1f GFLOP/s, VDPBF16PS %.1f GFLOP/s\n", t, bw/1e9, fma/1e9, dp/1e9)
+		pools[t] = NewPool(t)
 	}
-	buf = nil
-	runtime.GC()
+	defer func() {
+		for _, p := range pools {
+			p.Close()
+		}
+	}()
+	// Probes as samples, so they can be interleaved with the kernels.
+	// readSample reads about size bytes (the size of the kernel sample it
+	// is compared with: short samples see less preemption) from a rotating
+	// place in buf, split across the pool's threads.
+	off := 0
+	readSample := func(p *Pool, size int64) func() float64 {
+		per := int(size) / p.Threads() &^ 511
+		per = max(512, min(per, len(buf)/p.Threads()&^511))
+		return func() float64 {
+			if off+per*p.Threads() > len(buf) {
+				off = 0
+			}
+			o := off
+			off += per * p.Threads()
+			p.ParallelFor(p.Threads(), func(lo, hi int) { probeRead(buf[o+lo*per : o+hi*per]) })
+			return float64(per * p.Threads())
+		}
+	}
+	fmaSample := func(p *Pool) func() float64 {
+		return func() float64 {
+			p.ParallelFor(p.Threads(), func(lo, hi int) { probeFMA(1 << 15 * (hi - lo)) })
+			return float64(p.Threads()) * probeFMAFlops(1<<15)
+		}
+	}
+	dpSample := func(p *Pool) func() float64 {
+		return func() float64 {
+			p.ParallelFor(p.Threads(), func(lo, hi int) { probeDPBF16(1 << 15 * (hi - lo)) })
+			return float64(p.Threads()) * probeDPBF16Flops(1<<15)
+		}
+	}
+	for _, t := range threads {
+		p := pools[t]
+		r := bestRates(40, readSample(p, 32<<20), fmaSample(p), dpSample(p))
+		lim[t] = limits{r[0], r[1], r[2]}
+		fmt.Fprintf(w, "limits t%d: read %.1f GB/s, f32 FMA %.1f GFLOP/s, VDPBF16PS %.1f GFLOP/s\n", t, r[0]/1e9, r[1]/1e9, r[2]/1e9)
+	}
+	fmt.Fprintf(w, "(each kernel's ratio below uses the probe re-measured alternately with it)\n")
 
 	fmt.Fprintf(w, "\n%-34s", "MatVec (decode), weights >> cache")
 	for _, t := range threads {
@@ -98,17 +121,20 @@ func RunBench(w io.Writer, threads []int) error {
 		}
 		fmt.Fprintf(w, "%-34s", c.name)
 		for _, t := range threads {
-			p := NewPool(t)
+			p := pools[t]
 			k := 0
-			sec := bestOf(5, func() {
+			rounds := 30
+			if per > 64<<20 {
+				rounds = 8
+			}
+			r := bestRates(rounds, readSample(p, per), func() float64 {
 				for j := 0; j < c.count; j++ {
 					p.MatVec(y, ws[k], x)
 					k = (k + 1) % len(ws)
 				}
+				return float64(per)
 			})
-			p.Close()
-			gbs := float64(per) / sec
-			fmt.Fprintf(w, " | %7.1f  %5.1f%%", gbs/1e9, 100*gbs/lim[t].bw)
+			fmt.Fprintf(w, " | %7.1f  %5.1f%%", r[1]/1e9, 100*r[1]/r[0])
 		}
 		fmt.Fprintln(w)
 	}
@@ -140,20 +166,20 @@ func RunBench(w io.Writer, threads []int) error {
 		flops := 2 * float64(n) * float64(c.rows) * float64(c.cols)
 		fmt.Fprintf(w, "%-34s", c.name)
 		for _, t := range threads {
-			p := NewPool(t)
-			sec := bestOf(3, func() {
+			p := pools[t]
+			peak := fmaSample(p)
+			if c.bf16act && dpAvailable(wm) {
+				peak = dpSample(p)
+			}
+			r := bestRates(6, peak, func() float64 {
 				if c.bf16act {
 					p.MatMulBF16Act(y, wm, x, n)
 				} else {
 					p.MatMul(y, wm, x, n)
 				}
+				return flops
 			})
-			p.Close()
-			peak := lim[t].fma
-			if c.bf16act && dpAvailable(wm) {
-				peak = lim[t].dp
-			}
-			fmt.Fprintf(w, " | %8.1f  %5.1f%%", flops/sec/1e9, 100*flops/sec/peak)
+			fmt.Fprintf(w, " | %8.1f  %5.1f%%", r[1]/1e9, 100*r[1]/r[0])
 		}
 		fmt.Fprintln(w)
 	}
@@ -179,9 +205,8 @@ func RunBench(w io.Writer, threads []int) error {
 		scratch := make([]float32, MLAScratchSize(H, tokens))
 		fmt.Fprintf(w, "%-34s", fmt.Sprintf("  %d tokens (cache %.1f MB)", tokens, float64(tokens*(R+P)*4)/1e6))
 		for _, t := range threads {
-			p := NewPool(t)
-			sec := bestOf(5, func() { p.MLADecode(out, qLat, qPE, blocks, bs, tokens, H, R, P, 0.1, scratch) })
-			p.Close()
+			p := pools[t]
+			sec := bestOf(10, func() { p.MLADecode(out, qLat, qPE, blocks, bs, tokens, H, R, P, 0.1, scratch) })
 			fmt.Fprintf(w, " | %6.1f %6.1f", float64(tokens*(R+P)*4)/sec/1e9, sec*1e6)
 		}
 		fmt.Fprintln(w)
@@ -205,14 +230,15 @@ func RunBench(w io.Writer, threads []int) error {
 		{"RoPE 64", func() { RoPEInterleaved(o[:64], a[:32], b[:32]) }},
 		{"TopK 6 of 64", func() { idx = TopK(idx, a[:64], 6) }},
 	} {
-		sec := bestOf(5, v.f)
+		sec := bestOf(20, v.f)
 		fmt.Fprintf(w, "  %-12s %8.0f\n", v.name, sec*1e9)
 	}
 	return nil
 }
 
 // bestOf returns the fastest per-call time of f over reps batches of at
-// least 20ms each (after one warm-up call).
+// least 1ms each (after one warm-up call). Short batches let some run
+// without being preempted on a shared machine.
 func bestOf(reps int, f func()) float64 {
 	f()
 	best := math.Inf(1)
@@ -220,7 +246,7 @@ func bestOf(reps int, f func()) float64 {
 		calls := 0
 		t0 := time.Now()
 		var el time.Duration
-		for el < 20*time.Millisecond {
+		for el < time.Millisecond {
 			f()
 			calls++
 			el = time.Since(t0)
@@ -230,14 +256,21 @@ func bestOf(reps int, f func()) float64 {
 	return best
 }
 
-// bestRate returns the best of 5 rates (units per second) of f, which
-// returns the units it did.
-func bestRate(f func() float64) float64 {
-	best := 0.0
-	for r := 0; r < 5; r++ {
-		t0 := time.Now()
-		u := f()
-		best = max(best, u/time.Since(t0).Seconds())
+// bestRates runs the samplers alternately (A B A B ...) for rounds rounds
+// and returns each one's best rate in units per second; a sampler returns
+// the units it did. Alternating makes the ratios of the results
+// meaningful while the machine's bandwidth drifts.
+func bestRates(rounds int, samplers ...func() float64) []float64 {
+	best := make([]float64, len(samplers))
+	for _, f := range samplers {
+		f() // warm up
+	}
+	for r := 0; r < rounds; r++ {
+		for i, f := range samplers {
+			t0 := time.Now()
+			u := f()
+			best[i] = max(best[i], u/time.Since(t0).Seconds())
+		}
 	}
 	return best
 }

@@ -39,6 +39,12 @@ func mvF16RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int
 func mvF8RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
+func mvBF16EORAVX512(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
+
+//go:noescape
+func mvBF16EORAVX2(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
+
+//go:noescape
 func mvQ8RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
 
 type mvFunc func(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
@@ -49,18 +55,21 @@ type mvSet struct {
 	lanes int
 	rows  [Q8_0]mvFunc // indexed by DType (F32..F8E4M3)
 	q8    mvQ8Func
+	bf16  mvFunc // even/odd BF16 kernel taking x permuted by permuteEO
 }
 
 var mvAVX512 = mvSet{
 	lanes: 16,
 	rows:  [Q8_0]mvFunc{mvF32RAVX512, mvBF16RAVX512, mvF16RAVX512, mvF8RAVX512},
 	q8:    mvQ8RAVX512,
+	bf16:  mvBF16EORAVX512,
 }
 
 var mvAVX2 = mvSet{
 	lanes: 8,
 	rows:  [Q8_0]mvFunc{mvF32RAVX2, mvBF16RAVX2, mvF16RAVX2, mvF8RAVX2},
 	q8:    mvQ8RAVX2,
+	bf16:  mvBF16EORAVX2,
 }
 
 func matVecRowsAVX512(y []float32, w *Matrix, x []float32, lo, hi int, scratch []float32) {
@@ -99,8 +108,34 @@ func matVecRowsSIMD(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int, s
 			mvRange(s, y, w, xs, r0, r1)
 			r0 = r1
 		}
+	case BF16:
+		if s.bf16 == nil || cols < 2*s.lanes {
+			mvRange(s, y, w, x, lo, hi)
+			return
+		}
+		main := cols &^ (2*s.lanes - 1)
+		xp := scratch[:main]
+		permuteEO(xp, x[:main], s.lanes)
+		s.bf16(&y[lo], &w.Data[2*lo*cols], uintptr(2*cols), &xp[0], main, hi-lo)
+		if main < cols {
+			for r := lo; r < hi; r++ {
+				y[r] += dotTail(w, r, x, main, cols)
+			}
+		}
 	default:
 		mvRange(s, y, w, x, lo, hi)
+	}
+}
+
+// permuteEO reorders x per block of 2*lanes as [even elements | odd
+// elements], the order the even/odd BF16 kernel produces weights in.
+func permuteEO(dst, x []float32, lanes int) {
+	for b := 0; b+2*lanes <= len(x); b += 2 * lanes {
+		blk, d := x[b:b+2*lanes], dst[b:b+2*lanes]
+		for i := 0; i < lanes; i++ {
+			d[i] = blk[2*i]
+			d[lanes+i] = blk[2*i+1]
+		}
 	}
 }
 

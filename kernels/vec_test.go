@@ -259,7 +259,9 @@ func FuzzVectorKernels(f *testing.F) {
 	})
 }
 
-func le32(b []byte) uint32 { return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24 }
+func le32(b []byte) uint32 {
+	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
+}
 
 // clampFinite maps NaN/Inf to 0 and keeps magnitudes where products stay
 // finite.

@@ -224,5 +224,75 @@ func genMatVec(g *gen) {
 			genMVRows(g, s, dt)
 		}
 		genMVQ8Rows(g, s)
+		genMVBF16EO(g, s)
 	}
+}
+
+// genMVBF16EO: BF16 rows without widening shuffles. A 64-byte load holds
+// 32 bf16 as 16 dwords; VPSLLD $16 yields the even elements as float32 and
+// VPANDD 0xffff0000 the odd ones, so the caller passes x permuted per
+// 32-column block as [x0 x2 .. x30 | x1 x3 .. x31] (xp). Two instructions
+// per 16 weights instead of three keeps more loads in flight.
+// func mvBF16EOR<ISA>(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
+// n a positive multiple of 2*lanes.
+func genMVBF16EO(g *gen, s isa) {
+	g.text("mvBF16EOR"+s.name, 48)
+	g.p("MOVQ y+0(FP), DI")
+	g.p("MOVQ w+8(FP), R8")
+	g.p("MOVQ stride+16(FP), BX")
+	g.p("MOVQ xp+24(FP), SI")
+	g.p("MOVQ rows+40(FP), DX")
+	g.p("MOVL $0xFFFF0000, R10")
+	g.p("MOVD R10, X15")
+	g.p("VPBROADCASTD X15, %s", s.v(15))
+	const U = 4
+	blk := 2 * s.lanes // elements per load
+	g.label("row")
+	g.p("MOVQ R8, AX")
+	g.p("MOVQ SI, R9")
+	g.p("MOVQ n+32(FP), CX")
+	zero(g, s, 0, 1, 2, 3, 4, 5, 6, 7)
+	body := func(u int) {
+		for uu := 0; uu < u; uu++ {
+			wa := fmt.Sprintf("%d(AX)", 2*blk*uu)
+			lo, hi := 8+uu%2*2, 9+uu%2*2
+			g.p("VPSLLD $16, %s, %s", wa, s.v(lo))
+			and := "VPAND"
+			if s.r == "Z" {
+				and = "VPANDD" // the EVEX form's name in Go
+			}
+			g.p("%s %s, %s, %s", and, wa, s.v(15), s.v(hi))
+			g.p("VFMADD231PS %d(R9), %s, %s", 4*blk*uu, s.v(lo), s.v(uu))
+			g.p("VFMADD231PS %d(R9), %s, %s", 4*blk*uu+4*s.lanes, s.v(hi), s.v(4+uu))
+		}
+	}
+	step := U * blk
+	g.p("CMPQ CX, $%d", step)
+	g.p("JL tail")
+	g.label("loop")
+	body(U)
+	g.p("ADDQ $%d, AX", 2*step)
+	g.p("ADDQ $%d, R9", 4*step)
+	g.p("SUBQ $%d, CX", step)
+	g.p("CMPQ CX, $%d", step)
+	g.p("JGE loop")
+	g.label("tail")
+	g.p("TESTQ CX, CX")
+	g.p("JZ done")
+	body(1)
+	g.p("ADDQ $%d, AX", 2*blk)
+	g.p("ADDQ $%d, R9", 4*blk)
+	g.p("SUBQ $%d, CX", blk)
+	g.p("JMP tail")
+	g.label("done")
+	for i := 0; i < 4; i++ {
+		g.p("VADDPS %s, %s, %s", s.v(4+i), s.v(i), s.v(i))
+	}
+	reduce1(g, s)
+	g.p("ADDQ $4, DI")
+	g.p("ADDQ BX, R8")
+	g.p("DECQ DX")
+	g.p("JNZ row")
+	g.p("VZEROUPPER")
+	g.p("RET")
 }
