@@ -14,7 +14,7 @@ import (
 
 // startExperts starts n expert nodes on loopback holding an even,
 // group-aligned split of dir's experts, and returns the placement.
-func startExperts(t *testing.T, dir string, n int) (*placement.Table, []*expertnode.Node) {
+func startExperts(t testing.TB, dir string, n int) (*placement.Table, []*expertnode.Node) {
 	t.Helper()
 	c, err := model.LoadConfig(dir)
 	if err != nil {
