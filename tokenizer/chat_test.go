@@ -103,7 +103,7 @@ func TestChatTemplateToolCalls(t *testing.T) {
 }
 
 func TestChatTemplateErrors(t *testing.T) {
-	const tj = `{"model":{"type":"BPE","vocab":{"a":0}},"decoder":{"type":"ByteLevel"}}`
+	const tj = `{"model":{"type":"BPE","vocab":{"a":0}},"pre_tokenizer":{"type":"ByteLevel","use_regex":false},"decoder":{"type":"ByteLevel"}}`
 	for _, c := range []struct {
 		name, cfg string
 		want      string // substring of the error; "" = ErrNoChatTemplate

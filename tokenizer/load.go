@@ -162,6 +162,17 @@ func FromJSON(tokenizerJSON, configJSON []byte) (*Tokenizer, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Byte-level BPE maps bytes to its alphabet exactly once, after all
+	// splitting; this package does that mapping inside BPE, so it needs the
+	// ByteLevel pre-tokenizer once and last.
+	for i, st := range pre {
+		if _, ok := st.(byteLevelPre); ok != (i == len(pre)-1) {
+			return nil, fmt.Errorf("%w pre_tokenizer: ByteLevel must appear once, as the last step", ErrUnsupported)
+		}
+	}
+	if len(pre) == 0 {
+		return nil, fmt.Errorf("%w pre_tokenizer without ByteLevel (only byte-level BPE)", ErrUnsupported)
+	}
 	t.pre = pre
 	if err := checkDecoder(j.Decoder); err != nil {
 		return nil, err

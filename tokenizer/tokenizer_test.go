@@ -221,6 +221,9 @@ func TestLoadErrors(t *testing.T) {
 		{"bert processor", f(pre, norm, dec, `{"type":"BertProcessing"}`), true},
 		{"merge of unknown token", `{"model":{"type":"BPE","vocab":{"a":0},"merges":["a c"]},"decoder":{"type":"ByteLevel"}}`, false},
 		{"merge not a pair", `{"model":{"type":"BPE","vocab":{"a":0},"merges":["abc"]},"decoder":{"type":"ByteLevel"}}`, false},
+		{"no pre-tokenizer", `{"model":{"type":"BPE","vocab":{"a":0}},"decoder":{"type":"ByteLevel"}}`, true},
+		{"byte level twice", f(`{"type":"Sequence","pretokenizers":[{"type":"ByteLevel"},{"type":"ByteLevel"}]}`, norm, dec, post), true},
+		{"split after byte level", f(`{"type":"Sequence","pretokenizers":[{"type":"ByteLevel"},{"type":"Digits"}]}`, norm, dec, post), true},
 		{"empty vocab", `{"model":{"type":"BPE","vocab":{}},"decoder":{"type":"ByteLevel"}}`, false},
 		{"negative id", `{"model":{"type":"BPE","vocab":{"a":-1}},"decoder":{"type":"ByteLevel"}}`, false},
 	} {
@@ -351,4 +354,48 @@ func FuzzFromJSON(f *testing.F) {
 		s.Flush()
 		tok.ApplyChatTemplate([]Message{{"user", text}}, true)
 	})
+}
+
+// TestSplitBehaviors compares every Split behaviour (and invert), both
+// Digits modes and ByteLevel's GPT-2 regex with HF tokenizers
+// (testdata/oracle/behaviors.js).
+func TestSplitBehaviors(t *testing.T) {
+	base, err := os.ReadFile(filepath.Join("testdata", "bytelevel-512", "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join("testdata", "behaviors.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entries []struct {
+		Pre  json.RawMessage `json:"pre"`
+		Text string          `json:"text"`
+		IDs  []int           `json:"ids"`
+	}
+	if err := json.Unmarshal(b, &entries); err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) < 100 {
+		t.Fatalf("%d entries", len(entries))
+	}
+	toks := map[string]*Tokenizer{}
+	for _, e := range entries {
+		tok := toks[string(e.Pre)]
+		if tok == nil {
+			var doc map[string]json.RawMessage
+			if err := json.Unmarshal(base, &doc); err != nil {
+				t.Fatal(err)
+			}
+			doc["pre_tokenizer"] = e.Pre
+			tj, _ := json.Marshal(doc)
+			if tok, err = FromJSON(tj, nil); err != nil {
+				t.Fatalf("%s: %v", e.Pre, err)
+			}
+			toks[string(e.Pre)] = tok
+		}
+		if got := tok.Encode(e.Text, false); !slices.Equal(got, e.IDs) {
+			t.Errorf("%s %q:\n got  %v\n want %v", e.Pre, e.Text, got, e.IDs)
+		}
+	}
 }
