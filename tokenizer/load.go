@@ -475,17 +475,14 @@ func (t *Tokenizer) loadConfig(post json.RawMessage, configJSON []byte) error {
 		}
 	}
 
-	if llamaClasses[c.TokenizerClass] && (c.AddBOS != nil || c.AddEOS != nil) {
-		if c.AddBOS == nil || *c.AddBOS { // LlamaTokenizerFast defaults add_bos_token to true
-			if t.bos < 0 {
-				return errors.New("tokenizer_config.json: add_bos_token without a bos_token")
-			}
+	if llamaClasses[c.TokenizerClass] {
+		// LlamaTokenizerFast.__init__ always rebuilds the post-processor:
+		// add_bos_token defaults to true, add_eos_token to false; a missing
+		// bos/eos token turns its flag off (transformers 5; 4.x raised).
+		if (c.AddBOS == nil || *c.AddBOS) && t.bos >= 0 {
 			t.prefix = []int{t.bos}
 		}
-		if c.AddEOS != nil && *c.AddEOS {
-			if t.eos < 0 {
-				return errors.New("tokenizer_config.json: add_eos_token without an eos_token")
-			}
+		if c.AddEOS != nil && *c.AddEOS && t.eos >= 0 {
 			t.suffix = []int{t.eos}
 		}
 		return nil

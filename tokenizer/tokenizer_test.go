@@ -399,3 +399,42 @@ func TestSplitBehaviors(t *testing.T) {
 		}
 	}
 }
+
+func TestAddSpecialTokensRules(t *testing.T) {
+	const tj = `{"model":{"type":"BPE","vocab":{"a":0}},"added_tokens":[
+		{"id":1,"content":"<s>","special":true},{"id":2,"content":"</s>","special":true}],
+		"pre_tokenizer":{"type":"ByteLevel","use_regex":false},"decoder":{"type":"ByteLevel"},"post_processor":%s}`
+	const template = `{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<s>","type_id":0}},{"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"</s>","type_id":0}}],
+		"special_tokens":{"<s>":{"id":"<s>","ids":[1],"tokens":["<s>"]},"</s>":{"id":"</s>","ids":[2],"tokens":["</s>"]}}}`
+	const byteLevel = `{"type":"ByteLevel"}`
+	for _, c := range []struct {
+		name, post, cfg string
+		want            []int
+	}{
+		{"llama default adds bos", byteLevel, `{"tokenizer_class":"LlamaTokenizerFast","bos_token":"<s>","eos_token":"</s>"}`, []int{1, 0}},
+		{"llama bos off", byteLevel, `{"tokenizer_class":"LlamaTokenizerFast","add_bos_token":false,"bos_token":"<s>"}`, []int{0}},
+		{"llama eos on", byteLevel, `{"tokenizer_class":"LlamaTokenizerFast","add_eos_token":true,"bos_token":"<s>","eos_token":{"content":"</s>"}}`, []int{1, 0, 2}},
+		{"llama overrides template", template, `{"tokenizer_class":"LlamaTokenizerFast","add_bos_token":false,"bos_token":"<s>"}`, []int{0}},
+		{"other class follows byte level", byteLevel, `{"tokenizer_class":"PreTrainedTokenizerFast","add_bos_token":true,"bos_token":"<s>"}`, []int{0}},
+		{"other class follows template", template, `{"tokenizer_class":"PreTrainedTokenizerFast"}`, []int{1, 0, 2}},
+		{"no config, template", template, ``, []int{1, 0, 2}},
+		{"sequence of processors", `{"type":"Sequence","processors":[` + byteLevel + `,` + template + `]}`, ``, []int{1, 0, 2}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var cfg []byte
+			if c.cfg != "" {
+				cfg = []byte(c.cfg)
+			}
+			tok, err := FromJSON([]byte(fmt.Sprintf(tj, c.post)), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := tok.Encode("a", true); !slices.Equal(got, c.want) {
+				t.Errorf("Encode(a, true) = %v, want %v", got, c.want)
+			}
+			if got := tok.Encode("a", false); !slices.Equal(got, []int{0}) {
+				t.Errorf("Encode(a, false) = %v", got)
+			}
+		})
+	}
+}
