@@ -29,6 +29,12 @@ func mmF32x6AVX2(x *float32, xstride uintptr, p *float32, k int, y *float32, yst
 func mmF32x1AVX2(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
 
 //go:noescape
+func packBF16(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int)
+
+//go:noescape
+func packPairs(dst *uint32, src *byte, srcStride uintptr, rows, pairs, nr int)
+
+//go:noescape
 func cvtBF16AVX512(dst *uint16, src *float32, n int)
 
 type mmFunc func(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
@@ -121,6 +127,9 @@ func runTiles(s *mmSet, y, x, packed []float32, cols, rows, n, r0, cnt int, tile
 	runTilesK(s, y, unsafe.Pointer(&x[0]), uintptr(4*cols), packed, cols, rows, n, r0, cnt, tile)
 }
 
+// packBlock is the column block of the packing loops.
+const packBlock = 64
+
 // packF32 writes rows [r0, r0+cnt) of w as float32 into dst k-major:
 // dst[c*nr+j] = W[r0+j][c], zero for j >= cnt.
 func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
@@ -128,12 +137,17 @@ func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
 	if cnt < nr {
 		clear(dst)
 	}
-	if w.DType == BF16 {
+	if w.DType == BF16 && cnt > 0 {
+		// The assembly loop takes the columns in blocks of 64 so the
+		// destination lines being written stay in L1.
+		main := cols &^ 63
+		if main > 0 {
+			packBF16(&dst[0], &w.Data[2*r0*cols], uintptr(2*cols), cnt, main, nr)
+		}
 		for j := 0; j < cnt; j++ {
-			src := w.Data[2*(r0+j)*cols : 2*(r0+j+1)*cols]
-			d := dst[j:]
-			for c := 0; c < cols; c++ {
-				d[c*nr] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(src[2*c:])) << 16)
+			src := w.Data[2*(r0+j)*cols:]
+			for c := main; c < cols; c++ {
+				dst[c*nr+j] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(src[2*c:])) << 16)
 			}
 		}
 		return
@@ -155,14 +169,35 @@ func packBF16Pairs(dst []uint32, w *Matrix, r0, cnt, nr int) {
 	if cnt < nr {
 		clear(dst)
 	}
-	for j := 0; j < cnt; j++ {
-		src := w.Data[2*(r0+j)*cols : 2*(r0+j+1)*cols]
-		d := dst[j:]
-		for c := 0; c < cols/2; c++ {
-			d[c*nr] = binary.LittleEndian.Uint32(src[4*c:])
+	half := cols / 2
+	if main := half &^ 63; main > 0 && cnt > 0 {
+		packPairs(&dst[0], &w.Data[2*r0*cols], uintptr(2*cols), cnt, main, nr)
+		for j := 0; j < cnt; j++ {
+			src := w.Data[2*(r0+j)*cols:]
+			for c := main; c < half; c++ {
+				dst[c*nr+j] = binary.LittleEndian.Uint32(src[4*c:])
+			}
 		}
-		if cols%2 == 1 {
-			d[(kp-1)*nr] = uint32(binary.LittleEndian.Uint16(src[2*(cols-1):]))
+	} else {
+		packPairsGo(dst, w, r0, cnt, nr, half)
+	}
+	if cols%2 == 1 {
+		for j := 0; j < cnt; j++ {
+			dst[(kp-1)*nr+j] = uint32(binary.LittleEndian.Uint16(w.Data[2*((r0+j)*cols+cols-1):]))
+		}
+	}
+}
+
+func packPairsGo(dst []uint32, w *Matrix, r0, cnt, nr, half int) {
+	cols := w.Cols
+	for p0 := 0; p0 < half; p0 += packBlock {
+		p1 := min(p0+packBlock, half)
+		for j := 0; j < cnt; j++ {
+			src := w.Data[2*(r0+j)*cols+4*p0 : 2*(r0+j)*cols+4*p1]
+			d := dst[p0*nr+j:]
+			for c := 0; c < p1-p0; c++ {
+				d[c*nr] = binary.LittleEndian.Uint32(src[4*c:])
+			}
 		}
 	}
 }

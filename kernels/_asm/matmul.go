@@ -187,4 +187,70 @@ func genMatMul(g *gen) {
 	genMMAVX2(g, 6)
 	genMMAVX2(g, 1)
 	genCvtBF16(g)
+	genPack(g, "packBF16", true)
+	genPack(g, "packPairs", false)
+}
+
+// genPack emits the k-major packing loops (scalar: a register transpose
+// costs more code than it saves at these sizes). Columns go in blocks of
+// 64 so the 64 destination lines being written stay in L1.
+//
+// func packBF16(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int):
+// dst[c*nr+j] = float32 of bf16 src[j][c] for j < rows, c < cols (cols % 64 == 0).
+// func packPairs(dst *uint32, src *byte, srcStride uintptr, rows, pairs, nr int):
+// dst[p*nr+j] = uint32 src[j][p] (pairs % 64 == 0).
+func genPack(g *gen, name string, bf16 bool) {
+	g.text(name, 48)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ srcStride+16(FP), R8")
+	g.p("MOVQ rows+24(FP), R9")
+	if bf16 {
+		g.p("MOVQ cols+32(FP), R10")
+	} else {
+		g.p("MOVQ pairs+32(FP), R10")
+	}
+	g.p("MOVQ nr+40(FP), R11")
+	g.p("SHLQ $2, R11") // nr in bytes
+	esz := 4
+	if bf16 {
+		esz = 2
+	}
+	// R12 = column block start (elements); per block: for j < rows: copy 64.
+	g.p("XORQ R12, R12")
+	g.label("block")
+	g.p("XORQ R13, R13") // j
+	g.label("row")
+	// src pointer: SI + j*srcStride + c0*esz
+	g.p("MOVQ R13, AX")
+	g.p("IMULQ R8, AX")
+	g.p("ADDQ SI, AX")
+	g.p("LEAQ (AX)(R12*%d), AX", esz)
+	// dst pointer: DI + (c0*nr + j)*4
+	g.p("MOVQ R12, BX")
+	g.p("IMULQ R11, BX")
+	g.p("ADDQ DI, BX")
+	g.p("LEAQ (BX)(R13*4), BX")
+	g.p("MOVQ $8, CX")
+	g.label("inner")
+	for u := 0; u < 8; u++ {
+		if bf16 {
+			g.p("MOVWLZX %d(AX), DX", 2*u)
+			g.p("SHLL $16, DX")
+		} else {
+			g.p("MOVL %d(AX), DX", 4*u)
+		}
+		g.p("MOVL DX, (BX)")
+		g.p("ADDQ R11, BX")
+	}
+	g.p("ADDQ $%d, AX", 8*esz)
+	g.p("DECQ CX")
+	g.p("JNZ inner")
+	g.p("INCQ R13")
+	g.p("CMPQ R13, R9")
+	g.p("JL row")
+	g.p("ADDQ $64, R12")
+	g.p("CMPQ R12, R10")
+	g.p("JL block")
+	g.p("RET")
 }
