@@ -130,3 +130,20 @@ func TestEncodeLinear(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkChatPrompt is the per-request cost of a short chat: render the
+// template and encode the prompt.
+func BenchmarkChatPrompt(b *testing.B) {
+	tok := load(b, v3Dir)
+	msgs := []Message{
+		{"system", "You are a helpful assistant. Answer concisely."},
+		{"user", "What is a mixture-of-experts model, and why does DeepSeek-V3 use 256 routed experts?"},
+	}
+	for i := 0; i < b.N; i++ {
+		p, err := tok.ApplyChatTemplate(msgs, true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		tok.Encode(p, false)
+	}
+}
