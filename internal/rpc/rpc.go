@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
@@ -180,13 +181,20 @@ func DialOptions() []grpc.DialOption {
 	}
 }
 
-// Dial returns a lazily connecting client for addr ("host:port") with
-// DialOptions plus extra. It does no I/O: the first call connects.
+// Dial returns a lazily connecting client for addr with DialOptions plus
+// extra. It does no I/O: the first call connects. A plain "host:port" is
+// dialled as given (passthrough: no DNS resolver, which would otherwise
+// turn "localhost" into several addresses and a balancer); a target with a
+// scheme ("dns:///svc:7000", "unix:///path") is used unchanged.
 func Dial(addr string, extra ...grpc.DialOption) (*grpc.ClientConn, error) {
 	if addr == "" {
 		return nil, errors.New("rpc: empty address")
 	}
-	cc, err := grpc.NewClient("passthrough:///"+addr, append(DialOptions(), extra...)...)
+	target := addr
+	if !strings.Contains(addr, "://") {
+		target = "passthrough:///" + addr
+	}
+	cc, err := grpc.NewClient(target, append(DialOptions(), extra...)...)
 	if err != nil {
 		return nil, fmt.Errorf("rpc: dial %s: %w", addr, err)
 	}

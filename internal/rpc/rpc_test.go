@@ -256,3 +256,32 @@ func TestDialEmpty(t *testing.T) {
 		t.Error("Dial(\"\") succeeded")
 	}
 }
+
+func TestDialTargets(t *testing.T) {
+	srv := NewServer(ServerOptions{Logger: slog.New(slog.DiscardHandler)})
+	srv.SetServing(true)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(lis) }()
+	defer func() {
+		srv.Stop()
+		<-done
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, port, _ := net.SplitHostPort(lis.Addr().String())
+	for _, target := range []string{lis.Addr().String(), "localhost:" + port, "dns:///127.0.0.1:" + port} {
+		cc, err := Dial(target)
+		if err != nil {
+			t.Fatalf("Dial(%q): %v", target, err)
+		}
+		r, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+		cc.Close()
+		if err != nil || r.Status != healthpb.HealthCheckResponse_SERVING {
+			t.Errorf("Dial(%q): health %v, %v", target, r, err)
+		}
+	}
+}
