@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/expertmesh/expertmesh/model"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
@@ -44,6 +46,10 @@ type Config struct {
 	// Logger receives start/stop and recovered-panic logs; nil means
 	// slog.Default().
 	Logger *slog.Logger
+	// TracerProvider receives the gRPC server spans and one
+	// "expert.compute" span per dispatch; nil means the global provider
+	// (a no-op until the process installs one).
+	TracerProvider trace.TracerProvider
 }
 
 // DefaultConfig holds every expert of the model and listens on a free

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"github.com/expertmesh/expertmesh/internal/rpc"
@@ -29,6 +31,9 @@ type Node struct {
 	pool *kernels.Pool
 	srv  *rpc.Server
 	lis  net.Listener
+	// tracer makes the per-dispatch spans; with no provider installed it is
+	// the global no-op tracer and a span costs a few allocations.
+	tracer trace.Tracer
 
 	// compute serialises ExpertRunner.Run: the runner's scratch buffers and
 	// the kernel pool serve one caller at a time, and one pool already uses
@@ -116,6 +121,11 @@ func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 		return nil, fmt.Errorf("--listen %s: %w", cfg.ListenAddr, err)
 	}
 	undo = append(undo, func() { n.lis.Close() })
+	tp := cfg.TracerProvider
+	if tp == nil {
+		tp = otel.GetTracerProvider()
+	}
+	n.tracer = tp.Tracer("github.com/expertmesh/expertmesh/expertnode")
 	n.id = cfg.NodeID
 	if n.id == "" {
 		n.id = "expert@" + n.lis.Addr().String()
@@ -124,7 +134,7 @@ func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 	// WaitForHandlers makes Stop wait for every handler to return, which is
 	// what lets Close unmap the weights afterwards without a handler still
 	// reading them.
-	n.srv = rpc.NewServer(rpc.ServerOptions{Logger: log, Extra: []grpc.ServerOption{grpc.WaitForHandlers(true)}})
+	n.srv = rpc.NewServer(rpc.ServerOptions{Logger: log, TracerProvider: cfg.TracerProvider, Extra: []grpc.ServerOption{grpc.WaitForHandlers(true)}})
 	meshpb.RegisterExpertServiceServer(n.srv, &service{n: n})
 	n.srv.SetServing(true, meshpb.ExpertService_ServiceDesc.ServiceName)
 	go func() {

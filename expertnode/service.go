@@ -9,10 +9,8 @@ import (
 	"sync"
 	"time"
 
-	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	otelcodes "go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -21,10 +19,6 @@ import (
 	"github.com/expertmesh/expertmesh/internal/wire"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
-
-// tracer is looked up once; with no provider installed it is the global
-// no-op tracer and a span costs a few nanoseconds.
-var tracer trace.Tracer = otel.Tracer("github.com/expertmesh/expertmesh/expertnode")
 
 // pipelineDepth is how many requests of one stream may wait between the
 // stages (receive+validate → compute → send). Two keeps the reader one
@@ -208,7 +202,7 @@ func (n *Node) run(ctx context.Context, j *job) {
 		j.code, j.msg = codes.Canceled, err.Error()
 		return
 	}
-	_, span := tracer.Start(ctx, "expert.compute")
+	_, span := n.tracer.Start(ctx, "expert.compute")
 	if span.IsRecording() {
 		span.SetAttributes(
 			attribute.Int("layer", j.layer),

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -58,9 +60,18 @@ type ServerOptions struct {
 	MaxConcurrentStreams uint32
 	// Logger receives recovered panics (nil: slog.Default()).
 	Logger *slog.Logger
+	// TracerProvider for server spans (nil: the global provider, a no-op
+	// until the process installs one).
+	TracerProvider trace.TracerProvider
 	// Extra options appended after the defaults (tests, TLS).
 	Extra []grpc.ServerOption
 }
+
+// propagator carries W3C trace context and baggage in gRPC metadata. It is
+// set explicitly because the global default propagates nothing, which
+// would silently cut every trace at the first hop. With no tracer
+// installed the span context is invalid and nothing is written.
+var propagator = propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{})
 
 // Server is a gRPC server with the health service registered.
 type Server struct {
@@ -99,8 +110,12 @@ func NewServer(opts ServerOptions) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
+	otelOpts := []otelgrpc.Option{otelgrpc.WithPropagators(propagator)}
+	if opts.TracerProvider != nil {
+		otelOpts = append(otelOpts, otelgrpc.WithTracerProvider(opts.TracerProvider))
+	}
 	so := []grpc.ServerOption{
-		grpc.StatsHandler(otelgrpc.NewServerHandler()),
+		grpc.StatsHandler(otelgrpc.NewServerHandler(otelOpts...)),
 		grpc.ChainUnaryInterceptor(recoverUnary(log)),
 		grpc.ChainStreamInterceptor(recoverStream(log)),
 		grpc.MaxRecvMsgSize(maxMsg),
@@ -168,7 +183,7 @@ func panicStatus(log *slog.Logger, method string, r any) error {
 func DialOptions() []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithStatsHandler(otelgrpc.NewClientHandler()),
+		grpc.WithStatsHandler(otelgrpc.NewClientHandler(otelgrpc.WithPropagators(propagator))),
 		grpc.WithDefaultCallOptions(
 			grpc.MaxCallRecvMsgSize(DefaultMaxMsgSize),
 			grpc.MaxCallSendMsgSize(DefaultMaxMsgSize),
