@@ -12,6 +12,12 @@
 // and logprobs within 0.01 for the chosen token and for every top-k entry the
 // two sides share.
 //
+// Environment: HFREF_PYTHON names the interpreter to try first;
+// HFREF_ARGS adds flags to every script run (e.g. --norm-rule=v2 or
+// --noaux-mask-fill=-inf, to see which HF variant the engine follows: the
+// test must then fail where the variants differ); HFREF_STRICT=1 also runs
+// shapes marked as known disagreements.
+//
 // The script needs python3 with numpy (Debian: apt-get install -y
 // python3-numpy). Without them the test skips, except when CI=true, where it
 // fails.

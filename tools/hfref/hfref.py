@@ -32,8 +32,9 @@ Where the HF variants differ we follow DeepSeek's remote code:
    choice scores; transformers and the first DeepSeek-V3 remote code mask
    non-selected groups with 0.0, some later copies of the remote code with
    float("-inf"). They differ only when a selected group holds a negative
-   biased score (then 0.0 lets a masked expert win). Default 0.0,
-   --noaux-mask-fill=-inf for the other. The gate weights are the UNBIASED
+   biased score (then 0.0 lets a masked expert win, and among the tied 0.0s
+   we take the lowest expert ids; torch.topk leaves that order unspecified).
+   Default 0.0, --noaux-mask-fill=-inf for the other. The gate weights are the UNBIASED
    sigmoid scores gathered at the chosen ids (scores.gather).
 3. Softmax scale. Remote code (V2 and V3) and transformers deepseek_v3:
    q_head_dim**-0.5, times yarn_get_mscale(factor, mscale_all_dim)**2 when
