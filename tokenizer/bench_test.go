@@ -147,3 +147,22 @@ func BenchmarkChatPrompt(b *testing.B) {
 		tok.Encode(p, false)
 	}
 }
+
+// BenchmarkEncodeParallel encodes chat-sized texts from all Ps at once,
+// sharing one Tokenizer and its word cache.
+func BenchmarkEncodeParallel(b *testing.B) {
+	tok := load(b, v3Dir)
+	entries := readOracle(b)
+	total := 0
+	for _, e := range entries {
+		total += len(e.Text)
+	}
+	b.SetBytes(int64(total / len(entries)))
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			tok.Encode(entries[i%len(entries)].Text, false)
+			i++
+		}
+	})
+}

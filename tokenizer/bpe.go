@@ -2,6 +2,7 @@ package tokenizer
 
 import (
 	"container/heap"
+	"hash/maphash"
 	"sync"
 )
 
@@ -9,34 +10,53 @@ import (
 // spaces, a base64 blob) are rare and would only evict useful entries.
 const maxCachedWord = 64
 
-// wordCache maps a piece's bytes to its ids. It is bounded: when full it is
-// dropped wholesale, which keeps memory fixed without LRU bookkeeping on the
-// hot path (natural text re-fills the common words within a few KB).
+// wordCache maps a piece's bytes to its ids. It is bounded: when a shard is
+// full it is dropped wholesale, which keeps memory fixed without LRU
+// bookkeeping on the hot path (natural text re-fills the common words
+// within a few KB). Sharding keeps concurrent encoders from contending on
+// one lock.
 type wordCache struct {
+	seed   maphash.Seed
+	shards [cacheShards]cacheShard
+}
+
+const cacheShards = 16
+
+type cacheShard struct {
 	mu    sync.RWMutex
 	m     map[string][]int32
 	limit int
+	_     [40]byte // keep shards on separate cache lines
 }
 
 func (c *wordCache) init(limit int) {
-	c.m = make(map[string][]int32)
-	c.limit = limit
+	c.seed = maphash.MakeSeed()
+	for i := range c.shards {
+		c.shards[i].m = make(map[string][]int32)
+		c.shards[i].limit = max(1, limit/cacheShards)
+	}
+}
+
+func (c *wordCache) shard(w string) *cacheShard {
+	return &c.shards[maphash.String(c.seed, w)%cacheShards]
 }
 
 func (c *wordCache) get(w string) ([]int32, bool) {
-	c.mu.RLock()
-	ids, ok := c.m[w]
-	c.mu.RUnlock()
+	sh := c.shard(w)
+	sh.mu.RLock()
+	ids, ok := sh.m[w]
+	sh.mu.RUnlock()
 	return ids, ok
 }
 
 func (c *wordCache) put(w string, ids []int32) {
-	c.mu.Lock()
-	if len(c.m) >= c.limit {
-		c.m = make(map[string][]int32, c.limit/4)
+	sh := c.shard(w)
+	sh.mu.Lock()
+	if len(sh.m) >= sh.limit {
+		sh.m = make(map[string][]int32, sh.limit/4)
 	}
-	c.m[w] = ids
-	c.mu.Unlock()
+	sh.m[w] = ids
+	sh.mu.Unlock()
 }
 
 type symbol struct {
