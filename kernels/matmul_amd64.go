@@ -29,6 +29,24 @@ func mmF32x6AVX2(x *float32, xstride uintptr, p *float32, k int, y *float32, yst
 func mmF32x1AVX2(x *float32, xstride uintptr, p *float32, k int, y *float32, ystride uintptr)
 
 //go:noescape
+func mvBF16EOx4AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+
+//go:noescape
+func mvBF16EOx2AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+
+//go:noescape
+func mmDotF324x4AVX512(y *float32, ystride uintptr, w *byte, wstride uintptr, x *float32, xstride uintptr, n int)
+
+//go:noescape
+func mmDotF324x1AVX512(y *float32, ystride uintptr, w *byte, wstride uintptr, x *float32, xstride uintptr, n int)
+
+//go:noescape
+func mmDotDP4x4AVX512(y *float32, ystride uintptr, w *byte, wstride uintptr, x *float32, xstride uintptr, n int)
+
+//go:noescape
+func mmDotDP4x1AVX512(y *float32, ystride uintptr, w *byte, wstride uintptr, x *float32, xstride uintptr, n int)
+
+//go:noescape
 func packBF16(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int)
 
 //go:noescape
@@ -56,6 +74,41 @@ var (
 // the row kernels of MatVec run once per x row instead.
 const mmSmallN = 4
 
+// mmMultiN: below this many x rows, BF16 MatMul on AVX-512 streams W once
+// per 4 x rows with the even/odd row kernel instead of packing tiles.
+const mmMultiN = 16
+
+// matMulBF16Multi handles small batches: x rows permuted once into scratch,
+// then W rows [lo,hi) against 4, 2 or 1 x rows at a time.
+func matMulBF16Multi(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
+	cols, rows := w.Cols, w.Rows
+	main := cols &^ 31
+	xp := scratch[:n*main]
+	for i := 0; i < n; i++ {
+		permuteEO(xp[i*main:(i+1)*main], x[i*cols:i*cols+main], 16)
+	}
+	_ = y[(n-1)*rows+hi-1]
+	stride, ys, xs := uintptr(2*cols), uintptr(4*rows), uintptr(4*main)
+	wp := &w.Data[2*lo*cols]
+	i := 0
+	for ; i+4 <= n; i += 4 {
+		mvBF16EOx4AVX512(&y[i*rows+lo], ys, wp, stride, &xp[i*main], xs, main, hi-lo)
+	}
+	for ; i+2 <= n; i += 2 {
+		mvBF16EOx2AVX512(&y[i*rows+lo], ys, wp, stride, &xp[i*main], xs, main, hi-lo)
+	}
+	for ; i < n; i++ {
+		mvBF16EORAVX512(&y[i*rows+lo], wp, stride, &xp[i*main], main, hi-lo)
+	}
+	if main < cols {
+		for i := 0; i < n; i++ {
+			for r := lo; r < hi; r++ {
+				y[i*rows+r] += dotTail(w, r, x[i*cols:(i+1)*cols], main, cols)
+			}
+		}
+	}
+}
+
 func matMulRowsAVX512(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
 	matMulRowsSIMD(&mmAVX512, y, w, x, n, lo, hi, scratch)
 }
@@ -66,7 +119,7 @@ func matMulRowsAVX2(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch 
 
 // matMulScratchSIMD: one packed tile (nr x Cols, 32 at most), a row
 // buffer, and an output tile for partial tiles.
-func matMulScratchSIMD(cols int) int { return 33*cols + 8*32 + 64 }
+func matMulScratchSIMD(cols int) int { return max(33*cols+8*32+64, mmMultiN*cols) }
 
 // matMulRowsSIMD packs NR W rows at a time k-major (widened once) and runs
 // the micro-kernel over all x rows against the packed tile.
@@ -75,6 +128,10 @@ func matMulRowsSIMD(s *mmSet, y []float32, w *Matrix, x []float32, n, lo, hi int
 		return
 	}
 	cols, rows := w.Cols, w.Rows
+	if w.DType == BF16 && s.nr == 32 && n < mmMultiN && cols >= 32 {
+		matMulBF16Multi(y, w, x, n, lo, hi, scratch)
+		return
+	}
 	if n < mmSmallN {
 		for i := 0; i < n; i++ {
 			matVecRowsSIMD(s.mv, y[i*rows:(i+1)*rows], w, x[i*cols:(i+1)*cols], lo, hi, scratch)
@@ -240,3 +297,94 @@ func roundBF16(dst []uint16, src []float32) {
 func dpAvailable(w *Matrix) bool {
 	return hasBF16 && impl.isa >= ISAAVX512 && w.DType == BF16
 }
+
+// dotFormAvailable reports whether BF16 MatMul of n rows uses the dot-form
+// kernels (no packing): AVX-512, BF16 weights, at least 32 columns. With
+// bf16 activations the packed VDPBF16PS path wins from mmDotMaxDP rows up
+// (measured 70% vs 54% of the DP peak at n=512; the dot form wins 83% vs
+// 57% at n=48); with float32 activations the dot form won at every n
+// measured (16..512).
+func dotFormAvailable(w *Matrix, n int, dp bool) bool {
+	if dp && n >= mmDotMaxDP {
+		return false
+	}
+	return impl.isa >= ISAAVX512 && w.DType == BF16 && w.Cols >= 32 && n >= mmDotMinN
+}
+
+const mmDotMaxDP = 256
+
+// mmDotXBlock x rows (8 KiB each at 2048 columns) stay in L2 while a
+// thread's W rows stream past them 4 at a time.
+const mmDotXBlock = 64
+
+// matMulDotRows: W (BF16) rows [lo,hi) against n x rows in the dot form.
+// xk points at the kernel's x rows (permuted float32 for f32 activations,
+// bf16 pairs for dp), xstride bytes apart; x is the caller's float32 x for
+// the column tail (f32) and xb the bf16 rows (dp, tails too).
+func matMulDotRows(y []float32, w *Matrix, n, lo, hi int, dp bool, xe []float32, x []float32, xb []uint16, kp2 int) {
+	cols, rows := w.Cols, w.Rows
+	main := cols &^ 31
+	k4, k1 := mmDotF324x4AVX512, mmDotF324x1AVX512
+	var xp unsafe.Pointer
+	var xstride uintptr
+	if dp {
+		k4, k1 = mmDotDP4x4AVX512, mmDotDP4x1AVX512
+		_ = xb[n*kp2-1]
+		xp, xstride = unsafe.Pointer(&xb[0]), uintptr(2*kp2)
+	} else {
+		_ = xe[n*main-1]
+		xp, xstride = unsafe.Pointer(&xe[0]), uintptr(4*main)
+	}
+	_ = y[(n-1)*rows+hi-1]
+	ys, ws := uintptr(4*rows), uintptr(2*cols)
+	r4 := lo + (hi-lo)&^3
+	for i0 := 0; i0 < n; i0 += mmDotXBlock {
+		i1 := min(n, i0+mmDotXBlock)
+		for r := lo; r < r4; r += 4 {
+			wp := &w.Data[2*r*cols]
+			i := i0
+			for ; i+4 <= i1; i += 4 {
+				k4(&y[i*rows+r], ys, wp, ws, (*float32)(unsafe.Add(xp, uintptr(i)*xstride)), xstride, main)
+			}
+			for ; i < i1; i++ {
+				k1(&y[i*rows+r], ys, wp, ws, (*float32)(unsafe.Add(xp, uintptr(i)*xstride)), xstride, main)
+			}
+		}
+	}
+	// Rows past the last group of 4, and columns past the last 32: in Go.
+	for i := 0; i < n; i++ {
+		for r := lo; r < hi; r++ {
+			c0 := main
+			if r >= r4 {
+				c0 = 0
+				y[i*rows+r] = 0
+			}
+			if c0 == cols {
+				continue
+			}
+			if dp {
+				var s float32
+				src := w.Data[2*r*cols:]
+				for c := c0; c < cols; c++ {
+					s += BF16ToF32(binary.LittleEndian.Uint16(src[2*c:])) * BF16ToF32(xb[i*kp2+c])
+				}
+				y[i*rows+r] += s
+			} else {
+				y[i*rows+r] += dotTail(w, r, x[i*cols:(i+1)*cols], c0, cols)
+			}
+		}
+	}
+}
+
+// permuteRows writes x rows [lo,hi) permuted for the even/odd kernels into
+// xe (row stride main = Cols rounded down to 32).
+func permuteRows(xe, x []float32, cols, lo, hi int) {
+	main := cols &^ 31
+	for i := lo; i < hi; i++ {
+		permuteEO(xe[i*main:(i+1)*main], x[i*cols:i*cols+main], 16)
+	}
+}
+
+// mmDotMinN is the smallest batch that takes the dot form (a variable so
+// benchmarks can compare it with the packed path).
+var mmDotMinN = mmMultiN

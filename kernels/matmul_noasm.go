@@ -15,3 +15,13 @@ func roundBF16(dst []uint16, src []float32) {
 		dst[i] = F32ToBF16(v)
 	}
 }
+
+func dotFormAvailable(*Matrix, int, bool) bool { return false }
+
+func matMulDotRows(y []float32, w *Matrix, n, lo, hi int, dp bool, xe []float32, x []float32, xb []uint16, kp2 int) {
+	panic("kernels: no dot-form path in this build")
+}
+
+func permuteRows(xe, x []float32, cols, lo, hi int) {
+	panic("kernels: no dot-form path in this build")
+}

@@ -28,6 +28,7 @@ type Pool struct {
 	scratch [][]float32 // per thread (index 0 is the caller), grown on demand
 	xb      []uint16    // MatMulBF16Act: x rounded to bf16, shared by all threads
 	xr      []float32   // MatMulBF16Act: x rounded to bf16 as float32
+	xe      []float32   // dot-form MatMul: x rows in even/odd order
 	exited  chan struct{}
 }
 
@@ -48,6 +49,8 @@ const (
 	jobRoundBF16 // x rows -> bf16 rows of stride kp2 (for the VDPBF16PS path)
 	jobRoundF32  // x rows -> bf16-rounded float32 (MatMulBF16Act elsewhere)
 	jobMatMulDP
+	jobPermuteEO // x rows -> even/odd order for the dot-form kernels
+	jobMatMulDot // dot-form BF16 MatMul (xe for f32, xb for bf16 activations)
 )
 
 // job holds the arguments of the current call; storing them in the Pool
@@ -62,6 +65,8 @@ type job struct {
 	rows  int // MatMul: rows of x
 	xb    []uint16
 	kp2   int // row stride of xb
+	xe    []float32
+	dp    bool
 	mla   mlaArgs
 }
 
@@ -224,6 +229,10 @@ func (p *Pool) runShare(id, lo, hi int) {
 		for i, v := range j.x[lo*j.w.Cols : hi*j.w.Cols] {
 			j.y[lo*j.w.Cols+i] = BF16ToF32(F32ToBF16(v))
 		}
+	case jobPermuteEO:
+		permuteRows(j.xe, j.x, j.w.Cols, lo, hi)
+	case jobMatMulDot:
+		matMulDotRows(j.y, j.w, j.rows, lo, hi, j.dp, j.xe, j.x, j.xb, j.kp2)
 	case jobMatMulDP:
 		matMulDPRows(j.y, j.w, j.xb, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
 	}
@@ -268,6 +277,18 @@ func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
 	if n == 0 {
 		return
 	}
+	if dotFormAvailable(w, n, false) {
+		main := w.Cols &^ 31
+		if cap(p.xe) < n*main {
+			p.xe = make([]float32, n*main)
+		}
+		xe := p.xe[:n*main]
+		p.job = job{kind: jobPermuteEO, n: n, grain: 1, w: w, x: x, xe: xe}
+		p.run()
+		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, xe: xe, rows: n}
+		p.run()
+		return
+	}
 	p.job = job{kind: jobMatMul, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}
 	p.run()
 }
@@ -292,7 +313,11 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 		xb := p.xb[:n*kp2]
 		p.job = job{kind: jobRoundBF16, n: n, grain: 1, w: w, x: x, xb: xb, kp2: kp2}
 		p.run()
-		p.job = job{kind: jobMatMulDP, n: w.Rows, grain: rowGrain, y: y, w: w, xb: xb, rows: n}
+		if dotFormAvailable(w, n, true) {
+			p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, y: y, w: w, xb: xb, kp2: kp2, rows: n, dp: true}
+		} else {
+			p.job = job{kind: jobMatMulDP, n: w.Rows, grain: rowGrain, y: y, w: w, xb: xb, rows: n}
+		}
 		p.run()
 	case impl.isa == ISAGeneric:
 		p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}

@@ -187,6 +187,10 @@ func genMatMul(g *gen) {
 	genMMAVX2(g, 6)
 	genMMAVX2(g, 1)
 	genCvtBF16(g)
+	for _, nx := range []int{4, 1} {
+		genMMDot(g, nx, false)
+		genMMDot(g, nx, true)
+	}
 	genPack(g, "packBF16", true)
 	genPack(g, "packPairs", false)
 }
@@ -252,5 +256,104 @@ func genPack(g *gen, name string, bf16 bool) {
 	g.p("ADDQ $64, R12")
 	g.p("CMPQ R12, R10")
 	g.p("JL block")
+	g.p("RET")
+}
+
+// genMMDot emits the dot-form BF16 micro-kernel: 4 W rows by nx x rows,
+// each output a full-length dot product (reduced horizontally once at the
+// end), reading W in its stored layout, so nothing is packed.
+//
+// f32 activations (dp false): W lines are split into even/odd float32 by
+// VPSLLD/VPANDD and x rows are pre-permuted by permuteEO.
+// bf16 activations (dp true): VDPBF16PS takes a W line and an x line of bf16
+// pairs directly.
+//
+// func mmDot<F32|DP>4x<nx>AVX512(y *float32, ystride uintptr, w *byte, wstride uintptr, x *float32, xstride uintptr, n int)
+// y[i*ystride/4 + j] = W[j]·x_i for j < 4, i < nx; n (columns) a positive
+// multiple of 32.
+func genMMDot(g *gen, nx int, dp bool) {
+	kind := "F32"
+	if dp {
+		kind = "DP"
+	}
+	g.text(fmt.Sprintf("mmDot%s4x%dAVX512", kind, nx), 56)
+	g.p("MOVQ y+0(FP), DI")
+	g.p("MOVQ ystride+8(FP), R12")
+	g.p("LEAQ (R12)(R12*2), R13")
+	g.p("MOVQ w+16(FP), AX")
+	g.p("MOVQ wstride+24(FP), BX")
+	g.p("LEAQ (BX)(BX*2), DX")
+	g.p("MOVQ x+32(FP), SI")
+	g.p("MOVQ xstride+40(FP), R9")
+	g.p("LEAQ (R9)(R9*2), R10")
+	g.p("MOVQ n+48(FP), CX")
+	if !dp {
+		g.p("MOVL $0xFFFF0000, R11")
+		g.p("VPBROADCASTD R11, Z31")
+	}
+	acc := func(i, j int) int { return i*4 + j }
+	for i := 0; i < nx; i++ {
+		for j := 0; j < 4; j++ {
+			g.p("VXORPS Z%d, Z%d, Z%d", acc(i, j), acc(i, j), acc(i, j))
+		}
+	}
+	wa := func(j int) string {
+		return "(AX)" + []string{"", "(BX*1)", "(BX*2)", "(DX*1)"}[j]
+	}
+	xa := func(i, off int) string {
+		return fmt.Sprintf("%d(SI)%s", off, []string{"", "(R9*1)", "(R9*2)", "(R10*1)"}[i])
+	}
+	g.label("loop")
+	if dp {
+		// x lines: Z16.. (one per x row); W line in Z20.
+		for i := 0; i < nx; i++ {
+			g.p("VMOVDQU32 %s, Z%d", xa(i, 0), 16+i)
+		}
+		for j := 0; j < 4; j++ {
+			g.p("VMOVDQU32 %s, Z20", wa(j))
+			for i := 0; i < nx; i++ {
+				g.raw("\t" + evexOp(2, 0x52, acc(i, j), 20, nil, 16+i, false) + fmt.Sprintf(" // VDPBF16PS Z%d, Z20, Z%d\n", 16+i, acc(i, j)))
+			}
+		}
+		g.p("ADDQ $64, SI")
+	} else {
+		// xe/xo for each x row: Z16+2i, Z17+2i; W halves in Z24, Z25.
+		for i := 0; i < nx; i++ {
+			g.p("VMOVUPS %s, Z%d", xa(i, 0), 16+2*i)
+			g.p("VMOVUPS %s, Z%d", xa(i, 64), 17+2*i)
+		}
+		for j := 0; j < 4; j++ {
+			g.p("VPSLLD $16, %s, Z24", wa(j))
+			for i := 0; i < nx; i++ {
+				g.p("VFMADD231PS Z%d, Z24, Z%d", 16+2*i, acc(i, j))
+			}
+			g.p("VPANDD %s, Z31, Z25", wa(j))
+			for i := 0; i < nx; i++ {
+				g.p("VFMADD231PS Z%d, Z25, Z%d", 17+2*i, acc(i, j))
+			}
+		}
+		g.p("ADDQ $128, SI")
+	}
+	g.p("ADDQ $64, AX")
+	g.p("SUBQ $32, CX")
+	g.p("JNZ loop")
+	// Reduce: for x row i, four accumulators -> [y_i0..y_i3].
+	for i := 0; i < nx; i++ {
+		for j := 0; j < 4; j++ {
+			a := acc(i, j)
+			g.p("VEXTRACTF64X4 $1, Z%d, Y24", a)
+			g.p("VADDPS Y24, Y%d, Y%d", a, a)
+		}
+		// 256-bit hadds on Y registers 0-15 only (VEX); accumulators of
+		// rows i >= 4 do not exist since nx <= 4.
+		b := acc(i, 0)
+		g.p("VHADDPS Y%d, Y%d, Y%d", b+1, b, b)
+		g.p("VHADDPS Y%d, Y%d, Y%d", b+3, b+2, b+2)
+		g.p("VHADDPS Y%d, Y%d, Y%d", b+2, b, b)
+		g.p("VEXTRACTF128 $1, Y%d, X%d", b, b+1)
+		g.p("VADDPS X%d, X%d, X%d", b+1, b, b)
+		g.p("VMOVUPS X%d, %s", b, []string{"(DI)", "(DI)(R12*1)", "(DI)(R12*2)", "(DI)(R13*1)"}[i])
+	}
+	g.p("VZEROUPPER")
 	g.p("RET")
 }

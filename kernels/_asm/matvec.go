@@ -226,6 +226,8 @@ func genMatVec(g *gen) {
 		genMVQ8Rows(g, s)
 		genMVBF16EO(g, s)
 	}
+	genMVBF16EOMulti(g, 4)
+	genMVBF16EOMulti(g, 2)
 }
 
 // genMVBF16EO: BF16 rows without widening shuffles. A 64-byte load holds
@@ -289,6 +291,81 @@ func genMVBF16EO(g *gen, s isa) {
 		g.p("VADDPS %s, %s, %s", s.v(4+i), s.v(i), s.v(i))
 	}
 	reduce1(g, s)
+	g.p("ADDQ $4, DI")
+	g.p("ADDQ BX, R8")
+	g.p("DECQ DX")
+	g.p("JNZ row")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genMVBF16EOMulti: the even/odd BF16 row kernel against nx x vectors at
+// once (small batches: a few tokens for one expert, or batched decode), so
+// W is streamed once per nx vectors instead of once per vector.
+// func mvBF16EOx<nx><ISA>(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+// y[i*ystride/4 + r] = W[r]·x_i; xp rows (permuted by permuteEO) xstride
+// bytes apart; n a positive multiple of 32.
+func genMVBF16EOMulti(g *gen, nx int) {
+	g.text(fmt.Sprintf("mvBF16EOx%dAVX512", nx), 64)
+	g.p("MOVQ y+0(FP), DI")
+	g.p("MOVQ ystride+8(FP), R12")
+	g.p("LEAQ (R12)(R12*2), R11")
+	g.p("MOVQ w+16(FP), R8")
+	g.p("MOVQ stride+24(FP), BX")
+	g.p("MOVQ xp+32(FP), SI")
+	g.p("MOVQ xstride+40(FP), R9")
+	g.p("LEAQ (R9)(R9*2), R10")
+	g.p("MOVQ rows+56(FP), DX")
+	g.p("MOVL $0xFFFF0000, AX")
+	g.p("MOVD AX, X15")
+	g.p("VPBROADCASTD X15, Z15")
+	xa := func(i, off int) string {
+		return fmt.Sprintf("%d(R13)%s", off, []string{"", "(R9*1)", "(R9*2)", "(R10*1)"}[i])
+	}
+	g.label("row")
+	g.p("MOVQ R8, AX")
+	g.p("MOVQ SI, R13")
+	g.p("MOVQ n+48(FP), CX")
+	for i := 0; i < 2*nx; i++ {
+		g.p("VXORPS Z%d, Z%d, Z%d", i, i, i)
+	}
+	g.label("loop")
+	g.p("VPSLLD $16, (AX), Z16")
+	g.p("VPANDD (AX), Z15, Z17")
+	for i := 0; i < nx; i++ {
+		g.p("VFMADD231PS %s, Z16, Z%d", xa(i, 0), i)
+		g.p("VFMADD231PS %s, Z17, Z%d", xa(i, 64), nx+i)
+	}
+	g.p("ADDQ $64, AX")
+	g.p("ADDQ $128, R13")
+	g.p("SUBQ $32, CX")
+	g.p("JNZ loop")
+	for i := 0; i < nx; i++ {
+		g.p("VADDPS Z%d, Z%d, Z%d", nx+i, i, i)
+		g.p("VEXTRACTF64X4 $1, Z%d, Y14", i)
+		g.p("VADDPS Y14, Y%d, Y%d", i, i)
+		g.p("VEXTRACTF128 $1, Y%d, X14", i)
+		g.p("VADDPS X14, X%d, X%d", i, i)
+	}
+	switch nx {
+	case 1:
+		g.p("VHADDPS X0, X0, X0")
+		g.p("VHADDPS X0, X0, X0")
+		g.p("VMOVSS X0, (DI)")
+	case 2:
+		g.p("VHADDPS X1, X0, X0")
+		g.p("VHADDPS X0, X0, X0")
+		g.p("VMOVSS X0, (DI)")
+		g.p("VEXTRACTPS $1, X0, (DI)(R12*1)")
+	case 4:
+		g.p("VHADDPS X1, X0, X0")
+		g.p("VHADDPS X3, X2, X2")
+		g.p("VHADDPS X2, X0, X0")
+		g.p("VMOVSS X0, (DI)")
+		g.p("VEXTRACTPS $1, X0, (DI)(R12*1)")
+		g.p("VEXTRACTPS $2, X0, (DI)(R12*2)")
+		g.p("VEXTRACTPS $3, X0, (DI)(R11*1)")
+	}
 	g.p("ADDQ $4, DI")
 	g.p("ADDQ BX, R8")
 	g.p("DECQ DX")
