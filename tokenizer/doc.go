@@ -17,9 +17,10 @@
 // # Fidelity
 //
 // Encode equals HF tokenizers 0.23 on DeepSeek-V2's 98 reference encodings,
-// llama.cpp's deepseek-llm vectors, and 1,589 (committed) plus 200,000
-// random and 1,445 real-file (not committed; see testdata/oracle) texts for
-// V2 and V3. The details that matter:
+// llama.cpp's deepseek-llm vectors, 1,589 committed texts, and (run by
+// hand with TOKENIZER_ORACLE_FILE, see testdata/oracle) 230,000 random
+// texts and 1,445 real source/prose files, for V2 and V3 alike. The details
+// that matter:
 //   - Regexes run leftmost-first like Oniguruma. DeepSeek-V3's patterns
 //     (one uses lookahead) are hand-written loops (fastre.go); character
 //     class patterns like V2's run as class loops (classre.go); others go to
