@@ -410,10 +410,14 @@ func parseGenerationConfig(b []byte, c *Config, g *GenerationConfig) (*Generatio
 			return nil, fmt.Errorf("%w: generation_config.json: field \"eos_token_id\": want an int or a list of ints", ErrConfig)
 		}
 	}
+	// HF accepts stop ids outside the vocabulary; they can never be
+	// sampled, so they are dropped rather than refused.
+	kept := g.EOSTokenIDs[:0]
 	for _, id := range g.EOSTokenIDs {
-		if id < 0 || id >= c.VocabSize {
-			return nil, fmt.Errorf("%w: generation_config.json: field \"eos_token_id\": %d outside vocab of %d", ErrConfig, id, c.VocabSize)
+		if id >= 0 && id < c.VocabSize {
+			kept = append(kept, id)
 		}
 	}
+	g.EOSTokenIDs = kept
 	return g, nil
 }

@@ -120,8 +120,10 @@ func TestConfigDefaultsAndLists(t *testing.T) {
 	if _, err := parseGenerationConfig([]byte(`{"eos_token_id": "x"}`), c, &GenerationConfig{}); !errors.Is(err, ErrConfig) {
 		t.Fatalf("bad eos: %v", err)
 	}
-	if _, err := parseGenerationConfig([]byte(`{"eos_token_id": 100000}`), c, &GenerationConfig{}); !errors.Is(err, ErrConfig) {
-		t.Fatalf("eos outside vocab: %v", err)
+	// Like HF, a stop id outside the vocabulary is accepted (and can never fire).
+	g, err = parseGenerationConfig([]byte(`{"eos_token_id": [100000, 1]}`), c, &GenerationConfig{})
+	if err != nil || len(g.EOSTokenIDs) != 1 || g.EOSTokenIDs[0] != 1 {
+		t.Fatalf("eos outside vocab: %v %v", g, err)
 	}
 }
 
