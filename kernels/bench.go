@@ -139,6 +139,30 @@ func RunBench(w io.Writer, threads []int) error {
 		fmt.Fprintln(w)
 	}
 
+	// The whole expert (fused gate/up, SiLU·mul, down) for one token.
+	{
+		gates := make([][3]*Matrix, max(1, (256<<20)/(3*1408*2048*2)))
+		for i := range gates {
+			gates[i] = [3]*Matrix{benchMatrix(BF16, 1408, 2048, uint64(3*i)), benchMatrix(BF16, 1408, 2048, uint64(3*i+1)), benchMatrix(BF16, 2048, 1408, uint64(3*i+2))}
+		}
+		per := 3 * gates[0][0].Bytes()
+		x, out := make([]float32, 2048), make([]float32, 2048)
+		scratch := make([]float32, FFNScratchSize(1, 1408))
+		fmt.Fprintf(w, "%-34s", "BF16 ExpertFFN 2048-1408-2048 n=1")
+		for _, t := range threads {
+			p := pools[t]
+			k := 0
+			r := bestRates(30, readSample(p, per), func() float64 {
+				e := gates[k]
+				k = (k + 1) % len(gates)
+				p.ExpertFFN(out, x, 1, e[0], e[1], e[2], scratch)
+				return float64(per)
+			})
+			fmt.Fprintf(w, " | %7.1f  %5.1f%%", r[1]/1e9, 100*r[1]/r[0])
+		}
+		fmt.Fprintln(w)
+	}
+
 	fmt.Fprintf(w, "\n%-34s", "MatMul (prefill n=512)")
 	for _, t := range threads {
 		fmt.Fprintf(w, " | t%d GFLOP/s of-peak", t)

@@ -51,6 +51,8 @@ const (
 	jobMatMulDP
 	jobPermuteEO // x rows -> even/odd order for the dot-form kernels
 	jobMatMulDot // dot-form BF16 MatMul (xe for f32, xb for bf16 activations)
+	jobFFNGateUp // ExpertFFN: gate and up rows, then SiLU·mul into y
+	jobRows      // y = W·x by rowsFor
 )
 
 // job holds the arguments of the current call; storing them in the Pool
@@ -67,6 +69,8 @@ type job struct {
 	kp2   int // row stride of xb
 	xe    []float32
 	dp    bool
+	w2    *Matrix   // ExpertFFN: up
+	y2    []float32 // ExpertFFN: up outputs
 	mla   mlaArgs
 }
 
@@ -229,6 +233,18 @@ func (p *Pool) runShare(id, lo, hi int) {
 		for i, v := range j.x[lo*j.w.Cols : hi*j.w.Cols] {
 			j.y[lo*j.w.Cols+i] = BF16ToF32(F32ToBF16(v))
 		}
+	case jobFFNGateUp:
+		// The gate and up rows [lo,hi) of every token, then SiLU·mul on
+		// exactly those rows: no synchronisation in between.
+		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.rows, lo, hi)
+		p.rowsFor(id, j.y2, j.w2, j.x, j.xe, j.rows, lo, hi)
+		inter := j.w.Rows
+		for i := 0; i < j.rows; i++ {
+			g := j.y[i*inter+lo : i*inter+hi]
+			impl.siluMul(g, g, j.y2[i*inter+lo:i*inter+hi])
+		}
+	case jobRows:
+		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.rows, lo, hi)
 	case jobPermuteEO:
 		permuteRows(j.xe, j.x, j.w.Cols, lo, hi)
 	case jobMatMulDot:

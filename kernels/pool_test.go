@@ -37,7 +37,13 @@ func TestPoolNoAllocs(t *testing.T) {
 	blocks := [][]float32{make([]float32, 16*80)}
 	out, q, pe := make([]float32, 16*64), make([]float32, 16*64), make([]float32, 16*16)
 	scratch := make([]float32, MLAScratchSize(16, 16))
+	gate, up, down := fastMatrix(2, BF16, 256, 128), fastMatrix(3, BF16, 256, 128), fastMatrix(4, BF16, 128, 256)
+	ffnOut := make([]float32, 20*128)
+	ffnX := make([]float32, 20*128)
+	ffnScratch := make([]float32, FFNScratchSize(20, 256))
 	run := func() {
+		p.ExpertFFN(ffnOut[:128], ffnX[:128], 1, gate, up, down, ffnScratch)
+		p.ExpertFFN(ffnOut, ffnX, 20, gate, up, down, ffnScratch)
 		p.MatVec(y[:256], w, x[:128])
 		p.MatMul(y, w, x, 8)
 		p.MatMulBF16Act(y, w, x, 8)
