@@ -50,7 +50,8 @@
 // characters missing from a vocab without unk_token). For valid UTF-8 the
 // ids equal HuggingFace's. Decode returns the raw bytes of the tokens; it
 // does not replace invalid sequences with U+FFFD as HuggingFace's decode
-// does (use strings.ToValidUTF8 where valid text is required). Ids that are
+// does; DecodeLossy and NewLossyStream do exactly what HuggingFace does
+// (checked against its decode of random id sequences). Ids that are
 // no token (V2's padding ids 100002-102399) decode to nothing, as in HF.
 //
 // # Chat templates

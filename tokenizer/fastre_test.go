@@ -218,8 +218,9 @@ func FuzzV3Matcher(f *testing.F) {
 	})
 }
 
-// FuzzRoundTrip checks decode(encode(x)) == x for any bytes, and that
-// streaming gives the same bytes without splitting characters.
+// FuzzRoundTrip checks decode(encode(x)) == x for any bytes, that
+// streaming gives the same bytes without splitting characters, and that a
+// lossy stream gives DecodeLossy's text in valid UTF-8 deltas.
 func FuzzRoundTrip(f *testing.F) {
 	for _, s := range []string{"", "Hello world", "<｜User｜>hi", "😀\xff", "  \n\t中文 123", "\xe4\xb8"} {
 		f.Add(s)
@@ -245,6 +246,18 @@ func FuzzRoundTrip(f *testing.F) {
 			}
 			if b.WriteString(st.Flush()); b.String() != s {
 				t.Fatalf("stream of %q = %q", s, b.String())
+			}
+			lossy := tok.NewLossyStream(false)
+			b.Reset()
+			for _, id := range ids {
+				d := lossy.Add(id)
+				if !utf8.ValidString(d) {
+					t.Fatalf("%q: lossy delta %q invalid", s, d)
+				}
+				b.WriteString(d)
+			}
+			if b.WriteString(lossy.Flush()); b.String() != tok.DecodeLossy(ids, false) {
+				t.Fatalf("lossy stream of %q = %q, DecodeLossy %q", s, b.String(), tok.DecodeLossy(ids, false))
 			}
 		}
 	})

@@ -13,6 +13,7 @@ import "unicode/utf8"
 type Stream struct {
 	t       *Tokenizer
 	skip    bool
+	lossy   bool // replace invalid sequences (NewLossyStream)
 	pending []byte
 }
 
@@ -41,15 +42,22 @@ func (s *Stream) Add(id int) string {
 	if cut == 0 {
 		return ""
 	}
-	out := string(s.pending[:cut])
+	out := s.text(s.pending[:cut])
 	s.pending = append(s.pending[:0], s.pending[cut:]...)
 	return out
 }
 
-// Flush returns whatever is held back (an incomplete final character, as
-// raw bytes) and resets the stream for reuse.
+func (s *Stream) text(b []byte) string {
+	if s.lossy && !utf8.Valid(b) {
+		return string(appendLossy(nil, b))
+	}
+	return string(b)
+}
+
+// Flush returns whatever is held back (an incomplete final character: raw
+// bytes, or U+FFFD in a lossy stream) and resets the stream for reuse.
 func (s *Stream) Flush() string {
-	out := string(s.pending)
+	out := s.text(s.pending)
 	s.pending = s.pending[:0]
 	return out
 }
