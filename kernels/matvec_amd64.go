@@ -45,6 +45,9 @@ func mvBF16EORAVX512(y *float32, w *byte, stride uintptr, xp *float32, n int, ro
 func mvBF16EORAVX2(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
 
 //go:noescape
+func mvF8WRAVX512(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
+
+//go:noescape
 func mvQ8RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
 
 type mvFunc func(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
@@ -56,6 +59,7 @@ type mvSet struct {
 	rows  [Q8_0]mvFunc // indexed by DType (F32..F8E4M3)
 	q8    mvQ8Func
 	bf16  mvFunc // even/odd BF16 kernel taking x permuted by permuteEO
+	f8w   mvFunc // FP8 kernel over 32 columns at a time (nil: use rows[F8E4M3])
 }
 
 var mvAVX512 = mvSet{
@@ -63,6 +67,7 @@ var mvAVX512 = mvSet{
 	rows:  [Q8_0]mvFunc{mvF32RAVX512, mvBF16RAVX512, mvF16RAVX512, mvF8RAVX512},
 	q8:    mvQ8RAVX512,
 	bf16:  mvBF16EORAVX512,
+	f8w:   mvF8WRAVX512,
 }
 
 var mvAVX2 = mvSet{
@@ -102,10 +107,18 @@ func matVecRowsSIMD(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int, s
 			rb := r0 / F8Block
 			r1 := min(hi, (rb+1)*F8Block)
 			srow := w.Scales[rb*nb : (rb+1)*nb]
-			for c := range xs {
-				xs[c] = x[c] * (srow[c/F8Block] * 256)
+			copy(xs, x[:cols])
+			for b, sc := range srow {
+				impl.scale(xs[b*F8Block:min((b+1)*F8Block, cols)], sc*256)
 			}
-			mvRange(s, y, w, xs, r0, r1)
+			if main := cols &^ 31; s.f8w != nil && main > 0 {
+				s.f8w(&y[r0], &w.Data[r0*cols], uintptr(cols), &xs[0], main, r1-r0)
+				for r := r0; r < r1 && main < cols; r++ {
+					y[r] += dotTail(w, r, xs, main, cols)
+				}
+			} else {
+				mvRange(s, y, w, xs, r0, r1)
+			}
 			r0 = r1
 		}
 	case BF16:
