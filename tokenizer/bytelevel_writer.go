@@ -45,8 +45,9 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024. Once upon a time there was a litt
 
 // WriteByteLevel writes tokenizer.json and tokenizer_config.json for a small
 // byte-level BPE into dir: the 256 byte tokens (ids 0-255), merges learned
-// from a built-in text up to vocabSize-4 tokens, then BOS, EOS, <｜User｜>
-// and <｜Assistant｜> as the last four ids. It uses DeepSeek-V3's
+// from a built-in text, letter n-grams that fill the vocab to vocabSize-4
+// tokens, then BOS, EOS, <｜User｜> and <｜Assistant｜> as the last four ids
+// (so VocabSize() == vocabSize and every id decodes to text). It uses DeepSeek-V3's
 // pre-tokenizer, and the config carries a DeepSeek-V3-style chat template,
 // so text prompts and chats work on tiny random models.
 func WriteByteLevel(dir string, vocabSize int) error {
@@ -77,6 +78,7 @@ func byteLevelFiles(vocabSize int) (tokenizerJSON, configJSON []byte, err error)
 			vocab[m[0]+m[1]] = len(vocab)
 		}
 	}
+	fillVocab(vocab, vocabSize-4)
 	var added []jsonAddedToken
 	for i, s := range []string{BOSText, EOSText, UserText, AssistantText} {
 		added = append(added, jsonAddedToken{
@@ -122,6 +124,29 @@ func byteLevelFiles(vocabSize int) (tokenizerJSON, configJSON []byte, err error)
 		return nil, nil, err
 	}
 	return tokenizerJSON, configJSON, nil
+}
+
+// fillVocab adds letter n-grams (space-prefixed or not, shortest first)
+// until the vocab has n tokens. No merge produces them, so encoding is
+// unchanged, but every id a tiny random model can emit decodes to text.
+func fillVocab(vocab map[string]int, n int) {
+	const letters = "etaoinshrdlucmfwypvbgkjqxz"
+	grams := []string{""}
+	for len(vocab) < n {
+		var next []string
+		for _, g := range grams {
+			for i := 0; i < len(letters) && len(vocab) < n; i++ {
+				w := g + letters[i:i+1]
+				next = append(next, w)
+				for _, tok := range []string{byteLevelString(" " + w), w} {
+					if _, ok := vocab[tok]; !ok && len(vocab) < n && len(w) > 1 {
+						vocab[tok] = len(vocab)
+					}
+				}
+			}
+		}
+		grams = next
+	}
 }
 
 // trainMerges learns up to n BPE merges from text, pre-tokenized with

@@ -23,7 +23,7 @@ func TestWriteByteLevel(t *testing.T) {
 		if err != nil {
 			t.Fatalf("size %d: %v", size, err)
 		}
-		if tok.VocabSize() > size {
+		if tok.VocabSize() != size {
 			t.Errorf("size %d: VocabSize %d", size, tok.VocabSize())
 		}
 		bos, okB := tok.BOS()
@@ -54,7 +54,7 @@ func TestWriteByteLevel(t *testing.T) {
 		}
 		user, _ := tok.TokenID(UserText)
 		asst, _ := tok.TokenID(AssistantText)
-		if ids := tok.Encode(p, false); ids[0] != bos || ids[2] != user || ids[len(ids)-1] != asst {
+		if ids := tok.Encode(p, false); ids[0] != bos || ids[2] != user || ids[len(ids)-1] != asst || asst != size-1 {
 			t.Errorf("size %d: prompt ids %v", size, ids)
 		}
 	}
