@@ -50,8 +50,6 @@ type Node struct {
 		held [][]bool // [layer][expert]; nil rows for dense layers
 	}
 
-	jobs sync.Pool // *job: per-request buffers reused across requests
-
 	requests   atomic.Uint64
 	rowsServed []atomic.Uint64 // per layer
 

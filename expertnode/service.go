@@ -32,9 +32,9 @@ type service struct {
 }
 
 // job is one dispatch request on its way through a stream's pipeline,
-// with every buffer it needs. Jobs are pooled so steady-state traffic
-// allocates no per-row memory: x, out and data grow to the largest batch
-// seen and are reused.
+// with every buffer it needs. Each stream recycles its own jobs (jobList)
+// so steady-state traffic allocates no per-row memory: x, out and data grow
+// to the largest batch seen on the stream and are reused.
 type job struct {
 	id      uint64
 	layer   int
@@ -52,16 +52,30 @@ type job struct {
 	data   []byte
 }
 
-func (n *Node) getJob() *job {
-	if j, ok := n.jobs.Get().(*job); ok {
+// jobList is a stream's free list. It holds every job the pipeline can
+// have in flight (one per stage plus both queues), so a put never drops
+// one and after warm-up a get never allocates. A per-stream list rather
+// than a sync.Pool keeps buffers sized to that stream's batches and
+// survives garbage collections.
+type jobList chan *job
+
+const jobsPerStream = 2*pipelineDepth + 3
+
+func (l jobList) get() *job {
+	select {
+	case j := <-l:
 		return j
+	default:
+		return new(job)
 	}
-	return new(job)
 }
 
-func (n *Node) putJob(j *job) {
+func (l jobList) put(j *job) {
 	j.ids, j.weights, j.msg = nil, nil, ""
-	n.jobs.Put(j)
+	select {
+	case l <- j:
+	default:
+	}
 }
 
 // Dispatch runs one stream as a three-stage pipeline so that receiving and
@@ -78,6 +92,7 @@ func (n *Node) putJob(j *job) {
 func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]) error {
 	n := s.n
 	ctx := st.Context()
+	free := make(jobList, jobsPerStream)
 	jobs := make(chan *job, pipelineDepth)
 	replies := make(chan *job, pipelineDepth)
 	var wg sync.WaitGroup
@@ -100,7 +115,7 @@ func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, m
 			if sendErr == nil {
 				sendErr = st.Send(n.reply(j))
 			}
-			n.putJob(j)
+			free.put(j)
 		}
 	}()
 
@@ -113,11 +128,10 @@ func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, m
 			}
 			break
 		}
-		j := n.prepare(req)
+		j := n.prepare(free.get(), req)
 		select {
 		case jobs <- j:
 		case <-ctx.Done():
-			n.putJob(j)
 			recvErr = ctx.Err()
 		}
 	}
@@ -129,11 +143,11 @@ func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, m
 	return sendErr
 }
 
-// prepare validates req completely and decodes its rows. A request that
-// fails comes back with a non-OK code and a message naming the problem.
-func (n *Node) prepare(req *meshpb.DispatchRequest) *job {
+// prepare validates req completely and decodes its rows into j. A request
+// that fails comes back with a non-OK code and a message naming the
+// problem.
+func (n *Node) prepare(j *job, req *meshpb.DispatchRequest) *job {
 	n.requests.Add(1)
-	j := n.getJob()
 	j.id, j.code, j.compute = req.Id, codes.OK, 0
 	fail := func(c codes.Code, format string, args ...any) *job {
 		j.code, j.msg = c, fmt.Sprintf(format, args...)

@@ -1,0 +1,5 @@
+//go:build !race
+
+package expertnode
+
+const raceEnabled = false
