@@ -6,8 +6,8 @@ import (
 	"sync"
 )
 
-// maxCachedWord bounds the words kept in the cache: long pieces (a run of
-// spaces, a base64 blob) are rare and would only evict useful entries.
+// maxCachedWord bounds the pieces kept in the caches: long pieces (a run
+// of spaces, a base64 blob) are rare and would only evict useful entries.
 const maxCachedWord = 64
 
 // wordCache maps a piece's bytes to its ids. It is bounded: when a shard is
@@ -116,20 +116,12 @@ func (sc *bpeScratch) release() {
 
 var scratchPool = sync.Pool{New: func() any { return new(bpeScratch) }}
 
-// bpeWord appends the ids of one pre-tokenized piece (raw bytes).
+// bpeWord appends the ids of one pre-tokenized piece (raw bytes); the
+// caller caches.
 func (t *Tokenizer) bpeWord(word string, out []int, sc *bpeScratch) []int {
 	if len(word) == 1 {
 		if id := t.byteID[word[0]]; id >= 0 {
 			return append(out, int(id))
-		}
-	}
-	cacheable := len(word) <= maxCachedWord
-	if cacheable {
-		if ids, ok := t.cache.get(word); ok {
-			for _, id := range ids {
-				out = append(out, int(id))
-			}
-			return out
 		}
 	}
 	if t.ignoreMerges {
@@ -137,12 +129,8 @@ func (t *Tokenizer) bpeWord(word string, out []int, sc *bpeScratch) []int {
 			return append(out, id)
 		}
 	}
-	ids := t.merge(word, sc)
-	for _, id := range ids {
+	for _, id := range t.merge(word, sc) {
 		out = append(out, int(id))
-	}
-	if cacheable {
-		t.cache.put(word, append([]int32(nil), ids...))
 	}
 	return out
 }

@@ -39,7 +39,7 @@ func (t *Tokenizer) appendIDs(out []int, text string) []int {
 			if sg2.id >= 0 {
 				out = append(out, sg2.id)
 			} else if sg2.start < sg2.end {
-				out = t.encodePiece(text, span{sg2.start, sg2.end}, 0, out, sc)
+				out = t.encodePiece(text, span{sg2.start, sg2.end}, 0, out, sc, false)
 			}
 		}
 	}
@@ -49,14 +49,39 @@ func (t *Tokenizer) appendIDs(out []int, text string) []int {
 // encodePiece runs pre-tokenizer steps level.. on p depth first, so each
 // level's buffer holds only the sub-pieces of one piece, then BPE on the
 // leaves.
-func (t *Tokenizer) encodePiece(text string, p span, level int, out []int, sc *bpeScratch) []int {
+//
+// What a piece becomes from a given level on depends only on its text, so
+// the first time a piece is short enough it is looked up in that level's
+// cache, and on a miss the rest of its pipeline runs uncached (inCached)
+// and the result is stored. For DeepSeek-V3 that level is the BPE leaf
+// (words come out of the last split); for V2 it is after the letter split,
+// which skips four more splits for every repeated word.
+func (t *Tokenizer) encodePiece(text string, p span, level int, out []int, sc *bpeScratch, inCached bool) []int {
+	w := text[p.start:p.end]
+	if !inCached && len(w) <= maxCachedWord && len(w) > 1 {
+		c := &t.caches[level]
+		if ids, ok := c.get(w); ok {
+			for _, id := range ids {
+				out = append(out, int(id))
+			}
+			return out
+		}
+		start := len(out)
+		out = t.encodePiece(text, p, level, out, sc, true)
+		ids := make([]int32, len(out)-start)
+		for i, id := range out[start:] {
+			ids[i] = int32(id)
+		}
+		c.put(w, ids)
+		return out
+	}
 	if level == len(t.pre) {
-		return t.bpeWord(text[p.start:p.end], out, sc)
+		return t.bpeWord(w, out, sc)
 	}
 	pieces := t.pre[level].split(text, p, sc.levels[level][:0], &sc.matches)
 	sc.levels[level] = pieces // deeper levels use other buffers
 	for _, q := range pieces {
-		out = t.encodePiece(text, q, level+1, out, sc)
+		out = t.encodePiece(text, q, level+1, out, sc, inCached)
 	}
 	return out
 }

@@ -49,7 +49,7 @@ type Tokenizer struct {
 		err  error
 	}
 
-	cache wordCache
+	caches []wordCache // per pre-tokenizer level, plus the BPE leaf (encodePiece)
 }
 
 type merge struct{ rank, id int32 }
@@ -184,7 +184,10 @@ func FromJSON(tokenizerJSON, configJSON []byte) (*Tokenizer, error) {
 	if err := t.loadConfig(j.PostProcessor, configJSON); err != nil {
 		return nil, err
 	}
-	t.cache.init(1 << 16)
+	t.caches = make([]wordCache, len(t.pre)+1)
+	for i := range t.caches {
+		t.caches[i].init(1 << 16)
+	}
 	return t, nil
 }
 
