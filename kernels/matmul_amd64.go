@@ -50,6 +50,9 @@ func mmDotDP4x1AVX512(y *float32, ystride uintptr, w *byte, wstride uintptr, x *
 func packBF16(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int)
 
 //go:noescape
+func packQ8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
+
+//go:noescape
 func packPairs(dst *uint32, src *byte, srcStride uintptr, rows, pairs, nr int)
 
 //go:noescape
@@ -205,6 +208,17 @@ func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
 			src := w.Data[2*(r0+j)*cols:]
 			for c := main; c < cols; c++ {
 				dst[c*nr+j] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(src[2*c:])) << 16)
+			}
+		}
+		return
+	}
+	if w.DType == Q8_0 && cnt > 0 && cols >= 64 {
+		main, nb := cols&^63, cols/Q8Block
+		packQ8(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, main, nr, &w.Scales[r0*nb], uintptr(4*nb))
+		for j := 0; j < cnt && main < cols; j++ {
+			r := r0 + j
+			for c := main; c < cols; c++ {
+				dst[c*nr+j] = float32(int8(w.Data[r*cols+c])) * w.Scales[r*nb+c/Q8Block]
 			}
 		}
 		return

@@ -193,6 +193,7 @@ func genMatMul(g *gen) {
 	}
 	genPack(g, "packBF16", true)
 	genPack(g, "packPairs", false)
+	genPackQ8(g)
 }
 
 // genPack emits the k-major packing loops (scalar: a register transpose
@@ -354,6 +355,65 @@ func genMMDot(g *gen, nx int, dp bool) {
 		g.p("VADDPS X%d, X%d, X%d", b+1, b, b)
 		g.p("VMOVUPS X%d, %s", b, []string{"(DI)", "(DI)(R12*1)", "(DI)(R12*2)", "(DI)(R13*1)"}[i])
 	}
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genPackQ8 emits func packQ8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr):
+// dst[c*nr+j] = float32(int8 src[j][c]) * s[j][c/32] (s rows sstride bytes
+// apart), cols % 64 == 0; blocked like genPack.
+func genPackQ8(g *gen) {
+	g.text("packQ8", 64)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ srcStride+16(FP), R8")
+	g.p("MOVQ rows+24(FP), R9")
+	g.p("MOVQ cols+32(FP), R10")
+	g.p("MOVQ nr+40(FP), R11")
+	g.p("SHLQ $2, R11")
+	g.p("VXORPS X2, X2, X2")
+	g.p("XORQ R12, R12") // column block start
+	g.label("block")
+	g.p("XORQ R13, R13") // j
+	g.label("row")
+	g.p("MOVQ R13, AX")
+	g.p("IMULQ R8, AX")
+	g.p("ADDQ SI, AX")
+	g.p("ADDQ R12, AX") // src + j*stride + c0
+	g.p("MOVQ R12, BX")
+	g.p("IMULQ R11, BX")
+	g.p("ADDQ DI, BX")
+	g.p("LEAQ (BX)(R13*4), BX") // dst + c0*nr*4 + j*4
+	g.p("MOVQ sstride+56(FP), DX")
+	g.p("IMULQ R13, DX")
+	g.p("ADDQ s+48(FP), DX")
+	g.p("MOVQ R12, CX")
+	g.p("SHRQ $5, CX")
+	g.p("LEAQ (DX)(CX*4), DX") // &s[j][c0/32]
+	for half := 0; half < 2; half++ {
+		g.p("MOVSS %d(DX), X1", 4*half)
+		g.p("MOVQ $4, CX")
+		g.label(fmt.Sprintf("inner%d", half))
+		for u := 0; u < 8; u++ {
+			// VEX 3-operand convert merges into zeroed X2, not into the
+			// previous X0: no false dependency chain through the loop.
+			x := u % 4
+			g.p("MOVBLSX %d(AX), R14", u)
+			g.p("VCVTSI2SSL R14, X2, X%d", 4+x)
+			g.p("VMULSS X1, X%d, X%d", 4+x, 4+x)
+			g.p("VMOVSS X%d, (BX)", 4+x)
+			g.p("ADDQ R11, BX")
+		}
+		g.p("ADDQ $8, AX")
+		g.p("DECQ CX")
+		g.p(fmt.Sprintf("JNZ inner%d", half))
+	}
+	g.p("INCQ R13")
+	g.p("CMPQ R13, R9")
+	g.p("JL row")
+	g.p("ADDQ $64, R12")
+	g.p("CMPQ R12, R10")
+	g.p("JL block")
 	g.p("VZEROUPPER")
 	g.p("RET")
 }
