@@ -250,6 +250,48 @@ func RunBench(w io.Writer, threads []int) error {
 		fmt.Fprintln(w)
 	}
 
+	// Q8_0 against the BF16 it was quantised from, on Gaussian weights and
+	// activations (kernel level; the model's logprob deviation is the
+	// engine's to report).
+	{
+		wb := benchMatrix(BF16, 1408, 2048, 5)
+		g := uint64(12345)
+		gauss := func() float32 { // sum of 4 uniforms, variance 1
+			var s float32
+			for k := 0; k < 4; k++ {
+				g ^= g << 13
+				g ^= g >> 7
+				g ^= g << 17
+				s += float32(g>>40)/(1<<24) - 0.5
+			}
+			return s * 1.7320508
+		}
+		for i := 0; i < len(wb.Data); i += 2 {
+			binary.LittleEndian.PutUint16(wb.Data[i:], F32ToBF16(gauss()*0.02))
+		}
+		wq, err := QuantizeQ8(wb)
+		if err != nil {
+			return err
+		}
+		x := make([]float32, 2048)
+		for i := range x {
+			x[i] = gauss()
+		}
+		yb, yq := make([]float32, 1408), make([]float32, 1408)
+		p := pools[threads[0]]
+		p.MatVec(yb, wb, x)
+		p.MatVec(yq, wq, x)
+		var maxD, sumD2, sumY2 float64
+		for i := range yb {
+			d := float64(yq[i] - yb[i])
+			maxD = max(maxD, math.Abs(d))
+			sumD2 += d * d
+			sumY2 += float64(yb[i]) * float64(yb[i])
+		}
+		fmt.Fprintf(w, "\nQ8_0 vs BF16 MatVec 1408x2048 (Gaussian): rms error %.2e of rms output, max |Δ| %.2e (rms output %.3f); bytes %.2fx\n",
+			math.Sqrt(sumD2/sumY2), maxD, math.Sqrt(sumY2/1408), float64(wq.Bytes())/float64(wb.Bytes()))
+	}
+
 	fmt.Fprintf(w, "\nvector kernels (1 thread, ns/call, 2048 floats unless noted)\n")
 	a, b, o := make([]float32, 2048), make([]float32, 2048), make([]float32, 2048)
 	for i := range a {

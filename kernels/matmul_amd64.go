@@ -319,10 +319,15 @@ func dpAvailable(w *Matrix) bool {
 // 57% at n=48); with float32 activations the dot form won at every n
 // measured (16..512).
 func dotFormAvailable(w *Matrix, n int, dp bool) bool {
-	if dp && n >= mmDotMaxDP {
+	if impl.isa < ISAAVX512 || w.DType != BF16 || w.Cols < 32 {
 		return false
 	}
-	return impl.isa >= ISAAVX512 && w.DType == BF16 && w.Cols >= 32 && n >= mmDotMinN
+	if dp {
+		// Small bf16 batches have no multi-x row kernel; the dot form
+		// needs no packing, so it serves them too.
+		return n < mmDotMaxDP
+	}
+	return n >= mmDotMinN
 }
 
 const mmDotMaxDP = 256
