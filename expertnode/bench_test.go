@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -195,5 +196,95 @@ func TestSteadyStateAllocs(t *testing.T) {
 	t.Logf("allocs per request: %v", allocs)
 	if allocs[32] > allocs[1] || allocs[1] > 4 {
 		t.Errorf("allocs per request %v: want at most 4 and none growing with rows", allocs)
+	}
+}
+
+// BenchmarkDispatchVsRaw interleaves one gRPC dispatch round trip and one
+// raw TCP round trip of the same byte counts per iteration, so both see
+// the same machine load, and reports their means and ratios:
+// ratio = dispatch / raw, overhead-ratio = (dispatch - compute) / raw,
+// where compute is the node's own compute_us.
+func BenchmarkDispatchVsRaw(b *testing.B) {
+	cfg := testConfig("all")
+	cfg.Threads = 1
+	node := startNode(b, cfg)
+	_, c := dial(b, node)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer lis.Close()
+	for _, rows := range benchRows {
+		b.Run(fmt.Sprintf("rows=%d", rows), func(b *testing.B) {
+			req := benchRequest(rows)
+			reqBytes := proto.Size(req)
+			resp := &meshpb.DispatchResponse{Id: 1 << 40, Partial: wire.F32Matrix(make([]float32, rows*64), rows, 64), ComputeUs: 1000}
+			respBytes := proto.Size(resp)
+			done := make(chan error, 1)
+			go func() {
+				conn, err := lis.Accept()
+				if err != nil {
+					done <- err
+					return
+				}
+				defer conn.Close()
+				in, out := make([]byte, reqBytes), make([]byte, respBytes)
+				for {
+					if _, err := io.ReadFull(conn, in); err != nil {
+						done <- nil
+						return
+					}
+					if _, err := conn.Write(out); err != nil {
+						done <- err
+						return
+					}
+				}
+			}()
+			conn, err := net.Dial("tcp", lis.Addr().String())
+			if err != nil {
+				b.Fatal(err)
+			}
+			st, err := c.Dispatch(context.Background())
+			if err != nil {
+				b.Fatal(err)
+			}
+			out, in := make([]byte, reqBytes), make([]byte, respBytes)
+			var rawNS, dispatchNS, computeNS int64
+			b.ResetTimer()
+			for i := range b.N {
+				t0 := time.Now()
+				if _, err := conn.Write(out); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(conn, in); err != nil {
+					b.Fatal(err)
+				}
+				t1 := time.Now()
+				req.Id = uint64(i)
+				if err := st.Send(req); err != nil {
+					b.Fatal(err)
+				}
+				r, err := st.Recv()
+				if err != nil || r.Code != 0 {
+					b.Fatalf("%v %v", r, err)
+				}
+				t2 := time.Now()
+				rawNS += t1.Sub(t0).Nanoseconds()
+				dispatchNS += t2.Sub(t1).Nanoseconds()
+				computeNS += int64(r.ComputeUs) * 1000
+			}
+			b.StopTimer()
+			st.CloseSend()
+			conn.Close()
+			if err := <-done; err != nil {
+				b.Fatal(err)
+			}
+			nf := float64(b.N)
+			b.ReportMetric(float64(dispatchNS)/nf, "dispatch-ns/op")
+			b.ReportMetric(float64(rawNS)/nf, "raw-ns/op")
+			b.ReportMetric(float64(computeNS)/nf, "compute-ns/op")
+			b.ReportMetric(float64(dispatchNS)/float64(rawNS), "ratio")
+			b.ReportMetric(float64(dispatchNS-computeNS)/float64(rawNS), "overhead-ratio")
+		})
 	}
 }

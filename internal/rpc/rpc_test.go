@@ -49,7 +49,8 @@ func (panicky) Dispatch(s grpc.BidiStreamingServer[meshpb.DispatchRequest, meshp
 		if req.Id == 13 {
 			panic("boom in Dispatch")
 		}
-		if err := s.Send(&meshpb.DispatchResponse{Id: req.Id}); err != nil {
+		// Echo the tensor back so tests can exercise large replies.
+		if err := s.Send(&meshpb.DispatchResponse{Id: req.Id, Partial: req.Hidden}); err != nil {
 			return err
 		}
 	}
@@ -284,4 +285,32 @@ func TestDialTargets(t *testing.T) {
 			t.Errorf("Dial(%q): health %v, %v", target, r, err)
 		}
 	}
+}
+
+// TestDefaultLimitsAboveGRPCDefault sends and receives a 10 MB message (a
+// 512-row prefill at hidden 5120) through NewServer and Dial with their
+// default limits; gRPC's own default would refuse anything over 4 MiB.
+func TestDefaultLimitsAboveGRPCDefault(t *testing.T) {
+	srv := NewServer(ServerOptions{Logger: slog.New(slog.DiscardHandler)})
+	meshpb.RegisterExpertServiceServer(srv, panicky{})
+	c := meshpb.NewExpertServiceClient(serve(t, srv))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := c.Dispatch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 512*5120*4)
+	data[len(data)-1] = 7
+	if err := st.Send(&meshpb.DispatchRequest{Id: 5, Hidden: &meshpb.Tensor{Data: data}}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := st.Recv()
+	if err != nil {
+		t.Fatalf("10 MB round trip: %v", err)
+	}
+	if len(r.Partial.GetData()) != len(data) || r.Partial.Data[len(data)-1] != 7 {
+		t.Errorf("echoed %d bytes, want %d", len(r.Partial.GetData()), len(data))
+	}
+	st.CloseSend()
 }
