@@ -48,6 +48,12 @@ func mvBF16EORAVX2(y *float32, w *byte, stride uintptr, xp *float32, n int, rows
 func mvF8WRAVX512(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 
 //go:noescape
+func permuteEOAVX512(dst, src *float32, n int)
+
+//go:noescape
+func permuteEOAVX2(dst, src *float32, n int)
+
+//go:noescape
 func mvQ8RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
 
 type mvFunc func(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
@@ -143,6 +149,14 @@ func matVecRowsSIMD(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int, s
 // permuteEO reorders x per block of 2*lanes as [even elements | odd
 // elements], the order the even/odd BF16 kernel produces weights in.
 func permuteEO(dst, x []float32, lanes int) {
+	if n := len(x) &^ (2*lanes - 1); n > 0 {
+		if lanes == 16 {
+			permuteEOAVX512(&dst[0], &x[0], n)
+		} else {
+			permuteEOAVX2(&dst[0], &x[0], n)
+		}
+		return
+	}
 	for b := 0; b+2*lanes <= len(x); b += 2 * lanes {
 		blk, d := x[b:b+2*lanes], dst[b:b+2*lanes]
 		for i := 0; i < lanes; i++ {

@@ -533,3 +533,78 @@ loop:
 	JNZ loop
 	VZEROUPPER
 	RET
+DATA eoidx<>+0(SB)/4, $0
+DATA eoidx<>+4(SB)/4, $2
+DATA eoidx<>+8(SB)/4, $4
+DATA eoidx<>+12(SB)/4, $6
+DATA eoidx<>+16(SB)/4, $8
+DATA eoidx<>+20(SB)/4, $10
+DATA eoidx<>+24(SB)/4, $12
+DATA eoidx<>+28(SB)/4, $14
+DATA eoidx<>+32(SB)/4, $16
+DATA eoidx<>+36(SB)/4, $18
+DATA eoidx<>+40(SB)/4, $20
+DATA eoidx<>+44(SB)/4, $22
+DATA eoidx<>+48(SB)/4, $24
+DATA eoidx<>+52(SB)/4, $26
+DATA eoidx<>+56(SB)/4, $28
+DATA eoidx<>+60(SB)/4, $30
+DATA eoidx<>+64(SB)/4, $1
+DATA eoidx<>+68(SB)/4, $3
+DATA eoidx<>+72(SB)/4, $5
+DATA eoidx<>+76(SB)/4, $7
+DATA eoidx<>+80(SB)/4, $9
+DATA eoidx<>+84(SB)/4, $11
+DATA eoidx<>+88(SB)/4, $13
+DATA eoidx<>+92(SB)/4, $15
+DATA eoidx<>+96(SB)/4, $17
+DATA eoidx<>+100(SB)/4, $19
+DATA eoidx<>+104(SB)/4, $21
+DATA eoidx<>+108(SB)/4, $23
+DATA eoidx<>+112(SB)/4, $25
+DATA eoidx<>+116(SB)/4, $27
+DATA eoidx<>+120(SB)/4, $29
+DATA eoidx<>+124(SB)/4, $31
+GLOBL eoidx<>(SB), RODATA|NOPTR, $128
+
+// func permuteEOAVX512
+TEXT ·permuteEOAVX512(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	VMOVUPS eoidx<>+0(SB), Z30
+	VMOVUPS eoidx<>+64(SB), Z31
+loop:
+	VMOVUPS (SI), Z0
+	VMOVAPS Z0, Z1
+	VPERMT2PS 64(SI), Z30, Z0
+	VPERMT2PS 64(SI), Z31, Z1
+	VMOVUPS Z0, (DI)
+	VMOVUPS Z1, 64(DI)
+	ADDQ $128, SI
+	ADDQ $128, DI
+	SUBQ $32, CX
+	JNZ loop
+	VZEROUPPER
+	RET
+
+// func permuteEOAVX2
+TEXT ·permuteEOAVX2(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+loop:
+	VMOVUPS (SI), Y0
+	VMOVUPS 32(SI), Y1
+	VSHUFPS $0x88, Y1, Y0, Y2
+	VSHUFPS $0xDD, Y1, Y0, Y3
+	VPERMPD $0xD8, Y2, Y2
+	VPERMPD $0xD8, Y3, Y3
+	VMOVUPS Y2, (DI)
+	VMOVUPS Y3, 32(DI)
+	ADDQ $64, SI
+	ADDQ $64, DI
+	SUBQ $16, CX
+	JNZ loop
+	VZEROUPPER
+	RET

@@ -226,6 +226,7 @@ func genVec(g *gen) {
 	g.p("MOVSS X0, ret+24(FP)")
 	g.p("RET")
 	genMLA(g)
+	genPermuteEO(g)
 }
 
 // genMLA emits the two kernels of absorbed MLA decode, for 8 heads at a
@@ -305,6 +306,55 @@ func genMLA(g *gen) {
 		g.p("VMOVUPS Z%d, %s", h, a)
 	}
 	g.p("ADDQ $64, BX")
+	g.p("ADDQ $64, SI")
+	g.p("ADDQ $64, DI")
+	g.p("SUBQ $16, CX")
+	g.p("JNZ loop")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genPermuteEO emits the x reordering of the even/odd BF16 kernels: per
+// block of 2*lanes floats, the even-indexed then the odd-indexed ones.
+// func permuteEO<ISA>(dst, src *float32, n int), n a positive multiple of 2*lanes.
+func genPermuteEO(g *gen) {
+	for i := 0; i < 32; i++ { // evens then odds; DATA must ascend
+		g.raw(fmt.Sprintf("DATA eoidx<>+%d(SB)/4, $%d\n", 4*i, 2*(i%16)+i/16))
+	}
+	g.raw("GLOBL eoidx<>(SB), RODATA|NOPTR, $128\n")
+	g.text("permuteEOAVX512", 24)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ n+16(FP), CX")
+	g.p("VMOVUPS eoidx<>+0(SB), Z30")
+	g.p("VMOVUPS eoidx<>+64(SB), Z31")
+	g.label("loop")
+	g.p("VMOVUPS (SI), Z0")
+	g.p("VMOVAPS Z0, Z1")
+	g.p("VPERMT2PS 64(SI), Z30, Z0")
+	g.p("VPERMT2PS 64(SI), Z31, Z1")
+	g.p("VMOVUPS Z0, (DI)")
+	g.p("VMOVUPS Z1, 64(DI)")
+	g.p("ADDQ $128, SI")
+	g.p("ADDQ $128, DI")
+	g.p("SUBQ $32, CX")
+	g.p("JNZ loop")
+	g.p("VZEROUPPER")
+	g.p("RET")
+
+	g.text("permuteEOAVX2", 24)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ n+16(FP), CX")
+	g.label("loop")
+	g.p("VMOVUPS (SI), Y0")
+	g.p("VMOVUPS 32(SI), Y1")
+	g.p("VSHUFPS $0x88, Y1, Y0, Y2") // a0 a2 b0 b2 | a4 a6 b4 b6
+	g.p("VSHUFPS $0xDD, Y1, Y0, Y3") // a1 a3 b1 b3 | a5 a7 b5 b7
+	g.p("VPERMPD $0xD8, Y2, Y2")     // a0 a2 a4 a6 b0 b2 b4 b6
+	g.p("VPERMPD $0xD8, Y3, Y3")
+	g.p("VMOVUPS Y2, (DI)")
+	g.p("VMOVUPS Y3, 32(DI)")
 	g.p("ADDQ $64, SI")
 	g.p("ADDQ $64, DI")
 	g.p("SUBQ $16, CX")
