@@ -55,6 +55,10 @@ var ErrInvalidMatrix = errors.New("kernels: invalid matrix")
 //	  len ceil(Rows/128)*ceil(Cols/128), row-major; w = fp8 * scale.
 //	Q8_0: Data = Rows*Cols int8, Scales = Rows*(Cols/32) float32 (one per 32
 //	  consecutive values in a row); requires Cols%32==0.
+//
+// Weights are assumed finite: the SIMD FP8 kernels read the NaN codes
+// 0x7f/0xff as ±480 (RowF32 and the plain kernels give NaN). Products y=W·x
+// must not write into x.
 type Matrix struct {
 	DType      DType
 	Rows, Cols int
