@@ -28,6 +28,36 @@ func genProbe(g *gen) {
 	g.p("MOVSS X0, ret+16(FP)")
 	g.p("RET")
 
+	// func readSum2AVX512(p *byte, n int) float32: as readSumAVX512 over two
+	// halves of the buffer at once (two sequential streams).
+	g.text("readSum2AVX512", 20)
+	g.p("MOVQ p+0(FP), SI")
+	g.p("MOVQ n+8(FP), CX")
+	g.p("SHRQ $1, CX")
+	g.p("LEAQ (SI)(CX*1), DI")
+	zero(g, avx512, 0, 1, 2, 3)
+	g.label("loop")
+	for i := 0; i < 4; i++ {
+		g.p("VADDPS %d(SI), Z%d, Z%d", 64*i, i%4, i%4)
+		g.p("VADDPS %d(DI), Z%d, Z%d", 64*i, i%4, i%4)
+	}
+	g.p("ADDQ $256, SI")
+	g.p("ADDQ $256, DI")
+	g.p("SUBQ $256, CX")
+	g.p("JNZ loop")
+	g.p("VADDPS Z1, Z0, Z0")
+	g.p("VADDPS Z3, Z2, Z2")
+	g.p("VADDPS Z2, Z0, Z0")
+	g.p("VEXTRACTF64X4 $1, Z0, Y1")
+	g.p("VADDPS Y1, Y0, Y0")
+	g.p("VEXTRACTF128 $1, Y0, X1")
+	g.p("VADDPS X1, X0, X0")
+	g.p("VHADDPS X0, X0, X0")
+	g.p("VHADDPS X0, X0, X0")
+	g.p("VZEROUPPER")
+	g.p("MOVSS X0, ret+16(FP)")
+	g.p("RET")
+
 	// func fmaPeakAVX512(iters int): 12 independent chains of 16-lane FMAs,
 	// 12 per iteration (384 flops).
 	g.text("fmaPeakAVX512", 8)
