@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -242,6 +243,10 @@ func (r *RemoteExperts) send(ctx context.Context, layer int, x []float32, k int,
 	req := &meshpb.DispatchRequest{
 		Id: r.nextID.Add(1), Layer: uint32(layer), K: uint32(k), ExpertIds: b.ids, GateWeights: b.w,
 		Hidden: &meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: []int64{int64(len(b.rows)), int64(h)}, Data: data},
+	}
+	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
+		req.TraceContext = map[string]string{}
+		propagation.TraceContext{}.Inject(ctx, propagation.MapCarrier(req.TraceContext))
 	}
 	c.conn = conn
 	c.ch, c.err = conn.send(req)

@@ -11,6 +11,7 @@ import (
 
 	"go.opentelemetry.io/otel/attribute"
 	otelcodes "go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -41,6 +42,7 @@ type job struct {
 	rows, k int
 	ids     []int32   // aliases the request; not reused
 	weights []float32 // aliases the request; not reused
+	trace   map[string]string
 	x, out  []float32
 	code    codes.Code
 	msg     string
@@ -192,6 +194,7 @@ func (n *Node) prepare(j *job, req *meshpb.DispatchRequest) *job {
 		return fail(codes.InvalidArgument, "hidden: %v", err)
 	}
 	j.layer, j.rows, j.k = layer, rows, k
+	j.trace = req.TraceContext
 	j.ids, j.weights = req.ExpertIds, req.GateWeights
 	return j
 }
@@ -215,6 +218,10 @@ func (n *Node) run(ctx context.Context, j *job) {
 	if err := ctx.Err(); err != nil {
 		j.code, j.msg = codes.Canceled, err.Error()
 		return
+	}
+	if len(j.trace) > 0 {
+		// Parent the span on the dispatching layer, not the stream.
+		ctx = propagation.TraceContext{}.Extract(ctx, propagation.MapCarrier(j.trace))
 	}
 	_, span := n.tracer.Start(ctx, "expert.compute")
 	if span.IsRecording() {

@@ -165,7 +165,11 @@ type DispatchRequest struct {
 	// held by this node.
 	ExpertIds []int32 `protobuf:"varint,5,rep,packed,name=expert_ids,json=expertIds,proto3" json:"expert_ids,omitempty"`
 	// gate_weights has n*k entries matching expert_ids.
-	GateWeights   []float32 `protobuf:"fixed32,6,rep,packed,name=gate_weights,json=gateWeights,proto3" json:"gate_weights,omitempty"`
+	GateWeights []float32 `protobuf:"fixed32,6,rep,packed,name=gate_weights,json=gateWeights,proto3" json:"gate_weights,omitempty"`
+	// trace_context carries the sender's W3C trace context (traceparent,
+	// tracestate) per message: one Dispatch stream outlives many requests,
+	// so the stream's own context cannot parent each layer's compute span.
+	TraceContext  map[string]string `protobuf:"bytes,7,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -238,6 +242,13 @@ func (x *DispatchRequest) GetExpertIds() []int32 {
 func (x *DispatchRequest) GetGateWeights() []float32 {
 	if x != nil {
 		return x.GateWeights
+	}
+	return nil
+}
+
+func (x *DispatchRequest) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
 	}
 	return nil
 }
@@ -1309,7 +1320,7 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\x06Tensor\x12*\n" +
 	"\x05dtype\x18\x01 \x01(\x0e2\x14.expertmesh.v1.DTypeR\x05dtype\x12\x14\n" +
 	"\x05shape\x18\x02 \x03(\x03R\x05shape\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\fR\x04data\"\xbe\x01\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"\xd6\x02\n" +
 	"\x0fDispatchRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12-\n" +
@@ -1317,7 +1328,11 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\x01k\x18\x04 \x01(\rR\x01k\x12!\n" +
 	"\n" +
 	"expert_ids\x18\x05 \x03(\x05B\x02\x10\x01R\texpertIds\x12%\n" +
-	"\fgate_weights\x18\x06 \x03(\x02B\x02\x10\x01R\vgateWeights\"\xa0\x01\n" +
+	"\fgate_weights\x18\x06 \x03(\x02B\x02\x10\x01R\vgateWeights\x12U\n" +
+	"\rtrace_context\x18\a \x03(\v20.expertmesh.v1.DispatchRequest.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa0\x01\n" +
 	"\x10DispatchResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12/\n" +
 	"\apartial\x18\x02 \x01(\v2\x15.expertmesh.v1.TensorR\apartial\x12\x12\n" +
@@ -1423,7 +1438,7 @@ func file_expertmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_expertmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_expertmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_expertmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_expertmesh_proto_goTypes = []any{
 	(DType)(0),               // 0: expertmesh.v1.DType
 	(*Tensor)(nil),           // 1: expertmesh.v1.Tensor
@@ -1445,39 +1460,41 @@ var file_expertmesh_proto_goTypes = []any{
 	(*StepResponse)(nil),     // 17: expertmesh.v1.StepResponse
 	(*InfoRequest)(nil),      // 18: expertmesh.v1.InfoRequest
 	(*NodeInfo)(nil),         // 19: expertmesh.v1.NodeInfo
-	nil,                      // 20: expertmesh.v1.ExpertStatus.RowsServedEntry
+	nil,                      // 20: expertmesh.v1.DispatchRequest.TraceContextEntry
+	nil,                      // 21: expertmesh.v1.ExpertStatus.RowsServedEntry
 }
 var file_expertmesh_proto_depIdxs = []int32{
 	0,  // 0: expertmesh.v1.Tensor.dtype:type_name -> expertmesh.v1.DType
 	1,  // 1: expertmesh.v1.DispatchRequest.hidden:type_name -> expertmesh.v1.Tensor
-	1,  // 2: expertmesh.v1.DispatchResponse.partial:type_name -> expertmesh.v1.Tensor
-	4,  // 3: expertmesh.v1.LoadRequest.experts:type_name -> expertmesh.v1.ExpertRange
-	4,  // 4: expertmesh.v1.DropRequest.experts:type_name -> expertmesh.v1.ExpertRange
-	4,  // 5: expertmesh.v1.ExpertStatus.experts:type_name -> expertmesh.v1.ExpertRange
-	20, // 6: expertmesh.v1.ExpertStatus.rows_served:type_name -> expertmesh.v1.ExpertStatus.RowsServedEntry
-	11, // 7: expertmesh.v1.SeqWork.sampling:type_name -> expertmesh.v1.SamplingParams
-	12, // 8: expertmesh.v1.StepRequest.work:type_name -> expertmesh.v1.SeqWork
-	14, // 9: expertmesh.v1.TokenLogprob.top:type_name -> expertmesh.v1.TopLogprob
-	15, // 10: expertmesh.v1.SeqResult.logprob:type_name -> expertmesh.v1.TokenLogprob
-	15, // 11: expertmesh.v1.SeqResult.prompt_logprobs:type_name -> expertmesh.v1.TokenLogprob
-	16, // 12: expertmesh.v1.StepResponse.results:type_name -> expertmesh.v1.SeqResult
-	2,  // 13: expertmesh.v1.ExpertService.Dispatch:input_type -> expertmesh.v1.DispatchRequest
-	5,  // 14: expertmesh.v1.ExpertService.Load:input_type -> expertmesh.v1.LoadRequest
-	7,  // 15: expertmesh.v1.ExpertService.Drop:input_type -> expertmesh.v1.DropRequest
-	9,  // 16: expertmesh.v1.ExpertService.Status:input_type -> expertmesh.v1.StatusRequest
-	13, // 17: expertmesh.v1.AttentionService.Step:input_type -> expertmesh.v1.StepRequest
-	18, // 18: expertmesh.v1.AttentionService.Info:input_type -> expertmesh.v1.InfoRequest
-	3,  // 19: expertmesh.v1.ExpertService.Dispatch:output_type -> expertmesh.v1.DispatchResponse
-	6,  // 20: expertmesh.v1.ExpertService.Load:output_type -> expertmesh.v1.LoadResponse
-	8,  // 21: expertmesh.v1.ExpertService.Drop:output_type -> expertmesh.v1.DropResponse
-	10, // 22: expertmesh.v1.ExpertService.Status:output_type -> expertmesh.v1.ExpertStatus
-	17, // 23: expertmesh.v1.AttentionService.Step:output_type -> expertmesh.v1.StepResponse
-	19, // 24: expertmesh.v1.AttentionService.Info:output_type -> expertmesh.v1.NodeInfo
-	19, // [19:25] is the sub-list for method output_type
-	13, // [13:19] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	20, // 2: expertmesh.v1.DispatchRequest.trace_context:type_name -> expertmesh.v1.DispatchRequest.TraceContextEntry
+	1,  // 3: expertmesh.v1.DispatchResponse.partial:type_name -> expertmesh.v1.Tensor
+	4,  // 4: expertmesh.v1.LoadRequest.experts:type_name -> expertmesh.v1.ExpertRange
+	4,  // 5: expertmesh.v1.DropRequest.experts:type_name -> expertmesh.v1.ExpertRange
+	4,  // 6: expertmesh.v1.ExpertStatus.experts:type_name -> expertmesh.v1.ExpertRange
+	21, // 7: expertmesh.v1.ExpertStatus.rows_served:type_name -> expertmesh.v1.ExpertStatus.RowsServedEntry
+	11, // 8: expertmesh.v1.SeqWork.sampling:type_name -> expertmesh.v1.SamplingParams
+	12, // 9: expertmesh.v1.StepRequest.work:type_name -> expertmesh.v1.SeqWork
+	14, // 10: expertmesh.v1.TokenLogprob.top:type_name -> expertmesh.v1.TopLogprob
+	15, // 11: expertmesh.v1.SeqResult.logprob:type_name -> expertmesh.v1.TokenLogprob
+	15, // 12: expertmesh.v1.SeqResult.prompt_logprobs:type_name -> expertmesh.v1.TokenLogprob
+	16, // 13: expertmesh.v1.StepResponse.results:type_name -> expertmesh.v1.SeqResult
+	2,  // 14: expertmesh.v1.ExpertService.Dispatch:input_type -> expertmesh.v1.DispatchRequest
+	5,  // 15: expertmesh.v1.ExpertService.Load:input_type -> expertmesh.v1.LoadRequest
+	7,  // 16: expertmesh.v1.ExpertService.Drop:input_type -> expertmesh.v1.DropRequest
+	9,  // 17: expertmesh.v1.ExpertService.Status:input_type -> expertmesh.v1.StatusRequest
+	13, // 18: expertmesh.v1.AttentionService.Step:input_type -> expertmesh.v1.StepRequest
+	18, // 19: expertmesh.v1.AttentionService.Info:input_type -> expertmesh.v1.InfoRequest
+	3,  // 20: expertmesh.v1.ExpertService.Dispatch:output_type -> expertmesh.v1.DispatchResponse
+	6,  // 21: expertmesh.v1.ExpertService.Load:output_type -> expertmesh.v1.LoadResponse
+	8,  // 22: expertmesh.v1.ExpertService.Drop:output_type -> expertmesh.v1.DropResponse
+	10, // 23: expertmesh.v1.ExpertService.Status:output_type -> expertmesh.v1.ExpertStatus
+	17, // 24: expertmesh.v1.AttentionService.Step:output_type -> expertmesh.v1.StepResponse
+	19, // 25: expertmesh.v1.AttentionService.Info:output_type -> expertmesh.v1.NodeInfo
+	20, // [20:26] is the sub-list for method output_type
+	14, // [14:20] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_expertmesh_proto_init() }
@@ -1491,7 +1508,7 @@ func file_expertmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_expertmesh_proto_rawDesc), len(file_expertmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
