@@ -10,6 +10,7 @@ type mlaArgs struct {
 	r, pe          int
 	scale          float32
 	scratch        []float32
+	qc             []float32 // [heads][R+P] concatenated queries (pool-owned)
 }
 
 // MLAScratchSize is the number of floats of scratch MLADecode needs: one
@@ -57,9 +58,13 @@ func (p *Pool) MLADecode(out, qLat, qPE []float32, blocks [][]float32, blockSize
 		clear(out[:heads*R])
 		return
 	}
+	if cap(p.mlaQ) < heads*(R+P) {
+		p.mlaQ = make([]float32, heads*(R+P))
+	}
 	p.job = job{kind: jobMLA, n: heads, grain: 8, mla: mlaArgs{
 		out: out, qLat: qLat, qPE: qPE, blocks: blocks, blockSize: blockSize,
 		nTokens: nTokens, r: R, pe: P, scale: scale, scratch: scratch,
+		qc: p.mlaQ[:heads*(R+P)],
 	}}
 	p.run()
 }

@@ -29,6 +29,7 @@ type Pool struct {
 	xb      []uint16    // MatMulBF16Act: x rounded to bf16, shared by all threads
 	xr      []float32   // MatMulBF16Act: x rounded to bf16 as float32
 	xe      []float32   // dot-form MatMul: x rows in even/odd order
+	mlaQ    []float32   // MLADecode: concatenated queries, written per thread for its heads
 	exited  chan struct{}
 }
 

@@ -48,6 +48,9 @@ func expSubAVX512(x *float32, m float32, n int) float32
 func dot8AVX512(out *float32, q *float32, qstride uintptr, c *float32, n int)
 
 //go:noescape
+func axpy8x2AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c0, c1 *float32, n int)
+
+//go:noescape
 func axpy8AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c *float32, n int)
 
 func dotV512(a, b []float32) float32 {
@@ -161,28 +164,34 @@ func expSubV512(x []float32, mx float32) float32 {
 }
 
 // mlaHeadsAVX512 processes heads 8 at a time with every cache row read
-// once per group: scores for 8 heads per token (dot8), softmax per head,
-// then the weighted latent sum for 8 heads per token (axpy8). Falls back
-// to the per-head loop for odd shapes.
+// once per group: scores for 8 heads per token in one pass over the whole
+// [latent | k_pe] row (dot8 against the heads' concatenated queries, one
+// horizontal reduction per token), softmax per head, then the weighted
+// latent sum for 8 heads two tokens at a time (axpy8x2). Falls back to the
+// per-head loop for dimensions that are not multiples of 16.
 func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 	R, P, stride, nt := a.r, a.pe, a.r+a.pe, a.nTokens
 	if R%16 != 0 || P%16 != 0 {
 		mlaHeadsGeneric(a, h0, h1)
 		return
 	}
+	row := func(t int) []float32 {
+		return a.blocks[t/a.blockSize][(t%a.blockSize)*stride : (t%a.blockSize+1)*stride]
+	}
 	h := h0
 	for ; h+8 <= h1; h += 8 {
-		var sl, sp [8]float32
+		// This thread's heads of the concatenated queries [qLat | qPE].
+		qc := a.qc[h*stride : (h+8)*stride]
+		for k := 0; k < 8; k++ {
+			copy(qc[k*stride:], a.qLat[(h+k)*R:(h+k+1)*R])
+			copy(qc[k*stride+R:], a.qPE[(h+k)*P:(h+k+1)*P])
+		}
+		var sc [8]float32
 		s := a.scratch[h*nt : (h+8)*nt]
 		for t := 0; t < nt; t++ {
-			row := a.blocks[t/a.blockSize][(t%a.blockSize)*stride:]
-			row = row[:stride]
-			dot8AVX512(&sl[0], &a.qLat[h*R], uintptr(4*R), &row[0], R)
-			if P > 0 {
-				dot8AVX512(&sp[0], &a.qPE[h*P], uintptr(4*P), &row[R], P)
-			}
+			dot8AVX512(&sc[0], &qc[0], uintptr(4*stride), &row(t)[0], stride)
 			for k := 0; k < 8; k++ {
-				s[k*nt+t] = a.scale * (sl[k] + sp[k])
+				s[k*nt+t] = a.scale * sc[k]
 			}
 		}
 		for k := 0; k < 8; k++ {
@@ -190,10 +199,12 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 		}
 		o := a.out[h*R : (h+8)*R]
 		clear(o)
-		for t := 0; t < nt; t++ {
-			row := a.blocks[t/a.blockSize][(t%a.blockSize)*stride:]
-			row = row[:R]
-			axpy8AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row[0], R)
+		t := 0
+		for ; t+2 <= nt; t += 2 {
+			axpy8x2AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], &row(t + 1)[0], R)
+		}
+		if t < nt {
+			axpy8AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], R)
 		}
 	}
 	if h < h1 {

@@ -226,6 +226,7 @@ func genVec(g *gen) {
 	g.p("MOVSS X0, ret+24(FP)")
 	g.p("RET")
 	genMLA(g)
+	genAxpy8x2(g)
 	genPermuteEO(g)
 }
 
@@ -355,6 +356,54 @@ func genPermuteEO(g *gen) {
 	g.p("VPERMPD $0xD8, Y3, Y3")
 	g.p("VMOVUPS Y2, (DI)")
 	g.p("VMOVUPS Y3, 32(DI)")
+	g.p("ADDQ $64, SI")
+	g.p("ADDQ $64, DI")
+	g.p("SUBQ $16, CX")
+	g.p("JNZ loop")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genAxpy8x2: out[h] += p[h][0]*c0 + p[h][1]*c1 for h < 8: two tokens per
+// pass over the 8 output rows, halving their load/store traffic (the
+// limit of the one-token form). The 16 weights live in registers.
+// func axpy8x2AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c0, c1 *float32, n int)
+func genAxpy8x2(g *gen) {
+	g.text("axpy8x2AVX512", 56)
+	g.p("MOVQ out+0(FP), SI")
+	g.p("MOVQ ostride+8(FP), R9")
+	g.p("LEAQ (R9)(R9*2), R10")
+	g.p("LEAQ (SI)(R9*4), DI")
+	g.p("MOVQ p+16(FP), AX")
+	g.p("MOVQ pstride+24(FP), R11")
+	g.p("LEAQ (R11)(R11*2), R12")
+	g.p("LEAQ (AX)(R11*4), R13")
+	g.p("MOVQ c0+32(FP), BX")
+	g.p("MOVQ c1+40(FP), DX")
+	g.p("MOVQ n+48(FP), CX")
+	pAddr := func(h, off int) string {
+		base := "AX"
+		if h >= 4 {
+			base = "R13"
+		}
+		return fmt.Sprintf("%d(%s)%s", off, base, []string{"", "(R11*1)", "(R11*2)", "(R12*1)"}[h%4])
+	}
+	for h := 0; h < 8; h++ {
+		g.p("VBROADCASTSS %s, Z%d", pAddr(h, 0), 16+h)
+		g.p("VBROADCASTSS %s, Z%d", pAddr(h, 4), 24+h)
+	}
+	g.label("loop")
+	g.p("VMOVUPS (BX), Z8")
+	g.p("VMOVUPS (DX), Z9")
+	for h := 0; h < 8; h++ {
+		a, _ := x16Addr(h, 0)
+		g.p("VMOVUPS %s, Z%d", a, h)
+		g.p("VFMADD231PS Z%d, Z8, Z%d", 16+h, h)
+		g.p("VFMADD231PS Z%d, Z9, Z%d", 24+h, h)
+		g.p("VMOVUPS Z%d, %s", h, a)
+	}
+	g.p("ADDQ $64, BX")
+	g.p("ADDQ $64, DX")
 	g.p("ADDQ $64, SI")
 	g.p("ADDQ $64, DI")
 	g.p("SUBQ $16, CX")
