@@ -22,6 +22,7 @@ type Pool struct {
 	threads int
 	gen     atomic.Uint64 // incremented once per published job
 	pending atomic.Int32  // worker shares of the current job not yet done
+	next    atomic.Int64  // next chunk to claim (row jobs)
 	closed  atomic.Bool
 	workers []poolWorker
 	job     job
@@ -61,7 +62,8 @@ const (
 type job struct {
 	kind  jobKind
 	n     int // items split across threads
-	grain int // chunk boundaries are multiples of grain
+	grain int // static shares are multiples of grain
+	chunk int // > 0: threads claim chunks of this many items instead
 	fn    func(lo, hi int)
 	y, x  []float32
 	w     *Matrix
@@ -135,10 +137,7 @@ func (p *Pool) work(id int) {
 			return
 		}
 		seen = g
-		lo, hi := p.share(id)
-		if lo < hi {
-			p.runShare(id, lo, hi)
-		}
+		p.runPart(id)
 		p.pending.Add(-1)
 	}
 }
@@ -195,18 +194,44 @@ func (p *Pool) run() {
 		return
 	}
 	p.pending.Store(int32(len(p.workers)))
+	p.next.Store(0)
 	p.gen.Add(1)
 	p.wakeAll()
-	lo, hi := p.share(0)
-	if lo < hi {
-		p.runShare(0, lo, hi)
-	}
+	p.runPart(0)
 	for i := 0; p.pending.Load() != 0; i++ {
 		if i&63 == 63 {
 			runtime.Gosched()
 		}
 	}
 	p.job = job{} // drop references to the caller's buffers
+}
+
+// runPart runs thread id's part of the job: its static share, or for row
+// jobs (chunk > 0) chunks claimed from a shared counter until none are
+// left. Claiming keeps a call from waiting on a thread the OS has
+// descheduled (the machines are shared): the others take its chunks.
+func (p *Pool) runPart(id int) {
+	j := &p.job
+	if j.chunk == 0 {
+		if lo, hi := p.share(id); lo < hi {
+			p.runShare(id, lo, hi)
+		}
+		return
+	}
+	for {
+		lo := int(p.next.Add(1)-1) * j.chunk
+		if lo >= j.n {
+			return
+		}
+		p.runShare(id, lo, min(lo+j.chunk, j.n))
+	}
+}
+
+// rowChunk is the claimable unit of a row job of n rows: about four per
+// thread, a multiple of rowGrain.
+func (p *Pool) rowChunk(n int) int {
+	c := ceilDiv(n, 4*p.threads)
+	return max(rowGrain, ceilDiv(c, rowGrain)*rowGrain)
 }
 
 func (p *Pool) runShare(id, lo, hi int) {
@@ -282,7 +307,7 @@ const rowGrain = 32
 // len(y) Rows; a mismatch is a programming error and panics.
 func (p *Pool) MatVec(y []float32, w *Matrix, x []float32) {
 	checkMat("MatVec", y, w, x, 1)
-	p.job = job{kind: jobMatVec, n: w.Rows, grain: rowGrain, y: y, w: w, x: x}
+	p.job = job{kind: jobMatVec, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x}
 	p.run()
 }
 
@@ -302,11 +327,11 @@ func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
 		xe := p.xe[:n*main]
 		p.job = job{kind: jobPermuteEO, n: n, grain: 1, w: w, x: x, xe: xe}
 		p.run()
-		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, xe: xe, rows: n}
+		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x, xe: xe, rows: n}
 		p.run()
 		return
 	}
-	p.job = job{kind: jobMatMul, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}
+	p.job = job{kind: jobMatMul, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x, rows: n}
 	p.run()
 }
 
@@ -331,13 +356,13 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 		p.job = job{kind: jobRoundBF16, n: n, grain: 1, w: w, x: x, xb: xb, kp2: kp2}
 		p.run()
 		if dotFormAvailable(w, n, true) {
-			p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, y: y, w: w, xb: xb, kp2: kp2, rows: n, dp: true}
+			p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, xb: xb, kp2: kp2, rows: n, dp: true}
 		} else {
-			p.job = job{kind: jobMatMulDP, n: w.Rows, grain: rowGrain, y: y, w: w, xb: xb, rows: n}
+			p.job = job{kind: jobMatMulDP, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, xb: xb, rows: n}
 		}
 		p.run()
 	case impl.isa == ISAGeneric:
-		p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, y: y, w: w, x: x, rows: n}
+		p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x, rows: n}
 		p.run()
 	default:
 		// Same arithmetic as the reference: round x once, then the exact
