@@ -202,6 +202,7 @@ func RunBench(w io.Writer, threads []int) error {
 		{"BF16 x2048 bf16 act n=48 (DP)", BF16, 2048, true, 48},
 		{"Q8_0 x2048 f32 act n=512", Q8_0, 2048, false, 512},
 		{"Q8_0 x2048 f32 act n=48", Q8_0, 2048, false, 48},
+		{"F8E4M3 x2048 f32 act n=512", F8E4M3, 2048, false, 512},
 	} {
 		n := c.n
 		x := make([]float32, n*c.cols)

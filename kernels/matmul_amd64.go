@@ -53,6 +53,9 @@ func packBF16(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int)
 func packQ8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
 
 //go:noescape
+func packF8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, table *float32, s *float32)
+
+//go:noescape
 func packPairs(dst *uint32, src *byte, srcStride uintptr, rows, pairs, nr int)
 
 //go:noescape
@@ -219,6 +222,17 @@ func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
 			r := r0 + j
 			for c := main; c < cols; c++ {
 				dst[c*nr+j] = float32(int8(w.Data[r*cols+c])) * w.Scales[r*nb+c/Q8Block]
+			}
+		}
+		return
+	}
+	if w.DType == F8E4M3 && cnt > 0 && cols >= 64 && r0%F8Block+cnt <= F8Block {
+		main, nb := cols&^63, ceilDiv(cols, F8Block)
+		srow := w.Scales[(r0/F8Block)*nb : (r0/F8Block+1)*nb]
+		packF8(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, main, nr, &e4m3Table[0], &srow[0])
+		for j := 0; j < cnt && main < cols; j++ {
+			for c := main; c < cols; c++ {
+				dst[c*nr+j] = e4m3Table[w.Data[(r0+j)*cols+c]] * srow[c/F8Block]
 			}
 		}
 		return

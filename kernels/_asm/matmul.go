@@ -194,6 +194,7 @@ func genMatMul(g *gen) {
 	genPack(g, "packBF16", true)
 	genPack(g, "packPairs", false)
 	genPackQ8(g)
+	genPackF8(g)
 }
 
 // genPack emits the k-major packing loops (scalar: a register transpose
@@ -408,6 +409,58 @@ func genPackQ8(g *gen) {
 		g.p("DECQ CX")
 		g.p(fmt.Sprintf("JNZ inner%d", half))
 	}
+	g.p("INCQ R13")
+	g.p("CMPQ R13, R9")
+	g.p("JL row")
+	g.p("ADDQ $64, R12")
+	g.p("CMPQ R12, R10")
+	g.p("JL block")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genPackF8 emits func packF8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, table *float32, s *float32):
+// dst[c*nr+j] = table[src[j][c]] * s[c/128], cols % 64 == 0. All rows of a
+// tile share one 128-row scale block (tiles are 32 rows, 32-aligned), so s
+// is that block's row of scales.
+func genPackF8(g *gen) {
+	g.text("packF8", 64)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ srcStride+16(FP), R8")
+	g.p("MOVQ rows+24(FP), R9")
+	g.p("MOVQ cols+32(FP), R10")
+	g.p("MOVQ nr+40(FP), R11")
+	g.p("SHLQ $2, R11")
+	g.p("MOVQ table+48(FP), DX")
+	g.p("XORQ R12, R12")
+	g.label("block")
+	g.p("MOVQ R12, CX")
+	g.p("SHRQ $7, CX")
+	g.p("MOVQ s+56(FP), AX")
+	g.p("MOVSS (AX)(CX*4), X1")
+	g.p("XORQ R13, R13")
+	g.label("row")
+	g.p("MOVQ R13, AX")
+	g.p("IMULQ R8, AX")
+	g.p("ADDQ SI, AX")
+	g.p("ADDQ R12, AX")
+	g.p("MOVQ R12, BX")
+	g.p("IMULQ R11, BX")
+	g.p("ADDQ DI, BX")
+	g.p("LEAQ (BX)(R13*4), BX")
+	g.p("MOVQ $8, CX")
+	g.label("inner")
+	for u := 0; u < 8; u++ {
+		x := 4 + u%4
+		g.p("MOVBLZX %d(AX), R14", u)
+		g.p("VMULSS (DX)(R14*4), X1, X%d", x)
+		g.p("VMOVSS X%d, (BX)", x)
+		g.p("ADDQ R11, BX")
+	}
+	g.p("ADDQ $8, AX")
+	g.p("DECQ CX")
+	g.p("JNZ inner")
 	g.p("INCQ R13")
 	g.p("CMPQ R13, R9")
 	g.p("JL row")
