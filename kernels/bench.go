@@ -65,14 +65,14 @@ func RunBench(w io.Writer, threads []int) error {
 	}
 	fmaSample := func(p *Pool) func() float64 {
 		return func() float64 {
-			p.ParallelFor(p.Threads(), func(lo, hi int) { probeFMA(1 << 15 * (hi - lo)) })
-			return float64(p.Threads()) * probeFMAFlops(1<<15)
+			p.ParallelFor(p.Threads(), func(lo, hi int) { probeFMA(1 << 16 * (hi - lo)) })
+			return float64(p.Threads()) * probeFMAFlops(1<<16)
 		}
 	}
 	dpSample := func(p *Pool) func() float64 {
 		return func() float64 {
-			p.ParallelFor(p.Threads(), func(lo, hi int) { probeDPBF16(1 << 15 * (hi - lo)) })
-			return float64(p.Threads()) * probeDPBF16Flops(1<<15)
+			p.ParallelFor(p.Threads(), func(lo, hi int) { probeDPBF16(1 << 16 * (hi - lo)) })
+			return float64(p.Threads()) * probeDPBF16Flops(1<<16)
 		}
 	}
 	for _, t := range threads {
