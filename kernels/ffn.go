@@ -32,10 +32,10 @@ func (p *Pool) ExpertFFN(out, x []float32, n int, gate, up, down *Matrix, scratc
 	}
 	g, u := scratch[:n*inter], scratch[n*inter:2*n*inter]
 	xe := p.prepare(gate, x, n)
-	p.job = job{kind: jobFFNGateUp, n: inter, grain: rowGrain, chunk: p.rowChunk(inter), w: gate, w2: up, x: x, xe: xe, rows: n, y: g, y2: u}
+	p.job = job{kind: jobFFNGateUp, n: inter, grain: rowGrain, chunk: p.rowChunk(gate), w: gate, w2: up, x: x, xe: xe, rows: n, y: g, y2: u}
 	p.run()
 	he := p.prepare(down, g, n)
-	p.job = job{kind: jobRows, n: hidden, grain: rowGrain, chunk: p.rowChunk(hidden), w: down, x: g, xe: he, rows: n, y: out}
+	p.job = job{kind: jobRows, n: hidden, grain: rowGrain, chunk: p.rowChunk(down), w: down, x: g, xe: he, rows: n, y: out}
 	p.run()
 }
 

@@ -186,7 +186,7 @@ func (p *Pool) run() {
 	if p.closed.Load() {
 		panic("kernels: Pool used after Close")
 	}
-	if p.threads == 1 || p.job.n <= p.job.grain {
+	if p.threads == 1 || p.job.n <= p.job.grain || p.job.chunk >= p.job.n {
 		if p.job.n > 0 {
 			p.runShare(0, 0, p.job.n)
 		}
@@ -227,12 +227,16 @@ func (p *Pool) runPart(id int) {
 	}
 }
 
-// rowChunk is the claimable unit of a row job of n rows: about four per
-// thread, a multiple of rowGrain.
-func (p *Pool) rowChunk(n int) int {
-	c := ceilDiv(n, 4*p.threads)
+// rowChunk is the claimable unit of a row job over w: about four per
+// thread, at least minChunkBytes of weights (claiming and per-chunk set-up
+// cost more than the rows of a small matrix), a multiple of rowGrain.
+func (p *Pool) rowChunk(w *Matrix) int {
+	c := max(ceilDiv(w.Rows, 4*p.threads), ceilDiv(minChunkBytes, max(1, w.Cols*elemBytesOf(w.DType))))
 	return max(rowGrain, ceilDiv(c, rowGrain)*rowGrain)
 }
+
+// minChunkBytes: 64 KiB of weights is ~2µs of streaming per chunk.
+const minChunkBytes = 64 << 10
 
 func (p *Pool) runShare(id, lo, hi int) {
 	j := &p.job
@@ -307,7 +311,7 @@ const rowGrain = 32
 // len(y) Rows; a mismatch is a programming error and panics.
 func (p *Pool) MatVec(y []float32, w *Matrix, x []float32) {
 	checkMat("MatVec", y, w, x, 1)
-	p.job = job{kind: jobMatVec, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x}
+	p.job = job{kind: jobMatVec, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x}
 	p.run()
 }
 
@@ -327,11 +331,11 @@ func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
 		xe := p.xe[:n*main]
 		p.job = job{kind: jobPermuteEO, n: n, grain: 1, w: w, x: x, xe: xe}
 		p.run()
-		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x, xe: xe, rows: n}
+		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x, xe: xe, rows: n}
 		p.run()
 		return
 	}
-	p.job = job{kind: jobMatMul, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x, rows: n}
+	p.job = job{kind: jobMatMul, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x, rows: n}
 	p.run()
 }
 
@@ -356,13 +360,13 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 		p.job = job{kind: jobRoundBF16, n: n, grain: 1, w: w, x: x, xb: xb, kp2: kp2}
 		p.run()
 		if dotFormAvailable(w, n, true) {
-			p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, xb: xb, kp2: kp2, rows: n, dp: true}
+			p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, xb: xb, kp2: kp2, rows: n, dp: true}
 		} else {
-			p.job = job{kind: jobMatMulDP, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, xb: xb, rows: n}
+			p.job = job{kind: jobMatMulDP, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, xb: xb, rows: n}
 		}
 		p.run()
 	case impl.isa == ISAGeneric:
-		p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w.Rows), y: y, w: w, x: x, rows: n}
+		p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x, rows: n}
 		p.run()
 	default:
 		// Same arithmetic as the reference: round x once, then the exact
