@@ -27,7 +27,7 @@ func kernelsFor(isa ISA) kernelSet {
 		k.matMulRows = matMulRowsAVX512
 		k.dot, k.axpy, k.scale, k.add = dotV512, axpyV512, scaleV512, addV512
 		k.sumSq, k.mulScale = sumSqV512, mulScaleV512
-		k.siluMul, k.sigmoid, k.expSub = siluMulV512, sigmoidV512, expSubV512
+		k.siluMul, k.sigmoid, k.expSub, k.max = siluMulV512, sigmoidV512, expSubV512, maxV512
 		k.mla = mlaHeadsAVX512
 	case ISAAVX2:
 		k.isa = ISAAVX2
@@ -35,6 +35,7 @@ func kernelsFor(isa ISA) kernelSet {
 		k.matMulRows = matMulRowsAVX2
 		k.dot, k.axpy, k.scale, k.add = dotV2, axpyV2, scaleV2, addV2
 		k.sumSq, k.mulScale = sumSqV2, mulScaleV2
+		k.max = maxV2
 	}
 	return k
 }

@@ -36,6 +36,12 @@ func mulScaleAVX512(out, x, weight *float32, inv float32, n int)
 func mulScaleAVX2(out, x, weight *float32, inv float32, n int)
 
 //go:noescape
+func maxAVX512(x *float32, n int) float32
+
+//go:noescape
+func maxAVX2(x *float32, n int) float32
+
+//go:noescape
 func siluMulAVX512(out, gate, up *float32, n int)
 
 //go:noescape
@@ -117,6 +123,31 @@ func addV2(dst, a, b []float32) {
 		addAVX2(&dst[0], &a[0], &b[0], m)
 	}
 	addGeneric(dst[m:], a[m:], b[m:])
+}
+
+func maxV512(x []float32) float32 {
+	m := len(x) &^ 15
+	if m == 0 {
+		return maxGeneric(x)
+	}
+	return max2(maxAVX512(&x[0], m), maxGeneric(x[m:]))
+}
+
+func maxV2(x []float32) float32 {
+	m := len(x) &^ 7
+	if m == 0 {
+		return maxGeneric(x)
+	}
+	return max2(maxAVX2(&x[0], m), maxGeneric(x[m:]))
+}
+
+// max2 is the larger of a and b with maxGeneric's NaN rule (b is a
+// maximum that already ignored NaNs; -Inf when empty).
+func max2(a, b float32) float32 {
+	if b > a {
+		return b
+	}
+	return a
 }
 
 func sumSqV512(x []float32) float32 { return dotV512(x, x) }

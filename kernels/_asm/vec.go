@@ -225,6 +225,8 @@ func genVec(g *gen) {
 	g.p("VZEROUPPER")
 	g.p("MOVSS X0, ret+24(FP)")
 	g.p("RET")
+	genMax(g, avx512)
+	genMax(g, avx2)
 	genMLA(g)
 	genAxpy8x2(g)
 	genPermuteEO(g)
@@ -409,5 +411,41 @@ func genAxpy8x2(g *gen) {
 	g.p("SUBQ $16, CX")
 	g.p("JNZ loop")
 	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genMax emits func max<ISA>(x *float32, n int) float32: the largest
+// element, NaNs ignored like the plain loop (VMAXPS returns its second
+// source, the running maximum, when either input is NaN).
+func genMax(g *gen, s isa) {
+	g.text("max"+s.name, 20)
+	g.p("MOVQ x+0(FP), SI")
+	g.p("MOVQ n+8(FP), CX")
+	g.p("MOVL $0xFF800000, AX") // -Inf
+	if s.r == "Z" {
+		g.p("VPBROADCASTD AX, Z0")
+	} else {
+		g.p("MOVD AX, X0")
+		g.p("VPBROADCASTD X0, Y0")
+	}
+	g.p("%s %s, %s", map[string]string{"Z": "VMOVAPS", "Y": "VMOVAPS"}[s.r], s.v(0), s.v(1))
+	g.label("loop")
+	g.p("VMOVUPS (SI), %s", s.v(2))
+	g.p("VMAXPS %s, %s, %s", s.v(0), s.v(2), s.v(0))
+	g.p("ADDQ $%d, SI", 4*s.lanes)
+	g.p("SUBQ $%d, CX", s.lanes)
+	g.p("JNZ loop")
+	if s.r == "Z" {
+		g.p("VEXTRACTF64X4 $1, Z0, Y1")
+		g.p("VMAXPS Y0, Y1, Y0")
+	}
+	g.p("VEXTRACTF128 $1, Y0, X1")
+	g.p("VMAXPS X0, X1, X0")
+	g.p("VPERMILPS $0x4E, X0, X1")
+	g.p("VMAXPS X0, X1, X0")
+	g.p("VPERMILPS $0xB1, X0, X1")
+	g.p("VMAXPS X0, X1, X0")
+	g.p("VZEROUPPER")
+	g.p("MOVSS X0, ret+16(FP)")
 	g.p("RET")
 }
