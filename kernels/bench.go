@@ -81,6 +81,12 @@ func RunBench(w io.Writer, threads []int) error {
 		lim[t] = limits{r[0], r[1], r[2]}
 		fmt.Fprintf(w, "limits t%d: read %.1f GB/s, f32 FMA %.1f GFLOP/s, VDPBF16PS %.1f GFLOP/s\n", t, r[0]/1e9, r[1]/1e9, r[2]/1e9)
 	}
+	for _, t := range threads {
+		if t > 1 && lim[t].fma < 0.75*float64(t)*lim[threads[0]].fma/float64(threads[0]) {
+			fmt.Fprintf(w, "warning: t%d FMA peak is %.1fx t%d's: other processes hold cores, t%d figures are not all-core figures\n",
+				t, lim[t].fma/lim[threads[0]].fma, threads[0], t)
+		}
+	}
 	fmt.Fprintf(w, "(each kernel's ratio below uses the probe re-measured alternately with it)\n")
 
 	fmt.Fprintf(w, "\n%-34s", "MatVec (decode), weights >> cache")
