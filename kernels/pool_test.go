@@ -1,6 +1,8 @@
 package kernels
 
 import (
+	"math"
+	"math/rand/v2"
 	"runtime"
 	"sync/atomic"
 	"testing"
@@ -99,4 +101,38 @@ func TestMatVecPanicsOnBadLengths(t *testing.T) {
 		}
 	}()
 	p.MatVec(make([]float32, 4), w, make([]float32, 31))
+}
+
+// TestResultsIndependentOfThreads: each output row is computed by the same
+// kernel whichever thread claims it, so results are bit-identical for any
+// thread count (no run-to-run drift from the thread split).
+func TestResultsIndependentOfThreads(t *testing.T) {
+	rng := rand.New(rand.NewPCG(21, 22))
+	pools := []*Pool{NewPool(1), NewPool(2), NewPool(5)}
+	defer func() {
+		for _, p := range pools {
+			p.Close()
+		}
+	}()
+	for _, dt := range allDTypes {
+		w := randMatrix(rng, dt, 300, 256, 0)
+		for _, n := range []int{1, 5, 20} {
+			x := randVec(rng, n*256, 0)
+			var ref, refAct []float32
+			for i, p := range pools {
+				y, ya := make([]float32, n*300), make([]float32, n*300)
+				p.MatMul(y, w, x, n)
+				p.MatMulBF16Act(ya, w, x, n)
+				if i == 0 {
+					ref, refAct = y, ya
+					continue
+				}
+				for k := range y {
+					if math.Float32bits(y[k]) != math.Float32bits(ref[k]) || math.Float32bits(ya[k]) != math.Float32bits(refAct[k]) {
+						t.Fatalf("%s n=%d: y[%d] with %d threads %g/%g, with 1 thread %g/%g", dt, n, k, p.Threads(), y[k], ya[k], ref[k], refAct[k])
+					}
+				}
+			}
+		}
+	}
 }
