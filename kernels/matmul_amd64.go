@@ -56,6 +56,15 @@ func packQ8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *f
 func packF8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, table *float32, s *float32)
 
 //go:noescape
+func packQ8T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
+
+//go:noescape
+func packPairsT(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
+
+//go:noescape
+func packT32T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
+
+//go:noescape
 func packPairs(dst *uint32, src *byte, srcStride uintptr, rows, pairs, nr int)
 
 //go:noescape
@@ -215,6 +224,19 @@ func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
 		}
 		return
 	}
+	if impl.isa >= ISAAVX512 && cnt%16 == 0 && cnt > 0 {
+		// Whole 16-row groups: widen 16x16 blocks and transpose them in
+		// registers (several times the scalar loops below).
+		switch {
+		case w.DType == Q8_0:
+			nb := cols / Q8Block
+			packQ8T(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, cols, nr, &w.Scales[r0*nb], uintptr(4*nb))
+			return
+		case w.DType == F32 && cols%16 == 0:
+			packT32T(&dst[0], &w.Data[4*r0*cols], uintptr(4*cols), cnt, cols, nr, nil, 0)
+			return
+		}
+	}
 	if w.DType == Q8_0 && cnt > 0 && cols >= 64 {
 		main, nb := cols&^63, cols/Q8Block
 		packQ8(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, main, nr, &w.Scales[r0*nb], uintptr(4*nb))
@@ -255,7 +277,9 @@ func packBF16Pairs(dst []uint32, w *Matrix, r0, cnt, nr int) {
 		clear(dst)
 	}
 	half := cols / 2
-	if main := half &^ 63; main > 0 && cnt > 0 {
+	if impl.isa >= ISAAVX512 && cnt%16 == 0 && cnt > 0 && half%16 == 0 {
+		packPairsT((*float32)(unsafe.Pointer(&dst[0])), &w.Data[2*r0*cols], uintptr(2*cols), cnt, half, nr, nil, 0)
+	} else if main := half &^ 63; main > 0 && cnt > 0 {
 		packPairs(&dst[0], &w.Data[2*r0*cols], uintptr(2*cols), cnt, main, nr)
 		for j := 0; j < cnt; j++ {
 			src := w.Data[2*(r0+j)*cols:]

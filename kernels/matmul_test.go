@@ -95,3 +95,44 @@ func TestMatMulBF16ActDeviation(t *testing.T) {
 	}
 	t.Logf("max |Δ|/sum|w*x| = %.2e", worst)
 }
+
+// TestMatMulLargeBatch covers the paths only large batches take: packed
+// VDPBF16PS tiles for bf16 activations (n >= 256) and full 16-row packing
+// groups for every dtype, with odd batch tails.
+func TestMatMulLargeBatch(t *testing.T) {
+	rng := rand.New(rand.NewPCG(23, 24))
+	p := NewPool(2)
+	defer p.Close()
+	const n = 262
+	for _, dt := range allDTypes {
+		for _, sh := range [][2]int{{64, 256}, {48, 97}} {
+			rows, cols := sh[0], sh[1]
+			if dt == Q8_0 {
+				cols = 256
+			}
+			w := randMatrix(rng, dt, rows, cols, 0)
+			x := randVec(rng, n*cols, 0)
+			want, mag := refMatMul(w, x, n, false)
+			wantR, magR := refMatMul(w, x, n, true)
+			for _, isa := range isas() {
+				withISA(t, isa, func() {
+					y, check := guarded(n * rows)
+					p.MatMul(y, w, x, n)
+					check(t)
+					for i := range y {
+						if !closeRel(float64(y[i]), want[i], mag[i], 1e-5) {
+							t.Fatalf("MatMul %s %dx%d %s: y[%d]=%g want %g", dt, rows, cols, isa, i, y[i], want[i])
+						}
+					}
+					p.MatMulBF16Act(y, w, x, n)
+					check(t)
+					for i := range y {
+						if !closeRel(float64(y[i]), wantR[i], magR[i], 1e-5) {
+							t.Fatalf("MatMulBF16Act %s %dx%d %s: y[%d]=%g want %g", dt, rows, cols, isa, i, y[i], wantR[i])
+						}
+					}
+				})
+			}
+		}
+	}
+}

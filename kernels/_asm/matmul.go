@@ -197,6 +197,9 @@ func genMatMul(g *gen) {
 	genPack(g, "packPairs", false)
 	genPackQ8(g)
 	genPackF8(g)
+	for _, k := range []string{"Q8", "Pairs", "T32"} {
+		genPackT(g, k)
+	}
 }
 
 // genPack emits the k-major packing loops (scalar: a register transpose
@@ -485,6 +488,114 @@ func genPackF8(g *gen) {
 	g.p("ADDQ $64, R12")
 	g.p("CMPQ R12, R10")
 	g.p("JL block")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// transpose16 transposes Z[in..in+15] (row i in register in+i, 16 floats)
+// into Z[in..in+15] (column c in register in+c), using Z[tmp..tmp+15] as
+// scratch; in and tmp are 0 or 16. Unpacks of 32- and 64-bit elements
+// build 4x4 blocks inside each 128-bit lane, two VSHUFF32X4 rounds move
+// the lanes.
+func transpose16(g *gen, in, tmp int) {
+	r := func(i int) int { return in + i }
+	a := func(i int) int { return tmp + i }
+	for i := 0; i < 8; i++ {
+		g.p("VUNPCKLPS Z%d, Z%d, Z%d", r(2*i+1), r(2*i), a(2*i))
+		g.p("VUNPCKHPS Z%d, Z%d, Z%d", r(2*i+1), r(2*i), a(2*i+1))
+	}
+	// b[4i+k]: lane L holds column 4L+k of rows 4i..4i+3.
+	for i := 0; i < 4; i++ {
+		g.p("VUNPCKLPD Z%d, Z%d, Z%d", a(4*i+2), a(4*i), r(4*i+0))
+		g.p("VUNPCKHPD Z%d, Z%d, Z%d", a(4*i+2), a(4*i), r(4*i+1))
+		g.p("VUNPCKLPD Z%d, Z%d, Z%d", a(4*i+3), a(4*i+1), r(4*i+2))
+		g.p("VUNPCKHPD Z%d, Z%d, Z%d", a(4*i+3), a(4*i+1), r(4*i+3))
+	}
+	// For each k, lanes of B0..B3 = b[k], b[4+k], b[8+k], b[12+k]:
+	// c0 = B0.01 B1.01, c1 = B0.23 B1.23, c2 = B2.01 B3.01, c3 = B2.23 B3.23.
+	for k := 0; k < 4; k++ {
+		b0, b1, b2, b3 := r(k), r(4+k), r(8+k), r(12+k)
+		g.p("VSHUFF32X4 $0x44, Z%d, Z%d, Z%d", b1, b0, a(4*k+0))
+		g.p("VSHUFF32X4 $0xEE, Z%d, Z%d, Z%d", b1, b0, a(4*k+1))
+		g.p("VSHUFF32X4 $0x44, Z%d, Z%d, Z%d", b3, b2, a(4*k+2))
+		g.p("VSHUFF32X4 $0xEE, Z%d, Z%d, Z%d", b3, b2, a(4*k+3))
+	}
+	// Column 4L+k = [B0.L B1.L B2.L B3.L].
+	for k := 0; k < 4; k++ {
+		c0, c1, c2, c3 := a(4*k), a(4*k+1), a(4*k+2), a(4*k+3)
+		g.p("VSHUFF32X4 $0x88, Z%d, Z%d, Z%d", c2, c0, r(0*4+k))
+		g.p("VSHUFF32X4 $0xDD, Z%d, Z%d, Z%d", c2, c0, r(1*4+k))
+		g.p("VSHUFF32X4 $0x88, Z%d, Z%d, Z%d", c3, c1, r(2*4+k))
+		g.p("VSHUFF32X4 $0xDD, Z%d, Z%d, Z%d", c3, c1, r(3*4+k))
+	}
+}
+
+// genPackT emits a 16x16-transposing tile packer:
+// func pack<kind>T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
+// dst[c*nr+j] = widen(src row j, column c) for j < rows (a multiple of 16),
+// c < cols (a multiple of 32 for Q8, 16 otherwise). Kinds:
+//
+//	Q8:    int8 times s[j*sstride/4 + c/32] (Q8_0 block scales)
+//	Pairs: the 32-bit word at column c (bf16 pairs, no conversion)
+//	T32:   plain transpose of float32 (s unused)
+func genPackT(g *gen, kind string) {
+	g.text("pack"+kind+"T", 64)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ srcStride+16(FP), R8")
+	g.p("MOVQ rows+24(FP), R9")
+	g.p("MOVQ cols+32(FP), R10")
+	g.p("MOVQ nr+40(FP), R11")
+	g.p("SHLQ $2, R11") // nr in bytes
+	g.p("MOVQ s+48(FP), R14")
+	g.p("MOVQ sstride+56(FP), R15")
+	esz := map[string]int{"Q8": 1, "Pairs": 4, "T32": 4}[kind]
+	g.p("XORQ R13, R13") // j0: first row of the 16
+	g.label("rows")
+	g.p("XORQ R12, R12") // c0
+	g.label("cols")
+	// AX = src + j0*stride + c0*esz; BX = 16*stride is not needed: rows by CX.
+	g.p("MOVQ R13, AX")
+	g.p("IMULQ R8, AX")
+	g.p("ADDQ SI, AX")
+	g.p("LEAQ (AX)(R12*%d), AX", esz)
+	if kind == "Q8" {
+		// DX = &s[j0][c0/32]
+		g.p("MOVQ R13, DX")
+		g.p("IMULQ R15, DX")
+		g.p("ADDQ R14, DX")
+		g.p("MOVQ R12, CX")
+		g.p("SHRQ $5, CX")
+		g.p("LEAQ (DX)(CX*4), DX")
+	}
+	for i := 0; i < 16; i++ {
+		switch kind {
+		case "Q8":
+			g.p("VPMOVSXBD (AX), Z%d", i)
+			g.p("VCVTDQ2PS Z%d, Z%d", i, i)
+			g.p("VMULPS.BCST (DX), Z%d, Z%d", i, i)
+			g.p("ADDQ R15, DX")
+		default:
+			g.p("VMOVUPS (AX), Z%d", i)
+		}
+		g.p("ADDQ R8, AX")
+	}
+	transpose16(g, 0, 16)
+	// BX = dst + c0*nr*4 + j0*4; column c at BX + c*nr*4.
+	g.p("MOVQ R12, BX")
+	g.p("IMULQ R11, BX")
+	g.p("ADDQ DI, BX")
+	g.p("LEAQ (BX)(R13*4), BX")
+	for c := 0; c < 16; c++ {
+		g.p("VMOVUPS Z%d, (BX)", c)
+		g.p("ADDQ R11, BX")
+	}
+	g.p("ADDQ $16, R12")
+	g.p("CMPQ R12, R10")
+	g.p("JL cols")
+	g.p("ADDQ $16, R13")
+	g.p("CMPQ R13, R9")
+	g.p("JL rows")
 	g.p("VZEROUPPER")
 	g.p("RET")
 }
