@@ -59,6 +59,9 @@ func packF8(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, tabl
 func packQ8T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
 
 //go:noescape
+func packF8T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
+
+//go:noescape
 func packPairsT(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
 
 //go:noescape
@@ -231,6 +234,10 @@ func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
 		case w.DType == Q8_0:
 			nb := cols / Q8Block
 			packQ8T(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, cols, nr, &w.Scales[r0*nb], uintptr(4*nb))
+			return
+		case w.DType == F8E4M3 && cols%16 == 0 && r0%F8Block+cnt <= F8Block:
+			nb := ceilDiv(cols, F8Block)
+			packF8T(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, cols, nr, &w.Scales[(r0/F8Block)*nb], 0)
 			return
 		case w.DType == F32 && cols%16 == 0:
 			packT32T(&dst[0], &w.Data[4*r0*cols], uintptr(4*cols), cnt, cols, nr, nil, 0)

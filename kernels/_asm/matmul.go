@@ -197,7 +197,7 @@ func genMatMul(g *gen) {
 	genPack(g, "packPairs", false)
 	genPackQ8(g)
 	genPackF8(g)
-	for _, k := range []string{"Q8", "Pairs", "T32"} {
+	for _, k := range []string{"Q8", "F8", "Pairs", "T32"} {
 		genPackT(g, k)
 	}
 }
@@ -536,6 +536,8 @@ func transpose16(g *gen, in, tmp int) {
 // c < cols (a multiple of 32 for Q8, 16 otherwise). Kinds:
 //
 //	Q8:    int8 times s[j*sstride/4 + c/32] (Q8_0 block scales)
+//	F8:    E4M3 times s[c/128] (the tile's row of block scales; all rows of
+//	       a 32-row tile share one 128-row block)
 //	Pairs: the 32-bit word at column c (bf16 pairs, no conversion)
 //	T32:   plain transpose of float32 (s unused)
 func genPackT(g *gen, kind string) {
@@ -549,7 +551,7 @@ func genPackT(g *gen, kind string) {
 	g.p("SHLQ $2, R11") // nr in bytes
 	g.p("MOVQ s+48(FP), R14")
 	g.p("MOVQ sstride+56(FP), R15")
-	esz := map[string]int{"Q8": 1, "Pairs": 4, "T32": 4}[kind]
+	esz := map[string]int{"Q8": 1, "F8": 1, "Pairs": 4, "T32": 4}[kind]
 	g.p("XORQ R13, R13") // j0: first row of the 16
 	g.label("rows")
 	g.p("XORQ R12, R12") // c0
@@ -568,8 +570,25 @@ func genPackT(g *gen, kind string) {
 		g.p("SHRQ $5, CX")
 		g.p("LEAQ (DX)(CX*4), DX")
 	}
+	if kind == "F8" {
+		// Z16 = s[c0/128] * 2^8 (the half trick's factor), Y17 = 0xBFFF words.
+		g.p("MOVQ R12, CX")
+		g.p("SHRQ $7, CX")
+		g.p("VBROADCASTSS (R14)(CX*4), Z16")
+		g.p("MOVL $0x43800000, CX") // 256.0
+		g.p("VPBROADCASTD CX, Z18")
+		g.p("VMULPS Z18, Z16, Z16")
+		g.p("MOVL $0xBFFFBFFF, CX")
+		g.p("VPBROADCASTD CX, Z17")
+	}
 	for i := 0; i < 16; i++ {
 		switch kind {
+		case "F8":
+			g.p("VPMOVSXBW (AX), Y%d", i)
+			g.p("VPSLLW $7, Y%d, Y%d", i, i)
+			g.p("VPANDD Y17, Y%d, Y%d", i, i)
+			g.p("VCVTPH2PS Y%d, Z%d", i, i)
+			g.p("VMULPS Z16, Z%d, Z%d", i, i)
 		case "Q8":
 			g.p("VPMOVSXBD (AX), Z%d", i)
 			g.p("VCVTDQ2PS Z%d, Z%d", i, i)
