@@ -62,6 +62,9 @@ func packQ8T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *
 func packF8T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
 
 //go:noescape
+func packBF16T(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
+
+//go:noescape
 func packPairsT(dst *float32, src *byte, srcStride uintptr, rows, cols, nr int, s *float32, sstride uintptr)
 
 //go:noescape
@@ -212,6 +215,26 @@ func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
 	if cnt < nr {
 		clear(dst)
 	}
+	if impl.isa >= ISAAVX512 && cnt%16 == 0 && cnt > 0 {
+		// Whole 16-row groups: widen 16x16 blocks and transpose them in
+		// registers (several times the scalar loops below).
+		switch {
+		case w.DType == Q8_0:
+			nb := cols / Q8Block
+			packQ8T(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, cols, nr, &w.Scales[r0*nb], uintptr(4*nb))
+			return
+		case w.DType == F8E4M3 && cols%16 == 0 && r0%F8Block+cnt <= F8Block:
+			nb := ceilDiv(cols, F8Block)
+			packF8T(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, cols, nr, &w.Scales[(r0/F8Block)*nb], 0)
+			return
+		case w.DType == BF16 && cols%16 == 0:
+			packBF16T(&dst[0], &w.Data[2*r0*cols], uintptr(2*cols), cnt, cols, nr, nil, 0)
+			return
+		case w.DType == F32 && cols%16 == 0:
+			packT32T(&dst[0], &w.Data[4*r0*cols], uintptr(4*cols), cnt, cols, nr, nil, 0)
+			return
+		}
+	}
 	if w.DType == BF16 && cnt > 0 {
 		// The assembly loop takes the columns in blocks of 64 so the
 		// destination lines being written stay in L1.
@@ -226,23 +249,6 @@ func packF32(dst, rowBuf []float32, w *Matrix, r0, cnt, nr int) {
 			}
 		}
 		return
-	}
-	if impl.isa >= ISAAVX512 && cnt%16 == 0 && cnt > 0 {
-		// Whole 16-row groups: widen 16x16 blocks and transpose them in
-		// registers (several times the scalar loops below).
-		switch {
-		case w.DType == Q8_0:
-			nb := cols / Q8Block
-			packQ8T(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, cols, nr, &w.Scales[r0*nb], uintptr(4*nb))
-			return
-		case w.DType == F8E4M3 && cols%16 == 0 && r0%F8Block+cnt <= F8Block:
-			nb := ceilDiv(cols, F8Block)
-			packF8T(&dst[0], &w.Data[r0*cols], uintptr(cols), cnt, cols, nr, &w.Scales[(r0/F8Block)*nb], 0)
-			return
-		case w.DType == F32 && cols%16 == 0:
-			packT32T(&dst[0], &w.Data[4*r0*cols], uintptr(4*cols), cnt, cols, nr, nil, 0)
-			return
-		}
 	}
 	if w.DType == Q8_0 && cnt > 0 && cols >= 64 {
 		main, nb := cols&^63, cols/Q8Block
@@ -358,24 +364,26 @@ func dpAvailable(w *Matrix) bool {
 }
 
 // dotFormAvailable reports whether BF16 MatMul of n rows uses the dot-form
-// kernels (no packing): AVX-512, BF16 weights, at least 32 columns. With
-// bf16 activations the packed VDPBF16PS path wins from mmDotMaxDP rows up
-// (measured 70% vs 54% of the DP peak at n=512; the dot form wins 83% vs
-// 57% at n=48); with float32 activations the dot form won at every n
-// measured (16..512).
+// kernels (no packing): AVX-512, BF16 weights, at least 32 columns, and a
+// batch in the range where it beat the packed kernels (measured at
+// 1408x2048 and 2048x1408, one thread): with float32 activations the dot
+// form led up to n=48 (87-92% vs 72-80% of the FMA peak) and the packed
+// form from n=96 (88-92%); with bf16 activations the dot form led up to
+// n=32 (86% vs 82% of the VDPBF16PS peak), the packed form from n=48.
 func dotFormAvailable(w *Matrix, n int, dp bool) bool {
 	if impl.isa < ISAAVX512 || w.DType != BF16 || w.Cols < 32 {
 		return false
 	}
 	if dp {
-		// Small bf16 batches have no multi-x row kernel; the dot form
-		// needs no packing, so it serves them too.
 		return n < mmDotMaxDP
 	}
-	return n >= mmDotMinN
+	return n >= mmDotMinN && n < mmDotMaxF32
 }
 
-const mmDotMaxDP = 256
+const (
+	mmDotMaxDP  = 48
+	mmDotMaxF32 = 64
+)
 
 // mmDotXBlock x rows (8 KiB each at 2048 columns) stay in L2 while a
 // thread's W rows stream past them 4 at a time.

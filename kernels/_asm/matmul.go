@@ -197,7 +197,7 @@ func genMatMul(g *gen) {
 	genPack(g, "packPairs", false)
 	genPackQ8(g)
 	genPackF8(g)
-	for _, k := range []string{"Q8", "F8", "Pairs", "T32"} {
+	for _, k := range []string{"Q8", "F8", "BF16", "Pairs", "T32"} {
 		genPackT(g, k)
 	}
 }
@@ -538,6 +538,7 @@ func transpose16(g *gen, in, tmp int) {
 //	Q8:    int8 times s[j*sstride/4 + c/32] (Q8_0 block scales)
 //	F8:    E4M3 times s[c/128] (the tile's row of block scales; all rows of
 //	       a 32-row tile share one 128-row block)
+//	BF16:  bf16 widened
 //	Pairs: the 32-bit word at column c (bf16 pairs, no conversion)
 //	T32:   plain transpose of float32 (s unused)
 func genPackT(g *gen, kind string) {
@@ -551,7 +552,7 @@ func genPackT(g *gen, kind string) {
 	g.p("SHLQ $2, R11") // nr in bytes
 	g.p("MOVQ s+48(FP), R14")
 	g.p("MOVQ sstride+56(FP), R15")
-	esz := map[string]int{"Q8": 1, "F8": 1, "Pairs": 4, "T32": 4}[kind]
+	esz := map[string]int{"Q8": 1, "F8": 1, "BF16": 2, "Pairs": 4, "T32": 4}[kind]
 	g.p("XORQ R13, R13") // j0: first row of the 16
 	g.label("rows")
 	g.p("XORQ R12, R12") // c0
@@ -583,6 +584,9 @@ func genPackT(g *gen, kind string) {
 	}
 	for i := 0; i < 16; i++ {
 		switch kind {
+		case "BF16":
+			g.p("VPMOVZXWD (AX), Z%d", i)
+			g.p("VPSLLD $16, Z%d, Z%d", i, i)
 		case "F8":
 			g.p("VPMOVSXBW (AX), Y%d", i)
 			g.p("VPSLLW $7, Y%d, Y%d", i, i)
