@@ -7,9 +7,12 @@ import (
 )
 
 // Pool is a persistent set of worker goroutines (threads-1 workers plus the
-// calling goroutine). A call publishes one job, every thread runs its
-// contiguous share, and the call returns when all shares are done. Nothing
-// is allocated and no goroutine is started per call in the steady state.
+// calling goroutine). A call publishes one job, the threads run it (a
+// contiguous share each for ParallelFor and MLADecode; claimed chunks of
+// output rows for the matrix products), and the call returns when all are
+// done. Nothing is allocated and no goroutine is started per call in the
+// steady state. Which thread computes a row never changes its value:
+// results are bit-identical for any thread count.
 //
 // A Pool serves one caller at a time: its methods must not be called
 // concurrently (give each concurrent caller its own Pool). Close stops the
@@ -294,7 +297,10 @@ func (p *Pool) scratchFor(id, n int) []float32 {
 }
 
 // ParallelFor splits [0,n) into contiguous chunks across the threads and
-// runs fn(lo,hi) on each; it returns when all are done.
+// runs fn(lo,hi) on each, concurrently; it returns when all are done. fn
+// must not call back into the Pool. (A closure created per call is the
+// caller's allocation; the kernels below keep their arguments in the Pool
+// instead.)
 func (p *Pool) ParallelFor(n int, fn func(lo, hi int)) {
 	if n <= 0 {
 		return
