@@ -119,6 +119,7 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
+	w.Warm(cfg.Threads)
 	c := w.Config
 	blocks := model.BlocksForBytes(c, cfg.BlockSize, cfg.CacheBytes)
 	if blocks < 1 {

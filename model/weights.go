@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
+	"sync"
+	"sync/atomic"
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model/safetensors"
@@ -353,3 +356,62 @@ func widenF32(m *kernels.Matrix) *kernels.Matrix {
 }
 
 func ceilDiv(a, b int) int { return (a + b - 1) / b }
+
+// Warm touches every page of every bound matrix once, in parallel, so the
+// first tokens do not pay the page faults of a freshly mapped checkpoint
+// (faults serialise on the address-space lock and would hide the kernels'
+// bandwidth for the first pass over the weights). Only bound tensors are
+// read: an expert node warms just its experts.
+func (w *Weights) Warm(threads int) {
+	var mats []*kernels.Matrix
+	add := func(ms ...*kernels.Matrix) {
+		for _, m := range ms {
+			if m != nil {
+				mats = append(mats, m)
+			}
+		}
+	}
+	addMLP := func(m *MLP) {
+		if m != nil {
+			add(m.Gate, m.Up, m.Down)
+		}
+	}
+	add(w.Embed, w.LMHead)
+	for i := range w.Layers {
+		L := &w.Layers[i]
+		a := &L.Attn
+		add(a.QProj, a.QA, a.QB, a.KVA, a.KVB, a.O)
+		addMLP(L.Dense)
+		if L.MoE != nil {
+			add(L.MoE.Gate)
+			addMLP(L.MoE.Shared)
+			for _, e := range L.MoE.Experts {
+				addMLP(e)
+			}
+		}
+	}
+	if threads <= 0 {
+		threads = runtime.GOMAXPROCS(0)
+	}
+	work := make(chan []byte, len(mats))
+	for _, m := range mats {
+		work <- m.Data
+	}
+	close(work)
+	var wg sync.WaitGroup
+	var sink atomic.Uint32
+	for range threads {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var acc byte
+			for b := range work {
+				for i := 0; i < len(b); i += 4096 {
+					acc += b[i]
+				}
+			}
+			sink.Add(uint32(acc)) // keep the reads
+		}()
+	}
+	wg.Wait()
+}

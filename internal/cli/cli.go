@@ -22,13 +22,14 @@ type command struct {
 
 func commands() map[string]command {
 	return map[string]command{
-		"gen-model":  {"write a random-weight checkpoint of a preset in HF layout", runGenModel},
-		"generate":   {"generate tokens from a checkpoint in one process", runGenerate},
-		"expert":     {"run an expert node serving a shard of the routed experts over gRPC", runExpert},
-		"attn":       {"run an attention node (latent cache, layer loop) serving gRPC", runAttn},
-		"up":         {"start a local cluster: coordinator, attention and expert nodes as processes on loopback", runUp},
-		"tokenize":   {"print the model tokenizer's ids for a text as JSON", runTokenize},
-		"detokenize": {"print the text of token ids", runDetokenize},
+		"gen-model":     {"write a random-weight checkpoint of a preset in HF layout", runGenModel},
+		"generate":      {"generate tokens from a checkpoint in one process", runGenerate},
+		"expert":        {"run an expert node serving a shard of the routed experts over gRPC", runExpert},
+		"attn":          {"run an attention node (latent cache, layer loop) serving gRPC", runAttn},
+		"up":            {"start a local cluster: coordinator, attention and expert nodes as processes on loopback", runUp},
+		"bench-kernels": {"measure read bandwidth, FMA peak and each kernel's fraction of them", runBenchKernels},
+		"tokenize":      {"print the model tokenizer's ids for a text as JSON", runTokenize},
+		"detokenize":    {"print the text of token ids", runDetokenize},
 	}
 }
 

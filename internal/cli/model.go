@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 
@@ -71,6 +73,7 @@ func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	w.Warm(*f.threads)
 	return w, kernels.NewPool(*f.threads), nil
 }
 
@@ -88,6 +91,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at EOS")
 	chunk := fs.Int("prefill-chunk", 512, "prompt tokens per prefill step")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the generation to this file")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -121,6 +125,17 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		req.StopIDs = gen.EOSTokenIDs
 	}
 	eng := model.NewEngine(w, pool, nil)
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	res, err := eng.Generate(ctx, cache, req)
 	if err != nil {
 		return err
