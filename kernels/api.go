@@ -212,3 +212,14 @@ func QuantizeQ8(m *Matrix) (*Matrix, error) {
 }
 
 func ceilDiv(a, b int) int { return (a + b - 1) / b }
+
+// elemBytesOf is the bytes per weight of Data for dt.
+func elemBytesOf(dt DType) int {
+	switch dt {
+	case F32:
+		return 4
+	case BF16, F16:
+		return 2
+	}
+	return 1
+}

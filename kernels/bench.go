@@ -433,13 +433,3 @@ func benchMatrix(dt DType, rows, cols int, seed uint64) *Matrix {
 	}
 	return m
 }
-
-func elemBytesOf(dt DType) int {
-	switch dt {
-	case F32:
-		return 4
-	case BF16, F16:
-		return 2
-	}
-	return 1
-}

@@ -152,7 +152,7 @@ func fastMatrix(seed uint64, dt DType, rows, cols int) *Matrix {
 	m := randMatrix(rng, dt, 1, Q8Block, 0) // scales/shape template
 	n := rows * cols
 	m.Rows, m.Cols = rows, cols
-	size := n * elemSize(dt)
+	size := n * elemBytesOf(dt)
 	m.Data = make([]byte, size)
 	for i := 0; i+8 <= size; i += 8 {
 		binary.LittleEndian.PutUint64(m.Data[i:], rng.Uint64())
@@ -189,16 +189,6 @@ func fastMatrix(seed uint64, dt DType, rows, cols int) *Matrix {
 		m.Scales[i] = 0.01
 	}
 	return m
-}
-
-func elemSize(dt DType) int {
-	switch dt {
-	case F32:
-		return 4
-	case BF16, F16:
-		return 2
-	}
-	return 1
 }
 
 var runBench = flag.Bool("runbench", false, "run RunBench's machine report in TestRunBench")

@@ -169,7 +169,7 @@ func permuteEO(dst, x []float32, lanes int) {
 func mvRange(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int) {
 	cols := w.Cols
 	main := cols &^ (s.lanes - 1)
-	eb := elemBytes(w.DType)
+	eb := elemBytesOf(w.DType)
 	stride := uintptr(eb * cols)
 	if main > 0 {
 		s.rows[w.DType](&y[lo], &w.Data[lo*cols*eb], stride, &x[0], main, hi-lo)
@@ -181,16 +181,6 @@ func mvRange(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int) {
 			y[r] += dotTail(w, r, x, main, cols)
 		}
 	}
-}
-
-func elemBytes(d DType) int {
-	switch d {
-	case F32:
-		return 4
-	case BF16, F16:
-		return 2
-	}
-	return 1
 }
 
 // dotTail is the dot of columns [c0,c1) of row r with x, for the columns
