@@ -51,10 +51,10 @@ func sigmoidAVX512(x *float32, n int)
 func expSubAVX512(x *float32, m float32, n int) float32
 
 //go:noescape
-func dot8AVX512(out *float32, q *float32, qstride uintptr, c *float32, n int)
+func dot8AVX512(out *float32, q *float32, qstride uintptr, c *float32, n int, pf *float32)
 
 //go:noescape
-func axpy8x2AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c0, c1 *float32, n int)
+func axpy8x2AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c0, c1 *float32, n int, pf0, pf1 *float32)
 
 //go:noescape
 func axpy8AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c *float32, n int)
@@ -220,7 +220,7 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 		var sc [8]float32
 		s := a.scratch[h*nt : (h+8)*nt]
 		for t := 0; t < nt; t++ {
-			dot8AVX512(&sc[0], &qc[0], uintptr(4*stride), &row(t)[0], stride)
+			dot8AVX512(&sc[0], &qc[0], uintptr(4*stride), &row(t)[0], stride, &row(min(t+mlaPrefetch, nt-1))[0])
 			for k := 0; k < 8; k++ {
 				s[k*nt+t] = a.scale * sc[k]
 			}
@@ -232,7 +232,8 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 		clear(o)
 		t := 0
 		for ; t+2 <= nt; t += 2 {
-			axpy8x2AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], &row(t + 1)[0], R)
+			axpy8x2AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], &row(t + 1)[0], R,
+				&row(min(t+mlaPrefetch, nt-1))[0], &row(min(t+mlaPrefetch+1, nt-1))[0])
 		}
 		if t < nt {
 			axpy8AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], R)
@@ -242,3 +243,8 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 		mlaHeadsGeneric(a, h, h1)
 	}
 }
+
+// mlaPrefetch is how many tokens ahead the MLA kernels prefetch cache rows:
+// at 4096 tokens (9.4 MB, from L3) +4 took the kernel from 47% to 66-68%
+// of the FMA peak; +2 gave 61%, +8 59%.
+const mlaPrefetch = 4

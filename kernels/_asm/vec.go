@@ -235,12 +235,13 @@ func genVec(g *gen) {
 // genMLA emits the two kernels of absorbed MLA decode, for 8 heads at a
 // time so each cache row is read once per 8 heads.
 //
-// func dot8AVX512(out *float32, q *float32, qstride uintptr, c *float32, n int):
-// out[h] = q[h]·c for h < 8, q rows qstride bytes apart.
+// func dot8AVX512(out *float32, q *float32, qstride uintptr, c *float32, n int, pf *float32):
+// out[h] = q[h]·c for h < 8, q rows qstride bytes apart; the n floats at pf
+// (the next cache row, from L3 at long contexts) are prefetched meanwhile.
 // func axpy8AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c *float32, n int):
 // out[h] += p[h]*c for h < 8, p[h] at p + h*pstride.
 func genMLA(g *gen) {
-	g.text("dot8AVX512", 40)
+	g.text("dot8AVX512", 48)
 	g.p("MOVQ out+0(FP), DX")
 	g.p("MOVQ q+8(FP), SI")
 	g.p("MOVQ qstride+16(FP), R9")
@@ -248,10 +249,13 @@ func genMLA(g *gen) {
 	g.p("LEAQ (SI)(R9*4), DI")
 	g.p("MOVQ c+24(FP), BX")
 	g.p("MOVQ n+32(FP), CX")
+	g.p("MOVQ pf+40(FP), R11")
 	for i := 0; i < 8; i++ {
 		g.p("VXORPS Z%d, Z%d, Z%d", i, i, i)
 	}
 	g.label("loop")
+	g.p("PREFETCHT0 (R11)")
+	g.p("ADDQ $64, R11")
 	g.p("VMOVUPS (BX), Z8")
 	for h := 0; h < 8; h++ {
 		a, _ := x16Addr(h, 0)
@@ -369,9 +373,10 @@ func genPermuteEO(g *gen) {
 // genAxpy8x2: out[h] += p[h][0]*c0 + p[h][1]*c1 for h < 8: two tokens per
 // pass over the 8 output rows, halving their load/store traffic (the
 // limit of the one-token form). The 16 weights live in registers.
-// func axpy8x2AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c0, c1 *float32, n int)
+// func axpy8x2AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c0, c1 *float32, n int, pf0, pf1 *float32)
+// (pf0, pf1: the next two rows, prefetched meanwhile)
 func genAxpy8x2(g *gen) {
-	g.text("axpy8x2AVX512", 56)
+	g.text("axpy8x2AVX512", 72)
 	g.p("MOVQ out+0(FP), SI")
 	g.p("MOVQ ostride+8(FP), R9")
 	g.p("LEAQ (R9)(R9*2), R10")
@@ -383,6 +388,8 @@ func genAxpy8x2(g *gen) {
 	g.p("MOVQ c0+32(FP), BX")
 	g.p("MOVQ c1+40(FP), DX")
 	g.p("MOVQ n+48(FP), CX")
+	g.p("MOVQ pf0+56(FP), R8")
+	g.p("MOVQ pf1+64(FP), R14")
 	pAddr := func(h, off int) string {
 		base := "AX"
 		if h >= 4 {
@@ -395,6 +402,10 @@ func genAxpy8x2(g *gen) {
 		g.p("VBROADCASTSS %s, Z%d", pAddr(h, 4), 24+h)
 	}
 	g.label("loop")
+	g.p("PREFETCHT0 (R8)")
+	g.p("PREFETCHT0 (R14)")
+	g.p("ADDQ $64, R8")
+	g.p("ADDQ $64, R14")
 	g.p("VMOVUPS (BX), Z8")
 	g.p("VMOVUPS (DX), Z9")
 	for h := 0; h < 8; h++ {
