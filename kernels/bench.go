@@ -129,7 +129,7 @@ func RunBench(w io.Writer, threads []int) error {
 		for _, t := range threads {
 			p := pools[t]
 			k := 0
-			rounds := 30
+			rounds := 80
 			if per > 64<<20 {
 				rounds = 8
 			}
