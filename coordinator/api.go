@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -140,7 +141,9 @@ func decodeBody(r *http.Request, v any) error {
 		var se *json.SyntaxError
 		switch {
 		case errors.As(err, &te):
-			return badRequest(te.Field, "%s: expected %s, got JSON %s", te.Field, te.Type, te.Value)
+			// Fields of the embedded commonFields carry its name as a prefix.
+			f := strings.TrimPrefix(te.Field, "commonFields.")
+			return badRequest(f, "%s: expected %s, got JSON %s", f, te.Type, te.Value)
 		case errors.As(err, &se):
 			return badRequest("", "body is not valid JSON: %v (at byte %d)", se, se.Offset)
 		}

@@ -197,7 +197,6 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int) {
 				backoff = min(2*backoff, 2*time.Second)
 				continue
 			}
-			backoff = 50 * time.Millisecond
 		}
 		c.mu.Lock()
 		req := c.mu.sched.plan(i)
@@ -219,7 +218,18 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int) {
 			}
 			continue
 		}
-		c.runStep(ctx, i, node, req, links)
+		if err := c.runStep(ctx, i, node, req, links); err != nil {
+			// The node is down now. Wait before asking it again so a node
+			// that answers Info but fails every step is not hammered.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 2*time.Second)
+		} else {
+			backoff = 50 * time.Millisecond
+		}
 	}
 }
 
@@ -256,7 +266,7 @@ func (c *Coordinator) bringUp(ctx context.Context, i int) error {
 // runStep sends one step and applies its answer. The step's span links to
 // the spans of the requests it serves: a step is shared by many requests,
 // so it cannot be the child of one.
-func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, req *meshpb.StepRequest, links []trace.Link) {
+func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, req *meshpb.StepRequest, links []trace.Link) error {
 	rows := 0
 	for _, w := range req.Work {
 		rows += len(w.Tokens)
@@ -291,6 +301,7 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 	c.deliver(ups)
 	c.deliver(failed)
 	c.wakeNodes(woken)
+	return err
 }
 
 func (c *Coordinator) wakeNodes(nodes []int) {

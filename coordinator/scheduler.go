@@ -327,11 +327,13 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 	var out []update
 	for _, w := range in.work {
 		q := w.seq
-		q.inflight = false
 		if q.done { // cancelled while in flight; its release is queued
+			q.inflight = false
 			continue
 		}
 		r := byID[q.id]
+		// Still marked in flight so a failing sequence gets a release:
+		// the node saw its work even if it never held tokens.
 		switch {
 		case r == nil:
 			s.remove(n, q)
@@ -346,6 +348,7 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 			out = append(out, update{seq: q, err: fmt.Errorf("%w: sequence %d was not sampled", ErrNodeFailed, q.id)})
 			continue
 		}
+		q.inflight = false
 		q.sent += w.n
 		u := update{seq: q}
 		if q.echoLogprobs && q.sent <= len(q.prompt) {

@@ -1,0 +1,384 @@
+package coordinator
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	meshpb "github.com/expertmesh/expertmesh/proto"
+)
+
+// fmtStep renders a planned step compactly: "id[start:end]" per work item,
+// "*" when it samples, "+" when it creates the sequence, then "rel(ids)".
+func fmtStep(req *meshpb.StepRequest) string {
+	if req == nil {
+		return "-"
+	}
+	var parts []string
+	for _, w := range req.Work {
+		s := fmt.Sprintf("%d[%d:%d]", w.SeqId, w.StartPos, int(w.StartPos)+len(w.Tokens))
+		if w.ReserveTokens > 0 {
+			s += "+"
+		}
+		if w.Sample {
+			s += "*"
+		}
+		parts = append(parts, s)
+	}
+	if len(req.Release) > 0 {
+		parts = append(parts, fmt.Sprintf("rel%v", req.Release))
+	}
+	return strings.Join(parts, " ")
+}
+
+// answer is a fake node's reply to a step: each work item that samples
+// gets token tok(id) and the rest an empty OK result.
+func answer(req *meshpb.StepRequest, tok func(id uint64) int) *meshpb.StepResponse {
+	resp := &meshpb.StepResponse{Step: req.Step}
+	for _, w := range req.Work {
+		r := &meshpb.SeqResult{SeqId: w.SeqId}
+		if w.Sample {
+			r.Sampled, r.Token = true, int32(tok(w.SeqId))
+		}
+		resp.Results = append(resp.Results, r)
+	}
+	return resp
+}
+
+func seqOf(id uint64, prompt, maxTokens int) *sequence {
+	p := make([]int, prompt)
+	for i := range p {
+		p[i] = 10 + i
+	}
+	return &sequence{id: id, prompt: p, maxTokens: maxTokens, logprobs: -1, sampling: &meshpb.SamplingParams{}}
+}
+
+func info(blocks, free, bs int) *meshpb.NodeInfo {
+	return &meshpb.NodeInfo{BlockSize: uint32(bs), TotalBlocks: uint32(blocks), FreeBlocks: uint32(free)}
+}
+
+func TestSchedulerSteps(t *testing.T) {
+	always := func(tok int) func(uint64) int { return func(uint64) int { return tok } }
+	tests := []struct {
+		name   string
+		cfg    schedConfig
+		nodes  []*meshpb.NodeInfo
+		seqs   []*sequence
+		stopID []int
+		tok    func(uint64) int
+		// want is, per round, each node's planned step (after which the
+		// fake node answers and the scheduler applies it).
+		want [][]string
+		// placed is each sequence's node after the first admit.
+		placed []int
+	}{
+		{
+			name:  "decode and finish at max_tokens",
+			cfg:   schedConfig{budget: 16, maxSeqs: 4},
+			nodes: []*meshpb.NodeInfo{info(8, 8, 4)},
+			seqs:  []*sequence{seqOf(1, 3, 2)},
+			tok:   always(7),
+			want: [][]string{
+				{"1[0:3]+*"},
+				{"1[3:4]*"},
+				{"rel[1]"},
+				{"-"},
+			},
+			placed: []int{0},
+		},
+		{
+			name:  "long prompt chunked under the budget while another decodes",
+			cfg:   schedConfig{budget: 6, maxSeqs: 4},
+			nodes: []*meshpb.NodeInfo{info(16, 16, 4)},
+			seqs:  []*sequence{seqOf(1, 2, 4), seqOf(2, 12, 1)},
+			tok:   always(7),
+			want: [][]string{
+				{"1[0:2]+* 2[0:4]+"},
+				{"1[2:3]* 2[4:9]"},
+				{"1[3:4]* 2[9:12]*"},
+				{"1[4:5]* rel[2]"},
+				{"rel[1]"},
+			},
+			placed: []int{0, 0},
+		},
+		{
+			name:  "most free cache wins, ties to the lowest index",
+			cfg:   schedConfig{budget: 64, maxSeqs: 4},
+			nodes: []*meshpb.NodeInfo{info(8, 4, 4), info(8, 6, 4), info(8, 6, 4)},
+			seqs:  []*sequence{seqOf(1, 4, 4), seqOf(2, 4, 4), seqOf(3, 4, 4)},
+			tok:   always(7),
+			// node1 6→4 free, node2 6→4, then node0 (4) ties node1 (4): node0.
+			placed: []int{1, 2, 0},
+			want:   [][]string{{"3[0:4]+*", "1[0:4]+*", "2[0:4]+*"}},
+		},
+		{
+			name:  "stop token ends early and releases",
+			cfg:   schedConfig{budget: 16, maxSeqs: 4},
+			nodes: []*meshpb.NodeInfo{info(8, 8, 4)},
+			seqs:  []*sequence{seqOf(1, 2, 10)},
+			stopID: []int{7},
+			tok:    always(7),
+			want:   [][]string{{"1[0:2]+*"}, {"rel[1]"}, {"-"}},
+			placed: []int{0},
+		},
+		{
+			name:  "arrival order: a big head blocks smaller ones behind it",
+			cfg:   schedConfig{budget: 64, maxSeqs: 4},
+			nodes: []*meshpb.NodeInfo{info(4, 4, 4)},
+			// 1 takes 2 blocks; 2 needs 3 (only 2 left) so 3 waits too;
+			// once 1's release is applied both fit.
+			seqs:   []*sequence{seqOf(1, 4, 4), seqOf(2, 8, 4), seqOf(3, 2, 2)},
+			tok:    always(7),
+			placed: []int{0, -1, -1},
+			want:   [][]string{{"1[0:4]+*"}, {"1[4:5]*"}, {"1[5:6]*"}, {"1[6:7]*"}, {"rel[1]"}, {"2[0:8]+* 3[0:2]+*"}},
+		},
+		{
+			name:   "seat limit per node",
+			cfg:    schedConfig{budget: 64, maxSeqs: 1},
+			nodes:  []*meshpb.NodeInfo{info(64, 64, 4)},
+			seqs:   []*sequence{seqOf(1, 2, 1), seqOf(2, 2, 1)},
+			tok:    always(7),
+			placed: []int{0, -1},
+			// 1 finishes at once; its seat frees before its release is sent.
+			want: [][]string{{"1[0:2]+*"}, {"2[0:2]+* rel[1]"}, {"rel[2]"}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newScheduler(tt.cfg, len(tt.nodes))
+			for i, in := range tt.nodes {
+				s.nodeUp(i, in)
+			}
+			for _, q := range tt.seqs {
+				q.stopIDs = tt.stopID
+				s.enqueue(q)
+			}
+			if _, failed := s.admit(); len(failed) > 0 {
+				t.Fatalf("admit failed %d sequences", len(failed))
+			}
+			for i, q := range tt.seqs {
+				if q.node != tt.placed[i] {
+					t.Errorf("sequence %d placed on node %d, want %d", q.id, q.node, tt.placed[i])
+				}
+			}
+			for round, want := range tt.want {
+				for i := range tt.nodes {
+					req := s.plan(i)
+					if got := fmtStep(req); got != want[i] {
+						t.Fatalf("round %d node %d: step %q, want %q", round, i, got, want[i])
+					}
+					if req != nil {
+						for _, u := range s.apply(i, answer(req, tt.tok)) {
+							if u.err != nil {
+								t.Fatalf("round %d: sequence %d failed: %v", round, u.seq.id, u.err)
+							}
+						}
+					}
+				}
+				s.admit()
+			}
+			for i, n := range s.nodes {
+				if len(n.running) == 0 && len(n.release) == 0 && n.freeBlocks != int(tt.nodes[i].FreeBlocks) {
+					t.Errorf("node %d idle with %d free blocks, want %d back", i, n.freeBlocks, tt.nodes[i].FreeBlocks)
+				}
+			}
+		})
+	}
+}
+
+func TestSchedulerFinishReasons(t *testing.T) {
+	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 1)
+	s.nodeUp(0, info(8, 8, 4))
+	a, b, c := seqOf(1, 2, 3), seqOf(2, 2, 3), seqOf(3, 2, 0)
+	a.stopIDs, b.stopIDs = []int{5}, []int{5}
+	for _, q := range []*sequence{a, b, c} {
+		s.enqueue(q)
+	}
+	s.admit()
+	toks := map[uint64][]int{1: {9, 5}, 2: {9, 9, 9}}
+	got := map[uint64]string{}
+	var seen map[uint64][]int = map[uint64][]int{}
+	for range 5 {
+		req := s.plan(0)
+		if req == nil {
+			break
+		}
+		resp := answer(req, func(id uint64) int { return toks[id][len(seen[id])] })
+		for _, u := range s.apply(0, resp) {
+			if u.sampled {
+				seen[u.seq.id] = append(seen[u.seq.id], u.token)
+			}
+			if u.finish != "" {
+				got[u.seq.id] = u.finish
+			}
+		}
+	}
+	want := map[uint64]string{1: "stop", 2: "length", 3: "length"}
+	for id, w := range want {
+		if got[id] != w {
+			t.Errorf("sequence %d finished %q, want %q (tokens %v)", id, got[id], w, seen[id])
+		}
+	}
+	if fmt.Sprint(seen[1]) != "[9 5]" || fmt.Sprint(seen[2]) != "[9 9 9]" || len(seen[3]) != 0 {
+		t.Errorf("tokens %v", seen)
+	}
+}
+
+func TestSchedulerCancel(t *testing.T) {
+	tests := []struct {
+		name string
+		// cancelAt: rounds planned+applied before the cancel; inflight:
+		// cancel between plan and apply of that round.
+		rounds   int
+		inflight bool
+		want     []string // steps after the cancel
+	}{
+		{name: "waiting never reaches the node", rounds: -1, want: []string{"-"}},
+		{name: "placed but never sent", rounds: 0, want: []string{"-"}},
+		{name: "running", rounds: 1, want: []string{"rel[1]", "-"}},
+		{name: "in flight: result dropped, released next", rounds: 1, inflight: true, want: []string{"rel[1]", "-"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 1)
+			s.nodeUp(0, info(8, 8, 4))
+			q := seqOf(1, 3, 8)
+			s.enqueue(q)
+			if tt.rounds >= 0 {
+				s.admit()
+			}
+			for range tt.rounds {
+				req := s.plan(0)
+				if tt.inflight {
+					if node := s.cancel(q); node != 0 {
+						t.Fatalf("cancel returned node %d, want 0", node)
+					}
+					if ups := s.apply(0, answer(req, func(uint64) int { return 1 })); len(ups) != 0 {
+						t.Fatalf("cancelled sequence got %d updates", len(ups))
+					}
+					break
+				}
+				s.apply(0, answer(req, func(uint64) int { return 1 }))
+			}
+			if !tt.inflight {
+				s.cancel(q)
+			}
+			for i, w := range tt.want {
+				req := s.plan(0)
+				if got := fmtStep(req); got != w {
+					t.Fatalf("step %d after cancel: %q, want %q", i, got, w)
+				}
+				if req != nil {
+					s.apply(0, answer(req, func(uint64) int { return 1 }))
+				}
+			}
+			if n := s.nodes[0]; n.freeBlocks != 8 || len(n.running) != 0 || len(s.waiting) != 0 {
+				t.Errorf("after cancel: free %d running %d waiting %d, want 8 0 0", n.freeBlocks, len(n.running), len(s.waiting))
+			}
+		})
+	}
+}
+
+func TestSchedulerNodeFailure(t *testing.T) {
+	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 2)
+	s.nodeUp(0, info(8, 8, 4))
+	s.nodeUp(1, info(8, 2, 4))
+	a, b := seqOf(1, 3, 4), seqOf(2, 3, 4)
+	s.enqueue(a)
+	s.enqueue(b)
+	s.admit()
+	if a.node != 0 || b.node != 0 {
+		t.Fatalf("placed on %d, %d, want 0, 0", a.node, b.node)
+	}
+	s.plan(0)
+	boom := errors.New("boom")
+	ups := s.fail(0, boom)
+	if len(ups) != 2 || !errors.Is(ups[0].err, boom) || !errors.Is(ups[1].err, boom) {
+		t.Fatalf("fail gave %+v, want both sequences failed", ups)
+	}
+	if s.plan(0) != nil {
+		t.Fatal("a down node was planned")
+	}
+	// New work goes to the live node only.
+	c := seqOf(3, 2, 2)
+	if err := s.check(c); err != nil {
+		t.Fatal(err)
+	}
+	s.enqueue(c)
+	s.admit()
+	if c.node != 1 {
+		t.Fatalf("placed on %d, want 1", c.node)
+	}
+	// Back up: the failed sequences are released, without block credit.
+	s.nodeUp(0, info(8, 8, 4))
+	if got := fmtStep(s.plan(0)); got != "rel[1 2]" {
+		t.Fatalf("after recovery %q, want rel[1 2]", got)
+	}
+	s.apply(0, &meshpb.StepResponse{})
+	if s.nodes[0].freeBlocks != 8 {
+		t.Errorf("free %d, want 8", s.nodes[0].freeBlocks)
+	}
+	// All down: waiting requests fail instead of hanging.
+	s.fail(1, boom)
+	s.fail(0, boom)
+	d := seqOf(4, 2, 2)
+	if err := s.check(d); !errors.Is(err, ErrNoNodes) {
+		t.Fatalf("check with no nodes: %v", err)
+	}
+	s.enqueue(d)
+	if _, failed := s.admit(); len(failed) != 1 || !errors.Is(failed[0].err, ErrNoNodes) {
+		t.Fatalf("admit with no nodes: %+v", failed)
+	}
+}
+
+func TestSchedulerPerSequenceErrors(t *testing.T) {
+	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 1)
+	s.nodeUp(0, info(8, 8, 4))
+	a, b, c := seqOf(1, 2, 2), seqOf(2, 2, 2), seqOf(3, 2, 2)
+	for _, q := range []*sequence{a, b, c} {
+		s.enqueue(q)
+	}
+	s.admit()
+	req := s.plan(0)
+	resp := answer(req, func(uint64) int { return 3 })
+	resp.Results[0].Code, resp.Results[0].Message = int32(codes.ResourceExhausted), "cache full"
+	resp.Results[1].Sampled = false
+	resp.Results = resp.Results[:2] // 3 has no result
+	ups := s.apply(0, resp)
+	var errs []string
+	for _, u := range ups {
+		var nse *NodeSeqError
+		switch {
+		case errors.As(u.err, &nse) && nse.Code == codes.ResourceExhausted:
+			errs = append(errs, fmt.Sprintf("%d:exhausted", u.seq.id))
+		case errors.Is(u.err, ErrNodeFailed):
+			errs = append(errs, fmt.Sprintf("%d:failed", u.seq.id))
+		default:
+			errs = append(errs, fmt.Sprintf("%d:%v", u.seq.id, u.err))
+		}
+	}
+	if got := strings.Join(errs, " "); got != "1:exhausted 2:failed 3:failed" {
+		t.Fatalf("errors %q", got)
+	}
+	if got := fmtStep(s.plan(0)); got != "rel[1 2 3]" {
+		t.Fatalf("next step %q, want rel[1 2 3]", got)
+	}
+}
+
+func TestSchedulerCheck(t *testing.T) {
+	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 2)
+	s.nodeUp(0, info(4, 4, 4))
+	s.nodeUp(1, info(8, 1, 2))
+	for _, tt := range []struct {
+		prompt, max int
+		ok          bool
+	}{{10, 6, true}, {10, 7, false}, {1, 0, true}} {
+		err := s.check(seqOf(1, tt.prompt, tt.max))
+		if (err == nil) != tt.ok || (err != nil && !errors.Is(err, ErrTooLong)) {
+			t.Errorf("check(%d+%d) = %v, want ok=%v", tt.prompt, tt.max, err, tt.ok)
+		}
+	}
+}
