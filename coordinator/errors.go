@@ -51,7 +51,7 @@ func (c *Coordinator) toAPIError(err error) *apiError {
 		return ae
 	case errors.Is(err, ErrOverloaded):
 		return &apiError{status: http.StatusTooManyRequests, Type: "rate_limit_error", Code: strp("queue_full"),
-			Message: fmt.Sprintf("%v: the coordinator's waiting queue (%d) is full; retry later", err, c.cfg.MaxWaiting),
+			Message:    fmt.Sprintf("%v: the coordinator's waiting queue (%d) is full; retry later", err, c.cfg.MaxWaiting),
 			retryAfter: c.cfg.RetryAfter}
 	case errors.Is(err, ErrTooLong):
 		return &apiError{status: http.StatusBadRequest, Type: "invalid_request_error", Param: strp("max_tokens"),
