@@ -72,7 +72,7 @@ type Coordinator struct {
 
 	// hooks let in-package tests observe the driver without sleeping.
 	hooks struct {
-		enqueued func(id uint64)
+		enqueued atomic.Pointer[func(id uint64)]
 	}
 }
 
@@ -123,8 +123,10 @@ func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator
 	c.mu.boxes = map[uint64]*mailbox{}
 	lctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	c.cancel = cancel
-	for i := range nodes {
+	for range nodes {
 		c.wake = append(c.wake, make(chan struct{}, 1))
+	}
+	for i := range nodes {
 		c.loops.Add(1)
 		go c.nodeLoop(lctx, i)
 	}
@@ -336,8 +338,8 @@ func (c *Coordinator) submit(q *sequence) (*mailbox, error) {
 	woken, failed := s.admit()
 	c.metrics.queue.Set(float64(len(s.waiting)))
 	c.mu.Unlock()
-	if c.hooks.enqueued != nil {
-		c.hooks.enqueued(q.id)
+	if f := c.hooks.enqueued.Load(); f != nil {
+		(*f)(q.id)
 	}
 	c.deliver(failed)
 	c.wakeNodes(woken)

@@ -587,7 +587,8 @@ func TestAdmissionControl(t *testing.T) {
 	cl := startCluster(t, 1, func(c *Config) { c.MaxRunningPerNode, c.MaxWaiting = 1, 1 },
 		func(_ int, n AttentionNode) AttentionNode { g = newGate(n); return g })
 	enq := make(chan uint64, 10)
-	cl.c.hooks.enqueued = func(id uint64) { enq <- id }
+	hook := func(id uint64) { enq <- id }
+	cl.c.hooks.enqueued.Store(&hook)
 	body := map[string]any{"prompt": []int{3, 4, 5}, "max_tokens": 3, "temperature": 0, "ignore_eos": true}
 	type result struct {
 		code int
