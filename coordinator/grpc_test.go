@@ -1,0 +1,155 @@
+package coordinator
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/expertmesh/expertmesh/attnnode"
+	"github.com/expertmesh/expertmesh/model"
+)
+
+// proxy forwards TCP to a target until killed; killing it looks to the
+// coordinator like the node's process dying (connections reset, dials
+// refused) while the node itself stays intact.
+type proxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	conns  []net.Conn
+	wg     sync.WaitGroup
+}
+
+func newProxy(t *testing.T, target string) *proxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{ln: ln, target: target}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			p.wg.Add(2)
+			go func() { defer p.wg.Done(); io.Copy(u, c); u.Close() }()
+			go func() { defer p.wg.Done(); io.Copy(c, u); c.Close() }()
+		}
+	}()
+	t.Cleanup(p.kill)
+	return p
+}
+
+func (p *proxy) kill() {
+	p.ln.Close()
+	p.mu.Lock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+}
+
+// startGRPC starts n attention-node servers on loopback and a coordinator
+// dialing them (through a proxy each), as `expertmesh coordinator --attn`
+// does.
+func startGRPC(t *testing.T, n int) (*Coordinator, []*proxy) {
+	t.Helper()
+	var proxies []*proxy
+	var nodes []AttentionNode
+	for i := range n {
+		nc := attnnode.DefaultConfig()
+		nc.ModelDir, nc.NodeID, nc.Threads, nc.CacheBytes = tinyDir, fmt.Sprintf("attn-%d", i), 1, 2<<20
+		s, err := attnnode.Start(context.Background(), nc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		p := newProxy(t, s.Addr())
+		cl, err := attnnode.Dial(context.Background(), p.ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cl.Close() })
+		proxies = append(proxies, p)
+		nodes = append(nodes, cl)
+	}
+	cfg := DefaultConfig()
+	cfg.ModelDir, cfg.Addr, cfg.StepTokenBudget, cfg.MaxRunningPerNode = tinyDir, "127.0.0.1:0", 16, 8
+	c, err := Start(context.Background(), cfg, nodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	<-c.Ready()
+	return c, proxies
+}
+
+func TestOverGRPC(t *testing.T) {
+	c, _ := startGRPC(t, 2)
+	cl := &cluster{c: c, url: "http://" + c.Addr()}
+	var wg sync.WaitGroup
+	outs := make([]*completionOut, 8)
+	for i := range outs {
+		wg.Go(func() {
+			code, out := complete(t, cl, map[string]any{"prompt": prompt(2+i*7, i), "max_tokens": 3 + i, "temperature": 0, "ignore_eos": true, "logprobs": 0})
+			if code != 200 {
+				t.Errorf("request %d: %d %+v", i, code, out.Error)
+			}
+			outs[i] = out
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	for i, out := range outs {
+		checkAgainst(t, out, ref(t, model.GenerateRequest{Prompt: prompt(2+i*7, i), MaxTokens: 3 + i, Logprobs: 0}), false, 0, 1e-4)
+	}
+}
+
+// TestNodeDiesMidGeneration cuts the attention node off while a
+// stream is running: the client must get an error event and the end of
+// the stream, never a hang.
+func TestNodeDiesMidGeneration(t *testing.T) {
+	c, proxies := startGRPC(t, 1)
+	b, _ := json.Marshal(map[string]any{"prompt": prompt(10, 3), "max_tokens": 2000, "ignore_eos": true, "stream": true})
+	resp, err := http.Post("http://"+c.Addr()+"/v1/completions", "application/json", bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	if line, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(line, "data: {") {
+		t.Fatalf("first event %q %v", line, err)
+	}
+	proxies[0].kill()
+	evs := sseEvents(t, br)
+	if len(evs) < 2 || evs[len(evs)-1] != "[DONE]" || !strings.Contains(evs[len(evs)-2], `"error"`) || !strings.Contains(evs[len(evs)-2], "attention node failed") {
+		t.Fatalf("stream after the node died ends %q", evs[max(0, len(evs)-2):])
+	}
+	// The next request is refused cleanly too (503), not queued forever.
+	code, out := complete(t, &cluster{url: "http://" + c.Addr()}, map[string]any{"prompt": []int{1}, "max_tokens": 2})
+	if code != http.StatusServiceUnavailable || out.Error == nil {
+		t.Fatalf("after the node died: %d %+v", code, out.Error)
+	}
+}
