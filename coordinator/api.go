@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	mrand "math/rand/v2"
 	"net/http"
 	"slices"
 	"strconv"
@@ -245,6 +246,9 @@ func (c *Coordinator) params(f *commonFields, prompt []int) (*genRequest, error)
 	}
 	if f.Seed != nil {
 		p.Seed = uint64(*f.Seed)
+	} else if p.Temperature > 0 {
+		// No seed asked for: draws differ between requests, as OpenAI's do.
+		p.Seed = mrand.Uint64()
 	}
 	if err := p.Validate(); err != nil {
 		param := "temperature"

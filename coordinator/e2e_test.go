@@ -315,6 +315,7 @@ func TestCompletionsMatchGenerate(t *testing.T) {
 		{name: "echo only prompt", prompt: prompt(6, 6), max: 0, logprobs: 2, echo: true},
 		{name: "sampled with seed", prompt: prompt(5, 7), max: 10, temp: 0.9, topK: 40, topP: 0.9, seed: 42, logprobs: 1},
 		{name: "one token prompt", prompt: []int{5}, max: 5, logprobs: -1},
+		{name: "explicit seed 0 is a seed", prompt: prompt(4, 8), max: 8, temp: 1.3, seed: 0, logprobs: -1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -3,7 +3,6 @@ package coordinator
 import (
 	"context"
 	"errors"
-	"math/rand/v2"
 	"strings"
 	"time"
 
@@ -159,17 +158,9 @@ func maxLen(ss []string) int {
 // ended; in every case the sequence is withdrawn so its cache is released
 // in its node's next step.
 func (c *Coordinator) generate(ctx context.Context, g *genRequest, onDelta func(genDelta) error) (*genResult, error) {
-	seed := uint64(0)
-	if g.sampling.Seed == 0 && g.sampling.Temperature > 0 {
-		seed = rand.Uint64()
-	}
-	sp := meshpb.SamplingParams{Temperature: g.sampling.Temperature, TopK: g.sampling.TopK, TopP: g.sampling.TopP, Seed: g.sampling.Seed}
-	if seed != 0 {
-		sp.Seed = seed
-	}
 	q := &sequence{
 		id: c.nextID.Add(1), prompt: g.prompt, maxTokens: g.maxTokens, stopIDs: g.stopIDs,
-		sampling: &sp, logprobs: int32(g.logprobs), echoLogprobs: g.echo && g.logprobs >= 0,
+		sampling: g.sampling, logprobs: int32(g.logprobs), echoLogprobs: g.echo && g.logprobs >= 0,
 		span: trace.SpanContextFromContext(ctx),
 	}
 	box, err := c.submit(q)
