@@ -130,7 +130,7 @@ func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator
 		c.loops.Add(1)
 		go c.nodeLoop(lctx, i)
 	}
-	c.srv = &http.Server{Handler: c.Handler(), ReadHeaderTimeout: 30 * time.Second,
+	c.srv = &http.Server{Handler: c.Handler(), ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
 		BaseContext: func(net.Listener) context.Context { return lctx }}
 	go func() {
 		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -210,7 +210,6 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int) {
 				}
 			}
 		}
-		c.metrics.queue.Set(float64(len(c.mu.sched.waiting)))
 		c.mu.Unlock()
 		if req == nil {
 			select {
@@ -250,7 +249,7 @@ func (c *Coordinator) bringUp(ctx context.Context, i int) error {
 	}
 	c.mu.Lock()
 	c.mu.sched.nodeUp(i, info)
-	woken, failed := c.mu.sched.admit()
+	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	c.deliver(failed)
 	c.wakeNodes(woken)
@@ -298,7 +297,7 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 		ups = c.mu.sched.apply(i, resp)
 	}
 	// Finished sequences freed seats and blocks: place waiting ones.
-	woken, failed = c.mu.sched.admit()
+	woken, failed = c.admitLocked()
 	c.mu.Unlock()
 	c.deliver(ups)
 	c.deliver(failed)
@@ -313,6 +312,13 @@ func (c *Coordinator) wakeNodes(nodes []int) {
 		default:
 		}
 	}
+}
+
+// admitLocked places waiting sequences and publishes the queue depth.
+func (c *Coordinator) admitLocked() (woken []int, failed []update) {
+	woken, failed = c.mu.sched.admit()
+	c.metrics.queue.Set(float64(len(c.mu.sched.waiting)))
+	return woken, failed
 }
 
 // submit admits q or says why not. On success q's mailbox receives its
@@ -335,8 +341,7 @@ func (c *Coordinator) submit(q *sequence) (*mailbox, error) {
 	}
 	c.mu.boxes[q.id] = box
 	s.enqueue(q)
-	woken, failed := s.admit()
-	c.metrics.queue.Set(float64(len(s.waiting)))
+	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	if f := c.hooks.enqueued.Load(); f != nil {
 		(*f)(q.id)
@@ -367,7 +372,7 @@ func (c *Coordinator) withdraw(q *sequence) {
 	c.mu.Lock()
 	node := c.mu.sched.cancel(q)
 	delete(c.mu.boxes, q.id)
-	woken, failed := c.mu.sched.admit()
+	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	c.deliver(failed)
 	if node >= 0 {

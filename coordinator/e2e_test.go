@@ -141,7 +141,7 @@ func ref(t *testing.T, req model.GenerateRequest) *model.GenerateResult {
 	return res
 }
 
-func post(t *testing.T, ctx context.Context, url string, body any) (*http.Response, []byte) {
+func post(t testing.TB, ctx context.Context, url string, body any) (*http.Response, []byte) {
 	t.Helper()
 	b, err := json.Marshal(body)
 	if err != nil {
@@ -188,7 +188,7 @@ type completionOut struct {
 	} `json:"error"`
 }
 
-func complete(t *testing.T, cl *cluster, body map[string]any) (int, *completionOut) {
+func complete(t testing.TB, cl *cluster, body map[string]any) (int, *completionOut) {
 	t.Helper()
 	resp, b := post(t, context.Background(), cl.url+"/v1/completions", body)
 	var out completionOut
