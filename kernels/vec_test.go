@@ -271,3 +271,25 @@ func clampFinite(v float32) float32 {
 	}
 	return v
 }
+
+// TestExpEdges: overflow, underflow and infinities as math.Exp rounded to
+// float32, at every level.
+func TestExpEdges(t *testing.T) {
+	in := []float32{89, 88.8, 88.7, -87, -104, -150, float32(math.Inf(1)), float32(math.Inf(-1)), 0}
+	for _, isa := range isas() {
+		withISA(t, isa, func() {
+			x := make([]float32, 32) // one full vector plus a tail
+			for i := range x {
+				x[i] = in[i%len(in)]
+			}
+			y := append([]float32(nil), x...)
+			impl.expSub(y, 0)
+			for i, v := range x {
+				want := float32(math.Exp(float64(v)))
+				if !ulpClose(y[i], float64(want), 2) && !(want < 0x1p-126 && math.Abs(float64(y[i]-want)) <= 0x1p-148) {
+					t.Fatalf("%s exp(%g) = %g, want %g", isa, v, y[i], want)
+				}
+			}
+		})
+	}
+}
