@@ -40,5 +40,5 @@
 // RunBench (wired to "expertmesh bench-kernels") measures the machine's
 // read bandwidth and FMA peaks and every kernel against them in one run;
 // from a checkout: go test ./kernels -run RunBench -v -timeout 10m -args -runbench.
-// Benchmarks named by shape: go test ./kernels -run - -bench . -short.
+// Benchmarks named by shape: go test ./kernels -run '^$' -bench . -short.
 package kernels
