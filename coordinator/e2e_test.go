@@ -696,3 +696,25 @@ func TestNodeFailure(t *testing.T) {
 		}
 	}
 }
+
+// TestCloseFailsInFlight closes the coordinator while a request's step is
+// held: the request gets a 503 body, and Close returns.
+func TestCloseFailsInFlight(t *testing.T) {
+	var g *gate
+	cl := startCluster(t, 1, nil, func(_ int, n AttentionNode) AttentionNode { g = newGate(n); return g })
+	res := make(chan string, 1)
+	go func() {
+		resp, b := post(t, context.Background(), cl.url+"/v1/completions", map[string]any{"prompt": []int{1, 2}, "max_tokens": 4})
+		res <- fmt.Sprintf("%d %s", resp.StatusCode, b)
+	}()
+	<-g.entered
+	if err := cl.c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := <-res; !strings.HasPrefix(got, "503 ") || !strings.Contains(got, "shutting down") {
+		t.Fatalf("in-flight request at Close: %s", got)
+	}
+	if _, err := http.Post(cl.url+"/v1/completions", "application/json", strings.NewReader(`{"prompt":[1]}`)); err == nil {
+		t.Fatal("a closed coordinator still answers")
+	}
+}
