@@ -755,7 +755,9 @@ func (c *Coordinator) handleChat(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		res, err := c.generate(ctx, g, func(d genDelta) error {
-			if d.text == "" && len(d.tokens) == 0 {
+			// A token that ends inside a character adds no text yet; send
+			// nothing for it unless its logprobs were asked for.
+			if d.text == "" && (len(d.tokens) == 0 || !req.Logprobs) {
 				return nil
 			}
 			text := d.text
