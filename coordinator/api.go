@@ -102,13 +102,21 @@ func (c *Coordinator) instrument(endpoint string, h http.HandlerFunc) http.Handl
 	})
 }
 
+// handleReady answers 200 when every node answers Info now and is in
+// service (a node whose steps fail, or whose vocabulary does not match the
+// model, answers Info but is not).
 func (c *Coordinator) handleReady(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
+	c.mu.Lock()
+	down := slices.Clone(c.mu.nodeErr)
+	c.mu.Unlock()
 	var missing []string
 	for i, n := range c.nodes {
 		if _, err := n.Info(ctx); err != nil {
 			missing = append(missing, fmt.Sprintf("node %d: %v", i, err))
+		} else if down[i] != nil {
+			missing = append(missing, fmt.Sprintf("node %d: answers Info but is not serving: %v", i, down[i]))
 		}
 	}
 	if len(missing) > 0 {

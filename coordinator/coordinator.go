@@ -67,6 +67,8 @@ type Coordinator struct {
 		sync.Mutex
 		sched   *scheduler
 		closing bool
+		// nodeErr is why each node is down (nil while up).
+		nodeErr []error
 		boxes   map[uint64]*mailbox
 	}
 
@@ -121,6 +123,10 @@ func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator
 	}
 	c.mu.sched = newScheduler(schedConfig{budget: cfg.StepTokenBudget, maxSeqs: cfg.MaxRunningPerNode}, len(nodes))
 	c.mu.boxes = map[uint64]*mailbox{}
+	c.mu.nodeErr = make([]error, len(nodes))
+	for i := range c.mu.nodeErr {
+		c.mu.nodeErr[i] = errors.New("not contacted yet")
+	}
 	lctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	c.cancel = cancel
 	for range nodes {
@@ -191,6 +197,9 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int) {
 		c.mu.Unlock()
 		if !up {
 			if err := c.bringUp(ctx, i); err != nil {
+				c.mu.Lock()
+				c.mu.nodeErr[i] = err
+				c.mu.Unlock()
 				select {
 				case <-ctx.Done():
 					return
@@ -249,6 +258,7 @@ func (c *Coordinator) bringUp(ctx context.Context, i int) error {
 	}
 	c.mu.Lock()
 	c.mu.sched.nodeUp(i, info)
+	c.mu.nodeErr[i] = nil
 	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	c.deliver(failed)
@@ -292,7 +302,9 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 	var woken []int
 	var failed []update
 	if err != nil {
-		ups = c.mu.sched.fail(i, fmt.Errorf("%w: %v", ErrNodeFailed, err))
+		err = fmt.Errorf("%w: %v", ErrNodeFailed, err)
+		c.mu.nodeErr[i] = err
+		ups = c.mu.sched.fail(i, err)
 	} else {
 		ups = c.mu.sched.apply(i, resp)
 	}
