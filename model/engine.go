@@ -56,6 +56,12 @@ type Engine struct {
 	buf   scratch
 	// Trace, if set, receives each MoE layer's routing (tests and stats).
 	Trace func(layer int, ids []int32, weights []float32, n, k int)
+	// BF16Prefill rounds activations to BF16 in multi-row products
+	// (prefill) so the kernels can use BF16 dot-product instructions. It
+	// is an explicit precision trade, off by default: BF16 activations can
+	// change which experts the router picks (the router itself always
+	// stays float32).
+	BF16Prefill bool
 	// Compute, if set, is held while this engine computes and released
 	// while it waits for routed experts, so engines of several
 	// micro-batches sharing one kernel pool take turns: one computes
@@ -316,7 +322,8 @@ func (e *Engine) ffn(ctx context.Context, l, n int) error {
 	}
 	m := L.MoE
 	E, k := c.NumExperts(), c.TopK()
-	e.matmul(s.gateLogits[:n*E], m.Gate, s.hn[:n*h], n)
+	// The router decides routing: always the exact path.
+	matmul(e.Pool, s.gateLogits[:n*E], m.Gate, s.hn[:n*h], n, false)
 	if s.router[l] == nil {
 		s.router[l] = NewRouter(c, m.Bias)
 	}
@@ -364,9 +371,18 @@ func (e *Engine) mlp(out []float32, m *MLP, x []float32, n int) {
 }
 
 func (e *Engine) matmul(y []float32, w *kernels.Matrix, x []float32, n int) {
-	if n == 1 {
-		e.Pool.MatVec(y, w, x)
-		return
+	matmul(e.Pool, y, w, x, n, e.BF16Prefill)
+}
+
+// matmul picks the kernel for n rows: matrix-vector for one row, BF16
+// activations for several when allowed and the weights are BF16.
+func matmul(p *kernels.Pool, y []float32, w *kernels.Matrix, x []float32, n int, bf16Act bool) {
+	switch {
+	case n == 1:
+		p.MatVec(y, w, x)
+	case bf16Act && w.DType == kernels.BF16:
+		p.MatMulBF16Act(y, w, x, n)
+	default:
+		p.MatMul(y, w, x, n)
 	}
-	e.Pool.MatMul(y, w, x, n)
 }

@@ -242,3 +242,35 @@ func TestForwardRejectsBadInput(t *testing.T) {
 		t.Fatal("failed requests leaked cache blocks")
 	}
 }
+
+// TestBF16PrefillDeviation: the BF16-activation prefill path stays close
+// to the exact path (its deviation is reported, not hidden).
+func TestBF16PrefillDeviation(t *testing.T) {
+	w := loadTiny(t, "tiny-v2-lite")
+	pool := kernels.NewPool(2)
+	defer pool.Close()
+	prompt := []int{3, 17, 250, 9, 101, 44, 5, 311, 77, 2, 480, 60, 13, 14, 15, 16}
+	run := func(bf16 bool) *GenerateResult {
+		eng := NewEngine(w, pool, nil)
+		eng.BF16Prefill = bf16
+		eng.Experts.(*ExpertRunner).BF16Act = bf16
+		cache, _ := NewLatentCache(w.Config, 16, 8)
+		res, err := eng.Generate(context.Background(), cache, GenerateRequest{Prompt: prompt, MaxTokens: 1, Logprobs: 0, Echo: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	exact, fast := run(false), run(true)
+	var worst float64
+	for p := 1; p < len(prompt); p++ {
+		worst = math.Max(worst, math.Abs(exact.PromptLogprobs[p].Logprob-fast.PromptLogprobs[p].Logprob))
+	}
+	t.Logf("BF16-activation prefill: max |Δ logprob| over %d positions = %.4f", len(prompt)-1, worst)
+	if worst == 0 {
+		t.Fatal("BF16 path identical to exact: it is not in use")
+	}
+	if worst > 0.1 {
+		t.Fatalf("BF16 prefill deviates by %.4f", worst)
+	}
+}

@@ -19,6 +19,8 @@ var ErrExpertNotLoaded = errors.New("expert not loaded")
 type ExpertRunner struct {
 	W    *Weights
 	Pool *kernels.Pool
+	// BF16Act: see Engine.BF16Prefill.
+	BF16Act bool
 
 	rowsOf      [][]int32   // expert -> row indices
 	wOf         [][]float32 // expert -> gate weight per row
@@ -96,9 +98,5 @@ func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weight
 }
 
 func (r *ExpertRunner) mm(y []float32, w *kernels.Matrix, x []float32, n int) {
-	if n == 1 {
-		r.Pool.MatVec(y, w, x)
-		return
-	}
-	r.Pool.MatMul(y, w, x, n)
+	matmul(r.Pool, y, w, x, n, r.BF16Act)
 }

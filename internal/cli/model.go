@@ -92,6 +92,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at EOS")
 	chunk := fs.Int("prefill-chunk", 512, "prompt tokens per prefill step")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the generation to this file")
+	precision := fs.String("precision", "exact", "exact (float32 activations) or bf16 (BF16 activations in prefill products; the router stays float32)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -125,6 +126,16 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		req.StopIDs = gen.EOSTokenIDs
 	}
 	eng := model.NewEngine(w, pool, nil)
+	switch *precision {
+	case "exact":
+	case "bf16":
+		eng.BF16Prefill = true
+		if r, ok := eng.Experts.(*model.ExpertRunner); ok {
+			r.BF16Act = true
+		}
+	default:
+		return fmt.Errorf("--precision %q: want exact or bf16", *precision)
+	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
