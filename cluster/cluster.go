@@ -286,9 +286,18 @@ func EnsureModel(cfg Config) (string, error) {
 		root = filepath.Join(base, "expertmesh")
 	}
 	dir := filepath.Join(root, p.Name)
-	if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+	// A complete model has its index and tokenizer (an older or
+	// interrupted generation may lack them): regenerate otherwise.
+	complete := true
+	for _, f := range []string{"config.json", "model.safetensors.index.json", "tokenizer.json"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			complete = false
+		}
+	}
+	if complete {
 		return dir, nil
 	}
+	os.RemoveAll(dir)
 	// Generate beside and rename, so a crash never leaves a half model
 	// that looks complete.
 	tmp := dir + ".tmp"
