@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"sync"
 	"testing"
 
 	"go.opentelemetry.io/otel"
@@ -8,24 +9,28 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 )
 
+// The packages' tracers bind to the first global provider set, so the
+// recorder is installed once per test process.
+var installRecorder = sync.OnceValue(func() *tracetest.SpanRecorder {
+	rec := tracetest.NewSpanRecorder()
+	otel.SetTracerProvider(sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec)))
+	return rec
+})
+
 // TestTraceSpans checks the span shape: each request's "http.request"
 // span is linked from the "coordinator.step" spans that served it, and
 // the in-process node's "attn.step" is a child of the coordinator's step.
 func TestTraceSpans(t *testing.T) {
-	rec := tracetest.NewSpanRecorder()
-	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
-	prev := otel.GetTracerProvider()
-	otel.SetTracerProvider(tp)
-	t.Cleanup(func() { otel.SetTracerProvider(prev); tp.Shutdown(t.Context()) })
-
+	rec := installRecorder()
 	cl := startCluster(t, 1, nil, nil)
+	before := len(rec.Ended())
 	if code, _ := complete(t, cl, map[string]any{"prompt": []int{1, 2, 3}, "max_tokens": 3, "ignore_eos": true}); code != 200 {
 		t.Fatal(code)
 	}
 	var reqSpan sdktrace.ReadOnlySpan
 	steps := map[string]sdktrace.ReadOnlySpan{}
 	var attn []sdktrace.ReadOnlySpan
-	for _, s := range rec.Ended() {
+	for _, s := range rec.Ended()[before:] {
 		switch s.Name() {
 		case "http.request":
 			reqSpan = s
