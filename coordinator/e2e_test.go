@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -717,4 +718,34 @@ func TestCloseFailsInFlight(t *testing.T) {
 	if _, err := http.Post(cl.url+"/v1/completions", "application/json", strings.NewReader(`{"prompt":[1]}`)); err == nil {
 		t.Fatal("a closed coordinator still answers")
 	}
+}
+
+// TestChunkedPrefillEcho prefills a prompt over several steps (budget 4)
+// with echo: prompt logprobs continue across chunk boundaries.
+func TestChunkedPrefillEcho(t *testing.T) {
+	var steps atomic.Int64
+	cl := startCluster(t, 1, func(c *Config) { c.StepTokenBudget, c.MaxRunningPerNode = 4, 2 },
+		func(_ int, n AttentionNode) AttentionNode { return &countSteps{n, &steps} })
+	p := prompt(13, 11)
+	code, out := complete(t, cl, map[string]any{"prompt": p, "max_tokens": 3, "temperature": 0, "ignore_eos": true, "echo": true, "logprobs": 2})
+	if code != 200 {
+		t.Fatalf("%d %+v", code, out.Error)
+	}
+	checkAgainst(t, out, ref(t, model.GenerateRequest{Prompt: p, MaxTokens: 3, Logprobs: 2, Echo: true}), true, 2, 1e-4)
+	// 13 prompt tokens in chunks of 4 take 4 steps, then 2 decode steps.
+	if n := steps.Load(); n != 6 {
+		t.Errorf("%d steps with work, want 6", n)
+	}
+}
+
+type countSteps struct {
+	AttentionNode
+	n *atomic.Int64
+}
+
+func (c *countSteps) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepResponse, error) {
+	if len(req.Work) > 0 { // a release-only step may trail the response
+		c.n.Add(1)
+	}
+	return c.AttentionNode.Step(ctx, req)
 }
