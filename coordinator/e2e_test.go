@@ -16,6 +16,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 
@@ -628,7 +629,12 @@ func waitReleased(t *testing.T, g *gate, nd *attnnode.Node) {
 		if in.FreeBlocks == in.TotalBlocks && in.ActiveSequences == 0 {
 			return
 		}
-		<-g.done
+		select {
+		case <-g.done:
+		case <-time.After(20 * time.Second): // a leak, not a slow step
+			in, _ := nd.Info(context.Background())
+			t.Fatalf("blocks never came back: %d/%d free, %d active", in.FreeBlocks, in.TotalBlocks, in.ActiveSequences)
+		}
 	}
 }
 
