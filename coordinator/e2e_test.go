@@ -365,7 +365,11 @@ func TestCompletionsMatchGenerate(t *testing.T) {
 func TestConcurrentMatchesAlone(t *testing.T) {
 	gates := make([]*gate, 2)
 	cl := startCluster(t, 2, func(c *Config) { c.StepTokenBudget, c.MaxRunningPerNode = 24, 8 },
-		func(i int, n AttentionNode) AttentionNode { gates[i] = newGate(n); close(gates[i].open); return gates[i] })
+		func(i int, n AttentionNode) AttentionNode {
+			gates[i] = newGate(n)
+			close(gates[i].open)
+			return gates[i]
+		})
 	type job struct {
 		prompt []int
 		max    int
