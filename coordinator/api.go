@@ -17,8 +17,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/expertmesh/expertmesh/model"
@@ -85,7 +87,10 @@ func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // the request's work; steps link to it) and counts it by status.
 func (c *Coordinator) instrument(endpoint string, h http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ctx, span := tracer.Start(r.Context(), "http.request", trace.WithSpanKind(trace.SpanKindServer),
+		// A caller's traceparent (if a propagator is installed) makes this
+		// span part of the caller's trace.
+		ctx := otel.GetTextMapPropagator().Extract(r.Context(), propagation.HeaderCarrier(r.Header))
+		ctx, span := tracer.Start(ctx, "http.request", trace.WithSpanKind(trace.SpanKindServer),
 			trace.WithAttributes(attribute.String("http.route", r.Pattern), attribute.String("endpoint", endpoint)))
 		defer span.End()
 		sw := &statusWriter{ResponseWriter: w}

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"fmt"
+	"log/slog"
 	"time"
 )
 
@@ -41,6 +42,8 @@ type Config struct {
 	StepTimeout time.Duration
 	// DefaultMaxTokens is max_tokens when a request omits it.
 	DefaultMaxTokens int
+	// Logger receives node up/down transitions (nil: slog.Default()).
+	Logger *slog.Logger
 }
 
 // DefaultConfig returns a configuration for one machine.

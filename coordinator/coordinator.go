@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -41,6 +42,7 @@ type AttentionNode interface {
 // door and one scheduling loop per attention node.
 type Coordinator struct {
 	cfg   Config
+	log   *slog.Logger
 	name  string
 	mcfg  *model.Config
 	eos   []int
@@ -121,6 +123,10 @@ func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator
 		ln: ln, metrics: newMetrics(), ready: make(chan struct{}), errc: make(chan error, 1),
 		nodeSeen: make([]atomic.Bool, len(nodes)),
 	}
+	c.log = cfg.Logger
+	if c.log == nil {
+		c.log = slog.Default()
+	}
 	c.mu.sched = newScheduler(schedConfig{budget: cfg.StepTokenBudget, maxSeqs: cfg.MaxRunningPerNode}, len(nodes))
 	c.mu.boxes = map[uint64]*mailbox{}
 	c.mu.nodeErr = make([]error, len(nodes))
@@ -198,8 +204,12 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int) {
 		if !up {
 			if err := c.bringUp(ctx, i); err != nil {
 				c.mu.Lock()
+				prev := c.mu.nodeErr[i]
 				c.mu.nodeErr[i] = err
 				c.mu.Unlock()
+				if prev == nil || prev.Error() != err.Error() {
+					c.log.Warn("attention node not answering", "node", i, "err", err)
+				}
 				select {
 				case <-ctx.Done():
 					return
@@ -259,6 +269,8 @@ func (c *Coordinator) bringUp(ctx context.Context, i int) error {
 	c.mu.Lock()
 	c.mu.sched.nodeUp(i, info)
 	c.mu.nodeErr[i] = nil
+	c.log.Info("attention node up", "node", i, "id", info.NodeId, "blocks", info.TotalBlocks,
+		"free", info.FreeBlocks, "block_size", info.BlockSize)
 	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	c.deliver(failed)
@@ -305,6 +317,9 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 		err = fmt.Errorf("%w: %v", ErrNodeFailed, err)
 		c.mu.nodeErr[i] = err
 		ups = c.mu.sched.fail(i, err)
+		if ctx.Err() == nil {
+			c.log.Error("attention node step failed; its requests fail with 503", "node", i, "step", req.Step, "requests", len(ups), "err", err)
+		}
 	} else {
 		ups = c.mu.sched.apply(i, resp)
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"net/http"
 	"os"
@@ -85,6 +86,7 @@ func startCluster(t *testing.T, n int, cfgf func(*Config), wrap func(i int, nd A
 	}
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Addr = tinyDir, "127.0.0.1:0"
+	cfg.Logger = slog.New(slog.DiscardHandler) // failures are asserted, not read
 	if cfgf != nil {
 		cfgf(&cfg)
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -95,6 +96,7 @@ func startGRPC(t *testing.T, n int) (*Coordinator, []*proxy) {
 	}
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Addr, cfg.StepTokenBudget, cfg.MaxRunningPerNode = tinyDir, "127.0.0.1:0", 16, 8
+	cfg.Logger = slog.New(slog.DiscardHandler)
 	c, err := Start(context.Background(), cfg, nodes)
 	if err != nil {
 		t.Fatal(err)
