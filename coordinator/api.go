@@ -421,26 +421,20 @@ func (c *Coordinator) parsePrompt(raw json.RawMessage) (ids []int, text string, 
 	return nil, "", false, badRequest("prompt", "prompt must be a string or a list of token ids")
 }
 
-func (c *Coordinator) handleCompletions(w http.ResponseWriter, r *http.Request) {
-	var req completionRequest
-	if err := decodeBody(r, &req); err != nil {
-		c.writeError(w, err)
-		return
-	}
+// parseCompletion validates a /v1/completions body into a generation.
+// Every failure is an *apiError with a 4xx status.
+func (c *Coordinator) parseCompletion(req *completionRequest) (*genRequest, error) {
 	ids, text, isText, err := c.parsePrompt(req.Prompt)
 	if err != nil {
-		c.writeError(w, err)
-		return
+		return nil, err
 	}
 	g, err := c.params(&req.commonFields, ids)
 	if err != nil {
-		c.writeError(w, err)
-		return
+		return nil, err
 	}
 	if req.Logprobs != nil {
 		if *req.Logprobs < 0 || *req.Logprobs > maxLogprobs {
-			c.writeError(w, badRequest("logprobs", "logprobs must be in [0, %d], got %d", maxLogprobs, *req.Logprobs))
-			return
+			return nil, badRequest("logprobs", "logprobs must be in [0, %d], got %d", maxLogprobs, *req.Logprobs)
 		}
 		g.logprobs = *req.Logprobs
 	}
@@ -452,6 +446,21 @@ func (c *Coordinator) handleCompletions(w http.ResponseWriter, r *http.Request) 
 			g.promptText = c.tok.Decode(ids, true)
 		}
 	}
+	return g, nil
+}
+
+func (c *Coordinator) handleCompletions(w http.ResponseWriter, r *http.Request) {
+	var req completionRequest
+	if err := decodeBody(r, &req); err != nil {
+		c.writeError(w, err)
+		return
+	}
+	g, err := c.parseCompletion(&req)
+	if err != nil {
+		c.writeError(w, err)
+		return
+	}
+	ids := g.prompt
 	ctx, cancel := c.requestContext(r.Context(), &req.commonFields)
 	defer cancel()
 	id, created := newID("cmpl-"), time.Now().Unix()

@@ -65,7 +65,7 @@ type cluster struct {
 // startCluster starts n attention nodes on tinyDir and a coordinator on
 // them; wrap (optional) interposes on a node's calls for fault injection
 // and observation.
-func startCluster(t *testing.T, n int, cfgf func(*Config), wrap func(i int, nd AttentionNode) AttentionNode) *cluster {
+func startCluster(t testing.TB, n int, cfgf func(*Config), wrap func(i int, nd AttentionNode) AttentionNode) *cluster {
 	t.Helper()
 	cl := &cluster{}
 	var as []AttentionNode
@@ -99,6 +99,9 @@ func startCluster(t *testing.T, n int, cfgf func(*Config), wrap func(i int, nd A
 	cl.c, cl.url = c, "http://"+c.Addr()
 	return cl
 }
+
+// startClusterF is startCluster for fuzz targets.
+func startClusterF(f *testing.F) *cluster { return startCluster(f, 1, nil, nil) }
 
 // reference runs Engine.Generate in one process: the ground truth.
 type reference struct {
