@@ -74,6 +74,12 @@ type Coordinator struct {
 		boxes   map[uint64]*mailbox
 	}
 
+	// fresh holds connections accepted but not yet carrying a request.
+	// http.Server.Shutdown waits up to 5s for those (a client may have
+	// dialed ahead), so Close closes them itself.
+	freshMu sync.Mutex
+	fresh   map[net.Conn]struct{}
+
 	// hooks let in-package tests observe the driver without sleeping.
 	hooks struct {
 		enqueued atomic.Pointer[func(id uint64)]
@@ -143,7 +149,8 @@ func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator
 		go c.nodeLoop(lctx, i)
 	}
 	c.srv = &http.Server{Handler: c.Handler(), ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
-		BaseContext: func(net.Listener) context.Context { return lctx }}
+		BaseContext: func(net.Listener) context.Context { return lctx }, ConnState: c.trackConn}
+	c.fresh = map[net.Conn]struct{}{}
 	go func() {
 		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			select {
@@ -168,8 +175,9 @@ func (c *Coordinator) Addr() string { return c.ln.Addr().String() }
 func (c *Coordinator) ModelName() string { return c.name }
 
 // Close shuts down in this order: refuse new requests; fail every waiting
-// and running request with 503 so their handlers return; shut the HTTP
-// server down (waiting up to 5s for handlers to write their answers); stop
+// and running request with 503 so their handlers return; close connections
+// that never sent a request; shut the HTTP server down (waiting up to 5s
+// for handlers to write their answers); stop
 // the node loops (cancelling any step in flight) and wait for them. The
 // nodes themselves are left to their owner. Close is idempotent.
 func (c *Coordinator) Close() error {
@@ -181,6 +189,11 @@ func (c *Coordinator) Close() error {
 		c.deliver(ups)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		c.freshMu.Lock()
+		for conn := range c.fresh {
+			conn.Close()
+		}
+		c.freshMu.Unlock()
 		if err := c.srv.Shutdown(ctx); err != nil {
 			c.srv.Close()
 		}
@@ -188,6 +201,16 @@ func (c *Coordinator) Close() error {
 		c.loops.Wait()
 	})
 	return c.closeErr
+}
+
+func (c *Coordinator) trackConn(conn net.Conn, st http.ConnState) {
+	c.freshMu.Lock()
+	defer c.freshMu.Unlock()
+	if st == http.StateNew {
+		c.fresh[conn] = struct{}{}
+	} else {
+		delete(c.fresh, conn)
+	}
 }
 
 // nodeLoop drives node i: bring it up with Info, then plan a step, run it,
