@@ -47,6 +47,15 @@ func (c *Coordinator) Handler() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("GET /readyz", c.handleReady)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(c.metrics.reg, promhttp.HandlerOpts{}))
+	// Wrong methods get an OpenAI-shaped 405 rather than the mux's text.
+	for path, allow := range map[string]string{"/v1/completions": "POST", "/v1/chat/completions": "POST",
+		"/v1/models": "GET", "/tokenize": "POST", "/detokenize": "POST"} {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allow)
+			writeJSON(w, http.StatusMethodNotAllowed, map[string]*apiError{"error": {Type: "invalid_request_error",
+				Code: strp("method_not_allowed"), Message: fmt.Sprintf("%s %s: use %s", r.Method, r.URL.Path, allow)}})
+		})
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]*apiError{"error": {Type: "invalid_request_error",
 			Code: strp("not_found"), Message: fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path)}})

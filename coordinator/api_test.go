@@ -286,6 +286,7 @@ func TestOperationalEndpoints(t *testing.T) {
 			"expertmesh_coordinator_time_to_first_token_seconds_count 1", "expertmesh_coordinator_step_duration_seconds_bucket",
 			"expertmesh_coordinator_generation_tokens_total 2", "expertmesh_coordinator_queue_depth 0"}},
 		{"/v1/nothing", 404, []string{`"error"`, `"not_found"`}},
+		{"/v1/completions", 405, []string{`"error"`, `"method_not_allowed"`}},
 	} {
 		code, body := get(tt.path)
 		if code != tt.code {
