@@ -90,7 +90,8 @@ type Coordinator struct {
 // one scheduling loop per node and serves HTTP on cfg.Addr. Ready() closes
 // once every node has answered Info; until then requests may fail with 503
 // and /readyz says which nodes are missing. A failed Start undoes what it
-// began.
+// began. The coordinator keeps ctx's values (trace context) but not its
+// cancellation: it runs until Close.
 func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
