@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
 	meshpb "github.com/expertmesh/expertmesh/proto"
@@ -163,6 +164,9 @@ func (c *Coordinator) generate(ctx context.Context, g *genRequest, onDelta func(
 		sampling: g.sampling, logprobs: int32(g.logprobs), echoLogprobs: g.echo && g.logprobs >= 0,
 		span: trace.SpanContextFromContext(ctx),
 	}
+	span := trace.SpanFromContext(ctx)
+	span.SetAttributes(attribute.Int64("seq_id", int64(q.id)), attribute.Int("prompt_tokens", len(g.prompt)),
+		attribute.Int("max_tokens", g.maxTokens))
 	box, err := c.submit(q)
 	if err != nil {
 		return nil, err
@@ -213,6 +217,7 @@ func (c *Coordinator) generate(ctx context.Context, g *genRequest, onDelta func(
 			if u.sampled {
 				if len(res.tokens) == 0 {
 					c.metrics.ttft.Observe(time.Since(start).Seconds())
+					span.AddEvent("first token")
 				}
 				c.metrics.generationTokens.Inc()
 				e := c.entry(u.logprob, u.token, false)
@@ -239,6 +244,7 @@ func (c *Coordinator) generate(ctx context.Context, g *genRequest, onDelta func(
 				}
 			}
 			if res.finish != "" {
+				span.SetAttributes(attribute.Int("completion_tokens", len(res.tokens)), attribute.String("finish_reason", res.finish))
 				res.text = st.text
 				c.metrics.requestSeconds.Observe(time.Since(start).Seconds())
 				return res, nil
