@@ -26,8 +26,9 @@
 //
 // With temperature 0 (or a fixed seed) a request's tokens are those of
 // model.Engine.Generate for the same prompt. Logprobs are identical when a
-// request runs alone; batched with others they may differ in the last
-// float32 bits because the engine's kernels sum in a batch-dependent order.
+// request runs alone and its prompt fits one step; batched with others or
+// prefilled in chunks they may differ in the last float32 bits (about 1e-6)
+// because the engine's kernels sum in a row-count-dependent order.
 //
 // # Non-standard fields
 //
