@@ -340,7 +340,9 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 	if err != nil {
 		err = fmt.Errorf("%w: %v", ErrNodeFailed, err)
 		c.mu.nodeErr[i] = err
+		onNode := len(c.mu.sched.nodes[i].running)
 		ups = c.mu.sched.fail(i, err)
+		c.metrics.rebuilds.Add(float64(onNode - len(ups)))
 		if ctx.Err() == nil {
 			c.log.Error("attention node step failed; its requests fail with 503", "node", i, "step", req.Step, "requests", len(ups), "err", err)
 		}

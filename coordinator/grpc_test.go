@@ -16,6 +16,7 @@ import (
 
 	"github.com/expertmesh/expertmesh/attnnode"
 	"github.com/expertmesh/expertmesh/model"
+	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
 // proxy forwards TCP to a target until killed; killing it looks to the
@@ -73,7 +74,7 @@ func (p *proxy) kill() {
 // startGRPC starts n attention-node servers on loopback and a coordinator
 // dialing them (through a proxy each), as `expertmesh coordinator --attn`
 // does.
-func startGRPC(t *testing.T, n int) (*Coordinator, []*proxy) {
+func startGRPC(t *testing.T, n int, wrap func(i int, nd AttentionNode) AttentionNode) (*Coordinator, []*proxy) {
 	t.Helper()
 	var proxies []*proxy
 	var nodes []AttentionNode
@@ -92,7 +93,11 @@ func startGRPC(t *testing.T, n int) (*Coordinator, []*proxy) {
 		}
 		t.Cleanup(func() { cl.Close() })
 		proxies = append(proxies, p)
-		nodes = append(nodes, cl)
+		var nd AttentionNode = cl
+		if wrap != nil {
+			nd = wrap(i, nd)
+		}
+		nodes = append(nodes, nd)
 	}
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Addr, cfg.StepTokenBudget, cfg.MaxRunningPerNode = tinyDir, "127.0.0.1:0", 16, 8
@@ -107,7 +112,7 @@ func startGRPC(t *testing.T, n int) (*Coordinator, []*proxy) {
 }
 
 func TestOverGRPC(t *testing.T) {
-	c, _ := startGRPC(t, 2)
+	c, _ := startGRPC(t, 2, nil)
 	cl := &cluster{c: c, url: "http://" + c.Addr()}
 	var wg sync.WaitGroup
 	outs := make([]*completionOut, 8)
@@ -129,11 +134,11 @@ func TestOverGRPC(t *testing.T) {
 	}
 }
 
-// TestNodeDiesMidGeneration cuts the attention node off while a
+// TestNodeDiesMidGeneration cuts the only attention node off while a
 // stream is running: the client must get an error event and the end of
 // the stream, never a hang.
 func TestNodeDiesMidGeneration(t *testing.T) {
-	c, proxies := startGRPC(t, 1)
+	c, proxies := startGRPC(t, 1, nil)
 	b, _ := json.Marshal(map[string]any{"prompt": prompt(10, 3), "max_tokens": 2000, "ignore_eos": true, "stream": true})
 	resp, err := http.Post("http://"+c.Addr()+"/v1/completions", "application/json", bytes.NewReader(b))
 	if err != nil {
@@ -146,7 +151,8 @@ func TestNodeDiesMidGeneration(t *testing.T) {
 	}
 	proxies[0].kill()
 	evs := sseEvents(t, br)
-	if len(evs) < 2 || evs[len(evs)-1] != "[DONE]" || !strings.Contains(evs[len(evs)-2], `"error"`) || !strings.Contains(evs[len(evs)-2], "attention node failed") {
+	// With no other node to rebuild it on, the request fails with 503.
+	if len(evs) < 2 || evs[len(evs)-1] != "[DONE]" || !strings.Contains(evs[len(evs)-2], `"error"`) || !strings.Contains(evs[len(evs)-2], `"service_unavailable"`) {
 		t.Fatalf("stream after the node died ends %q", evs[max(0, len(evs)-2):])
 	}
 	// The next request is refused cleanly too (503), not queued forever.
@@ -154,4 +160,64 @@ func TestNodeDiesMidGeneration(t *testing.T) {
 	if code != http.StatusServiceUnavailable || out.Error == nil {
 		t.Fatalf("after the node died: %d %+v", code, out.Error)
 	}
+}
+
+// TestRebuildOnAnotherNode cuts off the node serving a greedy stream: the
+// coordinator re-prefills prompt + generated tokens on the other node and
+// the client sees one uninterrupted stream with Engine.Generate's tokens.
+func TestRebuildOnAnotherNode(t *testing.T) {
+	// Node 0's fourth step waits until the test has cut the node off, so
+	// the failure lands mid-generation on every run.
+	var held *holdStep
+	c, proxies := startGRPC(t, 2, func(i int, n AttentionNode) AttentionNode {
+		if i > 0 {
+			return n
+		}
+		held = &holdStep{AttentionNode: n, after: 3, reached: make(chan struct{}), resume: make(chan struct{})}
+		return held
+	})
+	p := prompt(9, 5)
+	res := make(chan *completionOut, 1)
+	go func() {
+		_, out := complete(t, &cluster{url: "http://" + c.Addr()}, map[string]any{"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "logprobs": 1})
+		res <- out
+	}()
+	<-held.reached
+	proxies[0].kill()
+	close(held.resume)
+	out := <-res
+	if out.Error != nil {
+		t.Fatalf("request failed across the rebuild: %+v", out.Error)
+	}
+	want := ref(t, model.GenerateRequest{Prompt: p, MaxTokens: 12, Logprobs: 1})
+	checkAgainst(t, out, want, false, 1, 1e-4)
+	resp, err := http.Get("http://" + c.Addr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if !strings.Contains(string(b), "expertmesh_coordinator_rebuilds_total 1\n") {
+		t.Errorf("rebuild not counted")
+	}
+}
+
+// holdStep lets `after` steps with work through, then holds the next one
+// until resume is closed.
+type holdStep struct {
+	AttentionNode
+	after   int
+	n       int
+	reached chan struct{}
+	resume  chan struct{}
+}
+
+func (h *holdStep) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepResponse, error) {
+	if len(req.Work) > 0 {
+		if h.n++; h.n == h.after+1 {
+			close(h.reached)
+			<-h.resume
+		}
+	}
+	return h.AttentionNode.Step(ctx, req)
 }

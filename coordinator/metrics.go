@@ -18,6 +18,7 @@ type metrics struct {
 	stepTokens       prometheus.Histogram
 	ttft             prometheus.Histogram
 	requestSeconds   prometheus.Histogram
+	rebuilds         prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -41,7 +42,9 @@ func newMetrics() *metrics {
 		Help: "From admission to the first generated token.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 16)})
 	m.requestSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "request_duration_seconds",
 		Help: "End-to-end generation request time.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18)})
-	m.reg.MustRegister(m.requests, m.promptTokens, m.generationTokens, m.queue, m.running,
+	m.rebuilds = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "rebuilds_total",
+		Help: "Sequences moved off a failed attention node and re-prefilled elsewhere."})
+	m.reg.MustRegister(m.rebuilds, m.requests, m.promptTokens, m.generationTokens, m.queue, m.running,
 		m.stepSeconds, m.stepTokens, m.ttft, m.requestSeconds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

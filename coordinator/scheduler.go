@@ -40,7 +40,12 @@ type sequence struct {
 	span trace.SpanContext
 
 	// scheduler state
-	node      int // -1 while waiting
+	node int // -1 while waiting
+	// echoed counts prompt positions whose logprobs were delivered, so a
+	// rebuilt sequence does not report them twice.
+	echoed int
+	// rebuilds counts re-prefills after its node failed.
+	rebuilds  int
 	blocks    int // cache blocks reserved on node
 	sent      int // positions the node holds
 	generated []int
@@ -50,7 +55,25 @@ type sequence struct {
 
 func (q *sequence) reserveTokens() int { return len(q.prompt) + q.maxTokens }
 
-func (q *sequence) prefilling() bool { return q.sent < len(q.prompt) }
+// prefillEnd is where prefill stops: the prompt's end, or for a sequence
+// rebuilt on a new node, just before its last generated token (which the
+// next decode feeds back as usual).
+func (q *sequence) prefillEnd() int {
+	if len(q.generated) == 0 {
+		return len(q.prompt)
+	}
+	return len(q.prompt) + len(q.generated) - 1
+}
+
+func (q *sequence) prefilling() bool { return q.sent < q.prefillEnd() }
+
+// tokenAt is position p of prompt followed by generated tokens.
+func (q *sequence) tokenAt(p int) int {
+	if p < len(q.prompt) {
+		return q.prompt[p]
+	}
+	return q.generated[p-len(q.prompt)]
+}
 
 // decoding means the last sampled token still has to be fed back.
 func (q *sequence) decoding() bool {
@@ -263,15 +286,15 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 		if !q.prefilling() {
 			continue
 		}
-		k := min(len(q.prompt)-q.sent, budget)
+		k := min(q.prefillEnd()-q.sent, budget)
 		budget -= k
 		end := q.sent + k
-		w := &meshpb.SeqWork{SeqId: q.id, StartPos: uint32(q.sent), EchoLogprobs: q.echoLogprobs}
+		w := &meshpb.SeqWork{SeqId: q.id, StartPos: uint32(q.sent), EchoLogprobs: q.echoLogprobs && q.echoed < len(q.prompt)}
 		w.Tokens = make([]int32, k)
-		for j, t := range q.prompt[q.sent:end] {
-			w.Tokens[j] = int32(t)
+		for j := range k {
+			w.Tokens[j] = int32(q.tokenAt(q.sent + j))
 		}
-		w.Sample = end == len(q.prompt) && q.maxTokens > 0
+		w.Sample = end == len(q.prompt) && len(q.generated) == 0 && q.maxTokens > 0
 		if q.sent == 0 {
 			w.Sampling = q.sampling
 			w.ReserveTokens = uint32(q.reserveTokens())
@@ -349,10 +372,17 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 			continue
 		}
 		q.inflight = false
+		start := q.sent
 		q.sent += w.n
 		u := update{seq: q}
-		if q.echoLogprobs && q.sent <= len(q.prompt) {
-			u.promptLogprobs = r.PromptLogprobs
+		if q.echoLogprobs {
+			// Deliver prompt positions not delivered before a rebuild.
+			for j, tl := range r.PromptLogprobs {
+				if p := start + j; p >= q.echoed && p < len(q.prompt) {
+					u.promptLogprobs = append(u.promptLogprobs, tl)
+				}
+			}
+			q.echoed = max(q.echoed, min(q.sent, len(q.prompt)))
 		}
 		if w.sample {
 			u.sampled, u.token = true, int(r.Token)
@@ -366,7 +396,7 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 			case len(q.generated) >= q.maxTokens:
 				u.finish = "length"
 			}
-		} else if q.sent == len(q.prompt) && q.maxTokens == 0 {
+		} else if q.sent == len(q.prompt) && len(q.generated) == 0 && q.maxTokens == 0 {
 			u.finish = "length"
 		}
 		if u.finish != "" {
@@ -379,9 +409,18 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 	return out
 }
 
-// fail takes node i down after a whole-step failure: every sequence on it
-// fails with err (their state on the node is unknown) and gets a release
-// for when the node answers again.
+// maxRebuilds bounds how often one sequence is moved off a failed node; a
+// request that keeps killing nodes must not take the whole cluster down.
+const maxRebuilds = 1
+
+// fail takes node i down after a whole-step failure. Its sequences' state
+// on the node is unknown, so each is rebuilt elsewhere: back to the head of
+// the waiting queue, to be re-prefilled with its prompt and the tokens it
+// generated so far (the coordinator keeps both), and continue from there.
+// Greedy continuations are unchanged; sampled ones restart their random
+// stream. A sequence rebuilt maxRebuilds times already fails with err
+// instead, as does everything when no node is left (at the next admit).
+// Every sequence gets a release for when the node answers again.
 func (s *scheduler) fail(i int, err error) []update {
 	n := s.nodes[i]
 	n.up = false
@@ -393,13 +432,21 @@ func (s *scheduler) fail(i int, err error) []update {
 		n.inflight = nil
 	}
 	var out []update
-	for _, q := range slices.Clone(n.running) {
+	var rebuild []*sequence
+	for _, q := range n.running {
 		q.inflight = false
 		n.release = append(n.release, releaseItem{id: q.id})
-		n.running = slices.DeleteFunc(n.running, func(x *sequence) bool { return x == q })
-		q.done = true
-		out = append(out, update{seq: q, err: err})
+		if q.rebuilds >= maxRebuilds {
+			q.done = true
+			out = append(out, update{seq: q, err: err})
+			continue
+		}
+		q.rebuilds++
+		q.node, q.blocks, q.sent = -1, 0, 0
+		rebuild = append(rebuild, q)
 	}
+	n.running = nil
+	s.waiting = append(rebuild, s.waiting...)
 	return out
 }
 

@@ -293,24 +293,42 @@ func TestSchedulerNodeFailure(t *testing.T) {
 	if a.node != 0 || b.node != 0 {
 		t.Fatalf("placed on %d, %d, want 0, 0", a.node, b.node)
 	}
+	// a gets two tokens on node 0, then node 0 fails mid-step.
+	s.apply(0, answer(s.plan(0), func(uint64) int { return 7 }))
+	s.apply(0, answer(s.plan(0), func(uint64) int { return 8 }))
 	s.plan(0)
 	boom := errors.New("boom")
-	ups := s.fail(0, boom)
-	if len(ups) != 2 || !errors.Is(ups[0].err, boom) || !errors.Is(ups[1].err, boom) {
-		t.Fatalf("fail gave %+v, want both sequences failed", ups)
+	if ups := s.fail(0, boom); len(ups) != 0 {
+		t.Fatalf("first failure failed %d sequences, want them rebuilt", len(ups))
 	}
 	if s.plan(0) != nil {
 		t.Fatal("a down node was planned")
 	}
-	// New work goes to the live node only.
-	c := seqOf(3, 2, 2)
-	if err := s.check(c); err != nil {
-		t.Fatal(err)
-	}
-	s.enqueue(c)
+	// Rebuilt at the head of the queue: a fits node 1, b waits.
 	s.admit()
-	if c.node != 1 {
-		t.Fatalf("placed on %d, want 1", c.node)
+	if a.node != 1 || b.node != -1 {
+		t.Fatalf("after rebuild: a on %d, b on %d; want 1, -1", a.node, b.node)
+	}
+	// a re-prefills prompt + its first generated token, then decodes the
+	// second as if nothing happened.
+	if got := fmtStep(s.plan(1)); got != "1[0:4]+" {
+		t.Fatalf("rebuild step %q", got)
+	}
+	s.apply(1, answer(&meshpb.StepRequest{Work: []*meshpb.SeqWork{{SeqId: 1}}}, nil))
+	if got := fmtStep(s.plan(1)); got != "1[4:5]*" {
+		t.Fatalf("after rebuild %q", got)
+	}
+	// A second failure of the same sequence is final, and with no node
+	// left the waiting one fails too instead of hanging.
+	ups := s.fail(1, boom)
+	if len(ups) != 1 || ups[0].seq != a || !errors.Is(ups[0].err, boom) {
+		t.Fatalf("second failure: %+v", ups)
+	}
+	if _, failed := s.admit(); len(failed) != 1 || failed[0].seq != b || !errors.Is(failed[0].err, ErrNoNodes) {
+		t.Fatalf("admit with no nodes: %+v", failed)
+	}
+	if err := s.check(seqOf(4, 2, 2)); !errors.Is(err, ErrNoNodes) {
+		t.Fatalf("check with no nodes: %v", err)
 	}
 	// Back up: the failed sequences are released, without block credit.
 	s.nodeUp(0, info(8, 8, 4))
@@ -320,17 +338,6 @@ func TestSchedulerNodeFailure(t *testing.T) {
 	s.apply(0, &meshpb.StepResponse{})
 	if s.nodes[0].freeBlocks != 8 {
 		t.Errorf("free %d, want 8", s.nodes[0].freeBlocks)
-	}
-	// All down: waiting requests fail instead of hanging.
-	s.fail(1, boom)
-	s.fail(0, boom)
-	d := seqOf(4, 2, 2)
-	if err := s.check(d); !errors.Is(err, ErrNoNodes) {
-		t.Fatalf("check with no nodes: %v", err)
-	}
-	s.enqueue(d)
-	if _, failed := s.admit(); len(failed) != 1 || !errors.Is(failed[0].err, ErrNoNodes) {
-		t.Fatalf("admit with no nodes: %+v", failed)
 	}
 }
 
