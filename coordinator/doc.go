@@ -17,10 +17,15 @@
 // cancelled sequences are released in their node's next step.
 //
 // The driver (coordinator.go) runs one loop per node: plan, Step, apply,
-// deliver. A step that fails as a whole fails every request on that node
-// with 503; requests never hang on a dead node. A full waiting queue
-// answers 429 with Retry-After; a client that goes away or a request past
-// its timeout is withdrawn and its cache blocks freed.
+// deliver. When a step fails as a whole the node counts as down and each of
+// its sequences is rebuilt on another node by re-prefilling its prompt and
+// the tokens generated so far, which the coordinator keeps; the client sees
+// one uninterrupted answer (greedy tokens unchanged, a sampled one continues
+// with a fresh random stream). A sequence whose node fails a second time,
+// or that has no live node to go to, gets a 503; requests never hang on a
+// dead node. A full waiting queue answers 429 with Retry-After; a client
+// that goes away or a request past its timeout is withdrawn and its cache
+// blocks freed.
 //
 // # Determinism
 //
