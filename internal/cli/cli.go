@@ -24,6 +24,8 @@ func commands() map[string]command {
 	return map[string]command{
 		"gen-model":     {"write a random-weight checkpoint of a preset in HF layout", runGenModel},
 		"generate":      {"generate tokens from a checkpoint in one process", runGenerate},
+		"serve":         {"coordinator, attention node and all experts in one process (no gRPC)", runServe},
+		"coordinator":   {"run the OpenAI-compatible coordinator over attention nodes (--attn)", runCoordinator},
 		"expert":        {"run an expert node serving a shard of the routed experts over gRPC", runExpert},
 		"attn":          {"run an attention node (latent cache, layer loop) serving gRPC", runAttn},
 		"up":            {"start a local cluster: coordinator, attention and expert nodes as processes on loopback", runUp},
