@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"math"
 	"net"
@@ -29,6 +30,7 @@ var (
 // TestMain builds the real binary once: these tests start the roles as
 // separate OS processes, exactly as `expertmesh up` does.
 func TestMain(m *testing.M) {
+	flag.Parse()
 	if testing.Short() {
 		os.Exit(m.Run())
 	}
