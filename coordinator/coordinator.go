@@ -344,7 +344,8 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 		ups = c.mu.sched.fail(i, err)
 		c.metrics.rebuilds.Add(float64(onNode - len(ups)))
 		if ctx.Err() == nil {
-			c.log.Error("attention node step failed; its requests fail with 503", "node", i, "step", req.Step, "requests", len(ups), "err", err)
+			c.log.Error("attention node step failed; moving its sequences to other nodes", "node", i, "step", req.Step,
+				"rebuilt", onNode-len(ups), "failed", len(ups), "err", err)
 		}
 	} else {
 		ups = c.mu.sched.apply(i, resp)
