@@ -37,7 +37,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	defer c.Close()
 	fmt.Fprintf(stdout, "expertmesh is up: coordinator %s, %d attention node(s), %d expert node(s), model %s\n",
 		c.URL, cfg.AttnNodes, cfg.ExpertNodes, c.Model)
-	fmt.Fprintf(stdout, "try:\n  curl -s %s/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [1, 2, 3, 4], \"max_tokens\": 16}'\n", c.URL)
+	fmt.Fprintf(stdout, "try:\n  curl -s %s/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n", c.URL)
 	select {
 	case <-ctx.Done():
 		fmt.Fprintln(stdout, "stopping")
