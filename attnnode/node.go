@@ -83,6 +83,7 @@ type Node struct {
 	compute sync.Mutex // held by whichever micro-batch computes
 
 	stepMu sync.Mutex // one step at a time
+	closed bool       // guarded by stepMu: no step runs after Close
 	mu     struct {
 		sync.Mutex
 		seqs map[uint64]*sequence
@@ -163,6 +164,10 @@ func (n *Node) ModelConfig() *model.Config { return n.w.Config }
 func (n *Node) Close() error {
 	n.stepMu.Lock()
 	defer n.stepMu.Unlock()
+	if n.closed {
+		return nil
+	}
+	n.closed = true
 	if n.remote != nil {
 		n.remote.Close()
 	}
@@ -204,6 +209,10 @@ func (n *Node) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepR
 	defer span.End()
 	n.stepMu.Lock()
 	defer n.stepMu.Unlock()
+	if n.closed {
+		// A step queued behind Close must not touch unmapped weights.
+		return nil, ErrClosed
+	}
 
 	for _, id := range req.Release {
 		n.release(id)
@@ -245,6 +254,9 @@ func codeOf(err error) codes.Code {
 }
 
 var errNotFound = errors.New("sequence not found")
+
+// ErrClosed is returned by Step after Close.
+var ErrClosed = errors.New("attention node closed")
 
 func (n *Node) release(id uint64) {
 	n.mu.Lock()

@@ -2,6 +2,7 @@ package attnnode
 
 import (
 	"context"
+	"errors"
 	"math"
 	"path/filepath"
 	"testing"
@@ -207,5 +208,26 @@ func TestNodeRejectsBadWork(t *testing.T) {
 	info, _ = node.Info(context.Background())
 	if info.FreeBlocks != info.TotalBlocks {
 		t.Fatalf("blocks leaked: %d of %d free", info.FreeBlocks, info.TotalBlocks)
+	}
+}
+
+// TestStepAfterClose: a step that arrives after Close is refused, never
+// run against unmapped weights.
+func TestStepAfterClose(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.ModelDir, cfg.CacheBytes = genTiny(t, "tiny-v2-lite"), 1<<20
+	node, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = node.Step(context.Background(), &meshpb.StepRequest{Step: 1, Work: []*meshpb.SeqWork{{SeqId: 1, Tokens: []int32{1}, Sample: true}}})
+	if !errors.Is(err, ErrClosed) {
+		t.Fatalf("step after close: %v", err)
+	}
+	if err := node.Close(); err != nil {
+		t.Fatalf("second close: %v", err)
 	}
 }
