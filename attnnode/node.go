@@ -10,6 +10,7 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
@@ -255,8 +256,10 @@ func codeOf(err error) codes.Code {
 
 var errNotFound = errors.New("sequence not found")
 
-// ErrClosed is returned by Step after Close.
-var ErrClosed = errors.New("attention node closed")
+// ErrClosed is returned by Step after Close. It is a gRPC Unavailable
+// status so the coordinator treats the node as gone and rebuilds its
+// sequences elsewhere.
+var ErrClosed = status.Error(codes.Unavailable, "attention node closed")
 
 func (n *Node) release(id uint64) {
 	n.mu.Lock()
