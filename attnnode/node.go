@@ -45,6 +45,9 @@ type Config struct {
 	Quantize string
 	// MaxStepTokens bounds the rows of one step (--max-step-tokens).
 	MaxStepTokens int
+	// Resident copies the weights into huge-page-backed memory instead of
+	// reading them through the page cache (--resident).
+	Resident bool
 }
 
 // DefaultConfig returns a node configuration for one machine.
@@ -121,7 +124,14 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	w.Warm(cfg.Threads)
+	if cfg.Resident {
+		if err := w.MakeResident(cfg.Threads); err != nil {
+			w.Close()
+			return nil, err
+		}
+	} else {
+		w.Warm(cfg.Threads)
+	}
 	c := w.Config
 	blocks := model.BlocksForBytes(c, cfg.BlockSize, cfg.CacheBytes)
 	if blocks < 1 {

@@ -274,3 +274,41 @@ func TestBF16PrefillDeviation(t *testing.T) {
 		t.Fatalf("BF16 prefill deviates by %.4f", worst)
 	}
 }
+
+// TestResidentWeights: weights copied into resident memory compute exactly
+// what the mapped checkpoint computes.
+func TestResidentWeights(t *testing.T) {
+	dir := tinyCheckpoint(t, "tiny-v2")
+	mapped, err := Load(dir, LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mapped.Close()
+	resident, err := Load(dir, LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resident.Close()
+	if err := resident.MakeResident(2); err != nil {
+		t.Fatal(err)
+	}
+	if &resident.LMHead.Data[0] == &mapped.LMHead.Data[0] {
+		t.Fatal("not copied")
+	}
+	pool := kernels.NewPool(2)
+	defer pool.Close()
+	gen := func(w *Weights) *GenerateResult {
+		cache, _ := NewLatentCache(w.Config, 16, 8)
+		res, err := NewEngine(w, pool, nil).Generate(context.Background(), cache, GenerateRequest{Prompt: []int{4, 8, 15, 16, 23, 42}, MaxTokens: 6, Logprobs: 0})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	a, b := gen(mapped), gen(resident)
+	for i := range a.Tokens {
+		if a.Tokens[i] != b.Tokens[i] || a.Logprobs[i].Logprob != b.Logprobs[i].Logprob {
+			t.Fatalf("token %d: mapped %d/%g, resident %d/%g", i, a.Tokens[i], a.Logprobs[i].Logprob, b.Tokens[i], b.Logprobs[i].Logprob)
+		}
+	}
+}

@@ -43,16 +43,19 @@ type engineFlags struct {
 	model    *string
 	threads  *int
 	quantize *string
+	resident *bool
 }
 
 func addEngineFlags(fs interface {
 	String(string, string, string) *string
 	Int(string, int, string) *int
+	Bool(string, bool, string) *bool
 }) engineFlags {
 	return engineFlags{
 		model:    fs.String("model", "", "checkpoint directory in HF layout (required)"),
 		threads:  fs.Int("threads", 0, "compute threads (0: all cores)"),
 		quantize: fs.String("quantize", "", "convert weights at load: q8 (int8, per-32 block scales)"),
+		resident: fs.Bool("resident", false, "copy weights into huge-page-backed memory instead of reading them through the mmapped page cache"),
 	}
 }
 
@@ -73,7 +76,14 @@ func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	w.Warm(*f.threads)
+	if *f.resident {
+		if err := w.MakeResident(*f.threads); err != nil {
+			w.Close()
+			return nil, nil, err
+		}
+	} else {
+		w.Warm(*f.threads)
+	}
 	return w, kernels.NewPool(*f.threads), nil
 }
 
