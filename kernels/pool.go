@@ -58,6 +58,7 @@ const (
 	jobMatMulDot // dot-form BF16 MatMul (xe for f32, xb for bf16 activations)
 	jobFFNGateUp // ExpertFFN: gate and up rows, then SiLU·mul into y
 	jobRows      // y = W·x by rowsFor
+	jobMatVecMany
 )
 
 // job holds the arguments of the current call; storing them in the Pool
@@ -78,6 +79,9 @@ type job struct {
 	w2    *Matrix   // ExpertFFN: up
 	y2    []float32 // ExpertFFN: up outputs
 	mla   mlaArgs
+	ws    []*Matrix   // MatVecMany
+	ys    [][]float32 // MatVecMany
+	xs    [][]float32 // MatVecMany
 }
 
 // spinIters bounds the busy-wait before a worker parks. About 20-50µs on
@@ -284,6 +288,11 @@ func (p *Pool) runShare(id, lo, hi int) {
 		matMulDotRows(j.y, j.w, j.rows, lo, hi, j.dp, j.xe, j.x, j.xb, j.kp2)
 	case jobMatMulDP:
 		matMulDPRows(j.y, j.w, j.xb, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
+	case jobMatVecMany:
+		for i := lo; i < hi; i++ {
+			w := j.ws[i]
+			matVecRows(j.ys[i], w, j.xs[i], 0, w.Rows, p.scratchFor(id, w.Cols))
+		}
 	}
 }
 
@@ -311,6 +320,24 @@ func (p *Pool) ParallelFor(n int, fn func(lo, hi int)) {
 
 // rowGrain keeps thread boundaries on multiples of the kernels' row tile.
 const rowGrain = 32
+
+// MatVecMany computes ys[i] = ws[i]·xs[i] for every i, with the list (not
+// each matrix's rows) split across threads: many small independent
+// products, such as one per attention head, cost one pool round trip
+// instead of one each. Each product is computed exactly as MatVec would.
+func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
+	if len(ys) != len(ws) || len(xs) != len(ws) {
+		panic(fmt.Sprintf("kernels: MatVecMany with %d outputs, %d matrices, %d inputs", len(ys), len(ws), len(xs)))
+	}
+	for i, w := range ws {
+		checkMat("MatVecMany", ys[i], w, xs[i], 1)
+	}
+	if len(ws) == 0 {
+		return
+	}
+	p.job = job{kind: jobMatVecMany, n: len(ws), grain: 1, chunk: 1, ws: ws, ys: ys, xs: xs}
+	p.run()
+}
 
 // MatVec computes y[r] = sum_c W[r,c]*x[c] with float32 activations and
 // float32 accumulation, rows split across threads. len(x) must be Cols and

@@ -136,3 +136,38 @@ func TestResultsIndependentOfThreads(t *testing.T) {
 		}
 	}
 }
+
+// TestMatVecManyEqualsMatVec: each product of MatVecMany is bit-identical
+// to MatVec on its own, for every SIMD level.
+func TestMatVecManyEqualsMatVec(t *testing.T) {
+	for _, isa := range []ISA{ISAGeneric, BestISA()} {
+		if err := SetISA(isa); err != nil {
+			t.Fatal(err)
+		}
+		p := NewPool(2)
+		var ws []*Matrix
+		var xs, ys, want [][]float32
+		for i, shape := range [][2]int{{512, 128}, {128, 512}, {33, 70}, {512, 128}, {7, 9}} {
+			w := benchMatrix(BF16, shape[0], shape[1], uint64(i+1))
+			x := make([]float32, shape[1])
+			for j := range x {
+				x[j] = float32(j%11) - 5
+			}
+			ws, xs = append(ws, w), append(xs, x)
+			ys = append(ys, make([]float32, shape[0]))
+			y := make([]float32, shape[0])
+			p.MatVec(y, w, x)
+			want = append(want, y)
+		}
+		p.MatVecMany(ys, ws, xs)
+		for i := range ys {
+			for r := range ys[i] {
+				if math.Float32bits(ys[i][r]) != math.Float32bits(want[i][r]) {
+					t.Fatalf("%v: product %d row %d: %g != %g", isa, i, r, ys[i][r], want[i][r])
+				}
+			}
+		}
+		p.Close()
+	}
+	SetISA(BestISA())
+}

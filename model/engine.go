@@ -98,6 +98,7 @@ type scratch struct {
 	mla                 []float32
 	routeIDs            []int
 	router              []*Router
+	headY, headX        [][]float32 // per-head views for MatVecMany
 }
 
 func grow(b []float32, n int) []float32 {
@@ -145,6 +146,9 @@ func (e *Engine) ensure(n, maxTokens int) {
 	s.cos = grow(s.cos, c.QKRopeHeadDim/2)
 	s.sin = grow(s.sin, c.QKRopeHeadDim/2)
 	s.mla = grow(s.mla, kernels.MLAScratchSize(heads, maxTokens))
+	if len(s.headY) != heads {
+		s.headY, s.headX = make([][]float32, heads), make([][]float32, heads)
+	}
 	s.rows = n
 }
 
@@ -276,8 +280,19 @@ func (e *Engine) attention(l int, rows []Row) {
 		}
 	}
 
-	// Absorb W_UK into the query: qLat[h] = W_UK[h]^T q_nope[h].
+	// Absorb W_UK into the query: qLat[h] = W_UK[h]^T q_nope[h]. One row
+	// (decode) runs every head's small product in one pool call.
+	if n == 1 {
+		for hd := range heads {
+			s.headY[hd] = s.qLat[hd*R : (hd+1)*R]
+			s.headX[hd] = q[hd*qhd : hd*qhd+dn]
+		}
+		e.Pool.MatVecMany(s.headY, a.UKT, s.headX)
+	}
 	for hd := range heads {
+		if n == 1 {
+			break
+		}
 		for i := range n {
 			copy(s.gatherIn[i*dn:(i+1)*dn], q[(i*heads+hd)*qhd:(i*heads+hd)*qhd+dn])
 		}
@@ -293,7 +308,17 @@ func (e *Engine) attention(l int, rows []Row) {
 			heads, R, P, e.scale, s.mla)
 	}
 	// Fold W_UV into the output: v[h] = W_UV[h] · attnLat[h].
+	if n == 1 {
+		for hd := range heads {
+			s.headY[hd] = s.vcat[hd*dv : (hd+1)*dv]
+			s.headX[hd] = s.attnLat[hd*R : (hd+1)*R]
+		}
+		e.Pool.MatVecMany(s.headY, a.UV, s.headX)
+	}
 	for hd := range heads {
+		if n == 1 {
+			break
+		}
 		for i := range n {
 			copy(s.gatherIn[i*R:(i+1)*R], s.attnLat[(i*heads+hd)*R:(i*heads+hd+1)*R])
 		}
