@@ -7,7 +7,7 @@ import (
 )
 
 // V2-Lite decode shapes (rows x cols).
-var mvBenchShapes = [][2]int{{1408, 2048}, {2048, 1408}, {3072, 2048}, {576, 2048}, {102400, 2048}}
+var mvBenchShapes = [][2]int{{2048, 10944}, {10944, 2048}, {1408, 2048}, {2048, 1408}, {3072, 2048}, {576, 2048}, {102400, 2048}}
 
 // BenchmarkMatVec repeats one matrix, so shapes below the L3 size run from
 // cache; RunBench measures decode from memory against the read bandwidth.
