@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 
 	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
@@ -84,12 +85,10 @@ type nodeBatch struct {
 
 // StartRoutedExperts implements model.ExpertBackend.
 func (r *RemoteExperts) StartRoutedExperts(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) func() error {
-	span := trace.SpanFromContext(ctx)
 	batches, err := r.plan(layer, n, k, ids, weights, nil)
 	if err != nil {
 		return func() error { return err }
 	}
-	span.AddEvent("dispatch", trace.WithAttributes(attribute.Int("layer", layer), attribute.Int("nodes", len(batches))))
 	calls := make([]*call, len(batches))
 	for i, b := range batches {
 		calls[i] = r.send(ctx, layer, x, k, b)
@@ -226,10 +225,15 @@ type call struct {
 	ch   chan *meshpb.DispatchResponse
 	conn *expertConn
 	err  error
+	span trace.Span
 }
 
 func (r *RemoteExperts) send(ctx context.Context, layer int, x []float32, k int, b *nodeBatch) *call {
-	c := &call{b: b}
+	// One span per (layer, expert node) round trip; the node's
+	// expert.compute span becomes its child through trace_context.
+	ctx, span := tracer.Start(ctx, "attn.dispatch", trace.WithAttributes(
+		attribute.Int("layer", layer), attribute.String("expert_node", b.addr), attribute.Int("rows", len(b.rows))))
+	c := &call{b: b, span: span}
 	conn, err := r.conn(b.addr)
 	if err != nil {
 		c.err = err
@@ -255,6 +259,16 @@ func (r *RemoteExperts) send(ctx context.Context, layer int, x []float32, k int,
 
 // collect waits for the reply and adds its partial rows into out.
 func (c *call) collect(ctx context.Context, x, out []float32, h int) error {
+	err := c.wait(ctx, out, h)
+	if err != nil {
+		c.span.RecordError(err)
+		c.span.SetStatus(otelcodes.Error, err.Error())
+	}
+	c.span.End()
+	return err
+}
+
+func (c *call) wait(ctx context.Context, out []float32, h int) error {
 	if c.err != nil {
 		return c.err
 	}

@@ -13,8 +13,9 @@ import (
 )
 
 // TestTraceCrossesDispatch: every expert node's compute span belongs to the
-// attention node's step trace, parented by the micro-batch that dispatched
-// it, although all layers share one long-lived Dispatch stream.
+// attention node's step trace, parented by the per-node dispatch span of
+// the micro-batch that sent it, although all layers share one long-lived
+// Dispatch stream.
 func TestTraceCrossesDispatch(t *testing.T) {
 	rec := tracetest.NewSpanRecorder()
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
@@ -40,6 +41,7 @@ func TestTraceCrossesDispatch(t *testing.T) {
 	}
 	spans := rec.Ended()
 	micro := map[[8]byte]bool{}
+	dispatch := map[[8]byte]bool{}
 	steps := map[[16]byte]bool{}
 	for _, s := range spans {
 		switch s.Name() {
@@ -47,6 +49,14 @@ func TestTraceCrossesDispatch(t *testing.T) {
 			micro[s.SpanContext().SpanID()] = true
 		case "attn.step":
 			steps[s.SpanContext().TraceID()] = true
+		}
+	}
+	for _, s := range spans {
+		if s.Name() == "attn.dispatch" {
+			if !micro[s.Parent().SpanID()] {
+				t.Fatalf("attn.dispatch parent %s is not a micro-batch span", s.Parent().SpanID())
+			}
+			dispatch[s.SpanContext().SpanID()] = true
 		}
 	}
 	computes := 0
@@ -58,8 +68,8 @@ func TestTraceCrossesDispatch(t *testing.T) {
 		if !steps[s.SpanContext().TraceID()] {
 			t.Fatalf("expert.compute in trace %s, not an attention step's", s.SpanContext().TraceID())
 		}
-		if !micro[s.Parent().SpanID()] {
-			t.Fatalf("expert.compute parent %s is not a micro-batch span", s.Parent().SpanID())
+		if !dispatch[s.Parent().SpanID()] {
+			t.Fatalf("expert.compute parent %s is not a dispatch span", s.Parent().SpanID())
 		}
 	}
 	// 2 steps x 2 MoE layers, each touching at least one node.
