@@ -13,9 +13,9 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/placement"
@@ -53,10 +53,9 @@ func NewRemoteExperts(place placement.Source, hidden int) *RemoteExperts {
 	return r
 }
 
-func defaultDial(addr string) (*grpc.ClientConn, error) {
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
-}
+// defaultDial is the shared client: otelgrpc stats, message limits and
+// keepalive agreed with every expertmesh server.
+func defaultDial(addr string) (*grpc.ClientConn, error) { return rpc.Dial(addr) }
 
 // SetDial replaces how connections are opened (interceptors, TLS). Call
 // before the first dispatch.

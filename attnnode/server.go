@@ -35,9 +35,6 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	if node.remote != nil {
-		node.remote.SetDial(func(addr string) (*grpc.ClientConn, error) { return rpc.Dial(addr) })
-	}
 	lis, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		node.Close()
