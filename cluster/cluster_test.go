@@ -17,9 +17,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
+	"github.com/expertmesh/expertmesh/tokenizer"
 )
 
 var (
@@ -277,5 +279,83 @@ func TestExpertDeathGivesCleanError(t *testing.T) {
 	}
 	if !sawError {
 		t.Fatalf("stream ended without an error event (done=%v)", sawDone)
+	}
+}
+
+// TestUpChat: a streamed chat against the process cluster decodes to clean
+// UTF-8 that equals the non-streamed answer, and the prompt the model saw is
+// exactly the tokenized chat template.
+func TestUpChat(t *testing.T) {
+	c := startCluster(t, 1, 3)
+	msgs := []map[string]string{{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, 世界! 👋"}}
+	post := func(stream bool) *http.Response {
+		body, _ := json.Marshal(map[string]any{"messages": msgs, "max_tokens": 24, "temperature": 0, "stream": stream,
+			"stream_options": map[string]any{"include_usage": true}, "ignore_eos": true})
+		resp, err := http.Post(c.URL+"/v1/chat/completions", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+		return resp
+	}
+	resp := post(false)
+	var whole struct {
+		Choices []struct {
+			Message struct {
+				Content string `json:"content"`
+			} `json:"message"`
+		} `json:"choices"`
+		Usage struct {
+			PromptTokens int `json:"prompt_tokens"`
+		} `json:"usage"`
+	}
+	json.NewDecoder(resp.Body).Decode(&whole)
+	resp.Body.Close()
+
+	resp = post(true)
+	defer resp.Body.Close()
+	var streamed strings.Builder
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := strings.TrimPrefix(sc.Text(), "data: ")
+		if line == sc.Text() || line == "[DONE]" {
+			continue
+		}
+		var chunk struct {
+			Choices []struct {
+				Delta struct {
+					Content string `json:"content"`
+				} `json:"delta"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal([]byte(line), &chunk); err != nil {
+			t.Fatalf("chunk %q: %v", line, err)
+		}
+		for _, ch := range chunk.Choices {
+			if !utf8.ValidString(ch.Delta.Content) {
+				t.Fatalf("delta %q is not valid UTF-8", ch.Delta.Content)
+			}
+			streamed.WriteString(ch.Delta.Content)
+		}
+	}
+	if streamed.String() != whole.Choices[0].Message.Content {
+		t.Fatalf("streamed %q, whole %q", streamed.String(), whole.Choices[0].Message.Content)
+	}
+	tok, err := tokenizer.Load(modelDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tm []tokenizer.Message
+	for _, m := range msgs {
+		tm = append(tm, tokenizer.Message{Role: m["role"], Content: m["content"]})
+	}
+	text, err := tok.ApplyChatTemplate(tm, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := len(tok.Encode(text, false)); whole.Usage.PromptTokens != want {
+		t.Fatalf("prompt tokens %d, tokenized template has %d", whole.Usage.PromptTokens, want)
 	}
 }
