@@ -25,6 +25,10 @@ type ExpertRunner struct {
 	rowsOf      [][]int32   // expert -> row indices
 	wOf         [][]float32 // expert -> gate weight per row
 	in, g, u, y []float32
+	// runSingles scratch
+	sIdx   []int
+	sW     []*kernels.Matrix
+	sY, sX [][]float32
 }
 
 // NewLocalExperts is the in-process ExpertBackend.
@@ -73,10 +77,11 @@ func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weight
 		}
 	}
 	inter := c.MoEIntermediateSize
+	r.runSingles(experts, x, out, h, inter)
 	for e, rows := range r.rowsOf[:len(experts)] {
 		m := len(rows)
-		if m == 0 {
-			continue
+		if m <= 1 {
+			continue // none, or done by runSingles
 		}
 		r.in = grow(r.in, m*h)
 		r.g = grow(r.g, m*inter)
@@ -95,6 +100,48 @@ func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weight
 		}
 	}
 	return nil
+}
+
+// runSingles computes every expert that has exactly one row (all of them
+// in single-sequence decode) with two pool calls in all: every gate and up
+// product at once, then every down product. Per-expert calls would pay a
+// pool round trip and a load-imbalanced barrier for each of 3k small
+// matrices; whole matrices split across threads balance well.
+func (r *ExpertRunner) runSingles(experts []*MLP, x, out []float32, h, inter int) {
+	r.sIdx = r.sIdx[:0]
+	for e, rows := range r.rowsOf[:len(experts)] {
+		if len(rows) == 1 {
+			r.sIdx = append(r.sIdx, e)
+		}
+	}
+	k := len(r.sIdx)
+	if k == 0 {
+		return
+	}
+	r.g = grow(r.g, k*inter)
+	r.u = grow(r.u, k*inter)
+	r.y = grow(r.y, k*h)
+	r.sW, r.sY, r.sX = r.sW[:0], r.sY[:0], r.sX[:0]
+	for j, e := range r.sIdx {
+		row := int(r.rowsOf[e][0])
+		xr := x[row*h : (row+1)*h]
+		r.sW = append(r.sW, experts[e].Gate, experts[e].Up)
+		r.sY = append(r.sY, r.g[j*inter:(j+1)*inter], r.u[j*inter:(j+1)*inter])
+		r.sX = append(r.sX, xr, xr)
+	}
+	r.Pool.MatVecMany(r.sY, r.sW, r.sX)
+	kernels.SiLUMul(r.g[:k*inter], r.g[:k*inter], r.u[:k*inter])
+	r.sW, r.sY, r.sX = r.sW[:0], r.sY[:0], r.sX[:0]
+	for j, e := range r.sIdx {
+		r.sW = append(r.sW, experts[e].Down)
+		r.sY = append(r.sY, r.y[j*h:(j+1)*h])
+		r.sX = append(r.sX, r.g[j*inter:(j+1)*inter])
+	}
+	r.Pool.MatVecMany(r.sY, r.sW, r.sX)
+	for j, e := range r.sIdx {
+		row := int(r.rowsOf[e][0])
+		kernels.Axpy(out[row*h:(row+1)*h], r.wOf[e][0], r.y[j*h:(j+1)*h])
+	}
 }
 
 func (r *ExpertRunner) mm(y []float32, w *kernels.Matrix, x []float32, n int) {
