@@ -145,3 +145,11 @@ func FuzzParseConfig(f *testing.F) {
 		}
 	})
 }
+
+func TestPaddedVocab(t *testing.T) {
+	for _, c := range []struct{ in, want int }{{100002, 102400}, {100015, 102400}, {128815, 129280}, {512, 512}, {513, 640}, {300, 384}} {
+		if got := PaddedVocab(c.in); got != c.want {
+			t.Errorf("PaddedVocab(%d) = %d, want %d", c.in, got, c.want)
+		}
+	}
+}

@@ -146,7 +146,9 @@ func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
 	if err != nil {
 		return err
 	}
-	cfgMap["vocab_size"] = max(vocab, tok.VocabSize())
+	if opt.TokenizerDir != "" {
+		cfgMap["vocab_size"] = max(vocab, PaddedVocab(tok.VocabSize()))
+	}
 	if id, ok := tok.BOS(); ok {
 		cfgMap["bos_token_id"] = id
 	}
@@ -294,6 +296,20 @@ func fillTensor(dst []byte, s safetensors.TensorSpec, in initSpec, seed uint64) 
 		}()
 	}
 	wg.Wait()
+}
+
+// PaddedVocab is the embedding-table size a model trained with a
+// tokenizer of n ids has. DeepSeek pads its tables past the tokenizer:
+// DeepSeek-V2's 100k-id tokenizer sits in a 102400-row table and V3's
+// 128815 ids in 129280 rows; other sizes round up to a multiple of 128.
+func PaddedVocab(n int) int {
+	switch {
+	case n > 100000 && n <= 102400:
+		return 102400
+	case n > 128000 && n <= 129280:
+		return 129280
+	}
+	return (n + 127) / 128 * 128
 }
 
 func asInt(v any) (int, bool) {
