@@ -99,6 +99,7 @@ type scratch struct {
 	routeIDs            []int
 	router              []*Router
 	headY, headX        [][]float32 // per-head views for MatVecMany
+	allLogits           []float32
 }
 
 func grow(b []float32, n int) []float32 {
@@ -225,8 +226,10 @@ func (e *Engine) logits(rows []Row, out [][]float32) error {
 		e.Pool.MatVec(out[0][:v], e.W.LMHead, s.hn[:h])
 		return nil
 	}
-	// Several rows (echo or batched decode): one pass over lm_head.
-	all := make([]float32, m*v)
+	// Several rows (echo or batched decode): one pass over lm_head, into
+	// a buffer kept across steps (32 rows of a 102400 vocab is 13 MB).
+	s.allLogits = grow(s.allLogits, m*v)
+	all := s.allLogits
 	e.Pool.MatMul(all, e.W.LMHead, s.hn[:m*h], m)
 	for j := range m {
 		copy(out[j][:v], all[j*v:(j+1)*v])
