@@ -134,12 +134,34 @@ func Logprobs(logits []float32, token, k int) TokenLogprob {
 	lse := m + math.Log(sum)
 	tl := TokenLogprob{Token: token, Logprob: float64(logits[token]) - lse}
 	if k > 0 {
-		k = min(k, len(logits))
-		order := make([]int, len(logits))
-		topKInto(order, logits, k)
-		for _, id := range order[:k] {
+		for _, id := range topKSmall(logits, min(k, len(logits))) {
 			tl.Top = append(tl.Top, IDLogprob{ID: id, Logprob: float64(logits[id]) - lse})
 		}
 	}
 	return tl
+}
+
+// topKSmall returns the indices of the k largest values, descending, ties
+// to the lower index, in one pass with a k-slot insertion list: no
+// vocabulary-sized scratch per token.
+func topKSmall(x []float32, k int) []int {
+	top := make([]int, 0, k)
+	for i, v := range x {
+		if len(top) == k && v <= x[top[k-1]] {
+			continue
+		}
+		j := len(top)
+		if j < k {
+			top = append(top, i)
+		} else {
+			j = k - 1
+		}
+		// Shift smaller entries down; equal values keep the lower index first.
+		for j > 0 && v > x[top[j-1]] {
+			top[j] = top[j-1]
+			j--
+		}
+		top[j] = i
+	}
+	return top
 }

@@ -2,6 +2,7 @@ package model
 
 import (
 	"math"
+	"math/rand/v2"
 	"testing"
 )
 
@@ -76,5 +77,25 @@ func TestLogprobs(t *testing.T) {
 	}
 	if len(tl.Top) != 2 || tl.Top[0].ID != 1 || math.Abs(tl.Top[0].Logprob-math.Log(0.5)) > 1e-6 || tl.Top[1].ID != 0 {
 		t.Fatalf("top %+v", tl.Top)
+	}
+}
+
+func TestTopKSmallMatchesSort(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for trial := range 200 {
+		n := 1 + rng.IntN(300)
+		x := make([]float32, n)
+		for i := range x {
+			x[i] = float32(rng.IntN(20)) // many ties
+		}
+		k := 1 + rng.IntN(min(n, 20))
+		got := topKSmall(x, k)
+		want := make([]int, n)
+		topKInto(want, x, k)
+		for j := range k {
+			if got[j] != want[j] {
+				t.Fatalf("trial %d: topKSmall %v, selection %v", trial, got, want[:k])
+			}
+		}
 	}
 }
