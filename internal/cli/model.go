@@ -96,7 +96,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	topP := fs.Float64("top-p", 1, "nucleus sampling mass (1: off)")
 	topK := fs.Int("top-k", 0, "sample among the k most likely tokens (0: off)")
 	seed := fs.Uint64("seed", 0, "sampling seed")
-	logprobs := fs.Int("logprobs", 0, "report the top K logprobs per position")
+	logprobs := fs.Int("logprobs", -1, "report the chosen token's logprob and the top K per position (default: none; 0 with --json)")
 	echo := fs.Bool("echo", false, "also report the prompt positions")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at EOS")
@@ -105,6 +105,9 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	precision := fs.String("precision", "exact", "exact (float32 activations) or bf16 (BF16 activations in prefill products; the router stays float32)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *asJSON && *logprobs < 0 {
+		*logprobs = 0 // --json always reports the chosen token's logprob
 	}
 	ids, err := parseIDs(*prompt)
 	if err != nil {
