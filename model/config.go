@@ -122,9 +122,16 @@ func ParseConfig(b []byte) (*Config, error) {
 		raw["eos_token_id"], _ = json.Marshal(ids[0])
 		b, _ = json.Marshal(raw)
 	}
-	c := DefaultConfig()
+	var mt struct {
+		ModelType string `json:"model_type"`
+	}
+	_ = json.Unmarshal(b, &mt)
+	c := defaultsFor(mt.ModelType)
 	if err := json.Unmarshal(b, c); err != nil {
 		return nil, fmt.Errorf("%w: config.json: %v", ErrConfig, err)
+	}
+	if err := applyRopeParameters(c, raw); err != nil {
+		return nil, err
 	}
 	if c.NumKeyValueHeads == 0 {
 		c.NumKeyValueHeads = c.NumAttentionHeads
@@ -135,18 +142,38 @@ func ParseConfig(b []byte) (*Config, error) {
 	return c, nil
 }
 
-// DefaultConfig returns HF's DeepseekV2Config defaults for the fields a
-// config.json may omit.
-func DefaultConfig() *Config {
+// DefaultConfig returns DeepSeek's DeepseekV2Config defaults for the
+// fields a config.json may omit.
+func DefaultConfig() *Config { return defaultsFor("deepseek_v2") }
+
+// defaultsFor returns the config-class defaults for modelType, which is
+// what an omitted field means (save_pretrained writes only values that
+// differ from them). V3: DeepSeek's DeepseekV3Config, which transformers'
+// native class matches; the native class has no topk_method or
+// scoring_func because its gate is always noaux_tc with sigmoid. V2:
+// DeepSeek's DeepseekV2Config, where an omitted n_routed_experts or
+// n_shared_experts means none (transformers' native class would say 64 and
+// 2; we follow DeepSeek's code, as everywhere the variants differ). Special
+// token ids have no default here: a class default outside a small
+// vocabulary would make a config that omits them invalid.
+func defaultsFor(modelType string) *Config {
+	if modelType == "deepseek_v3" {
+		return &Config{
+			VocabSize: 129280, HiddenSize: 7168, IntermediateSize: 18432, MoEIntermediateSize: 2048,
+			NumHiddenLayers: 61, NumAttentionHeads: 128, NumKeyValueHeads: 128,
+			NSharedExperts: ptr(1), NRoutedExperts: ptr(256), RoutedScalingFactor: 2.5,
+			KVLoraRank: 512, QLoraRank: ptr(1536), QKRopeHeadDim: 64, VHeadDim: 128, QKNopeHeadDim: 128,
+			NGroup: ptr(8), TopKGroup: ptr(4), NumExpertsPerTok: ptr(8), FirstKDenseReplace: 3,
+			NormTopKProb: true, HiddenAct: "silu", MaxPositionEmbeddings: 4096, RMSNormEps: 1e-6,
+			RopeTheta: 10000, MoELayerFreq: 1, TopKMethod: TopKNoAuxTC, ScoringFunc: ScoreSigmoid,
+		}
+	}
 	return &Config{
-		TopKMethod:            TopKGreedy,
-		ScoringFunc:           ScoreSoftmax,
-		RoutedScalingFactor:   1.0,
-		MoELayerFreq:          1,
-		RMSNormEps:            1e-6,
-		RopeTheta:             10000,
-		HiddenAct:             "silu",
-		MaxPositionEmbeddings: 2048,
+		VocabSize: 102400, HiddenSize: 4096, IntermediateSize: 11008, MoEIntermediateSize: 1407,
+		NumHiddenLayers: 30, NumAttentionHeads: 32, RoutedScalingFactor: 1.0,
+		KVLoraRank: 512, QLoraRank: ptr(1536), QKRopeHeadDim: 64, VHeadDim: 128, QKNopeHeadDim: 128,
+		HiddenAct: "silu", MaxPositionEmbeddings: 2048, RMSNormEps: 1e-6,
+		RopeTheta: 10000, MoELayerFreq: 1, TopKMethod: TopKGreedy, ScoringFunc: ScoreSoftmax,
 	}
 }
 
@@ -297,6 +324,44 @@ func (c *Config) validateRope() error {
 	if r.BetaFast <= 0 || r.BetaSlow <= 0 {
 		return cfgErr("rope_scaling.beta_fast", "beta_fast and beta_slow must be > 0, got %g and %g", r.BetaFast, r.BetaSlow)
 	}
+	return nil
+}
+
+// applyRopeParameters reads transformers v5's "rope_parameters" (rope
+// theta and scaling in one dict) when the older rope_theta / rope_scaling
+// fields are absent.
+func applyRopeParameters(c *Config, raw map[string]json.RawMessage) error {
+	rp, ok := raw["rope_parameters"]
+	if !ok || string(rp) == "null" {
+		return nil
+	}
+	var p struct {
+		RopeType  string   `json:"rope_type"`
+		Type      string   `json:"type"`
+		RopeTheta *float64 `json:"rope_theta"`
+	}
+	if err := json.Unmarshal(rp, &p); err != nil {
+		return cfgErr("rope_parameters", "%v", err)
+	}
+	if _, set := raw["rope_theta"]; !set && p.RopeTheta != nil {
+		c.RopeTheta = *p.RopeTheta
+	}
+	if _, set := raw["rope_scaling"]; set {
+		return nil
+	}
+	kind := p.RopeType
+	if kind == "" {
+		kind = p.Type
+	}
+	if kind == "" || kind == "default" {
+		c.RopeScaling = nil
+		return nil
+	}
+	var rs RopeScaling
+	if err := json.Unmarshal(rp, &rs); err != nil {
+		return cfgErr("rope_parameters", "%v", err)
+	}
+	c.RopeScaling = &rs
 	return nil
 }
 

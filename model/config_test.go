@@ -153,3 +153,58 @@ func TestPaddedVocab(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigClassDefaults: a config.json written by transformers'
+// save_pretrained holds only values that differ from the class defaults;
+// the rest must come from the right class (V3's gate is noaux_tc/sigmoid
+// and its config has no field saying so).
+func TestConfigClassDefaults(t *testing.T) {
+	v3, err := ParseConfig([]byte(`{"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2,
+		"num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512, "n_routed_experts": 32}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v3.TopKMethod != TopKNoAuxTC || v3.ScoringFunc != ScoreSigmoid || v3.Groups() != 8 || v3.TopKGroups() != 4 ||
+		v3.TopK() != 8 || !v3.NormTopKProb || v3.RoutedScalingFactor != 2.5 || v3.FirstKDenseReplace != 3 ||
+		v3.SharedExperts() != 1 || v3.QLoraRank == nil || *v3.QLoraRank != 1536 || v3.MoEIntermediateSize != 2048 {
+		t.Fatalf("V3 class defaults not applied: %+v", v3)
+	}
+	// DeepSeek's V2 class: no routed experts unless the config names them;
+	// an explicit null q_lora_rank means plain q_proj, an absent one 1536.
+	v2, err := ParseConfig([]byte(`{"model_type": "deepseek_v2", "hidden_size": 64, "num_hidden_layers": 2,
+		"num_attention_heads": 4, "vocab_size": 512, "q_lora_rank": null}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v2.HasMoE() || v2.QLoraRank != nil || v2.MoEIntermediateSize != 1407 || v2.NumKeyValueHeads != 4 {
+		t.Fatalf("V2 class defaults not applied: %+v", v2)
+	}
+	v2, err = ParseConfig([]byte(`{"model_type": "deepseek_v2", "hidden_size": 64, "num_hidden_layers": 2,
+		"num_attention_heads": 4, "vocab_size": 512, "n_routed_experts": 8, "num_experts_per_tok": 2}`))
+	if err != nil || v2.TopKMethod != TopKGreedy || v2.ScoringFunc != ScoreSoftmax || v2.SharedExperts() != 0 ||
+		v2.QLoraRank == nil || *v2.QLoraRank != 1536 {
+		t.Fatalf("V2 MoE defaults: %v %+v", err, v2)
+	}
+	// transformers v5 keeps rope theta and scaling in rope_parameters.
+	rp, err := ParseConfig(presetJSON(t, "tiny-v2", func(m map[string]any) {
+		delete(m, "rope_scaling")
+		delete(m, "rope_theta")
+		m["rope_parameters"] = map[string]any{"rope_type": "yarn", "rope_theta": 50000.0, "factor": 8.0,
+			"original_max_position_embeddings": 2048, "mscale": 1.0, "mscale_all_dim": 0.5}
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rp.RopeTheta != 50000 || rp.RopeScaling == nil || rp.RopeScaling.Factor != 8 || rp.RopeScaling.OriginalMaxPositionEmbeddings != 2048 ||
+		rp.RopeScaling.MscaleAllDim != 0.5 || rp.RopeScaling.BetaFast != 32 {
+		t.Fatalf("rope_parameters not read: theta %g scaling %+v", rp.RopeTheta, rp.RopeScaling)
+	}
+	plain, err := ParseConfig(presetJSON(t, "tiny-v2", func(m map[string]any) {
+		delete(m, "rope_scaling")
+		delete(m, "rope_theta")
+		m["rope_parameters"] = map[string]any{"rope_type": "default", "rope_theta": 20000.0}
+	}))
+	if err != nil || plain.RopeScaling != nil || plain.RopeTheta != 20000 {
+		t.Fatalf("default rope_parameters: %v %+v", err, plain)
+	}
+}

@@ -117,12 +117,10 @@ func derive(t *testing.T, base, name string, edit map[string]any) model.Preset {
 	if err := json.Unmarshal(b, &cfg); err != nil {
 		t.Fatal(err)
 	}
+	// nil edits become JSON null, not an absent key: an absent key means
+	// the config class's default (q_lora_rank 1536 for V3), null means none.
 	for k, v := range edit {
-		if v == nil {
-			delete(cfg, k)
-		} else {
-			cfg[k] = v
-		}
+		cfg[k] = v
 	}
 	return model.Preset{Name: name, Description: "hfref " + name, Config: cfg, ShardBytes: 1 << 20}
 }
