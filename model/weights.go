@@ -156,6 +156,12 @@ func Bind(c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, er
 				l.MoE.Shared = b.mlp(p+"mlp.shared_experts.", n*c.MoEIntermediateSize)
 			}
 		}
+		if ck.Has(p + "mlp.experts.gate_up_proj") {
+			// transformers v5 stores a layer's experts fused:
+			// gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
+			b.fusedExperts(l.MoE, p+"mlp.experts.", i, opts.Expert)
+			continue
+		}
 		for e := range l.MoE.Experts {
 			if opts.Expert == nil || opts.Expert(i, e) {
 				l.MoE.Experts[e] = b.mlp(fmt.Sprintf("%smlp.experts.%d.", p, e), c.MoEIntermediateSize)
@@ -295,6 +301,58 @@ func (b *binder) mlp(prefix string, inter int) *MLP {
 		Gate: b.matrix(prefix+"gate_proj.weight", inter, h, true),
 		Up:   b.matrix(prefix+"up_proj.weight", inter, h, true),
 		Down: b.matrix(prefix+"down_proj.weight", h, inter, true),
+	}
+}
+
+// fusedExperts binds per-expert views into fused 3-D expert tensors.
+func (b *binder) fusedExperts(m *MoE, p string, layer int, want func(layer, expert int) bool) {
+	c := b.c
+	E, I, H := c.NumExperts(), c.MoEIntermediateSize, c.HiddenSize
+	gu, down := b.tensor(p+"gate_up_proj"), b.tensor(p+"down_proj")
+	if gu == nil || down == nil {
+		if b.err == nil {
+			b.fail("tensor %sdown_proj: missing beside gate_up_proj", p)
+		}
+		return
+	}
+	if !shapeIs(gu, E, 2*I, H) || !shapeIs(down, E, H, I) {
+		b.fail("fused experts %s: shapes %v and %v, want [%d %d %d] and [%d %d %d]", p, gu.Shape, down.Shape, E, 2*I, H, E, H, I)
+		return
+	}
+	view := func(t *safetensors.Tensor, name string, first, rows, cols int) *kernels.Matrix {
+		var dt kernels.DType
+		switch t.DType {
+		case safetensors.BF16:
+			dt = kernels.BF16
+		case safetensors.F16:
+			dt = kernels.F16
+		case safetensors.F32:
+			dt = kernels.F32
+		default:
+			b.fail("tensor %s: dtype %s not supported for fused experts", name, t.DType)
+			return nil
+		}
+		es := t.DType.Size()
+		m := &kernels.Matrix{DType: dt, Rows: rows, Cols: cols, Data: t.Data[first*cols*es : (first+rows)*cols*es]}
+		if b.quant != nil {
+			q, err := kernels.QuantizeQ8(m)
+			if err != nil {
+				b.fail("tensor %s: quantize: %v", name, err)
+				return nil
+			}
+			return q
+		}
+		return m
+	}
+	for e := range m.Experts {
+		if want != nil && !want(layer, e) {
+			continue
+		}
+		m.Experts[e] = &MLP{
+			Gate: view(gu, p+"gate_up_proj", e*2*I, I, H),
+			Up:   view(gu, p+"gate_up_proj", e*2*I+I, I, H),
+			Down: view(down, p+"down_proj", e*H, H, I),
+		}
 	}
 }
 

@@ -1,13 +1,16 @@
 package model
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model/safetensors"
 )
 
@@ -126,6 +129,79 @@ func TestExpertsOnlyLoad(t *testing.T) {
 			if (ex != nil) != (e%3 == l%3) {
 				t.Fatalf("layer %d expert %d loaded=%v", l, e, ex != nil)
 			}
+		}
+	}
+}
+
+// TestFusedExpertLayout: a checkpoint whose experts are stored fused, as
+// transformers v5 saves them (gate_up_proj [E, 2I, H], down_proj [E, H, I]),
+// computes exactly what the per-expert layout does.
+func TestFusedExpertLayout(t *testing.T) {
+	src := tinyCheckpoint(t, "tiny-v2-lite")
+	orig, err := Load(src, LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	c := orig.Config
+	E, I, H := c.NumExperts(), c.MoEIntermediateSize, c.HiddenSize
+	dir := t.TempDir()
+	for _, f := range []string{"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} {
+		b, _ := os.ReadFile(filepath.Join(src, f))
+		os.WriteFile(filepath.Join(dir, f), b, 0o644)
+	}
+	// Rewrite the checkpoint with fused experts.
+	var specs []safetensors.TensorSpec
+	data := map[string][]byte{}
+	for _, name := range orig.ckpt.Names() {
+		if strings.Contains(name, ".mlp.experts.") {
+			continue
+		}
+		info, _ := orig.ckpt.Info(name)
+		tn, _ := orig.ckpt.Tensor(name)
+		specs = append(specs, safetensors.TensorSpec{Name: name, DType: info.DType, Shape: info.Shape})
+		data[name] = tn.Data
+	}
+	for l := range c.NumHiddenLayers {
+		if !c.IsMoELayer(l) {
+			continue
+		}
+		var gu, down []byte
+		for e := range E {
+			ex := orig.Layers[l].MoE.Experts[e]
+			gu = append(append(gu, ex.Gate.Data...), ex.Up.Data...)
+			down = append(down, ex.Down.Data...)
+		}
+		p := fmt.Sprintf("model.layers.%d.mlp.experts.", l)
+		specs = append(specs, safetensors.TensorSpec{Name: p + "gate_up_proj", DType: safetensors.BF16, Shape: []int{E, 2 * I, H}},
+			safetensors.TensorSpec{Name: p + "down_proj", DType: safetensors.BF16, Shape: []int{E, H, I}})
+		data[p+"gate_up_proj"], data[p+"down_proj"] = gu, down
+	}
+	if err := safetensors.WriteFile(filepath.Join(dir, "model.safetensors"), specs, func(s safetensors.TensorSpec, dst []byte) error {
+		copy(dst, data[s.Name])
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	fused, err := Load(dir, LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fused.Close()
+	pool := kernels.NewPool(1)
+	defer pool.Close()
+	gen := func(w *Weights) *GenerateResult {
+		cache, _ := NewLatentCache(w.Config, 16, 8)
+		res, err := NewEngine(w, pool, nil).Generate(context.Background(), cache, GenerateRequest{Prompt: []int{7, 70, 300}, MaxTokens: 6, Logprobs: 0})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	a, b := gen(orig), gen(fused)
+	for i := range a.Tokens {
+		if a.Tokens[i] != b.Tokens[i] || a.Logprobs[i].Logprob != b.Logprobs[i].Logprob {
+			t.Fatalf("token %d: per-expert %d/%g, fused %d/%g", i, a.Tokens[i], a.Logprobs[i].Logprob, b.Tokens[i], b.Logprobs[i].Logprob)
 		}
 	}
 }
