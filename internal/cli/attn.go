@@ -5,9 +5,13 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/expertmesh/expertmesh/attnnode"
+	"github.com/expertmesh/expertmesh/internal/ops"
 	"github.com/expertmesh/expertmesh/model"
 	"github.com/expertmesh/expertmesh/placement"
+	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
 // runAttn is `expertmesh attn`: one attention node serving AttentionService.
@@ -23,6 +27,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.IntVar(&cfg.MicroBatches, "micro-batches", 0, "micro-batches per step (0: 2 with expert nodes, else 1)")
 	fs.StringVar(&cfg.Quantize, "quantize", "", "convert weights at load: q8")
 	fs.BoolVar(&cfg.Resident, "resident", false, "copy weights into huge-page-backed memory")
+	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	spec := fs.String("placement", "", `expert placement "ADDR=EXPERTS;ADDR=EXPERTS" (EXPERTS: "0-53" or "1:0-53,2:54-107"); empty: all experts in-process`)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -47,6 +52,26 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer s.Close()
+	if *opsAddr != "" {
+		reg := prometheus.NewRegistry()
+		info := func() *meshpb.NodeInfo { i, _ := s.Info(ctx); return i }
+		for _, g := range []struct {
+			name, help string
+			v          func(*meshpb.NodeInfo) float64
+		}{
+			{"expertmesh_attn_cache_blocks_total", "latent cache blocks", func(i *meshpb.NodeInfo) float64 { return float64(i.TotalBlocks) }},
+			{"expertmesh_attn_cache_blocks_free", "free latent cache blocks", func(i *meshpb.NodeInfo) float64 { return float64(i.FreeBlocks) }},
+			{"expertmesh_attn_sequences_active", "sequences holding cache", func(i *meshpb.NodeInfo) float64 { return float64(i.ActiveSequences) }},
+		} {
+			reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: g.name, Help: g.help}, func() float64 { return g.v(info()) }))
+		}
+		o, err := ops.Start(*opsAddr, func() error { return nil }, reg)
+		if err != nil {
+			return fmt.Errorf("--ops-listen: %w", err)
+		}
+		defer o.Close()
+		fmt.Fprintf(stderr, "attention node %s ops endpoint on http://%s\n", cfg.NodeID, o.Addr())
+	}
 	fmt.Fprintf(stdout, "attention node %s listening on %s\n", cfg.NodeID, s.Addr())
 	select {
 	case <-ctx.Done():

@@ -6,7 +6,10 @@ import (
 	"io"
 	"log/slog"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/expertmesh/expertmesh/expertnode"
+	"github.com/expertmesh/expertmesh/internal/ops"
 )
 
 // runExpert runs one expert node until ctx is cancelled (Ctrl-C, SIGTERM).
@@ -21,6 +24,7 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	nodeID := fs.String("node-id", "", "node id in status and logs (default expert@ADDR)")
 	threads := fs.Int("threads", def.Threads, "compute threads (0: all cores)")
 	maxRows := fs.Int("max-rows", def.MaxRows, "most rows one dispatch may carry")
+	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -42,6 +46,15 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	case <-ctx.Done():
 		return node.Close()
+	}
+	if *opsAddr != "" {
+		o, err := ops.Start(*opsAddr, func() error { return nil }, prometheus.NewRegistry())
+		if err != nil {
+			node.Close()
+			return fmt.Errorf("--ops-listen: %w", err)
+		}
+		defer o.Close()
+		fmt.Fprintf(stderr, "expert node %s ops endpoint on http://%s\n", node.ID(), o.Addr())
 	}
 	fmt.Fprintf(stdout, "expert node %s listening on %s\n", node.ID(), node.Addr())
 	select {
