@@ -248,27 +248,45 @@ func (b *binder) matrix(name string, rows, cols int, quantizable bool) *kernels.
 	if !ok {
 		return nil
 	}
-	if quantizable && b.quant != nil && m.DType != *b.quant {
-		q, err := kernels.QuantizeQ8(m)
-		if err != nil {
-			b.fail("tensor %s: quantize: %v", name, err)
-			return nil
-		}
-		return q
+	if quantizable {
+		return b.quantize(name, m)
 	}
 	return m
 }
 
+// quantize converts m when LoadOptions.Quantize asks for it.
+func (b *binder) quantize(name string, m *kernels.Matrix) *kernels.Matrix {
+	if b.quant == nil || m.DType == *b.quant {
+		return m
+	}
+	q, err := kernels.QuantizeQ8(m)
+	if err != nil {
+		b.fail("tensor %s: quantize: %v", name, err)
+		return nil
+	}
+	return q
+}
+
+// denseDType maps the unscaled safetensors dtypes the kernels read as is.
+func denseDType(d safetensors.DType) (kernels.DType, bool) {
+	switch d {
+	case safetensors.F32:
+		return kernels.F32, true
+	case safetensors.BF16:
+		return kernels.BF16, true
+	case safetensors.F16:
+		return kernels.F16, true
+	}
+	return 0, false
+}
+
 func (b *binder) asMatrix(name string, t *safetensors.Tensor, rows, cols int) (*kernels.Matrix, bool) {
 	m := &kernels.Matrix{Rows: rows, Cols: cols, Data: t.Data}
-	switch t.DType {
-	case safetensors.F32:
-		m.DType = kernels.F32
-	case safetensors.BF16:
-		m.DType = kernels.BF16
-	case safetensors.F16:
-		m.DType = kernels.F16
-	case safetensors.F8E4M3:
+	dt, dense := denseDType(t.DType)
+	switch {
+	case dense:
+		m.DType = dt
+	case t.DType == safetensors.F8E4M3:
 		m.DType = kernels.F8E4M3
 		sname := name + "_scale_inv"
 		st := b.tensor(sname)
@@ -320,29 +338,13 @@ func (b *binder) fusedExperts(m *MoE, p string, layer int, want func(layer, expe
 		return
 	}
 	view := func(t *safetensors.Tensor, name string, first, rows, cols int) *kernels.Matrix {
-		var dt kernels.DType
-		switch t.DType {
-		case safetensors.BF16:
-			dt = kernels.BF16
-		case safetensors.F16:
-			dt = kernels.F16
-		case safetensors.F32:
-			dt = kernels.F32
-		default:
+		dt, ok := denseDType(t.DType)
+		if !ok {
 			b.fail("tensor %s: dtype %s not supported for fused experts", name, t.DType)
 			return nil
 		}
 		es := t.DType.Size()
-		m := &kernels.Matrix{DType: dt, Rows: rows, Cols: cols, Data: t.Data[first*cols*es : (first+rows)*cols*es]}
-		if b.quant != nil {
-			q, err := kernels.QuantizeQ8(m)
-			if err != nil {
-				b.fail("tensor %s: quantize: %v", name, err)
-				return nil
-			}
-			return q
-		}
-		return m
+		return b.quantize(name, &kernels.Matrix{DType: dt, Rows: rows, Cols: cols, Data: t.Data[first*cols*es : (first+rows)*cols*es]})
 	}
 	for e := range m.Experts {
 		if want != nil && !want(layer, e) {
