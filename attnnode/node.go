@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
 	"github.com/expertmesh/expertmesh/placement"
@@ -236,7 +237,7 @@ func (n *Node) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepR
 		resp.Results = append(resp.Results, res)
 		wk, err := n.admit(sw, res, total)
 		if err != nil {
-			res.Code, res.Message = int32(codeOf(err)), err.Error()
+			res.Code, res.Message = int32(rpc.Code(err)), err.Error()
 			continue
 		}
 		total += len(wk.rows)
@@ -252,19 +253,9 @@ func (n *Node) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepR
 	return resp, nil
 }
 
-func codeOf(err error) codes.Code {
-	switch {
-	case errors.Is(err, model.ErrCacheFull):
-		return codes.ResourceExhausted
-	case errors.Is(err, errNotFound):
-		return codes.NotFound
-	case errors.Is(err, model.ErrBadInput):
-		return codes.InvalidArgument
-	}
-	return codes.Internal
-}
-
-var errNotFound = errors.New("sequence not found")
+// errNotFound carries its gRPC code itself; every other per-sequence
+// error is translated by the shared rpc table.
+var errNotFound = status.Error(codes.NotFound, "sequence not found")
 
 // ErrClosed is returned by Step after Close. It is a gRPC Unavailable
 // status so the coordinator treats the node as gone and rebuilds its
