@@ -102,9 +102,12 @@ type scratch struct {
 	allLogits           []float32
 }
 
+// grow returns b resized to n, reallocating with headroom so buffers that
+// grow a little every step (attention scratch follows the context length)
+// reallocate O(log n) times, not every step.
 func grow(b []float32, n int) []float32 {
 	if cap(b) < n {
-		return make([]float32, n)
+		return make([]float32, n, max(n, 2*cap(b)))
 	}
 	return b[:n]
 }
@@ -137,7 +140,9 @@ func (e *Engine) ensure(n, maxTokens int) {
 		}
 		s.ids = s.ids[:n*c.TopK()]
 		s.weights = grow(s.weights, n*c.TopK())
-		s.routeIDs = make([]int, c.TopK())
+		if len(s.routeIDs) != c.TopK() {
+			s.routeIDs = make([]int, c.TopK())
+		}
 		if s.router == nil {
 			s.router = make([]*Router, c.NumHiddenLayers)
 		}
@@ -285,25 +290,9 @@ func (e *Engine) attention(l int, rows []Row) {
 
 	// Absorb W_UK into the query: qLat[h] = W_UK[h]^T q_nope[h]. One row
 	// (decode) runs every head's small product in one pool call.
-	if n == 1 {
-		for hd := range heads {
-			s.headY[hd] = s.qLat[hd*R : (hd+1)*R]
-			s.headX[hd] = q[hd*qhd : hd*qhd+dn]
-		}
-		e.Pool.MatVecMany(s.headY, a.UKT, s.headX)
-	}
-	for hd := range heads {
-		if n == 1 {
-			break
-		}
-		for i := range n {
-			copy(s.gatherIn[i*dn:(i+1)*dn], q[(i*heads+hd)*qhd:(i*heads+hd)*qhd+dn])
-		}
-		e.matmul(s.gatherOut[:n*R], a.UKT[hd], s.gatherIn[:n*dn], n)
-		for i := range n {
-			copy(s.qLat[(i*heads+hd)*R:(i*heads+hd+1)*R], s.gatherOut[i*R:(i+1)*R])
-		}
-	}
+	e.headProducts(a.UKT, n,
+		func(i, hd int) []float32 { return q[(i*heads+hd)*qhd : (i*heads+hd)*qhd+dn] },
+		func(i, hd int) []float32 { return s.qLat[(i*heads+hd)*R : (i*heads+hd+1)*R] })
 	// Attention straight against the latent cache.
 	for i, r := range rows {
 		e.Pool.MLADecode(s.attnLat[i*heads*R:(i+1)*heads*R], s.qLat[i*heads*R:(i+1)*heads*R],
@@ -311,27 +300,34 @@ func (e *Engine) attention(l int, rows []Row) {
 			heads, R, P, e.scale, s.mla)
 	}
 	// Fold W_UV into the output: v[h] = W_UV[h] · attnLat[h].
-	if n == 1 {
-		for hd := range heads {
-			s.headY[hd] = s.vcat[hd*dv : (hd+1)*dv]
-			s.headX[hd] = s.attnLat[hd*R : (hd+1)*R]
-		}
-		e.Pool.MatVecMany(s.headY, a.UV, s.headX)
-	}
-	for hd := range heads {
-		if n == 1 {
-			break
-		}
-		for i := range n {
-			copy(s.gatherIn[i*R:(i+1)*R], s.attnLat[(i*heads+hd)*R:(i*heads+hd+1)*R])
-		}
-		e.matmul(s.gatherOut[:n*dv], a.UV[hd], s.gatherIn[:n*R], n)
-		for i := range n {
-			copy(s.vcat[(i*heads+hd)*dv:(i*heads+hd+1)*dv], s.gatherOut[i*dv:(i+1)*dv])
-		}
-	}
+	e.headProducts(a.UV, n,
+		func(i, hd int) []float32 { return s.attnLat[(i*heads+hd)*R : (i*heads+hd+1)*R] },
+		func(i, hd int) []float32 { return s.vcat[(i*heads+hd)*dv : (i*heads+hd+1)*dv] })
 	e.matmul(s.o[:n*h], a.O, s.vcat[:n*heads*dv], n)
 	kernels.Add(s.x[:n*h], s.x[:n*h], s.o[:n*h])
+}
+
+// headProducts computes out(i, h) = ws[h]·in(i, h) for every row i and
+// head h: one MatVecMany over all heads for a single row (decode), else one
+// matrix product per head over the gathered rows.
+func (e *Engine) headProducts(ws []*kernels.Matrix, n int, in, out func(i, hd int) []float32) {
+	s := &e.buf
+	if n == 1 {
+		for hd := range ws {
+			s.headX[hd], s.headY[hd] = in(0, hd), out(0, hd)
+		}
+		e.Pool.MatVecMany(s.headY, ws, s.headX)
+		return
+	}
+	for hd, w := range ws {
+		for i := range n {
+			copy(s.gatherIn[i*w.Cols:(i+1)*w.Cols], in(i, hd))
+		}
+		e.matmul(s.gatherOut[:n*w.Rows], w, s.gatherIn[:n*w.Cols], n)
+		for i := range n {
+			copy(out(i, hd), s.gatherOut[i*w.Rows:(i+1)*w.Rows])
+		}
+	}
 }
 
 // ffn runs the feed-forward half of layer l and adds it to the residual.

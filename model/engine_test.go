@@ -312,3 +312,33 @@ func TestResidentWeights(t *testing.T) {
 		}
 	}
 }
+
+// TestDecodeAllocations: a steady-state decode step allocates nothing in
+// the engine (buffers are kept across steps).
+func TestDecodeAllocations(t *testing.T) {
+	w := loadTiny(t, "tiny-v2")
+	pool := kernels.NewPool(2)
+	defer pool.Close()
+	eng := NewEngine(w, pool, nil)
+	cache, _ := NewLatentCache(w.Config, 16, 64)
+	seq := cache.NewSequence()
+	defer seq.Release()
+	seq.Reserve(512)
+	out := [][]float32{make([]float32, w.Config.VocabSize)}
+	row := []Row{{Seq: seq, Token: 1, Pos: 0, Logits: true}}
+	ctx := context.Background()
+	pos := 0
+	step := func() {
+		row[0].Pos = pos
+		if err := eng.Forward(ctx, row, out); err != nil {
+			t.Fatal(err)
+		}
+		pos++
+	}
+	for range 4 {
+		step() // warm up buffers
+	}
+	if a := testing.AllocsPerRun(50, step); a > 0 {
+		t.Fatalf("%.1f allocations per decode step", a)
+	}
+}

@@ -39,9 +39,14 @@ func NewLocalExperts(w *Weights, pool *kernels.Pool) *ExpertRunner {
 // StartRoutedExperts implements ExpertBackend. Local experts compute at
 // once; wait only reports the result.
 func (r *ExpertRunner) StartRoutedExperts(_ context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) func() error {
-	err := r.Run(layer, x, n, k, ids, weights, out)
-	return func() error { return err }
+	if err := r.Run(layer, x, n, k, ids, weights, out); err != nil {
+		return func() error { return err }
+	}
+	return waitNone
 }
+
+// waitNone is the wait of work already done: no allocation per layer.
+func waitNone() error { return nil }
 
 // Run adds Σ_j weights[i*k+j]·Expert_{ids[i*k+j]}(x_i) to out_i for each
 // of the n rows of x. Ids < 0 are skipped (rows routed to other nodes).
