@@ -46,9 +46,10 @@ type Config struct {
 	Quantize string
 	// MaxStepTokens bounds the rows of one step (--max-step-tokens).
 	MaxStepTokens int
-	// Resident copies the weights into huge-page-backed memory instead of
-	// reading them through the page cache (--resident).
-	Resident bool
+	// Weights says where compute reads the weights from (--weights):
+	// resident, mmap, or auto (the zero value: resident when they fit in
+	// half of the available memory).
+	Weights model.Residency
 }
 
 // DefaultConfig returns a node configuration for one machine.
@@ -69,6 +70,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--micro-batches must be >= 0, got %d", c.MicroBatches)
 	case c.MaxStepTokens <= 0:
 		return fmt.Errorf("--max-step-tokens must be > 0, got %d", c.MaxStepTokens)
+	case !validResidency(c.Weights):
+		return fmt.Errorf("--weights %q: want auto, resident or mmap", c.Weights)
 	case c.Quantize != "" && c.Quantize != "q8":
 		return fmt.Errorf("--quantize %q: want q8 or nothing", c.Quantize)
 	}
@@ -125,13 +128,9 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Resident {
-		if err := w.MakeResident(cfg.Threads); err != nil {
-			w.Close()
-			return nil, err
-		}
-	} else {
-		w.Warm(cfg.Threads)
+	if _, err := w.Place(cfg.Weights, cfg.Threads, model.MemAvailable()); err != nil {
+		w.Close()
+		return nil, err
 	}
 	c := w.Config
 	blocks := model.BlocksForBytes(c, cfg.BlockSize, cfg.CacheBytes)
@@ -452,4 +451,9 @@ func toProto(tl model.TokenLogprob) *meshpb.TokenLogprob {
 		out.Top = append(out.Top, &meshpb.TopLogprob{Token: int32(t.ID), Logprob: t.Logprob})
 	}
 	return out
+}
+
+func validResidency(r model.Residency) bool {
+	_, err := model.ParseResidency(string(r))
+	return err == nil
 }

@@ -502,7 +502,7 @@ func (w *Weights) Warm(threads int) {
 // into anonymous memory backed by transparent huge pages where the OS
 // offers them. Decode streams every weight once per token; with 2 MiB
 // pages it takes far fewer TLB misses than through the page cache's 4 KiB
-// pages. It costs the weights' size in resident memory, so it is opt-in.
+// pages. It costs the weights' size in resident memory (see Place).
 // Matrices already converted at load (quantised, absorbed) move too.
 func (w *Weights) MakeResident(threads int) error {
 	mats := w.matrices()

@@ -26,13 +26,17 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.IntVar(&cfg.BlockSize, "block-size", cfg.BlockSize, "tokens per cache block")
 	fs.IntVar(&cfg.MicroBatches, "micro-batches", 0, "micro-batches per step (0: 2 with expert nodes, else 1)")
 	fs.StringVar(&cfg.Quantize, "quantize", "", "convert weights at load: q8")
-	fs.BoolVar(&cfg.Resident, "resident", false, "copy weights into huge-page-backed memory")
+	weights := fs.String("weights", "auto", weightsUsage)
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	spec := fs.String("placement", "", `expert placement "ADDR=EXPERTS;ADDR=EXPERTS" (EXPERTS: "0-53" or "1:0-53,2:54-107"); empty: all experts in-process`)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	cfg.CacheBytes = *cacheMB << 20
+	var err error
+	if cfg.Weights, err = model.ParseResidency(*weights); err != nil {
+		return err
+	}
 	if cfg.ModelDir == "" {
 		return fmt.Errorf("--model is required")
 	}

@@ -38,12 +38,14 @@ func runGenModel(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	return nil
 }
 
+const weightsUsage = "where compute reads weights: resident (copied into huge-page-backed memory: faster decode, costs their size in RAM), mmap (through the page cache), or auto (resident when they take at most half the available memory)"
+
 // engineFlags are the flags every in-process engine command shares.
 type engineFlags struct {
 	model    *string
 	threads  *int
 	quantize *string
-	resident *bool
+	weights  *string
 }
 
 func addEngineFlags(fs interface {
@@ -55,7 +57,7 @@ func addEngineFlags(fs interface {
 		model:    fs.String("model", "", "checkpoint directory in HF layout (required)"),
 		threads:  fs.Int("threads", 0, "compute threads (0: all cores)"),
 		quantize: fs.String("quantize", "", "convert weights at load: q8 (int8, per-32 block scales)"),
-		resident: fs.Bool("resident", false, "copy weights into huge-page-backed memory instead of reading them through the mmapped page cache"),
+		weights:  fs.String("weights", "auto", weightsUsage),
 	}
 }
 
@@ -72,17 +74,17 @@ func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
 	default:
 		return nil, nil, fmt.Errorf("--quantize %q: want q8 or nothing", *f.quantize)
 	}
+	residency, err := model.ParseResidency(*f.weights)
+	if err != nil {
+		return nil, nil, err
+	}
 	w, err := model.Load(*f.model, opts)
 	if err != nil {
 		return nil, nil, err
 	}
-	if *f.resident {
-		if err := w.MakeResident(*f.threads); err != nil {
-			w.Close()
-			return nil, nil, err
-		}
-	} else {
-		w.Warm(*f.threads)
+	if _, err := w.Place(residency, *f.threads, model.MemAvailable()); err != nil {
+		w.Close()
+		return nil, nil, err
 	}
 	return w, kernels.NewPool(*f.threads), nil
 }
