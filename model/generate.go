@@ -33,6 +33,11 @@ type GenerateResult struct {
 	FinishReason   string // "stop" or "length"
 	PrefillTime    time.Duration
 	DecodeTime     time.Duration
+	// DecodeWeightBytes is the weight bytes the decode steps streamed
+	// through the engine's pool (kernels.Pool.WeightBytes over them; remote
+	// experts are not counted): with DecodeTime, the rate to compare with
+	// the machine's read bandwidth.
+	DecodeWeightBytes uint64
 }
 
 // Generate prefills the prompt into a fresh cache sequence, then decodes
@@ -112,6 +117,7 @@ func (e *Engine) Generate(ctx context.Context, cache *LatentCache, req GenerateR
 	res.PrefillTime = time.Since(start)
 
 	start = time.Now()
+	streamed := e.Pool.WeightBytes()
 	res.FinishReason = "length"
 	row := []Row{{Seq: seq}}
 	out := [][]float32{logits}
@@ -134,5 +140,6 @@ func (e *Engine) Generate(ctx context.Context, cache *LatentCache, req GenerateR
 		}
 	}
 	res.DecodeTime = time.Since(start)
+	res.DecodeWeightBytes = e.Pool.WeightBytes() - streamed
 	return res, nil
 }

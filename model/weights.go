@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/expertmesh/expertmesh/internal/hugemem"
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model/safetensors"
 )
@@ -515,7 +516,7 @@ func (w *Weights) MakeResident(threads int) error {
 	if total == 0 {
 		return nil
 	}
-	buf, release, err := allocHuge(total)
+	buf, release, err := hugemem.Alloc(total)
 	if err != nil {
 		return fmt.Errorf("resident weights: %w", err)
 	}

@@ -9,6 +9,7 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
@@ -104,6 +105,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at EOS")
 	chunk := fs.Int("prefill-chunk", 512, "prompt tokens per prefill step")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the generation to this file")
+	roofline := fs.Bool("roofline", false, "also measure the read bandwidth (1 GiB probe, about a second just before and just after the generation) and report decode's fraction of the bandwidth roofline")
 	precision := fs.String("precision", "exact", "exact (float32 activations) or bf16 (BF16 activations in prefill products; the router stays float32)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -162,9 +164,25 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		defer pprof.StopCPUProfile()
 	}
+	var probe *readProbe
+	var bwBefore float64
+	if *roofline {
+		if probe, err = newReadProbe(pool); err != nil {
+			return err
+		}
+		defer probe.Close()
+		bwBefore = probe.measure(time.Second)
+	}
 	res, err := eng.Generate(ctx, cache, req)
 	if err != nil {
 		return err
+	}
+	if probe != nil {
+		out := stdout
+		if *asJSON {
+			out = stderr // stdout holds one JSON object
+		}
+		defer writeRoofline(out, res, bwBefore, probe.measure(time.Second))
 	}
 	if *asJSON {
 		return writeGenerateJSON(stdout, res)
