@@ -43,6 +43,12 @@ type Config struct {
 	Threads int
 	// MaxRows bounds the rows of one dispatch request (--max-rows).
 	MaxRows int
+	// Weights says where compute reads held experts from (--weights):
+	// resident (each held expert copied into huge-page memory when it is
+	// loaded, freed when dropped), mmap (the checkpoint's page cache), or
+	// auto (the zero value: resident when the experts a start or Load adds
+	// take at most half of the available memory).
+	Weights model.Residency
 	// Logger receives start/stop and recovered-panic logs; nil means
 	// slog.Default().
 	Logger *slog.Logger
@@ -79,6 +85,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := parseSpec(c.Experts); err != nil {
 		return fmt.Errorf("--experts: %w", err)
+	}
+	if _, err := model.ParseResidency(string(c.Weights)); err != nil {
+		return err
 	}
 	return nil
 }

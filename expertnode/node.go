@@ -50,6 +50,12 @@ type Node struct {
 		held [][]bool // [layer][expert]; nil rows for dense layers
 	}
 
+	// residentMu serialises changes to resident, the held experts copied
+	// into huge-page memory; the copies are swapped in and out under the
+	// compute lock.
+	residentMu sync.Mutex
+	resident   map[[2]int]*model.ResidentExpert
+
 	requests   atomic.Uint64
 	rowsServed []atomic.Uint64 // per layer
 
@@ -108,7 +114,8 @@ func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 	}
 	n.mu.held = held
 	n.rowsServed = make([]atomic.Uint64, n.mc.NumHiddenLayers)
-	n.prefetch(held)
+	n.resident = map[[2]int]*model.ResidentExpert{}
+	n.place(heldPairs(held))
 
 	n.pool = kernels.NewPool(cfg.Threads)
 	undo = append(undo, n.pool.Close)
@@ -175,7 +182,7 @@ func (n *Node) Close() error {
 		n.srv.Stop()
 		<-n.serveDone
 		n.pool.Close()
-		n.closeErr = n.w.Close()
+		n.closeErr = errors.Join(n.freeResident(), n.w.Close())
 		n.log.Info("expert node stopped", "node", n.id)
 	})
 	return n.closeErr
@@ -195,17 +202,122 @@ func (n *Node) expertTensorNames(layer, expert int) []string {
 	return names
 }
 
-// prefetch asks the kernel to read the held experts' pages in the
-// background, so the first dispatch does not pay page faults. Failures only
-// cost latency later, so they are logged, not returned.
-func (n *Node) prefetch(held [][]bool) {
-	var names []string
+func heldPairs(held [][]bool) [][2]int {
+	var pairs [][2]int
 	for l, row := range held {
 		for x, h := range row {
 			if h {
-				names = append(names, n.expertTensorNames(l, x)...)
+				pairs = append(pairs, [2]int{l, x})
 			}
 		}
+	}
+	return pairs
+}
+
+// place readies newly held experts for compute: copied into huge-page
+// memory (resident, or auto when they fit in half of the available
+// memory) or prefetched through the page cache. An expert dropped again
+// meanwhile is skipped. A failed copy falls back to the mapping: it costs
+// speed, not correctness, so it is logged.
+func (n *Node) place(pairs [][2]int) {
+	if len(pairs) == 0 {
+		return
+	}
+	mode := n.cfg.Weights
+	if mode == model.ResidencyAuto || mode == "" {
+		var bytes int64
+		for _, p := range pairs {
+			bytes += n.w.ExpertBytes(p[0], p[1])
+		}
+		mode = model.ResidencyMapped
+		if avail := model.MemAvailable(); avail > 0 && bytes <= avail/2 {
+			mode = model.ResidencyResident
+		}
+	}
+	if mode == model.ResidencyMapped {
+		n.prefetch(pairs)
+		return
+	}
+	n.residentMu.Lock()
+	defer n.residentMu.Unlock()
+	var copies []*model.ResidentExpert
+	var keys [][2]int
+	for _, p := range pairs {
+		if _, ok := n.resident[p]; ok || !n.holds(p) {
+			continue
+		}
+		r, err := n.w.CopyExpert(p[0], p[1])
+		if err != nil {
+			n.log.Warn("resident copy of expert failed; it stays mapped", "node", n.id, "layer", p[0], "expert", p[1], "err", err)
+			n.prefetch([][2]int{p})
+			continue
+		}
+		copies, keys = append(copies, r), append(keys, p)
+	}
+	n.compute.Lock()
+	for i, r := range copies {
+		r.Swap()
+		n.resident[keys[i]] = r
+	}
+	n.compute.Unlock()
+}
+
+// unplace frees the resident copies of experts no longer held.
+func (n *Node) unplace(pairs [][2]int) {
+	n.residentMu.Lock()
+	defer n.residentMu.Unlock()
+	var freed []*model.ResidentExpert
+	n.compute.Lock()
+	for _, p := range pairs {
+		if r, ok := n.resident[p]; ok && !n.holds(p) {
+			r.Swap()
+			delete(n.resident, p)
+			freed = append(freed, r)
+		}
+	}
+	n.compute.Unlock()
+	for _, r := range freed {
+		if err := r.Free(); err != nil {
+			n.log.Warn("freeing a resident expert failed", "node", n.id, "err", err)
+		}
+	}
+}
+
+// freeResident releases every resident copy at Close, after the pool
+// stopped (nothing computes any more).
+func (n *Node) freeResident() error {
+	n.residentMu.Lock()
+	defer n.residentMu.Unlock()
+	var errs []error
+	for p, r := range n.resident {
+		r.Swap()
+		errs = append(errs, r.Free())
+		delete(n.resident, p)
+	}
+	return errors.Join(errs...)
+}
+
+func (n *Node) holds(p [2]int) bool {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	return n.mu.held[p[0]][p[1]]
+}
+
+// ResidentExperts is the number of held experts computing from huge-page
+// copies rather than the mapped checkpoint.
+func (n *Node) ResidentExperts() int {
+	n.residentMu.Lock()
+	defer n.residentMu.Unlock()
+	return len(n.resident)
+}
+
+// prefetch asks the kernel to read the held experts' pages in the
+// background, so the first dispatch does not pay page faults. Failures only
+// cost latency later, so they are logged, not returned.
+func (n *Node) prefetch(pairs [][2]int) {
+	var names []string
+	for _, p := range pairs {
+		names = append(names, n.expertTensorNames(p[0], p[1])...)
 	}
 	if len(names) == 0 {
 		return

@@ -841,6 +841,8 @@ func TestConfigValidate(t *testing.T) {
 		{"threads", func(c *Config) { c.Threads = -2 }, "--threads"},
 		{"max rows", func(c *Config) { c.MaxRows = -1 }, "--max-rows"},
 		{"experts", func(c *Config) { c.Experts = "x" }, "--experts"},
+		{"weights", func(c *Config) { c.Weights = "huge" }, "--weights"},
+		{"weights resident", func(c *Config) { c.Weights = model.ResidencyResident }, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

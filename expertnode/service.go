@@ -319,7 +319,8 @@ func (n *Node) setHeld(rs []*meshpb.ExpertRange, hold bool) [][2]int {
 	return changed
 }
 
-// Load marks the experts held and prefetches their tensors. loaded counts
+// Load marks the experts held and readies their tensors (resident copies
+// or a prefetch, per Config.Weights). loaded counts
 // experts that were not held before, so a repeated Load reports 0.
 func (s *service) Load(ctx context.Context, req *meshpb.LoadRequest) (*meshpb.LoadResponse, error) {
 	n := s.n
@@ -327,27 +328,22 @@ func (s *service) Load(ctx context.Context, req *meshpb.LoadRequest) (*meshpb.Lo
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	changed := n.setHeld(req.Experts, true)
-	var names []string
-	for _, c := range changed {
-		names = append(names, n.expertTensorNames(c[0], c[1])...)
-	}
-	if len(names) > 0 {
-		if err := n.ck.Prefetch(names...); err != nil {
-			n.log.Warn("prefetch of expert weights failed", "node", n.id, "err", err)
-		}
-	}
+	n.place(changed)
 	return &meshpb.LoadResponse{Loaded: uint32(len(changed))}, nil
 }
 
 // Drop unmarks the experts; dispatches validated afterwards that name them
-// get FAILED_PRECONDITION. The pages stay mapped (the OS reclaims them
-// under pressure). dropped counts experts that were held.
+// get FAILED_PRECONDITION. Their resident copies are freed; mapped pages
+// stay mapped (the OS reclaims them under pressure). dropped counts
+// experts that were held.
 func (s *service) Drop(ctx context.Context, req *meshpb.DropRequest) (*meshpb.DropResponse, error) {
 	n := s.n
 	if err := n.checkRanges(req.Experts); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	return &meshpb.DropResponse{Dropped: uint32(len(n.setHeld(req.Experts, false)))}, nil
+	changed := n.setHeld(req.Experts, false)
+	n.unplace(changed)
+	return &meshpb.DropResponse{Dropped: uint32(len(changed))}, nil
 }
 
 // Status reports the held set, rows served per MoE layer and the number of

@@ -6,6 +6,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/expertmesh/expertmesh/internal/hugemem"
+	"github.com/expertmesh/expertmesh/kernels"
 )
 
 // Residency says where the engine reads its weights from during compute.
@@ -97,4 +100,75 @@ func parseMemAvailable(sc *bufio.Scanner) int64 {
 		return kb << 10
 	}
 	return 0
+}
+
+// ResidentExpert is a copy of one routed expert's matrices in huge-page
+// memory, for an expert node whose held set changes at run time. Swap
+// exchanges the copy with the bound (mapped) bytes: once to start
+// computing on the copy, once more to go back to the mapping before Free.
+// Swap must not run while anything computes on the expert.
+type ResidentExpert struct {
+	mats    [3]*kernels.Matrix
+	data    [3][]byte
+	release func() error
+}
+
+// CopyExpert copies routed expert e of layer l into huge-page memory. It
+// only reads the bound bytes, so compute may go on meanwhile.
+func (w *Weights) CopyExpert(l, e int) (*ResidentExpert, error) {
+	if l < 0 || l >= len(w.Layers) || w.Layers[l].MoE == nil || e < 0 || e >= len(w.Layers[l].MoE.Experts) || w.Layers[l].MoE.Experts[e] == nil {
+		return nil, fmt.Errorf("%w: layer %d expert %d is not bound", ErrWeights, l, e)
+	}
+	m := w.Layers[l].MoE.Experts[e]
+	r := &ResidentExpert{mats: [3]*kernels.Matrix{m.Gate, m.Up, m.Down}}
+	total := 0
+	for _, mat := range r.mats {
+		total += (len(mat.Data) + 63) &^ 63
+	}
+	buf, release, err := hugemem.Alloc(total)
+	if err != nil {
+		return nil, fmt.Errorf("resident expert %d of layer %d: %w", e, l, err)
+	}
+	r.release = release
+	off := 0
+	for i, mat := range r.mats {
+		n := len(mat.Data)
+		r.data[i] = buf[off : off+n : off+n]
+		copy(r.data[i], mat.Data)
+		off += (n + 63) &^ 63
+	}
+	return r, nil
+}
+
+// Swap exchanges the matrices' bytes with the copy's.
+func (r *ResidentExpert) Swap() {
+	for i, mat := range r.mats {
+		mat.Data, r.data[i] = r.data[i], mat.Data
+	}
+}
+
+// Bytes is the size of the expert's matrices.
+func (r *ResidentExpert) Bytes() int64 {
+	var n int64
+	for _, d := range r.data {
+		n += int64(len(d))
+	}
+	return n
+}
+
+// Free releases the copy; call it only when the matrices no longer point
+// at it (after the second Swap).
+func (r *ResidentExpert) Free() error { return r.release() }
+
+// ExpertBytes is the size of routed expert e of layer l's matrices, or 0
+// when it is not bound.
+func (w *Weights) ExpertBytes(l, e int) int64 {
+	if l < 0 || l >= len(w.Layers) || w.Layers[l].MoE == nil || e < 0 || e >= len(w.Layers[l].MoE.Experts) {
+		return 0
+	}
+	m := w.Layers[l].MoE.Experts[e]
+	if m == nil {
+		return 0
+	}
+	return int64(len(m.Gate.Data) + len(m.Up.Data) + len(m.Down.Data))
 }

@@ -2,6 +2,7 @@ package model
 
 import (
 	"bufio"
+	"errors"
 	"strings"
 	"testing"
 )
@@ -82,5 +83,32 @@ func TestPlaceAuto(t *testing.T) {
 				t.Fatalf("chose %q but lm_head copied = %v", got, copied)
 			}
 		})
+	}
+}
+
+func TestCopyExpertUnbound(t *testing.T) {
+	dir := tinyCheckpoint(t, "tiny-v2")
+	w, err := Load(dir, LoadOptions{Expert: func(l, e int) bool { return e == 0 }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	for _, tc := range []struct{ layer, expert int }{{1, 1}, {0, 0}, {-1, 0}, {99, 0}, {1, -1}, {1, 1 << 20}} {
+		if _, err := w.CopyExpert(tc.layer, tc.expert); !errors.Is(err, ErrWeights) {
+			t.Errorf("CopyExpert(%d, %d) = %v, want ErrWeights", tc.layer, tc.expert, err)
+		}
+		if n := w.ExpertBytes(tc.layer, tc.expert); n != 0 {
+			t.Errorf("ExpertBytes(%d, %d) = %d, want 0", tc.layer, tc.expert, n)
+		}
+	}
+	r, err := w.CopyExpert(1, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Bytes() != w.ExpertBytes(1, 0) || r.Bytes() == 0 {
+		t.Fatalf("copy of %d bytes, expert has %d", r.Bytes(), w.ExpertBytes(1, 0))
+	}
+	if err := r.Free(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/expertmesh/expertmesh/expertnode"
+	"github.com/expertmesh/expertmesh/model"
 	"github.com/expertmesh/expertmesh/internal/ops"
 )
 
@@ -25,10 +26,12 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	threads := fs.Int("threads", def.Threads, "compute threads (0: all cores)")
 	maxRows := fs.Int("max-rows", def.MaxRows, "most rows one dispatch may carry")
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
+	weights := fs.String("weights", "auto", "where compute reads held experts: resident (copied into huge-page memory on load, freed on drop), mmap (through the page cache), or auto (resident when they take at most half the available memory)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	cfg := def
+	cfg.Weights = model.Residency(*weights)
 	cfg.ModelDir, cfg.ListenAddr, cfg.Experts = *modelDir, *listen, *experts
 	cfg.NodeID, cfg.Threads, cfg.MaxRows = *nodeID, *threads, *maxRows
 	cfg.Logger = slog.New(slog.NewTextHandler(stderr, nil))
