@@ -9,8 +9,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/expertmesh/expertmesh/expertnode"
-	"github.com/expertmesh/expertmesh/model"
 	"github.com/expertmesh/expertmesh/internal/ops"
+	"github.com/expertmesh/expertmesh/model"
 )
 
 // runExpert runs one expert node until ctx is cancelled (Ctrl-C, SIGTERM).
