@@ -53,10 +53,16 @@ func BenchmarkMLADecode(b *testing.B) {
 		}
 		qLat, qPE, out := make([]float32, H*R), make([]float32, H*P), make([]float32, H*R)
 		scratch := make([]float32, MLAScratchSize(H, tokens))
-		for _, th := range []int{1, 2} {
-			b.Run(fmt.Sprintf("H%d/R%d/P%d/tokens%d/t%d", H, R, P, tokens, th), func(b *testing.B) {
+		for _, c := range []struct {
+			th  int
+			out string
+		}{{1, "registers"}, {1, "axpy"}, {2, "registers"}, {2, "axpy"}} {
+			th := c.th
+			b.Run(fmt.Sprintf("H%d/R%d/P%d/tokens%d/t%d/out=%s", H, R, P, tokens, th, c.out), func(b *testing.B) {
 				p := NewPool(th)
 				defer p.Close()
+				mlaOutInRegisters = c.out == "registers"
+				defer func() { mlaOutInRegisters = true }()
 				b.SetBytes(int64(tokens * (R + P) * 4))
 				for b.Loop() {
 					p.MLADecode(out, qLat, qPE, blocks, bs, tokens, H, R, P, 0.1, scratch)

@@ -10,7 +10,8 @@ type mlaArgs struct {
 	r, pe          int
 	scale          float32
 	scratch        []float32
-	qc             []float32 // [heads][R+P] concatenated queries (pool-owned)
+	qc             []float32  // [heads][R+P] concatenated queries (pool-owned)
+	rows           []*float32 // rows[t]: token t's cache row (pool-owned)
 }
 
 // MLAScratchSize is the number of floats of scratch MLADecode needs: one
@@ -61,13 +62,25 @@ func (p *Pool) MLADecode(out, qLat, qPE []float32, blocks [][]float32, blockSize
 	if cap(p.mlaQ) < heads*(R+P) {
 		p.mlaQ = make([]float32, heads*(R+P))
 	}
+	if cap(p.mlaRows) < nTokens {
+		p.mlaRows = make([]*float32, nTokens, 2*nTokens)
+	}
+	rows := p.mlaRows[:nTokens]
+	for t := range rows {
+		rows[t] = &blocks[t/blockSize][(t%blockSize)*(R+P)]
+	}
 	p.job = job{kind: jobMLA, n: heads, grain: 8, mla: mlaArgs{
 		out: out, qLat: qLat, qPE: qPE, blocks: blocks, blockSize: blockSize,
 		nTokens: nTokens, r: R, pe: P, scale: scale, scratch: scratch,
-		qc: p.mlaQ[:heads*(R+P)],
+		qc: p.mlaQ[:heads*(R+P)], rows: rows,
 	}}
 	p.run()
 }
+
+// mlaOutInRegisters selects, on AVX-512, the value kernel that keeps the
+// outputs in registers (mlaOut8AVX512) where R is a multiple of 32; false
+// keeps the axpy form. Tests and benchmarks compare both.
+var mlaOutInRegisters = true
 
 func mlaHeads(a *mlaArgs, h0, h1 int) { impl.mla(a, h0, h1) }
 

@@ -43,16 +43,19 @@ func TestMLADecode(t *testing.T) {
 	rng := rand.New(rand.NewPCG(13, 14))
 	pools := []*Pool{NewPool(1), NewPool(2), NewPool(3)}
 	defer func() {
+		mlaOutInRegisters = true
 		for _, p := range pools {
 			p.Close()
 		}
 	}()
 	cases := []struct{ H, R, P, bs, nt int }{
 		{1, 16, 0, 4, 1},
-		{3, 20, 6, 5, 11},    // odd dims: plain path
-		{8, 32, 16, 16, 37},  // partial last block
-		{16, 64, 16, 8, 64},  // exact blocks
-		{17, 48, 32, 64, 70}, // a head beyond the groups of 8
+		{3, 20, 6, 5, 11},      // odd dims: plain path
+		{8, 32, 16, 16, 37},    // partial last block
+		{16, 64, 16, 8, 64},    // exact blocks
+		{17, 48, 32, 64, 70},   // a head beyond the groups of 8
+		{16, 96, 16, 16, 300},  // several token tiles of the value kernel
+		{16, 512, 64, 16, 129}, // DeepSeek's latent, one token past a tile
 	}
 	for _, c := range cases {
 		stride := c.R + c.P
@@ -64,8 +67,10 @@ func TestMLADecode(t *testing.T) {
 		scale := float32(1 / math.Sqrt(float64(c.R+c.P)))
 		want := refMLA(qLat, qPE, blocks, c.bs, c.nt, c.H, c.R, c.P, scale)
 		for _, isa := range isas() {
-			for _, p := range pools {
-				name := fmt.Sprintf("%+v/%s/t%d", c, isa, p.Threads())
+			for i, p := range pools {
+				// Alternate the two value kernels across the pools.
+				mlaOutInRegisters = i%2 == 0
+				name := fmt.Sprintf("%+v/%s/t%d/out-in-registers=%v", c, isa, p.Threads(), mlaOutInRegisters)
 				withISA(t, isa, func() {
 					out, check := guarded(c.H * c.R)
 					scratch := make([]float32, MLAScratchSize(c.H, c.nt))

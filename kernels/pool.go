@@ -34,6 +34,7 @@ type Pool struct {
 	xr      []float32   // MatMulBF16Act: x rounded to bf16 as float32
 	xe      []float32   // dot-form MatMul: x rows in even/odd order
 	mlaQ    []float32   // MLADecode: concatenated queries, written per thread for its heads
+	mlaRows []*float32  // MLADecode: each token's cache row
 	exited  chan struct{}
 	// streamed counts the weight bytes the products have read (see
 	// WeightBytes). Calls into a Pool are serialised by its callers, as
