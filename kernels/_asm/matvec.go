@@ -159,8 +159,20 @@ func reduce1(g *gen, s isa) {
 // func mvQ8R<ISA>(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
 // Four blocks per iteration on four chains measured 6% faster than two;
 // software prefetch did not help.
+//
+// AVX-512 does eight blocks per iteration and issues them grouped by
+// operation: all sixteen widenings, then the conversions, the products and
+// the scale FMAs. The kernel is bound by the FP pipes (on Zen4 the widening,
+// the conversion and the FMAs each have two of the four 256-bit pipes and
+// share one); issuing block by block left them unevenly used. Grouped
+// measured 4.0 against 4.4 cycles per block from L1 and 8% faster from L2,
+// 3-7% faster from memory at one thread; the same order in ymm was 15%
+// slower (more loads and instructions).
 func genMVQ8Rows(g *gen, s isa) {
-	const U = 4
+	U := 4
+	if s.r == "Z" {
+		U = 8
+	}
 	g.text(fmt.Sprintf("mvQ8R%s", s.name), 64)
 	g.p("MOVQ y+0(FP), DI")
 	g.p("MOVQ w+8(FP), R8")
@@ -195,11 +207,37 @@ func genMVQ8Rows(g *gen, s isa) {
 			g.p("VFMADD231PS Y14, %s, %s", s.v(t), s.v(b))
 		}
 	}
+	// grouped: blocks [0,u) in Z8-Z23 (widened) and Z24-Z31 (sums).
+	grouped := func(u int) {
+		q := func(b, k int) string { return fmt.Sprintf("Z%d", 8+(2*b+k)%16) }
+		t := func(b int) string { return fmt.Sprintf("Z%d", 24+b%8) }
+		for b := 0; b < u; b++ {
+			for k := 0; k < 2; k++ {
+				g.p("VPMOVSXBD %d(AX), %s", 32*b+16*k, q(b, k))
+			}
+		}
+		for b := 0; b < u; b++ {
+			for k := 0; k < 2; k++ {
+				g.p("VCVTDQ2PS %s, %s", q(b, k), q(b, k))
+			}
+		}
+		for b := 0; b < u; b++ {
+			g.p("VMULPS %d(R9), %s, %s", 128*b, q(b, 0), t(b))
+			g.p("VFMADD231PS %d(R9), %s, %s", 128*b+64, q(b, 1), t(b))
+		}
+		for b := 0; b < u; b++ {
+			g.p("VFMADD231PS.BCST %d(R12), %s, Z%d", 4*b, t(b), b%4)
+		}
+	}
 	g.p("CMPQ CX, $%d", 32*U)
 	g.p("JL tail")
 	g.label("loop")
-	for b := 0; b < U; b++ {
-		block(b)
+	if s.r == "Z" {
+		grouped(U)
+	} else {
+		for b := 0; b < U; b++ {
+			block(b)
+		}
 	}
 	g.p("ADDQ $%d, AX", 32*U)
 	g.p("ADDQ $%d, R9", 128*U)
