@@ -53,16 +53,18 @@ func BenchmarkMLADecode(b *testing.B) {
 		}
 		qLat, qPE, out := make([]float32, H*R), make([]float32, H*P), make([]float32, H*R)
 		scratch := make([]float32, MLAScratchSize(H, tokens))
+		// kernels=new: scores two tokens per pass and the value outputs in
+		// registers; old: one token per pass and the axpy form.
 		for _, c := range []struct {
-			th  int
-			out string
-		}{{1, "registers"}, {1, "axpy"}, {2, "registers"}, {2, "axpy"}} {
+			th      int
+			kernels string
+		}{{1, "new"}, {1, "old"}, {2, "new"}, {2, "old"}} {
 			th := c.th
-			b.Run(fmt.Sprintf("H%d/R%d/P%d/tokens%d/t%d/out=%s", H, R, P, tokens, th, c.out), func(b *testing.B) {
+			b.Run(fmt.Sprintf("H%d/R%d/P%d/tokens%d/t%d/kernels=%s", H, R, P, tokens, th, c.kernels), func(b *testing.B) {
 				p := NewPool(th)
 				defer p.Close()
-				mlaOutInRegisters = c.out == "registers"
-				defer func() { mlaOutInRegisters = true }()
+				mlaOutInRegisters, mlaScoresInPairs = c.kernels == "new", c.kernels == "new"
+				defer func() { mlaOutInRegisters, mlaScoresInPairs = true, true }()
 				b.SetBytes(int64(tokens * (R + P) * 4))
 				for b.Loop() {
 					p.MLADecode(out, qLat, qPE, blocks, bs, tokens, H, R, P, 0.1, scratch)

@@ -82,6 +82,10 @@ func (p *Pool) MLADecode(out, qLat, qPE []float32, blocks [][]float32, blockSize
 // keeps the axpy form. Tests and benchmarks compare both.
 var mlaOutInRegisters = true
 
+// mlaScoresInPairs selects, on AVX-512, the score kernel that takes two
+// tokens per pass (dot8x2AVX512); false scores one token at a time.
+var mlaScoresInPairs = true
+
 func mlaHeads(a *mlaArgs, h0, h1 int) { impl.mla(a, h0, h1) }
 
 // mlaHeadsGeneric processes heads [h0,h1) one at a time: scores for every

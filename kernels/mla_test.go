@@ -43,7 +43,7 @@ func TestMLADecode(t *testing.T) {
 	rng := rand.New(rand.NewPCG(13, 14))
 	pools := []*Pool{NewPool(1), NewPool(2), NewPool(3)}
 	defer func() {
-		mlaOutInRegisters = true
+		mlaOutInRegisters, mlaScoresInPairs = true, true
 		for _, p := range pools {
 			p.Close()
 		}
@@ -69,8 +69,8 @@ func TestMLADecode(t *testing.T) {
 		for _, isa := range isas() {
 			for i, p := range pools {
 				// Alternate the two value kernels across the pools.
-				mlaOutInRegisters = i%2 == 0
-				name := fmt.Sprintf("%+v/%s/t%d/out-in-registers=%v", c, isa, p.Threads(), mlaOutInRegisters)
+				mlaOutInRegisters, mlaScoresInPairs = i%2 == 0, i%2 == 0
+				name := fmt.Sprintf("%+v/%s/t%d/new-kernels=%v", c, isa, p.Threads(), mlaOutInRegisters)
 				withISA(t, isa, func() {
 					out, check := guarded(c.H * c.R)
 					scratch := make([]float32, MLAScratchSize(c.H, c.nt))

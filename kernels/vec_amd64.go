@@ -60,6 +60,9 @@ func axpy8x2AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c
 func axpy8AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, c *float32, n int)
 
 //go:noescape
+func dot8x2AVX512(out *float32, q *float32, qstride uintptr, c0, c1 *float32, n int, pf0, pf1 *float32)
+
+//go:noescape
 func mlaOut8AVX512(out *float32, ostride uintptr, p *float32, pstride uintptr, rows **float32, nt int, r int)
 
 func dotV512(a, b []float32) float32 {
@@ -220,9 +223,18 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 			copy(qc[k*stride:], a.qLat[(h+k)*R:(h+k+1)*R])
 			copy(qc[k*stride+R:], a.qPE[(h+k)*P:(h+k+1)*P])
 		}
-		var sc [8]float32
+		var sc [16]float32
 		s := a.scratch[h*nt : (h+8)*nt]
-		for t := 0; t < nt; t++ {
+		t := 0
+		for ; mlaScoresInPairs && t+2 <= nt; t += 2 {
+			dot8x2AVX512(&sc[0], &qc[0], uintptr(4*stride), &row(t)[0], &row(t + 1)[0], stride,
+				&row(min(t+mlaPrefetch, nt-1))[0], &row(min(t+mlaPrefetch+1, nt-1))[0])
+			for k := 0; k < 8; k++ {
+				s[k*nt+t] = a.scale * sc[k]
+				s[k*nt+t+1] = a.scale * sc[8+k]
+			}
+		}
+		for ; t < nt; t++ {
 			dot8AVX512(&sc[0], &qc[0], uintptr(4*stride), &row(t)[0], stride, &row(min(t+mlaPrefetch, nt-1))[0])
 			for k := 0; k < 8; k++ {
 				s[k*nt+t] = a.scale * sc[k]
@@ -241,7 +253,7 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 			}
 			continue
 		}
-		t := 0
+		t = 0
 		for ; t+2 <= nt; t += 2 {
 			axpy8x2AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], &row(t + 1)[0], R,
 				&row(min(t+mlaPrefetch, nt-1))[0], &row(min(t+mlaPrefetch+1, nt-1))[0])

@@ -230,6 +230,7 @@ func genVec(g *gen) {
 	genMLA(g)
 	genAxpy8x2(g)
 	genMLAOut8(g)
+	genDot8x2(g)
 	genPermuteEO(g)
 }
 
@@ -496,6 +497,68 @@ func genMLAOut8(g *gen) {
 	g.p("ADDQ $128, BX")
 	g.p("SUBQ $32, DX")
 	g.p("JNZ chunk")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genDot8x2 is dot8AVX512 for two tokens at once: each query vector
+// loaded serves two FMAs, so the loop does 10 loads per 16 FMAs instead
+// of 9 per 8 (the one-token form is bound by its loads).
+//
+// func dot8x2AVX512(out *float32, q *float32, qstride uintptr, c0, c1 *float32, n int, pf0, pf1 *float32)
+// out[h] = q[h]·c0 and out[8+h] = q[h]·c1 for h < 8; the n floats at pf0
+// and pf1 (the next rows) are prefetched meanwhile.
+func genDot8x2(g *gen) {
+	g.text("dot8x2AVX512", 64)
+	g.p("MOVQ out+0(FP), DX")
+	g.p("MOVQ q+8(FP), SI")
+	g.p("MOVQ qstride+16(FP), R9")
+	g.p("LEAQ (R9)(R9*2), R10")
+	g.p("LEAQ (SI)(R9*4), DI")
+	g.p("MOVQ c0+24(FP), BX")
+	g.p("MOVQ c1+32(FP), R8")
+	g.p("MOVQ n+40(FP), CX")
+	g.p("MOVQ pf0+48(FP), R11")
+	g.p("MOVQ pf1+56(FP), R12")
+	for i := 0; i < 16; i++ {
+		g.p("VXORPS Z%d, Z%d, Z%d", i, i, i)
+	}
+	g.label("loop")
+	g.p("PREFETCHT0 (R11)")
+	g.p("PREFETCHT0 (R12)")
+	g.p("ADDQ $64, R11")
+	g.p("ADDQ $64, R12")
+	g.p("VMOVUPS (BX), Z16")
+	g.p("VMOVUPS (R8), Z17")
+	for h := 0; h < 8; h++ {
+		a, _ := x16Addr(h, 0)
+		g.p("VMOVUPS %s, Z%d", a, 18+h%2)
+		g.p("VFMADD231PS Z%d, Z16, Z%d", 18+h%2, h)
+		g.p("VFMADD231PS Z%d, Z17, Z%d", 18+h%2, 8+h)
+	}
+	g.p("ADDQ $64, BX")
+	g.p("ADDQ $64, R8")
+	g.p("ADDQ $64, SI")
+	g.p("ADDQ $64, DI")
+	g.p("SUBQ $16, CX")
+	g.p("JNZ loop")
+	for j := 0; j < 16; j++ {
+		g.p("VEXTRACTF64X4 $1, Z%d, Y20", j)
+		g.p("VADDPS Y20, Y%d, Y%d", j, j)
+		g.p("VEXTRACTF32X4 $1, Y%d, X20", j)
+		g.p("VADDPS X20, X%d, X%d", j, j)
+	}
+	for half := 0; half < 2; half++ {
+		b := 8 * half
+		g.p("VHADDPS X%d, X%d, X%d", b+1, b, b)
+		g.p("VHADDPS X%d, X%d, X%d", b+3, b+2, b+2)
+		g.p("VHADDPS X%d, X%d, X%d", b+2, b, b)
+		g.p("VHADDPS X%d, X%d, X%d", b+5, b+4, b+4)
+		g.p("VHADDPS X%d, X%d, X%d", b+7, b+6, b+6)
+		g.p("VHADDPS X%d, X%d, X%d", b+6, b+4, b+4)
+		g.p("VMOVUPS X%d, %d(DX)", b, 32*half)
+		g.p("VMOVUPS X%d, %d(DX)", b+4, 32*half+16)
+	}
 	g.p("VZEROUPPER")
 	g.p("RET")
 }
