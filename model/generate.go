@@ -22,6 +22,9 @@ type GenerateRequest struct {
 	StopIDs []int
 	// PrefillChunk bounds the rows of one prefill step (0: whole prompt).
 	PrefillChunk int
+	// AfterDecodeStep, if set, runs after each decode step's forward pass
+	// (a measurement hook); its own time is left out of DecodeTime.
+	AfterDecodeStep func()
 }
 
 // GenerateResult is what a generation produced.
@@ -118,6 +121,7 @@ func (e *Engine) Generate(ctx context.Context, cache *LatentCache, req GenerateR
 
 	start = time.Now()
 	streamed := e.Pool.WeightBytes()
+	var hooks time.Duration
 	res.FinishReason = "length"
 	row := []Row{{Seq: seq}}
 	out := [][]float32{logits}
@@ -138,8 +142,13 @@ func (e *Engine) Generate(ctx context.Context, cache *LatentCache, req GenerateR
 		if err := e.Forward(ctx, row, out); err != nil {
 			return nil, err
 		}
+		if req.AfterDecodeStep != nil {
+			t := time.Now()
+			req.AfterDecodeStep()
+			hooks += time.Since(t)
+		}
 	}
-	res.DecodeTime = time.Since(start)
+	res.DecodeTime = time.Since(start) - hooks
 	res.DecodeWeightBytes = e.Pool.WeightBytes() - streamed
 	return res, nil
 }

@@ -9,7 +9,6 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
@@ -105,7 +104,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at EOS")
 	chunk := fs.Int("prefill-chunk", 512, "prompt tokens per prefill step")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the generation to this file")
-	roofline := fs.Bool("roofline", false, "also measure the read bandwidth (1 GiB probe, about a second just before and just after the generation) and report decode's fraction of the bandwidth roofline")
+	roofline := fs.Bool("roofline", false, "also run a 256 MiB read probe after each decode step and report each step's weight streaming rate as a fraction of it (the bandwidth roofline); decode tokens/s then leaves the probes out")
 	precision := fs.String("precision", "exact", "exact (float32 activations) or bf16 (BF16 activations in prefill products; the router stays float32)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -164,25 +163,22 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		defer pprof.StopCPUProfile()
 	}
-	var probe *readProbe
-	var bwBefore float64
 	if *roofline {
-		if probe, err = newReadProbe(pool); err != nil {
+		meter, err := newRooflineMeter(pool)
+		if err != nil {
 			return err
 		}
-		defer probe.Close()
-		bwBefore = probe.measure(time.Second)
-	}
-	res, err := eng.Generate(ctx, cache, req)
-	if err != nil {
-		return err
-	}
-	if probe != nil {
+		defer meter.Close()
+		req.AfterDecodeStep = meter.afterStep
 		out := stdout
 		if *asJSON {
 			out = stderr // stdout holds one JSON object
 		}
-		defer writeRoofline(out, res, bwBefore, probe.measure(time.Second))
+		defer meter.write(out)
+	}
+	res, err := eng.Generate(ctx, cache, req)
+	if err != nil {
+		return err
 	}
 	if *asJSON {
 		return writeGenerateJSON(stdout, res)
