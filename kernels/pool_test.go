@@ -148,7 +148,7 @@ func TestMatVecManyEqualsMatVec(t *testing.T) {
 		var ws []*Matrix
 		var xs, ys, want [][]float32
 		for i, shape := range [][2]int{{512, 128}, {128, 512}, {33, 70}, {512, 128}, {7, 9}} {
-			w := benchMatrix(BF16, shape[0], shape[1], uint64(i+1))
+			w := benchMatrix(nil, BF16, shape[0], shape[1], uint64(i+1))
 			x := make([]float32, shape[1])
 			for j := range x {
 				x[j] = float32(j%11) - 5

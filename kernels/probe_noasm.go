@@ -2,7 +2,7 @@
 
 package kernels
 
-func probeRead(buf []byte) float32 { return probeReadGeneric(buf) }
+func probeRead(buf []byte, twoStreams bool) float32 { return probeReadGeneric(buf) }
 
 func probeFMA(iters int) float64 { return 0 }
 

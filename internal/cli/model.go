@@ -104,7 +104,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at EOS")
 	chunk := fs.Int("prefill-chunk", 512, "prompt tokens per prefill step")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the generation to this file")
-	roofline := fs.Bool("roofline", false, "also run a 256 MiB read probe after each decode step and report each step's weight streaming rate as a fraction of it (the bandwidth roofline); decode tokens/s then leaves the probes out")
+	roofline := fs.Bool("roofline", false, "also run a 128 MiB read probe after each decode step and report each step's weight streaming rate as a fraction of it (the bandwidth roofline); decode tokens/s then leaves the probes out")
 	precision := fs.String("precision", "exact", "exact (float32 activations) or bf16 (BF16 activations in prefill products; the router stays float32)")
 	if err := parse(fs, args); err != nil {
 		return err

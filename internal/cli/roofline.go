@@ -37,7 +37,7 @@ type stepSample struct {
 
 const (
 	probeBufBytes  = 1 << 30
-	probeStepBytes = 256 << 20 // read per step, rotating through the buffer
+	probeStepBytes = 128 << 20 // read per step and pattern, rotating through the buffer
 )
 
 func newRooflineMeter(pool *kernels.Pool) (*rooflineMeter, error) {
@@ -90,7 +90,7 @@ func (m *rooflineMeter) write(w io.Writer) {
 	}
 	slices.Sort(fracs)
 	q := func(p float64) float64 { return 100 * fracs[int(p*float64(len(fracs)-1)+0.5)] }
-	fmt.Fprintf(w, "roofline: %d decode steps streamed %.3f GB of weights each; against a %d MiB read probe run after each step: median %.1f%% of the bandwidth roofline (quartiles %.1f-%.1f%%); all steps %.1f GB/s, roofline %.1f tok/s\n",
+	fmt.Fprintf(w, "roofline: %d decode steps streamed %.3f GB of weights each; against a %d MiB read probe run after each step (best of one and two streams per thread): median %.1f%% of the bandwidth roofline (quartiles %.1f-%.1f%%); all steps %.1f GB/s, roofline %.1f tok/s\n",
 		len(m.steps), float64(bytes)/float64(len(m.steps))/1e9, probeStepBytes>>20, q(0.5), q(0.25), q(0.75),
 		float64(bytes)/secs/1e9, float64(len(m.steps))/probeSecs)
 }

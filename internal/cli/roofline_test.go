@@ -25,7 +25,7 @@ func TestRooflineReport(t *testing.T) {
 				{bytes: 1e9, time: 50 * time.Millisecond, probeBps: 40e9},
 				{bytes: 1e9, time: 50 * time.Millisecond, probeBps: 20e9},
 			},
-			want: "roofline: 4 decode steps streamed 1.000 GB of weights each; against a 256 MiB read probe run after each step: median 100.0% of the bandwidth roofline (quartiles 80.0-100.0%); all steps 20.0 GB/s, roofline 24.2 tok/s\n",
+			want: "roofline: 4 decode steps streamed 1.000 GB of weights each; against a 128 MiB read probe run after each step (best of one and two streams per thread): median 100.0% of the bandwidth roofline (quartiles 80.0-100.0%); all steps 20.0 GB/s, roofline 24.2 tok/s\n",
 		},
 		{name: "none", want: "roofline: too few decode steps to measure (need 3 tokens)\n"},
 	} {
