@@ -268,20 +268,7 @@ func genMLA(g *gen) {
 	g.p("ADDQ $64, DI")
 	g.p("SUBQ $16, CX")
 	g.p("JNZ loop")
-	for j := 0; j < 8; j++ {
-		g.p("VEXTRACTF64X4 $1, Z%d, Y10", j)
-		g.p("VADDPS Y10, Y%d, Y%d", j, j)
-		g.p("VEXTRACTF128 $1, Y%d, X10", j)
-		g.p("VADDPS X10, X%d, X%d", j, j)
-	}
-	g.p("VHADDPS X1, X0, X0")
-	g.p("VHADDPS X3, X2, X2")
-	g.p("VHADDPS X2, X0, X0")
-	g.p("VHADDPS X5, X4, X4")
-	g.p("VHADDPS X7, X6, X6")
-	g.p("VHADDPS X6, X4, X4")
-	g.p("VMOVUPS X0, (DX)")
-	g.p("VMOVUPS X4, 16(DX)")
+	reduce8(g, 0, 10, 0)
 	g.p("VZEROUPPER")
 	g.p("RET")
 
@@ -427,6 +414,27 @@ func genAxpy8x2(g *gen) {
 	g.p("RET")
 }
 
+// reduce8 sums each of the accumulators Z(base)..Z(base+7) (base+7 < 16,
+// for the VEX horizontal adds) to a scalar and stores the 8 sums at
+// off(DX); tmp is a free register.
+func reduce8(g *gen, base, tmp, off int) {
+	for j := base; j < base+8; j++ {
+		g.p("VEXTRACTF64X4 $1, Z%d, Y%d", j, tmp)
+		g.p("VADDPS Y%d, Y%d, Y%d", tmp, j, j)
+		g.p("VEXTRACTF32X4 $1, Y%d, X%d", j, tmp)
+		g.p("VADDPS X%d, X%d, X%d", tmp, j, j)
+	}
+	b := base
+	g.p("VHADDPS X%d, X%d, X%d", b+1, b, b)
+	g.p("VHADDPS X%d, X%d, X%d", b+3, b+2, b+2)
+	g.p("VHADDPS X%d, X%d, X%d", b+2, b, b)
+	g.p("VHADDPS X%d, X%d, X%d", b+5, b+4, b+4)
+	g.p("VHADDPS X%d, X%d, X%d", b+7, b+6, b+6)
+	g.p("VHADDPS X%d, X%d, X%d", b+6, b+4, b+4)
+	g.p("VMOVUPS X%d, %d(DX)", b, off)
+	g.p("VMOVUPS X%d, %d(DX)", b+4, off+16)
+}
+
 // genMLAOut8 emits the value half of absorbed MLA decode with the outputs
 // held in registers: for each 32-column chunk, 8 heads × 2 vectors of
 // accumulators stay in Z0-Z15 while every token's probabilities are
@@ -542,23 +550,8 @@ func genDot8x2(g *gen) {
 	g.p("ADDQ $64, DI")
 	g.p("SUBQ $16, CX")
 	g.p("JNZ loop")
-	for j := 0; j < 16; j++ {
-		g.p("VEXTRACTF64X4 $1, Z%d, Y20", j)
-		g.p("VADDPS Y20, Y%d, Y%d", j, j)
-		g.p("VEXTRACTF32X4 $1, Y%d, X20", j)
-		g.p("VADDPS X20, X%d, X%d", j, j)
-	}
-	for half := 0; half < 2; half++ {
-		b := 8 * half
-		g.p("VHADDPS X%d, X%d, X%d", b+1, b, b)
-		g.p("VHADDPS X%d, X%d, X%d", b+3, b+2, b+2)
-		g.p("VHADDPS X%d, X%d, X%d", b+2, b, b)
-		g.p("VHADDPS X%d, X%d, X%d", b+5, b+4, b+4)
-		g.p("VHADDPS X%d, X%d, X%d", b+7, b+6, b+6)
-		g.p("VHADDPS X%d, X%d, X%d", b+6, b+4, b+4)
-		g.p("VMOVUPS X%d, %d(DX)", b, 32*half)
-		g.p("VMOVUPS X%d, %d(DX)", b+4, 32*half+16)
-	}
+	reduce8(g, 0, 20, 0)
+	reduce8(g, 8, 20, 32)
 	g.p("VZEROUPPER")
 	g.p("RET")
 }
