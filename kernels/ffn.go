@@ -30,7 +30,7 @@ func (p *Pool) ExpertFFN(out, x []float32, n int, gate, up, down *Matrix, scratc
 	if n == 0 {
 		return
 	}
-	p.streamed += uint64(len(gate.Data) + len(up.Data) + len(down.Data))
+	p.streamed += uint64(gate.Bytes() + up.Bytes() + down.Bytes())
 	g, u := scratch[:n*inter], scratch[n*inter:2*n*inter]
 	xe := p.prepare(gate, x, n)
 	p.job = job{kind: jobFFNGateUp, n: inter, grain: rowGrain, chunk: p.rowChunk(gate), w: gate, w2: up, x: x, xe: xe, rows: n, y: g, y2: u}

@@ -323,11 +323,11 @@ func (p *Pool) ParallelFor(n int, fn func(lo, hi int)) {
 	p.run()
 }
 
-// WeightBytes is the total size of the weight matrices the pool's products
-// (MatVec, MatVecMany, MatMul, MatMulBF16Act, ExpertFFN) have read since it
-// started, each call counting its matrices once: the bytes a decode step
-// streams from memory, which its speed is bound by. Scales and the
-// attention cache are not counted.
+// WeightBytes is the total size (Matrix.Bytes: data and block scales) of
+// the weight matrices the pool's products (MatVec, MatVecMany, MatMul,
+// MatMulBF16Act, ExpertFFN) have read since it started, each call counting
+// its matrices once: the bytes a decode step streams from memory, which
+// its speed is bound by. The attention cache is not counted.
 func (p *Pool) WeightBytes() uint64 { return p.streamed }
 
 // rowGrain keeps thread boundaries on multiples of the kernels' row tile.
@@ -348,7 +348,7 @@ func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 		return
 	}
 	for _, w := range ws {
-		p.streamed += uint64(len(w.Data))
+		p.streamed += uint64(w.Bytes())
 	}
 	p.job = job{kind: jobMatVecMany, n: len(ws), grain: 1, chunk: 1, ws: ws, ys: ys, xs: xs}
 	p.run()
@@ -359,7 +359,7 @@ func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 // len(y) Rows; a mismatch is a programming error and panics.
 func (p *Pool) MatVec(y []float32, w *Matrix, x []float32) {
 	checkMat("MatVec", y, w, x, 1)
-	p.streamed += uint64(len(w.Data))
+	p.streamed += uint64(w.Bytes())
 	p.job = job{kind: jobMatVec, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x}
 	p.run()
 }
@@ -372,7 +372,7 @@ func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
 	if n == 0 {
 		return
 	}
-	p.streamed += uint64(len(w.Data))
+	p.streamed += uint64(w.Bytes())
 	if dotFormAvailable(w, n, false) {
 		main := w.Cols &^ 31
 		if cap(p.xe) < n*main {
@@ -402,7 +402,7 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 	cols := w.Cols
 	switch {
 	case dpAvailable(w):
-		p.streamed += uint64(len(w.Data))
+		p.streamed += uint64(w.Bytes())
 		kp2 := 2 * ((cols + 1) / 2)
 		if cap(p.xb) < n*kp2 {
 			p.xb = make([]uint16, n*kp2)
@@ -417,7 +417,7 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 		}
 		p.run()
 	case impl.isa == ISAGeneric:
-		p.streamed += uint64(len(w.Data))
+		p.streamed += uint64(w.Bytes())
 		p.job = job{kind: jobMatMulBF16, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x, rows: n}
 		p.run()
 	default:

@@ -21,7 +21,11 @@ func TestWeightBytes(t *testing.T) {
 	}
 	ya := make([]float32, 96*48)
 	yb := make([]float32, 40)
-	sizeA, sizeB := uint64(len(a.Data)), uint64(len(b.Data))
+	q, err := QuantizeQ8(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sizeA, sizeB, sizeQ := uint64(len(a.Data)), uint64(len(b.Data)), uint64(len(q.Data)+4*len(q.Scales))
 	ffn := uint64(len(a.Data) + len(up.Data) + len(down.Data))
 	steps := []struct {
 		name string
@@ -29,6 +33,7 @@ func TestWeightBytes(t *testing.T) {
 		adds uint64
 	}{
 		{"MatVec", func() { p.MatVec(ya[:96], a, x[:64]) }, sizeA},
+		{"MatVec Q8 (data and scales)", func() { p.MatVec(ya[:96], q, x[:64]) }, sizeQ},
 		{"MatVecMany", func() { p.MatVecMany([][]float32{ya[:96], yb}, []*Matrix{a, b}, [][]float32{x[:64], ya[:96]}) }, sizeA + sizeB},
 		{"MatMul n=48", func() { p.MatMul(ya, a, x, 48) }, sizeA},
 		{"MatMul n=0", func() { p.MatMul(nil, a, nil, 0) }, 0},
