@@ -111,6 +111,8 @@ func RunBench(w io.Writer, threads []int) error {
 	cases := []mvCase{
 		{"BF16 1408x2048 expert gate/up", BF16, 1408, 2048, 1},
 		{"BF16 2048x1408 expert down", BF16, 2048, 1408, 1},
+		{"BF16 2048x10944 dense down", BF16, 2048, 10944, 1},
+		{"BF16 2048x2816 shared down", BF16, 2048, 2816, 1},
 		{"BF16 3072x2048 q", BF16, 3072, 2048, 1},
 		{"BF16 576x2048 kv_a", BF16, 576, 2048, 1},
 		{"BF16 16x(512x128) absorbed", BF16, 512, 128, 16},

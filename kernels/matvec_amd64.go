@@ -42,6 +42,9 @@ func mvF8RAVX2(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 func mvBF16EORAVX512(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
 
 //go:noescape
+func mvBF16EOR8AVX512(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
+
+//go:noescape
 func mvBF16EORAVX2(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
 
 //go:noescape
@@ -65,15 +68,24 @@ type mvSet struct {
 	rows  [Q8_0]mvFunc // indexed by DType (F32..F8E4M3)
 	q8    mvQ8Func
 	bf16  mvFunc // even/odd BF16 kernel taking x permuted by permuteEO
-	f8w   mvFunc // FP8 kernel over 32 columns at a time (nil: use rows[F8E4M3])
+	// bf16x8 is bf16 over eight rows at once sharing the x loads, for
+	// rows whose x does not stay in L1 (nil: bf16 everywhere).
+	bf16x8 mvFunc
+	f8w    mvFunc // FP8 kernel over 32 columns at a time (nil: use rows[F8E4M3])
 }
 
+// bf16OctCols is the row length from which the eight-row BF16 kernel
+// runs: beyond it x (4 bytes a column) outgrows L1 next to the weight
+// stream. (On 2048-column rows the multi-row kernels are slower.)
+var bf16OctCols = 4096
+
 var mvAVX512 = mvSet{
-	lanes: 16,
-	rows:  [Q8_0]mvFunc{mvF32RAVX512, mvBF16RAVX512, mvF16RAVX512, mvF8RAVX512},
-	q8:    mvQ8RAVX512,
-	bf16:  mvBF16EORAVX512,
-	f8w:   mvF8WRAVX512,
+	lanes:  16,
+	rows:   [Q8_0]mvFunc{mvF32RAVX512, mvBF16RAVX512, mvF16RAVX512, mvF8RAVX512},
+	q8:     mvQ8RAVX512,
+	bf16:   mvBF16EORAVX512,
+	bf16x8: mvBF16EOR8AVX512,
+	f8w:    mvF8WRAVX512,
 }
 
 var mvAVX2 = mvSet{
@@ -135,7 +147,14 @@ func matVecRowsSIMD(s *mvSet, y []float32, w *Matrix, x []float32, lo, hi int, s
 		main := cols &^ (2*s.lanes - 1)
 		xp := scratch[:main]
 		permuteEO(xp, x[:main], s.lanes)
-		s.bf16(&y[lo], &w.Data[2*lo*cols], uintptr(2*cols), &xp[0], main, hi-lo)
+		r := lo
+		if octs := (hi - lo) &^ 7; s.bf16x8 != nil && cols >= bf16OctCols && octs > 0 {
+			s.bf16x8(&y[lo], &w.Data[2*lo*cols], uintptr(2*cols), &xp[0], main, octs)
+			r += octs
+		}
+		if r < hi {
+			s.bf16(&y[r], &w.Data[2*r*cols], uintptr(2*cols), &xp[0], main, hi-r)
+		}
 		if main < cols {
 			for r := lo; r < hi; r++ {
 				y[r] += dotTail(w, r, x, main, cols)

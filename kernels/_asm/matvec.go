@@ -275,6 +275,7 @@ func genMatVec(g *gen) {
 	}
 	genMVBF16EOMulti(g, 4)
 	genMVBF16EOMulti(g, 2)
+	genMVBF16EONRows(g, 8)
 	genMVF8Rows512(g)
 }
 
@@ -475,6 +476,90 @@ func genMVF8Rows512(g *gen) {
 	g.p("ADDQ BX, R8")
 	g.p("DECQ DX")
 	g.p("JNZ row")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genMVBF16EONRows is mvBF16EOR over nr (2, 4 or 8) rows at once, each x
+// load shared by them. For long rows (the dense down_proj's 10944 columns:
+// 43 KB of x) x does not stay in L1, and the one-row kernel's two x loads
+// per 64 bytes of weights miss into L2, taking the miss buffers the weight
+// stream needs. On that shape (bench-kernels, alternated in one run) the
+// one-row kernel read at 42% of the probe on one core, four rows 64-69%,
+// eight rows 83-85% (two cores: 40-67%, 83-95%, 94-99%); two rows were
+// slower than four. On 2048-column rows (x in L1) the multi-row kernels
+// are slower than one row (four rows: 60-65%), so only long rows take it.
+// func mvBF16EOR<nr>AVX512(y *float32, w *byte, stride uintptr, xp *float32, n int, rows int)
+// n a positive multiple of 32, rows a positive multiple of nr.
+func genMVBF16EONRows(g *gen, nr int) {
+	g.text(fmt.Sprintf("mvBF16EOR%dAVX512", nr), 48)
+	g.p("MOVQ y+0(FP), DI")
+	g.p("MOVQ w+8(FP), R8")
+	g.p("MOVQ stride+16(FP), BX")
+	g.p("LEAQ (BX)(BX*2), R12")
+	g.p("MOVQ xp+24(FP), SI")
+	g.p("MOVQ rows+40(FP), DX")
+	g.p("MOVL $0xFFFF0000, R10")
+	g.p("MOVD R10, X15") // VEX MOVD reaches X0-X15 only; Z15 is zeroed below
+	g.p("VPBROADCASTD X15, Z31")
+	wAddr := func(r int) string {
+		base := "(AX)"
+		if r >= 4 {
+			base = "(R13)"
+		}
+		return base + []string{"", "(BX*1)", "(BX*2)", "(R12*1)"}[r%4]
+	}
+	g.label("group")
+	g.p("MOVQ R8, AX")
+	if nr > 4 {
+		g.p("LEAQ (R8)(BX*4), R13")
+	}
+	g.p("MOVQ SI, R9")
+	g.p("MOVQ n+32(FP), CX")
+	for r := 0; r < 2*nr; r++ {
+		g.p("VXORPS Z%d, Z%d, Z%d", r, r, r)
+	}
+	g.label("loop")
+	g.p("VMOVUPS (R9), Z16")  // x, even columns of the block
+	g.p("VMOVUPS 64(R9), Z17") // x, odd columns
+	for r := 0; r < nr; r++ {
+		lo, hi := 18+2*(r%2), 19+2*(r%2)
+		g.p("VPSLLD $16, %s, Z%d", wAddr(r), lo)
+		g.p("VPANDD %s, Z31, Z%d", wAddr(r), hi)
+		g.p("VFMADD231PS Z16, Z%d, Z%d", lo, r)
+		g.p("VFMADD231PS Z17, Z%d, Z%d", hi, nr+r)
+	}
+	g.p("ADDQ $64, AX")
+	if nr > 4 {
+		g.p("ADDQ $64, R13")
+	}
+	g.p("ADDQ $128, R9")
+	g.p("SUBQ $32, CX")
+	g.p("JNZ loop")
+	// Row r's sum is the lanes of Z(r) + Z(nr+r).
+	for r := 0; r < nr; r++ {
+		g.p("VADDPS Z%d, Z%d, Z%d", nr+r, r, r)
+		g.p("VEXTRACTF64X4 $1, Z%d, Y20", r)
+		g.p("VADDPS Y20, Y%d, Y%d", r, r)
+		g.p("VEXTRACTF32X4 $1, Y%d, X20", r)
+		g.p("VADDPS X20, X%d, X%d", r, r)
+	}
+	for b := 0; b < nr; b += 4 {
+		if nr == 2 {
+			g.p("VHADDPS X1, X0, X0")
+			g.p("VHADDPS X0, X0, X0")
+			g.p("VMOVSD X0, (DI)")
+			break
+		}
+		g.p("VHADDPS X%d, X%d, X%d", b+1, b, b)
+		g.p("VHADDPS X%d, X%d, X%d", b+3, b+2, b+2)
+		g.p("VHADDPS X%d, X%d, X%d", b+2, b, b)
+		g.p("VMOVUPS X%d, %d(DI)", b, 4*b)
+	}
+	g.p("ADDQ $%d, DI", 4*nr)
+	g.p("LEAQ (R8)(BX*%d), R8", nr)
+	g.p("SUBQ $%d, DX", nr)
+	g.p("JNZ group")
 	g.p("VZEROUPPER")
 	g.p("RET")
 }
