@@ -45,3 +45,11 @@ func TestMatVecBF16Oct(t *testing.T) {
 		}
 	}
 }
+
+// withLongRowThreshold lowers the column count from which the multi-row
+// BF16 kernel runs, and returns the restore.
+func withLongRowThreshold(cols int) func() {
+	old := bf16OctCols
+	bf16OctCols = cols
+	return func() { bf16OctCols = old }
+}
