@@ -3,7 +3,7 @@ GO      ?= go
 BIN     ?= bin/expertmesh
 PKGS    ?= ./...
 
-.PHONY: all build test test-short race vet fmt bench bench-kernels fuzz proto asm check-generated clean
+.PHONY: all build test test-short race vet fmt bench bench-kernels fuzz fuzz-kernels proto asm check-generated clean
 
 all: build
 
@@ -34,6 +34,12 @@ bench-kernels: build
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 30s ./model/safetensors/
 	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime 30s ./model/
+
+# Short fuzzing passes of every SIMD kernel against its plain version.
+fuzz-kernels:
+	$(GO) test -run '^$$' -fuzz '^FuzzMatVec$$' -fuzztime 30s ./kernels/
+	$(GO) test -run '^$$' -fuzz '^FuzzVectorKernels$$' -fuzztime 30s ./kernels/
+	$(GO) test -run '^$$' -fuzz '^FuzzMLADecode$$' -fuzztime 30s ./kernels/
 
 clean:
 	rm -rf bin
