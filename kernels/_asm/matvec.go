@@ -520,7 +520,7 @@ func genMVBF16EONRows(g *gen, nr int) {
 		g.p("VXORPS Z%d, Z%d, Z%d", r, r, r)
 	}
 	g.label("loop")
-	g.p("VMOVUPS (R9), Z16")  // x, even columns of the block
+	g.p("VMOVUPS (R9), Z16")   // x, even columns of the block
 	g.p("VMOVUPS 64(R9), Z17") // x, odd columns
 	for r := 0; r < nr; r++ {
 		lo, hi := 18+2*(r%2), 19+2*(r%2)
