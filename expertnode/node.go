@@ -223,18 +223,11 @@ func (n *Node) place(pairs [][2]int) {
 	if len(pairs) == 0 {
 		return
 	}
-	mode := n.cfg.Weights
-	if mode == model.ResidencyAuto || mode == "" {
-		var bytes int64
-		for _, p := range pairs {
-			bytes += n.w.ExpertBytes(p[0], p[1])
-		}
-		mode = model.ResidencyMapped
-		if avail := model.MemAvailable(); avail > 0 && bytes <= avail/2 {
-			mode = model.ResidencyResident
-		}
+	var bytes int64
+	for _, p := range pairs {
+		bytes += n.w.ExpertBytes(p[0], p[1])
 	}
-	if mode == model.ResidencyMapped {
+	if n.cfg.Weights.Resolve(bytes, model.MemAvailable()) == model.ResidencyMapped {
 		n.prefetch(pairs)
 		return
 	}

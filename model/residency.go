@@ -39,6 +39,18 @@ func ParseResidency(s string) (Residency, error) {
 	return "", fmt.Errorf("--weights %q: want auto, resident or mmap", s)
 }
 
+// Resolve turns auto into resident when bytes take at most half of
+// availableBytes (0: unknown, so mmap), and returns other modes unchanged.
+func (r Residency) Resolve(bytes, availableBytes int64) Residency {
+	if r != ResidencyAuto && r != "" {
+		return r
+	}
+	if availableBytes > 0 && bytes <= availableBytes/2 {
+		return ResidencyResident
+	}
+	return ResidencyMapped
+}
+
 // Bytes is the size of every bound matrix (the weights compute streams).
 func (w *Weights) Bytes() int64 {
 	var n int64
@@ -52,12 +64,7 @@ func (w *Weights) Bytes() int64 {
 // (auto resolves to resident or mmap). availableBytes is consulted only
 // for auto; pass MemAvailable().
 func (w *Weights) Place(r Residency, threads int, availableBytes int64) (Residency, error) {
-	if r == ResidencyAuto || r == "" {
-		r = ResidencyMapped
-		if availableBytes > 0 && w.Bytes() <= availableBytes/2 {
-			r = ResidencyResident
-		}
-	}
+	r = r.Resolve(w.Bytes(), availableBytes)
 	switch r {
 	case ResidencyResident:
 		if err := w.MakeResident(threads); err != nil {

@@ -112,3 +112,22 @@ func TestCopyExpertUnbound(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestResidencyResolve(t *testing.T) {
+	for _, tc := range []struct {
+		r            Residency
+		bytes, avail int64
+		want         Residency
+	}{
+		{ResidencyAuto, 10, 20, ResidencyResident},
+		{ResidencyAuto, 11, 20, ResidencyMapped},
+		{"", 10, 20, ResidencyResident},
+		{ResidencyAuto, 10, 0, ResidencyMapped},
+		{ResidencyResident, 100, 1, ResidencyResident},
+		{ResidencyMapped, 1, 100, ResidencyMapped},
+	} {
+		if got := tc.r.Resolve(tc.bytes, tc.avail); got != tc.want {
+			t.Errorf("%q.Resolve(%d, %d) = %q, want %q", tc.r, tc.bytes, tc.avail, got, tc.want)
+		}
+	}
+}
