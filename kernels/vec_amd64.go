@@ -202,9 +202,10 @@ func expSubV512(x []float32, mx float32) float32 {
 
 // mlaHeadsAVX512 processes heads 8 at a time with every cache row read
 // once per group: scores for 8 heads per token in one pass over the whole
-// [latent | k_pe] row (dot8 against the heads' concatenated queries, one
-// horizontal reduction per token), softmax per head, then the weighted
-// latent sum for 8 heads two tokens at a time (axpy8x2). Falls back to the
+// [latent | k_pe] row (dot8x2 against the heads' concatenated queries, two
+// tokens per pass), softmax per head, then the weighted latent sum for 8
+// heads with the outputs in registers (mlaOut8; axpy8x2 where R is not a
+// multiple of 32). Falls back to the
 // per-head loop for dimensions that are not multiples of 16.
 func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 	R, P, stride, nt := a.r, a.pe, a.r+a.pe, a.nTokens
@@ -212,9 +213,7 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 		mlaHeadsGeneric(a, h0, h1)
 		return
 	}
-	row := func(t int) []float32 {
-		return a.blocks[t/a.blockSize][(t%a.blockSize)*stride : (t%a.blockSize+1)*stride]
-	}
+	row := a.rows // token t's cache row, built once per call by MLADecode
 	h := h0
 	for ; h+8 <= h1; h += 8 {
 		// This thread's heads of the concatenated queries [qLat | qPE].
@@ -227,15 +226,15 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 		s := a.scratch[h*nt : (h+8)*nt]
 		t := 0
 		for ; mlaScoresInPairs && t+2 <= nt; t += 2 {
-			dot8x2AVX512(&sc[0], &qc[0], uintptr(4*stride), &row(t)[0], &row(t + 1)[0], stride,
-				&row(min(t+mlaPrefetch, nt-1))[0], &row(min(t+mlaPrefetch+1, nt-1))[0])
+			dot8x2AVX512(&sc[0], &qc[0], uintptr(4*stride), row[t], row[t+1], stride,
+				row[min(t+mlaPrefetch, nt-1)], row[min(t+mlaPrefetch+1, nt-1)])
 			for k := 0; k < 8; k++ {
 				s[k*nt+t] = a.scale * sc[k]
 				s[k*nt+t+1] = a.scale * sc[8+k]
 			}
 		}
 		for ; t < nt; t++ {
-			dot8AVX512(&sc[0], &qc[0], uintptr(4*stride), &row(t)[0], stride, &row(min(t+mlaPrefetch, nt-1))[0])
+			dot8AVX512(&sc[0], &qc[0], uintptr(4*stride), row[t], stride, row[min(t+mlaPrefetch, nt-1)])
 			for k := 0; k < 8; k++ {
 				s[k*nt+t] = a.scale * sc[k]
 			}
@@ -255,11 +254,11 @@ func mlaHeadsAVX512(a *mlaArgs, h0, h1 int) {
 		}
 		t = 0
 		for ; t+2 <= nt; t += 2 {
-			axpy8x2AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], &row(t + 1)[0], R,
-				&row(min(t+mlaPrefetch, nt-1))[0], &row(min(t+mlaPrefetch+1, nt-1))[0])
+			axpy8x2AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), row[t], row[t+1], R,
+				row[min(t+mlaPrefetch, nt-1)], row[min(t+mlaPrefetch+1, nt-1)])
 		}
 		if t < nt {
-			axpy8AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), &row(t)[0], R)
+			axpy8AVX512(&o[0], uintptr(4*R), &s[t], uintptr(4*nt), row[t], R)
 		}
 	}
 	if h < h1 {
