@@ -3,14 +3,15 @@ package kernels
 import (
 	"fmt"
 	"runtime"
+	"slices"
 	"sync/atomic"
 )
 
 // Pool is a persistent set of worker goroutines (threads-1 workers plus the
 // calling goroutine). A call publishes one job, the threads run it (a
 // contiguous share each for ParallelFor and MLADecode; claimed chunks of
-// output rows for the matrix products), and the call returns when all are
-// done. Nothing is allocated and no goroutine is started per call in the
+// output rows for the matrix products, shrinking towards the end for the
+// matrix-vector ones), and the call returns when all are done. Nothing is allocated and no goroutine is started per call in the
 // steady state. Which thread computes a row never changes its value:
 // results are bit-identical for any thread count.
 //
@@ -35,6 +36,12 @@ type Pool struct {
 	xe      []float32   // dot-form MatMul: x rows in even/odd order
 	mlaQ    []float32   // MLADecode: concatenated queries, written per thread for its heads
 	mlaRows []*float32  // MLADecode: each token's cache row
+	// MatVec and MatVecMany: the end (exclusive) of each product's units
+	// in the job's joint unit space, and one-product lists for MatVec.
+	unitEnd []int
+	oneW    [1]*Matrix
+	oneY    [1][]float32
+	oneX    [1][]float32
 	exited  chan struct{}
 	// streamed counts the weight bytes the products have read (see
 	// WeightBytes). Calls into a Pool are serialised by its callers, as
@@ -52,7 +59,6 @@ type jobKind uint8
 
 const (
 	jobFunc jobKind = iota
-	jobMatVec
 	jobMatMul
 	jobMatMulBF16
 	jobMLA
@@ -87,6 +93,9 @@ type job struct {
 	ws    []*Matrix   // MatVecMany
 	ys    [][]float32 // MatVecMany
 	xs    [][]float32 // MatVecMany
+	// guided: threads claim chunks that shrink with the work left (see
+	// claimGuided); chunk is then the smallest.
+	guided bool
 }
 
 // spinIters bounds the busy-wait before a worker parks. About 20-50µs on
@@ -198,7 +207,7 @@ func (p *Pool) run() {
 	if p.closed.Load() {
 		panic("kernels: Pool used after Close")
 	}
-	if p.threads == 1 || p.job.n <= p.job.grain || p.job.chunk >= p.job.n {
+	if p.threads == 1 || p.job.n <= p.job.grain || p.job.chunk >= p.job.n || (p.job.guided && 2*p.job.chunk > p.job.n) {
 		if p.job.n > 0 {
 			p.runShare(0, 0, p.job.n)
 		}
@@ -224,6 +233,15 @@ func (p *Pool) run() {
 // descheduled (the machines are shared): the others take its chunks.
 func (p *Pool) runPart(id int) {
 	j := &p.job
+	if j.guided {
+		for {
+			lo, hi := p.claimGuided()
+			if lo >= hi {
+				return
+			}
+			p.runShare(id, lo, hi)
+		}
+	}
 	if j.chunk == 0 {
 		if lo, hi := p.share(id); lo < hi {
 			p.runShare(id, lo, hi)
@@ -236,6 +254,26 @@ func (p *Pool) runPart(id int) {
 			return
 		}
 		p.runShare(id, lo, min(lo+j.chunk, j.n))
+	}
+}
+
+// claimGuided claims the next chunk of a guided job: a share of what is
+// left, 1/(2·threads) of it, and at least job.chunk items. Early chunks
+// are long (each thread streams long runs and claims rarely); the last
+// ones are short, so the threads finish within a short chunk of each
+// other even when one was slowed (the machines are shared).
+func (p *Pool) claimGuided() (lo, hi int) {
+	n := int64(p.job.n)
+	for {
+		cur := p.next.Load()
+		left := n - cur
+		if left <= 0 {
+			return 0, 0
+		}
+		size := min(left, max(int64(p.job.chunk), left/int64(2*p.threads)))
+		if p.next.CompareAndSwap(cur, cur+size) {
+			return int(cur), int(cur + size)
+		}
 	}
 }
 
@@ -255,8 +293,6 @@ func (p *Pool) runShare(id, lo, hi int) {
 	switch j.kind {
 	case jobFunc:
 		j.fn(lo, hi)
-	case jobMatVec:
-		matVecRows(j.y, j.w, j.x, lo, hi, p.scratchFor(id, j.w.Cols))
 	case jobMatMul:
 		matMulRows(j.y, j.w, j.x, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
 	case jobMatMulBF16:
@@ -294,10 +330,7 @@ func (p *Pool) runShare(id, lo, hi int) {
 	case jobMatMulDP:
 		matMulDPRows(j.y, j.w, j.xb, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
 	case jobMatVecMany:
-		for i := lo; i < hi; i++ {
-			w := j.ws[i]
-			matVecRows(j.ys[i], w, j.xs[i], 0, w.Rows, p.scratchFor(id, w.Cols))
-		}
+		p.manyRows(id, lo, hi)
 	}
 }
 
@@ -333,10 +366,29 @@ func (p *Pool) WeightBytes() uint64 { return p.streamed }
 // rowGrain keeps thread boundaries on multiples of the kernels' row tile.
 const rowGrain = 32
 
-// MatVecMany computes ys[i] = ws[i]·xs[i] for every i, with the list (not
-// each matrix's rows) split across threads: many small independent
-// products, such as one per attention head, cost one pool round trip
-// instead of one each. Each product is computed exactly as MatVec would.
+// unitRows is the row granularity at which a matrix-vector job splits w:
+// the kernels' row tile, or a whole block of FP8 rows, whose scales the
+// kernel folds into x once per block.
+func unitRows(w *Matrix) int {
+	if w.DType == F8E4M3 {
+		return F8Block
+	}
+	return rowGrain
+}
+
+// guidedMinBytes is the smallest chunk of weights a thread claims in a
+// matrix-vector job: about 10µs of streaming, so claiming (a contended
+// atomic) and per-chunk set-up stay negligible while the threads still
+// finish within 10µs of each other.
+const guidedMinBytes = 256 << 10
+
+// MatVecMany computes ys[i] = ws[i]·xs[i] for every i. The rows of all
+// the products form one space that the threads claim in guided chunks, so
+// independent products (one per attention head; every routed expert's
+// gate and up; projections that read the same input) cost one pool round
+// trip, and the threads finish together however the sizes fall. Each
+// product is computed exactly as MatVec would: which thread computes a
+// row never changes its value.
 func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	if len(ys) != len(ws) || len(xs) != len(ws) {
 		panic(fmt.Sprintf("kernels: MatVecMany with %d outputs, %d matrices, %d inputs", len(ys), len(ws), len(xs)))
@@ -344,14 +396,46 @@ func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	for i, w := range ws {
 		checkMat("MatVecMany", ys[i], w, xs[i], 1)
 	}
+	p.matVecMany(ys, ws, xs)
+}
+
+// matVecMany is MatVecMany after its checks: the split into units and
+// the job.
+func (p *Pool) matVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	if len(ws) == 0 {
 		return
 	}
+	p.unitEnd = p.unitEnd[:0]
+	units, bytes := 0, 0
 	for _, w := range ws {
 		p.streamed += uint64(w.Bytes())
+		bytes += int(w.Bytes())
+		units += ceilDiv(w.Rows, unitRows(w))
+		p.unitEnd = append(p.unitEnd, units)
 	}
-	p.job = job{kind: jobMatVecMany, n: len(ws), grain: 1, chunk: 1, ws: ws, ys: ys, xs: xs}
+	if units == 0 {
+		return
+	}
+	minUnits := max(1, ceilDiv(guidedMinBytes*units, max(1, bytes)))
+	p.job = job{kind: jobMatVecMany, n: units, grain: 1, chunk: minUnits, guided: true, ws: ws, ys: ys, xs: xs}
 	p.run()
+}
+
+// manyRows runs units [lo,hi) of a MatVecMany job on thread id: the
+// matching rows of each product they cover.
+func (p *Pool) manyRows(id, lo, hi int) {
+	j := &p.job
+	i, _ := slices.BinarySearch(p.unitEnd, lo+1) // first product ending after lo
+	for u := lo; u < hi; i++ {
+		start := 0
+		if i > 0 {
+			start = p.unitEnd[i-1]
+		}
+		end := min(hi, p.unitEnd[i])
+		w, g := j.ws[i], unitRows(j.ws[i])
+		matVecRows(j.ys[i], w, j.xs[i], (u-start)*g, min(w.Rows, (end-start)*g), p.scratchFor(id, w.Cols))
+		u = end
+	}
 }
 
 // MatVec computes y[r] = sum_c W[r,c]*x[c] with float32 activations and
@@ -359,9 +443,9 @@ func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 // len(y) Rows; a mismatch is a programming error and panics.
 func (p *Pool) MatVec(y []float32, w *Matrix, x []float32) {
 	checkMat("MatVec", y, w, x, 1)
-	p.streamed += uint64(w.Bytes())
-	p.job = job{kind: jobMatVec, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x}
-	p.run()
+	p.oneY[0], p.oneW[0], p.oneX[0] = y, w, x
+	p.matVecMany(p.oneY[:], p.oneW[:], p.oneX[:])
+	p.oneY[0], p.oneW[0], p.oneX[0] = nil, nil, nil // drop the caller's buffers
 }
 
 // MatMul computes, for i<n, y[i*Rows:(i+1)*Rows] = W · x[i*Cols:(i+1)*Cols]

@@ -138,36 +138,82 @@ func TestResultsIndependentOfThreads(t *testing.T) {
 }
 
 // TestMatVecManyEqualsMatVec: each product of MatVecMany is bit-identical
-// to MatVec on its own, for every SIMD level.
+// to MatVec on its own on one thread, for every SIMD level, weight type
+// and thread count. The products are large enough that the guided split
+// cuts them at many places, including inside products and across the
+// boundaries between them; outputs start as NaN so a row no chunk
+// covered shows.
 func TestMatVecManyEqualsMatVec(t *testing.T) {
+	shapes := [][2]int{{1000, 256}, {128, 512}, {33, 70}, {300, 256}, {7, 9}, {2048, 128}, {257, 512}}
 	for _, isa := range []ISA{ISAGeneric, BestISA()} {
 		if err := SetISA(isa); err != nil {
 			t.Fatal(err)
 		}
-		p := NewPool(2)
-		var ws []*Matrix
-		var xs, ys, want [][]float32
-		for i, shape := range [][2]int{{512, 128}, {128, 512}, {33, 70}, {512, 128}, {7, 9}} {
-			w := benchMatrix(nil, BF16, shape[0], shape[1], uint64(i+1))
-			x := make([]float32, shape[1])
-			for j := range x {
-				x[j] = float32(j%11) - 5
+		one := NewPool(1)
+		for _, dt := range allDTypes {
+			var ws []*Matrix
+			var xs, want [][]float32
+			for i, shape := range shapes {
+				if dt == Q8_0 && shape[1]%Q8Block != 0 {
+					continue // Q8_0 rows are whole blocks
+				}
+				w := benchMatrix(nil, dt, shape[0], shape[1], uint64(i+1))
+				x := make([]float32, shape[1])
+				for j := range x {
+					x[j] = float32(j%11) - 5
+				}
+				y := make([]float32, shape[0])
+				one.MatVec(y, w, x)
+				ws, xs, want = append(ws, w), append(xs, x), append(want, y)
 			}
-			ws, xs = append(ws, w), append(xs, x)
-			ys = append(ys, make([]float32, shape[0]))
-			y := make([]float32, shape[0])
-			p.MatVec(y, w, x)
-			want = append(want, y)
-		}
-		p.MatVecMany(ys, ws, xs)
-		for i := range ys {
-			for r := range ys[i] {
-				if math.Float32bits(ys[i][r]) != math.Float32bits(want[i][r]) {
-					t.Fatalf("%v: product %d row %d: %g != %g", isa, i, r, ys[i][r], want[i][r])
+			for _, threads := range []int{1, 2, 3} {
+				p := NewPool(threads)
+				ys := make([][]float32, len(ws))
+				for i, w := range ws {
+					ys[i] = make([]float32, w.Rows)
+					for r := range ys[i] {
+						ys[i][r] = float32(math.NaN())
+					}
+				}
+				p.MatVecMany(ys, ws, xs)
+				p.Close()
+				for i := range ys {
+					for r := range ys[i] {
+						if math.Float32bits(ys[i][r]) != math.Float32bits(want[i][r]) {
+							t.Fatalf("%v %s %d threads: product %d (%dx%d) row %d: %g != %g", isa, dt, threads, i, ws[i].Rows, ws[i].Cols, r, ys[i][r], want[i][r])
+						}
+					}
 				}
 			}
 		}
-		p.Close()
+		one.Close()
 	}
 	SetISA(BestISA())
+}
+
+// TestClaimGuidedCoversOnce: guided claims tile [0,n) exactly, shrink
+// towards the end and never go below the minimum chunk except for the
+// last one.
+func TestClaimGuidedCoversOnce(t *testing.T) {
+	for _, tc := range []struct{ n, min, threads int }{{1, 1, 2}, {100, 1, 2}, {100, 7, 2}, {1000, 3, 5}, {8448, 2, 2}} {
+		p := &Pool{threads: tc.threads}
+		p.job = job{n: tc.n, chunk: tc.min, guided: true}
+		next, prev := 0, tc.n
+		for {
+			lo, hi := p.claimGuided()
+			if lo >= hi {
+				break
+			}
+			if lo != next || hi > tc.n {
+				t.Fatalf("%+v: claimed [%d,%d) after %d", tc, lo, hi, next)
+			}
+			if size := hi - lo; size > prev || (size < tc.min && hi != tc.n) {
+				t.Fatalf("%+v: chunk [%d,%d) after one of %d", tc, lo, hi, prev)
+			}
+			prev, next = hi-lo, hi
+		}
+		if next != tc.n {
+			t.Fatalf("%+v: claims ended at %d", tc, next)
+		}
+	}
 }
