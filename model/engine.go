@@ -99,6 +99,7 @@ type scratch struct {
 	routeIDs            []int
 	router              []*Router
 	headY, headX        [][]float32 // per-head views for MatVecMany
+	prod                products    // decode's grouped matrix-vector products
 	allLogits           []float32
 }
 
@@ -257,20 +258,23 @@ func (e *Engine) attention(l int, rows []Row) {
 	for i := range n {
 		kernels.RMSNorm(s.hn[i*h:(i+1)*h], s.x[i*h:(i+1)*h], L.InputNorm, eps)
 	}
+	// The query's first projection and kv_a read the same input: one
+	// pool call for both in decode.
 	q := s.q[:n*heads*qhd]
-	if a.QProj != nil {
-		e.matmul(q, a.QProj, s.hn[:n*h], n)
-	} else {
+	W := c.LatentDim()
+	qy, qw := q, a.QProj
+	if a.QProj == nil {
+		qy, qw = s.qa[:n**c.QLoraRank], a.QA
+	}
+	e.sameInput(n, s.hn[:n*h], qy, qw, s.kva[:n*W], a.KVA)
+	if a.QProj == nil {
 		qr := *c.QLoraRank
-		e.matmul(s.qa[:n*qr], a.QA, s.hn[:n*h], n)
 		for i := range n {
 			row := s.qa[i*qr : (i+1)*qr]
 			kernels.RMSNorm(row, row, a.QANorm, LoraNormEps)
 		}
 		e.matmul(q, a.QB, s.qa[:n*qr], n)
 	}
-	W := c.LatentDim()
-	e.matmul(s.kva[:n*W], a.KVA, s.hn[:n*h], n)
 
 	// Cache write: normalised latent, rotated shared rope key. Queries'
 	// rope parts are rotated with the same tables.
@@ -345,21 +349,13 @@ func (e *Engine) ffn(ctx context.Context, l, n int) error {
 		return nil
 	}
 	m := L.MoE
+	if local, ok := e.Experts.(*ExpertRunner); ok && n == 1 && m.Shared != nil {
+		return e.moeDecodeLocal(l, local, m)
+	}
 	E, k := c.NumExperts(), c.TopK()
 	// The router decides routing: always the exact path.
 	matmul(e.Pool, s.gateLogits[:n*E], m.Gate, s.hn[:n*h], n, false)
-	if s.router[l] == nil {
-		s.router[l] = NewRouter(c, m.Bias)
-	}
-	for i := range n {
-		s.router[l].Route(s.gateLogits[i*E:(i+1)*E], s.routeIDs, s.weights[i*k:(i+1)*k])
-		for j, id := range s.routeIDs {
-			s.ids[i*k+j] = int32(id)
-		}
-	}
-	if e.Trace != nil {
-		e.Trace(l, s.ids[:n*k], s.weights[:n*k], n, k)
-	}
+	e.route(l, n)
 	clear(s.routed[:n*h])
 	wait := e.Experts.StartRoutedExperts(ctx, l, s.hn[:n*h], n, k, s.ids[:n*k], s.weights[:n*k], s.routed[:n*h])
 	// Shared experts run while the routed ones are in flight.
@@ -384,14 +380,72 @@ func (e *Engine) ffn(ctx context.Context, l, n int) error {
 	return nil
 }
 
+// route turns the n rows' router logits into their experts and weights.
+func (e *Engine) route(l, n int) {
+	c, s := e.C, &e.buf
+	E, k := c.NumExperts(), c.TopK()
+	if s.router[l] == nil {
+		s.router[l] = NewRouter(c, e.W.Layers[l].MoE.Bias)
+	}
+	for i := range n {
+		s.router[l].Route(s.gateLogits[i*E:(i+1)*E], s.routeIDs, s.weights[i*k:(i+1)*k])
+		for j, id := range s.routeIDs {
+			s.ids[i*k+j] = int32(id)
+		}
+	}
+	if e.Trace != nil {
+		e.Trace(l, s.ids[:n*k], s.weights[:n*k], n, k)
+	}
+}
+
+// moeDecodeLocal is the MoE half of layer l for one row on local experts,
+// in two pool calls fewer than the general path: the shared expert's gate
+// and up products join the router's call, and its down product joins the
+// routed experts' gate and up call. (A remote backend instead overlaps
+// the whole shared expert with its round trip.)
+func (e *Engine) moeDecodeLocal(l int, local *ExpertRunner, m *MoE) error {
+	c, s := e.C, &e.buf
+	h, E, k := c.HiddenSize, c.NumExperts(), c.TopK()
+	inter := m.Shared.Gate.Rows
+	g, u := s.mlpG[:inter], s.mlpU[:inter]
+	s.prod.add(s.gateLogits[:E], m.Gate, s.hn[:h]) // the router: exact path, as always
+	s.prod.add(g, m.Shared.Gate, s.hn[:h])
+	s.prod.add(u, m.Shared.Up, s.hn[:h])
+	s.prod.run(e.Pool)
+	e.route(l, 1)
+	kernels.SiLUMul(g, g, u)
+	clear(s.routed[:h])
+	if err := local.RunAlongside(l, s.hn[:h], 1, k, s.ids[:k], s.weights[:k], s.routed[:h], Product{s.shared[:h], m.Shared.Down, g}); err != nil {
+		return fmt.Errorf("layer %d routed experts: %w", l, err)
+	}
+	// HF: y = Σ routed + shared(x); then residual + y.
+	kernels.Add(s.routed[:h], s.routed[:h], s.shared[:h])
+	kernels.Add(s.x[:h], s.x[:h], s.routed[:h])
+	return nil
+}
+
 // mlp computes out = down(silu(gate(x)) * up(x)) for n rows.
 func (e *Engine) mlp(out []float32, m *MLP, x []float32, n int) {
 	inter := m.Gate.Rows
 	g, u := e.buf.mlpG[:n*inter], e.buf.mlpU[:n*inter]
-	e.matmul(g, m.Gate, x, n)
-	e.matmul(u, m.Up, x, n)
+	e.sameInput(n, x, g, m.Gate, u, m.Up)
 	kernels.SiLUMul(g, g, u)
 	e.matmul(out, m.Down, g, n)
+}
+
+// sameInput computes y1 = w1·x and y2 = w2·x for n rows of x: in one pool
+// call for a single row (decode, where a call's barrier is a measurable
+// share of the time), else as two matrix products.
+func (e *Engine) sameInput(n int, x, y1 []float32, w1 *kernels.Matrix, y2 []float32, w2 *kernels.Matrix) {
+	if n != 1 {
+		e.matmul(y1, w1, x, n)
+		e.matmul(y2, w2, x, n)
+		return
+	}
+	s := &e.buf
+	s.prod.add(y1, w1, x)
+	s.prod.add(y2, w2, x)
+	s.prod.run(e.Pool)
 }
 
 func (e *Engine) matmul(y []float32, w *kernels.Matrix, x []float32, n int) {

@@ -342,3 +342,46 @@ func TestDecodeAllocations(t *testing.T) {
 		t.Fatalf("%.1f allocations per decode step", a)
 	}
 }
+
+// opaqueExperts hides the local runner's type from the engine, so decode
+// takes the general path (shared expert beside StartRoutedExperts) that a
+// remote backend gets.
+type opaqueExperts struct{ ExpertBackend }
+
+// TestLocalDecodeFusionExact: single-row decode on local experts (router
+// and shared gate/up in one pool call, shared down beside the routed
+// experts) gives bit-identical logits to the general path, on every
+// preset, with one thread and with three.
+func TestLocalDecodeFusionExact(t *testing.T) {
+	for _, preset := range tinyPresets {
+		w := loadTiny(t, preset)
+		for _, threads := range []int{1, 3} {
+			pool := kernels.NewPool(threads)
+			decode := func(backend ExpertBackend) [][]float32 {
+				eng := NewEngine(w, pool, backend)
+				cache, _ := NewLatentCache(w.Config, 4, 16)
+				seq := cache.NewSequence()
+				defer seq.Release()
+				seq.Reserve(8)
+				var all [][]float32
+				for p, tok := range []int{5, 99, 12, 7, 300, 41} {
+					out := [][]float32{make([]float32, w.Config.VocabSize)}
+					if err := eng.Forward(context.Background(), []Row{{Seq: seq, Token: tok, Pos: p, Logits: true}}, out); err != nil {
+						t.Fatal(err)
+					}
+					all = append(all, out[0])
+				}
+				return all
+			}
+			fused, general := decode(nil), decode(opaqueExperts{NewLocalExperts(w, pool)})
+			for p := range fused {
+				for i := range fused[p] {
+					if math.Float32bits(fused[p][i]) != math.Float32bits(general[p][i]) {
+						t.Fatalf("%s, %d threads, position %d: logit %d fused %g, general %g", preset, threads, p, i, fused[p][i], general[p][i])
+					}
+				}
+			}
+			pool.Close()
+		}
+	}
+}

@@ -26,9 +26,31 @@ type ExpertRunner struct {
 	wOf         [][]float32 // expert -> gate weight per row
 	in, g, u, y []float32
 	// runSingles scratch
-	sIdx   []int
-	sW     []*kernels.Matrix
-	sY, sX [][]float32
+	sIdx []int
+	prod products
+}
+
+// products is a list of independent matrix-vector products for one
+// Pool.MatVecMany call, kept across calls so decode allocates nothing.
+type products struct {
+	ws     []*kernels.Matrix
+	ys, xs [][]float32
+}
+
+func (l *products) reset() { l.ws, l.ys, l.xs = l.ws[:0], l.ys[:0], l.xs[:0] }
+
+func (l *products) add(y []float32, w *kernels.Matrix, x []float32) {
+	l.ws, l.ys, l.xs = append(l.ws, w), append(l.ys, y), append(l.xs, x)
+}
+
+// run computes every product in one pool call, then drops the list's
+// references to the caller's buffers.
+func (l *products) run(p *kernels.Pool) {
+	p.MatVecMany(l.ys, l.ws, l.xs)
+	clear(l.ws)
+	clear(l.ys)
+	clear(l.xs)
+	l.reset()
 }
 
 // NewLocalExperts is the in-process ExpertBackend.
@@ -51,6 +73,21 @@ func waitNone() error { return nil }
 // Run adds Σ_j weights[i*k+j]·Expert_{ids[i*k+j]}(x_i) to out_i for each
 // of the n rows of x. Ids < 0 are skipped (rows routed to other nodes).
 func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) error {
+	return r.RunAlongside(layer, x, n, k, ids, weights, out, Product{})
+}
+
+// Product is one matrix-vector product, Y = W·X; a nil W means none.
+type Product struct {
+	Y []float32
+	W *kernels.Matrix
+	X []float32
+}
+
+// RunAlongside is Run that also computes extra, a product independent of
+// the experts, in the same pool call as the routed experts' gate and up
+// products: in decode the engine's shared expert down product then costs
+// no pool round trip of its own.
+func (r *ExpertRunner) RunAlongside(layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32, extra Product) error {
 	c := r.W.Config
 	if layer < 0 || layer >= len(r.W.Layers) || r.W.Layers[layer].MoE == nil {
 		return fmt.Errorf("%w: layer %d is not an MoE layer", ErrBadInput, layer)
@@ -82,6 +119,10 @@ func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weight
 		}
 	}
 	inter := c.MoEIntermediateSize
+	r.prod.reset()
+	if extra.W != nil {
+		r.prod.add(extra.Y, extra.W, extra.X)
+	}
 	r.runSingles(experts, x, out, h, inter)
 	for e, rows := range r.rowsOf[:len(experts)] {
 		m := len(rows)
@@ -109,9 +150,10 @@ func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weight
 
 // runSingles computes every expert that has exactly one row (all of them
 // in single-sequence decode) with two pool calls in all: every gate and up
-// product at once, then every down product. Per-expert calls would pay a
-// pool round trip and a load-imbalanced barrier for each of 3k small
-// matrices; whole matrices split across threads balance well.
+// product at once (with whatever r.prod already holds), then every down
+// product. Per-expert calls would pay a pool round trip and a barrier for
+// each of 3k small matrices; one call over all their rows keeps both
+// threads streaming until the end.
 func (r *ExpertRunner) runSingles(experts []*MLP, x, out []float32, h, inter int) {
 	r.sIdx = r.sIdx[:0]
 	for e, rows := range r.rowsOf[:len(experts)] {
@@ -120,29 +162,24 @@ func (r *ExpertRunner) runSingles(experts []*MLP, x, out []float32, h, inter int
 		}
 	}
 	k := len(r.sIdx)
-	if k == 0 {
-		return
-	}
 	r.g = grow(r.g, k*inter)
 	r.u = grow(r.u, k*inter)
 	r.y = grow(r.y, k*h)
-	r.sW, r.sY, r.sX = r.sW[:0], r.sY[:0], r.sX[:0]
 	for j, e := range r.sIdx {
 		row := int(r.rowsOf[e][0])
 		xr := x[row*h : (row+1)*h]
-		r.sW = append(r.sW, experts[e].Gate, experts[e].Up)
-		r.sY = append(r.sY, r.g[j*inter:(j+1)*inter], r.u[j*inter:(j+1)*inter])
-		r.sX = append(r.sX, xr, xr)
+		r.prod.add(r.g[j*inter:(j+1)*inter], experts[e].Gate, xr)
+		r.prod.add(r.u[j*inter:(j+1)*inter], experts[e].Up, xr)
 	}
-	r.Pool.MatVecMany(r.sY, r.sW, r.sX)
+	r.prod.run(r.Pool)
+	if k == 0 {
+		return
+	}
 	kernels.SiLUMul(r.g[:k*inter], r.g[:k*inter], r.u[:k*inter])
-	r.sW, r.sY, r.sX = r.sW[:0], r.sY[:0], r.sX[:0]
 	for j, e := range r.sIdx {
-		r.sW = append(r.sW, experts[e].Down)
-		r.sY = append(r.sY, r.y[j*h:(j+1)*h])
-		r.sX = append(r.sX, r.g[j*inter:(j+1)*inter])
+		r.prod.add(r.y[j*h:(j+1)*h], experts[e].Down, r.g[j*inter:(j+1)*inter])
 	}
-	r.Pool.MatVecMany(r.sY, r.sW, r.sX)
+	r.prod.run(r.Pool)
 	for j, e := range r.sIdx {
 		row := int(r.rowsOf[e][0])
 		kernels.Axpy(out[row*h:(row+1)*h], r.wOf[e][0], r.y[j*h:(j+1)*h])
