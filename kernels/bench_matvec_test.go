@@ -39,3 +39,35 @@ func BenchmarkMatVec(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkMatVecMany is one MoE layer's first decode call on local
+// experts: the gate and up products of six routed experts and the shared
+// experts' down product (V2-Lite shapes, 75 MB, more than the L3), split
+// across the threads as one job.
+func BenchmarkMatVecMany(b *testing.B) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	var ws []*Matrix
+	var ys, xs [][]float32
+	add := func(rows, cols int) {
+		ws = append(ws, fastMatrix(uint64(len(ws)+1), BF16, rows, cols))
+		ys, xs = append(ys, make([]float32, rows)), append(xs, randVec(rng, cols, 0))
+	}
+	for range 12 {
+		add(1408, 2048)
+	}
+	add(2048, 2816)
+	var bytes int64
+	for _, w := range ws {
+		bytes += w.Bytes()
+	}
+	for _, th := range []int{1, 2} {
+		b.Run(fmt.Sprintf("moe-layer/t%d", th), func(b *testing.B) {
+			p := NewPool(th)
+			defer p.Close()
+			b.SetBytes(bytes)
+			for b.Loop() {
+				p.MatVecMany(ys, ws, xs)
+			}
+		})
+	}
+}
