@@ -57,8 +57,10 @@ func BenchmarkMatVecMany(b *testing.B) {
 	}
 	add(2048, 2816)
 	var bytes int64
+	var flops float64
 	for _, w := range ws {
 		bytes += w.Bytes()
+		flops += 2 * float64(w.Rows) * float64(w.Cols)
 	}
 	for _, th := range []int{1, 2} {
 		b.Run(fmt.Sprintf("moe-layer/t%d", th), func(b *testing.B) {
@@ -68,6 +70,7 @@ func BenchmarkMatVecMany(b *testing.B) {
 			for b.Loop() {
 				p.MatVecMany(ys, ws, xs)
 			}
+			b.ReportMetric(flops*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
 		})
 	}
 }
