@@ -144,7 +144,7 @@ func TestResultsIndependentOfThreads(t *testing.T) {
 // boundaries between them; outputs start as NaN so a row no chunk
 // covered shows.
 func TestMatVecManyEqualsMatVec(t *testing.T) {
-	shapes := [][2]int{{1000, 256}, {128, 512}, {33, 70}, {300, 256}, {7, 9}, {2048, 128}, {257, 512}}
+	shapes := [][2]int{{1000, 256}, {128, 512}, {0, 64}, {33, 70}, {300, 256}, {7, 9}, {2048, 128}, {257, 512}}
 	for _, isa := range []ISA{ISAGeneric, BestISA()} {
 		if err := SetISA(isa); err != nil {
 			t.Fatal(err)
