@@ -42,7 +42,7 @@ func BenchmarkMatVec(b *testing.B) {
 
 // BenchmarkMatVecMany is one MoE layer's first decode call on local
 // experts: the gate and up products of six routed experts and the shared
-// experts' down product (V2-Lite shapes, 75 MB, more than the L3), split
+// experts' down product (V2-Lite shapes, 81 MB, more than the L3), split
 // across the threads as one job.
 func BenchmarkMatVecMany(b *testing.B) {
 	rng := rand.New(rand.NewPCG(5, 6))

@@ -11,9 +11,10 @@ import (
 // calling goroutine). A call publishes one job, the threads run it (a
 // contiguous share each for ParallelFor and MLADecode; claimed chunks of
 // output rows for the matrix products, shrinking towards the end for the
-// matrix-vector ones), and the call returns when all are done. Nothing is allocated and no goroutine is started per call in the
-// steady state. Which thread computes a row never changes its value:
-// results are bit-identical for any thread count.
+// matrix-vector ones), and the call returns when all are done. Nothing is
+// allocated and no goroutine is started per call in the steady state.
+// Which thread computes a row never changes its value: results are
+// bit-identical for any thread count.
 //
 // A Pool serves one caller at a time: its methods must not be called
 // concurrently (give each concurrent caller its own Pool). Close stops the
@@ -26,7 +27,7 @@ type Pool struct {
 	threads int
 	gen     atomic.Uint64 // incremented once per published job
 	pending atomic.Int32  // worker shares of the current job not yet done
-	next    atomic.Int64  // next chunk to claim (row jobs)
+	next    atomic.Int64  // row jobs: next chunk to claim; guided jobs: next item
 	closed  atomic.Bool
 	workers []poolWorker
 	job     job
@@ -78,7 +79,7 @@ type job struct {
 	kind  jobKind
 	n     int // items split across threads
 	grain int // static shares are multiples of grain
-	chunk int // > 0: threads claim chunks of this many items instead
+	chunk int // > 0: threads claim chunks of this many items instead (guided: at least this many)
 	fn    func(lo, hi int)
 	y, x  []float32
 	w     *Matrix
@@ -207,6 +208,8 @@ func (p *Pool) run() {
 	if p.closed.Load() {
 		panic("kernels: Pool used after Close")
 	}
+	// Work too small to split (under two chunks of a claiming job) runs on
+	// the caller: a round trip would cost more than the split saves.
 	if p.threads == 1 || p.job.n <= p.job.grain || p.job.chunk >= p.job.n || (p.job.guided && 2*p.job.chunk > p.job.n) {
 		if p.job.n > 0 {
 			p.runShare(0, 0, p.job.n)
@@ -229,8 +232,9 @@ func (p *Pool) run() {
 
 // runPart runs thread id's part of the job: its static share, or for row
 // jobs (chunk > 0) chunks claimed from a shared counter until none are
-// left. Claiming keeps a call from waiting on a thread the OS has
-// descheduled (the machines are shared): the others take its chunks.
+// left, fixed-size or guided (claimGuided). Claiming keeps a call from
+// waiting on a thread the OS has descheduled (the machines are shared):
+// the others take its chunks.
 func (p *Pool) runPart(id int) {
 	j := &p.job
 	if j.guided {
@@ -379,8 +383,9 @@ func unitRows(w *Matrix) int {
 // guidedMinBytes is the smallest chunk of weights a thread claims in a
 // matrix-vector job: about 10µs of streaming, so claiming (a contended
 // atomic) and per-chunk set-up stay negligible while the threads still
-// finish within 10µs of each other.
-const guidedMinBytes = 256 << 10
+// finish within 10µs of each other. (A variable so tests can force fine
+// splits of small products.)
+var guidedMinBytes = 256 << 10
 
 // MatVecMany computes ys[i] = ws[i]·xs[i] for every i. The rows of all
 // the products form one space that the threads claim in guided chunks, so
@@ -416,7 +421,9 @@ func (p *Pool) matVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	if units == 0 {
 		return
 	}
-	minUnits := max(1, ceilDiv(guidedMinBytes*units, max(1, bytes)))
+	// At least guidedMinBytes a chunk, unless that would leave some of
+	// many threads without work: then four chunks a thread.
+	minUnits := max(1, min(ceilDiv(guidedMinBytes*units, max(1, bytes)), ceilDiv(units, 4*p.threads)))
 	p.job = job{kind: jobMatVecMany, n: units, grain: 1, chunk: minUnits, guided: true, ws: ws, ys: ys, xs: xs}
 	p.run()
 }

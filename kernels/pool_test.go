@@ -139,12 +139,14 @@ func TestResultsIndependentOfThreads(t *testing.T) {
 
 // TestMatVecManyEqualsMatVec: each product of MatVecMany is bit-identical
 // to MatVec on its own on one thread, for every SIMD level, weight type
-// and thread count. The products are large enough that the guided split
-// cuts them at many places, including inside products and across the
-// boundaries between them; outputs start as NaN so a row no chunk
-// covered shows.
+// and thread count. The guided split cuts the products at many places,
+// inside products and across the boundaries between them (with the
+// default minimum chunk, and with one unit, the finest split); outputs
+// start as NaN so a row no chunk covered shows.
 func TestMatVecManyEqualsMatVec(t *testing.T) {
 	shapes := [][2]int{{1000, 256}, {128, 512}, {0, 64}, {33, 70}, {300, 256}, {7, 9}, {2048, 128}, {257, 512}}
+	defaultMin := guidedMinBytes
+	defer func() { guidedMinBytes = defaultMin }()
 	for _, isa := range []ISA{ISAGeneric, BestISA()} {
 		if err := SetISA(isa); err != nil {
 			t.Fatal(err)
@@ -166,7 +168,11 @@ func TestMatVecManyEqualsMatVec(t *testing.T) {
 				one.MatVec(y, w, x)
 				ws, xs, want = append(ws, w), append(xs, x), append(want, y)
 			}
-			for _, threads := range []int{1, 2, 3} {
+			for _, split := range []struct {
+				threads, minBytes int
+			}{{1, defaultMin}, {2, defaultMin}, {3, defaultMin}, {2, 1}, {3, 1}} {
+				threads := split.threads
+				guidedMinBytes = split.minBytes
 				p := NewPool(threads)
 				ys := make([][]float32, len(ws))
 				for i, w := range ws {
@@ -180,7 +186,7 @@ func TestMatVecManyEqualsMatVec(t *testing.T) {
 				for i := range ys {
 					for r := range ys[i] {
 						if math.Float32bits(ys[i][r]) != math.Float32bits(want[i][r]) {
-							t.Fatalf("%v %s %d threads: product %d (%dx%d) row %d: %g != %g", isa, dt, threads, i, ws[i].Rows, ws[i].Cols, r, ys[i][r], want[i][r])
+							t.Fatalf("%v %s %d threads, chunks >= %d bytes: product %d (%dx%d) row %d: %g != %g", isa, dt, threads, split.minBytes, i, ws[i].Rows, ws[i].Cols, r, ys[i][r], want[i][r])
 						}
 					}
 				}
