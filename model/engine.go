@@ -65,7 +65,9 @@ type Engine struct {
 	// Compute, if set, is held while this engine computes and released
 	// while it waits for routed experts, so engines of several
 	// micro-batches sharing one kernel pool take turns: one computes
-	// attention while another's experts are in flight (ping-pong).
+	// attention while another's experts are in flight (ping-pong). Local
+	// experts compute in place, with nothing in flight, so single-row
+	// decode on them keeps the lock through the layer.
 	Compute sync.Locker
 }
 
@@ -415,7 +417,7 @@ func (e *Engine) moeDecodeLocal(l int, local *ExpertRunner, m *MoE) error {
 	e.route(l, 1)
 	kernels.SiLUMul(g, g, u)
 	clear(s.routed[:h])
-	if err := local.RunAlongside(l, s.hn[:h], 1, k, s.ids[:k], s.weights[:k], s.routed[:h], Product{s.shared[:h], m.Shared.Down, g}); err != nil {
+	if err := local.runAlongside(l, s.hn[:h], 1, k, s.ids[:k], s.weights[:k], s.routed[:h], product{s.shared[:h], m.Shared.Down, g}); err != nil {
 		return fmt.Errorf("layer %d routed experts: %w", l, err)
 	}
 	// HF: y = Σ routed + shared(x); then residual + y.

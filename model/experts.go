@@ -37,19 +37,21 @@ type products struct {
 	ys, xs [][]float32
 }
 
-func (l *products) reset() { l.ws, l.ys, l.xs = l.ws[:0], l.ys[:0], l.xs[:0] }
+// reset empties the list and drops its references to callers' buffers.
+func (l *products) reset() {
+	clear(l.ws)
+	clear(l.ys)
+	clear(l.xs)
+	l.ws, l.ys, l.xs = l.ws[:0], l.ys[:0], l.xs[:0]
+}
 
 func (l *products) add(y []float32, w *kernels.Matrix, x []float32) {
 	l.ws, l.ys, l.xs = append(l.ws, w), append(l.ys, y), append(l.xs, x)
 }
 
-// run computes every product in one pool call, then drops the list's
-// references to the caller's buffers.
+// run computes every product in one pool call and empties the list.
 func (l *products) run(p *kernels.Pool) {
 	p.MatVecMany(l.ys, l.ws, l.xs)
-	clear(l.ws)
-	clear(l.ys)
-	clear(l.xs)
 	l.reset()
 }
 
@@ -73,21 +75,22 @@ func waitNone() error { return nil }
 // Run adds Σ_j weights[i*k+j]·Expert_{ids[i*k+j]}(x_i) to out_i for each
 // of the n rows of x. Ids < 0 are skipped (rows routed to other nodes).
 func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) error {
-	return r.RunAlongside(layer, x, n, k, ids, weights, out, Product{})
+	return r.runAlongside(layer, x, n, k, ids, weights, out, product{})
 }
 
-// Product is one matrix-vector product, Y = W·X; a nil W means none.
-type Product struct {
-	Y []float32
-	W *kernels.Matrix
-	X []float32
+// product is one matrix-vector product, y = w·x; a nil w means none.
+type product struct {
+	y []float32
+	w *kernels.Matrix
+	x []float32
 }
 
-// RunAlongside is Run that also computes extra, a product independent of
-// the experts, in the same pool call as the routed experts' gate and up
-// products: in decode the engine's shared expert down product then costs
-// no pool round trip of its own.
-func (r *ExpertRunner) RunAlongside(layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32, extra Product) error {
+// runAlongside is Run that also computes extra, a product independent of
+// the experts, in the same pool call as the gate and up products of the
+// experts that have one row (all of them in single-row decode): the
+// engine's shared expert down product then costs no pool round trip of
+// its own. extra is not computed when Run's checks fail.
+func (r *ExpertRunner) runAlongside(layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32, extra product) error {
 	c := r.W.Config
 	if layer < 0 || layer >= len(r.W.Layers) || r.W.Layers[layer].MoE == nil {
 		return fmt.Errorf("%w: layer %d is not an MoE layer", ErrBadInput, layer)
@@ -120,8 +123,8 @@ func (r *ExpertRunner) RunAlongside(layer int, x []float32, n, k int, ids []int3
 	}
 	inter := c.MoEIntermediateSize
 	r.prod.reset()
-	if extra.W != nil {
-		r.prod.add(extra.Y, extra.W, extra.X)
+	if extra.w != nil {
+		r.prod.add(extra.y, extra.w, extra.x)
 	}
 	r.runSingles(experts, x, out, h, inter)
 	for e, rows := range r.rowsOf[:len(experts)] {
@@ -152,7 +155,7 @@ func (r *ExpertRunner) RunAlongside(layer int, x []float32, n, k int, ids []int3
 // in single-sequence decode) with two pool calls in all: every gate and up
 // product at once (with whatever r.prod already holds), then every down
 // product. Per-expert calls would pay a pool round trip and a barrier for
-// each of 3k small matrices; one call over all their rows keeps both
+// each of 3k small matrices; one call over all their rows keeps all
 // threads streaming until the end.
 func (r *ExpertRunner) runSingles(experts []*MLP, x, out []float32, h, inter int) {
 	r.sIdx = r.sIdx[:0]
