@@ -393,7 +393,8 @@ var guidedMinBytes = 256 << 10
 // gate and up; projections that read the same input) cost one pool round
 // trip, and the threads finish together however the sizes fall. Each
 // product is computed exactly as MatVec would: which thread computes a
-// row never changes its value.
+// row never changes its value. The products run concurrently, so no
+// output may overlap another product's input.
 func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	if len(ys) != len(ws) || len(xs) != len(ws) {
 		panic(fmt.Sprintf("kernels: MatVecMany with %d outputs, %d matrices, %d inputs", len(ys), len(ws), len(xs)))

@@ -34,7 +34,7 @@ func TestWeightBytes(t *testing.T) {
 	}{
 		{"MatVec", func() { p.MatVec(ya[:96], a, x[:64]) }, sizeA},
 		{"MatVec Q8 (data and scales)", func() { p.MatVec(ya[:96], q, x[:64]) }, sizeQ},
-		{"MatVecMany", func() { p.MatVecMany([][]float32{ya[:96], yb}, []*Matrix{a, b}, [][]float32{x[:64], ya[:96]}) }, sizeA + sizeB},
+		{"MatVecMany", func() { p.MatVecMany([][]float32{ya[:96], yb}, []*Matrix{a, b}, [][]float32{x[:64], x[64:160]}) }, sizeA + sizeB},
 		{"MatMul n=48", func() { p.MatMul(ya, a, x, 48) }, sizeA},
 		{"MatMul n=0", func() { p.MatMul(nil, a, nil, 0) }, 0},
 		{"MatMulBF16Act n=48", func() { p.MatMulBF16Act(ya, a, x, 48) }, sizeA},
