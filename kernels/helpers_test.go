@@ -146,49 +146,10 @@ func closeRel(got, want, mag float64, rel float64) bool {
 	return math.Abs(got-want) <= rel*mag+1e-30
 }
 
-// fastMatrix fills a benchmark matrix quickly with moderate finite values.
+// fastMatrix fills a benchmark matrix quickly with moderate finite values
+// on the Go heap.
 func fastMatrix(seed uint64, dt DType, rows, cols int) *Matrix {
-	rng := rand.New(rand.NewPCG(seed, 99))
-	m := randMatrix(rng, dt, 1, Q8Block, 0) // scales/shape template
-	n := rows * cols
-	m.Rows, m.Cols = rows, cols
-	size := n * elemBytesOf(dt)
-	m.Data = make([]byte, size)
-	for i := 0; i+8 <= size; i += 8 {
-		binary.LittleEndian.PutUint64(m.Data[i:], rng.Uint64())
-	}
-	switch dt {
-	case F32:
-		for i := 0; i < n; i++ {
-			v := binary.LittleEndian.Uint32(m.Data[4*i:])&0x807fffff | 0x3f000000
-			binary.LittleEndian.PutUint32(m.Data[4*i:], v)
-		}
-	case BF16:
-		for i := 0; i < n; i++ {
-			v := binary.LittleEndian.Uint16(m.Data[2*i:])&0x807f | 0x3f00
-			binary.LittleEndian.PutUint16(m.Data[2*i:], v)
-		}
-	case F16:
-		for i := 0; i < n; i++ {
-			v := binary.LittleEndian.Uint16(m.Data[2*i:])&0x83ff | 0x3800
-			binary.LittleEndian.PutUint16(m.Data[2*i:], v)
-		}
-	case F8E4M3:
-		for i := range m.Data {
-			m.Data[i] &= 0xb7
-		}
-	}
-	m.Scales = nil
-	switch dt {
-	case F8E4M3:
-		m.Scales = make([]float32, ceilDiv(rows, F8Block)*ceilDiv(cols, F8Block))
-	case Q8_0:
-		m.Scales = make([]float32, rows*(cols/Q8Block))
-	}
-	for i := range m.Scales {
-		m.Scales[i] = 0.01
-	}
-	return m
+	return benchMatrix(nil, dt, rows, cols, seed)
 }
 
 var runBench = flag.Bool("runbench", false, "run RunBench's machine report in TestRunBench")

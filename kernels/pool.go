@@ -465,14 +465,7 @@ func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
 		return
 	}
 	p.streamed += uint64(w.Bytes())
-	if dotFormAvailable(w, n, false) {
-		main := w.Cols &^ 31
-		if cap(p.xe) < n*main {
-			p.xe = make([]float32, n*main)
-		}
-		xe := p.xe[:n*main]
-		p.job = job{kind: jobPermuteEO, n: n, grain: 1, w: w, x: x, xe: xe}
-		p.run()
+	if xe := p.prepare(w, x, n); xe != nil {
 		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x, xe: xe, rows: n}
 		p.run()
 		return
