@@ -6,7 +6,7 @@ package main
 import (
 	"os"
 
-	"github.com/expertmesh/expertmesh/internal/cli"
+	"github.com/expertmesh/expertmesh/cli"
 )
 
 func main() {

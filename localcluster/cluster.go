@@ -7,7 +7,7 @@
 // addresses go into the placement), then attention nodes (given the
 // placement), then the coordinator (given the attention nodes). Every child
 // announces readiness with one stdout line ending in its address.
-package cluster
+package localcluster
 
 import (
 	"bufio"

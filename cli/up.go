@@ -6,14 +6,14 @@ import (
 	"io"
 	"os"
 
-	"github.com/expertmesh/expertmesh/cluster"
+	"github.com/expertmesh/expertmesh/localcluster"
 )
 
 // runUp is `expertmesh up`: the whole cluster as separate processes on
 // loopback, until Ctrl-C or a child dies.
 func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("up", stderr)
-	cfg := cluster.DefaultConfig()
+	cfg := localcluster.DefaultConfig()
 	fs.StringVar(&cfg.ModelDir, "model", "", "checkpoint directory (default: generate --preset into the cache dir)")
 	fs.StringVar(&cfg.Preset, "preset", cfg.Preset, "model to generate when --model is not given")
 	fs.StringVar(&cfg.CacheDir, "cache-dir", "", "where generated models are kept (default: the user cache dir)")
@@ -30,7 +30,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if *quiet {
 		cfg.Log = io.Discard
 	}
-	c, err := cluster.Start(ctx, cfg)
+	c, err := localcluster.Start(ctx, cfg)
 	if err != nil {
 		return err
 	}
