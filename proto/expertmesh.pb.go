@@ -169,9 +169,15 @@ type DispatchRequest struct {
 	// trace_context carries the sender's W3C trace context (traceparent,
 	// tracestate) per message: one Dispatch stream outlives many requests,
 	// so the stream's own context cannot parent each layer's compute span.
-	TraceContext  map[string]string `protobuf:"bytes,7,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TraceContext map[string]string `protobuf:"bytes,7,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// placement_version is the placement version the sender routed this
+	// request by (0: a static placement). The node serves it whatever its
+	// own view; it is for tracing and for explaining a FAILED_PRECONDITION
+	// (an expert the version assigns here that the node no longer holds:
+	// the sender refreshes its placement and retries).
+	PlacementVersion uint64 `protobuf:"varint,8,opt,name=placement_version,json=placementVersion,proto3" json:"placement_version,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *DispatchRequest) Reset() {
@@ -251,6 +257,13 @@ func (x *DispatchRequest) GetTraceContext() map[string]string {
 		return x.TraceContext
 	}
 	return nil
+}
+
+func (x *DispatchRequest) GetPlacementVersion() uint64 {
+	if x != nil {
+		return x.PlacementVersion
+	}
+	return 0
 }
 
 // DispatchResponse is one pre-summed partial row per input row:
@@ -863,9 +876,19 @@ func (x *SeqWork) GetEchoLogprobs() bool {
 type StepRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Step  uint64                 `protobuf:"varint,1,opt,name=step,proto3" json:"step,omitempty"`
-	Work  []*SeqWork             `protobuf:"bytes,2,rep,name=work,proto3" json:"work,omitempty"`
+	// work lists each sequence at most once; a step naming a sequence twice
+	// is refused whole with INVALID_ARGUMENT.
+	Work []*SeqWork `protobuf:"bytes,2,rep,name=work,proto3" json:"work,omitempty"`
 	// release frees these sequences' cache blocks (finished or cancelled).
-	Release       []uint64 `protobuf:"varint,3,rep,packed,name=release,proto3" json:"release,omitempty"`
+	// Releasing an unknown sequence is not an error, so a retried step may
+	// repeat its releases.
+	Release []uint64 `protobuf:"varint,3,rep,packed,name=release,proto3" json:"release,omitempty"`
+	// epoch is the sending coordinator's epoch (etcd-issued, increasing with
+	// every coordinator start; 0 without a control plane). A node drops
+	// every sequence of an older epoch when it first sees a newer one, and
+	// answers a step of an older epoch than it has seen with
+	// FAILED_PRECONDITION: that coordinator has been superseded.
+	Epoch         uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -919,6 +942,13 @@ func (x *StepRequest) GetRelease() []uint64 {
 		return x.Release
 	}
 	return nil
+}
+
+func (x *StepRequest) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
 }
 
 type TopLogprob struct {
@@ -1133,11 +1163,29 @@ func (x *SeqResult) GetMessage() string {
 }
 
 type StepResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Step          uint64                 `protobuf:"varint,1,opt,name=step,proto3" json:"step,omitempty"`
-	Results       []*SeqResult           `protobuf:"bytes,2,rep,name=results,proto3" json:"results,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Step  uint64                 `protobuf:"varint,1,opt,name=step,proto3" json:"step,omitempty"`
+	// results has one entry per work item when code is 0, none otherwise.
+	Results []*SeqResult `protobuf:"bytes,2,rep,name=results,proto3" json:"results,omitempty"`
+	// free_blocks and total_blocks are the node's cache after this step
+	// (its releases and new sequences applied): the coordinator's count of
+	// a node's free blocks is reset from every answer, so it can never
+	// drift.
+	FreeBlocks  uint32 `protobuf:"varint,3,opt,name=free_blocks,json=freeBlocks,proto3" json:"free_blocks,omitempty"`
+	TotalBlocks uint32 `protobuf:"varint,4,opt,name=total_blocks,json=totalBlocks,proto3" json:"total_blocks,omitempty"`
+	// code / message report a whole-step failure (google.rpc.Code): nothing
+	// of the step was applied but its releases. UNAVAILABLE: no replica of
+	// some routed expert answered within the node's budget (the expert
+	// nodes' fault, not this node's; retry the step). FAILED_PRECONDITION:
+	// the step's epoch is older than one the node has seen.
+	// INVALID_ARGUMENT: the step itself is malformed (a repeated sequence).
+	Code    int32  `protobuf:"varint,5,opt,name=code,proto3" json:"code,omitempty"`
+	Message string `protobuf:"bytes,6,opt,name=message,proto3" json:"message,omitempty"`
+	// placement_version is the newest expert placement version the step
+	// dispatched by.
+	PlacementVersion uint64 `protobuf:"varint,7,opt,name=placement_version,json=placementVersion,proto3" json:"placement_version,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *StepResponse) Reset() {
@@ -1184,8 +1232,45 @@ func (x *StepResponse) GetResults() []*SeqResult {
 	return nil
 }
 
+func (x *StepResponse) GetFreeBlocks() uint32 {
+	if x != nil {
+		return x.FreeBlocks
+	}
+	return 0
+}
+
+func (x *StepResponse) GetTotalBlocks() uint32 {
+	if x != nil {
+		return x.TotalBlocks
+	}
+	return 0
+}
+
+func (x *StepResponse) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *StepResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *StepResponse) GetPlacementVersion() uint64 {
+	if x != nil {
+		return x.PlacementVersion
+	}
+	return 0
+}
+
 type InfoRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// epoch fences older coordinators as a StepRequest's does (0: none).
+	Epoch         uint64 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1220,6 +1305,13 @@ func (*InfoRequest) Descriptor() ([]byte, []int) {
 	return file_expertmesh_proto_rawDescGZIP(), []int{17}
 }
 
+func (x *InfoRequest) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
 type NodeInfo struct {
 	state                 protoimpl.MessageState `protogen:"open.v1"`
 	NodeId                string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
@@ -1229,8 +1321,12 @@ type NodeInfo struct {
 	ActiveSequences       uint32                 `protobuf:"varint,5,opt,name=active_sequences,json=activeSequences,proto3" json:"active_sequences,omitempty"`
 	VocabSize             uint32                 `protobuf:"varint,6,opt,name=vocab_size,json=vocabSize,proto3" json:"vocab_size,omitempty"`
 	MaxPositionEmbeddings uint32                 `protobuf:"varint,7,opt,name=max_position_embeddings,json=maxPositionEmbeddings,proto3" json:"max_position_embeddings,omitempty"`
-	unknownFields         protoimpl.UnknownFields
-	sizeCache             protoimpl.SizeCache
+	// epoch is the newest coordinator epoch the node has seen.
+	Epoch uint64 `protobuf:"varint,8,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// draining: the node is shutting down and takes no new sequences.
+	Draining      bool `protobuf:"varint,9,opt,name=draining,proto3" json:"draining,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeInfo) Reset() {
@@ -1312,6 +1408,20 @@ func (x *NodeInfo) GetMaxPositionEmbeddings() uint32 {
 	return 0
 }
 
+func (x *NodeInfo) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *NodeInfo) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
 var File_expertmesh_proto protoreflect.FileDescriptor
 
 const file_expertmesh_proto_rawDesc = "" +
@@ -1320,7 +1430,7 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\x06Tensor\x12*\n" +
 	"\x05dtype\x18\x01 \x01(\x0e2\x14.expertmesh.v1.DTypeR\x05dtype\x12\x14\n" +
 	"\x05shape\x18\x02 \x03(\x03R\x05shape\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\fR\x04data\"\xd6\x02\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"\x83\x03\n" +
 	"\x0fDispatchRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12-\n" +
@@ -1329,7 +1439,8 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\n" +
 	"expert_ids\x18\x05 \x03(\x05B\x02\x10\x01R\texpertIds\x12%\n" +
 	"\fgate_weights\x18\x06 \x03(\x02B\x02\x10\x01R\vgateWeights\x12U\n" +
-	"\rtrace_context\x18\a \x03(\v20.expertmesh.v1.DispatchRequest.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\rtrace_context\x18\a \x03(\v20.expertmesh.v1.DispatchRequest.TraceContextEntryR\ftraceContext\x12+\n" +
+	"\x11placement_version\x18\b \x01(\x04R\x10placementVersion\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa0\x01\n" +
@@ -1375,11 +1486,12 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\bsampling\x18\x05 \x01(\v2\x1d.expertmesh.v1.SamplingParamsR\bsampling\x12%\n" +
 	"\x0ereserve_tokens\x18\x06 \x01(\rR\rreserveTokens\x12\x1a\n" +
 	"\blogprobs\x18\a \x01(\x05R\blogprobs\x12#\n" +
-	"\recho_logprobs\x18\b \x01(\bR\fechoLogprobs\"k\n" +
+	"\recho_logprobs\x18\b \x01(\bR\fechoLogprobs\"\x81\x01\n" +
 	"\vStepRequest\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x12*\n" +
 	"\x04work\x18\x02 \x03(\v2\x16.expertmesh.v1.SeqWorkR\x04work\x12\x1c\n" +
-	"\arelease\x18\x03 \x03(\x04B\x02\x10\x01R\arelease\"<\n" +
+	"\arelease\x18\x03 \x03(\x04B\x02\x10\x01R\arelease\x12\x14\n" +
+	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\"<\n" +
 	"\n" +
 	"TopLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\x05R\x05token\x12\x18\n" +
@@ -1395,11 +1507,18 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\alogprob\x18\x04 \x01(\v2\x1b.expertmesh.v1.TokenLogprobR\alogprob\x12D\n" +
 	"\x0fprompt_logprobs\x18\x05 \x03(\v2\x1b.expertmesh.v1.TokenLogprobR\x0epromptLogprobs\x12\x12\n" +
 	"\x04code\x18\x06 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\a \x01(\tR\amessage\"V\n" +
+	"\amessage\x18\a \x01(\tR\amessage\"\xf5\x01\n" +
 	"\fStepResponse\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x122\n" +
-	"\aresults\x18\x02 \x03(\v2\x18.expertmesh.v1.SeqResultR\aresults\"\r\n" +
-	"\vInfoRequest\"\x88\x02\n" +
+	"\aresults\x18\x02 \x03(\v2\x18.expertmesh.v1.SeqResultR\aresults\x12\x1f\n" +
+	"\vfree_blocks\x18\x03 \x01(\rR\n" +
+	"freeBlocks\x12!\n" +
+	"\ftotal_blocks\x18\x04 \x01(\rR\vtotalBlocks\x12\x12\n" +
+	"\x04code\x18\x05 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x06 \x01(\tR\amessage\x12+\n" +
+	"\x11placement_version\x18\a \x01(\x04R\x10placementVersion\"#\n" +
+	"\vInfoRequest\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"\xba\x02\n" +
 	"\bNodeInfo\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
 	"\n" +
@@ -1410,7 +1529,9 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\x10active_sequences\x18\x05 \x01(\rR\x0factiveSequences\x12\x1d\n" +
 	"\n" +
 	"vocab_size\x18\x06 \x01(\rR\tvocabSize\x126\n" +
-	"\x17max_position_embeddings\x18\a \x01(\rR\x15maxPositionEmbeddings*=\n" +
+	"\x17max_position_embeddings\x18\a \x01(\rR\x15maxPositionEmbeddings\x12\x14\n" +
+	"\x05epoch\x18\b \x01(\x04R\x05epoch\x12\x1a\n" +
+	"\bdraining\x18\t \x01(\bR\bdraining*=\n" +
 	"\x05DType\x12\x15\n" +
 	"\x11DTYPE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDTYPE_F32\x10\x01\x12\x0e\n" +

@@ -56,10 +56,13 @@ type ExpertServiceClient interface {
 	// does not hold) and the stream stays open.
 	Dispatch(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[DispatchRequest, DispatchResponse], error)
 	// Load makes the node hold the given experts (reading only their byte
-	// ranges from the checkpoint). Idempotent.
+	// ranges from the checkpoint). Idempotent. A node whose placement is
+	// managed through etcd refuses it with FAILED_PRECONDITION: there the
+	// placement versions decide what a node holds, not whoever reaches the
+	// port.
 	Load(ctx context.Context, in *LoadRequest, opts ...grpc.CallOption) (*LoadResponse, error)
 	// Drop releases experts. A dispatch naming a dropped expert afterwards
-	// gets FAILED_PRECONDITION.
+	// gets FAILED_PRECONDITION. Refused like Load on a managed node.
 	Drop(ctx context.Context, in *DropRequest, opts ...grpc.CallOption) (*DropResponse, error)
 	// Status reports what the node holds and has served.
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*ExpertStatus, error)
@@ -132,10 +135,13 @@ type ExpertServiceServer interface {
 	// does not hold) and the stream stays open.
 	Dispatch(grpc.BidiStreamingServer[DispatchRequest, DispatchResponse]) error
 	// Load makes the node hold the given experts (reading only their byte
-	// ranges from the checkpoint). Idempotent.
+	// ranges from the checkpoint). Idempotent. A node whose placement is
+	// managed through etcd refuses it with FAILED_PRECONDITION: there the
+	// placement versions decide what a node holds, not whoever reaches the
+	// port.
 	Load(context.Context, *LoadRequest) (*LoadResponse, error)
 	// Drop releases experts. A dispatch naming a dropped expert afterwards
-	// gets FAILED_PRECONDITION.
+	// gets FAILED_PRECONDITION. Refused like Load on a managed node.
 	Drop(context.Context, *DropRequest) (*DropResponse, error)
 	// Status reports what the node holds and has served.
 	Status(context.Context, *StatusRequest) (*ExpertStatus, error)
@@ -289,9 +295,17 @@ type AttentionServiceClient interface {
 	// StepRequest per scheduler step and the node answers each with one
 	// StepResponse (same step number) once every row of the batch has run
 	// through all layers and been sampled. Steps are processed in order.
+	//
+	// A step is applied to all of its sequences or to none: when it cannot
+	// complete (no replica of some expert answered within the node's
+	// budget), the response carries a non-zero code, no sequence advanced,
+	// sequences the step would have created do not exist, and the
+	// coordinator may send the same work again. The stream stays open.
 	Step(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StepRequest, StepResponse], error)
 	// Info reports the node's capacity so the coordinator can place
-	// sequences by free cache.
+	// sequences by free cache. An epoch newer than the node has seen fences
+	// older coordinators first (their sequences are dropped), so the free
+	// count it reports is the new coordinator's to use.
 	Info(ctx context.Context, in *InfoRequest, opts ...grpc.CallOption) (*NodeInfo, error)
 }
 
@@ -336,9 +350,17 @@ type AttentionServiceServer interface {
 	// StepRequest per scheduler step and the node answers each with one
 	// StepResponse (same step number) once every row of the batch has run
 	// through all layers and been sampled. Steps are processed in order.
+	//
+	// A step is applied to all of its sequences or to none: when it cannot
+	// complete (no replica of some expert answered within the node's
+	// budget), the response carries a non-zero code, no sequence advanced,
+	// sequences the step would have created do not exist, and the
+	// coordinator may send the same work again. The stream stays open.
 	Step(grpc.BidiStreamingServer[StepRequest, StepResponse]) error
 	// Info reports the node's capacity so the coordinator can place
-	// sequences by free cache.
+	// sequences by free cache. An epoch newer than the node has seen fences
+	// older coordinators first (their sequences are dropped), so the free
+	// count it reports is the new coordinator's to use.
 	Info(context.Context, *InfoRequest) (*NodeInfo, error)
 	mustEmbedUnimplementedAttentionServiceServer()
 }
