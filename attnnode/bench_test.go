@@ -6,7 +6,6 @@ import (
 	"os"
 	"testing"
 
-	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -34,7 +33,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 				cfg := DefaultConfig()
 				cfg.ModelDir, cfg.CacheBytes, cfg.MicroBatches = dir, 512<<20, mode.mb
 				if mode.remote {
-					cfg.Placement = placement.Static{T: table}
+					cfg.Placement = NewStatic(table)
 				}
 				node, err := New(cfg)
 				if err != nil {

@@ -18,7 +18,6 @@ import (
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/kernels"
-	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -34,7 +33,7 @@ type DialFunc func(addr string) (*grpc.ClientConn, error)
 // long-lived Dispatch stream per node, and sums the pre-summed partial rows
 // that come back. Safe for concurrent use by several micro-batches.
 type RemoteExperts struct {
-	place  placement.Source
+	place  PlacementView
 	hidden int
 	dial   DialFunc
 	nextID atomic.Uint64
@@ -47,7 +46,7 @@ type RemoteExperts struct {
 }
 
 // NewRemoteExperts dispatches to the nodes named by place.
-func NewRemoteExperts(place placement.Source, hidden int) *RemoteExperts {
+func NewRemoteExperts(place PlacementView, hidden int) *RemoteExperts {
 	r := &RemoteExperts{place: place, hidden: hidden, dial: defaultDial}
 	r.mu.conns = map[string]*expertConn{}
 	return r
@@ -179,7 +178,8 @@ func retryable(err error) bool {
 
 // plan groups slots by expert node, skipping nodes in avoid.
 func (r *RemoteExperts) plan(layer, n, k int, ids []int32, weights []float32, avoid map[string]bool) ([]*nodeBatch, error) {
-	t := r.place.Current()
+	rt, _ := r.place.Routing()
+	t := rt.Table
 	byAddr := map[string]*nodeBatch{}
 	var order []*nodeBatch
 	for i := range n {
@@ -189,8 +189,8 @@ func (r *RemoteExperts) plan(layer, n, k int, ids []int32, weights []float32, av
 				continue
 			}
 			addr := ""
-			for _, a := range t.Replicas(layer, int(id)) {
-				if !avoid[a] {
+			for _, ri := range t.Replicas(layer, int(id)) {
+				if a := rt.Addrs[ri]; a != "" && !avoid[a] {
 					addr = a
 					break
 				}

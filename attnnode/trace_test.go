@@ -8,7 +8,6 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
-	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -26,7 +25,7 @@ func TestTraceCrossesDispatch(t *testing.T) {
 	dir := genTiny(t, "tiny-v2")
 	table, _ := startExperts(t, dir, 2)
 	cfg := DefaultConfig()
-	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 4<<20, placement.Static{T: table}
+	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 4<<20, NewStatic(table)
 	node, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

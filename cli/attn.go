@@ -49,7 +49,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("--placement: %w", err)
 		}
-		cfg.Placement = placement.Static{T: t}
+		cfg.Placement = attnnode.NewStatic(t)
 	}
 	s, err := attnnode.Start(ctx, cfg)
 	if err != nil {

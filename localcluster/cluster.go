@@ -132,7 +132,7 @@ func (c *Cluster) launch(ctx context.Context, cfg Config, dir string, mc *model.
 	for i := range names {
 		names[i] = fmt.Sprintf("expert-%d", i)
 	}
-	plan, err := placement.Even(shape, names)
+	plan, err := placement.Even(shape, names, 0)
 	if err != nil {
 		return err
 	}

@@ -1,23 +1,25 @@
 package placement
 
 import (
+	"encoding/json"
 	"errors"
+	"slices"
 	"testing"
 )
 
-var v2shape = Shape{Layers: 3, Experts: 160, Groups: 8, MoELayers: []int{1, 2}}
+var v2shape = Shape{Layers: 3, Experts: 160, Groups: 8, TopKGroup: 3, MoELayers: []int{1, 2}}
 
 func TestEvenGroupAligned(t *testing.T) {
-	tb, err := Even(v2shape, []string{"a", "b", "c"})
+	tb, err := Even(v2shape, []string{"a", "b", "c"}, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// 8 groups of 20 over 3 nodes: cuts fall on group boundaries.
 	for _, l := range v2shape.MoELayers {
 		for g := range 8 {
-			first := tb.Replicas(l, g*20)[0]
+			first := tb.ReplicaIDs(l, g*20)[0]
 			for e := g * 20; e < (g+1)*20; e++ {
-				if tb.Replicas(l, e)[0] != first {
+				if tb.ReplicaIDs(l, e)[0] != first {
 					t.Fatalf("layer %d group %d split across nodes", l, g)
 				}
 			}
@@ -31,12 +33,8 @@ func TestEvenGroupAligned(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, l := range v2shape.MoELayers {
-		for e := range 160 {
-			if tb.Replicas(l, e)[0] != tb2.Replicas(l, e)[0] {
-				t.Fatalf("round trip differs at %d/%d", l, e)
-			}
-		}
+	if !tb.Equal(tb2) {
+		t.Fatal("round trip through specs differs")
 	}
 }
 
@@ -45,15 +43,105 @@ func TestParseSpec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r := tb.Replicas(2, 5); len(r) != 2 || r[0] != "x" || r[1] != "y" {
+	if r := tb.ReplicaIDs(2, 5); !slices.Equal(r, []string{"x", "y"}) {
 		t.Fatalf("replicas %v", r)
 	}
-	for _, bad := range []string{"x=0-100", "x=0-160", "x", "x=1:0-159;x=3:0-159", "x=a-b", "x=0:0-159"} {
+	if r := tb.ReplicaIDs(2, 50); !slices.Equal(r, []string{"x"}) {
+		t.Fatalf("replicas %v", r)
+	}
+	for _, bad := range []string{"x=0-100", "x=0-160", "x", "=0-159", "x=1:0-159;x=3:0-159", "x=a-b", "x=0:0-159", "x=2-1"} {
 		if _, err := ParseSpec(v2shape, bad); !errors.Is(err, ErrPlacement) {
 			t.Errorf("%q: err = %v", bad, err)
 		}
 	}
 	if len(tb.Nodes()) != 2 {
 		t.Fatalf("nodes %v", tb.Nodes())
+	}
+}
+
+func TestParseSet(t *testing.T) {
+	for _, c := range []struct {
+		spec string
+		want string // canonical rendering, or "ERR"
+		n    int
+	}{
+		{"", "", 0},
+		{"none", "", 0},
+		{"all", "1:0-159,2:0-159", 320},
+		{"0-9", "1:0-9,2:0-9", 20},
+		{"1:all", "1:0-159", 160},
+		{"1-2:5", "1:5,2:5", 2},
+		{"1:0-3, 2:4-7 ,1:2-5", "1:0-5,2:4-7", 10},
+		{"0:0-3", "ERR", 0},   // dense layer
+		{"3:0-3", "ERR", 0},   // past the layers
+		{"1:0-160", "ERR", 0}, // past the experts
+		{"1:", "ERR", 0},
+		{"1:5-4", "ERR", 0},
+		{",", "ERR", 0},
+		{"-1", "ERR", 0},
+		{"99999999999999999999", "ERR", 0},
+	} {
+		s, err := ParseSet(v2shape, c.spec)
+		if c.want == "ERR" {
+			if !errors.Is(err, ErrPlacement) {
+				t.Errorf("%q: err = %v, want ErrPlacement", c.spec, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%q: %v", c.spec, err)
+			continue
+		}
+		if s.String() != c.want || s.Len() != c.n {
+			t.Errorf("%q: %q (%d), want %q (%d)", c.spec, s.String(), s.Len(), c.want, c.n)
+		}
+		back, err := ParseSet(v2shape, s.String())
+		if err != nil || back.String() != s.String() {
+			t.Errorf("%q does not round-trip: %q %v", c.spec, back.String(), err)
+		}
+		if err := CheckSyntax(c.spec); err != nil {
+			t.Errorf("CheckSyntax(%q) = %v", c.spec, err)
+		}
+	}
+}
+
+func TestSetAlgebra(t *testing.T) {
+	a, _ := ParseSet(v2shape, "1:0-9")
+	b, _ := ParseSet(v2shape, "1:5-14,2:0")
+	if got := a.Minus(b).String(); got != "1:0-4" {
+		t.Fatalf("a-b = %q", got)
+	}
+	if got := a.Clone().Union(b).String(); got != "1:0-14,2:0" {
+		t.Fatalf("a|b = %q", got)
+	}
+	if a.String() != "1:0-9" {
+		t.Fatal("Minus or Clone changed a")
+	}
+}
+
+func TestTableJSON(t *testing.T) {
+	tb, err := ParseSpec(v2shape, "x=1:0-99,2:0-159;y=1:100-159;z=1:150-159")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb.Version = 7
+	data, err := json.Marshal(tb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := DecodeTable(v2shape, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Version != 7 || !back.Equal(tb) || !slices.Equal(back.Nodes(), tb.Nodes()) {
+		t.Fatalf("round trip: %s", data)
+	}
+	// A stored table for another model is refused.
+	other := Shape{Layers: 3, Experts: 64, Groups: 1, MoELayers: []int{1, 2}}
+	if _, err := DecodeTable(other, data); !errors.Is(err, ErrPlacement) {
+		t.Fatalf("decoding for another shape: %v", err)
+	}
+	if _, err := DecodeTable(v2shape, []byte(`{"version":1,"nodes":[{"id":"x","experts":"1:0-9"}]}`)); !errors.Is(err, ErrPlacement) {
+		t.Fatalf("incomplete table decoded: %v", err)
 	}
 }
