@@ -6,6 +6,7 @@ import (
 	"os"
 	"testing"
 
+	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -33,7 +34,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 				cfg := DefaultConfig()
 				cfg.ModelDir, cfg.CacheBytes, cfg.MicroBatches = dir, 512<<20, mode.mb
 				if mode.remote {
-					cfg.Placement = NewStatic(table)
+					cfg.Placement = placement.NewStatic(table)
 				}
 				node, err := New(cfg)
 				if err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
+	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -36,7 +37,7 @@ type Config struct {
 	BlockSize int
 	// Placement says which expert node holds which routed expert. Nil
 	// means every routed expert is loaded in-process (serve, generate).
-	Placement PlacementView
+	Placement placement.View
 	// MicroBatches splits each step's batch so one micro-batch computes
 	// attention while another's experts are in flight (--micro-batches).
 	// 0 means 2 with remote experts and 1 with local ones.

@@ -18,6 +18,7 @@ import (
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/kernels"
+	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -33,7 +34,7 @@ type DialFunc func(addr string) (*grpc.ClientConn, error)
 // long-lived Dispatch stream per node, and sums the pre-summed partial rows
 // that come back. Safe for concurrent use by several micro-batches.
 type RemoteExperts struct {
-	place  PlacementView
+	place  placement.View
 	hidden int
 	dial   DialFunc
 	nextID atomic.Uint64
@@ -46,7 +47,7 @@ type RemoteExperts struct {
 }
 
 // NewRemoteExperts dispatches to the nodes named by place.
-func NewRemoteExperts(place PlacementView, hidden int) *RemoteExperts {
+func NewRemoteExperts(place placement.View, hidden int) *RemoteExperts {
 	r := &RemoteExperts{place: place, hidden: hidden, dial: defaultDial}
 	r.mu.conns = map[string]*expertConn{}
 	return r

@@ -62,7 +62,7 @@ func TestRemoteExpertsMatchLocal(t *testing.T) {
 			dir := genTiny(t, preset)
 			table, _ := startExperts(t, dir, 3)
 			cfg := DefaultConfig()
-			cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, NewStatic(table)
+			cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, placement.NewStatic(table)
 			s, err := Start(context.Background(), cfg)
 			if err != nil {
 				t.Fatal(err)
@@ -86,7 +86,7 @@ func TestExpertNodeDeathIsACleanError(t *testing.T) {
 	dir := genTiny(t, "tiny-v2")
 	table, nodes := startExperts(t, dir, 2)
 	cfg := DefaultConfig()
-	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, NewStatic(table)
+	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, placement.NewStatic(table)
 	node, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -147,7 +147,7 @@ func TestReplicaFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := DefaultConfig()
-	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, NewStatic(table)
+	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, placement.NewStatic(table)
 	node, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

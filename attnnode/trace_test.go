@@ -8,6 +8,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
+	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -25,7 +26,7 @@ func TestTraceCrossesDispatch(t *testing.T) {
 	dir := genTiny(t, "tiny-v2")
 	table, _ := startExperts(t, dir, 2)
 	cfg := DefaultConfig()
-	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 4<<20, NewStatic(table)
+	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 4<<20, placement.NewStatic(table)
 	node, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -49,7 +49,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("--placement: %w", err)
 		}
-		cfg.Placement = attnnode.NewStatic(t)
+		cfg.Placement = placement.NewStatic(t)
 	}
 	s, err := attnnode.Start(ctx, cfg)
 	if err != nil {
