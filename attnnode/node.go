@@ -187,7 +187,8 @@ func (n *Node) Close() error {
 }
 
 // Info reports capacity for the coordinator's placement of sequences.
-func (n *Node) Info(context.Context) (*meshpb.NodeInfo, error) {
+// (epoch fencing: see proto InfoRequest; not enforced yet)
+func (n *Node) Info(_ context.Context, epoch uint64) (*meshpb.NodeInfo, error) {
 	n.mu.Lock()
 	active := len(n.mu.seqs)
 	n.mu.Unlock()

@@ -154,7 +154,7 @@ func TestNodeMatchesEngine(t *testing.T) {
 	const maxTokens = 6
 	tokens, lps, echo := drive(t, node, prompts, maxTokens, 4)
 	checkAgainstReference(t, dir, tokens, lps, echo, maxTokens)
-	info, _ := node.Info(context.Background())
+	info, _ := node.Info(context.Background(), 0)
 	if info.FreeBlocks != info.TotalBlocks || info.ActiveSequences != 0 {
 		t.Fatalf("after release: %d/%d blocks free, %d active", info.FreeBlocks, info.TotalBlocks, info.ActiveSequences)
 	}
@@ -171,7 +171,7 @@ func TestNodeRejectsBadWork(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer node.Close()
-	info, _ := node.Info(context.Background())
+	info, _ := node.Info(context.Background(), 0)
 	capTokens := info.TotalBlocks * info.BlockSize
 	req := &meshpb.StepRequest{Step: 1, Work: []*meshpb.SeqWork{
 		{SeqId: 1, Tokens: []int32{1, 2}, Sample: true, ReserveTokens: 8},
@@ -205,7 +205,7 @@ func TestNodeRejectsBadWork(t *testing.T) {
 		}
 	}
 	node.Step(context.Background(), &meshpb.StepRequest{Step: 3, Release: []uint64{1}})
-	info, _ = node.Info(context.Background())
+	info, _ = node.Info(context.Background(), 0)
 	if info.FreeBlocks != info.TotalBlocks {
 		t.Fatalf("blocks leaked: %d of %d free", info.FreeBlocks, info.TotalBlocks)
 	}

@@ -97,8 +97,8 @@ func (s *service) Step(stream meshpb.AttentionService_StepServer) error {
 	}
 }
 
-func (s *service) Info(ctx context.Context, _ *meshpb.InfoRequest) (*meshpb.NodeInfo, error) {
-	return s.node.Info(ctx)
+func (s *service) Info(ctx context.Context, req *meshpb.InfoRequest) (*meshpb.NodeInfo, error) {
+	return s.node.Info(ctx, req.GetEpoch())
 }
 
 // Client is a coordinator's handle on a remote attention node. Step calls
@@ -122,8 +122,8 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 }
 
 // Info asks the node for its capacity.
-func (c *Client) Info(ctx context.Context) (*meshpb.NodeInfo, error) {
-	return c.api.Info(ctx, &meshpb.InfoRequest{})
+func (c *Client) Info(ctx context.Context, epoch uint64) (*meshpb.NodeInfo, error) {
+	return c.api.Info(ctx, &meshpb.InfoRequest{Epoch: epoch})
 }
 
 // Step sends one step and waits for its response. A broken stream is

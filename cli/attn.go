@@ -58,7 +58,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	defer s.Close()
 	if *opsAddr != "" {
 		reg := prometheus.NewRegistry()
-		info := func() *meshpb.NodeInfo { i, _ := s.Info(ctx); return i }
+		info := func() *meshpb.NodeInfo { i, _ := s.Info(ctx, 0); return i }
 		for _, g := range []struct {
 			name, help string
 			v          func(*meshpb.NodeInfo) float64

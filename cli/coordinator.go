@@ -26,7 +26,7 @@ func addCoordinatorFlags(fs *flag.FlagSet, cfg *coordinator.Config) {
 
 // serveCoordinator starts a coordinator on nodes, prints the URL once every
 // node answered, and serves until ctx ends or serving fails.
-func serveCoordinator(ctx context.Context, cfg coordinator.Config, nodes []coordinator.AttentionNode, stdout io.Writer) error {
+func serveCoordinator(ctx context.Context, cfg coordinator.Config, nodes map[string]coordinator.AttentionNode, stdout io.Writer) error {
 	c, err := coordinator.Start(ctx, cfg, nodes)
 	if err != nil {
 		return err
@@ -73,7 +73,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer node.Close() // after the coordinator's Close (deferred later, runs first)
-	return serveCoordinator(ctx, cfg, []coordinator.AttentionNode{node}, stdout)
+	return serveCoordinator(ctx, cfg, map[string]coordinator.AttentionNode{"serve": node}, stdout)
 }
 
 // runCoordinator is `expertmesh coordinator`: the HTTP front door driving
@@ -98,14 +98,14 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	if len(addrs) == 0 {
 		return fmt.Errorf("--attn: at least one attention node address is required")
 	}
-	var nodes []coordinator.AttentionNode
+	nodes := map[string]coordinator.AttentionNode{}
 	for _, a := range addrs {
 		cl, err := attnnode.Dial(ctx, a)
 		if err != nil {
 			return fmt.Errorf("--attn %s: %w", a, err)
 		}
 		defer cl.Close()
-		nodes = append(nodes, cl)
+		nodes[a] = cl
 	}
 	return serveCoordinator(ctx, cfg, nodes, stdout)
 }

@@ -42,6 +42,7 @@ func (c *Coordinator) Handler() http.Handler {
 	mux.Handle("POST /v1/completions", c.instrument("completions", c.handleCompletions))
 	mux.Handle("POST /v1/chat/completions", c.instrument("chat_completions", c.handleChat))
 	mux.Handle("GET /v1/models", c.instrument("models", c.handleModels))
+	mux.Handle("GET /v1/cluster", c.instrument("cluster", c.handleCluster))
 	mux.Handle("POST /tokenize", c.instrument("tokenize", c.handleTokenize))
 	mux.Handle("POST /detokenize", c.instrument("detokenize", c.handleDetokenize))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
@@ -116,28 +117,91 @@ func (c *Coordinator) instrument(endpoint string, h http.HandlerFunc) http.Handl
 	})
 }
 
-// handleReady answers 200 when every node answers Info now and is in
-// service (a node whose steps fail, or whose vocabulary does not match the
-// model, answers Info but is not).
+// handleReady answers 200 when the coordinator admits requests and some
+// attention node is up and takes new sequences; 503 with the reasons
+// otherwise. It does no I/O: node state comes from the node loops.
 func (c *Coordinator) handleReady(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-	defer cancel()
 	c.mu.Lock()
-	down := slices.Clone(c.mu.nodeErr)
-	c.mu.Unlock()
-	var missing []string
-	for i, n := range c.nodes {
-		if _, err := n.Info(ctx); err != nil {
-			missing = append(missing, fmt.Sprintf("node %d: %v", i, err))
-		} else if down[i] != nil {
-			missing = append(missing, fmt.Sprintf("node %d: answers Info but is not serving: %v", i, down[i]))
+	var problems []string
+	usable := 0
+	stopping := c.mu.closing || c.mu.draining
+	switch {
+	case c.mu.closing:
+		problems = append(problems, "shutting down")
+	case c.mu.draining:
+		problems = append(problems, "draining: finishing running requests, admitting none")
+	}
+	for i, h := range c.mu.nodes {
+		n := c.mu.sched.nodes[i]
+		switch {
+		case n.gone:
+		case n.usable():
+			usable++
+		case n.draining:
+			problems = append(problems, fmt.Sprintf("attention node %s: draining", h.id))
+		case h.err != nil:
+			problems = append(problems, fmt.Sprintf("attention node %s: %v", h.id, h.err))
 		}
 	}
-	if len(missing) > 0 {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"ready": false, "errors": missing})
+	c.mu.Unlock()
+	if usable == 0 {
+		problems = append(problems, "no attention node takes new sequences")
+	}
+	if stopping || usable == 0 {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"ready": false, "errors": problems})
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"ready": true, "nodes": len(c.nodes)})
+	writeJSON(w, http.StatusOK, map[string]any{"ready": true, "nodes": usable, "warnings": problems})
+}
+
+// attnNodeStatus is one attention node in GET /v1/cluster.
+type attnNodeStatus struct {
+	ID          string `json:"id"`
+	State       string `json:"state"` // up, down, draining, gone
+	Error       string `json:"error,omitempty"`
+	TotalBlocks int    `json:"total_blocks"`
+	FreeBlocks  int    `json:"free_blocks"`
+	Running     int    `json:"running"`
+}
+
+// handleCluster reports the cluster: the coordinator's epoch and its
+// attention nodes, plus the control plane's view (expert placement and
+// members) when there is one.
+func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
+	c.mu.Lock()
+	var nodes []attnNodeStatus
+	for i, h := range c.mu.nodes {
+		n := c.mu.sched.nodes[i]
+		st := attnNodeStatus{ID: h.id, TotalBlocks: n.totalBlocks, FreeBlocks: n.freeBlocks, Running: len(n.running)}
+		switch {
+		case n.gone:
+			continue
+		case !n.up:
+			st.State = "down"
+		case n.draining:
+			st.State = "draining"
+		default:
+			st.State = "up"
+		}
+		if h.err != nil {
+			st.Error = h.err.Error()
+		}
+		nodes = append(nodes, st)
+	}
+	waiting := len(c.mu.sched.waiting)
+	c.mu.Unlock()
+	out := map[string]any{"epoch": c.cfg.Epoch, "model": c.name, "attention_nodes": nodes, "waiting": waiting}
+	if c.cfg.Cluster != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		defer cancel()
+		v, err := c.cfg.Cluster(ctx)
+		if err != nil {
+			out["control_plane_error"] = err.Error()
+		} else {
+			out["control_plane"] = v
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (c *Coordinator) handleModels(w http.ResponseWriter, r *http.Request) {
@@ -525,23 +589,39 @@ func (c *Coordinator) completionLogprobs(entries []tokenEntry, off int) *complet
 	return lp
 }
 
-// sse writes Server-Sent Events and flushes each one.
+// sse writes Server-Sent Events and flushes each one. Its headers go out
+// only once the request is admitted (start): a request refused before
+// that gets a plain HTTP error (429 with Retry-After, 503), which is what
+// clients' retry logic looks at.
 type sse struct {
-	w http.ResponseWriter
-	f http.Flusher
+	w       http.ResponseWriter
+	f       http.Flusher
+	started bool
 }
 
-func startSSE(w http.ResponseWriter) *sse {
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("Connection", "keep-alive")
-	w.WriteHeader(http.StatusOK)
+func newSSE(w http.ResponseWriter) *sse {
 	f, _ := w.(http.Flusher)
 	return &sse{w: w, f: f}
 }
 
+// start sends the 200 and the event-stream headers (once).
+func (s *sse) start() {
+	if s.started {
+		return
+	}
+	s.started = true
+	h := s.w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("Connection", "keep-alive")
+	s.w.WriteHeader(http.StatusOK)
+	if s.f != nil {
+		s.f.Flush()
+	}
+}
+
 func (s *sse) send(v any) error {
+	s.start()
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
@@ -562,18 +642,24 @@ func (s *sse) done() {
 	}
 }
 
-// streamError ends a stream whose headers are out: vLLM's convention of an
-// error event followed by [DONE].
+// streamError ends a stream: before its headers went out (the request
+// was never admitted) with a plain HTTP error; after, with vLLM's
+// convention of an error event followed by [DONE].
 func (c *Coordinator) streamError(s *sse, r *http.Request, err error) {
 	if r.Context().Err() != nil {
 		return // the client is gone; nobody reads
+	}
+	if !s.started {
+		c.writeError(s.w, err)
+		return
 	}
 	s.send(map[string]*apiError{"error": c.toAPIError(err)})
 	s.done()
 }
 
 func (c *Coordinator) streamCompletion(ctx context.Context, w http.ResponseWriter, r *http.Request, req *completionRequest, g *genRequest, id string, created int64) {
-	s := startSSE(w)
+	s := newSSE(w)
+	g.onAdmit = s.start
 	off := 0
 	if !g.echo {
 		off = len(g.promptText)
@@ -778,12 +864,12 @@ func (c *Coordinator) handleChat(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	id, created := newID("chatcmpl-"), time.Now().Unix()
 	if req.Stream {
-		s := startSSE(w)
+		s := newSSE(w)
 		role := "assistant"
 		empty := ""
-		if err := s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
-			Choices: []chatChoice{{Delta: &chatMsgOut{Role: role, Content: &empty}}}}); err != nil {
-			return
+		g.onAdmit = func() {
+			s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
+				Choices: []chatChoice{{Delta: &chatMsgOut{Role: role, Content: &empty}}}})
 		}
 		res, err := c.generate(ctx, g, func(d genDelta) error {
 			// A token that ends inside a character adds no text yet; send

@@ -246,17 +246,25 @@ func TestTokenizeDetokenize(t *testing.T) {
 	}
 }
 
-// flakyInfo fails Info on demand, to take a node out of /readyz.
+// flakyInfo fails Info and Step on demand, to take a node out of
+// /readyz.
 type flakyInfo struct {
 	AttentionNode
 	fail atomic.Bool
 }
 
-func (f *flakyInfo) Info(ctx context.Context) (*meshpb.NodeInfo, error) {
+func (f *flakyInfo) Info(ctx context.Context, epoch uint64) (*meshpb.NodeInfo, error) {
 	if f.fail.Load() {
 		return nil, io.ErrUnexpectedEOF
 	}
-	return f.AttentionNode.Info(ctx)
+	return f.AttentionNode.Info(ctx, epoch)
+}
+
+func (f *flakyInfo) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepResponse, error) {
+	if f.fail.Load() {
+		return nil, io.ErrUnexpectedEOF
+	}
+	return f.AttentionNode.Step(ctx, req)
 }
 
 func TestOperationalEndpoints(t *testing.T) {
@@ -298,8 +306,13 @@ func TestOperationalEndpoints(t *testing.T) {
 			}
 		}
 	}
+	// The node breaks: the next request's step fails, the node is down
+	// and /readyz says which and why, without asking it anything.
 	fl.fail.Store(true)
-	if code, body := get("/readyz"); code != 503 || !strings.Contains(body, "node 0") {
+	if code, out := complete(t, cl, map[string]any{"prompt": []int{1, 2}, "max_tokens": 2}); code != 503 || out.Error == nil || out.Error.Type != "attention_node_unavailable" {
+		t.Fatalf("request on a broken node: %d %+v", code, out.Error)
+	}
+	if code, body := get("/readyz"); code != 503 || !strings.Contains(body, "attention node attn-0") || !strings.Contains(body, "unexpected EOF") {
 		t.Errorf("readyz with a node not answering: %d %s", code, body)
 	}
 }

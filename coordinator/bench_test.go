@@ -44,7 +44,7 @@ func BenchmarkServe(b *testing.B) {
 			defer node.Close()
 			cfg := DefaultConfig()
 			cfg.ModelDir, cfg.Addr = tinyDir, "127.0.0.1:0"
-			c, err := Start(context.Background(), cfg, []AttentionNode{node})
+			c, err := Start(context.Background(), cfg, map[string]AttentionNode{"serve": node})
 			if err != nil {
 				b.Fatal(err)
 			}

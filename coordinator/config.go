@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"time"
@@ -44,6 +45,14 @@ type Config struct {
 	DefaultMaxTokens int
 	// Logger receives node up/down transitions (nil: slog.Default()).
 	Logger *slog.Logger
+	// Epoch is the coordinator's epoch from the control plane (0 without
+	// one). Every step and Info carries it so attention nodes drop what
+	// older coordinators left; sequence ids carry it in their high 32 bits
+	// so they are unique across coordinator lifetimes.
+	Epoch uint64
+	// Cluster, if set, supplies the control plane's view (expert
+	// placement, members) for GET /v1/cluster.
+	Cluster func(ctx context.Context) (any, error)
 }
 
 // DefaultConfig returns a configuration for one machine.
@@ -83,6 +92,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--step-timeout must be > 0, got %v", c.StepTimeout)
 	case c.DefaultMaxTokens < 0:
 		return fmt.Errorf("default max_tokens must be >= 0, got %d", c.DefaultMaxTokens)
+	case c.Epoch >= 1<<31:
+		return fmt.Errorf("epoch %d is too large to prefix sequence ids", c.Epoch)
 	}
 	return nil
 }

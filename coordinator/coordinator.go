@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,26 +31,29 @@ var tracer = otel.Tracer("github.com/expertmesh/expertmesh/coordinator")
 //
 // The coordinator calls Step from one goroutine per node and waits for each
 // answer before planning the next, so steps reach a node in order and never
-// overlap. Info may be called concurrently with a Step. An error from Step
-// means the whole step failed: the coordinator fails every sequence on the
-// node and treats the node as down until Info answers again. The
-// coordinator does not close nodes; their owner does, after Close.
+// overlap. Info may be called concurrently with a Step. A StepResponse
+// with a non-zero code was not applied (the coordinator sends the work
+// again); an error from Step means the node itself failed: the
+// coordinator moves its sequences to other nodes and treats it as down
+// until Info answers again. Both calls carry the coordinator's epoch so a
+// node drops what older coordinators left behind. The coordinator does
+// not close nodes; their owner does, after RemoveNode or Close.
 type AttentionNode interface {
 	Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepResponse, error)
-	Info(ctx context.Context) (*meshpb.NodeInfo, error)
+	Info(ctx context.Context, epoch uint64) (*meshpb.NodeInfo, error)
 }
 
 // Coordinator is a running coordinator: the OpenAI-compatible HTTP front
-// door and one scheduling loop per attention node.
+// door and one scheduling loop per attention node. Attention nodes join
+// and leave while it runs (AddNode, RemoveNode), keyed by their ids.
 type Coordinator struct {
-	cfg   Config
-	log   *slog.Logger
-	name  string
-	mcfg  *model.Config
-	eos   []int
-	gen   *model.GenerationConfig
-	tok   *tokenizer.Tokenizer // nil: the model dir has no tokenizer
-	nodes []AttentionNode
+	cfg  Config
+	log  *slog.Logger
+	name string
+	mcfg *model.Config
+	eos  []int
+	gen  *model.GenerationConfig
+	tok  *tokenizer.Tokenizer // nil: the model dir has no tokenizer
 
 	ln      net.Listener
 	srv     *http.Server
@@ -57,21 +62,23 @@ type Coordinator struct {
 	ready     chan struct{}
 	readyOnce sync.Once
 	errc      chan error
+	serveDone chan struct{}
+	lctx      context.Context // the loops' context; cancelled by Close
 	cancel    context.CancelFunc
 	loops     sync.WaitGroup
 	nextID    atomic.Uint64
-	wake      []chan struct{} // per node, capacity 1
-	nodeSeen  []atomic.Bool   // node answered Info at least once
 	closeOnce sync.Once
 	closeErr  error
 
 	mu struct {
 		sync.Mutex
-		sched   *scheduler
-		closing bool
-		// nodeErr is why each node is down (nil while up).
-		nodeErr []error
-		boxes   map[uint64]*mailbox
+		sched    *scheduler
+		closing  bool
+		draining bool
+		// nodes[i] drives scheduler node i; indexes are never reused.
+		nodes []*nodeHandle
+		boxes map[uint64]*mailbox
+		idle  chan struct{} // closed when boxes empties, while draining
 	}
 
 	// fresh holds connections accepted but not yet carrying a request.
@@ -86,18 +93,25 @@ type Coordinator struct {
 	}
 }
 
-// Start loads the model's configs and tokenizer from cfg.ModelDir, starts
-// one scheduling loop per node and serves HTTP on cfg.Addr. Ready() closes
-// once every node has answered Info; until then requests may fail with 503
-// and /readyz says which nodes are missing. A failed Start undoes what it
-// began. The coordinator keeps ctx's values (trace context) but not its
-// cancellation: it runs until Close.
-func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator, error) {
+// nodeHandle is one attention node's driver state.
+type nodeHandle struct {
+	id     string
+	node   AttentionNode
+	wake   chan struct{} // capacity 1
+	cancel context.CancelFunc
+	// err is why the node is down (nil while up); guarded by c.mu.
+	err error
+}
+
+// Start loads the model's configs and tokenizer from cfg.ModelDir and
+// serves HTTP on cfg.Addr. nodes (id → node) are added as by AddNode; more
+// may join later. Ready() closes once an attention node has answered
+// Info; until then requests fail with 503 and /readyz says why. A failed
+// Start undoes what it began. The coordinator keeps ctx's values (trace
+// context) but not its cancellation: it runs until Close.
+func Start(ctx context.Context, cfg Config, nodes map[string]AttentionNode) (*Coordinator, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
-	}
-	if len(nodes) == 0 {
-		return nil, fmt.Errorf("--attn: at least one attention node is required")
 	}
 	mcfg, err := model.LoadConfig(cfg.ModelDir)
 	if err != nil {
@@ -126,47 +140,45 @@ func Start(ctx context.Context, cfg Config, nodes []AttentionNode) (*Coordinator
 		return nil, fmt.Errorf("--addr: %w", err)
 	}
 	c := &Coordinator{
-		cfg: cfg, name: name, mcfg: mcfg, gen: gen, eos: gen.EOSTokenIDs, tok: tok, nodes: nodes,
-		ln: ln, metrics: newMetrics(), ready: make(chan struct{}), errc: make(chan error, 1),
-		nodeSeen: make([]atomic.Bool, len(nodes)),
+		cfg: cfg, name: name, mcfg: mcfg, gen: gen, eos: gen.EOSTokenIDs, tok: tok,
+		ln: ln, metrics: newMetrics(), ready: make(chan struct{}), errc: make(chan error, 1), serveDone: make(chan struct{}),
 	}
 	c.log = cfg.Logger
 	if c.log == nil {
 		c.log = slog.Default()
 	}
-	c.mu.sched = newScheduler(schedConfig{budget: cfg.StepTokenBudget, maxSeqs: cfg.MaxRunningPerNode}, len(nodes))
+	// Sequence ids carry the epoch in their high half, so they are unique
+	// across coordinator lifetimes.
+	c.nextID.Store(cfg.Epoch << 32)
+	c.mu.sched = newScheduler(schedConfig{budget: cfg.StepTokenBudget, maxSeqs: cfg.MaxRunningPerNode})
 	c.mu.boxes = map[uint64]*mailbox{}
-	c.mu.nodeErr = make([]error, len(nodes))
-	for i := range c.mu.nodeErr {
-		c.mu.nodeErr[i] = errors.New("not contacted yet")
+	c.lctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	ids := make([]string, 0, len(nodes))
+	for id := range nodes {
+		ids = append(ids, id)
 	}
-	lctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	c.cancel = cancel
-	for range nodes {
-		c.wake = append(c.wake, make(chan struct{}, 1))
-	}
-	for i := range nodes {
-		c.loops.Add(1)
-		go c.nodeLoop(lctx, i)
+	slices.Sort(ids)
+	for _, id := range ids {
+		c.AddNode(id, nodes[id])
 	}
 	c.srv = &http.Server{Handler: c.Handler(), ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
-		BaseContext: func(net.Listener) context.Context { return lctx }, ConnState: c.trackConn}
+		BaseContext: func(net.Listener) context.Context { return c.lctx }, ConnState: c.trackConn}
 	c.fresh = map[net.Conn]struct{}{}
 	go func() {
+		defer close(c.serveDone)
 		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			select {
-			case c.errc <- err:
-			default:
-			}
+			c.errc <- err
 		}
 	}()
 	return c, nil
 }
 
-// Ready is closed once every attention node has answered Info.
+// Ready is closed once an attention node has answered Info.
 func (c *Coordinator) Ready() <-chan struct{} { return c.ready }
 
-// Err reports a fatal serving error (the listener failed).
+// Err delivers at most one fatal serving error (the listener failed) and
+// is closed once the coordinator has stopped serving, after Close or such
+// an error.
 func (c *Coordinator) Err() <-chan error { return c.errc }
 
 // Addr is the HTTP listen address, with the port ":0" picked.
@@ -175,12 +187,116 @@ func (c *Coordinator) Addr() string { return c.ln.Addr().String() }
 // ModelName is the id requests name and /v1/models reports.
 func (c *Coordinator) ModelName() string { return c.name }
 
+// Epoch is the coordinator's epoch (0 without a control plane).
+func (c *Coordinator) Epoch() uint64 { return c.cfg.Epoch }
+
+// AddNode starts driving an attention node that joined under id. A node
+// already known under id is replaced (it restarted, perhaps at another
+// address): its sequences move as after a failure.
+func (c *Coordinator) AddNode(id string, node AttentionNode) {
+	c.mu.Lock()
+	if c.mu.closing {
+		c.mu.Unlock()
+		return
+	}
+	var ups []update
+	for i, h := range c.mu.nodes {
+		if h.id == id && !c.mu.sched.nodes[i].gone {
+			ups = append(ups, c.removeLocked(i, fmt.Errorf("%w: node %s was replaced", ErrNodeFailed, id))...)
+		}
+	}
+	i := c.mu.sched.addNode(id)
+	ctx, cancel := context.WithCancel(c.lctx)
+	h := &nodeHandle{id: id, node: node, wake: make(chan struct{}, 1), cancel: cancel, err: errors.New("not contacted yet")}
+	c.mu.nodes = append(c.mu.nodes, h)
+	woken, failed := c.admitLocked()
+	c.mu.Unlock()
+	c.deliver(ups)
+	c.deliver(failed)
+	c.wakeNodes(woken)
+	c.loops.Add(1)
+	go c.nodeLoop(ctx, i, h)
+}
+
+// RemoveNode stops driving the node known as id (it left the cluster: its
+// lease expired, or it drained). Its sequences are rebuilt on other nodes
+// by re-prefilling what they had. It reports whether id was known.
+func (c *Coordinator) RemoveNode(id string, why error) bool {
+	c.mu.Lock()
+	found := false
+	var ups []update
+	for i, h := range c.mu.nodes {
+		if h.id == id && !c.mu.sched.nodes[i].gone {
+			found = true
+			ups = append(ups, c.removeLocked(i, fmt.Errorf("%w: node %s left: %v", ErrNodeFailed, id, why))...)
+		}
+	}
+	woken, failed := c.admitLocked()
+	c.mu.Unlock()
+	c.deliver(ups)
+	c.deliver(failed)
+	c.wakeNodes(woken)
+	return found
+}
+
+func (c *Coordinator) removeLocked(i int, err error) []update {
+	h := c.mu.nodes[i]
+	h.cancel()
+	h.err = err
+	onNode := len(c.mu.sched.nodes[i].running)
+	ups := c.mu.sched.removeNode(i, err)
+	if onNode > 0 {
+		c.log.Warn("attention node left; moving its sequences to other nodes", "node", h.id,
+			"sequences", onNode, "failed", len(ups), "err", err)
+	}
+	return ups
+}
+
+// SetNodeDraining marks the node known as id as taking no new sequences
+// (it is shutting down) or as taking them again.
+func (c *Coordinator) SetNodeDraining(id string, draining bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, h := range c.mu.nodes {
+		if h.id == id {
+			c.mu.sched.setDraining(i, draining)
+		}
+	}
+}
+
+// Drain stops admitting requests (new ones get 503 and /readyz turns not
+// ready) and waits until every admitted request has finished, or ctx ends;
+// then it closes the coordinator. It returns ctx's error if requests were
+// still running when ctx ended (they fail with 503, as at Close).
+func (c *Coordinator) Drain(ctx context.Context) error {
+	c.mu.Lock()
+	c.mu.draining = true
+	if c.mu.idle == nil {
+		c.mu.idle = make(chan struct{})
+		if len(c.mu.boxes) == 0 {
+			close(c.mu.idle)
+		}
+	}
+	idle := c.mu.idle
+	running := len(c.mu.boxes)
+	c.mu.Unlock()
+	c.log.Info("draining: no new requests", "running", running)
+	var err error
+	select {
+	case <-idle:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	c.Close()
+	return err
+}
+
 // Close shuts down in this order: refuse new requests; fail every waiting
 // and running request with 503 so their handlers return; close connections
 // that never sent a request; shut the HTTP server down (waiting up to 5s
-// for handlers to write their answers); stop
-// the node loops (cancelling any step in flight) and wait for them. The
-// nodes themselves are left to their owner. Close is idempotent.
+// for handlers to write their answers); stop the node loops (cancelling
+// any step in flight) and wait for them. The nodes themselves are left to
+// their owner. Close is idempotent.
 func (c *Coordinator) Close() error {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
@@ -200,6 +316,8 @@ func (c *Coordinator) Close() error {
 		}
 		c.cancel()
 		c.loops.Wait()
+		<-c.serveDone
+		close(c.errc)
 	})
 	return c.closeErr
 }
@@ -214,32 +332,44 @@ func (c *Coordinator) trackConn(conn net.Conn, st http.ConnState) {
 	}
 }
 
+// errAborted: the node answered the step without applying it.
+var errAborted = errors.New("step not applied")
+
 // nodeLoop drives node i: bring it up with Info, then plan a step, run it,
 // apply the results, deliver them, repeat; sleep on the node's wake channel
-// while there is nothing to do.
-func (c *Coordinator) nodeLoop(ctx context.Context, i int) {
+// while there is nothing to do. It ends when ctx does (RemoveNode, Close).
+func (c *Coordinator) nodeLoop(ctx context.Context, i int, h *nodeHandle) {
 	defer c.loops.Done()
-	node := c.nodes[i]
 	backoff := 50 * time.Millisecond
+	wait := func() bool {
+		// Jitter keeps many coordinators' (or nodes') retries apart.
+		d := backoff/2 + time.Duration(mrand.Int64N(int64(backoff)))
+		backoff = min(2*backoff, 2*time.Second)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(d):
+			return true
+		}
+	}
 	for ctx.Err() == nil {
 		c.mu.Lock()
 		up := c.mu.sched.nodes[i].up
 		c.mu.Unlock()
 		if !up {
-			if err := c.bringUp(ctx, i); err != nil {
+			if err := c.bringUp(ctx, i, h); err != nil {
 				c.mu.Lock()
-				prev := c.mu.nodeErr[i]
-				c.mu.nodeErr[i] = err
+				prev := h.err
+				if ctx.Err() == nil {
+					h.err = err
+				}
 				c.mu.Unlock()
-				if prev == nil || prev.Error() != err.Error() {
-					c.log.Warn("attention node not answering", "node", i, "err", err)
+				if ctx.Err() == nil && (prev == nil || prev.Error() != err.Error()) {
+					c.log.Warn("attention node not answering", "node", h.id, "err", err)
 				}
-				select {
-				case <-ctx.Done():
+				if !wait() {
 					return
-				case <-time.After(backoff):
 				}
-				backoff = min(2*backoff, 2*time.Second)
 				continue
 			}
 		}
@@ -258,29 +388,28 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int) {
 			select {
 			case <-ctx.Done():
 				return
-			case <-c.wake[i]:
+			case <-h.wake:
 			}
 			continue
 		}
-		if err := c.runStep(ctx, i, node, req, links); err != nil {
-			// The node is down now. Wait before asking it again so a node
-			// that answers Info but fails every step is not hammered.
-			select {
-			case <-ctx.Done():
+		req.Epoch = c.cfg.Epoch
+		if err := c.runStep(ctx, i, h, req, links); err != nil {
+			// Down, or the step was not applied: wait before asking again
+			// so a node (or an expert layer) that fails every step is not
+			// hammered.
+			if !wait() {
 				return
-			case <-time.After(backoff):
 			}
-			backoff = min(2*backoff, 2*time.Second)
 		} else {
 			backoff = 50 * time.Millisecond
 		}
 	}
 }
 
-func (c *Coordinator) bringUp(ctx context.Context, i int) error {
+func (c *Coordinator) bringUp(ctx context.Context, i int, h *nodeHandle) error {
 	ictx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	info, err := c.nodes[i].Info(ictx)
+	info, err := h.node.Info(ictx, c.cfg.Epoch)
 	if err != nil {
 		return err
 	}
@@ -291,42 +420,42 @@ func (c *Coordinator) bringUp(ctx context.Context, i int) error {
 		return fmt.Errorf("node %s reports no cache", info.NodeId)
 	}
 	c.mu.Lock()
+	if ctx.Err() != nil { // removed meanwhile
+		c.mu.Unlock()
+		return ctx.Err()
+	}
 	c.mu.sched.nodeUp(i, info)
-	c.mu.nodeErr[i] = nil
-	c.log.Info("attention node up", "node", i, "id", info.NodeId, "blocks", info.TotalBlocks,
+	h.err = nil
+	c.log.Info("attention node up", "node", h.id, "blocks", info.TotalBlocks,
 		"free", info.FreeBlocks, "block_size", info.BlockSize)
 	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	c.deliver(failed)
 	c.wakeNodes(woken)
-	c.nodeSeen[i].Store(true)
-	all := true
-	for j := range c.nodeSeen {
-		all = all && c.nodeSeen[j].Load()
-	}
-	if all {
-		c.readyOnce.Do(func() { close(c.ready) })
-	}
+	c.readyOnce.Do(func() { close(c.ready) })
 	return nil
 }
 
 // runStep sends one step and applies its answer. The step's span links to
 // the spans of the requests it serves: a step is shared by many requests,
 // so it cannot be the child of one.
-func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, req *meshpb.StepRequest, links []trace.Link) error {
+func (c *Coordinator) runStep(ctx context.Context, i int, h *nodeHandle, req *meshpb.StepRequest, links []trace.Link) error {
 	rows := 0
 	for _, w := range req.Work {
 		rows += len(w.Tokens)
 	}
 	sctx, cancel := context.WithTimeout(ctx, c.cfg.StepTimeout)
 	sctx, span := tracer.Start(sctx, "coordinator.step", trace.WithAttributes(
-		attribute.Int("node", i), attribute.Int64("step", int64(req.Step)),
+		attribute.String("node", h.id), attribute.Int64("step", int64(req.Step)),
 		attribute.Int("sequences", len(req.Work)), attribute.Int("tokens", rows),
 		attribute.Int("released", len(req.Release))), trace.WithLinks(links...))
 	start := time.Now()
-	resp, err := node.Step(sctx, req)
+	resp, err := h.node.Step(sctx, req)
 	el := time.Since(start)
 	cancel()
+	if err == nil && resp.GetCode() != 0 {
+		span.AddEvent("step not applied", trace.WithAttributes(attribute.Int("code", int(resp.Code)), attribute.String("message", resp.Message)))
+	}
 	if err != nil {
 		span.RecordError(err)
 	}
@@ -334,20 +463,26 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 	c.metrics.stepSeconds.Observe(el.Seconds())
 	c.metrics.stepTokens.Observe(float64(rows))
 	c.mu.Lock()
-	var ups []update
+	var ups, failed []update
 	var woken []int
-	var failed []update
-	if err != nil {
+	switch {
+	case ctx.Err() != nil:
+		// Removed or closing: whoever did it dealt with the sequences.
+		c.mu.Unlock()
+		return ctx.Err()
+	case err != nil:
 		err = fmt.Errorf("%w: %v", ErrNodeFailed, err)
-		c.mu.nodeErr[i] = err
+		h.err = err
 		onNode := len(c.mu.sched.nodes[i].running)
 		ups = c.mu.sched.fail(i, err)
-		c.metrics.rebuilds.Add(float64(onNode - len(ups)))
-		if ctx.Err() == nil {
-			c.log.Error("attention node step failed; moving its sequences to other nodes", "node", i, "step", req.Step,
-				"rebuilt", onNode-len(ups), "failed", len(ups), "err", err)
-		}
-	} else {
+		c.log.Error("attention node step failed; its sequences wait for another node", "node", h.id, "step", req.Step,
+			"sequences", onNode, "failed", len(ups), "err", err)
+	case resp.GetCode() != 0:
+		c.mu.sched.abort(i, resp)
+		err = fmt.Errorf("%w: %v", errAborted, c.mu.sched.nodes[i].lastAbort)
+		c.metrics.abortedSteps.Inc()
+		c.log.Warn("step not applied; it will be sent again", "node", h.id, "step", req.Step, "code", resp.Code, "message", resp.Message)
+	default:
 		ups = c.mu.sched.apply(i, resp)
 	}
 	// Finished sequences freed seats and blocks: place waiting ones.
@@ -360,17 +495,29 @@ func (c *Coordinator) runStep(ctx context.Context, i int, node AttentionNode, re
 }
 
 func (c *Coordinator) wakeNodes(nodes []int) {
-	for _, i := range nodes {
+	if len(nodes) == 0 {
+		return
+	}
+	c.mu.Lock()
+	hs := make([]*nodeHandle, len(nodes))
+	for j, i := range nodes {
+		hs[j] = c.mu.nodes[i]
+	}
+	c.mu.Unlock()
+	for _, h := range hs {
 		select {
-		case c.wake[i] <- struct{}{}:
+		case h.wake <- struct{}{}:
 		default:
 		}
 	}
 }
 
-// admitLocked places waiting sequences and publishes the queue depth.
+// admitLocked places waiting sequences and publishes the queue depth and
+// the count of rebuilt sequences.
 func (c *Coordinator) admitLocked() (woken []int, failed []update) {
+	before := c.mu.sched.rebuilt
 	woken, failed = c.mu.sched.admit()
+	c.metrics.rebuilds.Add(float64(c.mu.sched.rebuilt - before))
 	c.metrics.queue.Set(float64(len(c.mu.sched.waiting)))
 	return woken, failed
 }
@@ -380,7 +527,7 @@ func (c *Coordinator) admitLocked() (woken []int, failed []update) {
 func (c *Coordinator) submit(q *sequence) (*mailbox, error) {
 	box := newMailbox()
 	c.mu.Lock()
-	if c.mu.closing {
+	if c.mu.closing || c.mu.draining {
 		c.mu.Unlock()
 		return nil, ErrShuttingDown
 	}
@@ -414,7 +561,7 @@ func (c *Coordinator) fitsNowLocked(q *sequence) bool {
 		return false
 	}
 	for _, n := range s.nodes {
-		if n.up && len(n.running) < s.cfg.maxSeqs && blocksFor(q.reserveTokens(), n.blockSize) <= n.freeBlocks {
+		if n.usable() && len(n.running) < s.cfg.maxSeqs && blocksFor(q.reserveTokens(), n.blockSize) <= n.freeBlocks {
 			return true
 		}
 	}
@@ -426,6 +573,7 @@ func (c *Coordinator) withdraw(q *sequence) {
 	c.mu.Lock()
 	node := c.mu.sched.cancel(q)
 	delete(c.mu.boxes, q.id)
+	c.checkIdleLocked()
 	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	c.deliver(failed)
@@ -447,12 +595,36 @@ func (c *Coordinator) deliver(ups []update) {
 			delete(c.mu.boxes, u.seq.id)
 		}
 	}
+	c.checkIdleLocked()
 	c.mu.Unlock()
 	for j, u := range ups {
 		if boxes[j] != nil {
 			boxes[j].put(u)
 		}
 	}
+}
+
+// checkIdleLocked closes the drain's idle channel once no request is left.
+func (c *Coordinator) checkIdleLocked() {
+	if c.mu.idle != nil && len(c.mu.boxes) == 0 {
+		select {
+		case <-c.mu.idle:
+		default:
+			close(c.mu.idle)
+		}
+	}
+}
+
+// troubleFor says why q's node is not making progress (its last step was
+// not applied), or nil: a request that times out says so rather than
+// just "timed out".
+func (c *Coordinator) troubleFor(q *sequence) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if q.node < 0 || q.node >= len(c.mu.sched.nodes) {
+		return nil
+	}
+	return c.mu.sched.nodes[q.node].lastAbort
 }
 
 // mailbox hands updates from node loops to a request's handler without

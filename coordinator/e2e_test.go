@@ -90,7 +90,7 @@ func startCluster(t testing.TB, n int, cfgf func(*Config), wrap func(i int, nd A
 	if cfgf != nil {
 		cfgf(&cfg)
 	}
-	c, err := Start(context.Background(), cfg, as)
+	c, err := Start(context.Background(), cfg, byID(as))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -634,14 +634,14 @@ func TestAdmissionControl(t *testing.T) {
 func waitReleased(t *testing.T, g *gate, nd *attnnode.Node) {
 	t.Helper()
 	for {
-		in, _ := nd.Info(context.Background())
+		in, _ := nd.Info(context.Background(), 0)
 		if in.FreeBlocks == in.TotalBlocks && in.ActiveSequences == 0 {
 			return
 		}
 		select {
 		case <-g.done:
 		case <-time.After(20 * time.Second): // a leak, not a slow step
-			in, _ := nd.Info(context.Background())
+			in, _ := nd.Info(context.Background(), 0)
 			t.Fatalf("blocks never came back: %d/%d free, %d active", in.FreeBlocks, in.TotalBlocks, in.ActiveSequences)
 		}
 	}
@@ -661,7 +661,7 @@ func TestClientDisconnectReleasesCache(t *testing.T) {
 	if line, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(line, "data: ") {
 		t.Fatalf("first line %q %v", line, err)
 	}
-	in, _ := cl.nodes[0].Info(context.Background())
+	in, _ := cl.nodes[0].Info(context.Background(), 0)
 	if in.ActiveSequences != 1 || in.FreeBlocks == in.TotalBlocks {
 		t.Fatalf("while streaming: %d active, %d/%d free", in.ActiveSequences, in.FreeBlocks, in.TotalBlocks)
 	}
@@ -692,25 +692,19 @@ func TestNodeFailure(t *testing.T) {
 	cl := startCluster(t, 1, nil, func(_ int, n AttentionNode) AttentionNode { g = newGate(n); return g })
 	g.fail = errors.New("connection reset")
 	close(g.open)
-	for _, stream := range []bool{false, true} {
-		resp, b := post(t, context.Background(), cl.url+"/v1/completions", map[string]any{"prompt": []int{1, 2}, "max_tokens": 4, "stream": stream})
-		if !stream {
-			// Rebuilt once (on the same, only node), then failed for good
-			// or refused while the node is marked down: 503 either way.
-			if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), `"service_unavailable"`) {
-				t.Errorf("non-streaming: %d %s", resp.StatusCode, b)
-			}
-			continue
-		}
-		// The node may still be marked down from the first failure (503
-		// before the stream starts) or be retried (error event in it).
-		if resp.StatusCode == http.StatusServiceUnavailable && strings.Contains(string(b), `"error"`) {
-			continue
-		}
-		evs := sseEvents(t, bytes.NewReader(b))
-		if resp.StatusCode != 200 || len(evs) != 2 || !strings.Contains(evs[0], `"error"`) || evs[1] != "[DONE]" {
-			t.Errorf("streaming: %d %q", resp.StatusCode, evs)
-		}
+	// The only node fails the step: with no other node to move the
+	// sequence to, it fails with the attention node's error, not a
+	// generic one.
+	resp, b := post(t, context.Background(), cl.url+"/v1/completions", map[string]any{"prompt": []int{1, 2}, "max_tokens": 4})
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), `"attention_node_unavailable"`) ||
+		!strings.Contains(string(b), "no other can take it over") {
+		t.Errorf("non-streaming: %d %s", resp.StatusCode, b)
+	}
+	// Now the node is down: a new request is refused before any stream
+	// starts, with the same truthful type.
+	resp, b = post(t, context.Background(), cl.url+"/v1/completions", map[string]any{"prompt": []int{1, 2}, "max_tokens": 4, "stream": true})
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), `"attention_node_unavailable"`) || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("streaming on a down node: %d %s", resp.StatusCode, b)
 	}
 }
 

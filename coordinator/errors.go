@@ -56,6 +56,9 @@ func (c *Coordinator) toAPIError(err error) *apiError {
 	case errors.Is(err, ErrTooLong):
 		return &apiError{status: http.StatusBadRequest, Type: "invalid_request_error", Param: strp("max_tokens"),
 			Code: strp("context_length_exceeded"), Message: err.Error()}
+	case errors.Is(err, ErrExpertsUnavailable):
+		return &apiError{status: http.StatusServiceUnavailable, Type: "expert_unavailable", Code: strp("expert_unavailable"),
+			Message: err.Error(), retryAfter: c.cfg.RetryAfter}
 	case errors.Is(err, errTimeout), errors.Is(err, context.DeadlineExceeded):
 		return &apiError{status: http.StatusGatewayTimeout, Type: "timeout_error", Code: strp("timeout"), Message: err.Error()}
 	case errors.As(err, &nse):
@@ -67,8 +70,14 @@ func (c *Coordinator) toAPIError(err error) *apiError {
 				Message: err.Error(), retryAfter: c.cfg.RetryAfter}
 		}
 		return &apiError{status: http.StatusInternalServerError, Type: "internal_error", Message: err.Error()}
-	case errors.Is(err, ErrNoNodes), errors.Is(err, ErrNodeFailed), errors.Is(err, ErrShuttingDown):
-		return &apiError{status: http.StatusServiceUnavailable, Type: "service_unavailable", Code: strp("unavailable"),
+	case errors.Is(err, ErrNodeFailed):
+		return &apiError{status: http.StatusServiceUnavailable, Type: "attention_node_unavailable", Code: strp("attention_node_failed"),
+			Message: err.Error(), retryAfter: c.cfg.RetryAfter}
+	case errors.Is(err, ErrNoNodes):
+		return &apiError{status: http.StatusServiceUnavailable, Type: "attention_node_unavailable", Code: strp("no_attention_node"),
+			Message: err.Error(), retryAfter: c.cfg.RetryAfter}
+	case errors.Is(err, ErrShuttingDown):
+		return &apiError{status: http.StatusServiceUnavailable, Type: "service_unavailable", Code: strp("shutting_down"),
 			Message: err.Error(), retryAfter: c.cfg.RetryAfter}
 	}
 	return &apiError{status: http.StatusInternalServerError, Type: "internal_error", Message: err.Error()}

@@ -32,7 +32,7 @@ func Example() {
 
 	cfg := coordinator.DefaultConfig()
 	cfg.ModelDir, cfg.Addr = dir, "127.0.0.1:0"
-	c, err := coordinator.Start(context.Background(), cfg, []coordinator.AttentionNode{node})
+	c, err := coordinator.Start(context.Background(), cfg, map[string]coordinator.AttentionNode{"serve": node})
 	if err != nil {
 		log.Fatal(err)
 	}

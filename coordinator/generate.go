@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -23,6 +24,9 @@ type genRequest struct {
 	echo       bool
 	stopIDs    []int
 	stopStrs   []string
+	// onAdmit, if set, runs once the request is admitted (a stream sends
+	// its headers then, not before: a refusal is a plain HTTP error).
+	onAdmit func()
 }
 
 // tokenEntry is one position of the output: its id, text and (when asked)
@@ -171,6 +175,9 @@ func (c *Coordinator) generate(ctx context.Context, g *genRequest, onDelta func(
 	if err != nil {
 		return nil, err
 	}
+	if g.onAdmit != nil {
+		g.onAdmit()
+	}
 	defer c.withdraw(q)
 	c.metrics.running.Inc()
 	defer c.metrics.running.Dec()
@@ -188,6 +195,10 @@ func (c *Coordinator) generate(ctx context.Context, g *genRequest, onDelta func(
 		select {
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				if trouble := c.troubleFor(q); trouble != nil {
+					// Its steps kept coming back unapplied: say why.
+					return nil, fmt.Errorf("%w after %d tokens: %w", errTimeout, len(res.tokens), trouble)
+				}
 				return nil, errTimeout
 			}
 			return nil, ctx.Err()

@@ -102,7 +102,7 @@ func startGRPC(t *testing.T, n int, wrap func(i int, nd AttentionNode) Attention
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Addr, cfg.StepTokenBudget, cfg.MaxRunningPerNode = tinyDir, "127.0.0.1:0", 16, 8
 	cfg.Logger = slog.New(slog.DiscardHandler)
-	c, err := Start(context.Background(), cfg, nodes)
+	c, err := Start(context.Background(), cfg, byID(nodes))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +152,7 @@ func TestNodeDiesMidGeneration(t *testing.T) {
 	proxies[0].kill()
 	evs := sseEvents(t, br)
 	// With no other node to rebuild it on, the request fails with 503.
-	if len(evs) < 2 || evs[len(evs)-1] != "[DONE]" || !strings.Contains(evs[len(evs)-2], `"error"`) || !strings.Contains(evs[len(evs)-2], `"service_unavailable"`) {
+	if len(evs) < 2 || evs[len(evs)-1] != "[DONE]" || !strings.Contains(evs[len(evs)-2], `"error"`) || !strings.Contains(evs[len(evs)-2], `"attention_node_unavailable"`) {
 		t.Fatalf("stream after the node died ends %q", evs[max(0, len(evs)-2):])
 	}
 	// The next request is refused cleanly too (503), not queued forever.

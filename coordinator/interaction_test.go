@@ -22,7 +22,8 @@ var updateGolden = flag.Bool("update", false, "rewrite testdata/scheduler golden
 // output. Commands:
 //
 //	nodes T/F/B ...          node i has T blocks, F free, block size B
-//	up I T/F/B               node I answered Info again
+//	up I T/F/B               node I answered Info again (F is ignored: the
+//	                         fake node reports what it really has free)
 //	add ID prompt=N max=M [stop=a,b] [echo]   a request arrives (checked, queued)
 //	admit                    place waiting requests: "ID->node"
 //	step I                   plan node I's step (see fmtStep)
@@ -61,6 +62,7 @@ func TestSchedulerInteractions(t *testing.T) {
 func runScript(t *testing.T, script string) string {
 	var out strings.Builder
 	var s *scheduler
+	var fn []*fakeNode
 	seqs := map[uint64]*sequence{}
 	pending := map[int]*meshpb.StepRequest{}
 	emit := func(format string, args ...any) { fmt.Fprintf(&out, format+"\n", args...) }
@@ -101,14 +103,18 @@ func runScript(t *testing.T, script string) string {
 		}
 		switch f[0] {
 		case "nodes":
-			s = newScheduler(schedConfig{budget: 8, maxSeqs: 4}, len(f)-1)
-			for i, spec := range f[1:] {
-				s.nodeUp(i, parseInfo(t, spec))
+			var infos []*meshpb.NodeInfo
+			for _, spec := range f[1:] {
+				infos = append(infos, parseInfo(t, spec))
 			}
+			s, fn = testScheduler(schedConfig{budget: 8, maxSeqs: 4}, infos...)
 		case "budget":
 			s.cfg.budget, s.cfg.maxSeqs = arg(1), arg(2)
 		case "up":
-			s.nodeUp(arg(1), parseInfo(t, f[2]))
+			// The node answers Info with what it really has free.
+			in := parseInfo(t, f[2])
+			in.FreeBlocks = uint32(fn[arg(1)].free())
+			s.nodeUp(arg(1), in)
 		case "add":
 			q := &sequence{id: uint64(arg(1)), logprobs: -1, sampling: &meshpb.SamplingParams{}}
 			for _, kv := range f[2:] {
@@ -183,7 +189,7 @@ func runScript(t *testing.T, script string) string {
 					tok[uint64(id)] = n
 				}
 			}
-			resp := answer(req, func(id uint64) int {
+			resp := fn[i].answer(req, func(id uint64) int {
 				if v, ok := tok[id]; ok {
 					return v
 				}

@@ -19,6 +19,7 @@ type metrics struct {
 	ttft             prometheus.Histogram
 	requestSeconds   prometheus.Histogram
 	rebuilds         prometheus.Counter
+	abortedSteps     prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -43,8 +44,10 @@ func newMetrics() *metrics {
 	m.requestSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "request_duration_seconds",
 		Help: "End-to-end generation request time.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18)})
 	m.rebuilds = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "rebuilds_total",
-		Help: "Sequences moved off a failed attention node and re-prefilled elsewhere."})
-	m.reg.MustRegister(m.rebuilds, m.requests, m.promptTokens, m.generationTokens, m.queue, m.running,
+		Help: "Sequences placed again (to be re-prefilled) after their attention node failed or left."})
+	m.abortedSteps = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "aborted_steps_total",
+		Help: "Steps an attention node answered without applying them (no replica of some expert answered in time); their work is sent again."})
+	m.reg.MustRegister(m.rebuilds, m.abortedSteps, m.requests, m.promptTokens, m.generationTokens, m.queue, m.running,
 		m.stepSeconds, m.stepTokens, m.ttft, m.requestSeconds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -44,9 +44,14 @@ type sequence struct {
 	// echoed counts prompt positions whose logprobs were delivered, so a
 	// rebuilt sequence does not report them twice.
 	echoed int
-	// rebuilds counts re-prefills after its node failed.
-	rebuilds  int
-	blocks    int // cache blocks reserved on node
+	// rebuilds counts re-prefills after its node failed; rebuilding marks
+	// a sequence waiting to be placed again after one.
+	rebuilds   int
+	rebuilding bool
+	blocks     int // cache blocks reserved on node
+	// created: the node holds the sequence (a step carrying its first
+	// chunk was applied), so its blocks show in the node's own free count.
+	created   bool
 	sent      int // positions the node holds
 	generated []int
 	inflight  bool // part of the node's step in flight
@@ -102,6 +107,10 @@ var (
 	ErrOverloaded   = errors.New("too many requests waiting")
 	ErrTooLong      = errors.New("request does not fit")
 	ErrShuttingDown = errors.New("coordinator is shutting down")
+	// ErrExpertsUnavailable: the request's steps kept failing because no
+	// replica of some routed expert answered (the expert nodes' fault; the
+	// attention node is fine) until the request's own time ran out.
+	ErrExpertsUnavailable = errors.New("expert nodes unavailable")
 )
 
 // NodeSeqError is a per-sequence failure a node reported in SeqResult.
@@ -114,22 +123,30 @@ func (e *NodeSeqError) Error() string {
 	return fmt.Sprintf("attention node: %s: %s", e.Code, e.Message)
 }
 
-type releaseItem struct {
-	id uint64
-	// blocks are credited back to the node's free count once the step
-	// carrying the release succeeded.
-	blocks int
-}
-
 type nodeState struct {
-	up          bool
-	blockSize   int
-	totalBlocks int
-	freeBlocks  int
+	// id is the node's stable identity (its member id); an index into
+	// scheduler.nodes is never reused for another node.
+	id string
+	up bool
+	// gone: the node left the cluster (its membership ended); it is never
+	// planned again. draining: it takes no new sequences.
+	gone, draining bool
+	blockSize      int
+	totalBlocks    int
+	// freeBlocks is what the node reported free in its last answer, less
+	// the reservations of sequences placed here that it does not hold yet:
+	// reset from every answer, so it cannot drift.
+	freeBlocks int
+	// lastAbort is why the node's last step was not applied (nil after a
+	// step that was), to tell a request that times out why.
+	lastAbort error
 	// running holds the node's sequences in admission order; earlier
 	// sequences get prompt budget first.
 	running []*sequence
-	release []releaseItem
+	// release lists sequences the node may still hold; releasing one it
+	// does not hold is harmless, so a release is sent until a step
+	// carrying it is answered.
+	release []uint64
 	step    uint64
 	// inflight is the step sent and not yet applied or failed.
 	inflight *inflightStep
@@ -137,7 +154,7 @@ type nodeState struct {
 
 type inflightStep struct {
 	work    []workItem
-	release []releaseItem
+	release []uint64
 }
 
 type workItem struct {
@@ -155,33 +172,65 @@ type scheduler struct {
 	cfg     schedConfig
 	waiting []*sequence // arrival order
 	nodes   []*nodeState
+	// rebuilt counts sequences placed again after their node failed.
+	rebuilt int
 }
 
-func newScheduler(cfg schedConfig, nodes int) *scheduler {
-	s := &scheduler{cfg: cfg}
-	for range nodes {
-		s.nodes = append(s.nodes, &nodeState{})
+func newScheduler(cfg schedConfig) *scheduler {
+	return &scheduler{cfg: cfg}
+}
+
+// addNode makes room for a node that joined, down until its Info. A node
+// that comes back under an id seen before inherits the releases its
+// previous incarnation never received (it may still hold those
+// sequences).
+func (s *scheduler) addNode(id string) int {
+	n := &nodeState{id: id}
+	for _, old := range s.nodes {
+		if old.id == id && old.gone {
+			n.release, old.release = old.release, nil
+		}
 	}
-	return s
+	s.nodes = append(s.nodes, n)
+	return len(s.nodes) - 1
 }
 
-// nodeUp records a node's Info. Releases still pending from before the
-// node went down lose their block credit: Info's free count is the truth
-// now, and crediting them again could over-admit.
+// nodeUp records a node's Info: its free count is the truth now.
 func (s *scheduler) nodeUp(i int, info *meshpb.NodeInfo) {
 	n := s.nodes[i]
+	if n.gone {
+		return
+	}
 	n.up = true
 	n.blockSize = max(int(info.BlockSize), 1)
 	n.totalBlocks = int(info.TotalBlocks)
-	n.freeBlocks = int(info.FreeBlocks)
-	for j := range n.release {
-		n.release[j].blocks = 0
-	}
+	n.draining = n.draining || info.Draining
+	n.setFree(int(info.FreeBlocks))
 }
 
-func (s *scheduler) anyUp() bool {
+// setFree takes the node's own free count and subtracts what is promised
+// to sequences placed here that it does not hold yet.
+func (n *nodeState) setFree(reported int) {
+	for _, q := range n.running {
+		if !q.created {
+			reported -= q.blocks
+		}
+	}
+	n.freeBlocks = reported
+}
+
+// setDraining marks node i as taking no new sequences (or taking them
+// again); what runs there continues.
+func (s *scheduler) setDraining(i int, draining bool) {
+	s.nodes[i].draining = draining
+}
+
+// usable: up, not leaving, not draining: new sequences may go there.
+func (n *nodeState) usable() bool { return n.up && !n.gone && !n.draining }
+
+func (s *scheduler) anyUsable() bool {
 	for _, n := range s.nodes {
-		if n.up {
+		if n.usable() {
 			return true
 		}
 	}
@@ -194,12 +243,12 @@ func blocksFor(tokens, blockSize int) int { return (tokens + blockSize - 1) / bl
 // hold its reservation. It is called before enqueue so that a request that
 // can never be placed is refused rather than blocking the queue forever.
 func (s *scheduler) check(q *sequence) error {
-	if !s.anyUp() {
+	if !s.anyUsable() {
 		return ErrNoNodes
 	}
 	best := 0
 	for _, n := range s.nodes {
-		if n.up {
+		if n.usable() {
 			best = max(best, n.totalBlocks*n.blockSize)
 		}
 	}
@@ -215,16 +264,20 @@ func (s *scheduler) enqueue(q *sequence) {
 	s.waiting = append(s.waiting, q)
 }
 
-// admit places waiting sequences, in arrival order, each on the live node
-// with the most free cache blocks (ties: lowest index) that has a free
-// seat. It stops at the first sequence that does not fit anywhere so a big
-// request is not overtaken forever by small ones. With no live node every
-// waiting sequence fails. It returns the nodes that got work.
+// admit places waiting sequences, in arrival order, each on the usable
+// node with the most free cache blocks (ties: lowest index) that has a
+// free seat. It stops at the first sequence that does not fit anywhere so
+// a big request is not overtaken forever by small ones. With no usable
+// node every waiting sequence fails. It returns the nodes that got work.
 func (s *scheduler) admit() (woken []int, failed []update) {
-	if !s.anyUp() {
+	if !s.anyUsable() {
 		for _, q := range s.waiting {
 			q.done = true
-			failed = append(failed, update{seq: q, err: ErrNoNodes})
+			err := ErrNoNodes
+			if q.rebuilding {
+				err = fmt.Errorf("%w: its attention node failed and no other can take it over", ErrNoNodes)
+			}
+			failed = append(failed, update{seq: q, err: err})
 		}
 		s.waiting = nil
 		return nil, failed
@@ -233,7 +286,7 @@ func (s *scheduler) admit() (woken []int, failed []update) {
 		q := s.waiting[0]
 		best := -1
 		for i, n := range s.nodes {
-			if !n.up || len(n.running) >= s.cfg.maxSeqs {
+			if !n.usable() || len(n.running) >= s.cfg.maxSeqs {
 				continue
 			}
 			if best < 0 || n.freeBlocks > s.nodes[best].freeBlocks {
@@ -249,9 +302,13 @@ func (s *scheduler) admit() (woken []int, failed []update) {
 			break
 		}
 		n.freeBlocks -= need
-		q.node, q.blocks = best, need
+		q.node, q.blocks, q.created = best, need, false
 		n.running = append(n.running, q)
 		s.waiting = s.waiting[1:]
+		if q.rebuilding {
+			q.rebuilding = false
+			s.rebuilt++
+		}
 		if !slices.Contains(woken, best) {
 			woken = append(woken, best)
 		}
@@ -264,7 +321,7 @@ func (s *scheduler) admit() (woken []int, failed []update) {
 // to prompt chunks in admission order.
 func (s *scheduler) plan(i int) *meshpb.StepRequest {
 	n := s.nodes[i]
-	if !n.up || n.inflight != nil {
+	if !n.up || n.gone || n.inflight != nil {
 		return nil
 	}
 	req := &meshpb.StepRequest{}
@@ -305,9 +362,7 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 	}
 	in.release = n.release
 	n.release = nil
-	for _, r := range in.release {
-		req.Release = append(req.Release, r.id)
-	}
+	req.Release = append(req.Release, in.release...)
 	if len(req.Work) == 0 && len(req.Release) == 0 {
 		return nil
 	}
@@ -321,28 +376,42 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 }
 
 // remove takes q off node n's running list and queues its release. A
-// sequence the node never saw needs no release; its blocks return at once.
+// sequence the node never saw needs no release; its reservation returns
+// at once.
 func (s *scheduler) remove(n *nodeState, q *sequence) {
 	n.running = slices.DeleteFunc(n.running, func(x *sequence) bool { return x == q })
 	q.done = true
-	if q.sent == 0 && !q.inflight {
+	if !q.created && !q.inflight {
 		n.freeBlocks += q.blocks
 		return
 	}
-	n.release = append(n.release, releaseItem{id: q.id, blocks: q.blocks})
+	n.release = append(n.release, q.id)
 }
 
-// apply takes node i's answer to its in-flight step.
+// apply takes node i's answer to its in-flight step. An answer with a
+// whole-step code was not applied (see abort).
 func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 	n := s.nodes[i]
 	in := n.inflight
 	if in == nil {
 		return nil
 	}
-	n.inflight = nil
-	for _, r := range in.release {
-		n.freeBlocks += r.blocks
+	if resp.GetCode() != 0 {
+		s.abort(i, resp)
+		return nil
 	}
+	n.inflight = nil
+	n.lastAbort = nil
+	for _, w := range in.work {
+		// The node holds every sequence this step carried work for (a
+		// per-sequence failure included: it is released below).
+		w.seq.created = true
+	}
+	defer func() {
+		if resp.GetTotalBlocks() > 0 {
+			n.setFree(int(resp.FreeBlocks))
+		}
+	}()
 	byID := make(map[uint64]*meshpb.SeqResult, len(resp.GetResults()))
 	for _, r := range resp.GetResults() {
 		byID[r.SeqId] = r
@@ -409,6 +478,35 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 	return out
 }
 
+// abort takes back node i's in-flight step that the node answered
+// without applying (no replica of some expert answered in time, or the
+// step was fenced): nothing advanced, so its work is planned again as it
+// was. Its releases are sent again too; repeating one is harmless. The
+// node stays up: an expert node's fault is not the attention node's.
+func (s *scheduler) abort(i int, resp *meshpb.StepResponse) {
+	n := s.nodes[i]
+	in := n.inflight
+	if in == nil {
+		return
+	}
+	n.inflight = nil
+	n.release = append(in.release, n.release...)
+	for _, w := range in.work {
+		w.seq.inflight = false
+		if w.seq.done && !slices.Contains(n.release, w.seq.id) {
+			// Cancelled while in flight: remove queued its release already.
+			n.release = append(n.release, w.seq.id)
+		}
+	}
+	n.lastAbort = fmt.Errorf("%w: %s", ErrExpertsUnavailable, resp.GetMessage())
+	if codes.Code(resp.GetCode()) != codes.Unavailable {
+		n.lastAbort = fmt.Errorf("attention node refused the step: %s: %s", codes.Code(resp.GetCode()), resp.GetMessage())
+	}
+	if resp.GetTotalBlocks() > 0 {
+		n.setFree(int(resp.FreeBlocks))
+	}
+}
+
 // maxRebuilds bounds how often one sequence is moved off a failed node; a
 // request that keeps killing nodes must not take the whole cluster down.
 const maxRebuilds = 1
@@ -428,6 +526,9 @@ func (s *scheduler) fail(i int, err error) []update {
 		n.release = append(in.release, n.release...)
 		for _, w := range in.work {
 			w.seq.inflight = false
+			if w.seq.done && !slices.Contains(n.release, w.seq.id) {
+				n.release = append(n.release, w.seq.id)
+			}
 		}
 		n.inflight = nil
 	}
@@ -435,18 +536,30 @@ func (s *scheduler) fail(i int, err error) []update {
 	var rebuild []*sequence
 	for _, q := range n.running {
 		q.inflight = false
-		n.release = append(n.release, releaseItem{id: q.id})
+		n.release = append(n.release, q.id)
 		if q.rebuilds >= maxRebuilds {
 			q.done = true
 			out = append(out, update{seq: q, err: err})
 			continue
 		}
 		q.rebuilds++
-		q.node, q.blocks, q.sent = -1, 0, 0
+		q.rebuilding = true
+		q.node, q.blocks, q.sent, q.created = -1, 0, 0, false
 		rebuild = append(rebuild, q)
 	}
 	n.running = nil
 	s.waiting = append(rebuild, s.waiting...)
+	return out
+}
+
+// removeNode takes node i out of the cluster (its membership ended):
+// its sequences are rebuilt elsewhere as after a failure, and it is never
+// planned again. Releases it never received are kept for a node that
+// comes back under the same id.
+func (s *scheduler) removeNode(i int, err error) []update {
+	n := s.nodes[i]
+	out := s.fail(i, err)
+	n.gone = true
 	return out
 }
 

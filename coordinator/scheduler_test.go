@@ -34,18 +34,59 @@ func fmtStep(req *meshpb.StepRequest) string {
 	return strings.Join(parts, " ")
 }
 
-// answer is a fake node's reply to a step: each work item that samples
-// gets token tok(id) and the rest an empty OK result.
-func answer(req *meshpb.StepRequest, tok func(id uint64) int) *meshpb.StepResponse {
+// fakeNode is a node's cache accounting as a real attention node keeps
+// it: a sequence's first chunk reserves its blocks, a release frees them,
+// and every answer reports the free count. other is what something else
+// (an older coordinator's sequences) holds.
+type fakeNode struct {
+	total, bs, other int
+	held             map[uint64]int
+}
+
+func newFakeNode(in *meshpb.NodeInfo) *fakeNode {
+	return &fakeNode{total: int(in.TotalBlocks), bs: int(in.BlockSize), other: int(in.TotalBlocks - in.FreeBlocks), held: map[uint64]int{}}
+}
+
+func (f *fakeNode) free() int {
+	n := f.total - f.other
+	for _, b := range f.held {
+		n -= b
+	}
+	return n
+}
+
+// answer replies to a step: each work item that samples gets token
+// tok(id) and the rest an empty OK result.
+func (f *fakeNode) answer(req *meshpb.StepRequest, tok func(id uint64) int) *meshpb.StepResponse {
+	for _, id := range req.Release {
+		delete(f.held, id)
+	}
 	resp := &meshpb.StepResponse{Step: req.Step}
 	for _, w := range req.Work {
+		if w.StartPos == 0 {
+			f.held[w.SeqId] = blocksFor(int(w.ReserveTokens), f.bs)
+		}
 		r := &meshpb.SeqResult{SeqId: w.SeqId}
 		if w.Sample {
 			r.Sampled, r.Token = true, int32(tok(w.SeqId))
 		}
 		resp.Results = append(resp.Results, r)
 	}
+	resp.FreeBlocks, resp.TotalBlocks = uint32(f.free()), uint32(f.total)
 	return resp
+}
+
+// testScheduler has n nodes named n0, n1, … that answered infos; nodes[i]
+// keeps node i's accounting.
+func testScheduler(cfg schedConfig, infos ...*meshpb.NodeInfo) (*scheduler, []*fakeNode) {
+	s := newScheduler(cfg)
+	var nodes []*fakeNode
+	for i, in := range infos {
+		s.addNode(fmt.Sprintf("n%d", i))
+		s.nodeUp(i, in)
+		nodes = append(nodes, newFakeNode(in))
+	}
+	return s, nodes
 }
 
 func seqOf(id uint64, prompt, maxTokens int) *sequence {
@@ -148,10 +189,7 @@ func TestSchedulerSteps(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := newScheduler(tt.cfg, len(tt.nodes))
-			for i, in := range tt.nodes {
-				s.nodeUp(i, in)
-			}
+			s, fn := testScheduler(tt.cfg, tt.nodes...)
 			for _, q := range tt.seqs {
 				q.stopIDs = tt.stopID
 				s.enqueue(q)
@@ -171,7 +209,7 @@ func TestSchedulerSteps(t *testing.T) {
 						t.Fatalf("round %d node %d: step %q, want %q", round, i, got, want[i])
 					}
 					if req != nil {
-						for _, u := range s.apply(i, answer(req, tt.tok)) {
+						for _, u := range s.apply(i, fn[i].answer(req, tt.tok)) {
 							if u.err != nil {
 								t.Fatalf("round %d: sequence %d failed: %v", round, u.seq.id, u.err)
 							}
@@ -190,8 +228,7 @@ func TestSchedulerSteps(t *testing.T) {
 }
 
 func TestSchedulerFinishReasons(t *testing.T) {
-	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 1)
-	s.nodeUp(0, info(8, 8, 4))
+	s, fn := testScheduler(schedConfig{budget: 16, maxSeqs: 4}, info(8, 8, 4))
 	a, b, c := seqOf(1, 2, 3), seqOf(2, 2, 3), seqOf(3, 2, 0)
 	a.stopIDs, b.stopIDs = []int{5}, []int{5}
 	for _, q := range []*sequence{a, b, c} {
@@ -206,7 +243,7 @@ func TestSchedulerFinishReasons(t *testing.T) {
 		if req == nil {
 			break
 		}
-		resp := answer(req, func(id uint64) int { return toks[id][len(seen[id])] })
+		resp := fn[0].answer(req, func(id uint64) int { return toks[id][len(seen[id])] })
 		for _, u := range s.apply(0, resp) {
 			if u.sampled {
 				seen[u.seq.id] = append(seen[u.seq.id], u.token)
@@ -243,8 +280,7 @@ func TestSchedulerCancel(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 1)
-			s.nodeUp(0, info(8, 8, 4))
+			s, fn := testScheduler(schedConfig{budget: 16, maxSeqs: 4}, info(8, 8, 4))
 			q := seqOf(1, 3, 8)
 			s.enqueue(q)
 			if tt.rounds >= 0 {
@@ -256,12 +292,12 @@ func TestSchedulerCancel(t *testing.T) {
 					if node := s.cancel(q); node != 0 {
 						t.Fatalf("cancel returned node %d, want 0", node)
 					}
-					if ups := s.apply(0, answer(req, func(uint64) int { return 1 })); len(ups) != 0 {
+					if ups := s.apply(0, fn[0].answer(req, func(uint64) int { return 1 })); len(ups) != 0 {
 						t.Fatalf("cancelled sequence got %d updates", len(ups))
 					}
 					break
 				}
-				s.apply(0, answer(req, func(uint64) int { return 1 }))
+				s.apply(0, fn[0].answer(req, func(uint64) int { return 1 }))
 			}
 			if !tt.inflight {
 				s.cancel(q)
@@ -272,7 +308,7 @@ func TestSchedulerCancel(t *testing.T) {
 					t.Fatalf("step %d after cancel: %q, want %q", i, got, w)
 				}
 				if req != nil {
-					s.apply(0, answer(req, func(uint64) int { return 1 }))
+					s.apply(0, fn[0].answer(req, func(uint64) int { return 1 }))
 				}
 			}
 			if n := s.nodes[0]; n.freeBlocks != 8 || len(n.running) != 0 || len(s.waiting) != 0 {
@@ -283,9 +319,7 @@ func TestSchedulerCancel(t *testing.T) {
 }
 
 func TestSchedulerNodeFailure(t *testing.T) {
-	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 2)
-	s.nodeUp(0, info(8, 8, 4))
-	s.nodeUp(1, info(8, 2, 4))
+	s, fn := testScheduler(schedConfig{budget: 16, maxSeqs: 4}, info(8, 8, 4), info(8, 2, 4))
 	a, b := seqOf(1, 3, 4), seqOf(2, 3, 4)
 	s.enqueue(a)
 	s.enqueue(b)
@@ -294,8 +328,8 @@ func TestSchedulerNodeFailure(t *testing.T) {
 		t.Fatalf("placed on %d, %d, want 0, 0", a.node, b.node)
 	}
 	// a gets two tokens on node 0, then node 0 fails mid-step.
-	s.apply(0, answer(s.plan(0), func(uint64) int { return 7 }))
-	s.apply(0, answer(s.plan(0), func(uint64) int { return 8 }))
+	s.apply(0, fn[0].answer(s.plan(0), func(uint64) int { return 7 }))
+	s.apply(0, fn[0].answer(s.plan(0), func(uint64) int { return 8 }))
 	s.plan(0)
 	boom := errors.New("boom")
 	if ups := s.fail(0, boom); len(ups) != 0 {
@@ -311,10 +345,11 @@ func TestSchedulerNodeFailure(t *testing.T) {
 	}
 	// a re-prefills prompt + its first generated token, then decodes the
 	// second as if nothing happened.
-	if got := fmtStep(s.plan(1)); got != "1[0:4]+" {
+	req := s.plan(1)
+	if got := fmtStep(req); got != "1[0:4]+" {
 		t.Fatalf("rebuild step %q", got)
 	}
-	s.apply(1, answer(&meshpb.StepRequest{Work: []*meshpb.SeqWork{{SeqId: 1}}}, nil))
+	s.apply(1, fn[1].answer(req, nil))
 	if got := fmtStep(s.plan(1)); got != "1[4:5]*" {
 		t.Fatalf("after rebuild %q", got)
 	}
@@ -330,27 +365,31 @@ func TestSchedulerNodeFailure(t *testing.T) {
 	if err := s.check(seqOf(4, 2, 2)); !errors.Is(err, ErrNoNodes) {
 		t.Fatalf("check with no nodes: %v", err)
 	}
-	// Back up: the failed sequences are released, without block credit.
-	s.nodeUp(0, info(8, 8, 4))
-	if got := fmtStep(s.plan(0)); got != "rel[1 2]" {
+	// Back up: Info counts the blocks a and b still hold there; the
+	// failed sequences are released and the next answer says so.
+	s.nodeUp(0, info(8, fn[0].free(), 4))
+	if s.nodes[0].freeBlocks != 4 {
+		t.Fatalf("free after Info %d, want 4 (a's and b's blocks still held)", s.nodes[0].freeBlocks)
+	}
+	req = s.plan(0)
+	if got := fmtStep(req); got != "rel[1 2]" {
 		t.Fatalf("after recovery %q, want rel[1 2]", got)
 	}
-	s.apply(0, &meshpb.StepResponse{})
+	s.apply(0, fn[0].answer(req, nil))
 	if s.nodes[0].freeBlocks != 8 {
 		t.Errorf("free %d, want 8", s.nodes[0].freeBlocks)
 	}
 }
 
 func TestSchedulerPerSequenceErrors(t *testing.T) {
-	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 1)
-	s.nodeUp(0, info(8, 8, 4))
+	s, fn := testScheduler(schedConfig{budget: 16, maxSeqs: 4}, info(8, 8, 4))
 	a, b, c := seqOf(1, 2, 2), seqOf(2, 2, 2), seqOf(3, 2, 2)
 	for _, q := range []*sequence{a, b, c} {
 		s.enqueue(q)
 	}
 	s.admit()
 	req := s.plan(0)
-	resp := answer(req, func(uint64) int { return 3 })
+	resp := fn[0].answer(req, func(uint64) int { return 3 })
 	resp.Results[0].Code, resp.Results[0].Message = int32(codes.ResourceExhausted), "cache full"
 	resp.Results[1].Sampled = false
 	resp.Results = resp.Results[:2] // 3 has no result
@@ -376,9 +415,7 @@ func TestSchedulerPerSequenceErrors(t *testing.T) {
 }
 
 func TestSchedulerCheck(t *testing.T) {
-	s := newScheduler(schedConfig{budget: 16, maxSeqs: 4}, 2)
-	s.nodeUp(0, info(4, 4, 4))
-	s.nodeUp(1, info(8, 1, 2))
+	s, _ := testScheduler(schedConfig{budget: 16, maxSeqs: 4}, info(4, 4, 4), info(8, 1, 2))
 	for _, tt := range []struct {
 		prompt, max int
 		ok          bool
