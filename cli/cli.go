@@ -30,6 +30,7 @@ func commands() map[string]command {
 		"attn":          {"run an attention node (latent cache, layer loop) serving gRPC", runAttn},
 		"up":            {"start a local cluster: coordinator, attention and expert nodes as processes on loopback", runUp},
 		"bench-kernels": {"measure read bandwidth, FMA peak and each kernel's fraction of them", runBenchKernels},
+		"bench":         {"load an OpenAI-compatible server (vLLM bench serve's flags and JSON); compare saved runs", runBenchServe},
 		"tokenize":      {"print the model tokenizer's ids for a text as JSON", runTokenize},
 		"detokenize":    {"print the text of token ids", runDetokenize},
 	}
