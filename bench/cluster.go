@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"time"
 )
 
 // Breakdown is where the time of one decode step goes, layer by layer, as
@@ -107,15 +108,20 @@ func (e *ExpertLoad) sub(before *ExpertLoad) *ExpertLoad {
 	return out
 }
 
-// ClusterStats is the part of GET /v1/cluster the benchmark keeps.
+// ClusterStats is what the benchmark keeps of GET /v1/cluster.
 type ClusterStats struct {
-	ExpertLoad     *ExpertLoad `json:"expert_load"`
-	LayerBreakdown *Breakdown  `json:"layer_breakdown"`
+	ExpertLoad     *ExpertLoad
+	LayerBreakdown *Breakdown
+	// Raw is the whole answer.
+	Raw json.RawMessage
 }
 
 // FetchCluster reads GET root/v1/cluster. A server without the endpoint
-// (404, 405, 501) or without the fields answers nil, nil.
+// (404, 405, 501) answers nil, nil. A field of another shape than
+// ExpertLoad's or Breakdown's is left out rather than failing the rest.
 func FetchCluster(ctx context.Context, client *http.Client, root, apiKey string) (*ClusterStats, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, root+"/v1/cluster", nil)
 	if err != nil {
 		return nil, err
@@ -134,14 +140,24 @@ func FetchCluster(ctx context.Context, client *http.Client, root, apiKey string)
 	default:
 		return nil, fmt.Errorf("GET /v1/cluster: %s", resp.Status)
 	}
-	var cs ClusterStats
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&cs); err != nil {
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
 		return nil, fmt.Errorf("GET /v1/cluster: %w", err)
 	}
-	if cs.ExpertLoad == nil && cs.LayerBreakdown == nil {
-		return nil, nil
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return nil, fmt.Errorf("GET /v1/cluster: not a JSON object: %w", err)
 	}
-	return &cs, nil
+	cs := &ClusterStats{Raw: b}
+	var el ExpertLoad
+	if raw, ok := fields["expert_load"]; ok && json.Unmarshal(raw, &el) == nil && el.Validate() == nil {
+		cs.ExpertLoad = &el
+	}
+	var bd Breakdown
+	if raw, ok := fields["layer_breakdown"]; ok && json.Unmarshal(raw, &bd) == nil && bd.Validate() == nil {
+		cs.LayerBreakdown = &bd
+	}
+	return cs, nil
 }
 
 func setAuth(req *http.Request, apiKey string) {

@@ -72,6 +72,8 @@ type Result struct {
 	TimeSeries   TimeSeries      `json:"time_series"`
 	CommandLine  []string        `json:"command_line"`
 	ServerModels json.RawMessage `json:"server_models"` // GET /v1/models as answered, or null
+	// ServerCluster is GET /v1/cluster as answered after the run, or null.
+	ServerCluster json.RawMessage `json:"server_cluster"`
 	// LayerBreakdown and ExpertLoad are null unless someone measured them
 	// (GET /v1/cluster, or a trace); the report says "no data" then.
 	LayerBreakdown *Breakdown  `json:"layer_breakdown"`

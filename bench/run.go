@@ -136,6 +136,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 
 	if cfg.ClusterStats {
 		if after, _ := FetchCluster(ctx, hc, root, cfg.APIKey); after != nil {
+			r.ServerCluster = after.Raw
 			if after.ExpertLoad != nil {
 				var prev *ExpertLoad
 				if before != nil {
