@@ -85,18 +85,13 @@ func WriteSummary(w io.Writer, r *Result) {
 		sort.Strings(kinds)
 		for _, k := range kinds {
 			line(k+":", r.ErrorsByKind[k])
-		}
-		// The first few messages, as vLLM prints them, say why.
-		shown := 0
-		for i, e := range r.Errors {
-			if e == "" {
-				continue
+			// The first message of each kind says why.
+			for i, ek := range r.ErrorKinds {
+				if ek == k && i < len(r.Errors) {
+					fmt.Fprintf(w, "  e.g. request %d: %s\n", i, oneLine(r.Errors[i], 120))
+					break
+				}
 			}
-			if shown == 3 {
-				break
-			}
-			fmt.Fprintf(w, "  request %d: %s\n", i, oneLine(e, 120))
-			shown++
 		}
 	}
 	if r.ExpertLoad != nil || r.LayerBreakdown != nil {
