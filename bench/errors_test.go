@@ -40,7 +40,9 @@ func fakeServer(t *testing.T) *httptest.Server {
 			return
 		}
 		event := func(w io.Writer, s string) { fmt.Fprintf(w, "data: %s\n\n", s) }
-		tok := func(i int) string { return fmt.Sprintf(`{"choices":[{"index":0,"text":"t%d","finish_reason":null}]}`, i) }
+		tok := func(i int) string {
+			return fmt.Sprintf(`{"choices":[{"index":0,"text":"t%d","finish_reason":null}]}`, i)
+		}
 		switch req.Prompt {
 		case "ok", "nodone", "errevent", "garbage":
 			w.Header().Set("Content-Type", "text/event-stream")
