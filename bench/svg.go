@@ -130,10 +130,13 @@ func linePlot(id, title, xlabel, ylabel string, curves []curve, markers []marker
 			ymax = max(ymax, c.ys[i])
 		}
 	}
-	if math.IsInf(xmin, 0) {
+	switch {
+	case math.IsInf(xmin, 0):
 		xmin, xmax = 0, 1
+	case xmin > 0 && xmin < 0.3*xmax:
+		// Start at 0 unless that would squeeze the data into a corner.
+		xmin = 0
 	}
-	xmin = min(xmin, 0)
 	if ymax <= 0 {
 		ymax = 1
 	}
@@ -146,7 +149,12 @@ func linePlot(id, title, xlabel, ylabel string, curves []curve, markers []marker
 	for i, m := range markers {
 		x := a.px(m.x)
 		fmt.Fprintf(&b, `<path class="marker" d="M%s %dV%d" stroke="#888" stroke-dasharray="4 3"/>`, num(x), marginT, marginT+innerH)
-		fmt.Fprintf(&b, `<text x="%s" y="%d" font-size="10" fill="#555">%s</text>`, num(x+3), marginT+10+11*(i%3), html.EscapeString(m.label))
+		// Labels near the right edge go to the left of their line.
+		tx, anchor := x+3, "start"
+		if x > marginL+innerW-80 {
+			tx, anchor = x-3, "end"
+		}
+		fmt.Fprintf(&b, `<text x="%s" y="%d" font-size="10" text-anchor="%s" fill="#555">%s</text>`, num(tx), marginT+10+11*(i%3), anchor, html.EscapeString(m.label))
 	}
 	var names []string
 	for i, c := range curves {
@@ -191,7 +199,7 @@ func cdfCurve(name string, ms []float64) curve {
 	if n == 0 {
 		return c
 	}
-	c.xs, c.ys = append(c.xs, min(0, s[0])), append(c.ys, 0)
+	c.xs, c.ys = append(c.xs, s[0]), append(c.ys, 0)
 	stride := max(1, n/maxCurvePoints)
 	for i := 0; i < n; i += stride {
 		c.xs = append(c.xs, s[i])
