@@ -36,7 +36,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 				if mode.remote {
 					cfg.Placement = placement.NewStatic(table)
 				}
-				node, err := New(cfg)
+				node, err := Start(context.Background(), inProcess(cfg))
 				if err != nil {
 					b.Fatal(err)
 				}

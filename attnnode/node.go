@@ -4,11 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"runtime/debug"
 	"slices"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -19,7 +24,9 @@ import (
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
-var tracer = otel.Tracer("github.com/expertmesh/expertmesh/attnnode")
+// tracerName names the node's spans (attn.step, attn.microbatch,
+// attn.dispatch).
+const tracerName = "github.com/expertmesh/expertmesh/attnnode"
 
 // Config configures an attention node.
 type Config struct {
@@ -27,7 +34,8 @@ type Config struct {
 	ModelDir string
 	// NodeID names the node in logs, traces and Info (--node-id).
 	NodeID string
-	// ListenAddr is the gRPC address of Start (--listen); ":0" picks a port.
+	// ListenAddr is the gRPC address (--listen); ":0" picks a port. Empty
+	// runs the node in-process only, without gRPC (serve).
 	ListenAddr string
 	// Threads sizes the kernel pool (--threads); 0 means all cores.
 	Threads int
@@ -50,11 +58,26 @@ type Config struct {
 	// resident, mmap, or auto (the zero value: resident when they fit in
 	// half of the available memory).
 	Weights model.Residency
+	// DispatchTimeout is the deadline of one dispatch of up to 256 rows
+	// to an expert node; larger dispatches get proportionally more
+	// (--dispatch-timeout). A node that misses it is skipped for other
+	// replicas. See DefaultDispatchTimeout.
+	DispatchTimeout time.Duration
+	// ExpertWait bounds how long a step waits for some replica of a
+	// routed expert before it fails with UNAVAILABLE (--expert-wait). It
+	// must stay below the coordinator's step timeout (2 min by default)
+	// so an expert outage is never charged to this node. See
+	// DefaultExpertWait.
+	ExpertWait time.Duration
+	// TracerProvider receives the node's spans; nil means the global
+	// provider as it is when Start runs.
+	TracerProvider trace.TracerProvider
 }
 
 // DefaultConfig returns a node configuration for one machine.
 func DefaultConfig() Config {
-	return Config{NodeID: "attn-0", ListenAddr: "127.0.0.1:0", CacheBytes: 256 << 20, BlockSize: 16, MaxStepTokens: 8192}
+	return Config{NodeID: "attn-0", ListenAddr: "127.0.0.1:0", CacheBytes: 256 << 20, BlockSize: 16, MaxStepTokens: 8192,
+		DispatchTimeout: DefaultDispatchTimeout, ExpertWait: DefaultExpertWait}
 }
 
 // Validate names the flag of the first bad field.
@@ -74,13 +97,18 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--weights %q: want auto, resident or mmap", c.Weights)
 	case c.Quantize != "" && c.Quantize != "q8":
 		return fmt.Errorf("--quantize %q: want q8 or nothing", c.Quantize)
+	case c.DispatchTimeout <= 0:
+		return fmt.Errorf("--dispatch-timeout must be > 0, got %v", c.DispatchTimeout)
+	case c.ExpertWait <= 0:
+		return fmt.Errorf("--expert-wait must be > 0, got %v", c.ExpertWait)
 	}
 	return nil
 }
 
-// Node is an attention node without its network face: it owns sequences,
-// their latent cache and samplers, and runs steps. Steps are serialised;
-// Info may be called concurrently with a step.
+// Node is an attention node: it owns sequences, their latent cache and
+// samplers, and runs steps; with a ListenAddr it also serves them over
+// gRPC (AttentionService). Steps are serialised; Info, Drain, ExpireEpoch
+// and Sequences may be called concurrently with a step.
 type Node struct {
 	cfg     Config
 	w       *model.Weights
@@ -89,14 +117,39 @@ type Node struct {
 	engines []*model.Engine
 	remote  *RemoteExperts
 	compute sync.Mutex // held by whichever micro-batch computes
+	tracer  trace.Tracer
 
-	stepMu sync.Mutex // one step at a time
-	closed bool       // guarded by stepMu: no step runs after Close
-	mu     struct {
+	// Serving (nil lis and srv in-process).
+	lis       net.Listener
+	srv       *rpc.Server
+	ready     chan struct{}
+	errc      chan error
+	errOnce   sync.Once
+	serveDone chan struct{}
+	// stop is cancelled by Close: running steps end at once.
+	stop      context.Context
+	cancel    context.CancelFunc
+	closeOnce sync.Once
+	closeErr  error
+	draining  atomic.Bool
+
+	stepMu    sync.Mutex // one step at a time
+	closed    bool       // guarded by stepMu: no step runs after Close
+	logitBufs [][]float32
+
+	mu struct {
 		sync.Mutex
 		seqs map[uint64]*sequence
+		// epoch is the newest coordinator epoch seen (0: none).
+		epoch uint64
+		// expired epochs (ExpireEpoch) whose steps are refused.
+		expired map[uint64]bool
+		// fence: sequences of older or expired epochs await dropping
+		// (a step was running when the fence was raised).
+		fence bool
+		// idle is closed while the node holds no sequence.
+		idle chan struct{}
 	}
-	logitBufs [][]float32
 }
 
 // sequence is one sequence's state on this node.
@@ -105,17 +158,17 @@ type sequence struct {
 	sampler  *model.Sampler
 	logprobs int
 	reserved int
+	// epoch is the coordinator epoch that created the sequence.
+	epoch uint64
 	// lastLogits keeps the previous chunk's final logits for echo requests
 	// prefilled over several steps.
 	lastLogits []float32
 }
 
-// New loads the model and builds the node. With cfg.Placement set, no
-// routed expert is loaded here; they are dispatched to expert nodes.
-func New(cfg Config) (*Node, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
+// load reads the model and builds the compute side of the node. With
+// cfg.Placement set, no routed expert is loaded here; they are dispatched
+// to expert nodes.
+func load(cfg Config) (*Node, error) {
 	opts := model.LoadOptions{}
 	if cfg.Placement != nil {
 		opts.Expert = func(int, int) bool { return false }
@@ -143,12 +196,19 @@ func New(cfg Config) (*Node, error) {
 		w.Close()
 		return nil, err
 	}
-	n := &Node{cfg: cfg, w: w, pool: kernels.NewPool(cfg.Threads), cache: cache}
+	tp := cfg.TracerProvider
+	if tp == nil {
+		tp = otel.GetTracerProvider()
+	}
+	n := &Node{cfg: cfg, w: w, pool: kernels.NewPool(cfg.Threads), cache: cache, tracer: tp.Tracer(tracerName)}
 	n.mu.seqs = map[uint64]*sequence{}
+	n.mu.expired = map[uint64]bool{}
+	n.mu.idle = make(chan struct{})
+	close(n.mu.idle)
 	var backend model.ExpertBackend
 	mb := cfg.MicroBatches
 	if cfg.Placement != nil {
-		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize)
+		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize, RemoteConfig{DispatchTimeout: cfg.DispatchTimeout, ExpertWait: cfg.ExpertWait, TracerProvider: tp})
 		backend = n.remote
 		if mb == 0 {
 			mb = 2
@@ -170,27 +230,18 @@ func New(cfg Config) (*Node, error) {
 // ModelConfig is the loaded model's config.
 func (n *Node) ModelConfig() *model.Config { return n.w.Config }
 
-// Close releases the kernel pool, expert connections and the mapped
-// weights. No step may be running.
-func (n *Node) Close() error {
-	n.stepMu.Lock()
-	defer n.stepMu.Unlock()
-	if n.closed {
-		return nil
-	}
-	n.closed = true
-	if n.remote != nil {
-		n.remote.Close()
-	}
-	n.pool.Close()
-	return n.w.Close()
-}
-
 // Info reports capacity for the coordinator's placement of sequences.
-// (epoch fencing: see proto InfoRequest; not enforced yet)
-func (n *Node) Info(_ context.Context, epoch uint64) (*meshpb.NodeInfo, error) {
+// epoch fences like a step's: an epoch older than one seen is refused
+// with FAILED_PRECONDITION; a newer one first drops the sequences of
+// older epochs, so the free count reported is the caller's to use (if a
+// step of the older epoch is still running, its sequences go when it
+// ends, and this count is lower until then). 0 fences nothing.
+func (n *Node) Info(ctx context.Context, epoch uint64) (*meshpb.NodeInfo, error) {
+	if err := n.fenceInfo(epoch); err != nil {
+		return nil, err
+	}
 	n.mu.Lock()
-	active := len(n.mu.seqs)
+	active, seen := len(n.mu.seqs), n.mu.epoch
 	n.mu.Unlock()
 	c := n.w.Config
 	return &meshpb.NodeInfo{
@@ -198,44 +249,189 @@ func (n *Node) Info(_ context.Context, epoch uint64) (*meshpb.NodeInfo, error) {
 		TotalBlocks: uint32(n.cache.Capacity()), FreeBlocks: uint32(n.cache.FreeBlocks()),
 		ActiveSequences: uint32(active), VocabSize: uint32(c.VocabSize),
 		MaxPositionEmbeddings: uint32(c.MaxPositionEmbeddings),
+		Epoch:                 seen, Draining: n.draining.Load(),
 	}, nil
+}
+
+// ErrSuperseded is the FAILED_PRECONDITION of a request whose epoch is
+// older than one the node has seen, or expired.
+var ErrSuperseded = errors.New("coordinator epoch superseded")
+
+// checkEpochLocked refuses an old or expired epoch and records a newer
+// one, raising the fence for older epochs' sequences.
+func (n *Node) checkEpochLocked(epoch uint64) error {
+	if epoch == 0 {
+		return nil
+	}
+	switch {
+	case epoch < n.mu.epoch:
+		return fmt.Errorf("%w: epoch %d is older than %d", ErrSuperseded, epoch, n.mu.epoch)
+	case n.mu.expired[epoch]:
+		return fmt.Errorf("%w: epoch %d expired", ErrSuperseded, epoch)
+	case epoch > n.mu.epoch:
+		n.mu.epoch = epoch
+		for e := range n.mu.expired {
+			if e < epoch {
+				delete(n.mu.expired, e) // fenced by the newer epoch anyway
+			}
+		}
+		n.mu.fence = true
+	}
+	return nil
+}
+
+func (n *Node) fenceInfo(epoch uint64) error {
+	n.mu.Lock()
+	err := n.checkEpochLocked(epoch)
+	fence := n.mu.fence
+	n.mu.Unlock()
+	if err != nil {
+		return status.Error(codes.FailedPrecondition, err.Error())
+	}
+	if fence {
+		n.tryFence()
+	}
+	return nil
+}
+
+// tryFence drops fenced sequences now unless a step is running (it drops
+// them when it ends).
+func (n *Node) tryFence() {
+	if n.stepMu.TryLock() {
+		n.fenceStepLocked()
+		n.stepMu.Unlock()
+	}
+}
+
+// fenceStepLocked drops the sequences of epochs older than the newest seen
+// and of expired epochs. The caller holds stepMu, so no step uses them.
+func (n *Node) fenceStepLocked() {
+	n.mu.Lock()
+	if !n.mu.fence {
+		n.mu.Unlock()
+		return
+	}
+	n.mu.fence = false
+	var drop []*sequence
+	for id, s := range n.mu.seqs {
+		if s.epoch < n.mu.epoch || n.mu.expired[s.epoch] {
+			drop = append(drop, s)
+			n.deleteSeqLocked(id)
+		}
+	}
+	n.mu.Unlock()
+	for _, s := range drop {
+		s.seq.Release()
+	}
+}
+
+// ExpireEpoch drops every sequence of epoch now (or, if a step is running,
+// when it ends) and refuses later requests of that epoch: the control
+// plane calls it when that coordinator's lease expired. Epoch 0 (no
+// control plane) has no lease and is never expired.
+func (n *Node) ExpireEpoch(epoch uint64) {
+	if epoch == 0 {
+		return
+	}
+	n.mu.Lock()
+	n.mu.expired[epoch] = true
+	n.mu.fence = true
+	n.mu.Unlock()
+	n.tryFence()
+}
+
+// Drain marks the node draining: Info reports it, and the coordinator
+// places no new sequence here. Running sequences keep being served (a
+// new one is still accepted: the coordinator's view may lag); the owner
+// waits on Idle, bounded by its grace period, then closes the node.
+func (n *Node) Drain() { n.draining.Store(true) }
+
+// Sequences is the number of sequences the node holds.
+func (n *Node) Sequences() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.mu.seqs)
+}
+
+// Idle returns a channel that is closed once the node holds no sequence
+// (already closed if it holds none now).
+func (n *Node) Idle() <-chan struct{} {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.mu.idle
+}
+
+func (n *Node) setSeqLocked(id uint64, s *sequence) {
+	if len(n.mu.seqs) == 0 {
+		n.mu.idle = make(chan struct{})
+	}
+	n.mu.seqs[id] = s
+}
+
+func (n *Node) deleteSeqLocked(id uint64) {
+	if _, ok := n.mu.seqs[id]; !ok {
+		return
+	}
+	delete(n.mu.seqs, id)
+	if len(n.mu.seqs) == 0 {
+		close(n.mu.idle)
+	}
 }
 
 // work is one validated SeqWork with its place in the step.
 type work struct {
-	w      *meshpb.SeqWork
-	s      *sequence
-	result *meshpb.SeqResult
-	rows   []model.Row
+	w       *meshpb.SeqWork
+	s       *sequence
+	result  *meshpb.SeqResult
+	rows    []model.Row
+	created bool
 	// logit indexes into the micro-batch's logits buffers, per row (-1: none).
 	logit []int
 }
 
 // Step runs one scheduler step: releases, new sequences, every row through
 // every layer, sampling. Per-sequence problems are reported in their
-// SeqResult; an error return means the whole step failed (an expert node
-// is gone, the context ended) and no sequence advanced past its last
-// complete step.
+// SeqResult. A step is applied to all its sequences or to none: when it
+// cannot complete (no replica of some expert within the expert-wait
+// budget: UNAVAILABLE) the response carries the code and a message, only
+// its releases were applied, sequences it created are gone, and nothing
+// advanced, so the same request may be sent again. Steps of an older or
+// expired epoch get FAILED_PRECONDITION and a step naming a sequence twice
+// INVALID_ARGUMENT, with nothing applied. Every response carries the
+// node's free and total blocks after the step.
+//
+// An error return means this node cannot serve (it was closed, a step
+// panicked) or ctx ended; the step was rolled back all the same.
 func (n *Node) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepResponse, error) {
-	ctx, span := tracer.Start(ctx, "attn.step")
+	ctx, span := n.tracer.Start(ctx, "attn.step")
 	defer span.End()
 	n.stepMu.Lock()
 	defer n.stepMu.Unlock()
-	if n.closed {
+	if n.closed || (n.stop != nil && n.stop.Err() != nil) {
 		// A step queued behind Close must not touch unmapped weights.
 		return nil, ErrClosed
+	}
+	resp := &meshpb.StepResponse{Step: req.Step}
+	n.mu.Lock()
+	err := n.checkEpochLocked(req.Epoch)
+	n.mu.Unlock()
+	n.fenceStepLocked()
+	if err != nil {
+		return n.refuse(resp, codes.FailedPrecondition, err), nil
+	}
+	if id, dup := repeated(req.Work); dup {
+		return n.refuse(resp, codes.InvalidArgument, fmt.Errorf("%w: sequence %d appears twice in step %d", model.ErrBadInput, id, req.Step)), nil
 	}
 
 	for _, id := range req.Release {
 		n.release(id)
 	}
-	resp := &meshpb.StepResponse{Step: req.Step}
 	var works []*work
 	total := 0
 	for _, sw := range req.Work {
 		res := &meshpb.SeqResult{SeqId: sw.SeqId}
 		resp.Results = append(resp.Results, res)
-		wk, err := n.admit(sw, res, total)
+		wk, err := n.admit(sw, res, total, req.Epoch)
 		if err != nil {
 			res.Code, res.Message = int32(rpc.Code(err)), err.Error()
 			continue
@@ -244,13 +440,87 @@ func (n *Node) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepR
 		works = append(works, wk)
 	}
 	span.SetAttributes(attribute.Int("rows", total), attribute.Int("sequences", len(works)))
-	if err := n.run(ctx, works); err != nil {
-		return nil, err
+
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if n.stop != nil {
+		defer context.AfterFunc(n.stop, cancel)()
+	}
+	var pin *stepPin
+	if n.remote != nil {
+		pin = n.remote.beginStep()
+		runCtx = context.WithValue(runCtx, pinKey{}, pin)
+	}
+	err = n.run(runCtx, works)
+	if pin != nil {
+		resp.PlacementVersion = n.remote.endStep(pin)
+	}
+	if err != nil {
+		n.rollback(works)
+		span.RecordError(err)
+		switch {
+		case n.stop != nil && n.stop.Err() != nil:
+			return nil, ErrClosed
+		case errors.Is(err, errPanic):
+			return nil, err
+		case ctx.Err() != nil:
+			return nil, ctx.Err()
+		case errors.Is(err, ErrExpertUnavailable):
+			return n.refuse(resp, codes.Unavailable, err), nil
+		}
+		return n.refuse(resp, rpc.Code(err), err), nil
 	}
 	for _, wk := range works {
 		n.finish(wk)
 	}
+	n.fillBlocks(resp)
 	return resp, nil
+}
+
+// refuse turns resp into a whole-step failure.
+func (n *Node) refuse(resp *meshpb.StepResponse, code codes.Code, err error) *meshpb.StepResponse {
+	resp.Results = nil
+	resp.Code, resp.Message = int32(code), err.Error()
+	n.fillBlocks(resp)
+	return resp
+}
+
+// fillBlocks reports the cache after the step, fences applied; the
+// caller holds stepMu.
+func (n *Node) fillBlocks(resp *meshpb.StepResponse) {
+	n.fenceStepLocked()
+	resp.FreeBlocks, resp.TotalBlocks = uint32(n.cache.FreeBlocks()), uint32(n.cache.Capacity())
+}
+
+// repeated reports the first sequence named twice.
+func repeated(ws []*meshpb.SeqWork) (uint64, bool) {
+	seen := make(map[uint64]struct{}, len(ws))
+	for _, w := range ws {
+		if _, ok := seen[w.SeqId]; ok {
+			return w.SeqId, true
+		}
+		seen[w.SeqId] = struct{}{}
+	}
+	return 0, false
+}
+
+// rollback undoes a failed step: sequences it created are released, the
+// others' lengths go back to where the step found them. Latents the step
+// wrote past those lengths are never read before a retry of the step
+// rewrites the same positions (attention reads only positions up to its
+// own row, written earlier in the same layer), and samplers and echo
+// logits are only touched by finish, which a failed step never reaches.
+func (n *Node) rollback(works []*work) {
+	for _, wk := range works {
+		if wk.created {
+			n.mu.Lock()
+			n.deleteSeqLocked(wk.w.SeqId)
+			n.mu.Unlock()
+			wk.s.seq.Release()
+			continue
+		}
+		wk.s.seq.Len = int(wk.w.StartPos)
+	}
 }
 
 // errNotFound carries its gRPC code itself; every other per-sequence
@@ -262,10 +532,13 @@ var errNotFound = status.Error(codes.NotFound, "sequence not found")
 // sequences elsewhere.
 var ErrClosed = status.Error(codes.Unavailable, "attention node closed")
 
+// errPanic marks a step whose compute panicked: the node is broken.
+var errPanic = errors.New("attention node: step panicked")
+
 func (n *Node) release(id uint64) {
 	n.mu.Lock()
 	s, ok := n.mu.seqs[id]
-	delete(n.mu.seqs, id)
+	n.deleteSeqLocked(id)
 	n.mu.Unlock()
 	if ok {
 		s.seq.Release()
@@ -274,7 +547,7 @@ func (n *Node) release(id uint64) {
 
 // admit validates one SeqWork, creating its sequence on the first chunk,
 // and lays out its rows.
-func (n *Node) admit(sw *meshpb.SeqWork, res *meshpb.SeqResult, stepRows int) (*work, error) {
+func (n *Node) admit(sw *meshpb.SeqWork, res *meshpb.SeqResult, stepRows int, epoch uint64) (*work, error) {
 	c := n.w.Config
 	if len(sw.Tokens) == 0 {
 		return nil, fmt.Errorf("%w: sequence %d: no tokens", model.ErrBadInput, sw.SeqId)
@@ -295,20 +568,22 @@ func (n *Node) admit(sw *meshpb.SeqWork, res *meshpb.SeqResult, stepRows int) (*
 		return nil, fmt.Errorf("%w: sequence %d already exists", model.ErrBadInput, sw.SeqId)
 	case sw.StartPos > 0 && !exists:
 		return nil, fmt.Errorf("%w: sequence %d", errNotFound, sw.SeqId)
-	case !exists:
+	}
+	end := int(sw.StartPos) + len(sw.Tokens)
+	if exists {
+		if int(sw.StartPos) != s.seq.Len {
+			return nil, fmt.Errorf("%w: sequence %d: start_pos %d, but %d tokens are cached", model.ErrBadInput, sw.SeqId, sw.StartPos, s.seq.Len)
+		}
+		if end > s.reserved {
+			return nil, fmt.Errorf("%w: sequence %d: %d tokens exceed the %d reserved", model.ErrBadInput, sw.SeqId, end, s.reserved)
+		}
+	} else {
 		var err error
-		if s, err = n.create(sw); err != nil {
+		if s, err = n.create(sw, epoch); err != nil {
 			return nil, err
 		}
 	}
-	end := int(sw.StartPos) + len(sw.Tokens)
-	if int(sw.StartPos) != s.seq.Len {
-		return nil, fmt.Errorf("%w: sequence %d: start_pos %d, but %d tokens are cached", model.ErrBadInput, sw.SeqId, sw.StartPos, s.seq.Len)
-	}
-	if end > s.reserved {
-		return nil, fmt.Errorf("%w: sequence %d: %d tokens exceed the %d reserved", model.ErrBadInput, sw.SeqId, end, s.reserved)
-	}
-	wk := &work{w: sw, s: s, result: res}
+	wk := &work{w: sw, s: s, result: res, created: !exists}
 	for i, t := range sw.Tokens {
 		last := i == len(sw.Tokens)-1
 		wk.rows = append(wk.rows, model.Row{Seq: s.seq, Token: int(t), Pos: int(sw.StartPos) + i,
@@ -317,7 +592,7 @@ func (n *Node) admit(sw *meshpb.SeqWork, res *meshpb.SeqResult, stepRows int) (*
 	return wk, nil
 }
 
-func (n *Node) create(sw *meshpb.SeqWork) (*sequence, error) {
+func (n *Node) create(sw *meshpb.SeqWork, epoch uint64) (*sequence, error) {
 	c := n.w.Config
 	reserve := int(sw.ReserveTokens)
 	if reserve < len(sw.Tokens) {
@@ -333,7 +608,7 @@ func (n *Node) create(sw *meshpb.SeqWork) (*sequence, error) {
 	if err := p.Validate(); err != nil {
 		return nil, err
 	}
-	s := &sequence{seq: n.cache.NewSequence(), sampler: model.NewSampler(p), logprobs: int(sw.Logprobs), reserved: reserve}
+	s := &sequence{seq: n.cache.NewSequence(), sampler: model.NewSampler(p), logprobs: int(sw.Logprobs), reserved: reserve, epoch: epoch}
 	if err := s.seq.Reserve(reserve); err != nil {
 		return nil, err
 	}
@@ -341,13 +616,14 @@ func (n *Node) create(sw *meshpb.SeqWork) (*sequence, error) {
 		s.lastLogits = []float32{} // non-nil: keep chunk-final logits
 	}
 	n.mu.Lock()
-	n.mu.seqs[sw.SeqId] = s
+	n.setSeqLocked(sw.SeqId, s)
 	n.mu.Unlock()
 	return s, nil
 }
 
 // run splits the works into micro-batches balanced by rows and runs them
-// concurrently; the engines' shared compute lock makes them alternate.
+// concurrently; the engines' shared compute lock makes them alternate. The
+// first failure cancels the others.
 func (n *Node) run(ctx context.Context, works []*work) error {
 	if len(works) == 0 {
 		return nil
@@ -380,8 +656,13 @@ func (n *Node) run(ctx context.Context, works []*work) error {
 	for len(n.logitBufs) < need {
 		n.logitBufs = append(n.logitBufs, make([]float32, c.VocabSize))
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		errMu    sync.Mutex
+		firstErr error
+	)
 	next := 0
-	errs := make([]error, len(mbs))
 	var wg sync.WaitGroup
 	for i, mb := range mbs {
 		var rows []model.Row
@@ -401,14 +682,34 @@ func (n *Node) run(ctx context.Context, works []*work) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, span := tracer.Start(ctx, "attn.microbatch")
+			ctx, span := n.tracer.Start(ctx, "attn.microbatch")
 			span.SetAttributes(attribute.Int("microbatch", i), attribute.Int("rows", len(rows)))
 			defer span.End()
-			errs[i] = n.engines[i].Forward(ctx, rows, bufs)
+			err := n.forward(ctx, i, rows, bufs)
+			if err != nil {
+				errMu.Lock()
+				// The first failure is the cause; the others are
+				// cancellations it caused.
+				if firstErr == nil || (errors.Is(firstErr, context.Canceled) && !errors.Is(err, context.Canceled)) {
+					firstErr = err
+				}
+				errMu.Unlock()
+				cancel()
+			}
 		}()
 	}
 	wg.Wait()
-	return errors.Join(errs...)
+	return firstErr
+}
+
+// forward runs one micro-batch, turning a panic into errPanic.
+func (n *Node) forward(ctx context.Context, i int, rows []model.Row, bufs [][]float32) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: %v\n%s", errPanic, r, debug.Stack())
+		}
+	}()
+	return n.engines[i].Forward(ctx, rows, bufs)
 }
 
 // finish samples and reports logprobs for one work after its rows ran.

@@ -43,6 +43,12 @@ func reference(t testing.TB, dir string, prompt []int, maxTokens int) *model.Gen
 	return res
 }
 
+// inProcess is cfg without gRPC, as serve runs a node.
+func inProcess(cfg Config) Config {
+	cfg.ListenAddr = ""
+	return cfg
+}
+
 type stepper interface {
 	Step(context.Context, *meshpb.StepRequest) (*meshpb.StepResponse, error)
 }
@@ -146,7 +152,7 @@ func TestNodeMatchesEngine(t *testing.T) {
 	dir := genTiny(t, "tiny-v2")
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.MicroBatches = dir, 2, 8<<20, 2
-	node, err := New(cfg)
+	node, err := Start(context.Background(), inProcess(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,7 +172,7 @@ func TestNodeRejectsBadWork(t *testing.T) {
 	dir := genTiny(t, "tiny-v2-lite")
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.CacheBytes = dir, 1<<20
-	node, err := New(cfg)
+	node, err := Start(context.Background(), inProcess(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -216,7 +222,7 @@ func TestNodeRejectsBadWork(t *testing.T) {
 func TestStepAfterClose(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.CacheBytes = genTiny(t, "tiny-v2-lite"), 1<<20
-	node, err := New(cfg)
+	node, err := Start(context.Background(), inProcess(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}

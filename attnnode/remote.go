@@ -4,9 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
@@ -22,388 +26,1090 @@ import (
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
-// ErrExpertUnavailable means no replica of some expert answered.
+// Dispatch budgets.
+const (
+	// DefaultDispatchTimeout is the deadline of a dispatch of up to
+	// rowsPerTimeout rows (--dispatch-timeout); larger dispatches get one
+	// more DispatchTimeout per rowsPerTimeout rows. A V2-Lite row costs
+	// about 0.1 GFLOP of expert compute (6 experts × 3 × 2048 × 1408 × 2),
+	// so 256 rows take ~0.3 s on one AVX-512 core and ~2.5 s on a 2-core
+	// machine at 10 GFLOP/s: 5 s per 256 rows leaves 2× over that slow
+	// machine, enough to queue behind one other micro-batch of the same
+	// size on the expert node, and a frozen node still costs only seconds.
+	DefaultDispatchTimeout = 5 * time.Second
+	// DefaultExpertWait is how long a step waits for some replica of a
+	// routed expert to answer before it fails with UNAVAILABLE
+	// (--expert-wait). It is longer than a membership lease takes to
+	// expire and a placement to move the experts elsewhere (seconds), and
+	// shorter than the coordinator's 2-minute step timeout, so an expert
+	// outage is reported as the experts' fault, never as this node's.
+	DefaultExpertWait = 60 * time.Second
+
+	rowsPerTimeout = 256
+	// sameReplicaRetries is how many transport failures of one node a
+	// dispatch retries on that node (after its redial) before it moves
+	// the rows to other replicas: a reset stream is usually a blip.
+	sameReplicaRetries = 2
+	// Redials of a failed connection back off exponentially with jitter.
+	redialBase, redialMax = 50 * time.Millisecond, 2 * time.Second
+	// A dispatch with no usable replica re-plans on the next Routing, or
+	// after this backoff (an expert node restarting at its address).
+	roundBase, roundMax = 100 * time.Millisecond, 2 * time.Second
+)
+
+// ErrExpertUnavailable means no replica of some routed expert answered
+// within the node's expert-wait budget.
 var ErrExpertUnavailable = errors.New("expert unavailable")
 
-// DialFunc opens a client connection to an expert node.
+// errStreamBroken marks a Dispatch stream that failed under a request.
+var errStreamBroken = errors.New("dispatch stream broken")
+
+// DialFunc opens a client connection to an expert node. It must do no
+// I/O (grpc.NewClient does none); connecting happens on first use.
 type DialFunc func(addr string) (*grpc.ClientConn, error)
 
-// RemoteExperts is the model.ExpertBackend of an attention node: it groups
-// each MoE layer's rows by expert node (one message per node, each row
-// once, with that node's expert ids and gate weights), sends them over one
-// long-lived Dispatch stream per node, and sums the pre-summed partial rows
-// that come back. Safe for concurrent use by several micro-batches.
+// RemoteConfig tunes RemoteExperts.
+type RemoteConfig struct {
+	// DispatchTimeout is the deadline of one dispatch of up to 256 rows;
+	// see DefaultDispatchTimeout (0: that).
+	DispatchTimeout time.Duration
+	// ExpertWait bounds how long a step waits for a replica; see
+	// DefaultExpertWait (0: that).
+	ExpertWait time.Duration
+	// Dial opens connections (nil: the shared rpc client options).
+	Dial DialFunc
+	// TracerProvider receives the attn.dispatch spans (nil: the global
+	// provider at construction).
+	TracerProvider trace.TracerProvider
+}
+
+// RemoteExperts is the model.ExpertBackend of an attention node. Each MoE
+// layer's rows are grouped by expert node (one message per node, each row
+// once, with that node's expert ids and gate weights) and sent over one
+// long-lived Dispatch stream per node; the pre-summed partial rows that
+// come back are added up. Safe for concurrent use by several micro-batches.
+//
+// Concurrency: StartRoutedExperts runs under the engine's compute lock, so
+// it only plans and queues; every connection has its own goroutine that
+// dials, opens the stream and sends (outside every lock), and a receiver
+// that routes replies by id. The wait function, called after the engine
+// released the compute lock, does all the waiting and retrying.
+//
+// Failure policy, per slice of a dispatch sent to one node: a transport
+// failure (stream reset, refused dial) is retried on the same node after
+// its redial (exponential backoff with jitter), up to sameReplicaRetries
+// times; then, or at once for a missed deadline or a FAILED_PRECONDITION,
+// on the other replicas; with none left the dispatch waits for the next
+// Routing (or re-plans after a backoff) until the step's expert-wait
+// budget is spent. INVALID_ARGUMENT is not retried. A request in flight
+// to a node that leaves the Routing is abandoned at once.
 type RemoteExperts struct {
-	place  placement.View
-	hidden int
-	dial   DialFunc
-	nextID atomic.Uint64
+	view    placement.View
+	hidden  int
+	timeout time.Duration
+	budget  time.Duration
+	dial    DialFunc
+	tracer  trace.Tracer
+	nextID  atomic.Uint64
+	// ctx ends with Close: streams are cancelled and waits return.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // connection goroutines
+	// onStuck, if set (tests), is called when a dispatch finds no usable
+	// replica and starts waiting for a Routing.
+	onStuck func()
 
 	mu struct {
 		sync.Mutex
 		conns  map[string]*expertConn
 		closed bool
 	}
+	use struct {
+		sync.Mutex
+		oldest, newest uint64
+		reported       bool
+	}
 }
 
-// NewRemoteExperts dispatches to the nodes named by place.
-func NewRemoteExperts(place placement.View, hidden int) *RemoteExperts {
-	r := &RemoteExperts{place: place, hidden: hidden, dial: defaultDial}
+// NewRemoteExperts dispatches to the nodes view routes to.
+func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *RemoteExperts {
+	r := &RemoteExperts{view: view, hidden: hidden, timeout: cfg.DispatchTimeout, budget: cfg.ExpertWait, dial: cfg.Dial}
+	if r.timeout <= 0 {
+		r.timeout = DefaultDispatchTimeout
+	}
+	if r.budget <= 0 {
+		r.budget = DefaultExpertWait
+	}
+	if r.dial == nil {
+		r.dial = func(addr string) (*grpc.ClientConn, error) { return rpc.Dial(addr) }
+	}
+	tp := cfg.TracerProvider
+	if tp == nil {
+		tp = otel.GetTracerProvider()
+	}
+	r.tracer = tp.Tracer(tracerName)
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 	r.mu.conns = map[string]*expertConn{}
 	return r
 }
 
-// defaultDial is the shared client: otelgrpc stats, message limits and
-// keepalive agreed with every expertmesh server.
-func defaultDial(addr string) (*grpc.ClientConn, error) { return rpc.Dial(addr) }
-
-// SetDial replaces how connections are opened (interceptors, TLS). Call
-// before the first dispatch.
-func (r *RemoteExperts) SetDial(d DialFunc) { r.dial = d }
-
-// Close tears down every stream and connection.
+// Close fails every dispatch still waiting, tears down every stream and
+// connection and waits for their goroutines.
 func (r *RemoteExperts) Close() {
 	r.mu.Lock()
-	conns := r.mu.conns
-	r.mu.conns = map[string]*expertConn{}
 	r.mu.closed = true
 	r.mu.Unlock()
-	for _, c := range conns {
-		c.close(errors.New("attention node closing"))
-		<-c.done
-	}
+	r.cancel()
+	r.wg.Wait()
 }
 
-// nodeBatch is the part of one dispatch bound for one expert node.
-type nodeBatch struct {
-	addr string
-	rows []int32   // indices into the caller's rows
-	ids  []int32   // len(rows)*k, -1 for slots served elsewhere
-	w    []float32 // len(rows)*k
-}
-
-// StartRoutedExperts implements model.ExpertBackend.
-func (r *RemoteExperts) StartRoutedExperts(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) func() error {
-	batches, err := r.plan(layer, n, k, ids, weights, nil)
-	if err != nil {
-		return func() error { return err }
+// conn returns addr's connection, creating it (no I/O) on first use; nil
+// once closed.
+func (r *RemoteExperts) conn(addr string) *expertConn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.mu.closed {
+		return nil
 	}
-	calls := make([]*call, len(batches))
-	for i, b := range batches {
-		calls[i] = r.send(ctx, layer, x, k, b)
+	c := r.mu.conns[addr]
+	if c == nil {
+		c = &expertConn{r: r, addr: addr, wake: make(chan struct{}, 1)}
+		r.mu.conns[addr] = c
+		r.wg.Add(1)
+		go c.run()
 	}
-	return func() error {
-		var failed []string
-		var firstErr error
-		for i, c := range calls {
-			if err := c.collect(ctx, x, out, r.hidden); err != nil {
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
-				if !retryable(err) {
-					return err
-				}
-				failed = append(failed, batches[i].addr)
-				firstErr = err
-			}
-		}
-		if len(failed) == 0 {
-			return nil
-		}
-		return r.retry(ctx, layer, x, n, k, ids, weights, out, batches, failed, firstErr)
-	}
-}
-
-// retry re-dispatches the slots of failed nodes to other replicas. Expert
-// calls are stateless, so a partial sum that never arrived is simply
-// recomputed elsewhere.
-func (r *RemoteExperts) retry(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32, prev []*nodeBatch, failed []string, cause error) error {
-	for attempt := 0; attempt < 3; attempt++ {
-		bad := map[string]bool{}
-		for _, a := range failed {
-			bad[a] = true
-		}
-		// Only the slots that went to a failed node are redone.
-		redo := make([]int32, len(ids))
-		for i := range redo {
-			redo[i] = -1
-		}
-		for _, b := range prev {
-			if !bad[b.addr] {
-				continue
-			}
-			for j, row := range b.rows {
-				for s := range k {
-					if id := b.ids[j*k+s]; id >= 0 {
-						redo[int(row)*k+s] = id
-					}
-				}
-			}
-		}
-		batches, err := r.plan(layer, n, k, redo, weights, bad)
-		if err != nil {
-			return fmt.Errorf("%w (after %v)", err, cause)
-		}
-		calls := make([]*call, len(batches))
-		for i, b := range batches {
-			calls[i] = r.send(ctx, layer, x, k, b)
-		}
-		failed = failed[:0]
-		for i, c := range calls {
-			if err := c.collect(ctx, x, out, r.hidden); err != nil {
-				if !retryable(err) || ctx.Err() != nil {
-					return err
-				}
-				failed = append(failed, batches[i].addr)
-				cause = err
-			}
-		}
-		if len(failed) == 0 {
-			return nil
-		}
-		for a := range bad {
-			failed = append(failed, a)
-		}
-		prev = batches
-	}
-	return fmt.Errorf("%w: layer %d: %v", ErrExpertUnavailable, layer, cause)
-}
-
-func retryable(err error) bool {
-	switch status.Code(err) {
-	case codes.Unavailable, codes.Canceled, codes.Aborted, codes.Internal, codes.Unknown:
-		return !errors.Is(err, context.Canceled)
-	}
-	return errors.Is(err, errStreamBroken)
-}
-
-// plan groups slots by expert node, skipping nodes in avoid.
-func (r *RemoteExperts) plan(layer, n, k int, ids []int32, weights []float32, avoid map[string]bool) ([]*nodeBatch, error) {
-	rt, _ := r.place.Routing()
-	t := rt.Table
-	byAddr := map[string]*nodeBatch{}
-	var order []*nodeBatch
-	for i := range n {
-		for s := range k {
-			id := ids[i*k+s]
-			if id < 0 {
-				continue
-			}
-			addr := ""
-			for _, ri := range t.Replicas(layer, int(id)) {
-				if a := rt.Addrs[ri]; a != "" && !avoid[a] {
-					addr = a
-					break
-				}
-			}
-			if addr == "" {
-				return nil, fmt.Errorf("%w: layer %d expert %d has no live replica", ErrExpertUnavailable, layer, id)
-			}
-			b := byAddr[addr]
-			if b == nil {
-				b = &nodeBatch{addr: addr}
-				byAddr[addr] = b
-				order = append(order, b)
-			}
-			if len(b.rows) == 0 || b.rows[len(b.rows)-1] != int32(i) {
-				b.rows = append(b.rows, int32(i))
-				for range k {
-					b.ids = append(b.ids, -1)
-					b.w = append(b.w, 0)
-				}
-			}
-			j := (len(b.rows)-1)*k + s
-			b.ids[j], b.w[j] = id, weights[i*k+s]
-		}
-	}
-	return order, nil
-}
-
-// call is one in-flight DispatchRequest.
-type call struct {
-	b    *nodeBatch
-	ch   chan *meshpb.DispatchResponse
-	conn *expertConn
-	err  error
-	span trace.Span
-}
-
-func (r *RemoteExperts) send(ctx context.Context, layer int, x []float32, k int, b *nodeBatch) *call {
-	// One span per (layer, expert node) round trip; the node's
-	// expert.compute span becomes its child through trace_context.
-	ctx, span := tracer.Start(ctx, "attn.dispatch", trace.WithAttributes(
-		attribute.Int("layer", layer), attribute.String("expert_node", b.addr), attribute.Int("rows", len(b.rows))))
-	c := &call{b: b, span: span}
-	conn, err := r.conn(b.addr)
-	if err != nil {
-		c.err = err
-		return c
-	}
-	h := r.hidden
-	data := make([]byte, 0, 4*h*len(b.rows))
-	for _, row := range b.rows {
-		data = wire.AppendF32(data, x[int(row)*h:int(row+1)*h])
-	}
-	req := &meshpb.DispatchRequest{
-		Id: r.nextID.Add(1), Layer: uint32(layer), K: uint32(k), ExpertIds: b.ids, GateWeights: b.w,
-		Hidden: &meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: []int64{int64(len(b.rows)), int64(h)}, Data: data},
-	}
-	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
-		req.TraceContext = map[string]string{}
-		propagation.TraceContext{}.Inject(ctx, propagation.MapCarrier(req.TraceContext))
-	}
-	c.conn = conn
-	c.ch, c.err = conn.send(req)
 	return c
 }
 
-// collect waits for the reply and adds its partial rows into out.
-func (c *call) collect(ctx context.Context, x, out []float32, h int) error {
-	err := c.wait(ctx, out, h)
-	if err != nil {
-		c.span.RecordError(err)
-		c.span.SetStatus(otelcodes.Error, err.Error())
-	}
-	c.span.End()
-	return err
+// deadline is the time budget of one request of rows rows.
+func (r *RemoteExperts) deadline(rows int) time.Duration {
+	return r.timeout * time.Duration(1+rows/rowsPerTimeout)
 }
 
-func (c *call) wait(ctx context.Context, out []float32, h int) error {
-	if c.err != nil {
-		return c.err
+// reportInUse tells the view which placement versions steps use, skipping
+// repeats. Calls are ordered by the lock.
+func (r *RemoteExperts) reportInUse(oldest, newest uint64) {
+	r.use.Lock()
+	defer r.use.Unlock()
+	if r.use.reported && r.use.oldest == oldest && r.use.newest == newest {
+		return
 	}
-	var resp *meshpb.DispatchResponse
+	r.use.oldest, r.use.newest, r.use.reported = oldest, newest, true
+	r.view.InUse(oldest, newest)
+}
+
+// stepPin is the placement one step dispatches by, shared by its
+// micro-batches: the Routing in force when the step began, replaced only
+// by a newer one when a failover needs it. It also keeps the step's
+// expert-wait budget: the wall time during which some dispatch of the
+// step had rows no replica had served, counted once however many
+// dispatches were waiting at the same time.
+type stepPin struct {
+	r     *RemoteExperts
+	first uint64
+
+	mu       sync.Mutex
+	rt       *placement.Routing
+	troubled int // dispatches currently without an answer for some rows
+	since    time.Time
+	used     time.Duration
+}
+
+type pinKey struct{}
+
+// beginStep pins the Routing in force for a step and reports its version
+// in use.
+func (r *RemoteExperts) beginStep() *stepPin {
+	rt, _ := r.view.Routing()
+	p := &stepPin{r: r, rt: rt, first: rt.Table.Version}
+	r.reportInUse(p.first, p.first)
+	return p
+}
+
+// endStep reports that no step uses anything older than the newest
+// Routing (the next step pins at least that) and returns the newest
+// version the step dispatched by.
+func (r *RemoteExperts) endStep(p *stepPin) uint64 {
+	v := p.routing().Table.Version
+	latest, _ := r.view.Routing()
+	lv := max(latest.Table.Version, v)
+	r.reportInUse(lv, lv)
+	return v
+}
+
+func (p *stepPin) routing() *placement.Routing {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.rt
+}
+
+// advance moves the step to rt, never to an older version.
+func (p *stepPin) advance(rt *placement.Routing) {
+	p.mu.Lock()
+	if rt == p.rt || rt.Table.Version < p.rt.Table.Version {
+		p.mu.Unlock()
+		return
+	}
+	p.rt = rt
+	p.mu.Unlock()
+	p.r.reportInUse(p.first, rt.Table.Version)
+}
+
+// enterTrouble and leaveTrouble bracket a dispatch's time without an
+// answer for some of its rows.
+func (p *stepPin) enterTrouble(now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.troubled == 0 {
+		p.since = now
+	}
+	p.troubled++
+}
+
+func (p *stepPin) leaveTrouble(now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.troubled--
+	if p.troubled == 0 {
+		p.used += now.Sub(p.since)
+	}
+}
+
+// giveUp is when the step's budget runs out; only meaningful while the
+// caller itself is in trouble.
+func (p *stepPin) giveUp() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.since.Add(p.r.budget - p.used)
+}
+
+// StartRoutedExperts implements model.ExpertBackend. It runs under the
+// engine's compute lock: it plans and queues, and never blocks on the
+// network.
+func (r *RemoteExperts) StartRoutedExperts(ctx context.Context, layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32) func() error {
+	pin, _ := ctx.Value(pinKey{}).(*stepPin)
+	if pin == nil {
+		pin = r.beginStep()
+	}
+	d := &dispatch{r: r, ctx: ctx, pin: pin, layer: layer, n: n, k: k, x: x, ids: ids, weights: weights, out: out,
+		signal: make(chan struct{}, 1), avoid: map[string]bool{}, tries: map[string]int{}}
+	d.latest, d.change = r.view.Routing()
+	d.use(pin.routing())
+	d.need = make([]int32, n*k)
+	for i, id := range ids[:n*k] {
+		d.need[i] = -1
+		if id >= 0 {
+			d.need[i] = id
+			d.pending++
+		}
+	}
+	d.launch(time.Now())
+	return d.wait
+}
+
+// dispatch is one StartRoutedExperts call: n rows × k slots, each slot
+// served exactly once by some replica. Everything but completions is
+// owned by the goroutine that calls StartRoutedExperts and then wait.
+type dispatch struct {
+	r                *RemoteExperts
+	ctx              context.Context
+	pin              *stepPin
+	layer, n, k      int
+	x                []float32
+	ids              []int32
+	weights, out     []float32
+	rt               *placement.Routing // what the dispatch plans by
+	latest           *placement.Routing // the newest the view has shown
+	change           <-chan struct{}    // closed when the view moves past latest
+	usable           []bool             // per rt node: live in latest
+	need             []int32            // per slot: the expert still to serve, or -1
+	pending          int                // slots in need
+	inflight, done   []*attempt
+	avoid            map[string]bool // addresses not to plan on until the next round
+	tries            map[string]int  // transport failures per address
+	seq              int
+	troubled         bool
+	stuck            bool
+	round, roundWait time.Duration
+	nextRound        time.Time
+	cause            error
+
+	mu        sync.Mutex
+	completed []*attempt
+	signal    chan struct{}
+}
+
+// use makes rt the routing to plan by (the step moves to it too).
+func (d *dispatch) use(rt *placement.Routing) {
+	d.rt = rt
+	d.pin.advance(rt)
+	d.refreshUsable()
+}
+
+// refreshUsable marks the nodes of rt that are live members of latest:
+// the same id at the same address.
+func (d *dispatch) refreshUsable() {
+	nodes := d.rt.Table.Nodes()
+	d.usable = slices.Grow(d.usable[:0], len(nodes))[:len(nodes)]
+	for i, id := range nodes {
+		a := d.rt.Addrs[i]
+		if d.rt == d.latest {
+			d.usable[i] = a != ""
+			continue
+		}
+		j := slices.Index(d.latest.Table.Nodes(), id)
+		d.usable[i] = a != "" && j >= 0 && d.latest.Addrs[j] == a
+	}
+}
+
+// alive reports whether an attempt's node is still a live member.
+func (d *dispatch) alive(a *attempt) bool {
+	j := slices.Index(d.latest.Table.Nodes(), a.nodeID)
+	return j >= 0 && d.latest.Addrs[j] == a.addr
+}
+
+// observe takes the view's newest Routing.
+func (d *dispatch) observe() {
+	d.latest, d.change = d.r.view.Routing()
+	d.refreshUsable()
+}
+
+// launch plans and queues every slot in need; slots no usable replica can
+// take move the dispatch to a newer Routing if there is one, or leave it
+// stuck until the next Routing or round.
+func (d *dispatch) launch(now time.Time) {
+	for {
+		d.plan(now)
+		if d.pending == 0 {
+			d.stuck = false
+			return
+		}
+		if d.rt != d.latest {
+			d.use(d.latest)
+			clear(d.avoid)
+			continue
+		}
+		if !d.stuck {
+			d.stuck = true
+			d.trouble(now)
+			d.round = min(max(2*d.round, roundBase), roundMax)
+			d.nextRound = now.Add(jitter(d.round))
+			if d.cause == nil {
+				d.cause = fmt.Errorf("no live replica in placement version %d", d.rt.Table.Version)
+			}
+			if d.r.onStuck != nil {
+				d.r.onStuck()
+			}
+		}
+		return
+	}
+}
+
+// plan assigns every slot in need to a replica: among the usable ones not
+// avoided, prefer a healthy connection, then the fewest outstanding rows
+// (rows in flight to the node plus rows this plan adds; a slot of a row
+// already going to the node adds none), then replica order. One attempt
+// per node carries each of its rows once.
+func (d *dispatch) plan(now time.Time) {
+	if d.pending == 0 {
+		return
+	}
+	rt := d.rt
+	nodes := len(rt.Table.Nodes())
+	batch := make([]*attempt, nodes)
+	conns := make([]*expertConn, nodes)
+	load := make([]int64, nodes)
+	var order []*attempt
+	for i := range d.n {
+		for s := range d.k {
+			id := d.need[i*d.k+s]
+			if id < 0 {
+				continue
+			}
+			best, bestDown, bestCost, bestThere := -1, false, int64(0), false
+			for _, ri16 := range rt.Table.Replicas(d.layer, int(id)) {
+				ri := int(ri16)
+				addr := rt.Addrs[ri]
+				if !d.usable[ri] || d.avoid[addr] {
+					continue
+				}
+				if conns[ri] == nil {
+					if conns[ri] = d.r.conn(addr); conns[ri] == nil {
+						continue // closing
+					}
+					load[ri] = conns[ri].outstanding.Load()
+				}
+				b := batch[ri]
+				there := b != nil && b.rows[len(b.rows)-1] == int32(i)
+				down := conns[ri].down.Load()
+				cost := load[ri]
+				if !there {
+					cost++
+				}
+				better := best < 0 ||
+					(bestDown && !down) ||
+					(bestDown == down && (cost < bestCost || (cost == bestCost && there && !bestThere)))
+				if better {
+					best, bestDown, bestCost, bestThere = ri, down, cost, there
+				}
+			}
+			if best < 0 {
+				continue // stuck
+			}
+			b := batch[best]
+			if b == nil {
+				b = &attempt{d: d, conn: conns[best], addr: rt.Addrs[best], nodeID: rt.Table.Nodes()[best], version: rt.Table.Version}
+				batch[best] = b
+				order = append(order, b)
+			}
+			if !bestThere {
+				b.rows = append(b.rows, int32(i))
+				for range d.k {
+					b.ids = append(b.ids, -1)
+					b.w = append(b.w, 0)
+				}
+				load[best]++
+			}
+			j := (len(b.rows)-1)*d.k + s
+			b.ids[j], b.w[j] = id, d.weights[i*d.k+s]
+			d.need[i*d.k+s] = -1
+			d.pending--
+		}
+	}
+	for _, a := range order {
+		d.send(a, now, 1)
+	}
+}
+
+// send starts attempt a (number n on its node) and queues it.
+func (d *dispatch) send(a *attempt, now time.Time, n int) {
+	a.id = d.r.nextID.Add(1)
+	a.seq = d.seq
+	d.seq++
+	a.deadline = now.Add(d.r.deadline(len(a.rows)))
+	// One span per (layer, expert node) request; the node's
+	// expert.compute span becomes its child through trace_context.
+	a.ctx, a.span = d.r.tracer.Start(d.ctx, "attn.dispatch", trace.WithAttributes(
+		attribute.Int("layer", d.layer), attribute.String("expert_node", a.addr), attribute.String("node_id", a.nodeID),
+		attribute.Int("rows", len(a.rows)), attribute.Int("bytes", 4*d.r.hidden*len(a.rows)),
+		attribute.Int64("placement_version", int64(a.version)), attribute.Int("attempt", n)))
+	a.attemptNo = n
+	d.inflight = append(d.inflight, a)
+	a.conn.enqueue(a)
+}
+
+// trouble starts the expert-wait budget of this dispatch.
+func (d *dispatch) trouble(now time.Time) {
+	if !d.troubled {
+		d.troubled = true
+		d.pin.enterTrouble(now)
+	}
+}
+
+// notify is how receivers hand back a completed attempt.
+func (d *dispatch) notify(a *attempt) {
+	d.mu.Lock()
+	d.completed = append(d.completed, a)
+	d.mu.Unlock()
 	select {
-	case resp = <-c.ch:
-	case <-ctx.Done():
-		return ctx.Err()
+	case d.signal <- struct{}{}:
+	default:
 	}
-	if resp == nil {
-		return fmt.Errorf("%s: %w: %v", c.b.addr, errStreamBroken, c.conn.failure())
+}
+
+// wait blocks until every slot is served, then adds the partial rows into
+// out in a fixed order (the order attempts were made), so a run is
+// reproducible whatever order replies arrive in.
+func (d *dispatch) wait() error {
+	err := d.loop()
+	now := time.Now()
+	for _, a := range d.inflight {
+		a.abandon()
+		a.end(errors.New("abandoned"))
 	}
-	if resp.Code != 0 {
-		return status.Errorf(codes.Code(resp.Code), "expert node %s: %s", c.b.addr, resp.Message)
+	d.inflight = nil
+	if d.troubled {
+		d.pin.leaveTrouble(now)
 	}
-	rows, err := wire.CheckMatrix(resp.Partial, h, len(c.b.rows))
-	if err != nil || rows != len(c.b.rows) {
-		return status.Errorf(codes.Internal, "expert node %s: bad partial: %v (rows %d, want %d)", c.b.addr, err, rows, len(c.b.rows))
+	d.mu.Lock()
+	for _, a := range d.completed {
+		a.end(errors.New("abandoned"))
 	}
-	part := make([]float32, rows*h)
-	if err := wire.DecodeF32(part, resp.Partial.Data); err != nil {
-		return status.Errorf(codes.Internal, "expert node %s: %v", c.b.addr, err)
+	d.completed = nil
+	d.mu.Unlock()
+	if err != nil {
+		return err
 	}
-	for j, row := range c.b.rows {
-		dst := out[int(row)*h : int(row+1)*h]
-		kernels.Add(dst, dst, part[j*h:(j+1)*h])
+	slices.SortFunc(d.done, func(a, b *attempt) int { return a.seq - b.seq })
+	h := d.r.hidden
+	for _, a := range d.done {
+		for j, row := range a.rows {
+			dst := d.out[int(row)*h : int(row+1)*h]
+			kernels.Add(dst, dst, a.part[j*h:(j+1)*h])
+		}
 	}
 	return nil
 }
 
-var errStreamBroken = errors.New("dispatch stream broken")
+func (d *dispatch) loop() error {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		if d.pending == 0 && len(d.inflight) == 0 {
+			return nil
+		}
+		now := time.Now()
+		next := now.Add(time.Hour)
+		if d.troubled {
+			giveUp := d.pin.giveUp()
+			if !now.Before(giveUp) {
+				return d.unavailable()
+			}
+			next = giveUp
+		}
+		for _, a := range d.inflight {
+			if a.deadline.Before(next) {
+				next = a.deadline
+			}
+		}
+		if d.stuck && d.nextRound.Before(next) {
+			next = d.nextRound
+		}
+		timer.Reset(max(next.Sub(now), 0))
+		select {
+		case <-d.signal:
+			d.mu.Lock()
+			completed := d.completed
+			d.completed = nil
+			d.mu.Unlock()
+			for _, a := range completed {
+				if err := d.handle(a); err != nil {
+					return err
+				}
+			}
+		case <-d.change:
+			d.routingChanged()
+		case <-timer.C:
+			d.expire(time.Now())
+		case <-d.ctx.Done():
+			return d.ctx.Err()
+		case <-d.r.ctx.Done():
+			return ErrClosed
+		}
+		d.launch(time.Now())
+	}
+}
 
-// expertConn is one expert node's connection and Dispatch stream, with a
-// receiver goroutine routing replies to callers by id.
+// handle takes a completed attempt's reply or failure.
+func (d *dispatch) handle(a *attempt) error {
+	d.drop(a)
+	err := a.err
+	if err == nil && a.resp.Code != 0 {
+		err = status.Errorf(codes.Code(a.resp.Code), "expert node %s: %s", a.addr, a.resp.Message)
+	}
+	if err == nil {
+		if err = a.decode(d.r.hidden); err == nil {
+			a.end(nil)
+			d.done = append(d.done, a)
+			return nil
+		}
+	}
+	now := time.Now()
+	d.trouble(now)
+	d.cause = err
+	switch status.Code(err) {
+	case codes.InvalidArgument:
+		a.end(err)
+		return fmt.Errorf("layer %d: %w", d.layer, err)
+	case codes.FailedPrecondition:
+		// The node no longer holds an expert this version gave it: plan
+		// by a newer Routing, or wait for one.
+		d.retry(a, err, "refresh placement")
+		d.avoid[a.addr] = true
+		d.routingChanged()
+		return nil
+	}
+	d.tries[a.addr]++
+	if d.tries[a.addr] <= sameReplicaRetries && d.alive(a) {
+		// Same node again, after its connection's redial backoff.
+		a.event("retry", err, "same replica")
+		a.end(err)
+		b := &attempt{d: d, conn: a.conn, addr: a.addr, nodeID: a.nodeID, version: a.version, rows: a.rows, ids: a.ids, w: a.w}
+		d.send(b, now, a.attemptNo+1)
+		return nil
+	}
+	d.retry(a, err, "other replica")
+	d.avoid[a.addr] = true
+	return nil
+}
+
+// retry returns a's slots to the pool of slots in need.
+func (d *dispatch) retry(a *attempt, err error, action string) {
+	a.event("retry", err, action)
+	a.end(err)
+	for j, row := range a.rows {
+		for s := range d.k {
+			if id := a.ids[j*d.k+s]; id >= 0 {
+				d.need[int(row)*d.k+s] = id
+				d.pending++
+			}
+		}
+	}
+}
+
+// drop removes a from the in-flight list.
+func (d *dispatch) drop(a *attempt) {
+	if i := slices.Index(d.inflight, a); i >= 0 {
+		d.inflight = slices.Delete(d.inflight, i, i+1)
+	}
+}
+
+// expire abandons requests past their deadline and ends a stuck round.
+func (d *dispatch) expire(now time.Time) {
+	for _, a := range slices.Clone(d.inflight) {
+		if now.Before(a.deadline) || !a.abandon() {
+			continue // not yet, or its reply is already on the way to handle
+		}
+		d.drop(a)
+		d.trouble(now)
+		err := status.Errorf(codes.DeadlineExceeded, "expert node %s: no answer for layer %d within %v", a.addr, d.layer, d.r.deadline(len(a.rows)))
+		d.cause = err
+		d.retry(a, err, "other replica")
+		d.avoid[a.addr] = true
+	}
+	if d.stuck && !now.Before(d.nextRound) {
+		// Try every replica again, by the newest Routing.
+		d.stuck = false
+		clear(d.avoid)
+		clear(d.tries)
+		d.routingChanged()
+	}
+}
+
+// routingChanged takes the view's newest Routing: requests in flight to
+// nodes that left are abandoned, and the dispatch moves to the new Routing
+// when a failover needs it (slots abandoned or still without a replica).
+func (d *dispatch) routingChanged() {
+	d.observe()
+	failover := d.pending > 0
+	for _, a := range slices.Clone(d.inflight) {
+		if d.alive(a) || !a.abandon() {
+			continue
+		}
+		d.drop(a)
+		err := status.Errorf(codes.Unavailable, "expert node %s (%s) left the placement", a.nodeID, a.addr)
+		d.cause = err
+		d.retry(a, err, "node left")
+		failover = true
+	}
+	if failover && d.rt != d.latest {
+		d.use(d.latest)
+		clear(d.avoid)
+		d.stuck = false
+	}
+}
+
+// unavailable is the error of a dispatch whose budget ran out.
+func (d *dispatch) unavailable() error {
+	var experts []int32
+	add := func(id int32) {
+		if id >= 0 && !slices.Contains(experts, id) {
+			experts = append(experts, id)
+		}
+	}
+	for _, id := range d.need {
+		add(id)
+	}
+	for _, a := range d.inflight {
+		for _, id := range a.ids {
+			add(id)
+		}
+	}
+	slices.Sort(experts)
+	const most = 16
+	list := fmt.Sprint(experts)
+	if len(experts) > most {
+		list = fmt.Sprintf("%v and %d more", experts[:most], len(experts)-most)
+	}
+	return fmt.Errorf("%w: layer %d experts %s: no replica answered within the %v expert wait (last failure: %v)",
+		ErrExpertUnavailable, d.layer, list, d.r.budget, d.cause)
+}
+
+func jitter(d time.Duration) time.Duration {
+	return d/2 + rand.N(d/2+1)
+}
+
+// Attempt states.
+const (
+	queued = iota
+	sent
+	answered
+	abandoned
+)
+
+// attempt is one DispatchRequest to one node: rows of the dispatch with
+// that node's expert ids and weights (-1 for slots served elsewhere).
+type attempt struct {
+	d         *dispatch
+	conn      *expertConn
+	addr      string
+	nodeID    string
+	version   uint64
+	rows      []int32
+	ids       []int32
+	w         []float32
+	id        uint64
+	seq       int
+	attemptNo int
+	deadline  time.Time
+	ctx       context.Context
+	span      trace.Span
+	part      []float32 // decoded partial rows
+
+	// mu orders the sender's encoding of x against abandonment: once
+	// abandon returns, nothing reads the dispatch's buffers.
+	mu    sync.Mutex
+	state int
+	resp  *meshpb.DispatchResponse
+	err   error
+}
+
+// abandon gives up on a; false if it was already answered.
+func (a *attempt) abandon() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.state == answered {
+		return false
+	}
+	a.state = abandoned
+	return true
+}
+
+// complete records a's reply or failure and hands it to its dispatch,
+// unless the dispatch gave up on it.
+func (a *attempt) complete(resp *meshpb.DispatchResponse, err error) {
+	a.mu.Lock()
+	if a.state == answered || a.state == abandoned {
+		a.mu.Unlock()
+		return
+	}
+	a.state, a.resp, a.err = answered, resp, err
+	a.mu.Unlock()
+	a.d.notify(a)
+}
+
+// decode checks and decodes the partial rows.
+func (a *attempt) decode(h int) error {
+	rows, err := wire.CheckMatrix(a.resp.Partial, h, len(a.rows))
+	if err != nil || rows != len(a.rows) {
+		return status.Errorf(codes.Internal, "expert node %s: bad partial: %v (rows %d, want %d)", a.addr, err, rows, len(a.rows))
+	}
+	a.part = make([]float32, rows*h)
+	if err := wire.DecodeF32(a.part, a.resp.Partial.Data); err != nil {
+		return status.Errorf(codes.Internal, "expert node %s: %v", a.addr, err)
+	}
+	return nil
+}
+
+func (a *attempt) event(name string, err error, action string) {
+	a.span.AddEvent(name, trace.WithAttributes(attribute.String("reason", err.Error()), attribute.String("action", action)))
+}
+
+func (a *attempt) end(err error) {
+	if err != nil {
+		a.span.RecordError(err)
+		a.span.SetStatus(otelcodes.Error, err.Error())
+	}
+	a.span.End()
+}
+
+// expertConn is one expert node's connection: a queue of attempts, the
+// goroutine that dials, opens the Dispatch stream and sends them, and the
+// stream's receiver. outstanding counts the rows queued or sent and not
+// yet answered (abandoned ones included: a node that stopped answering
+// keeps its count high, so replica choice avoids it).
 type expertConn struct {
-	addr   string
-	cc     *grpc.ClientConn
-	cancel context.CancelFunc
-	stream meshpb.ExpertService_DispatchClient
-	sendMu sync.Mutex
-	done   chan struct{}
+	r           *RemoteExperts
+	addr        string
+	outstanding atomic.Int64
+	// down is set while the last dial or stream failed and no new
+	// stream is open.
+	down atomic.Bool
+	wake chan struct{}
 
 	mu struct {
 		sync.Mutex
-		pending map[uint64]chan *meshpb.DispatchResponse
+		queue []*attempt
+	}
+
+	// Owned by run.
+	cc       *grpc.ClientConn
+	st       *dispatchStream
+	failures int
+	retryAt  time.Time
+	req      meshpb.DispatchRequest
+	hidden   meshpb.Tensor
+	shape    [2]int64
+	data     []byte
+	trace    map[string]string
+}
+
+// dispatchStream is one open Dispatch stream and the requests awaiting
+// replies on it.
+type dispatchStream struct {
+	c        *expertConn
+	stream   meshpb.ExpertService_DispatchClient
+	cancel   context.CancelFunc
+	recvDone chan struct{}
+
+	mu struct {
+		sync.Mutex
+		pending map[uint64]*attempt
 		err     error
 	}
 }
 
-func (r *RemoteExperts) conn(addr string) (*expertConn, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.mu.closed {
-		return nil, status.Error(codes.Canceled, "remote experts closed")
-	}
-	if c := r.mu.conns[addr]; c != nil && c.failure() == nil {
-		return c, nil
-	}
-	cc, err := r.dial(addr)
-	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "dial expert node %s: %v", addr, err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	stream, err := meshpb.NewExpertServiceClient(cc).Dispatch(ctx)
-	if err != nil {
-		cancel()
-		cc.Close()
-		return nil, status.Errorf(codes.Unavailable, "open dispatch stream to %s: %v", addr, err)
-	}
-	c := &expertConn{addr: addr, cc: cc, cancel: cancel, stream: stream, done: make(chan struct{})}
-	c.mu.pending = map[uint64]chan *meshpb.DispatchResponse{}
-	r.mu.conns[addr] = c
-	go c.receive()
-	return c, nil
-}
-
-func (c *expertConn) send(req *meshpb.DispatchRequest) (chan *meshpb.DispatchResponse, error) {
-	ch := make(chan *meshpb.DispatchResponse, 1)
+// enqueue hands a to the connection's goroutine; it never blocks.
+func (c *expertConn) enqueue(a *attempt) {
+	c.outstanding.Add(int64(len(a.rows)))
 	c.mu.Lock()
-	if c.mu.err != nil {
-		err := c.mu.err
-		c.mu.Unlock()
-		return nil, fmt.Errorf("%s: %w: %v", c.addr, errStreamBroken, err)
-	}
-	c.mu.pending[req.Id] = ch
+	c.mu.queue = append(c.mu.queue, a)
 	c.mu.Unlock()
-	c.sendMu.Lock()
-	err := c.stream.Send(req)
-	c.sendMu.Unlock()
-	if err != nil {
-		c.close(err)
-		return nil, fmt.Errorf("%s: %w: %v", c.addr, errStreamBroken, err)
-	}
-	return ch, nil
-}
-
-func (c *expertConn) receive() {
-	defer close(c.done)
-	for {
-		resp, err := c.stream.Recv()
-		if err != nil {
-			c.close(err)
-			return
-		}
-		c.mu.Lock()
-		ch := c.mu.pending[resp.Id]
-		delete(c.mu.pending, resp.Id)
-		c.mu.Unlock()
-		if ch != nil {
-			ch <- resp
-		}
+	select {
+	case c.wake <- struct{}{}:
+	default:
 	}
 }
 
-func (c *expertConn) failure() error {
+func (c *expertConn) next() *attempt {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.mu.err
+	if len(c.mu.queue) == 0 {
+		return nil
+	}
+	a := c.mu.queue[0]
+	c.mu.queue[0] = nil
+	c.mu.queue = c.mu.queue[1:]
+	return a
 }
 
-// close fails every pending call (their channels get nil) and tears down
-// the stream; later dispatches redial.
-func (c *expertConn) close(err error) {
+func (c *expertConn) pushFront(a *attempt) {
 	c.mu.Lock()
-	if c.mu.err != nil {
-		c.mu.Unlock()
+	c.mu.queue = slices.Insert(c.mu.queue, 0, a)
+	c.mu.Unlock()
+}
+
+// run is the connection's goroutine: it (re)dials with backoff and sends
+// queued attempts in order, until Close.
+func (c *expertConn) run() {
+	defer c.r.wg.Done()
+	defer c.shutdown()
+	ctx := c.r.ctx
+	for {
+		a := c.next()
+		if a == nil {
+			select {
+			case <-c.wake:
+				continue
+			case <-ctx.Done():
+				return
+			}
+		}
+		if c.st != nil && c.st.failed() {
+			c.dropStream()
+		}
+		if c.st == nil {
+			if wait := time.Until(c.retryAt); wait > 0 {
+				c.pushFront(a)
+				t := time.NewTimer(wait)
+				select {
+				case <-t.C:
+				case <-ctx.Done():
+					t.Stop()
+					return
+				}
+				continue
+			}
+			if err := c.open(); err != nil {
+				c.pushFront(a)
+				c.failQueued(err)
+				continue
+			}
+		}
+		c.send(a)
+	}
+}
+
+// backoff schedules the next redial after a failure.
+func (c *expertConn) backoff() {
+	c.failures++
+	d := redialBase << min(c.failures-1, 10)
+	c.retryAt = time.Now().Add(jitter(min(d, redialMax)))
+	c.down.Store(true)
+}
+
+// open dials (if needed) and opens the Dispatch stream, bounded by the
+// dispatch timeout: a peer that accepts connections but never answers
+// (stopped) must not hold the queue forever.
+func (c *expertConn) open() error {
+	if c.cc == nil {
+		cc, err := c.r.dial(c.addr)
+		if err != nil {
+			c.backoff()
+			return status.Errorf(codes.Unavailable, "dial expert node %s: %v", c.addr, err)
+		}
+		c.cc = cc
+	}
+	ctx, cancel := context.WithCancel(c.r.ctx)
+	t := time.AfterFunc(c.r.timeout, cancel)
+	stream, err := meshpb.NewExpertServiceClient(c.cc).Dispatch(ctx)
+	if !t.Stop() && err == nil {
+		err = fmt.Errorf("no answer within %v", c.r.timeout)
+	}
+	if err != nil {
+		cancel()
+		c.cc.Close()
+		c.cc = nil
+		c.backoff()
+		return status.Errorf(codes.Unavailable, "open dispatch stream to %s: %v", c.addr, err)
+	}
+	st := &dispatchStream{c: c, stream: stream, cancel: cancel, recvDone: make(chan struct{})}
+	st.mu.pending = map[uint64]*attempt{}
+	c.st = st
+	c.failures = 0
+	c.down.Store(false)
+	c.r.wg.Add(1)
+	go st.receive()
+	return nil
+}
+
+// dropStream discards a failed stream and its connection; the next
+// attempt redials after the backoff.
+func (c *expertConn) dropStream() {
+	c.st.cancel()
+	<-c.st.recvDone
+	c.st = nil
+	c.cc.Close()
+	c.cc = nil
+	c.backoff()
+}
+
+// send encodes a into the connection's reusable request and sends it.
+func (c *expertConn) send(a *attempt) {
+	rows := int64(len(a.rows))
+	a.mu.Lock()
+	if a.state != queued {
+		a.mu.Unlock()
+		c.outstanding.Add(-rows) // abandoned before it left
 		return
 	}
-	c.mu.err = err
-	pending := c.mu.pending
-	c.mu.pending = nil
-	c.mu.Unlock()
-	for _, ch := range pending {
-		close(ch)
+	d := a.d
+	h := c.r.hidden
+	c.data = c.data[:0]
+	for _, row := range a.rows {
+		c.data = wire.AppendF32(c.data, d.x[int(row)*h:int(row+1)*h])
 	}
-	c.cancel()
-	c.cc.Close()
+	c.shape = [2]int64{rows, int64(h)}
+	c.hidden = meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: c.shape[:], Data: c.data}
+	c.req.Id, c.req.Layer, c.req.K = a.id, uint32(d.layer), uint32(d.k)
+	c.req.ExpertIds, c.req.GateWeights, c.req.Hidden = a.ids, a.w, &c.hidden
+	c.req.PlacementVersion = a.version
+	c.req.TraceContext = nil
+	if trace.SpanContextFromContext(a.ctx).IsValid() {
+		if c.trace == nil {
+			c.trace = map[string]string{}
+		}
+		clear(c.trace)
+		propagation.TraceContext{}.Inject(a.ctx, propagation.MapCarrier(c.trace))
+		c.req.TraceContext = c.trace
+	}
+	st := c.st
+	st.mu.Lock()
+	if err := st.mu.err; err != nil {
+		st.mu.Unlock()
+		a.state = answered
+		a.err = fmt.Errorf("%s: %w: %v", c.addr, errStreamBroken, err)
+		a.mu.Unlock()
+		c.outstanding.Add(-rows)
+		d.notify(a)
+		return
+	}
+	st.mu.pending[a.id] = a
+	st.mu.Unlock()
+	a.state = sent
+	a.mu.Unlock()
+	if err := st.stream.Send(&c.req); err != nil {
+		st.fail(err)
+	}
+}
+
+// failQueued fails every queued attempt with err (a dial failed).
+func (c *expertConn) failQueued(err error) {
+	c.mu.Lock()
+	q := c.mu.queue
+	c.mu.queue = nil
+	c.mu.Unlock()
+	for _, a := range q {
+		c.outstanding.Add(-int64(len(a.rows)))
+		a.complete(nil, err)
+	}
+}
+
+// shutdown ends the stream and connection at Close.
+func (c *expertConn) shutdown() {
+	if c.st != nil {
+		c.st.cancel()
+		<-c.st.recvDone
+	}
+	if c.cc != nil {
+		c.cc.Close()
+	}
+	c.failQueued(ErrClosed)
+}
+
+func (st *dispatchStream) failed() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.mu.err != nil
+}
+
+// receive routes replies to their attempts until the stream fails.
+func (st *dispatchStream) receive() {
+	defer st.c.r.wg.Done()
+	defer close(st.recvDone)
+	for {
+		resp, err := st.stream.Recv()
+		if err != nil {
+			st.fail(err)
+			return
+		}
+		st.mu.Lock()
+		a := st.mu.pending[resp.Id]
+		delete(st.mu.pending, resp.Id)
+		st.mu.Unlock()
+		if a != nil {
+			st.c.outstanding.Add(-int64(len(a.rows)))
+			a.complete(resp, nil)
+		}
+	}
+}
+
+// fail marks the stream broken and fails every request awaiting a reply
+// on it; they are retried by their dispatches.
+func (st *dispatchStream) fail(err error) {
+	st.mu.Lock()
+	if st.mu.err != nil {
+		st.mu.Unlock()
+		return
+	}
+	st.mu.err = err
+	pending := st.mu.pending
+	st.mu.pending = nil
+	st.mu.Unlock()
+	st.c.down.Store(true)
+	e := fmt.Errorf("%s: %w: %v", st.c.addr, errStreamBroken, err)
+	for _, a := range pending {
+		st.c.outstanding.Add(-int64(len(a.rows)))
+		a.complete(nil, e)
+	}
 }

@@ -2,9 +2,11 @@ package attnnode
 
 import (
 	"context"
-	"errors"
+	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc/codes"
 
 	"github.com/expertmesh/expertmesh/expertnode"
 	"github.com/expertmesh/expertmesh/model"
@@ -81,39 +83,45 @@ func TestRemoteExpertsMatchLocal(t *testing.T) {
 }
 
 // TestExpertNodeDeathIsACleanError: with an expert node gone and no other
-// replica, a step fails promptly with an error; it never hangs.
+// replica, a step fails once the expert-wait budget is spent, with
+// UNAVAILABLE naming the layer and experts; it never hangs.
 func TestExpertNodeDeathIsACleanError(t *testing.T) {
 	dir := genTiny(t, "tiny-v2")
 	table, nodes := startExperts(t, dir, 2)
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, placement.NewStatic(table)
-	node, err := New(cfg)
+	cfg.ExpertWait = time.Second
+	node, err := Start(context.Background(), inProcess(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer node.Close()
-	step := func(id uint64) error {
-		_, err := node.Step(context.Background(), &meshpb.StepRequest{Step: id, Work: []*meshpb.SeqWork{
+	step := func(id uint64) (*meshpb.StepResponse, error) {
+		return node.Step(context.Background(), &meshpb.StepRequest{Step: id, Work: []*meshpb.SeqWork{
 			{SeqId: id, Tokens: []int32{1, 2, 3, 4, 5, 6, 7, 8}, Sample: true, ReserveTokens: 16},
 		}})
-		return err
 	}
-	if err := step(1); err != nil {
-		t.Fatalf("healthy cluster: %v", err)
+	if resp, err := step(1); err != nil || resp.Code != 0 {
+		t.Fatalf("healthy cluster: %v %v", resp, err)
 	}
 	nodes[1].Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	errc := make(chan error, 1)
-	go func() { errc <- step(2) }()
+	type result struct {
+		resp *meshpb.StepResponse
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() { r, err := step(2); done <- result{r, err} }()
 	select {
-	case err := <-errc:
-		if err == nil {
-			t.Fatal("step succeeded with half the experts gone")
+	case r := <-done:
+		if r.err != nil {
+			t.Fatalf("an expert outage ended the step as this node's fault: %v", r.err)
 		}
-		if !errors.Is(err, ErrExpertUnavailable) {
-			t.Logf("error (not ErrExpertUnavailable): %v", err)
+		if codes.Code(r.resp.Code) != codes.Unavailable || !strings.Contains(r.resp.Message, "layer") {
+			t.Fatalf("step with half the experts gone: code %v %q", codes.Code(r.resp.Code), r.resp.Message)
 		}
+		t.Logf("answer: %s", r.resp.Message)
 	case <-ctx.Done():
 		t.Fatal("step hung after an expert node died")
 	}
@@ -148,7 +156,7 @@ func TestReplicaFailover(t *testing.T) {
 	}
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, placement.NewStatic(table)
-	node, err := New(cfg)
+	node, err := Start(context.Background(), inProcess(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}

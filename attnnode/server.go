@@ -14,62 +14,107 @@ import (
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
-// Server is a running attention node: a Node behind the AttentionService
-// gRPC face.
-type Server struct {
-	*Node
-	lis   net.Listener
-	srv   *rpc.Server
-	ready chan struct{}
-	errc  chan error
-	once  sync.Once
-}
-
-// Start loads the model, listens on cfg.ListenAddr and serves. On error
-// everything begun is undone.
-//
-// Close stops accepting, closes open Step streams, then releases the
-// node (expert connections, kernel pool, weights), in that order.
-func Start(ctx context.Context, cfg Config) (*Server, error) {
-	node, err := New(cfg)
+// Start loads the model and builds the node. With cfg.ListenAddr set it
+// also listens there and serves AttentionService; with it empty the node
+// runs in-process only (serve drives it directly). ctx bounds the start
+// only; the node runs until Close. A failed start releases everything it
+// had acquired.
+func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	n, err := load(cfg)
 	if err != nil {
 		return nil, err
 	}
-	lis, err := net.Listen("tcp", cfg.ListenAddr)
-	if err != nil {
-		node.Close()
+	defer func() {
+		if err != nil {
+			n.releaseAll()
+		}
+	}()
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	n.stop, n.cancel = context.WithCancel(context.Background())
+	n.ready, n.errc, n.serveDone = make(chan struct{}), make(chan error, 1), make(chan struct{})
+	if cfg.ListenAddr == "" {
+		close(n.serveDone)
+		close(n.ready)
+		return n, nil
+	}
+	var lc net.ListenConfig
+	if n.lis, err = lc.Listen(ctx, "tcp", cfg.ListenAddr); err != nil {
 		return nil, fmt.Errorf("--listen %s: %w", cfg.ListenAddr, err)
 	}
-	s := &Server{Node: node, lis: lis, srv: rpc.NewServer(rpc.ServerOptions{}), ready: make(chan struct{}), errc: make(chan error, 1)}
-	meshpb.RegisterAttentionServiceServer(s.srv.Server, &service{node: node})
-	s.srv.SetServing(true, meshpb.AttentionService_ServiceDesc.ServiceName)
+	// WaitForHandlers makes Stop wait for every Step handler to return,
+	// so Close releases the weights only once no step can touch them.
+	n.srv = rpc.NewServer(rpc.ServerOptions{Extra: []grpc.ServerOption{grpc.WaitForHandlers(true)}})
+	meshpb.RegisterAttentionServiceServer(n.srv.Server, &service{node: n})
+	n.srv.SetServing(true, meshpb.AttentionService_ServiceDesc.ServiceName)
 	go func() {
-		close(s.ready)
-		if err := s.srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-			s.errc <- err
+		defer close(n.serveDone)
+		if err := n.srv.Serve(n.lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			n.errc <- fmt.Errorf("attention node %s: serve: %w", cfg.NodeID, err)
+			n.closeErrc()
 		}
-		close(s.errc)
 	}()
-	return s, nil
+	close(n.ready)
+	return n, nil
 }
 
-// Ready is closed once the node serves.
-func (s *Server) Ready() <-chan struct{} { return s.ready }
+// releaseAll frees the compute side: expert connections, pool, weights.
+func (n *Node) releaseAll() error {
+	if n.remote != nil {
+		n.remote.Close()
+	}
+	n.pool.Close()
+	return n.w.Close()
+}
 
-// Err yields a serving error, and is closed when serving ends.
-func (s *Server) Err() <-chan error { return s.errc }
+// Ready is closed once the node serves (in-process: once Start returned).
+func (n *Node) Ready() <-chan struct{} { return n.ready }
 
-// Addr is the address the node listens on.
-func (s *Server) Addr() string { return s.lis.Addr().String() }
+// Err delivers at most one fatal serving error (the listener failed) and
+// is closed once the node has stopped: right after that error, or when
+// Close has finished. The owner still calls Close after a fatal error.
+func (n *Node) Err() <-chan error { return n.errc }
 
-// Close stops serving and releases the node.
-func (s *Server) Close() error {
-	var err error
-	s.once.Do(func() {
-		s.srv.Stop()
-		err = s.Node.Close()
+func (n *Node) closeErrc() { n.errOnce.Do(func() { close(n.errc) }) }
+
+// Addr is the address the node serves on; "" in-process.
+func (n *Node) Addr() string {
+	if n.lis == nil {
+		return ""
+	}
+	return n.lis.Addr().String()
+}
+
+// Close stops the node and releases everything, in this order:
+//  1. the running step is cancelled (rolled back: nothing of it applied
+//     but its releases) and later steps are refused with ErrClosed;
+//  2. health turns NOT_SERVING, the listener closes (no new connections
+//     or streams) and every Step stream ends; Close waits for their
+//     handlers to return;
+//  3. expert connections close;
+//  4. the kernel pool stops;
+//  5. the weights are unmapped.
+//
+// Close is idempotent; later calls return the first one's result. Err is
+// closed when it returns.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		n.cancel()
+		if n.srv != nil {
+			n.srv.Stop()
+		}
+		<-n.serveDone
+		n.stepMu.Lock()
+		n.closed = true
+		n.closeErr = n.releaseAll()
+		n.stepMu.Unlock()
+		n.closeErrc()
 	})
-	return err
+	return n.closeErr
 }
 
 type service struct {
@@ -78,6 +123,8 @@ type service struct {
 }
 
 // Step serves one coordinator's step stream, a step at a time in order.
+// A step that fails as a whole is answered with its code on the open
+// stream; only a broken node (closed, panicked) ends the stream.
 func (s *service) Step(stream meshpb.AttentionService_StepServer) error {
 	for {
 		req, err := stream.Recv()
@@ -98,7 +145,7 @@ func (s *service) Step(stream meshpb.AttentionService_StepServer) error {
 }
 
 func (s *service) Info(ctx context.Context, req *meshpb.InfoRequest) (*meshpb.NodeInfo, error) {
-	return s.node.Info(ctx, req.GetEpoch())
+	return s.node.Info(ctx, req.Epoch)
 }
 
 // Client is a coordinator's handle on a remote attention node. Step calls
@@ -121,13 +168,16 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 	return &Client{cc: cc, api: meshpb.NewAttentionServiceClient(cc)}, nil
 }
 
-// Info asks the node for its capacity.
+// Info asks the node for its capacity, fencing older epochs than epoch
+// (0: none); a node that has seen a newer epoch answers
+// FAILED_PRECONDITION.
 func (c *Client) Info(ctx context.Context, epoch uint64) (*meshpb.NodeInfo, error) {
 	return c.api.Info(ctx, &meshpb.InfoRequest{Epoch: epoch})
 }
 
-// Step sends one step and waits for its response. A broken stream is
-// reopened on the next call; the failed step's error is returned.
+// Step sends one step and waits for its response. A whole-step failure
+// comes back as the response's code, the stream staying open; an error
+// means the stream broke (it is reopened on the next call) or ctx ended.
 func (c *Client) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepResponse, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -27,7 +27,7 @@ func TestTraceCrossesDispatch(t *testing.T) {
 	table, _ := startExperts(t, dir, 2)
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 4<<20, placement.NewStatic(table)
-	node, err := New(cfg)
+	node, err := Start(context.Background(), inProcess(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}

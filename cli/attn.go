@@ -27,6 +27,8 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.IntVar(&cfg.MicroBatches, "micro-batches", 0, "micro-batches per step (0: 2 with expert nodes, else 1)")
 	fs.StringVar(&cfg.Quantize, "quantize", "", "convert weights at load: q8")
 	weights := fs.String("weights", "auto", weightsUsage)
+	fs.DurationVar(&cfg.DispatchTimeout, "dispatch-timeout", cfg.DispatchTimeout, "deadline of one dispatch of up to 256 rows to an expert node (more rows get proportionally more); a node that misses it is skipped for another replica")
+	fs.DurationVar(&cfg.ExpertWait, "expert-wait", cfg.ExpertWait, "how long a step waits for some replica of an expert before it fails with UNAVAILABLE; keep it below the coordinator's --step-timeout")
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	spec := fs.String("placement", "", `expert placement "ADDR=EXPERTS;ADDR=EXPERTS" (EXPERTS: "0-53" or "1:0-53,2:54-107"); empty: all experts in-process`)
 	if err := parse(fs, args); err != nil {

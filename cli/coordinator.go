@@ -68,7 +68,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	nc.ModelDir, nc.NodeID, nc.CacheBytes = cfg.ModelDir, "serve", *cacheMB<<20
 	nc.MaxStepTokens = max(nc.MaxStepTokens, cfg.StepTokenBudget)
-	node, err := attnnode.New(nc)
+	nc.ListenAddr = "" // in-process: no gRPC
+	node, err := attnnode.Start(ctx, nc)
 	if err != nil {
 		return err
 	}

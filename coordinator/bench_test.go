@@ -37,7 +37,8 @@ func BenchmarkServe(b *testing.B) {
 		b.Run(fmt.Sprintf("http-clients=%d", conc), func(b *testing.B) {
 			nc := attnnode.DefaultConfig()
 			nc.ModelDir, nc.Threads, nc.CacheBytes = tinyDir, 1, 16<<20
-			node, err := attnnode.New(nc)
+			nc.ListenAddr = ""
+			node, err := attnnode.Start(context.Background(), nc)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -72,7 +72,8 @@ func startCluster(t testing.TB, n int, cfgf func(*Config), wrap func(i int, nd A
 	for i := range n {
 		nc := attnnode.DefaultConfig()
 		nc.ModelDir, nc.NodeID, nc.Threads, nc.CacheBytes = tinyDir, fmt.Sprintf("attn-%d", i), 1, 2<<20
-		nd, err := attnnode.New(nc)
+		nc.ListenAddr = ""
+		nd, err := attnnode.Start(context.Background(), nc)
 		if err != nil {
 			t.Fatal(err)
 		}

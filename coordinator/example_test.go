@@ -24,7 +24,8 @@ func Example() {
 	}
 	ncfg := attnnode.DefaultConfig()
 	ncfg.ModelDir, ncfg.Threads, ncfg.CacheBytes = dir, 1, 1<<20
-	node, err := attnnode.New(ncfg)
+	ncfg.ListenAddr = "" // in-process: no gRPC
+	node, err := attnnode.Start(context.Background(), ncfg)
 	if err != nil {
 		log.Fatal(err)
 	}
