@@ -5,8 +5,11 @@
 //
 // The node maps the checkpoint and binds every routed expert as a view of
 // the mapping, which reads nothing; it serves only the experts in its held
-// set (Config.Experts, changed at run time by Load and Drop) and
-// prefetches exactly those experts' bytes. Dispatch requests are validated
+// set, a placement.Set: Config.Experts at start (the --experts grammar of
+// placement.ParseSet), then Hold and Release — the control plane's
+// ExpertHolder — or, on a node that is not managed by the control plane,
+// the Load and Drop RPCs. Only held experts' bytes are ever read: copied
+// into huge-page memory or prefetched. Dispatch requests are validated
 // completely before any compute; a malformed one is answered with
 // INVALID_ARGUMENT (or FAILED_PRECONDITION for an expert not held) and the
 // stream carries on.
@@ -16,7 +19,11 @@
 // different streams queue on a mutex rather than contend for cores.
 // Receiving, validating and replying run beside compute, per stream.
 //
-// Start returns a running node; Close stops it (see Close for the order).
-// Readiness is the standard gRPC health service: SERVING once the weights
-// are bound, NOT_SERVING from the start of Close.
+// Like every role, Start returns a running node with Ready, Err, Addr, ID
+// and Close (see Close for the order); Shutdown drains first: open streams
+// answer what they received, then end. Readiness is the standard gRPC
+// health service: SERVING once the weights are bound, NOT_SERVING from the
+// start of Shutdown or Close. Registry holds the node's Prometheus metrics
+// (expertmesh_expert_*); ExpertLoad and ExpertCompute give the per-expert
+// counts the load balancer reads.
 package expertnode

@@ -18,6 +18,7 @@ import (
 
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
+	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -83,66 +84,166 @@ func (l jobList) put(j *job) {
 // Dispatch runs one stream as a three-stage pipeline so that receiving and
 // validating the next request never waits for the current computation:
 //
-//	this goroutine: Recv, validate, decode → jobs
-//	computer:       ExpertRunner under the node's compute lock → replies
-//	sender:         encode, Send
+//	reader:   Recv, validate, decode → jobs
+//	computer: ExpertRunner under the node's compute lock → replies
+//	sender:   encode, Send
 //
 // A request that fails validation skips compute and is answered with its
 // code; the stream stays open. When the client half-closes, pending
-// requests are still answered before the stream ends. The handler returns
-// only after both helper goroutines have exited (Close relies on it).
+// requests are still answered before the stream ends. The handler itself
+// only watches: it returns once the pipeline has ended (waiting for all
+// three goroutines, which Close relies on), or, when the node drains, once
+// every request received before the drain is answered; then it ends the
+// stream with UNAVAILABLE and the idle reader exits as the stream's
+// context ends (node.pipes tracks it).
 func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]) error {
 	n := s.n
-	ctx := st.Context()
-	free := make(jobList, jobsPerStream)
-	jobs := make(chan *job, pipelineDepth)
-	replies := make(chan *job, pipelineDepth)
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		defer close(replies)
-		for j := range jobs {
-			if j.code == codes.OK {
-				n.run(ctx, j)
-			}
-			replies <- j
-		}
-	}()
-	var sendErr error
-	go func() {
-		defer wg.Done()
-		// Keep draining after a failed Send so the computer never blocks.
-		for j := range replies {
-			if sendErr == nil {
-				sendErr = st.Send(n.reply(j))
-			}
-			free.put(j)
-		}
-	}()
+	if !n.streamOpened() {
+		return status.Errorf(codes.Unavailable, "expert node %s is draining: dispatch to another replica", n.id)
+	}
+	defer n.streamClosed()
+	p := &pipe{n: n, st: st, ctx: st.Context(),
+		free:     make(jobList, jobsPerStream),
+		jobs:     make(chan *job, pipelineDepth),
+		replies:  make(chan *job, pipelineDepth),
+		readDone: make(chan struct{}),
+		sendDone: make(chan struct{}),
+	}
+	p.mu.idle = make(chan struct{})
+	n.pipes.Add(3)
+	go p.read()
+	go p.computeLoop()
+	go p.send()
+	select {
+	case <-p.sendDone:
+		return p.result()
+	case <-n.drain:
+	}
+	select {
+	case <-p.closeAdmission():
+		return status.Errorf(codes.Unavailable, "expert node %s drained: dispatch to another replica", n.id)
+	case <-p.sendDone:
+		return p.result()
+	}
+}
 
-	var recvErr error
-	for recvErr == nil {
-		req, err := st.Recv()
+// pipe is one Dispatch stream's pipeline.
+type pipe struct {
+	n    *Node
+	st   grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]
+	ctx  context.Context
+	free jobList
+	jobs chan *job // reader → computer; the reader closes it
+	// replies: computer → sender; the computer closes it
+	replies chan *job
+	// readDone and sendDone close when the reader and the sender exit;
+	// recvErr and sendErr are theirs until then.
+	readDone, sendDone chan struct{}
+	recvErr, sendErr   error
+
+	// mu counts the requests admitted into the pipeline and not yet
+	// answered. Once closed (the node drains) the reader admits no more,
+	// and idle closes when the last admitted one is answered.
+	mu struct {
+		sync.Mutex
+		closed  bool
+		pending int
+		idle    chan struct{}
+	}
+}
+
+func (p *pipe) read() {
+	defer p.n.pipes.Done()
+	defer close(p.readDone)
+	defer close(p.jobs)
+	for {
+		req, err := p.st.Recv()
 		if err != nil {
 			if !errors.Is(err, io.EOF) {
-				recvErr = err
+				p.recvErr = err
 			}
-			break
+			return
 		}
-		j := n.prepare(free.get(), req)
+		if !p.admit() {
+			// Received after the drain began: the stream ends with
+			// UNAVAILABLE and the client retries it elsewhere.
+			p.n.metrics.requests[codes.Unavailable].Inc()
+			continue
+		}
+		j := p.n.prepare(p.free.get(), req)
 		select {
-		case jobs <- j:
-		case <-ctx.Done():
-			recvErr = ctx.Err()
+		case p.jobs <- j:
+		case <-p.ctx.Done():
+			p.recvErr = p.ctx.Err()
+			return
 		}
 	}
-	close(jobs)
-	wg.Wait()
-	if recvErr != nil {
-		return rpc.ToStatus(recvErr)
+}
+
+func (p *pipe) computeLoop() {
+	defer p.n.pipes.Done()
+	defer close(p.replies)
+	for j := range p.jobs {
+		if j.code == codes.OK {
+			p.n.run(p.ctx, j)
+		}
+		p.replies <- j
 	}
-	return sendErr
+}
+
+func (p *pipe) send() {
+	defer p.n.pipes.Done()
+	defer close(p.sendDone)
+	// Keep draining after a failed Send so the computer never blocks.
+	for j := range p.replies {
+		if p.sendErr == nil {
+			p.sendErr = p.st.Send(p.n.reply(j))
+		}
+		p.free.put(j)
+		p.answered()
+	}
+}
+
+// result is the stream's status once the pipeline has ended.
+func (p *pipe) result() error {
+	<-p.readDone
+	if p.recvErr != nil {
+		return rpc.ToStatus(p.recvErr)
+	}
+	return p.sendErr
+}
+
+func (p *pipe) admit() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.mu.closed {
+		return false
+	}
+	p.mu.pending++
+	return true
+}
+
+func (p *pipe) answered() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.mu.pending--
+	if p.mu.closed && p.mu.pending == 0 {
+		close(p.mu.idle)
+	}
+}
+
+// closeAdmission stops admitting requests and returns a channel closed
+// once every admitted one is answered.
+func (p *pipe) closeAdmission() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.mu.closed {
+		p.mu.closed = true
+		if p.mu.pending == 0 {
+			close(p.mu.idle)
+		}
+	}
+	return p.mu.idle
 }
 
 // prepare validates req completely and decodes its rows into j. A request
@@ -233,6 +334,7 @@ func (n *Node) run(ctx context.Context, j *job) {
 	}
 	h := n.mc.HiddenSize
 	j.out = grow(j.out, j.rows*h)
+	queued := time.Now()
 	n.compute.Lock()
 	start := time.Now()
 	// Run accumulates into out, so it starts from zero.
@@ -240,12 +342,16 @@ func (n *Node) run(ctx context.Context, j *job) {
 	err := n.compute.runner.Run(j.layer, j.x, j.rows, j.k, j.ids, j.weights, j.out)
 	j.compute = time.Since(start)
 	n.compute.Unlock()
+	n.metrics.queue.Observe(start.Sub(queued).Seconds())
+	n.metrics.compute.Observe(j.compute.Seconds())
 	if err != nil {
 		j.code, j.msg = rpc.Code(err), err.Error()
 		span.RecordError(err)
 		span.SetStatus(otelcodes.Error, err.Error())
 	} else {
 		n.rowsServed[j.layer].Add(uint64(j.rows))
+		n.metrics.rows[j.layer].Add(float64(j.rows))
+		n.stats.add(j.layer, j.ids, j.compute)
 	}
 	span.End()
 }
@@ -260,9 +366,13 @@ func distinctExperts(ids []int32) int {
 	return len(seen)
 }
 
-// reply fills j's reusable response. gRPC marshals a message inside Send,
-// so the buffers may be reused once Send has returned.
+// reply fills j's reusable response and counts it by code. gRPC marshals
+// a message inside Send, so the buffers may be reused once Send has
+// returned.
 func (n *Node) reply(j *job) *meshpb.DispatchResponse {
+	if int(j.code) < numCodes {
+		n.metrics.requests[j.code].Inc()
+	}
 	r := &j.resp
 	r.Id, r.Code, r.Message, r.Partial, r.ComputeUs = j.id, int32(j.code), j.msg, nil, uint64(j.compute.Microseconds())
 	if j.code == codes.OK {
@@ -283,77 +393,83 @@ func grow(b []float32, n int) []float32 {
 }
 
 // checkRanges validates Load/Drop ranges against the model, all before
-// any is applied, so a bad request changes nothing.
-func (n *Node) checkRanges(rs []*meshpb.ExpertRange) error {
+// any is applied, so a bad request changes nothing, and returns them as a
+// set.
+func (n *Node) checkRanges(rs []*meshpb.ExpertRange) (placement.Set, error) {
 	mc := n.mc
+	set := placement.NewSet(n.shape)
 	for i, r := range rs {
 		switch {
 		case r.Layer >= uint32(mc.NumHiddenLayers):
-			return fmt.Errorf("experts[%d]: layer %d out of range: model has %d layers", i, r.Layer, mc.NumHiddenLayers)
+			return nil, fmt.Errorf("experts[%d]: layer %d out of range: model has %d layers", i, r.Layer, mc.NumHiddenLayers)
 		case !mc.IsMoELayer(int(r.Layer)):
-			return fmt.Errorf("experts[%d]: layer %d is dense", i, r.Layer)
+			return nil, fmt.Errorf("experts[%d]: layer %d is dense", i, r.Layer)
 		case r.First > r.Last:
-			return fmt.Errorf("experts[%d]: first %d > last %d", i, r.First, r.Last)
+			return nil, fmt.Errorf("experts[%d]: first %d > last %d", i, r.First, r.Last)
 		case r.Last >= uint32(mc.NumExperts()):
-			return fmt.Errorf("experts[%d]: expert %d out of range: model has %d routed experts", i, r.Last, mc.NumExperts())
+			return nil, fmt.Errorf("experts[%d]: expert %d out of range: model has %d routed experts", i, r.Last, mc.NumExperts())
+		}
+		for e := r.First; e <= r.Last; e++ {
+			set[r.Layer][e] = true
 		}
 	}
-	return nil
+	return set, nil
 }
 
-// setHeld marks or unmarks the ranges and returns the (layer, expert)
-// pairs whose state changed.
-func (n *Node) setHeld(rs []*meshpb.ExpertRange, hold bool) [][2]int {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	var changed [][2]int
-	for _, r := range rs {
-		row := n.mu.held[r.Layer]
-		for x := int(r.First); x <= int(r.Last); x++ {
-			if row[x] != hold {
-				row[x] = hold
-				changed = append(changed, [2]int{int(r.Layer), x})
-			}
-		}
-	}
-	return changed
+// managedStatus is what Load and Drop answer on a managed node.
+func (n *Node) managedStatus(rpcName string) error {
+	return status.Errorf(codes.FailedPrecondition, "%s refused: node %s: %v; change it with `expertmesh placement` (drain, rebalance), not %s",
+		rpcName, n.id, ErrManaged, rpcName)
 }
 
-// Load marks the experts held and readies their tensors (resident copies
-// or a prefetch, per Config.Weights). loaded counts
-// experts that were not held before, so a repeated Load reports 0.
+// Load marks the experts held and readies their tensors, as Hold does
+// (the call's context cancels it between experts). loaded counts experts
+// that were not held before, so a repeated Load reports 0. Refused on a
+// managed node.
 func (s *service) Load(ctx context.Context, req *meshpb.LoadRequest) (*meshpb.LoadResponse, error) {
 	n := s.n
-	if err := n.checkRanges(req.Experts); err != nil {
+	if n.cfg.Managed {
+		return nil, n.managedStatus("Load")
+	}
+	set, err := n.checkRanges(req.Experts)
+	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	changed := n.setHeld(req.Experts, true)
-	n.place(changed)
-	return &meshpb.LoadResponse{Loaded: uint32(len(changed))}, nil
+	loaded, err := n.hold(ctx, set)
+	if err != nil {
+		return nil, rpc.ToStatus(err)
+	}
+	return &meshpb.LoadResponse{Loaded: uint32(loaded)}, nil
 }
 
-// Drop unmarks the experts; dispatches validated afterwards that name them
-// get FAILED_PRECONDITION. Their resident copies are freed; mapped pages
-// stay mapped (the OS reclaims them under pressure). dropped counts
-// experts that were held.
+// Drop releases the experts, as Release does; dispatches validated
+// afterwards that name them get FAILED_PRECONDITION. dropped counts
+// experts that were held. Refused on a managed node.
 func (s *service) Drop(ctx context.Context, req *meshpb.DropRequest) (*meshpb.DropResponse, error) {
 	n := s.n
-	if err := n.checkRanges(req.Experts); err != nil {
+	if n.cfg.Managed {
+		return nil, n.managedStatus("Drop")
+	}
+	set, err := n.checkRanges(req.Experts)
+	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	changed := n.setHeld(req.Experts, false)
-	n.unplace(changed)
-	return &meshpb.DropResponse{Dropped: uint32(len(changed))}, nil
+	dropped, err := n.release(set)
+	if err != nil {
+		return nil, rpc.ToStatus(err)
+	}
+	return &meshpb.DropResponse{Dropped: uint32(dropped)}, nil
 }
 
 // Status reports the held set, rows served per MoE layer and the number of
-// dispatch requests received (rejected ones included).
+// dispatch requests received (rejected ones included). It works on
+// managed nodes too.
 func (s *service) Status(ctx context.Context, _ *meshpb.StatusRequest) (*meshpb.ExpertStatus, error) {
 	n := s.n
-	n.mu.RLock()
-	ranges := heldRanges(n.mu.held)
-	n.mu.RUnlock()
-	st := &meshpb.ExpertStatus{NodeId: n.id, Experts: ranges, RowsServed: map[uint32]uint64{}, Requests: n.requests.Load()}
+	st := &meshpb.ExpertStatus{NodeId: n.id, RowsServed: map[uint32]uint64{}, Requests: n.requests.Load()}
+	for _, r := range n.Held().Ranges() {
+		st.Experts = append(st.Experts, &meshpb.ExpertRange{Layer: uint32(r.Layer), First: uint32(r.First), Last: uint32(r.Last)})
+	}
 	for l := range n.rowsServed {
 		if n.mc.IsMoELayer(l) {
 			st.RowsServed[uint32(l)] = n.rowsServed[l].Load()
