@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
 	meshpb "github.com/expertmesh/expertmesh/proto"
@@ -58,6 +60,12 @@ type stepper interface {
 // steps, greedy decoding of maxTokens each.
 func drive(t testing.TB, node stepper, prompts [][]int, maxTokens, chunk int) (tokens [][]int, lps [][]float64, echo [][]float64) {
 	t.Helper()
+	return driveWith(t, node, prompts, maxTokens, chunk, &meshpb.SamplingParams{})
+}
+
+// driveWith is drive with every sequence sampled by sp.
+func driveWith(t testing.TB, node stepper, prompts [][]int, maxTokens, chunk int, sp *meshpb.SamplingParams) (tokens [][]int, lps [][]float64, echo [][]float64) {
+	t.Helper()
 	n := len(prompts)
 	tokens, lps, echo = make([][]int, n), make([][]float64, n), make([][]float64, n)
 	fed := make([]int, n) // prompt tokens sent
@@ -71,7 +79,7 @@ func drive(t testing.TB, node stepper, prompts [][]int, maxTokens, chunk int) (t
 				end := min(fed[i]+chunk, len(p))
 				sw := &meshpb.SeqWork{SeqId: uint64(i + 1), Tokens: toI32(p[fed[i]:end]), StartPos: uint32(fed[i]), Sample: end == len(p), EchoLogprobs: true}
 				if fed[i] == 0 {
-					sw.ReserveTokens, sw.Logprobs, sw.Sampling = uint32(len(p)+maxTokens), 2, &meshpb.SamplingParams{}
+					sw.ReserveTokens, sw.Logprobs, sw.Sampling = uint32(len(p)+maxTokens), 2, sp
 				}
 				req.Work = append(req.Work, sw)
 				fed[i] = end
@@ -91,6 +99,9 @@ func drive(t testing.TB, node stepper, prompts [][]int, maxTokens, chunk int) (t
 		resp, err := node.Step(context.Background(), req)
 		if err != nil {
 			t.Fatalf("step %d: %v", step, err)
+		}
+		if resp.Code != 0 {
+			t.Fatalf("step %d: code %v: %s", step, codes.Code(resp.Code), resp.Message)
 		}
 		for _, r := range resp.Results {
 			i := int(r.SeqId - 1)

@@ -672,6 +672,7 @@ func (d *dispatch) expire(now time.Time) {
 		}
 		d.drop(a)
 		d.trouble(now)
+		a.conn.down.Store(true)
 		err := status.Errorf(codes.DeadlineExceeded, "expert node %s: no answer for layer %d within %v", a.addr, d.layer, d.r.deadline(len(a.rows)))
 		d.cause = err
 		d.retry(a, err, "other replica")
@@ -832,8 +833,11 @@ type expertConn struct {
 	r           *RemoteExperts
 	addr        string
 	outstanding atomic.Int64
-	// down is set while the last dial or stream failed and no new
-	// stream is open.
+	// down is set while the node looks broken: its last dial or stream
+	// failed, or a request to it missed its deadline, and nothing came
+	// back since (a reply or a new stream clears it). Replica choice
+	// prefers nodes that are not down, so a frozen node costs one
+	// deadline, not one per layer.
 	down atomic.Bool
 	wake chan struct{}
 
@@ -1087,6 +1091,7 @@ func (st *dispatchStream) receive() {
 		a := st.mu.pending[resp.Id]
 		delete(st.mu.pending, resp.Id)
 		st.mu.Unlock()
+		st.c.down.Store(false) // it answers
 		if a != nil {
 			st.c.outstanding.Add(-int64(len(a.rows)))
 			a.complete(resp, nil)
