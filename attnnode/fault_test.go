@@ -264,9 +264,9 @@ func TestTransientResetOnlyReplica(t *testing.T) {
 type onStart func(sdktrace.ReadWriteSpan)
 
 func (f onStart) OnStart(_ context.Context, s sdktrace.ReadWriteSpan) { f(s) }
-func (onStart) OnEnd(sdktrace.ReadOnlySpan)                          {}
-func (onStart) Shutdown(context.Context) error                       { return nil }
-func (onStart) ForceFlush(context.Context) error                     { return nil }
+func (onStart) OnEnd(sdktrace.ReadOnlySpan)                           {}
+func (onStart) Shutdown(context.Context) error                        { return nil }
+func (onStart) ForceFlush(context.Context) error                      { return nil }
 
 // TestRoutingChangeWakesWaitingDispatch: with the only replica frozen (a
 // request in flight to it) or dead, a new Routing naming a fresh expert
