@@ -80,6 +80,8 @@ type Config struct {
 	// special tokens, and counts output tokens from text for servers that
 	// report no usage.
 	Tokenizer Tokenizer
+	// TokenizerID names the tokenizer in the result (vLLM's tokenizer_id).
+	TokenizerID string
 
 	// IgnoreEOS sends ignore_eos (--ignore-eos). As in vLLM, the random
 	// dataset always sets it so outputs run to their requested length.

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
 
 // The end-to-end tests run the real binary: `expertmesh serve` on a
@@ -308,6 +310,7 @@ func TestServeConcurrency(t *testing.T) {
 // TestServePoisson runs bench.Run in-process at a Poisson rate.
 func TestServePoisson(t *testing.T) {
 	_, url := server(t)
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	cfg := DefaultConfig()
 	cfg.BaseURL = url
 	cfg.NumPrompts, cfg.RandomInputLen, cfg.RandomOutputLen = 24, 16, 6

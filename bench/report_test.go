@@ -239,11 +239,16 @@ func TestReportInChromium(t *testing.T) {
 	if err := os.WriteFile(cmp, cb.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []struct {
+	shot := filepath.Join(dir, "shot.png")
+	for i, c := range []struct {
 		page  string
 		plots int
 	}{{strings.TrimSuffix(full, ".json") + ".html", 8}, {bare, 6}, {cmp, 6 + 2}} {
-		dom, logs := runChromium(t, bin, "--dump-dom", "file://"+c.page)
+		args := []string{"--dump-dom"}
+		if i == 0 {
+			args = append(args, "--screenshot="+shot, "--window-size=1280,3000", "--hide-scrollbars")
+		}
+		dom, logs := runChromium(t, bin, append(args, "file://"+c.page)...)
 		if !strings.Contains(dom, `data-rendered="ok"`) {
 			m := regexp.MustCompile(`data-rendered="[^"]*"`).FindString(dom)
 			t.Errorf("%s: the page's script did not finish: %s", filepath.Base(c.page), m)
@@ -261,8 +266,6 @@ func TestReportInChromium(t *testing.T) {
 		}
 	}
 
-	shot := filepath.Join(dir, "shot.png")
-	runChromium(t, bin, "--screenshot="+shot, "--window-size=1280,3000", "--hide-scrollbars", "file://"+strings.TrimSuffix(full, ".json")+".html")
 	f, err := os.Open(shot)
 	if err != nil {
 		t.Fatal(err)

@@ -124,6 +124,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if cfg.Label != "" {
 		r.Label = &cfg.Label
 	}
+	if cfg.TokenizerID != "" {
+		r.TokenizerID = &cfg.TokenizerID
+	}
 	if cfg.MaxConcurrency > 0 {
 		mc := cfg.MaxConcurrency
 		r.MaxConcur = &mc

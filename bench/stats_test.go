@@ -5,6 +5,7 @@ import (
 	"math"
 	"strings"
 	"testing"
+	"time"
 )
 
 func near(a, b float64) bool { return math.Abs(a-b) <= 1e-9*math.Max(1, math.Abs(b)) }
@@ -161,4 +162,21 @@ func TestTimeSeriesScalesToUsage(t *testing.T) {
 	if !near(ts.Concurrency[0], 1) {
 		t.Errorf("one request in flight for the whole partial bucket: %v", ts.Concurrency)
 	}
+}
+
+// The progress line counts what the run did and ends with a newline.
+func TestProgress(t *testing.T) {
+	var p progress
+	p.total = 10
+	p.done.Store(4)
+	p.failed.Store(1)
+	p.inflight.Store(2)
+	var b strings.Builder
+	stop := p.start(&b, time.Now(), 0)
+	stop()
+	out := b.String()
+	if !strings.HasPrefix(out, "\r[============") || !strings.Contains(out, " 40% 4/10 done, 1 failed, 2 in flight") || !strings.HasSuffix(out, "\n") {
+		t.Errorf("progress line %q", out)
+	}
+	p.start(nil, time.Now(), 0)() // nil writer: nothing to do
 }

@@ -92,7 +92,7 @@ flags:
 		if err != nil {
 			return fmt.Errorf("--tokenizer-dir: %w", err)
 		}
-		cfg.Tokenizer = tok
+		cfg.Tokenizer, cfg.TokenizerID = tok, *tokDir
 	}
 	if err := cfg.Validate(); err != nil {
 		return err
