@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -93,9 +94,41 @@ func fakeServer(t *testing.T) *httptest.Server {
 			http.Error(w, "unknown prompt", http.StatusBadRequest)
 		}
 	})
-	srv := httptest.NewServer(mux)
+	srv := httptest.NewUnstartedServer(mux)
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			fakeConns.Add(1)
+		}
+	}
+	srv.Start()
 	t.Cleanup(srv.Close)
 	return srv
+}
+
+// fakeConns counts the connections fake servers accepted.
+var fakeConns atomic.Int64
+
+// TestConnectionReuse: requests one after another share one connection,
+// so no TTFT pays for a TCP handshake.
+func TestConnectionReuse(t *testing.T) {
+	srv := fakeServer(t)
+	cfg := DefaultConfig()
+	cfg.BaseURL = srv.URL
+	cfg.DatasetName, cfg.DatasetPath = "file", writeDataset(t, "ok")
+	cfg.NumPrompts, cfg.MaxConcurrency = 10, 1
+	before := fakeConns.Load()
+	res, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Completed != 10 {
+		t.Fatalf("completed %d", res.Completed)
+	}
+	// One for GET /v1/models and the requests, at most one more for
+	// GET /v1/cluster racing the first request's connection back.
+	if n := fakeConns.Load() - before; n > 2 {
+		t.Errorf("%d connections for 10 sequential requests", n)
+	}
 }
 
 func writeDataset(t *testing.T, prompts ...string) string {

@@ -317,11 +317,15 @@ func (c *client) do(ctx context.Context, r *Request) (o outcome) {
 		}
 		return fail(KindStreamCut, fmt.Errorf("stream ended without [DONE] or a finish_reason after %d tokens", tokenCount))
 	}
+	o.latency = time.Since(st).Seconds()
+	// Read the body to its end so the connection is reused (as vLLM's
+	// client does); the answer is complete, so a failure here is not the
+	// request's.
+	io.Copy(io.Discard, br)
 	if !gotToken {
 		o.kind, o.err = KindNoTokens, "the stream finished without a token"
 		return o
 	}
-	o.latency = time.Since(st).Seconds()
 	switch {
 	case usageOut >= 0:
 		o.outputLen = usageOut
