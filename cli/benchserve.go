@@ -43,7 +43,7 @@ flags:
 	fs.IntVar(&cfg.Port, "port", cfg.Port, "server port when --base-url is not given")
 	fs.StringVar(&cfg.Endpoint, "endpoint", cfg.Endpoint, "API path: /v1/completions or /v1/chat/completions")
 	fs.StringVar(&cfg.Model, "model", "", "model name to send (default: the first model GET /v1/models lists)")
-	fs.StringVar(&cfg.APIKey, "api-key", os.Getenv("OPENAI_API_KEY"), "sent as Authorization: Bearer KEY (default: $OPENAI_API_KEY)")
+	fs.StringVar(&cfg.APIKey, "api-key", "", "sent as Authorization: Bearer KEY (default: $OPENAI_API_KEY)")
 	fs.StringVar(&cfg.Label, "label", "", "prefix of the result file name (default: the backend, openai or openai-chat)")
 	fs.IntVar(&cfg.NumPrompts, "num-prompts", cfg.NumPrompts, "requests to send (with --duration: the size of the prompt pool cycled through)")
 	fs.DurationVar(&cfg.Duration, "duration", 0, "run for this long (e.g. 60s) instead of --num-prompts requests, then wait for those in flight")
@@ -78,6 +78,10 @@ flags:
 	noBar := fs.Bool("disable-tqdm", false, "no progress bar (there is none anyway when stderr is not a terminal)")
 	if err := parse(fs, joinGoodputArgs(args)); err != nil {
 		return err
+	}
+	if cfg.APIKey == "" {
+		// Read here rather than as the flag's default, which --help prints.
+		cfg.APIKey = os.Getenv("OPENAI_API_KEY")
 	}
 	var err error
 	if cfg.Goodput, err = bench.ParseGoodput(goodput); err != nil {
