@@ -236,4 +236,3 @@ func (a *ExpertAgent) step(ctx context.Context, st *clusterState) error {
 	}
 	return nil
 }
-

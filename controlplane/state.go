@@ -306,7 +306,7 @@ type ClusterStatus struct {
 	Cluster string `json:"cluster"`
 	// Revision is the etcd revision the status was read at.
 	Revision int64          `json:"revision"`
-	Model   *ModelIdentity `json:"model,omitempty"`
+	Model    *ModelIdentity `json:"model,omitempty"`
 	// Epoch is the newest coordinator epoch.
 	Epoch uint64 `json:"epoch"`
 	// Active is the version attention nodes route by; Target the one
