@@ -192,15 +192,17 @@ func (a *ExpertAgent) step(ctx context.Context, st *clusterState) error {
 		}
 	}
 
-	// Make: hold what the target assigns, then say so.
-	if t := st.table(st.target); t != nil {
-		need := t.Set(a.id).Minus(a.holder.Held())
-		if need.Len() > 0 {
-			a.log.Info("loading experts for the target", "version", st.target, "experts", need.Len())
-			if err := a.holder.Hold(ctx, need); err != nil {
-				return fmt.Errorf("holding experts of version %d: %w", st.target, err)
-			}
+	// Make: hold what the target assigns, and anything a version still in
+	// use assigns that the node lacks (a restarted node holds nothing),
+	// then report ready for the target.
+	keep, certain := st.keepFor(a.shape, a.id)
+	if need := keep.Minus(a.holder.Held()); need.Len() > 0 {
+		a.log.Info("loading experts", "target", st.target, "active", st.active, "experts", need.Len())
+		if err := a.holder.Hold(ctx, need); err != nil {
+			return fmt.Errorf("holding experts for version %d: %w", st.target, err)
 		}
+	}
+	if st.table(st.target) != nil {
 		a.mu.Lock()
 		report := a.mu.ready != st.target
 		a.mu.ready = st.target
@@ -213,7 +215,6 @@ func (a *ExpertAgent) step(ctx context.Context, st *clusterState) error {
 	}
 
 	// Break: release what nobody can route here any more.
-	keep, certain := st.keepFor(a.shape, a.id)
 	if certain {
 		if drop := a.holder.Held().Minus(keep); drop.Len() > 0 {
 			a.log.Info("releasing experts no version in use assigns here", "experts", drop.Len(), "active", st.active)

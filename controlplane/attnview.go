@@ -80,7 +80,7 @@ func NewAttnView(ctx context.Context, s *Store, reg *Registration, shape placeme
 	k := s.keys
 	v := &AttnView{
 		store: s, reg: reg, shape: shape, log: s.log.With("view", reg.Member().ID),
-		w:         newWatcher(bg, s, k.Prefix(), k.Active(), k.Versions(), k.MembersOf(RoleExpert), k.MembersOf(RoleCoordinator)),
+		w:         newWatcher(bg, s, k.Prefix(), k.Active(), k.Versions(), k.ReadyPrefix(), k.MembersOf(RoleExpert), k.MembersOf(RoleCoordinator)),
 		ready:     make(chan struct{}),
 		inuseKick: make(chan struct{}, 1),
 		cancel:    cancel,
@@ -182,10 +182,14 @@ func (v *AttnView) updateRouting(st *clusterState) {
 		}
 		return // no active placement (yet, or etcd lost it): keep routing as before
 	}
+	// A node is dialled once it is a member that reported ready: a node
+	// (re)started since it was placed holds nothing until then.
 	addrs := make([]string, len(t.Nodes()))
 	for i, id := range t.Nodes() {
 		if m, ok := st.members[RoleExpert][id]; ok {
-			addrs[i] = m.Addr
+			if _, ready := st.ready[id]; ready {
+				addrs[i] = m.Addr
+			}
 		}
 	}
 	if cur.r != nil && cur.r.Table == t && slices.Equal(cur.r.Addrs, addrs) {

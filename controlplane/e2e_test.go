@@ -22,6 +22,8 @@ type invariant struct {
 	// running are the routings each fake attention node's running steps
 	// pinned.
 	running map[string][]*placement.Routing
+	// holders and killed are keyed by address: a restarted node is a new
+	// process (a new holder) behind the same id.
 	holders map[string]*fakeHolder
 	killed  map[string]bool
 	bad     []string
@@ -49,17 +51,18 @@ func (inv *invariant) check() {
 	inv.bad = nil
 }
 
-// kill marks a node dead: dispatches to it fail as unreachable, which is
-// the retry path, not a missing expert.
-func (inv *invariant) kill(id string) {
+// kill marks a node's process dead: dispatches to it fail as
+// unreachable, which is the retry path, not a missing expert.
+func (inv *invariant) kill(h *fakeHolder) {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
-	inv.killed[id] = true
+	inv.killed[h.addr] = true
 }
 
 // fakeHolder is an in-memory ExpertHolder recording its calls.
 type fakeHolder struct {
 	id    string
+	addr  string
 	inv   *invariant
 	shape placement.Shape
 	mu    sync.Mutex
@@ -80,10 +83,10 @@ func (h *fakeHolder) changes() <-chan struct{} {
 	return h.changed
 }
 
-func newFakeHolder(inv *invariant, shape placement.Shape, id string) *fakeHolder {
-	h := &fakeHolder{id: id, inv: inv, shape: shape, held: placement.NewSet(shape), changed: make(chan struct{})}
+func newFakeHolder(inv *invariant, shape placement.Shape, id, addr string) *fakeHolder {
+	h := &fakeHolder{id: id, addr: addr, inv: inv, shape: shape, held: placement.NewSet(shape), changed: make(chan struct{})}
 	inv.mu.Lock()
-	inv.holders[id] = h
+	inv.holders[addr] = h
 	inv.mu.Unlock()
 	return h
 }
@@ -114,6 +117,9 @@ func (h *fakeHolder) Release(s placement.Set) error {
 	defer h.inv.mu.Unlock()
 	for attn, rs := range h.inv.running {
 		for _, r := range rs {
+			if i := slices.Index(r.Table.Nodes(), h.id); i < 0 || r.Addrs[i] != h.addr {
+				continue // the step does not dispatch to this process
+			}
 			assigned := r.Table.Set(h.id)
 			for _, p := range s.Pairs() {
 				if assigned.Has(p[0], p[1]) {
@@ -166,12 +172,12 @@ func (inv *invariant) stepper(ctx context.Context, id string, v *AttnView, wg *s
 		inv.steps++
 		for _, rr := range running {
 			for i, node := range rr.Table.Nodes() {
-				h := inv.holders[node]
-				if h == nil || inv.killed[node] {
-					continue
-				}
 				if rr.Addrs[i] == "" {
-					continue // not a member now: dispatch waits or retries
+					continue // not a ready member now: dispatch waits or retries
+				}
+				h := inv.holders[rr.Addrs[i]]
+				if h == nil || inv.killed[rr.Addrs[i]] {
+					continue
 				}
 				missing := rr.Table.Set(node).Minus(h.Held())
 				if missing.Len() > 0 {
@@ -211,13 +217,20 @@ func (n *testNode) close(ctx context.Context) {
 }
 
 func startExpert(t *testing.T, ctx context.Context, addr string, inv *invariant, shape placement.Shape, id string, ttl time.Duration) *testNode {
+	return startExpertAt(t, ctx, addr, inv, shape, id, "127.0.0.1:1"+id, ttl)
+}
+
+// startExpertAt starts expert node id serving dispatches at dispatch.
+func startExpertAt(t *testing.T, ctx context.Context, addr string, inv *invariant, shape placement.Shape, id, dispatch string, ttl time.Duration) *testNode {
 	t.Helper()
 	s := connect(t, ctx, addr)
-	reg, err := Register(ctx, s, member(RoleExpert, id, tinyIdentity(t)), ttl)
+	m := member(RoleExpert, id, tinyIdentity(t))
+	m.Addr = dispatch
+	reg, err := Register(ctx, s, m, ttl)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := newFakeHolder(inv, shape, id)
+	h := newFakeHolder(inv, shape, id, dispatch)
 	a, err := NewExpertAgent(ctx, s, reg, shape, h)
 	if err != nil {
 		t.Fatal(err)
@@ -398,7 +411,7 @@ func TestPlacementEndToEnd(t *testing.T) {
 
 	// e2 dies (no keepalives): its lease expires and its experts move to
 	// the survivors.
-	inv.kill("e2")
+	inv.kill(e2.hold)
 	e2.agent.Close()
 	e2.store.Close()
 	vDead := settled(t, ctx, ctrl, views, e1.hold, e3.hold)
@@ -406,6 +419,33 @@ func TestPlacementEndToEnd(t *testing.T) {
 	waitRouting(t, ctx, a2.view, "e1", "e3")
 	if vDead <= v3 {
 		t.Fatalf("active %d after a death, was %d", vDead, v3)
+	}
+	inv.check()
+
+	// e1 is killed and restarted at once under the same id (a crash and
+	// a supervisor's restart, within the TTL): the new process holds
+	// nothing, so attention nodes must not dial it until it has loaded
+	// what the active version assigns it.
+	inv.kill(e1.hold)
+	e1.agent.Close()
+	e1.store.Close()
+	e1 = startExpertAt(t, ctx, addr, inv, shape, "e1", "127.0.0.1:2e1", 0)
+	settled(t, ctx, ctrl, views, e1.hold, e3.hold)
+	for _, v := range views {
+		for {
+			r, ch := v.Routing()
+			if slices.Contains(r.Addrs, "127.0.0.1:2e1") {
+				break
+			}
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				t.Fatal("the restarted e1 never became routable")
+			}
+		}
+	}
+	if st := ctrl.Status(); st.Active != vDead {
+		t.Fatalf("a restart under the same id changed the placement: active %d, was %d", st.Active, vDead)
 	}
 	inv.check()
 
