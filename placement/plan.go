@@ -110,7 +110,8 @@ const countSlack = 8
 //
 // Group-limited routing (Shape.Groups > 1 and 0 < TopKGroup < Groups): when
 // the groups divide evenly among the nodes (Groups % nodes == 0, equal
-// groups, and no node's slots too few for its share) and that balances
+// groups of two or more experts, and no node's slots too few for its
+// share) and that balances
 // within groupTolerance of global packing, every node holds Groups/nodes
 // whole groups, packed by group load (balanced_packing on groups), so a
 // token's experts are on at most TopKGroup nodes; only the extra replicas
@@ -384,7 +385,7 @@ func (p *planner) groupSize() int {
 // canGroup: every node can hold Groups/nodes whole groups (see Plan).
 func (p *planner) canGroup() bool {
 	g, N := p.shape.Groups, len(p.ids)
-	if g <= 1 || p.shape.TopKGroup <= 0 || p.shape.TopKGroup >= g || p.E%g != 0 || g%N != 0 {
+	if g <= 1 || p.shape.TopKGroup <= 0 || p.shape.TopKGroup >= g || p.E%g != 0 || p.E/g < 2 || g%N != 0 {
 		return false
 	}
 	for _, fair := range p.fair {
@@ -471,6 +472,7 @@ func (p *planner) run() (*Table, error) {
 			for _, ly := range p.layers {
 				ly.p = p
 			}
+			p.settle()
 			return p.table()
 		}
 		p.useGroups(use)
@@ -498,12 +500,31 @@ func (p *planner) run() (*Table, error) {
 	for _, ly := range p.layers {
 		if ly.had != nil {
 			ly.placeExtras()
-			ly.fill()
-			ly.improve()
+			ly.finish()
 		}
 	}
-	p.guard()
+	p.settle()
+	if p.guard() {
+		p.settle()
+	}
 	return p.table()
+}
+
+// settle runs every layer's last stage again until none changes: a layer
+// finished early may find slots that later layers freed. The bound on
+// rounds is a guard.
+func (p *planner) settle() {
+	for range 8 {
+		changed := false
+		for _, ly := range p.layers {
+			if !ly.frozen && ly.finish() {
+				changed = true
+			}
+		}
+		if !changed {
+			return
+		}
+	}
 }
 
 // setup decides layer li's replica counts and, from the current
@@ -553,8 +574,9 @@ func (p *planner) setup(li int) *layer {
 	// counts allow, dropping from the busiest nodes.
 	keep := holders
 	want := slices.Clone(ly.c)
+	var home []int
 	if p.grouped {
-		home := p.homes(holders)
+		home = p.homes(holders)
 		keep = make([][]int, E)
 		for gi, u := range ly.units[:E/p.gs] {
 			if home[gi] >= 0 {
@@ -566,6 +588,22 @@ func (p *planner) setup(li int) *layer {
 					if n != home[gi] {
 						keep[e] = append(keep[e], n)
 					}
+				}
+			}
+		}
+		// No node before its home may hold a group whole (see canHost).
+		for g, h := range home {
+			for n := range N {
+				if h >= 0 && n >= h {
+					break
+				}
+				whole := true
+				for e := g * p.gs; e < (g+1)*p.gs && whole; e++ {
+					whole = slices.Contains(keep[e], n)
+				}
+				if whole {
+					last := (g+1)*p.gs - 1
+					keep[last] = slices.DeleteFunc(keep[last], func(m int) bool { return m == n })
 				}
 			}
 		}
@@ -693,7 +731,7 @@ func (p *planner) fresh(li int) *layer {
 		all[i] = i
 	}
 	a.drop(a.pack(all))
-	a.improve()
+	a.finish()
 	freeA := p.free
 	p.free = free
 
@@ -701,13 +739,23 @@ func (p *planner) fresh(li int) *layer {
 	b.c = slices.Clone(c)
 	b.makeUnits()
 	b.contiguous()
-	b.improve()
-	if b.maxLoad() <= a.maxLoad()+a.eps {
-		return b
+	// Ranges are worth keeping only where the load is near uniform: as
+	// cut, they must be within contiguousSlack of the packed layout.
+	if b.maxLoad() <= a.maxLoad()*(1+contiguousSlack) {
+		b.finish()
+		if b.maxLoad() <= a.maxLoad()+a.eps {
+			return b
+		}
 	}
 	p.free = freeA
 	return a
 }
+
+// contiguousSlack: a fresh layer's contiguous layout is refined and
+// compared only when, as cut, it balances within 10% of the packed one.
+// Refining a layout that starts far off scatters its ranges anyway, and
+// costs as much again as the packing.
+const contiguousSlack = 0.1
 
 // guard: when the nodes are the ones the current placement uses, a layer
 // is never left worse balanced than it is now (where the current layer is
@@ -716,10 +764,10 @@ func (p *planner) fresh(li int) *layer {
 // node up to its least count may not. With nodes joining or leaving there
 // is no such promise: a new node must get its share, a lost one's experts
 // must go somewhere.
-func (p *planner) guard() {
+func (p *planner) guard() (reverted bool) {
 	c := p.in.Current
 	if c == nil || len(c.nodes) != len(p.ids) || slices.Contains(p.curNode, -1) {
-		return
+		return false
 	}
 	for li, ly := range p.layers {
 		if ly.had == nil {
@@ -769,7 +817,9 @@ func (p *planner) guard() {
 			p.free[n] += ly.count[n] - count[n]
 		}
 		ly.revertTo(c, l)
+		ly.frozen, reverted = true, true
 	}
+	return reverted
 }
 
 // table writes the plan out: nodes in id order, replicas in node order.

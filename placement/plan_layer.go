@@ -28,6 +28,10 @@ type layer struct {
 	// there is none, or none of it survives (a fresh layer).
 	had    []bool
 	placed []int // per expert: replicas placed
+	home   []int // with whole groups, per group: its node, -1 while unplaced
+	// frozen: the guard put the current placement's layer back; nothing
+	// changes it after that.
+	frozen bool
 }
 
 type unit struct {
@@ -126,6 +130,10 @@ func (ly *layer) makeUnits() {
 	p := ly.p
 	ly.units = ly.units[:0]
 	if p.grouped {
+		ly.home = make([]int, p.E/p.gs)
+		for g := range ly.home {
+			ly.home[g] = -1
+		}
 		for e := 0; e < p.E; e += p.gs {
 			ly.units = append(ly.units, unit{e: e, size: p.gs, n: -1, group: true})
 		}
@@ -163,6 +171,7 @@ func (ly *layer) place(i, n int) {
 	ly.count[n] += u.size
 	if u.group {
 		ly.groups[n]++
+		ly.home[u.e/ly.p.gs] = n
 	} else {
 		ly.p.free[n] -= u.size
 	}
@@ -181,6 +190,7 @@ func (ly *layer) unplace(i int) {
 	ly.count[n] -= u.size
 	if u.group {
 		ly.groups[n]--
+		ly.home[u.e/ly.p.gs] = -1
 	} else {
 		ly.p.free[n] += u.size
 	}
@@ -191,11 +201,50 @@ func (ly *layer) unplace(i int) {
 	}
 }
 
-// canHost: node n holds none of unit u's experts.
+// canHost: node n holds none of unit u's experts, and with whole groups
+// the home of every group stays the first node, in id order, that holds
+// it whole, so that planning again from the table finds the same homes:
+// an extra replica may complete a group only on a node after its home, a
+// group may go to a node only if no node before it holds the group whole.
 func (ly *layer) canHost(u *unit, n int) bool {
 	E := ly.p.E
 	for e := u.e; e < u.e+u.size; e++ {
 		if ly.holds[n*E+e] {
+			return false
+		}
+	}
+	if !ly.p.grouped {
+		return true
+	}
+	if u.group {
+		for m := range n {
+			if m != u.n && ly.wholeBut(u.e, -1, m) { // (u.n is where the group is now)
+				return false
+			}
+		}
+		return true
+	}
+	return !ly.completesBefore(u.e, n)
+}
+
+// completesBefore: with whole groups, an extra replica of e on node n
+// would complete e's group there while n comes before the group's home
+// (or the group has none yet).
+func (ly *layer) completesBefore(e, n int) bool {
+	p := ly.p
+	if !p.grouped {
+		return false
+	}
+	g := e / p.gs
+	return (ly.home[g] < 0 || n < ly.home[g]) && ly.wholeBut(g*p.gs, e, n)
+}
+
+// wholeBut: node n holds every expert of the group starting at first,
+// except perhaps skip.
+func (ly *layer) wholeBut(first, skip, n int) bool {
+	E := ly.p.E
+	for x := first; x < first+ly.p.gs; x++ {
+		if x != skip && !ly.holds[n*E+x] {
 			return false
 		}
 	}
@@ -252,30 +301,33 @@ func (ly *layer) pack(idx []int) (failed []int) {
 		return a.e - b.e
 	})
 	least := ly.p.least[ly.li]
-	singles, short := 0, 0 // singles to place; replicas nodes lack to reach least
+	singles, short := 0, 0 // singles to place; replicas nodes with free slots lack to reach least
 	for _, i := range order {
 		if !ly.units[i].group {
 			singles++
 		}
 	}
 	for n, c := range ly.count {
-		short += max(0, least[n]-c)
+		short += min(max(0, least[n]-c), max(0, ly.p.free[n]))
 	}
 	for _, i := range order {
 		u := &ly.units[i]
-		best := -1
 		// When every replica left is needed to bring nodes up to their
-		// least count, only those nodes are candidates.
+		// least count, those nodes come first.
 		needy := !u.group && singles <= short
 		if !u.group {
 			singles--
 		}
-		for _, fair := range []bool{true, false} {
-			if !fair && !u.group && ly.placed[u.e] > 0 {
-				break
+		// A replica that is its expert's only one, or a group, may go over
+		// a node's most where nothing else is left.
+		mandatory := u.group || ly.placed[u.e] == 0
+		best := -1
+		for _, pass := range [...]struct{ needy, capped bool }{{true, true}, {true, false}, {false, true}, {false, false}} {
+			if (pass.needy && !needy) || (!pass.capped && !mandatory) {
+				continue
 			}
 			for n := range ly.load {
-				if !ly.canHost(u, n) || !ly.room(u, n, fair) || (needy && ly.count[n] >= least[n]) {
+				if !ly.canHost(u, n) || !ly.room(u, n, pass.capped) || (pass.needy && ly.count[n] >= least[n]) {
 					continue
 				}
 				if best < 0 || ly.load[n] < ly.load[best]-ly.eps ||
@@ -285,14 +337,6 @@ func (ly *layer) pack(idx []int) (failed []int) {
 			}
 			if best >= 0 {
 				break
-			}
-		}
-		if best < 0 && needy {
-			// The needy nodes all hold this expert: anywhere else then.
-			for n := range ly.load {
-				if ly.canHost(u, n) && ly.room(u, n, true) && (best < 0 || ly.load[n] < ly.load[best]-ly.eps) {
-					best = n
-				}
 			}
 		}
 		if best < 0 {
@@ -311,52 +355,54 @@ func (ly *layer) pack(idx []int) (failed []int) {
 // joined holds nothing), taking replicas from the most loaded nodes that
 // can spare one: from each, the one that leaves the pair best balanced.
 // These moves are forced by membership and pay no threshold.
-func (ly *layer) fill() {
+func (ly *layer) fill() (changed bool) {
 	least := ly.p.least[ly.li]
 	N := len(ly.load)
 	byLoad := make([]int, N)
-	for range len(ly.units) {
-		b := -1
-		for n := range N {
-			if ly.count[n] < least[n] && (b < 0 || ly.load[n] < ly.load[b]) {
-				b = n
-			}
-		}
-		if b < 0 {
-			return
-		}
-		for n := range byLoad {
-			byLoad[n] = n
-		}
-		slices.SortStableFunc(byLoad, func(x, y int) int { return cmpFloat(ly.load[y], ly.load[x]) })
+	for n := range byLoad {
+		byLoad[n] = n
+	}
+	for range len(ly.units) + 1 {
+		ly.settleLoads()
+		slices.SortStableFunc(byLoad, func(x, y int) int { return cmpFloat(ly.load[x], ly.load[y]) })
 		moved := false
-		for _, a := range byLoad {
-			if a == b || ly.count[a] <= least[a] {
+		// Needy nodes, least loaded first; sources, most loaded first.
+		for _, b := range byLoad {
+			if ly.count[b] >= least[b] {
 				continue
 			}
-			bi, bestMax, bestDC := -1, 0.0, 0
-			for i := range ly.units {
-				u := &ly.units[i]
-				if u.n != a || u.group || !ly.canHost(u, b) {
+			for k := N - 1; k >= 0 && !moved; k-- {
+				a := byLoad[k]
+				if a == b || ly.count[a] <= least[a] {
 					continue
 				}
-				m := max(ly.load[a]-u.load, ly.load[b]+u.load)
-				dc := ly.cost(u, b) - ly.cost(u, a)
-				if bi < 0 || m < bestMax-ly.eps || (m <= bestMax+ly.eps && dc < bestDC) {
-					bi, bestMax, bestDC = i, m, dc
+				bi, bestMax, bestDC := -1, 0.0, 0
+				for i := range ly.units {
+					u := &ly.units[i]
+					if u.n != a || u.group || !ly.canHost(u, b) || !ly.room(u, b, false) {
+						continue
+					}
+					m := max(ly.load[a]-u.load, ly.load[b]+u.load)
+					dc := ly.cost(u, b) - ly.cost(u, a)
+					if bi < 0 || m < bestMax-ly.eps || (m <= bestMax+ly.eps && dc < bestDC) {
+						bi, bestMax, bestDC = i, m, dc
+					}
+				}
+				if bi >= 0 {
+					ly.unplace(bi)
+					ly.place(bi, b)
+					moved, changed = true, true
 				}
 			}
-			if bi >= 0 {
-				ly.unplace(bi)
-				ly.place(bi, b)
-				moved = true
+			if moved {
 				break
 			}
 		}
 		if !moved {
-			return
+			return changed
 		}
 	}
+	return changed
 }
 
 // spare: node n may give up unit u without falling below its least count
@@ -487,13 +533,14 @@ func (ly *layer) contiguous() {
 // lower the higher of the two nodes' loads, a retarget the busiest node's,
 // so every step lowers the sum of squared node loads and the loop ends;
 // the cap on steps is a guard.
-func (ly *layer) improve() {
+func (ly *layer) improve() (changed bool) {
 	N := len(ly.load)
 	if N < 2 {
-		return
+		return false
 	}
 	on := make([][]int, N)
 	scratch := make([]float64, N)
+	var busiest []int
 	for range 64*len(ly.units) + 64 {
 		for n := range on {
 			on[n] = on[n][:0]
@@ -503,59 +550,77 @@ func (ly *layer) improve() {
 				on[u.n] = append(on[u.n], i)
 			}
 		}
-		a := 0
-		for n := range N {
-			if ly.load[n] > ly.load[a] {
-				a = n
+		ly.settleLoads()
+		top := slices.Max(ly.load)
+		var best step
+		busiest = busiest[:0]
+		for a := range N {
+			if ly.load[a] >= top-ly.eps {
+				busiest = append(busiest, a)
+				ly.stepsFrom(a, on, &best)
 			}
 		}
-		La := ly.load[a]
-		var best step
+		if !best.ok {
+			// Dearer to evaluate, and rarely what pays: only when no move
+			// or swap does.
+			ly.retargets(busiest, scratch, &best)
+		}
+		if !best.ok {
+			return changed
+		}
+		ly.apply(best)
+		changed = true
+	}
+	return changed
+}
+
+// stepsFrom considers the moves and swaps off node a, one of the busiest.
+func (ly *layer) stepsFrom(a int, on [][]int, best *step) {
+	N := len(ly.load)
+	La := ly.load[a]
+	{
 		for _, i := range on[a] {
 			u := &ly.units[i]
 			ca := ly.cost(u, a)
 			for b := range N {
-				if b == a || !ly.canHost(u, b) {
+				Lb := ly.load[b]
+				// Nothing moving between a and b lowers the pair's maximum
+				// unless b is lighter.
+				if b == a || Lb >= La-ly.eps || !ly.canHost(u, b) {
 					continue
 				}
-				Lb := ly.load[b]
 				cb := ly.cost(u, b)
 				if ly.room(u, b, true) && ly.spare(u, a) {
 					red := La - max(La-u.load, Lb+u.load)
-					best.consider(ly, step{i: i, j: -1, to: b, red: red, dc: cb - ca, fill: ly.filling(b)})
+					best.consider(ly, step{i: i, j: -1, from: a, to: b, red: red, dc: cb - ca, fill: ly.filling(b)})
 				}
 				for _, j := range on[b] {
 					v := &ly.units[j]
-					if v.group != u.group || v.load >= u.load || !ly.canHost(v, a) {
+					d := u.load - v.load
+					if d <= ly.eps || Lb+d >= La-ly.eps || v.group != u.group || !ly.canHost(v, a) {
 						continue
 					}
-					d := u.load - v.load
 					red := La - max(La-d, Lb+d)
 					dc := cb + ly.cost(v, a) - ca - ly.cost(v, b)
-					best.consider(ly, step{i: i, j: j, to: b, red: red, dc: dc})
+					best.consider(ly, step{i: i, j: j, from: a, to: b, red: red, dc: dc})
 				}
 			}
 		}
-		ly.retargets(a, scratch, &best)
-		if !best.ok {
-			return
-		}
-		ly.apply(best, a)
 	}
 }
 
-// step is one candidate rebalancing step: unit i moves to node to, and
-// unit j (if not -1) the other way; or, with retarget, unit i becomes a
-// replica of expert e on node to.
+// step is one candidate rebalancing step: unit i moves from node from to
+// node to, and unit j (if not -1) the other way; or, with retarget, unit i
+// becomes a replica of expert e on node to.
 type step struct {
-	i, j, to int
-	retarget bool
-	e        int
-	red      float64 // how much the busiest affected node's load drops
-	dc       int     // replicas loaded where the current placement lacks them
-	fill     bool    // it fills a node below its fair count: no threshold
-	ok       bool
-	net      float64
+	i, j, from, to int
+	retarget       bool
+	e              int
+	red            float64 // how much the busiest affected node's load drops
+	dc             int     // replicas loaded where the current placement lacks them
+	fill           bool    // it fills a node below its fair count: no threshold
+	ok             bool
+	net            float64
 }
 
 // consider keeps s if it pays and beats the best so far.
@@ -584,38 +649,40 @@ const retargetWidth = 4
 // retargets considers turning an extra replica of a cold expert f into one
 // more replica of a hot expert e, placed on the node that ends least
 // loaded. It changes the load of every node holding e or f, so it is
-// judged by the busiest node overall.
-func (ly *layer) retargets(busiest int, scratch []float64, best *step) {
+// judged by the busiest node overall (busiest lists the nodes at the top).
+func (ly *layer) retargets(busiest []int, scratch []float64, best *step) {
 	E, N := ly.p.E, len(ly.load)
-	top := ly.load[busiest]
+	top := ly.load[busiest[0]]
 	maxRep := ly.maxRep()
 	per := func(e, k int) float64 { return ly.w[e] / float64(k) }
+	// The hottest experts overall, the hottest each busiest node holds
+	// (only a replica of one of those can unload it), and the coldest that
+	// have a replica to spare.
 	var hot, cold []int
+	hotter := func(a, b int) bool { return per(a, ly.c[a]) > per(b, ly.c[b]) }
+	colder := func(a, b int) bool { return per(a, ly.c[a]-1) < per(b, ly.c[b]-1) }
 	for e := range E {
 		if ly.c[e] < maxRep && ly.w[e] > 0 {
-			hot = append(hot, e)
+			hot = topK(hot, e, retargetWidth, hotter)
 		}
 		if ly.c[e] > 1 {
-			cold = append(cold, e)
+			cold = topK(cold, e, retargetWidth, colder)
 		}
 	}
 	if len(hot) == 0 || len(cold) == 0 {
 		return
 	}
-	slices.SortStableFunc(hot, func(a, b int) int { return cmpFloat(per(b, ly.c[b]), per(a, ly.c[a])) })
-	slices.SortStableFunc(cold, func(a, b int) int { return cmpFloat(per(a, ly.c[a]-1), per(b, ly.c[b]-1)) })
-	// The hottest experts overall, and the hottest the busiest node holds:
-	// only a replica of one of those can unload it.
-	var mine []int
-	for _, e := range hot {
-		if ly.holds[busiest*E+e] {
-			mine = append(mine, e)
+	for _, a := range busiest {
+		var mine []int
+		for e := range E {
+			if ly.holds[a*E+e] && ly.c[e] < maxRep && ly.w[e] > 0 {
+				mine = topK(mine, e, retargetWidth, hotter)
+			}
 		}
-	}
-	hot, cold = hot[:min(len(hot), retargetWidth)], cold[:min(len(cold), retargetWidth)]
-	for _, e := range mine[:min(len(mine), retargetWidth)] {
-		if !slices.Contains(hot, e) {
-			hot = append(hot, e)
+		for _, e := range mine {
+			if !slices.Contains(hot, e) && len(hot) < 4*retargetWidth {
+				hot = append(hot, e)
+			}
 		}
 	}
 	for _, e := range hot {
@@ -643,7 +710,7 @@ func (ly *layer) retargets(busiest int, scratch []float64, best *step) {
 				scratch[x] -= per(f, ly.c[f])
 				y := -1
 				for n := range N {
-					if ly.holds[n*E+e] || (n != x && (!ly.room(u, n, true) || !ly.spare(u, x))) {
+					if ly.holds[n*E+e] || ly.completesBefore(e, n) || (n != x && (!ly.room(u, n, true) || !ly.spare(u, x))) {
 						continue
 					}
 					if y < 0 || scratch[n] < scratch[y]-ly.eps {
@@ -658,11 +725,27 @@ func (ly *layer) retargets(busiest int, scratch []float64, best *step) {
 				if ly.had != nil && !ly.had[y*E+e] {
 					dc = 1
 				}
-				best.consider(ly, step{i: i, j: -1, to: y, retarget: true, e: e,
+				best.consider(ly, step{i: i, j: -1, from: x, to: y, retarget: true, e: e,
 					red: top - slices.Max(scratch), dc: dc, fill: y != x && ly.filling(y)})
 			}
 		}
 	}
+}
+
+// topK inserts x into list, kept sorted by before and at most k long.
+func topK(list []int, x, k int, before func(a, b int) bool) []int {
+	i := len(list)
+	for i > 0 && before(x, list[i-1]) {
+		i--
+	}
+	if i >= k {
+		return list
+	}
+	list = slices.Insert(list, i, x)
+	if len(list) > k {
+		list = list[:k]
+	}
+	return list
 }
 
 func cmpFloat(a, b float64) int {
@@ -675,8 +758,8 @@ func cmpFloat(a, b float64) int {
 	return 0
 }
 
-// apply takes step s; a is the busiest node, where moves and swaps start.
-func (ly *layer) apply(s step, a int) {
+// apply takes step s.
+func (ly *layer) apply(s step) {
 	if s.retarget {
 		f := ly.units[s.i].e
 		ly.unplace(s.i)
@@ -690,21 +773,102 @@ func (ly *layer) apply(s step, a int) {
 	ly.unplace(s.i)
 	if s.j >= 0 {
 		ly.unplace(s.j)
-		ly.place(s.j, a)
+		ly.place(s.j, s.from)
 	}
 	ly.place(s.i, s.to)
 }
 
+// finish is every layer's last stage: fill nodes to their least counts,
+// rebalance, and give replicas the budget still allows (packing may have
+// had to drop some that fit now) to the hottest experts, until nothing
+// changes. It reports whether it changed anything.
+func (ly *layer) finish() (changed bool) {
+	for range ly.p.R + 1 {
+		if ly.fill() {
+			changed = true
+		}
+		if ly.improve() {
+			changed = true
+		}
+		if !ly.topUp() {
+			return changed
+		}
+		changed = true
+	}
+	return changed
+}
+
+// topUp adds replicas while the layer has fewer than its budget: to the
+// expert with the most load per replica that some node can take, on the
+// least loaded such node. It reports whether it added any.
+func (ly *layer) topUp() bool {
+	E := ly.p.E
+	total := 0
+	for _, k := range ly.c {
+		total += k
+	}
+	maxRep := ly.maxRep()
+	tried := make([]bool, E)
+	added := false
+	for total < ly.p.R {
+		e := -1
+		for x := range E {
+			if !tried[x] && ly.c[x] < maxRep && ly.w[x] > 0 &&
+				(e < 0 || ly.w[x]/float64(ly.c[x]) > ly.w[e]/float64(ly.c[e])) {
+				e = x
+			}
+		}
+		if e < 0 {
+			break
+		}
+		tried[e] = true
+		ly.c[e]++
+		ly.units = append(ly.units, unit{e: e, size: 1, n: -1})
+		i := len(ly.units) - 1
+		ly.reload()
+		best := -1
+		for n := range ly.load {
+			if ly.canHost(&ly.units[i], n) && ly.room(&ly.units[i], n, true) && (best < 0 || ly.load[n] < ly.load[best]-ly.eps) {
+				best = n
+			}
+		}
+		if best < 0 {
+			ly.units = ly.units[:i]
+			ly.c[e]--
+			ly.reload()
+			continue
+		}
+		ly.place(i, best)
+		clear(tried)
+		total++
+		added = true
+	}
+	return added
+}
+
+// settleLoads recomputes the nodes' loads from what they hold, summing in
+// expert order: a function of the state alone, not of the steps that led
+// there, so that nodes with equal loads compare equal and planning again
+// from a plan finds what the plan found.
+func (ly *layer) settleLoads() {
+	E := ly.p.E
+	for n := range ly.load {
+		s := 0.0
+		for e, h := range ly.holds[n*E : (n+1)*E] {
+			if h {
+				s += ly.w[e] / float64(ly.c[e])
+			}
+		}
+		ly.load[n] = s
+	}
+}
+
 // reload recomputes every unit's load from the counts, and the nodes'.
 func (ly *layer) reload() {
-	clear(ly.load)
 	for i := range ly.units {
-		u := &ly.units[i]
-		u.load = ly.unitLoad(u)
-		if u.n >= 0 {
-			ly.load[u.n] += u.load
-		}
+		ly.units[i].load = ly.unitLoad(&ly.units[i])
 	}
+	ly.settleLoads()
 }
 
 func (ly *layer) maxLoad() float64 { return slices.Max(ly.load) }
