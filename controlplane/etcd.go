@@ -170,6 +170,11 @@ func StartEtcd(ctx context.Context, cfg EtcdConfig) (*Etcd, error) {
 		defer close(x.errc)
 		reported := false
 		report := func(err error) {
+			select {
+			case <-x.stop:
+				return // errors of our own shutdown
+			default:
+			}
 			if !reported {
 				reported = true
 				x.errc <- err
@@ -187,11 +192,7 @@ func StartEtcd(ctx context.Context, cfg EtcdConfig) (*Etcd, error) {
 				}
 			case <-stopped:
 				stopped = nil
-				select {
-				case <-x.stop:
-				default:
-					report(fmt.Errorf("%w: the server stopped (removed from the cluster, or a fatal error)", ErrEtcdStopped))
-				}
+				report(fmt.Errorf("%w: the server stopped (removed from the cluster, or a fatal error)", ErrEtcdStopped))
 			}
 		}
 	}()
