@@ -103,9 +103,10 @@ func (p *Proxy) Thaw() {
 	close(p.mu.thaw)
 }
 
-// Held is closed once some bytes (in either direction) wait behind the
-// current freeze: a request is provably in flight to the frozen peer.
-// Before any Freeze it never closes.
+// Held is closed once something waits behind the current freeze: bytes
+// (in either direction) or a connection accepted but not yet forwarded. A
+// request or a dial is then provably in flight to the frozen peer. Before
+// any Freeze it never closes.
 func (p *Proxy) Held() <-chan struct{} {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -174,7 +175,7 @@ func (p *Proxy) serve(l *link) {
 		delete(p.mu.links, l)
 		p.mu.Unlock()
 	}()
-	if !p.gate(l.done, false) {
+	if !p.gate(l.done, true) {
 		return
 	}
 	s, err := net.Dial("tcp", p.target)
@@ -218,7 +219,7 @@ func (p *Proxy) copy(dst, src net.Conn, l *link) {
 }
 
 // gate waits until the proxy is not frozen; false if the link was cut
-// first. holding says bytes are waiting (for Held).
+// first. holding says the caller holds something back (for Held).
 func (p *Proxy) gate(done <-chan struct{}, holding bool) bool {
 	p.mu.Lock()
 	if !p.mu.frozen {
