@@ -71,8 +71,15 @@ type expert struct {
 
 func startExpert(t testing.TB, dir, id string, tp trace.TracerProvider) *expert {
 	t.Helper()
+	return startExpertHolding(t, dir, id, "all", tp)
+}
+
+// startExpertHolding starts an expert node holding only the experts of
+// spec (the --experts grammar), whatever a Routing says it holds.
+func startExpertHolding(t testing.TB, dir, id, spec string, tp trace.TracerProvider) *expert {
+	t.Helper()
 	cfg := expertnode.DefaultConfig()
-	cfg.ModelDir, cfg.Experts, cfg.Threads, cfg.NodeID = dir, "all", 1, id
+	cfg.ModelDir, cfg.Experts, cfg.Threads, cfg.NodeID = dir, spec, 1, id
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	cfg.TracerProvider = tp
 	n, err := expertnode.Start(context.Background(), cfg)
@@ -503,5 +510,40 @@ func TestReplicaChoiceSharesLoad(t *testing.T) {
 	t.Logf("rows: a %d, b %d (a's share %.2f)", ra, rb, share)
 	if share < 0.4 || share > 0.6 {
 		t.Fatalf("a served %.0f%% of the rows, want 40-60%%", 100*share)
+	}
+}
+
+// TestNotHeldRefreshesRouting: a node that answers FAILED_PRECONDITION
+// (the Routing says it holds experts it does not) makes the dispatch wait
+// for the next Routing rather than fail, and the step completes by it.
+func TestNotHeldRefreshesRouting(t *testing.T) {
+	dir := genTiny(t, "tiny-v2")
+	empty := startExpertHolding(t, dir, "empty", "", nil)
+	view := newTestView(routing(t, dir, 1, empty))
+	node := remoteNode(t, dir, view, 5*time.Second, time.Minute)
+	stuck := make(chan struct{})
+	var once sync.Once
+	node.remote.onStuck = func() { once.Do(func() { close(stuck) }) }
+	type out struct {
+		tokens    [][]int
+		lps, echo [][]float64
+	}
+	done := make(chan out, 1)
+	go func() {
+		tokens, lps, echo := drive(t, node, prompts, 3, 4)
+		done <- out{tokens, lps, echo}
+	}()
+	select {
+	case <-stuck:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the dispatch never waited for a new Routing")
+	}
+	full := startExpert(t, dir, "full", nil)
+	view.set(routing(t, dir, 2, full))
+	select {
+	case o := <-done:
+		checkAgainstReference(t, dir, o.tokens, o.lps, o.echo, 3)
+	case <-time.After(40 * time.Second):
+		t.Fatal("the step did not complete by the new Routing")
 	}
 }
