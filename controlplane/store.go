@@ -12,6 +12,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/connectivity"
 )
 
@@ -143,8 +145,16 @@ func Connect(ctx context.Context, cfg Config) (*Store, error) {
 		DialKeepAliveTimeout: 2 * time.Second,
 		PermitWithoutStream:  true,
 		AutoSyncInterval:     0,
-		Logger:               newZapLogger(log, slog.LevelWarn),
-		Context:              context.WithoutCancel(ctx),
+		// gRPC's default reconnect backoff grows to two minutes: after
+		// an etcd outage of 20 s a client would stay away for another
+		// ten, long enough for every lease to expire once etcd is back.
+		// Retry at least every second instead.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			MinConnectTimeout: 2 * time.Second,
+		})},
+		Logger:  newZapLogger(log, slog.LevelWarn),
+		Context: context.WithoutCancel(ctx),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrConfig, err)
