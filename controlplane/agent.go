@@ -36,7 +36,7 @@ type ExpertAgent struct {
 	holder ExpertHolder
 	log    *slog.Logger
 	id     string
-	w      *watcher
+	w      *Watcher
 	kick   chan struct{}
 
 	drained chan struct{}
@@ -121,7 +121,7 @@ func (a *ExpertAgent) Drain(ctx context.Context) error {
 func (a *ExpertAgent) Close() error {
 	a.cancel()
 	<-a.done
-	a.w.close()
+	a.w.Close()
 	return nil
 }
 

@@ -35,7 +35,7 @@ type AttnView struct {
 	reg   *Registration
 	shape placement.Shape
 	log   *slog.Logger
-	w     *watcher
+	w     *Watcher
 
 	cur   atomic.Pointer[routingState]
 	ready chan struct{}
@@ -151,7 +151,7 @@ func (v *AttnView) OnCoordinators(fn func(live []uint64)) {
 func (v *AttnView) Close() error {
 	v.cancel()
 	v.wg.Wait()
-	v.w.close()
+	v.w.Close()
 	return nil
 }
 

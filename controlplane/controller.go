@@ -116,7 +116,7 @@ type Controller struct {
 	store *Store
 	cfg   ControllerConfig
 	log   *slog.Logger
-	w     *watcher
+	w     *Watcher
 	errc  chan error
 
 	mu struct {
@@ -195,13 +195,14 @@ func (c *Controller) Close() error {
 
 func (c *Controller) run(ctx context.Context) {
 	defer close(c.done)
-	defer c.w.close()
+	defer c.w.Close()
 	var (
 		snap     Snapshot
 		have     bool
 		waitRev  int64 // ignore decisions on snapshots older than our last write
 		cache    = tableCache{}
 		memo     planMemo
+		badPlan  string // memo key of the last plan failure logged
 		debounce *time.Timer
 		due      bool // the debounce timer fired: publish now
 		retry    *time.Timer
@@ -257,6 +258,10 @@ func (c *Controller) run(ctx context.Context) {
 			}
 		}
 		d := decide(st, c.cfg, &memo)
+		if memo.err != nil && memo.key != badPlan {
+			badPlan = memo.key
+			c.log.Error("planning failed; keeping the current placement", "err", memo.err)
+		}
 		if d.publish != nil && !due {
 			if debounce == nil {
 				debounce = time.NewTimer(c.cfg.Debounce)

@@ -135,7 +135,7 @@ func TestWatcherResyncs(t *testing.T) {
 	s := connect(t, ctx, addr)
 	k := s.Keys()
 	w := newWatcher(ctx, s, k.Prefix(), k.DrainPrefix())
-	defer w.close()
+	defer w.Close()
 	waitSnap(t, ctx, w, "first snapshot", func(Snapshot) bool { return true })
 	if _, err := s.client.Put(ctx, k.Drain("a"), "1"); err != nil {
 		t.Fatal(err)
@@ -150,7 +150,7 @@ func TestWatcherResyncs(t *testing.T) {
 
 	// Compaction while the watcher is cut off from etcd: it must re-read.
 	w2 := newWatcher(ctx, s, k.Prefix())
-	defer w2.close()
+	defer w2.Close()
 	waitSnap(t, ctx, w2, "w2 first snapshot", func(Snapshot) bool { return true })
 	for i := range 5 {
 		if _, err := s.client.Put(ctx, k.Drain("b"), fmt.Sprint(i)); err != nil {

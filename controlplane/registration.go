@@ -525,7 +525,7 @@ func (r *Registration) serve(ctx context.Context, lease clientv3.LeaseID, rev in
 		return lossKeepAlive
 	}
 	mw := newWatcher(kctx, s, r.key)
-	defer mw.close()
+	defer mw.Close()
 	var retry <-chan time.Time
 	var retryTimer *time.Timer
 	defer func() {

@@ -11,14 +11,14 @@ import (
 )
 
 // observe follows every key of s's cluster.
-func observe(t testing.TB, ctx context.Context, s *Store) *watcher {
+func observe(t testing.TB, ctx context.Context, s *Store) *Watcher {
 	w := newWatcher(ctx, s, s.keys.Prefix())
-	t.Cleanup(w.close)
+	t.Cleanup(w.Close)
 	return w
 }
 
 // waitSnap waits until a snapshot of w satisfies cond and returns it.
-func waitSnap(t testing.TB, ctx context.Context, w *watcher, what string, cond func(Snapshot) bool) Snapshot {
+func waitSnap(t testing.TB, ctx context.Context, w *Watcher, what string, cond func(Snapshot) bool) Snapshot {
 	t.Helper()
 	for {
 		select {
@@ -273,7 +273,7 @@ func TestRegistrationSurvivesEtcdRestart(t *testing.T) {
 func mustSnapshot(t testing.TB, ctx context.Context, s *Store) Snapshot {
 	t.Helper()
 	w := newWatcher(ctx, s, s.keys.Prefix())
-	defer w.close()
+	defer w.Close()
 	select {
 	case snap := <-w.C():
 		return snap

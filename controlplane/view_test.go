@@ -127,3 +127,36 @@ func TestAttnViewCoordinators(t *testing.T) {
 	c2.Close()
 	next()
 }
+
+// The coordinator follows attention nodes through a member watch.
+func TestWatchMembers(t *testing.T) {
+	ctx := testCtx(t, 20*time.Second)
+	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
+	s := connect(t, ctx, e.ClientAddr())
+	w := s.Watch(ctx, s.Keys().MembersOf(RoleAttn))
+	defer w.Close()
+	first := waitSnap(t, ctx, w, "first snapshot", func(Snapshot) bool { return true })
+	if len(s.Members(first, RoleAttn)) != 0 {
+		t.Fatal("members before any registered")
+	}
+	m := member(RoleAttn, "a1", tinyIdentity(t))
+	m.CacheBlocks, m.BlockSize = 100, 16
+	reg, err := Register(ctx, s, m, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := waitSnap(t, ctx, w, "a1", func(snap Snapshot) bool { return len(s.Members(snap, RoleAttn)) == 1 })
+	if got := s.Members(snap, RoleAttn)["a1"]; got.CacheBlocks != 100 || got.Addr != m.Addr {
+		t.Fatalf("member %+v", got)
+	}
+	other, err := Register(ctx, s, member(RoleExpert, "e1", tinyIdentity(t)), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close(ctx)
+	reg.Close(ctx)
+	snap = waitSnap(t, ctx, w, "a1 gone", func(snap Snapshot) bool { return len(s.Members(snap, RoleAttn)) == 0 })
+	for k := range snap.KVs {
+		t.Fatalf("key %s outside the watched prefix", k)
+	}
+}

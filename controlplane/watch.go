@@ -39,7 +39,7 @@ func (s Snapshot) sameContent(o Snapshot) bool {
 	return maps.Equal(s.KVs, o.KVs)
 }
 
-// watcher keeps a consistent view of the keys under a set of prefixes of
+// Watcher keeps a consistent view of the keys under a set of prefixes of
 // one etcd range: it reads them (Get), then follows a Watch from the read's
 // revision + 1, and re-reads whenever the watch fails (compaction, lost
 // leader, closed channel) or the connection to etcd comes back (a
@@ -47,8 +47,8 @@ func (s Snapshot) sameContent(o Snapshot) bool {
 // new snapshot replaces the undelivered one on C: a consumer sees the
 // latest state, never a stale one, and never blocks the watcher.
 //
-// The watcher's goroutine is started by newWatcher and stopped by close.
-type watcher struct {
+// The watcher's goroutine is started by Store.Watch and stopped by Close.
+type Watcher struct {
 	store    *Store
 	rng      string   // the watched range (a prefix)
 	prefixes []string // keys kept: those under one of these
@@ -57,29 +57,38 @@ type watcher struct {
 	done     chan struct{}
 }
 
+// Watch follows the cluster's keys under prefixes (full keys, from Keys;
+// every key of the cluster when none are given) until Close or ctx ends.
+// All of them share one etcd watch, so every snapshot is consistent
+// across them.
+func (s *Store) Watch(ctx context.Context, prefixes ...string) *Watcher {
+	return newWatcher(ctx, s, s.keys.Prefix(), prefixes...)
+}
+
 // newWatcher watches every key under rng, keeping those under one of
 // prefixes (all of rng when none are given).
-func newWatcher(ctx context.Context, s *Store, rng string, prefixes ...string) *watcher {
+func newWatcher(ctx context.Context, s *Store, rng string, prefixes ...string) *Watcher {
 	if len(prefixes) == 0 {
 		prefixes = []string{rng}
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	w := &watcher{store: s, rng: rng, prefixes: prefixes, out: make(chan Snapshot, 1), cancel: cancel, done: make(chan struct{})}
+	w := &Watcher{store: s, rng: rng, prefixes: prefixes, out: make(chan Snapshot, 1), cancel: cancel, done: make(chan struct{})}
 	go w.run(ctx)
 	return w
 }
 
-// C delivers snapshots; a snapshot not yet received is replaced by a newer
-// one.
-func (w *watcher) C() <-chan Snapshot { return w.out }
+// C delivers snapshots, the first one at once; a snapshot not yet
+// received is replaced by a newer one, so a slow reader skips states but
+// never sees a stale one.
+func (w *Watcher) C() <-chan Snapshot { return w.out }
 
-// close stops the watcher and waits for its goroutine.
-func (w *watcher) close() {
+// Close stops the watcher and waits for its goroutine.
+func (w *Watcher) Close() {
 	w.cancel()
 	<-w.done
 }
 
-func (w *watcher) keep(key string) bool {
+func (w *Watcher) keep(key string) bool {
 	for _, p := range w.prefixes {
 		if strings.HasPrefix(key, p) {
 			return true
@@ -91,7 +100,7 @@ func (w *watcher) keep(key string) bool {
 // publish hands s to the consumer, replacing an undelivered snapshot. The
 // watcher is the only sender, so after draining the buffer the send
 // cannot block.
-func (w *watcher) publish(s Snapshot) {
+func (w *Watcher) publish(s Snapshot) {
 	select {
 	case w.out <- s:
 	default:
@@ -103,7 +112,7 @@ func (w *watcher) publish(s Snapshot) {
 	}
 }
 
-func (w *watcher) run(ctx context.Context) {
+func (w *Watcher) run(ctx context.Context) {
 	defer close(w.done)
 	var last Snapshot
 	delivered := false
@@ -145,7 +154,7 @@ func (w *watcher) run(ctx context.Context) {
 	}
 }
 
-func (w *watcher) closedStore() bool {
+func (w *Watcher) closedStore() bool {
 	select {
 	case <-w.store.done():
 		return true
@@ -155,7 +164,7 @@ func (w *watcher) closedStore() bool {
 }
 
 // read takes a full snapshot.
-func (w *watcher) read(ctx context.Context) (Snapshot, error) {
+func (w *Watcher) read(ctx context.Context) (Snapshot, error) {
 	rctx, cancel := w.store.reqCtx(ctx)
 	defer cancel()
 	resp, err := w.store.client.Get(rctx, w.rng, clientv3.WithPrefix())
@@ -178,7 +187,7 @@ var errWatchClosed = errors.New("watch channel closed")
 // connection comes back or ctx ends; it returns the last snapshot and
 // whether any watch response arrived. A nil error means a re-read is due
 // at once (compaction, reconnection); an error asks for a backoff first.
-func (w *watcher) follow(ctx context.Context, snap Snapshot, reconnected <-chan struct{}) (_ Snapshot, progressed bool, _ error) {
+func (w *Watcher) follow(ctx context.Context, snap Snapshot, reconnected <-chan struct{}) (_ Snapshot, progressed bool, _ error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	wch := w.store.client.Watch(wctx, w.rng, clientv3.WithPrefix(), clientv3.WithRev(snap.Rev+1))
@@ -225,4 +234,23 @@ func (w *watcher) follow(ctx context.Context, snap Snapshot, reconnected <-chan 
 			w.publish(snap)
 		}
 	}
+}
+
+// Members returns the members of role in snap (a snapshot of a Watch that
+// covers Keys.MembersOf(role)), by id. The coordinator follows its
+// attention nodes this way.
+func (s *Store) Members(snap Snapshot, role Role) map[string]Member {
+	out := map[string]Member{}
+	p := s.keys.MembersOf(role)
+	for k, kv := range snap.KVs {
+		id, ok := strings.CutPrefix(k, p)
+		if !ok || strings.Contains(id, "/") {
+			continue
+		}
+		if m, err := decodeMember(kv.Value); err == nil {
+			m.ID, m.Role = id, role
+			out[id] = m
+		}
+	}
+	return out
 }
