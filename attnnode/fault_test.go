@@ -547,3 +547,29 @@ func TestNotHeldRefreshesRouting(t *testing.T) {
 		t.Fatal("the step did not complete by the new Routing")
 	}
 }
+
+// TestInvalidArgumentIsNotRetried: an expert node that refuses a request
+// as malformed (here: it serves another model, with fewer experts) fails
+// the step at once with that code; retrying cannot help.
+func TestInvalidArgumentIsNotRetried(t *testing.T) {
+	dir := genTiny(t, "tiny-v2")                                      // 160 experts
+	other := startExpert(t, genTiny(t, "tiny-v2-lite"), "other", nil) // 64
+	node := remoteNode(t, dir, newTestView(routing(t, dir, 1, other)), 5*time.Second, time.Minute)
+	var resp *meshpb.StepResponse
+	took := bounded(t, 30*time.Second, "step", func() {
+		var err error
+		resp, err = node.Step(context.Background(), &meshpb.StepRequest{Step: 1, Work: []*meshpb.SeqWork{
+			{SeqId: 1, Tokens: []int32{1, 2, 3, 4, 5, 6, 7, 8}, Sample: true, ReserveTokens: 16},
+		}})
+		if err != nil {
+			t.Error(err)
+		}
+	})
+	if resp == nil || codes.Code(resp.Code) != codes.InvalidArgument {
+		t.Fatalf("answer %v, want INVALID_ARGUMENT", resp)
+	}
+	if took > 10*time.Second || node.Sequences() != 0 {
+		t.Fatalf("took %v (expert wait 1 min), %d sequences left", took, node.Sequences())
+	}
+	t.Logf("%v: %s", took, resp.Message)
+}

@@ -620,7 +620,7 @@ func (d *dispatch) handle(a *attempt) error {
 	switch status.Code(err) {
 	case codes.InvalidArgument:
 		a.end(err)
-		return fmt.Errorf("layer %d: %w", d.layer, err)
+		return err // the engine names the layer
 	case codes.FailedPrecondition:
 		// The node no longer holds an expert this version gave it: plan
 		// by a newer Routing, or wait for one.
