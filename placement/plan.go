@@ -155,9 +155,11 @@ type planner struct {
 	// most[li][n] and least[li][n] bound node n's replica count in layer
 	// moe[li]: its fair count, give or take countSlack.
 	most, least [][]int
-	// grouped: every node holds gpn whole groups of gs experts.
-	grouped bool
-	gs, gpn int
+	// grouped: every node holds gpn whole groups of gs experts, in every
+	// layer but those marked ungrouped.
+	grouped   bool
+	ungrouped []bool
+	gs, gpn   int
 	// curNode maps Current's node indexes to node numbers (-1: gone).
 	curNode []int
 	layers  []*layer
@@ -217,13 +219,13 @@ func newPlanner(in PlanInput) (*planner, error) {
 	}
 	N := len(p.ids)
 	if N == 0 {
-		return nil, fmt.Errorf("%w: no expert node may hold experts (all %d have negative slots)", ErrPlacement, len(nodes))
+		return nil, fmt.Errorf("%w: no expert node may hold experts (%s, all with negative slots)", ErrPlacement, plural(len(nodes), "node"))
 	}
 	if N > 1<<16 {
 		return nil, fmt.Errorf("%w: more than %d nodes", ErrPlacement, 1<<16)
 	}
 	if total < L*E {
-		return nil, fmt.Errorf("%w: %d MoE layers × %d experts need %d slots; the %d nodes offer %d", ErrPlacement, L, E, L*E, N, total)
+		return nil, fmt.Errorf("%w: %d MoE layers × %d experts need %d slots; the nodes offer %d in all (%s)", ErrPlacement, L, E, L*E, total, plural(N, "usable node"))
 	}
 
 	// Extra replicas: as many per layer as asked, as the slots allow, and
@@ -257,6 +259,13 @@ func newPlanner(in PlanInput) (*planner, error) {
 		}
 	}
 	return p, nil
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
 }
 
 // checkLoad rejects a load that does not fit the shape or is not a count.
@@ -365,13 +374,15 @@ func fairCounts(slots []int, layers, R int) [][]int {
 }
 
 // groupTolerance: whole groups per node are used only when, planned
-// afresh for the load, they balance within this much of global packing
-// (twice this much when the current placement already keeps every group
-// whole, so that a load near the line does not flip the layout, which
-// moves most experts, back and forth). Whole groups cap the nodes a token
-// reaches at TopKGroup and so the bytes each token sends; a group-limited
-// model whose groups carry unequal load pays for that in compute, and
-// beyond 5% (one step in twenty) the compute is the dearer.
+// afresh for the load, they balance within this much of global packing.
+// Whole groups cap the nodes a token reaches at TopKGroup, and so the
+// bytes each token sends; a group-limited model whose groups carry
+// unequal load pays for that in compute, and beyond 5% (one step in
+// twenty) the compute is the dearer. The choice depends on the load and
+// the nodes alone, not on the current placement (planning again from a
+// plan must change nothing); a load near the line does not flip the
+// layout back and forth, because with the same nodes a layer is only
+// replaced by a better balanced one (see guard).
 const groupTolerance = 0.05
 
 // groupSize is the experts per routing group (1 when there are none).
@@ -403,37 +414,78 @@ func (p *planner) canGroup() bool {
 func (p *planner) useGroups(on bool) {
 	p.grouped = on
 	p.free = slices.Clone(p.slots)
-	if on {
-		p.gs, p.gpn = p.E/p.shape.Groups, p.shape.Groups/len(p.ids)
-		for n := range p.free {
-			p.free[n] -= len(p.moe) * p.gs * p.gpn
+	if !on {
+		return
+	}
+	p.gs, p.gpn = p.E/p.shape.Groups, p.shape.Groups/len(p.ids)
+	for li := range p.moe {
+		if p.ungrouped == nil || !p.ungrouped[li] {
+			for n := range p.free {
+				p.free[n] -= p.gs * p.gpn
+			}
 		}
 	}
 }
 
-// currentGrouped: in every layer of the current placement, some node
-// holds each group whole.
-func (p *planner) currentGrouped() bool {
-	c, gs := p.in.Current, p.groupSize()
-	if c == nil || gs == 1 {
-		return false
-	}
-	for _, l := range p.moe {
-		for g := 0; g < p.E; g += gs {
-			whole := false
-			for _, i := range c.replicas[l][g] {
-				all := true
-				for e := g + 1; e < g+gs && all; e++ {
-					all = slices.Contains(c.replicas[l][e], i)
-				}
-				whole = whole || all
+// sameNodes: the current placement uses exactly the usable nodes.
+func (p *planner) sameNodes() bool {
+	c := p.in.Current
+	return c != nil && len(c.nodes) == len(p.ids) && !slices.Contains(p.curNode, -1)
+}
+
+// holders lists, per expert of layer moe[li], the usable nodes that hold
+// it in the current placement.
+func (p *planner) holders(li int) [][]int {
+	c, l := p.in.Current, p.moe[li]
+	hs := make([][]int, p.E)
+	for e := range p.E {
+		for _, i := range c.replicas[l][e] {
+			if n := p.curNode[i]; n >= 0 {
+				hs[e] = append(hs[e], n)
 			}
-			if !whole {
-				return false
+		}
+		slices.Sort(hs[e])
+	}
+	return hs
+}
+
+// markUngrouped: with whole groups and the same nodes as the current
+// placement, a layer stays grouped only if its current layout is one
+// whole-group planning makes: every group whole on a home of its own,
+// the first node in id order that holds it whole (see canHost). Any other
+// layout (one kept as it was because it balanced better, see guard) stays
+// ungrouped: regrouping would move most of it, for a layout that did not
+// balance better. Deciding from the layout alone keeps planning again
+// from a plan a no-op.
+func (p *planner) markUngrouped() {
+	p.ungrouped = nil
+	if !p.grouped || !p.sameNodes() {
+		return
+	}
+	p.ungrouped = make([]bool, len(p.moe))
+	for li := range p.moe {
+		hs := p.holders(li)
+		holdsAll := func(n, g int) bool {
+			for e := g * p.gs; e < (g+1)*p.gs; e++ {
+				if !slices.Contains(hs[e], n) {
+					return false
+				}
+			}
+			return true
+		}
+		for g, h := range p.homes(hs) {
+			if h < 0 || !holdsAll(h, g) {
+				p.ungrouped[li] = true
+				break
+			}
+			for m := range h {
+				if holdsAll(m, g) {
+					p.ungrouped[li] = true
+				}
 			}
 		}
 	}
-	return true
+	p.useGroups(true)
 }
 
 // freshPlan plans every layer afresh, with whole groups or without, on a
@@ -448,7 +500,7 @@ func (p *planner) freshPlan(grouped bool) (*planner, float64) {
 		ly := q.fresh(li)
 		q.layers[li] = ly
 		sw += ly.W
-		swi += ly.W * (ly.maxLoad() / (ly.W / N))
+		swi += float64(ly.W * (ly.maxLoad() / (ly.W / N))) // (no fused multiply-add: same on every GOARCH)
 	}
 	return &q, swi / sw
 }
@@ -458,11 +510,7 @@ func (p *planner) run() (*Table, error) {
 	if p.canGroup() {
 		global, gi := p.freshPlan(false)
 		grouped, gg := p.freshPlan(true)
-		tol := groupTolerance
-		if p.currentGrouped() {
-			tol *= 2
-		}
-		use := gg <= gi*(1+tol)
+		use := gg <= gi*(1+groupTolerance)
 		if p.in.Current == nil {
 			q := global
 			if use {
@@ -476,6 +524,7 @@ func (p *planner) run() (*Table, error) {
 			return p.table()
 		}
 		p.useGroups(use)
+		p.markUngrouped()
 	}
 	// Replica counts and what stays where it is.
 	p.layers = make([]*layer, len(p.moe))
@@ -533,19 +582,12 @@ func (p *planner) settle() {
 func (p *planner) setup(li int) *layer {
 	ly := p.newLayer(li)
 	E, N := p.E, len(p.ids)
-	l := p.moe[li]
 	var holders [][]int // usable nodes holding each expert now
-	if c := p.in.Current; c != nil {
-		holders = make([][]int, E)
+	if p.in.Current != nil {
+		holders = p.holders(li)
 		kept := 0
-		for e := range E {
-			for _, i := range c.replicas[l][e] {
-				if n := p.curNode[i]; n >= 0 {
-					holders[e] = append(holders[e], n)
-					kept++
-				}
-			}
-			slices.Sort(holders[e])
+		for _, hs := range holders {
+			kept += len(hs)
 		}
 		if kept > 0 {
 			ly.had = make([]bool, N*E)
@@ -575,7 +617,7 @@ func (p *planner) setup(li int) *layer {
 	keep := holders
 	want := slices.Clone(ly.c)
 	var home []int
-	if p.grouped {
+	if ly.grouped {
 		home = p.homes(holders)
 		keep = make([][]int, E)
 		for gi, u := range ly.units[:E/p.gs] {
@@ -691,7 +733,7 @@ func (p *planner) shed() {
 	}
 	need, room := 0, 0
 	for _, ly := range p.layers {
-		if p.grouped {
+		if ly.grouped {
 			continue // group replicas have their slots reserved
 		}
 		if ly.had == nil {
@@ -760,36 +802,30 @@ const contiguousSlack = 0.1
 // guard: when the nodes are the ones the current placement uses, a layer
 // is never left worse balanced than it is now (where the current layer is
 // within the replica budget): rebalancing only takes steps that help, but
-// topping replica counts up to in.Redundant, dropping some, or filling a
-// node up to its least count may not. With nodes joining or leaving there
-// is no such promise: a new node must get its share, a lost one's experts
-// must go somewhere.
+// whole groups, topping replica counts up to in.Redundant, dropping some,
+// or filling a node up to its least count may not; such a layer stays
+// exactly as it is. With nodes joining or leaving there is no such
+// promise: a new node must get its share, a lost one's experts must go
+// somewhere.
 func (p *planner) guard() (reverted bool) {
-	c := p.in.Current
-	if c == nil || len(c.nodes) != len(p.ids) || slices.Contains(p.curNode, -1) {
+	if !p.sameNodes() {
 		return false
 	}
+	c := p.in.Current
 	for li, ly := range p.layers {
 		if ly.had == nil {
 			continue
 		}
 		l, E, N := p.moe[li], p.E, len(p.ids)
-		cur := make([]float64, N)
-		count := make([]int, N)
-		ok, total := true, 0
-		for e := 0; e < E && ok; e++ {
-			rs := c.replicas[l][e]
-			ok = len(rs) > 0
-			for _, i := range rs {
-				if p.curNode[i] < 0 {
-					ok = false
-				}
-			}
-			total += len(rs)
+		total := 0
+		for e := range E {
+			total += len(c.replicas[l][e])
 		}
-		if !ok || total > p.R {
+		if total > p.R {
 			continue
 		}
+		cur := make([]float64, N)
+		count := make([]int, N)
 		for e := range E {
 			rs := c.replicas[l][e]
 			for _, i := range rs {
@@ -798,28 +834,28 @@ func (p *planner) guard() (reverted bool) {
 				count[n]++
 			}
 		}
-		if slices.Max(ly.load) <= slices.Max(cur)+ly.eps {
+		if ly.maxLoad() <= slices.Max(cur)+ly.eps || !p.revert(ly, count) {
 			continue
 		}
-		// Revert, if the slots allow. (With whole groups, ly.count
-		// includes the layer's reserved group slots, so this also hands
-		// those back.)
-		fits := true
-		for n := range N {
-			if p.free[n]+ly.count[n]-count[n] < 0 {
-				fits = false
-			}
-		}
-		if !fits {
-			continue
-		}
-		for n := range N {
-			p.free[n] += ly.count[n] - count[n]
-		}
-		ly.revertTo(c, l)
 		ly.frozen, reverted = true, true
 	}
 	return reverted
+}
+
+// revert puts layer ly back as the current placement has it (count
+// replicas per node), if the slots allow. (With whole groups, ly.count
+// includes the layer's reserved group slots, so this hands those back.)
+func (p *planner) revert(ly *layer, count []int) bool {
+	for n := range p.free {
+		if p.free[n]+ly.count[n]-count[n] < 0 {
+			return false
+		}
+	}
+	for n := range p.free {
+		p.free[n] += ly.count[n] - count[n]
+	}
+	ly.revertTo(p.in.Current, p.moe[ly.li])
+	return true
 }
 
 // table writes the plan out: nodes in id order, replicas in node order.

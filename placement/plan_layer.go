@@ -28,7 +28,9 @@ type layer struct {
 	// there is none, or none of it survives (a fresh layer).
 	had    []bool
 	placed []int // per expert: replicas placed
-	home   []int // with whole groups, per group: its node, -1 while unplaced
+	// grouped: this layer keeps whole groups per node (see Plan).
+	grouped bool
+	home    []int // with whole groups, per group: its node, -1 while unplaced
 	// frozen: the guard put the current placement's layer back; nothing
 	// changes it after that.
 	frozen bool
@@ -46,6 +48,7 @@ func (p *planner) newLayer(li int) *layer {
 	w, W := layerLoad(p.in.Load, p.moe[li], E)
 	return &layer{
 		p: p, li: li, w: w, W: W,
+		grouped: p.grouped && (p.ungrouped == nil || !p.ungrouped[li]),
 		eps:     1e-9 * W,
 		minGain: moveThreshold * W / float64(N),
 		load:    make([]float64, N),
@@ -129,7 +132,7 @@ func replicate(w []float64, c0 []int, R, maxRep, gs int) []int {
 func (ly *layer) makeUnits() {
 	p := ly.p
 	ly.units = ly.units[:0]
-	if p.grouped {
+	if ly.grouped {
 		ly.home = make([]int, p.E/p.gs)
 		for g := range ly.home {
 			ly.home[g] = -1
@@ -213,7 +216,7 @@ func (ly *layer) canHost(u *unit, n int) bool {
 			return false
 		}
 	}
-	if !ly.p.grouped {
+	if !ly.grouped {
 		return true
 	}
 	if u.group {
@@ -232,7 +235,7 @@ func (ly *layer) canHost(u *unit, n int) bool {
 // (or the group has none yet).
 func (ly *layer) completesBefore(e, n int) bool {
 	p := ly.p
-	if !p.grouped {
+	if !ly.grouped {
 		return false
 	}
 	g := e / p.gs
@@ -416,7 +419,7 @@ func (ly *layer) spare(u *unit, n int) bool {
 func (ly *layer) placeLost() error {
 	var lost []int
 	for i, u := range ly.units {
-		if u.n < 0 && (u.group || (!ly.p.grouped && ly.placed[u.e] == 0 && !slices.ContainsFunc(lost, func(j int) bool { return ly.units[j].e == u.e }))) {
+		if u.n < 0 && (u.group || (!ly.grouped && ly.placed[u.e] == 0 && !slices.ContainsFunc(lost, func(j int) bool { return ly.units[j].e == u.e }))) {
 			lost = append(lost, i)
 		}
 	}
@@ -485,7 +488,7 @@ func (ly *layer) drop(idx []int) {
 // packed by load.
 func (ly *layer) contiguous() {
 	p := ly.p
-	if p.grouped {
+	if ly.grouped {
 		for g := range p.E / p.gs {
 			ly.place(g, g/p.gpn)
 		}
@@ -883,6 +886,7 @@ func (ly *layer) revertTo(c *Table, l int) {
 	clear(ly.groups)
 	clear(ly.holds)
 	clear(ly.placed)
+	ly.grouped = false
 	ly.units = ly.units[:0]
 	for e := range E {
 		rs := c.replicas[l][e]

@@ -51,7 +51,7 @@ func Imbalance(t *Table, load [][]float64) (perLayer []float64, weightedMean flo
 				}
 			}
 			sumW += observed
-			sumWI += observed * imb
+			sumWI += float64(observed * imb) // (no fused multiply-add: same on every GOARCH)
 		}
 	}
 	if sumW > 0 {

@@ -301,7 +301,11 @@ func describe(tb, cur *Table, nodes []Node, load [][]float64) string {
 		}
 	}
 	per, mean := Imbalance(tb, load)
-	fmt.Fprintf(&b, "version %d: %d nodes hold %d replicas", tb.Version, len(tb.Nodes()), replicas)
+	nodeWord := "nodes"
+	if len(tb.Nodes()) == 1 {
+		nodeWord = "node"
+	}
+	fmt.Fprintf(&b, "version %d: %d %s hold %d replicas", tb.Version, len(tb.Nodes()), nodeWord, replicas)
 	if cur != nil {
 		lost := 0
 		for _, l := range sh.MoELayers {
