@@ -77,52 +77,49 @@ const countSlack = 8
 // Plan computes the next placement: every routed expert of every MoE
 // layer on at least one node of in.Nodes, no node over its slots, no node
 // holding one expert twice. It is deterministic: the same input gives the
-// same table, byte for byte, whatever the order of in.Nodes.
+// same table, byte for byte, whatever the order of in.Nodes; and planning
+// again from its result, with nothing else changed, changes nothing.
 //
 // Per MoE layer it minimises the imbalance (the busiest node's load over
-// the mean node's, see Imbalance), with each replica of an expert serving
-// an equal share of its load, subject to the migration cost above:
+// the mean node's, see Imbalance), each replica of an expert serving an
+// equal share of its load, subject to the migration cost (moveThreshold):
 //
-//   - Replica counts follow DeepSeek's replicate_experts: each expert has
-//     one replica, and the layer's in.Redundant extra ones go, one at a
-//     time, to the expert with the most load per replica. Starting from a
-//     current placement the counts it has are kept (topped up or trimmed
-//     to the budget), and rebalancing may turn an extra replica of a cold
-//     expert into one more of a hot expert, when that pays for itself.
-//   - Each node has a fair number of replicas per layer: the layer's
-//     replicas spread evenly over the nodes, nodes with few slots holding
-//     what they can and the others sharing the rest; packing and
-//     rebalancing may stray from it by countSlack. Without a current
-//     placement (or where none of it survives) a layer is packed as
-//     DeepSeek's balanced_packing does, heaviest replica first onto the
-//     least loaded node that has room and does not hold that expert yet,
-//     and also cut into contiguous ranges; both are improved by moving or
-//     swapping replicas off the busiest node, and the better one is kept
-//     (the contiguous one on a tie: fewer ranges, groups kept together).
-//   - With a current placement, replicas stay where they are. Replicas on
-//     nodes that left go to the least loaded survivors; a node that joined
-//     takes replicas off the busiest nodes until the fair count or the
-//     balance stops it (and at least to its fair count less countSlack,
-//     taking from the most loaded first). Then replicas move or swap off
-//     the busiest node, and extra replicas change expert, while that pays
-//     for itself (moveThreshold). With the same nodes as the current
-//     placement, no layer ends worse balanced than it was.
+//   - Replica counts follow DeepSeek's replicate_experts: one replica per
+//     expert, and the layer's in.Redundant extra ones given one at a time
+//     to the expert with the most load per replica. From a current
+//     placement its counts are kept (topped up or trimmed to the budget);
+//     rebalancing may then turn an extra replica of a cold expert into
+//     one more of a hot one.
+//   - Each node has a fair replica count per layer: the layer's replicas
+//     spread evenly, nodes with few slots holding what they can and the
+//     others sharing the rest. Counts may stray from it by countSlack.
+//   - A layer with nothing to keep (no current placement, or none of it
+//     survives) is packed as DeepSeek's balanced_packing does, heaviest
+//     replica first onto the least loaded node that has room and lacks
+//     that expert, and also cut into contiguous ranges (when the load is
+//     near uniform, see contiguousSlack); both are improved by local
+//     search and the better kept, the ranges on a tie.
+//   - Otherwise replicas stay where they are. Replicas lost with nodes
+//     that left go to the least loaded survivors; a node that joined is
+//     filled to its fair count less the slack from the busiest nodes.
+//     Then a local search moves or swaps replicas off the busiest node,
+//     or turns an extra replica to a hotter expert, one step at a time,
+//     while a step pays for itself. With the same nodes as the current
+//     placement, no layer ends worse balanced than it was (see guard).
 //
-// Group-limited routing (Shape.Groups > 1 and 0 < TopKGroup < Groups): when
-// the groups divide evenly among the nodes (Groups % nodes == 0, equal
-// groups of two or more experts, and no node's slots too few for its
-// share) and that balances
-// within groupTolerance of global packing, every node holds Groups/nodes
-// whole groups, packed by group load (balanced_packing on groups), so a
-// token's experts are on at most TopKGroup nodes; only the extra replicas
-// of hot experts go wherever they balance best (DeepSeek replicates within
-// a server node; a node of ours cannot hold two copies of one expert).
-// Otherwise packing is global: with more nodes than groups, groups that do
-// not divide evenly, or group loads too unequal for whole groups to
-// balance. A group then spreads over as few nodes as the contiguous layout
-// needs (nodes/Groups of them when the nodes divide evenly by groups) when
-// that balances as well as load-driven packing does, and over whatever
-// nodes balance best when it does not.
+// Group-limited routing (Shape.Groups > 1, 0 < TopKGroup < Groups): when
+// the groups divide evenly among the nodes (Groups % nodes == 0, groups
+// of two or more experts, slots enough for a node's share), and planned
+// afresh that balances within groupTolerance of global packing, each node
+// holds Groups/nodes whole groups, packed by group load, so a token's
+// experts are on at most TopKGroup nodes. Only the extra replicas go
+// wherever they balance best (DeepSeek replicates within a server node; a
+// node of ours cannot hold two copies of one expert). Otherwise packing
+// is global: with more nodes than groups, groups that do not divide
+// evenly, or group loads too unequal. A group then spans as few nodes as
+// the contiguous layout needs (nodes/Groups of them when that divides)
+// where the load is near uniform, and whatever nodes balance best where
+// it is not.
 //
 // The result carries in.Version. An error wraps ErrPlacement: no usable
 // nodes, too few slots for one replica of every expert, or malformed input.

@@ -280,12 +280,10 @@ func (ly *layer) cost(u *unit, n int) int {
 	return k
 }
 
-// pack places units (balanced_packing): groups first, then heaviest
-// first, each on the least
-// loaded node that may take it (fewest bytes to load, then lowest id, on a
-// tie). A replica that is its expert's only one, or a group, may go over
-// a node's fair count where nothing else is left. It returns the units it
-// could not place.
+// pack places units as balanced_packing does: groups first, then the
+// heaviest replica first, each on the least loaded node that may take it
+// (fewest bytes to load, then lowest id, on a tie). It returns the units
+// it could not place.
 func (ly *layer) pack(idx []int) (failed []int) {
 	order := slices.Clone(idx)
 	slices.SortStableFunc(order, func(i, j int) int {
@@ -447,8 +445,8 @@ func (ly *layer) placeLost() error {
 	return nil
 }
 
-// placeExtras places the extra replicas still unplaced, within the fair
-// counts; those that fit nowhere are dropped.
+// placeExtras places the extra replicas still unplaced, within the nodes'
+// most counts; those that fit nowhere are dropped (finish may top up).
 func (ly *layer) placeExtras() {
 	var rest []int
 	for i, u := range ly.units {
@@ -530,9 +528,10 @@ func (ly *layer) contiguous() {
 
 // improve rebalances the layer one step at a time, taking the step that
 // gains most net of its migration cost, while one pays for itself (see
-// moveThreshold). Steps: move a replica (or group) off the busiest node,
-// swap one there for a lighter one elsewhere, or turn an extra replica of
-// a cold expert into one more replica of a hot one. Moves and swaps must
+// moveThreshold). Steps: move a replica (or group) off a busiest node,
+// swap one there for a lighter one elsewhere, or, when neither pays, turn
+// an extra replica of a cold expert into one more replica of a hot one
+// (dearer to evaluate, and rarely what pays). Moves and swaps must
 // lower the higher of the two nodes' loads, a retarget the busiest node's,
 // so every step lowers the sum of squared node loads and the loop ends;
 // the cap on steps is a guard.
@@ -564,8 +563,6 @@ func (ly *layer) improve() (changed bool) {
 			}
 		}
 		if !best.ok {
-			// Dearer to evaluate, and rarely what pays: only when no move
-			// or swap does.
 			ly.retargets(busiest, scratch, &best)
 		}
 		if !best.ok {
@@ -579,34 +576,30 @@ func (ly *layer) improve() (changed bool) {
 
 // stepsFrom considers the moves and swaps off node a, one of the busiest.
 func (ly *layer) stepsFrom(a int, on [][]int, best *step) {
-	N := len(ly.load)
 	La := ly.load[a]
-	{
-		for _, i := range on[a] {
-			u := &ly.units[i]
-			ca := ly.cost(u, a)
-			for b := range N {
-				Lb := ly.load[b]
-				// Nothing moving between a and b lowers the pair's maximum
-				// unless b is lighter.
-				if b == a || Lb >= La-ly.eps || !ly.canHost(u, b) {
+	for _, i := range on[a] {
+		u := &ly.units[i]
+		ca := ly.cost(u, a)
+		for b, Lb := range ly.load {
+			// Nothing moving between a and b lowers the pair's maximum
+			// unless b is lighter.
+			if b == a || Lb >= La-ly.eps || !ly.canHost(u, b) {
+				continue
+			}
+			cb := ly.cost(u, b)
+			if ly.room(u, b, true) && ly.spare(u, a) {
+				red := La - max(La-u.load, Lb+u.load)
+				best.consider(ly, step{i: i, j: -1, from: a, to: b, red: red, dc: cb - ca, fill: ly.filling(b)})
+			}
+			for _, j := range on[b] {
+				v := &ly.units[j]
+				d := u.load - v.load
+				if d <= ly.eps || Lb+d >= La-ly.eps || v.group != u.group || !ly.canHost(v, a) {
 					continue
 				}
-				cb := ly.cost(u, b)
-				if ly.room(u, b, true) && ly.spare(u, a) {
-					red := La - max(La-u.load, Lb+u.load)
-					best.consider(ly, step{i: i, j: -1, from: a, to: b, red: red, dc: cb - ca, fill: ly.filling(b)})
-				}
-				for _, j := range on[b] {
-					v := &ly.units[j]
-					d := u.load - v.load
-					if d <= ly.eps || Lb+d >= La-ly.eps || v.group != u.group || !ly.canHost(v, a) {
-						continue
-					}
-					red := La - max(La-d, Lb+d)
-					dc := cb + ly.cost(v, a) - ca - ly.cost(v, b)
-					best.consider(ly, step{i: i, j: j, from: a, to: b, red: red, dc: dc})
-				}
+				red := La - max(La-d, Lb+d)
+				dc := cb + ly.cost(v, a) - ca - ly.cost(v, b)
+				best.consider(ly, step{i: i, j: j, from: a, to: b, red: red, dc: dc})
 			}
 		}
 	}
