@@ -2,12 +2,17 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"slices"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/expertmesh/expertmesh/attnnode"
+	"github.com/expertmesh/expertmesh/controlplane"
 	"github.com/expertmesh/expertmesh/internal/ops"
 	"github.com/expertmesh/expertmesh/model"
 	"github.com/expertmesh/expertmesh/placement"
@@ -15,11 +20,14 @@ import (
 )
 
 // runAttn is `expertmesh attn`: one attention node serving AttentionService.
+// With --etcd it joins a cluster: it registers, routes by the placement the
+// coordinator publishes, drops the sequences of coordinators that died,
+// and drains on SIGTERM. With --placement it dispatches by a fixed table.
 func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("attn", stderr)
 	cfg := attnnode.DefaultConfig()
 	fs.StringVar(&cfg.ModelDir, "model", "", "checkpoint directory in HF layout (required)")
-	fs.StringVar(&cfg.NodeID, "node-id", cfg.NodeID, "node name in logs, traces and Info")
+	id := fs.String("node-id", "", "stable node id in membership, logs and traces (default HOSTNAME-attn-PORT)")
 	fs.StringVar(&cfg.ListenAddr, "listen", cfg.ListenAddr, "gRPC listen address (port 0 picks one)")
 	fs.IntVar(&cfg.Threads, "threads", 0, "compute threads (0: all cores)")
 	cacheMB := fs.Int64("cache-mb", cfg.CacheBytes>>20, "latent cache size in MiB")
@@ -30,7 +38,9 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.DurationVar(&cfg.DispatchTimeout, "dispatch-timeout", cfg.DispatchTimeout, "deadline of one dispatch of up to 256 rows to an expert node (more rows get proportionally more); a node that misses it is skipped for another replica")
 	fs.DurationVar(&cfg.ExpertWait, "expert-wait", cfg.ExpertWait, "how long a step waits for some replica of an expert before it fails with UNAVAILABLE; keep it below the coordinator's --step-timeout")
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
-	spec := fs.String("placement", "", `expert placement "ADDR=EXPERTS;ADDR=EXPERTS" (EXPERTS: "0-53" or "1:0-53,2:54-107"); empty: all experts in-process`)
+	spec := fs.String("placement", "", `fixed expert placement without etcd: "ADDR=EXPERTS;ADDR=EXPERTS" in --experts' grammar; empty (and no --etcd): all experts in-process`)
+	grace := fs.Duration("drain-timeout", 60*time.Second, "on SIGTERM, how long running sequences may take to finish before the node leaves (the coordinator re-prefills the rest elsewhere)")
+	cp := addControlPlaneFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -42,47 +52,179 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if cfg.ModelDir == "" {
 		return fmt.Errorf("--model is required")
 	}
-	if *spec != "" {
-		c, err := model.LoadConfig(cfg.ModelDir)
-		if err != nil {
-			return err
-		}
-		t, err := placement.ParseSpec(placement.ShapeOf(c), *spec)
+	if cp.enabled() && *spec != "" {
+		return fmt.Errorf("--placement and --etcd: the placement comes from etcd; give one or the other")
+	}
+	log := roleLogger(stderr)
+	shape, _, err := shapeOf(cfg.ModelDir)
+	if err != nil {
+		return err
+	}
+	late := &lateView{}
+	switch {
+	case *spec != "":
+		t, err := placement.ParseSpec(shape, *spec)
 		if err != nil {
 			return fmt.Errorf("--placement: %w", err)
 		}
 		cfg.Placement = placement.NewStatic(t)
+	case cp.enabled():
+		cfg.Placement = late
+	}
+	cfg.NodeID = nodeID(*id, controlplane.RoleAttn, cfg.ListenAddr)
+	var mid controlplane.ModelIdentity
+	var store *controlplane.Store
+	if cp.enabled() {
+		if mid, err = controlplane.IdentifyModel(cfg.ModelDir); err != nil {
+			return fmt.Errorf("--model: %w", err)
+		}
+		if store, err = cp.connect(ctx, log); err != nil {
+			return err
+		}
+		defer store.Close()
 	}
 	s, err := attnnode.Start(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
+	if cfg.NodeID == "" {
+		// No --node-id and a port picked at start: name the node by it.
+		cfg.NodeID = controlplane.DefaultNodeID(controlplane.RoleAttn, controlplane.PortOf(s.Addr()))
+	}
+	var o *ops.Server
 	if *opsAddr != "" {
-		reg := prometheus.NewRegistry()
-		info := func() *meshpb.NodeInfo { i, _ := s.Info(ctx, 0); return i }
-		for _, g := range []struct {
-			name, help string
-			v          func(*meshpb.NodeInfo) float64
-		}{
-			{"expertmesh_attn_cache_blocks_total", "latent cache blocks", func(i *meshpb.NodeInfo) float64 { return float64(i.TotalBlocks) }},
-			{"expertmesh_attn_cache_blocks_free", "free latent cache blocks", func(i *meshpb.NodeInfo) float64 { return float64(i.FreeBlocks) }},
-			{"expertmesh_attn_sequences_active", "sequences holding cache", func(i *meshpb.NodeInfo) float64 { return float64(i.ActiveSequences) }},
-		} {
-			reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: g.name, Help: g.help}, func() float64 { return g.v(info()) }))
-		}
-		o, err := ops.Start(*opsAddr, func() error { return nil }, reg)
-		if err != nil {
-			return fmt.Errorf("--ops-listen: %w", err)
+		if o, err = startAttnOps(ctx, *opsAddr, s); err != nil {
+			return err
 		}
 		defer o.Close()
 		fmt.Fprintf(stderr, "attention node %s ops endpoint on http://%s\n", cfg.NodeID, o.Addr())
 	}
+	var reg *controlplane.Registration
+	if cp.enabled() {
+		info, err := s.Info(ctx, 0)
+		if err != nil {
+			return err
+		}
+		m := controlplane.Member{ID: cfg.NodeID, Role: controlplane.RoleAttn, Addr: s.Addr(), Model: mid,
+			BuildVersion: controlplane.BuildVersion(), State: controlplane.StateStarting, Started: time.Now(),
+			CacheBlocks: int(info.TotalBlocks), BlockSize: int(info.BlockSize)}
+		if o != nil {
+			m.OpsAddr = o.Addr()
+		}
+		if reg, err = controlplane.Register(ctx, store, m, cp.leaseTTL); err != nil {
+			return err
+		}
+		// Leave the cluster (lease revoked) before the node closes.
+		defer reg.Close(context.Background())
+		view, err := controlplane.NewAttnView(ctx, store, reg, shape)
+		if err != nil {
+			return err
+		}
+		defer view.Close()
+		late.set(view)
+		fmt.Fprintf(stderr, "attention node %s registered; waiting for an active expert placement\n", cfg.NodeID)
+		if err := view.Wait(ctx); err != nil {
+			return nil // interrupted while waiting
+		}
+		view.OnCoordinators(expireDead(s))
+		if err := reg.SetState(ctx, controlplane.StateServing); err != nil {
+			return err
+		}
+	}
 	fmt.Fprintf(stdout, "attention node %s listening on %s\n", cfg.NodeID, s.Addr())
 	select {
 	case <-ctx.Done():
-		return nil
 	case err := <-s.Err():
 		return err
 	}
+	if reg == nil {
+		return nil
+	}
+	// Drain: take no new sequences, let the running ones finish (bounded),
+	// then leave; the coordinator re-prefills whatever is left elsewhere.
+	s.Drain()
+	dctx, cancel := context.WithTimeout(context.Background(), *grace)
+	defer cancel()
+	if err := reg.SetState(dctx, controlplane.StateDraining); err != nil {
+		log.Warn("could not mark the node draining in etcd", "err", err)
+	}
+	fmt.Fprintf(stderr, "attention node %s draining: %d sequences, at most %v\n", cfg.NodeID, s.Sequences(), *grace)
+	select {
+	case <-s.Idle():
+	case <-dctx.Done():
+		log.Warn("drain timeout: leaving with sequences the coordinator moves elsewhere", "sequences", s.Sequences())
+	}
+	return nil
+}
+
+// lateView is the attention node's placement.View before etcd is joined:
+// the node starts (loading weights) while it registers, and takes no step
+// until its view has a routing (the coordinator drives it only once it
+// turns serving).
+type lateView struct {
+	v atomic.Pointer[controlplane.AttnView]
+}
+
+func (l *lateView) set(v *controlplane.AttnView) { l.v.Store(v) }
+
+func (l *lateView) Routing() (*placement.Routing, <-chan struct{}) {
+	if v := l.v.Load(); v != nil {
+		return v.Routing()
+	}
+	panic("attention node stepped before it joined the placement")
+}
+
+func (l *lateView) InUse(oldest, newest uint64) {
+	if v := l.v.Load(); v != nil {
+		v.InUse(oldest, newest)
+	}
+}
+
+// expireDead drops the sequences of coordinator epochs that were live
+// and are no longer (that coordinator's lease ended), so a coordinator
+// that died leaks no cache even before a new one starts.
+func expireDead(n *attnnode.Node) func(live []uint64) {
+	var prev []uint64
+	return func(live []uint64) {
+		for _, e := range prev {
+			if !slices.Contains(live, e) {
+				n.ExpireEpoch(e)
+			}
+		}
+		prev = slices.Clone(live)
+	}
+}
+
+// startAttnOps serves the node's health, readiness and cache gauges.
+func startAttnOps(ctx context.Context, addr string, s *attnnode.Node) (*ops.Server, error) {
+	reg := prometheus.NewRegistry()
+	info := func() *meshpb.NodeInfo {
+		i, err := s.Info(ctx, 0)
+		if err != nil {
+			return &meshpb.NodeInfo{}
+		}
+		return i
+	}
+	for _, g := range []struct {
+		name, help string
+		v          func(*meshpb.NodeInfo) float64
+	}{
+		{"expertmesh_attn_cache_blocks_total", "Latent cache blocks.", func(i *meshpb.NodeInfo) float64 { return float64(i.TotalBlocks) }},
+		{"expertmesh_attn_cache_blocks_free", "Free latent cache blocks.", func(i *meshpb.NodeInfo) float64 { return float64(i.FreeBlocks) }},
+		{"expertmesh_attn_sequences_active", "Sequences holding cache.", func(i *meshpb.NodeInfo) float64 { return float64(i.ActiveSequences) }},
+	} {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: g.name, Help: g.help}, func() float64 { return g.v(info()) }))
+	}
+	ready := func() error {
+		if i := info(); i.Draining {
+			return errors.New("draining")
+		}
+		return nil
+	}
+	o, err := ops.Start(addr, ready, reg)
+	if err != nil {
+		return nil, fmt.Errorf("--ops-listen: %w", err)
+	}
+	return o, nil
 }

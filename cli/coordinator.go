@@ -5,9 +5,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"strings"
+	"log/slog"
+	"time"
 
 	"github.com/expertmesh/expertmesh/attnnode"
+	"github.com/expertmesh/expertmesh/controlplane"
 	"github.com/expertmesh/expertmesh/coordinator"
 )
 
@@ -24,17 +26,27 @@ func addCoordinatorFlags(fs *flag.FlagSet, cfg *coordinator.Config) {
 	fs.DurationVar(&cfg.StepTimeout, "step-timeout", cfg.StepTimeout, "limit per attention-node step; beyond it the node counts as failed")
 }
 
-// serveCoordinator starts a coordinator on nodes, prints the URL once every
-// node answered, and serves until ctx ends or serving fails.
-func serveCoordinator(ctx context.Context, cfg coordinator.Config, nodes map[string]coordinator.AttentionNode, stdout io.Writer) error {
+// serveCoordinator starts a coordinator on nodes, prints the URL once an
+// attention node answered, and serves until ctx ends (then it drains:
+// running requests finish within grace) or serving fails.
+func serveCoordinator(ctx context.Context, cfg coordinator.Config, nodes map[string]coordinator.AttentionNode, grace time.Duration, stdout, stderr io.Writer) error {
 	c, err := coordinator.Start(ctx, cfg, nodes)
 	if err != nil {
 		return err
 	}
+	return runCoordinatorUntil(ctx, c, grace, nil, stdout, stderr)
+}
+
+// runCoordinatorUntil announces c once ready and serves until ctx ends or
+// a fatal error (serving, or fatal from the caller's channel); on ctx's
+// end it drains for at most grace.
+func runCoordinatorUntil(ctx context.Context, c *coordinator.Coordinator, grace time.Duration, fatal <-chan error, stdout, stderr io.Writer) error {
 	defer c.Close()
 	select {
 	case <-c.Ready():
 	case err := <-c.Err():
+		return err
+	case err := <-fatal:
 		return err
 	case <-ctx.Done():
 		return nil
@@ -43,9 +55,17 @@ func serveCoordinator(ctx context.Context, cfg coordinator.Config, nodes map[str
 	select {
 	case err := <-c.Err():
 		return err
+	case err := <-fatal:
+		return err
 	case <-ctx.Done():
-		return nil
 	}
+	fmt.Fprintf(stderr, "coordinator draining: no new requests; running ones get at most %v\n", grace)
+	dctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	if err := c.Drain(dctx); err != nil {
+		return fmt.Errorf("--drain-timeout %v passed with requests still running; they were failed: %w", grace, err)
+	}
+	return nil
 }
 
 // runServe is `expertmesh serve`: the whole model in one process, an
@@ -60,6 +80,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cacheMB := fs.Int64("cache-mb", nc.CacheBytes>>20, "latent cache size in MiB")
 	fs.IntVar(&nc.BlockSize, "block-size", nc.BlockSize, "tokens per cache block")
 	fs.StringVar(&nc.Quantize, "quantize", "", "convert weights at load: q8")
+	grace := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may take to finish")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -74,39 +95,144 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer node.Close() // after the coordinator's Close (deferred later, runs first)
-	return serveCoordinator(ctx, cfg, map[string]coordinator.AttentionNode{"serve": node}, stdout)
+	return serveCoordinator(ctx, cfg, map[string]coordinator.AttentionNode{"serve": node}, *grace, stdout, stderr)
 }
 
-// runCoordinator is `expertmesh coordinator`: the HTTP front door driving
-// attention nodes over gRPC.
+// runCoordinator is `expertmesh coordinator`: the HTTP front door and the
+// cluster's brain. It takes an epoch from etcd (fencing older
+// coordinators), runs the placement controller, follows the attention
+// nodes' membership (each one that registers is driven at once; one whose
+// lease ends has its sequences moved) and registers itself.
 func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("coordinator", stderr)
 	cfg := coordinator.DefaultConfig()
 	addCoordinatorFlags(fs, &cfg)
-	attn := fs.String("attn", "", "attention node gRPC addresses, comma separated (required)")
+	cp := addControlPlaneFlags(fs)
+	id := fs.String("node-id", "", "stable coordinator id (default HOSTNAME-coordinator-PORT)")
+	redundant := fs.Int("redundant-experts", 0, "extra replicas per MoE layer the placement may give the hottest experts")
+	grace := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may take to finish")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	var addrs []string
-	for _, a := range strings.Split(*attn, ",") {
-		if a = strings.TrimSpace(a); a != "" {
-			addrs = append(addrs, a)
+	if !cp.enabled() {
+		return fmt.Errorf("--etcd is required: attention and expert nodes find the coordinator through etcd (`expertmesh up` runs one; `expertmesh serve` needs none)")
+	}
+	if *redundant < 0 {
+		return fmt.Errorf("--redundant-experts %d: want >= 0", *redundant)
+	}
+	log := roleLogger(stderr)
+	cfg.Logger = log
+	shape, _, err := shapeOf(cfg.ModelDir)
+	if err != nil {
+		return err
+	}
+	mid, err := controlplane.IdentifyModel(cfg.ModelDir)
+	if err != nil {
+		return fmt.Errorf("--model: %w", err)
+	}
+	store, err := cp.connect(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	epoch, err := store.NextEpoch(ctx)
+	if err != nil {
+		return err
+	}
+	cfg.Epoch = epoch
+	ctrl, err := controlplane.StartController(ctx, store, controlplane.ControllerConfig{Shape: shape, Epoch: epoch, Redundant: *redundant, Logger: log})
+	if err != nil {
+		return err
+	}
+	defer ctrl.Close()
+	cfg.Cluster = func(context.Context) (any, error) { return ctrl.Status(), nil }
+	c, err := coordinator.Start(ctx, cfg, nil)
+	if err != nil {
+		return err
+	}
+	if *id == "" {
+		*id = nodeID("", controlplane.RoleCoordinator, c.Addr())
+	}
+	reg, err := controlplane.Register(ctx, store, controlplane.Member{ID: *id, Role: controlplane.RoleCoordinator,
+		HTTPAddr: c.Addr(), Model: mid, BuildVersion: controlplane.BuildVersion(), State: controlplane.StateServing,
+		Epoch: epoch, Started: time.Now()}, cp.leaseTTL)
+	if err != nil {
+		c.Close()
+		return err
+	}
+	defer reg.Close(context.Background())
+	log.Info("coordinator registered", "id", *id, "epoch", epoch, "http", c.Addr())
+	// Follow the attention nodes: the coordinator drives whoever is a
+	// member, keyed by id.
+	fctx, stopFollow := context.WithCancel(ctx)
+	followed := make(chan struct{})
+	go func() {
+		defer close(followed)
+		followAttention(fctx, store, c, log)
+	}()
+	defer func() { stopFollow(); <-followed }()
+	fatal := make(chan error, 1)
+	go func() {
+		select {
+		case err := <-ctrl.Err():
+			fatal <- fmt.Errorf("superseded by a newer coordinator: %w", err)
+		case <-fctx.Done():
+		}
+	}()
+	return runCoordinatorUntil(ctx, c, *grace, fatal, stdout, stderr)
+}
+
+// followAttention keeps c's attention nodes equal to the attention members
+// in etcd: a new member is dialled and added, one that left is removed
+// (its sequences move elsewhere), one that restarted at another address is
+// replaced, and a draining one takes no new sequences.
+func followAttention(ctx context.Context, store *controlplane.Store, c *coordinator.Coordinator, log *slog.Logger) {
+	w := store.Watch(ctx, store.Keys().MembersOf(controlplane.RoleAttn))
+	defer w.Close()
+	type known struct {
+		addr   string
+		client *attnnode.Client
+	}
+	nodes := map[string]*known{}
+	defer func() {
+		for _, k := range nodes {
+			k.client.Close()
+		}
+	}()
+	for {
+		var snap controlplane.Snapshot
+		select {
+		case <-ctx.Done():
+			return
+		case snap = <-w.C():
+		}
+		members := store.Members(snap, controlplane.RoleAttn)
+		for id, k := range nodes {
+			if m, ok := members[id]; !ok || m.Addr != k.addr {
+				c.RemoveNode(id, fmt.Errorf("its membership ended"))
+				k.client.Close()
+				delete(nodes, id)
+				log.Info("attention node left", "id", id, "addr", k.addr)
+			}
+		}
+		for id, m := range members {
+			if m.State == controlplane.StateStarting {
+				continue // registered, waiting for its placement
+			}
+			if _, ok := nodes[id]; !ok {
+				cl, err := attnnode.Dial(ctx, m.Addr)
+				if err != nil {
+					log.Error("dialling attention node", "id", id, "addr", m.Addr, "err", err)
+					continue
+				}
+				nodes[id] = &known{addr: m.Addr, client: cl}
+				c.AddNode(id, cl)
+				log.Info("attention node joined", "id", id, "addr", m.Addr)
+			}
+			c.SetNodeDraining(id, m.State == controlplane.StateDraining)
 		}
 	}
-	if len(addrs) == 0 {
-		return fmt.Errorf("--attn: at least one attention node address is required")
-	}
-	nodes := map[string]coordinator.AttentionNode{}
-	for _, a := range addrs {
-		cl, err := attnnode.Dial(ctx, a)
-		if err != nil {
-			return fmt.Errorf("--attn %s: %w", a, err)
-		}
-		defer cl.Close()
-		nodes[a] = cl
-	}
-	return serveCoordinator(ctx, cfg, nodes, stdout)
 }

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,7 +13,11 @@ import (
 	"github.com/expertmesh/expertmesh/expertnode"
 	"github.com/expertmesh/expertmesh/internal/ops"
 	"github.com/expertmesh/expertmesh/model"
+	"github.com/expertmesh/expertmesh/placement"
 )
+
+// The control plane's agent drives the node itself.
+var _ controlplane.ExpertHolder = (*expertnode.Node)(nil)
 
 // defaultDrainTimeout bounds the drain on SIGTERM. Once the control plane
 // has taken the node out of the placement its streams are idle and the
@@ -36,15 +41,31 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	weights := fs.String("weights", "auto", "where compute reads held experts: resident (copied into huge-page memory on load, freed on drop), mmap (through the page cache), or auto (resident when they take at most half the available memory)")
 	drainTimeout := fs.Duration("drain-timeout", defaultDrainTimeout, "on SIGTERM or Ctrl-C, how long open dispatch streams may take to answer what they received before the node stops hard")
+	leaveTimeout := fs.Duration("leave-timeout", 60*time.Second, "with --etcd, on SIGTERM: how long to wait for the placement to move this node's experts elsewhere before it stops anyway")
+	slots := fs.Int("expert-slots", 0, "with --etcd: the most routed experts (over all layers) this node may hold (0: any number)")
+	cp := addControlPlaneFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	expertsSet := false
+	fs.Visit(func(f *flag.Flag) { expertsSet = expertsSet || f.Name == "experts" })
 	if *drainTimeout < 0 {
 		return fmt.Errorf("--drain-timeout %v: want >= 0", *drainTimeout)
+	}
+	if *slots < 0 {
+		return fmt.Errorf("--expert-slots %d: want >= 0", *slots)
 	}
 	cfg := def
 	cfg.Weights = model.Residency(*weights)
 	cfg.ModelDir, cfg.ListenAddr, cfg.Experts = *modelDir, *listen, *experts
+	if cp.enabled() {
+		// The placement versions decide what the node holds; nobody who
+		// merely reaches the port may Load or Drop.
+		cfg.Managed = true
+		if !expertsSet {
+			cfg.Experts = ""
+		}
+	}
 	cfg.NodeID, cfg.Threads, cfg.MaxRows = *nodeID, *threads, *maxRows
 	if cfg.NodeID == "" {
 		// With a fixed port the id survives restarts; with port 0 it could
@@ -56,6 +77,22 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	cfg.Logger = slog.New(slog.NewTextHandler(stderr, nil))
 	if err := cfg.Validate(); err != nil {
 		return err
+	}
+	var store *controlplane.Store
+	var mid controlplane.ModelIdentity
+	var shape placement.Shape
+	var err error
+	if cp.enabled() {
+		if shape, _, err = shapeOf(cfg.ModelDir); err != nil {
+			return err
+		}
+		if mid, err = controlplane.IdentifyModel(cfg.ModelDir); err != nil {
+			return fmt.Errorf("--model: %w", err)
+		}
+		if store, err = cp.connect(ctx, cfg.Logger); err != nil {
+			return err
+		}
+		defer store.Close()
 	}
 	node, err := expertnode.Start(ctx, cfg)
 	if err != nil {
@@ -73,13 +110,57 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		defer o.Close()
 		fmt.Fprintf(stderr, "expert node %s ops endpoint on http://%s\n", node.ID(), o.Addr())
 	}
+	var agent *controlplane.ExpertAgent
+	var reg *controlplane.Registration
+	var drained <-chan struct{}
+	if cp.enabled() {
+		id := node.ID()
+		if controlplane.ValidateID(id) != nil {
+			// No --node-id and a port picked at start: name the node by it.
+			id = controlplane.DefaultNodeID(controlplane.RoleExpert, controlplane.PortOf(node.Addr()))
+		}
+		m := controlplane.Member{ID: id, Role: controlplane.RoleExpert, Addr: node.Addr(), Model: mid,
+			BuildVersion: controlplane.BuildVersion(), State: controlplane.StateServing, Started: time.Now(), ExpertSlots: *slots}
+		if *opsAddr != "" {
+			m.OpsAddr = *opsAddr
+		}
+		if reg, err = controlplane.Register(ctx, store, m, cp.leaseTTL); err != nil {
+			node.Close()
+			return err
+		}
+		// The lease is revoked (the node leaves at once) after the agent
+		// stopped and before the node closes.
+		defer reg.Close(context.Background())
+		if agent, err = controlplane.NewExpertAgent(ctx, store, reg, shape, node); err != nil {
+			node.Close()
+			return err
+		}
+		defer agent.Close()
+		drained = agent.Drained()
+	}
 	fmt.Fprintf(stdout, "expert node %s listening on %s\n", node.ID(), node.Addr())
 	select {
 	case err := <-node.Err():
 		// The node failed and stopped itself (err is nil only if it was
 		// closed, which nothing here does); Close collects the rest.
 		return errors.Join(err, node.Close())
+	case <-drained:
+		// `expertmesh placement drain`: the placement no longer uses the
+		// node; it stops (exit status 0: `up` does not restart it).
+		fmt.Fprintf(stderr, "expert node %s drained: no placement version in use assigns it anything\n", node.ID())
 	case <-ctx.Done():
+		if agent != nil && attentionNodesLive(store, shape) {
+			// Make-before-break: leave the placement first, so no
+			// dispatch finds the node gone. (With no attention node
+			// alive nobody dispatches: the whole cluster is stopping.)
+			fmt.Fprintf(stderr, "expert node %s leaving the placement (at most %v)\n", node.ID(), *leaveTimeout)
+			lctx, cancel := context.WithTimeout(context.Background(), *leaveTimeout)
+			err := agent.Drain(lctx)
+			cancel()
+			if err != nil {
+				fmt.Fprintf(stderr, "expert node %s: --leave-timeout %v passed before its experts moved elsewhere: %v\n", node.ID(), *leaveTimeout, err)
+			}
+		}
 	}
 	fmt.Fprintf(stderr, "expert node %s draining (at most %v)\n", node.ID(), *drainTimeout)
 	dctx, cancel := context.WithTimeout(context.Background(), *drainTimeout)
@@ -91,4 +172,22 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	return nil
+}
+
+// attentionNodesLive says whether some attention node is a member (it
+// might dispatch here). When etcd does not answer it says yes: leaving
+// the placement properly is then at worst slow.
+func attentionNodesLive(store *controlplane.Store, shape placement.Shape) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	st, err := controlplane.Show(ctx, store, shape)
+	if err != nil {
+		return true
+	}
+	for _, n := range st.Nodes {
+		if n.Role == controlplane.RoleAttn && n.State != controlplane.StateGone {
+			return true
+		}
+	}
+	return false
 }

@@ -4,25 +4,74 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
+	"strconv"
+	"time"
 
 	"github.com/expertmesh/expertmesh/localcluster"
 )
 
-// runUp is `expertmesh up`: the whole cluster as separate processes on
-// loopback, until Ctrl-C or a child dies.
+// runUp is `expertmesh up`: the whole cluster on this machine, every role
+// its own process on loopback, joined through an embedded etcd (or
+// --etcd), supervised until Ctrl-C: a child that dies is restarted while
+// the others keep serving.
 func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("up", stderr)
 	cfg := localcluster.DefaultConfig()
 	fs.StringVar(&cfg.ModelDir, "model", "", "checkpoint directory (default: generate --preset into the cache dir)")
 	fs.StringVar(&cfg.Preset, "preset", cfg.Preset, "model to generate when --model is not given")
-	fs.StringVar(&cfg.CacheDir, "cache-dir", "", "where generated models are kept (default: the user cache dir)")
+	fs.StringVar(&cfg.CacheDir, "cache-dir", "", "where generated models and the embedded etcd's data are kept (default: the user cache dir)")
 	fs.IntVar(&cfg.AttnNodes, "attn-nodes", cfg.AttnNodes, "attention node processes")
 	fs.IntVar(&cfg.ExpertNodes, "expert-nodes", cfg.ExpertNodes, "expert node processes")
 	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "coordinator HTTP address")
 	fs.IntVar(&cfg.AttnThreads, "attn-threads", 0, "threads per attention node (0: all cores)")
 	fs.IntVar(&cfg.ExpertThreads, "expert-threads", cfg.ExpertThreads, "threads per expert node")
+	fs.StringVar(&cfg.Etcd, "etcd", "", "external etcd endpoints host:port[,…] (default: run an embedded member here)")
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "the embedded etcd member's data (default: CACHE-DIR/up/etcd)")
+	fs.StringVar(&cfg.ClusterName, "cluster", cfg.ClusterName, "cluster name (prefix of every etcd key)")
+	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", 0, "membership lease TTL of every node (0: the roles' default)")
+	fs.BoolVar(&cfg.NoRestart, "no-restart", false, "leave a child that dies dead instead of restarting it")
+	fs.BoolVar(&cfg.Ops, "ops", cfg.Ops, "give every node an ops endpoint (/healthz, /readyz, /metrics) on a free loopback port")
 	quiet := fs.Bool("quiet", false, "do not print the children's logs")
+	// Settings passed through to the roles.
+	pass := func(dst *[]string, name, usage string, isDuration bool) {
+		fs.Func(name, usage, func(v string) error {
+			if isDuration {
+				if _, err := time.ParseDuration(v); err != nil {
+					return err
+				}
+			} else if _, err := strconv.Atoi(v); err != nil {
+				return err
+			}
+			*dst = append(*dst, "--"+name, v)
+			return nil
+		})
+	}
+	for _, f := range []struct {
+		name, usage string
+		dur         bool
+	}{
+		{"max-running", "coordinator: sequences one attention node runs at once", false},
+		{"max-waiting", "coordinator: requests waiting for a node before new ones get 429", false},
+		{"step-tokens", "coordinator: tokens per step per attention node", false},
+		{"redundant-experts", "coordinator: extra replicas per MoE layer for the hottest experts", false},
+		{"request-timeout", "coordinator: end-to-end limit per request", true},
+		{"step-timeout", "coordinator: limit per attention-node step", true},
+		{"retry-after", "coordinator: Retry-After of 429 and 503 answers", true},
+	} {
+		pass(&cfg.CoordinatorArgs, f.name, f.usage, f.dur)
+	}
+	for _, f := range []struct {
+		name, usage string
+		dur         bool
+	}{
+		{"cache-mb", "attention nodes: latent cache size in MiB", false},
+		{"micro-batches", "attention nodes: micro-batches per step", false},
+		{"dispatch-timeout", "attention nodes: deadline of one dispatch of up to 256 rows", true},
+		{"expert-wait", "attention nodes: how long a step waits for some replica of an expert", true},
+	} {
+		pass(&cfg.AttnArgs, f.name, f.usage, f.dur)
+	}
+	pass(&cfg.ExpertArgs, "expert-slots", "expert nodes: the most routed experts each may hold (0: any)", false)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -30,20 +79,23 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if *quiet {
 		cfg.Log = io.Discard
 	}
+	fmt.Fprintf(stderr, "starting: etcd, %d expert node(s), %d attention node(s), coordinator (a new model is generated on first use)\n",
+		cfg.ExpertNodes, cfg.AttnNodes)
 	c, err := localcluster.Start(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	fmt.Fprintf(stdout, "expertmesh is up: coordinator %s, %d attention node(s), %d expert node(s), model %s\n",
-		c.URL, cfg.AttnNodes, cfg.ExpertNodes, c.Model)
-	fmt.Fprintf(stdout, "try:\n  curl -s %s/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n", c.URL)
-	select {
-	case <-ctx.Done():
-		fmt.Fprintln(stdout, "stopping")
-		return nil
-	case err := <-c.Failed():
-		fmt.Fprintln(os.Stderr, "a node died; stopping the cluster")
-		return err
+	fmt.Fprintf(stdout, "expertmesh is up: coordinator %s, %d attention node(s), %d expert node(s), model %s, etcd %s\n",
+		c.URL, cfg.AttnNodes, cfg.ExpertNodes, c.Model, c.EtcdEndpoints)
+	for _, ch := range c.Children() {
+		if ch.OpsAddr != "" {
+			fmt.Fprintf(stdout, "  %-12s %-22s ops http://%s\n", ch.Name, ch.Addr, ch.OpsAddr)
+		}
 	}
+	fmt.Fprintf(stdout, "try:\n  curl -s %s/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n", c.URL)
+	fmt.Fprintf(stdout, "  expertmesh placement show --etcd %s --model %s\n", c.EtcdEndpoints, c.Model)
+	<-ctx.Done()
+	fmt.Fprintln(stdout, "stopping")
+	return nil
 }

@@ -37,7 +37,16 @@ const (
 	// StateDraining: the member finishes what it has and takes nothing
 	// new; the controller plans without a draining expert node.
 	StateDraining State = "draining"
+	// StateStarting: registered (its keys can live under its lease) but
+	// not taking work yet: an attention node waiting for its first
+	// placement. The coordinator drives it once it turns serving; the
+	// controller does not place experts on a starting expert node.
+	StateStarting State = "starting"
 )
+
+func (s State) valid() bool {
+	return s == StateServing || s == StateDraining || s == StateStarting
+}
 
 // Member is one node's registration: the value of
 // /expertmesh/<c>/members/<role>/<id>, alive as long as its lease.
@@ -92,7 +101,7 @@ func (m Member) Validate() error {
 	if m.Role != RoleCoordinator && m.Addr == "" {
 		return fmt.Errorf("%w: member %s: an %s node needs its dispatch address (--listen)", ErrConfig, m.ID, m.Role)
 	}
-	if m.State != StateServing && m.State != StateDraining {
+	if !m.State.valid() {
 		return fmt.Errorf("%w: member %s: state %q", ErrConfig, m.ID, m.State)
 	}
 	if m.ExpertSlots < 0 || m.CacheBlocks < 0 || m.BlockSize < 0 {

@@ -259,7 +259,7 @@ func (r *Registration) SetState(ctx context.Context, st State) error {
 
 // setState changes the member's state without waiting.
 func (r *Registration) setState(st State) error {
-	if st != StateServing && st != StateDraining {
+	if !st.valid() {
 		return fmt.Errorf("%w: state %q", ErrConfig, st)
 	}
 	r.mu.Lock()

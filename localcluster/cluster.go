@@ -1,12 +1,19 @@
-// Package cluster launches a whole expertmesh cluster on one machine as
-// separate OS processes of the expertmesh binary: E expert nodes, A
-// attention nodes and a coordinator, all on loopback. It is what
-// `expertmesh up` runs, and what end-to-end tests start.
+// Package localcluster runs a whole expertmesh cluster on one machine as
+// separate OS processes of the expertmesh binary: an etcd member, E expert
+// nodes, A attention nodes and a coordinator, all on loopback. It is what
+// `expertmesh up` runs and what the end-to-end failure tests start.
 //
-// Start order follows the data path backwards: expert nodes first (their
-// addresses go into the placement), then attention nodes (given the
-// placement), then the coordinator (given the attention nodes). Every child
-// announces readiness with one stdout line ending in its address.
+// The processes find each other through etcd, exactly as on a real
+// cluster: nobody is told another's address. By default the etcd member
+// runs embedded in this process (package controlplane), with its data in
+// the data directory, so one machine needs nothing else; Config.Etcd
+// points the roles at an external etcd instead, and Config.EtcdChild runs
+// the member as a child process so that tests can stop and restart it.
+//
+// The launcher supervises: a child that dies is restarted with backoff
+// under the same node id while the others keep serving (a node that
+// exits by itself with status 0 after a drain is left stopped). Every
+// child announces readiness with one stdout line ending in its address.
 package localcluster
 
 import (
@@ -15,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,8 +32,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/expertmesh/expertmesh/controlplane"
 	"github.com/expertmesh/expertmesh/model"
-	"github.com/expertmesh/expertmesh/placement"
 )
 
 // Config describes the cluster to launch.
@@ -43,8 +51,27 @@ type Config struct {
 	Addr string
 	// Threads per attention and expert process (0: all cores).
 	AttnThreads, ExpertThreads int
-	// ExtraCoordinatorArgs are appended to the coordinator's flags.
-	ExtraCoordinatorArgs []string
+	// Etcd lists external etcd endpoints ("host:port,…"); empty runs a
+	// member here (embedded, or a child with EtcdChild).
+	Etcd string
+	// EtcdChild runs the etcd member as a child process (`expertmesh
+	// etcd`) on a fixed port, so it can be stopped and restarted.
+	EtcdChild bool
+	// DataDir keeps the etcd member's data (default: CacheDir/up/etcd).
+	DataDir string
+	// ClusterName prefixes every etcd key (--cluster).
+	ClusterName string
+	// LeaseTTL is the members' lease TTL (0: the roles' default).
+	LeaseTTL time.Duration
+	// Ops gives every child an ops endpoint (/healthz, /readyz,
+	// /metrics) on a free loopback port; the addresses are in Children.
+	Ops bool
+	// NoRestart leaves dead children dead (tests that need a node to stay
+	// gone).
+	NoRestart bool
+	// CoordinatorArgs, AttnArgs and ExpertArgs are appended to each
+	// child's flags (passed through by `up`).
+	CoordinatorArgs, AttnArgs, ExpertArgs []string
 	// Log receives every child's output, prefixed with its name.
 	Log io.Writer
 	// ReadyTimeout bounds the wait for each child's ready line.
@@ -54,7 +81,8 @@ type Config struct {
 // DefaultConfig is one attention node and three expert nodes on the
 // default tiny-v2 model.
 func DefaultConfig() Config {
-	return Config{Preset: "tiny-v2", AttnNodes: 1, ExpertNodes: 3, Addr: "127.0.0.1:8080", ExpertThreads: 1, ReadyTimeout: 2 * time.Minute}
+	return Config{Preset: "tiny-v2", AttnNodes: 1, ExpertNodes: 3, Addr: "127.0.0.1:8080", ExpertThreads: 1,
+		ClusterName: "default", Ops: true, ReadyTimeout: 2 * time.Minute}
 }
 
 // Validate names the flag of the first bad field.
@@ -68,31 +96,68 @@ func (c Config) Validate() error {
 		return errors.New("--addr is required")
 	case c.ModelDir == "" && c.Preset == "":
 		return errors.New("--model or --preset is required")
+	case c.LeaseTTL < 0:
+		return fmt.Errorf("--lease-ttl must be >= 0, got %v", c.LeaseTTL)
+	case c.Etcd != "" && c.EtcdChild:
+		return errors.New("--etcd names an external etcd; an etcd child makes no sense with it")
 	}
 	return nil
 }
 
-// Cluster is a running set of child processes.
+// Event is something that happened to a child, for logs and tests.
+type Event struct {
+	Child string
+	// Kind is "ready", "exited" or "restarting".
+	Kind string
+	Addr string // ready: the address it announced
+	Err  error  // exited: how
+	At   time.Time
+}
+
+// Cluster is a running, supervised set of child processes.
 type Cluster struct {
-	URL   string
-	Model string
+	// URL is the coordinator's base URL; Model the checkpoint directory;
+	// EtcdEndpoints what the roles were given as --etcd.
+	URL, Model, EtcdEndpoints string
 
-	mu       sync.Mutex
-	children []*child
-	failed   chan error // first unexpected child exit
-	closing  bool
+	cfg  Config
+	etcd *controlplane.Etcd // embedded member, when one runs here
+
+	events chan Event
+	mu     sync.Mutex
+	kids   map[string]*child
+	order  []string
+	// closing stops restarts; stopped is closed when Close begins.
+	closing bool
+	stopped chan struct{}
+	wg      sync.WaitGroup
 }
 
+// child is one supervised process: its spec and its current incarnation.
 type child struct {
-	name string
-	cmd  *exec.Cmd
-	addr string
-	done chan struct{}
-	err  error
+	name, role string
+	args       []string
+	// opsAddr is the ops endpoint (kept across restarts).
+	opsAddr string
+	// run is the current process; replaced on restart.
+	run *process
+	// restarts counts how often it was restarted.
+	restarts int
+	// left: it exited with status 0 on its own (drained); not restarted.
+	left bool
 }
 
-// Start launches the cluster and returns once every process is ready. On
-// failure every child already started is stopped.
+type process struct {
+	cmd   *exec.Cmd
+	addr  string
+	ready chan string
+	done  chan struct{}
+	err   error
+}
+
+// Start launches the cluster and returns once every process is ready: an
+// etcd member (unless Etcd names one), expert nodes, attention nodes, the
+// coordinator. On failure everything already started is stopped.
 func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -110,161 +175,433 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if cfg.ReadyTimeout == 0 {
 		cfg.ReadyTimeout = 2 * time.Minute
 	}
+	if cfg.ClusterName == "" {
+		cfg.ClusterName = "default"
+	}
 	dir, err := EnsureModel(cfg)
 	if err != nil {
 		return nil, err
 	}
-	mc, err := model.LoadConfig(dir)
-	if err != nil {
-		return nil, err
-	}
-	c := &Cluster{Model: dir, failed: make(chan error, 1)}
-	if err := c.launch(ctx, cfg, dir, mc); err != nil {
+	c := &Cluster{Model: dir, cfg: cfg, events: make(chan Event, 1024), kids: map[string]*child{}, stopped: make(chan struct{})}
+	if err := c.launch(ctx, dir); err != nil {
 		c.Close()
 		return nil, err
 	}
 	return c, nil
 }
 
-func (c *Cluster) launch(ctx context.Context, cfg Config, dir string, mc *model.Config) error {
-	shape := placement.ShapeOf(mc)
-	names := make([]string, cfg.ExpertNodes)
-	for i := range names {
-		names[i] = fmt.Sprintf("expert-%d", i)
-	}
-	plan, err := placement.Even(shape, names, 0)
-	if err != nil {
-		return err
-	}
-	var specs []string
-	for i, name := range names {
-		ch, err := c.spawn(ctx, cfg, name, "expert", "--model", dir, "--listen", "127.0.0.1:0",
-			"--experts", plan.Spec(name), "--node-id", name, "--threads", strconv.Itoa(cfg.ExpertThreads))
+func (c *Cluster) launch(ctx context.Context, dir string) error {
+	cfg := c.cfg
+	switch {
+	case cfg.Etcd != "":
+		c.EtcdEndpoints = cfg.Etcd
+	case cfg.EtcdChild:
+		addr, err := freePort()
 		if err != nil {
 			return err
 		}
-		specs = append(specs, ch.addr+"="+plan.Spec(names[i]))
+		peer, err := freePort()
+		if err != nil {
+			return err
+		}
+		ch := c.add("etcd", "etcd", "--etcd-dir", c.dataDir(), "--etcd-listen", addr, "--etcd-peer", peer)
+		if err := c.startAndWait(ctx, ch); err != nil {
+			return err
+		}
+		c.EtcdEndpoints = addr
+	default:
+		ecfg := controlplane.DefaultEtcdConfig(c.dataDir())
+		ecfg.ClientAddr, ecfg.PeerAddr = "127.0.0.1:0", "127.0.0.1:0"
+		e, err := controlplane.StartEtcd(ctx, ecfg)
+		if err != nil {
+			return fmt.Errorf("embedded etcd in %s: %w", c.dataDir(), err)
+		}
+		c.etcd = e
+		select {
+		case <-e.Ready():
+		case err := <-e.Err():
+			return fmt.Errorf("embedded etcd: %w", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		c.EtcdEndpoints = e.ClientAddr()
+		fmt.Fprintf(cfg.Log, "[etcd] embedded member serving on %s, data in %s\n", c.EtcdEndpoints, c.dataDir())
 	}
-	var attn []string
+	common := []string{"--model", dir, "--etcd", c.EtcdEndpoints, "--cluster", cfg.ClusterName}
+	if cfg.LeaseTTL > 0 {
+		common = append(common, "--lease-ttl", cfg.LeaseTTL.String())
+	}
+	// Expert nodes first: the coordinator places experts on whoever has
+	// registered, and attention nodes wait for a placement.
+	var starting []*child
+	for i := range cfg.ExpertNodes {
+		name := fmt.Sprintf("expert-%d", i)
+		args := append(append([]string{}, common...), "--listen", "127.0.0.1:0", "--node-id", name,
+			"--threads", strconv.Itoa(cfg.ExpertThreads))
+		starting = append(starting, c.add(name, "expert", append(args, cfg.ExpertArgs...)...))
+	}
 	for i := range cfg.AttnNodes {
 		name := fmt.Sprintf("attn-%d", i)
-		ch, err := c.spawn(ctx, cfg, name, "attn", "--model", dir, "--listen", "127.0.0.1:0",
-			"--placement", strings.Join(specs, ";"), "--node-id", name, "--threads", strconv.Itoa(cfg.AttnThreads))
-		if err != nil {
+		args := append(append([]string{}, common...), "--listen", "127.0.0.1:0", "--node-id", name,
+			"--threads", strconv.Itoa(cfg.AttnThreads))
+		starting = append(starting, c.add(name, "attn", append(args, cfg.AttnArgs...)...))
+	}
+	args := append(append([]string{}, common...), "--addr", cfg.Addr, "--node-id", "coordinator")
+	starting = append(starting, c.add("coordinator", "coordinator", append(args, cfg.CoordinatorArgs...)...))
+	// Everyone starts at once (the expert nodes load while the coordinator
+	// comes up); each waits for what it needs through etcd.
+	for _, ch := range starting {
+		if err := c.startChild(ch); err != nil {
 			return err
 		}
-		attn = append(attn, ch.addr)
 	}
-	args := append([]string{"--model", dir, "--addr", cfg.Addr, "--attn", strings.Join(attn, ",")}, cfg.ExtraCoordinatorArgs...)
-	ch, err := c.spawn(ctx, cfg, "coordinator", "coordinator", args...)
-	if err != nil {
-		return err
+	for _, ch := range starting {
+		if err := c.waitReady(ctx, ch); err != nil {
+			return err
+		}
 	}
-	c.URL = ch.addr
+	c.URL = "http://" + c.addrOf("coordinator")
 	return nil
 }
 
-// spawn starts one child and waits for its ready line.
-func (c *Cluster) spawn(ctx context.Context, cfg Config, name, role string, args ...string) (*child, error) {
-	cmd := exec.Command(cfg.Binary, append([]string{role}, args...)...)
+func (c *Cluster) dataDir() string {
+	if c.cfg.DataDir != "" {
+		return c.cfg.DataDir
+	}
+	return filepath.Join(cacheRoot(c.cfg.CacheDir), "up", "etcd")
+}
+
+// add registers a child (not started yet).
+func (c *Cluster) add(name, role string, args ...string) *child {
+	ch := &child{name: name, role: role, args: args}
+	// The coordinator serves /healthz, /readyz and /metrics on its HTTP
+	// address already.
+	if c.cfg.Ops && role != "etcd" && role != "coordinator" {
+		if a, err := freePort(); err == nil {
+			ch.opsAddr = a
+		}
+	}
+	c.mu.Lock()
+	c.kids[name] = ch
+	c.order = append(c.order, name)
+	c.mu.Unlock()
+	return ch
+}
+
+// AddExpert starts one more expert node (it joins through etcd and takes
+// a share of the experts) and returns its name once it is ready.
+func (c *Cluster) AddExpert(ctx context.Context, extra ...string) (string, error) {
+	c.mu.Lock()
+	n := 0
+	for _, ch := range c.kids {
+		if ch.role == "expert" {
+			n++
+		}
+	}
+	c.mu.Unlock()
+	name := fmt.Sprintf("expert-%d", n)
+	args := []string{"--model", c.Model, "--etcd", c.EtcdEndpoints, "--cluster", c.cfg.ClusterName,
+		"--listen", "127.0.0.1:0", "--node-id", name, "--threads", strconv.Itoa(c.cfg.ExpertThreads)}
+	if c.cfg.LeaseTTL > 0 {
+		args = append(args, "--lease-ttl", c.cfg.LeaseTTL.String())
+	}
+	ch := c.add(name, "expert", append(append(args, c.cfg.ExpertArgs...), extra...)...)
+	return name, c.startAndWait(ctx, ch)
+}
+
+func (c *Cluster) startAndWait(ctx context.Context, ch *child) error {
+	if err := c.startChild(ch); err != nil {
+		return err
+	}
+	return c.waitReady(ctx, ch)
+}
+
+// startChild starts ch's next incarnation and supervises it.
+func (c *Cluster) startChild(ch *child) error {
+	args := append([]string{ch.role}, ch.args...)
+	if ch.opsAddr != "" {
+		args = append(args, "--ops-listen", ch.opsAddr)
+	}
+	cmd := exec.Command(c.cfg.Binary, args...)
 	setParentDeathSignal(cmd)
-	cmd.Stderr = &prefixWriter{w: cfg.Log, prefix: "[" + name + "] "}
+	cmd.Stderr = &prefixWriter{w: c.cfg.Log, prefix: "[" + ch.name + "] "}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
+		return fmt.Errorf("start %s: %w", ch.name, err)
 	}
-	ch := &child{name: name, cmd: cmd, done: make(chan struct{})}
-	ready := make(chan string, 1)
+	p := &process{cmd: cmd, ready: make(chan string, 1), done: make(chan struct{})}
+	c.mu.Lock()
+	ch.run = p
+	c.mu.Unlock()
 	go func() {
 		sc := bufio.NewScanner(out)
 		announced := false
 		for sc.Scan() {
 			line := sc.Text()
-			fmt.Fprintf(cfg.Log, "[%s] %s\n", name, line)
+			fmt.Fprintf(c.cfg.Log, "[%s] %s\n", ch.name, line)
 			if !announced && strings.Contains(line, "listening on ") {
 				announced = true
 				f := strings.Fields(line)
-				ready <- f[len(f)-1]
+				addr := strings.TrimPrefix(f[len(f)-1], "http://")
+				p.ready <- addr
 			}
 		}
 	}()
-	go func() {
-		ch.err = cmd.Wait()
-		close(ch.done)
+	c.wg.Add(1)
+	go c.supervise(ch, p)
+	return nil
+}
+
+// supervise waits for p to exit and restarts ch with backoff unless the
+// cluster is closing, restarts are off, or the child left on its own
+// (exit status 0: it drained). Backoff doubles from 500 ms to 30 s and
+// resets after a run of a minute.
+func (c *Cluster) supervise(ch *child, p *process) {
+	defer c.wg.Done()
+	backoff := 500 * time.Millisecond
+	for {
+		started := time.Now()
+		p.err = p.cmd.Wait()
+		close(p.done)
+		c.emit(Event{Child: ch.name, Kind: "exited", Err: p.err})
 		c.mu.Lock()
-		closing := c.closing
-		c.mu.Unlock()
-		if !closing {
-			select {
-			case c.failed <- fmt.Errorf("%s exited: %v", name, ch.err):
-			default:
-			}
+		stop := c.closing || c.cfg.NoRestart || p.err == nil
+		if p.err == nil {
+			ch.left = true
 		}
-	}()
-	c.mu.Lock()
-	c.children = append(c.children, ch)
-	c.mu.Unlock()
-	timer := time.NewTimer(cfg.ReadyTimeout)
-	defer timer.Stop()
-	select {
-	case ch.addr = <-ready:
-		return ch, nil
-	case <-ch.done:
-		return nil, fmt.Errorf("%s exited before it was ready: %v", name, ch.err)
-	case <-timer.C:
-		return nil, fmt.Errorf("%s not ready after %v", name, cfg.ReadyTimeout)
-	case <-ctx.Done():
-		return nil, ctx.Err()
+		c.mu.Unlock()
+		if stop {
+			if p.err == nil && !c.isClosing() {
+				fmt.Fprintf(c.cfg.Log, "[%s] left the cluster (exited cleanly); not restarting\n", ch.name)
+			}
+			return
+		}
+		if time.Since(started) > time.Minute {
+			backoff = 500 * time.Millisecond
+		}
+		fmt.Fprintf(c.cfg.Log, "[%s] exited (%v); restarting in %v\n", ch.name, p.err, backoff)
+		c.emit(Event{Child: ch.name, Kind: "restarting", Err: p.err})
+		select {
+		case <-c.stopped:
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+		c.mu.Lock()
+		ch.restarts++
+		c.mu.Unlock()
+		if c.isClosing() {
+			return
+		}
+		if err := c.startChild(ch); err != nil {
+			fmt.Fprintf(c.cfg.Log, "[%s] restart failed: %v\n", ch.name, err)
+			continue
+		}
+		// startChild began a new supervisor for the new process.
+		go c.announce(ch)
+		return
 	}
 }
 
-// Failed yields the first unexpected child exit.
-func (c *Cluster) Failed() <-chan error { return c.failed }
+// announce emits the ready event of a restarted child.
+func (c *Cluster) announce(ch *child) {
+	c.mu.Lock()
+	p := ch.run
+	c.mu.Unlock()
+	select {
+	case addr := <-p.ready:
+		c.mu.Lock()
+		p.addr = addr
+		c.mu.Unlock()
+		c.emit(Event{Child: ch.name, Kind: "ready", Addr: addr})
+	case <-p.done:
+	case <-c.stopped:
+	}
+}
 
-// Children names the running processes with their addresses.
-func (c *Cluster) Children() map[string]string {
+func (c *Cluster) waitReady(ctx context.Context, ch *child) error {
+	c.mu.Lock()
+	p := ch.run
+	c.mu.Unlock()
+	timer := time.NewTimer(c.cfg.ReadyTimeout)
+	defer timer.Stop()
+	select {
+	case addr := <-p.ready:
+		c.mu.Lock()
+		p.addr = addr
+		c.mu.Unlock()
+		c.emit(Event{Child: ch.name, Kind: "ready", Addr: addr})
+		return nil
+	case <-p.done:
+		return fmt.Errorf("%s exited before it was ready: %v", ch.name, p.err)
+	case <-timer.C:
+		return fmt.Errorf("%s not ready after %v", ch.name, c.cfg.ReadyTimeout)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (c *Cluster) emit(e Event) {
+	e.At = time.Now()
+	select {
+	case c.events <- e:
+	default: // nobody reads: drop rather than block a supervisor
+	}
+}
+
+// Events delivers what happens to children (ready, exited, restarting).
+// It is buffered; events are dropped when nobody reads.
+func (c *Cluster) Events() <-chan Event { return c.events }
+
+func (c *Cluster) isClosing() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := map[string]string{}
-	for _, ch := range c.children {
-		out[ch.name] = ch.addr
+	return c.closing
+}
+
+func (c *Cluster) addrOf(name string) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if ch := c.kids[name]; ch != nil && ch.run != nil {
+		return ch.run.addr
+	}
+	return ""
+}
+
+// Child describes one child for tests and `up`'s banner.
+type Child struct {
+	Name, Role, Addr, OpsAddr string
+	PID, Restarts             int
+	Running                   bool
+}
+
+// Children lists the children in start order.
+func (c *Cluster) Children() []Child {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []Child
+	for _, name := range c.order {
+		ch := c.kids[name]
+		k := Child{Name: name, Role: ch.role, OpsAddr: ch.opsAddr, Restarts: ch.restarts}
+		if p := ch.run; p != nil {
+			k.Addr, k.PID = p.addr, p.cmd.Process.Pid
+			select {
+			case <-p.done:
+			default:
+				k.Running = true
+			}
+		}
+		out = append(out, k)
 	}
 	return out
 }
 
-// Kill stops one child abruptly (SIGKILL), for failure tests.
-func (c *Cluster) Kill(name string) error {
+// Signal sends sig to a child's current process: SIGKILL and SIGSTOP /
+// SIGCONT for failure tests, SIGTERM for a drain.
+func (c *Cluster) Signal(name string, sig syscall.Signal) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for _, ch := range c.children {
-		if ch.name == name {
-			return ch.cmd.Process.Kill()
-		}
+	ch := c.kids[name]
+	if ch == nil || ch.run == nil {
+		return fmt.Errorf("no child %q", name)
 	}
-	return fmt.Errorf("no child %q", name)
+	return ch.run.cmd.Process.Signal(sig)
+}
+
+// Kill stops one child abruptly (SIGKILL); the supervisor restarts it
+// unless NoRestart.
+func (c *Cluster) Kill(name string) error { return c.Signal(name, syscall.SIGKILL) }
+
+// Restart starts a child again that left or was killed with restarts off.
+func (c *Cluster) Restart(ctx context.Context, name string) error {
+	c.mu.Lock()
+	ch := c.kids[name]
+	c.mu.Unlock()
+	if ch == nil {
+		return fmt.Errorf("no child %q", name)
+	}
+	select {
+	case <-ch.run.done:
+	default:
+		return fmt.Errorf("%s is running", name)
+	}
+	return c.startAndWait(ctx, ch)
+}
+
+// Wait waits for a child's current process to exit and returns how.
+func (c *Cluster) Wait(ctx context.Context, name string) error {
+	c.mu.Lock()
+	ch := c.kids[name]
+	c.mu.Unlock()
+	if ch == nil {
+		return fmt.Errorf("no child %q", name)
+	}
+	select {
+	case <-ch.run.done:
+		return ch.run.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Close stops every child: SIGTERM in reverse start order (coordinator
-// first, expert nodes last), then SIGKILL for any still alive after 10 s.
+// first, expert nodes and the etcd child last), each given 10 s to drain
+// before SIGKILL; then the embedded etcd member, if any, stops.
 func (c *Cluster) Close() error {
 	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		return nil
+	}
 	c.closing = true
-	children := append([]*child(nil), c.children...)
+	close(c.stopped)
+	var kids []*child
+	for i := len(c.order) - 1; i >= 0; i-- {
+		kids = append(kids, c.kids[c.order[i]])
+	}
 	c.mu.Unlock()
-	for i := len(children) - 1; i >= 0; i-- {
-		ch := children[i]
-		_ = ch.cmd.Process.Signal(syscall.SIGTERM)
+	for _, ch := range kids {
+		p := ch.run
+		if p == nil {
+			continue
+		}
+		_ = p.cmd.Process.Signal(syscall.SIGCONT) // a stopped child cannot drain
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-ch.done:
+		case <-p.done:
 		case <-time.After(10 * time.Second):
-			_ = ch.cmd.Process.Kill()
-			<-ch.done
+			_ = p.cmd.Process.Kill()
+			<-p.done
 		}
 	}
+	c.wg.Wait()
+	if c.etcd != nil {
+		return c.etcd.Close()
+	}
 	return nil
+}
+
+func freePort() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+func cacheRoot(dir string) string {
+	if dir != "" {
+		return dir
+	}
+	base, err := os.UserCacheDir()
+	if err != nil {
+		base = os.TempDir()
+	}
+	return filepath.Join(base, "expertmesh")
 }
 
 // EnsureModel returns cfg.ModelDir, or generates cfg.Preset into the
@@ -277,15 +614,7 @@ func EnsureModel(cfg Config) (string, error) {
 	if !ok {
 		return "", fmt.Errorf("--preset %q: unknown (have %s)", cfg.Preset, strings.Join(model.PresetNames(), ", "))
 	}
-	root := cfg.CacheDir
-	if root == "" {
-		base, err := os.UserCacheDir()
-		if err != nil {
-			base = os.TempDir()
-		}
-		root = filepath.Join(base, "expertmesh")
-	}
-	dir := filepath.Join(root, p.Name)
+	dir := filepath.Join(cacheRoot(cfg.CacheDir), p.Name)
 	// A complete model has its index and tokenizer (an older or
 	// interrupted generation may lack them): regenerate otherwise.
 	complete := true

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 	"unicode/utf8"
 
 	"github.com/expertmesh/expertmesh/kernels"
@@ -86,6 +85,7 @@ func startCluster(t *testing.T, attn, experts int) *Cluster {
 	cfg := DefaultConfig()
 	cfg.Binary, cfg.ModelDir, cfg.AttnNodes, cfg.ExpertNodes, cfg.Addr = binary, modelDir, attn, experts, freeAddr(t)
 	cfg.AttnThreads, cfg.ExpertThreads = 1, 1
+	cfg.DataDir = t.TempDir()
 	log := &testLog{}
 	cfg.Log = log
 	c, err := Start(context.Background(), cfg)
@@ -235,50 +235,6 @@ func TestUpConcurrent(t *testing.T) {
 	wg.Wait()
 	for i, p := range reqs {
 		checkSame(t, fmt.Sprintf("request %d", i), got[i], engineResult(t, p, 6+i%5))
-	}
-}
-
-// TestExpertDeathGivesCleanError: killing an expert node mid-generation
-// ends the client's stream with an error, never a hang.
-func TestExpertDeathGivesCleanError(t *testing.T) {
-	c := startCluster(t, 1, 2)
-	body, _ := json.Marshal(map[string]any{"prompt": []int{1, 2, 3}, "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true})
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "POST", c.URL+"/v1/completions", bytes.NewReader(body))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	killed := false
-	sawError, sawDone := false, false
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "data: ") {
-			continue
-		}
-		if !killed {
-			// Generation is under way: take an expert node away.
-			if err := c.Kill("expert-1"); err != nil {
-				t.Fatal(err)
-			}
-			killed = true
-			continue
-		}
-		if strings.Contains(line, `"error"`) {
-			sawError = true
-		}
-		if line == "data: [DONE]" {
-			sawDone = true
-		}
-	}
-	if ctx.Err() != nil {
-		t.Fatal("stream hung after an expert node died")
-	}
-	if !sawError {
-		t.Fatalf("stream ended without an error event (done=%v)", sawDone)
 	}
 }
 
