@@ -166,8 +166,9 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	defer reg.Close(context.Background())
 	log.Info("coordinator registered", "id", *id, "epoch", epoch, "http", c.Addr())
 	// Follow the attention nodes: the coordinator drives whoever is a
-	// member, keyed by id.
-	fctx, stopFollow := context.WithCancel(ctx)
+	// member, keyed by id. Not under ctx: the nodes must stay driven while
+	// the coordinator drains after SIGTERM.
+	fctx, stopFollow := context.WithCancel(context.WithoutCancel(ctx))
 	followed := make(chan struct{})
 	go func() {
 		defer close(followed)

@@ -566,3 +566,85 @@ func waitNoLeak(t *testing.T, c *Cluster, name string) {
 		return ok1 && ok2 && total > 0 && free == total
 	})
 }
+
+// TestSupervisorRestartsChild: under `up`, a child killed with SIGKILL is
+// restarted under its id while the others keep serving; the restarted
+// expert node takes its experts back.
+func TestSupervisorRestartsChild(t *testing.T) {
+	c := startChaos(t, 1, 2, nil)
+	l := startLoad(t, c.URL)
+	l.warm(t)
+	from := time.Now()
+	if err := c.Kill("expert-1"); err != nil {
+		t.Fatal(err)
+	}
+	var restarted time.Time
+	for e := range c.Events() {
+		if e.Child == "expert-1" && e.Kind == "ready" && e.At.After(from) {
+			restarted = e.At
+			break
+		}
+	}
+	t.Logf("supervisor: expert-1 ready again %v after SIGKILL", restarted.Sub(from).Round(time.Millisecond))
+	took := waitServed(t, c, "expert-1", from)
+	t.Logf("supervisor: the restarted expert-1 served rows %v after SIGKILL", took.Round(time.Millisecond))
+	l.waitProgress(t, time.Now(), chaosStreams, time.Minute)
+	check(t, "child restarted", l.finish(), from, time.Now(), nil)
+	for _, ch := range c.Children() {
+		if ch.Name == "expert-1" && (ch.Restarts != 1 || !ch.Running) {
+			t.Fatalf("expert-1: %+v, want running after one restart", ch)
+		}
+	}
+}
+
+// TestSIGTERMDrains: SIGTERM drains every role instead of dropping
+// requests. An expert node leaves the placement first; an attention node
+// finishes its sequences; the coordinator finishes the requests it runs
+// and refuses new ones. Nothing in flight fails.
+func TestSIGTERMDrains(t *testing.T) {
+	c := startChaos(t, 2, 3, func(cfg *Config) { cfg.NoRestart = true })
+	l := startLoad(t, c.URL)
+	l.warm(t)
+	from := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, name := range []string{"expert-1", "attn-1"} {
+		if err := c.Signal(name, syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Wait(ctx, name); err != nil {
+			t.Fatalf("%s did not exit cleanly after SIGTERM: %v", name, err)
+		}
+		t.Logf("SIGTERM: %s drained and exited %v after the signal", name, time.Since(from).Round(time.Millisecond))
+		l.waitProgress(t, time.Now(), chaosStreams, time.Minute)
+	}
+	check(t, "expert and attention node drained", l.finish(), from, time.Now(), nil)
+
+	// The coordinator: requests it runs when SIGTERM arrives finish.
+	l = startLoad(t, c.URL)
+	l.warm(t)
+	from = time.Now()
+	if err := c.Signal("coordinator", syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Wait(ctx, "coordinator"); err != nil {
+		t.Fatalf("coordinator did not exit cleanly after SIGTERM: %v", err)
+	}
+	res := l.finish()
+	refused := 0
+	for _, r := range res {
+		switch {
+		case r.err == nil:
+		case r.status == http.StatusServiceUnavailable && strings.Contains(r.err.Error(), `"shutting_down"`),
+			r.status == 0 && r.start.After(from):
+			// Refused before admission with a plain 503 (no stream had
+			// begun), or sent after the listener closed.
+			refused++
+		default:
+			// Admitted (its stream began) and then failed: dropped.
+			t.Errorf("a request admitted before the drain failed: status %d: %v", r.status, r.err)
+		}
+	}
+	t.Logf("coordinator SIGTERM: every admitted request finished; %d were refused (503 before any stream byte, or after exit)", refused)
+	check(t, "coordinator drained", slices.DeleteFunc(res, func(r result) bool { return r.err != nil }), from, time.Now(), nil)
+}
