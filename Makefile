@@ -3,12 +3,22 @@ GO      ?= go
 BIN     ?= bin/expertmesh
 PKGS    ?= ./...
 
-.PHONY: all build test test-short race vet fmt bench bench-kernels fuzz fuzz-kernels proto asm check-generated clean
+ARGS    ?= --addr 127.0.0.1:8080
+
+.PHONY: all build up test test-short race vet fmt bench bench-kernels fuzz fuzz-kernels proto asm check-generated clean
 
 all: build
 
 build:
 	$(GO) build -o $(BIN) ./cmd/expertmesh
+
+# The README's main command: build (printing each package as it compiles,
+# so a first build that takes minutes shows progress), then a local
+# cluster. Flags pass through ARGS.
+up:
+	@echo "building $(BIN); the first build downloads and compiles every dependency (a few minutes):"
+	$(GO) build -v -o $(BIN) ./cmd/expertmesh
+	$(BIN) up $(ARGS)
 
 # The README's test command. -count=1 so results are never cached.
 test:
@@ -34,6 +44,11 @@ bench-kernels: build
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 30s ./model/safetensors/
 	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzDataset -fuzztime 30s ./bench/
+	$(GO) test -run '^$$' -fuzz FuzzPlan -fuzztime 30s ./placement/
+	$(GO) test -run '^$$' -fuzz FuzzParseSet -fuzztime 30s ./placement/
+	$(GO) test -run '^$$' -fuzz FuzzParseCompletion -fuzztime 30s ./coordinator/
+	$(GO) test -run '^$$' -fuzz FuzzDispatchValidation -fuzztime 30s ./expertnode/
 
 # Short fuzzing passes of every SIMD kernel against its plain version.
 fuzz-kernels:

@@ -145,3 +145,27 @@ func TestTableJSON(t *testing.T) {
 		t.Fatalf("incomplete table decoded: %v", err)
 	}
 }
+
+// FuzzParseSet: any spec either parses into a set that renders back to
+// itself, or fails with ErrPlacement; it never panics.
+func FuzzParseSet(f *testing.F) {
+	for _, s := range []string{"", "all", "0-9", "1:all,2:0-9", "1-2:5", " 1:0-3 , 2:4-7", "9999999999:0", "1:-", ",,", "1:2:3"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, spec string) {
+		s, err := ParseSet(v2shape, spec)
+		if err != nil {
+			if !errors.Is(err, ErrPlacement) {
+				t.Fatalf("%q: error %v does not wrap ErrPlacement", spec, err)
+			}
+			return
+		}
+		back, err := ParseSet(v2shape, s.String())
+		if err != nil || back.String() != s.String() {
+			t.Fatalf("%q: %q does not round-trip: %v", spec, s.String(), err)
+		}
+		if CheckSyntax(spec) != nil {
+			t.Fatalf("%q parses but CheckSyntax refuses it", spec)
+		}
+	})
+}
