@@ -13,6 +13,7 @@ import (
 
 // Nodes joining together make one version.
 func TestControllerDebounce(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 30*time.Second)
 	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
 	s := connect(t, ctx, e.ClientAddr())
@@ -22,7 +23,7 @@ func TestControllerDebounce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctrl, err := StartController(ctx, s, ControllerConfig{Shape: shape, Epoch: epoch, Debounce: time.Second, Logger: testLogger(t)})
+	ctrl, err := StartController(ctx, s, ControllerConfig{Shape: shape, Epoch: epoch, Debounce: 2 * time.Second, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,6 +55,7 @@ func (b blockingHolder) Hold(ctx context.Context, s placement.Set) error {
 // A target naming a node that dies before it is ready is never
 // activated: the next plan supersedes it and it is collected.
 func TestControllerSupersedesDeadTarget(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 30*time.Second)
 	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
 	addr := e.ClientAddr()

@@ -349,6 +349,7 @@ func settled(t *testing.T, ctx context.Context, c *Controller, views []*AttnView
 }
 
 func TestPlacementEndToEnd(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 60*time.Second)
 	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
 	addr := e.ClientAddr()

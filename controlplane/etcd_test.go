@@ -36,6 +36,7 @@ func freePorts(t testing.TB, n int) []int {
 // A static three-member cluster starts (its members concurrently, as a
 // quorum needs) and serves a put on one member and a get on another.
 func TestEtcdStaticCluster(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 40*time.Second)
 	ports := freePorts(t, 6)
 	var initial []string
@@ -129,8 +130,9 @@ func TestEtcdConfigValidate(t *testing.T) {
 // when its watch revision is compacted away) and across an etcd restart
 // on an empty data directory (the revision goes backwards).
 func TestWatcherResyncs(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 30*time.Second)
-	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
+	e := startEtcd(t, ctx, t.TempDir(), restartablePort(t))
 	addr := e.ClientAddr()
 	s := connect(t, ctx, addr)
 	k := s.Keys()

@@ -98,6 +98,7 @@ func describeKeys(t *testing.T, ctx context.Context, s *Store, shape placement.S
 // compares every key it leaves with testdata/keys.golden: the layout
 // documented in doc.go.
 func TestKeyLayout(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 30*time.Second)
 	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
 	s := connect(t, ctx, e.ClientAddr())

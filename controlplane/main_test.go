@@ -3,9 +3,12 @@ package controlplane
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"maps"
+	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -67,6 +70,23 @@ func startEtcd(t testing.TB, ctx context.Context, dir, clientAddr string) *Etcd 
 		t.Fatalf("etcd not ready: %v", err)
 	}
 	return e
+}
+
+// restartablePort returns a free loopback address outside the kernel's
+// ephemeral port range, for an etcd that a test stops and starts again on
+// the same address: while it is down, no outgoing connection or port-0
+// listener of a parallel test can take the port.
+func restartablePort(t testing.TB) string {
+	t.Helper()
+	for range 100 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 20000+rand.N(12000))
+		if l, err := net.Listen("tcp", addr); err == nil {
+			l.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free port in 20000-31999")
+	return ""
 }
 
 // connect opens a store on addr, closed when the test ends.

@@ -123,7 +123,7 @@ func TestRegistrationExpiresWhenProcessDies(t *testing.T) {
 	})
 	gone := time.Since(died)
 	t.Logf("member key gone %v after the process died (TTL 2s)", gone.Round(10*time.Millisecond))
-	if gone > 4*time.Second {
+	if gone > 6*time.Second {
 		t.Errorf("member key lived %v after its keepalives stopped, TTL 2s", gone)
 	}
 	if err := r.Close(ctx); err != nil {
@@ -215,7 +215,7 @@ func TestRegistrationSurvivesEtcdRestart(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t, 60*time.Second)
 	dir := t.TempDir()
-	e := startEtcd(t, ctx, dir, "127.0.0.1:0")
+	e := startEtcd(t, ctx, dir, restartablePort(t))
 	addr := e.ClientAddr()
 	s := connect(t, ctx, addr)
 	k := s.Keys()
@@ -287,8 +287,9 @@ func mustSnapshot(t testing.TB, ctx context.Context, s *Store) Snapshot {
 // registration notices (its lease is unknown) and writes itself, its
 // owned keys and the model identity again.
 func TestReregisterAfterEtcdWiped(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 40*time.Second)
-	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
+	e := startEtcd(t, ctx, t.TempDir(), restartablePort(t))
 	addr := e.ClientAddr()
 	s := connect(t, ctx, addr)
 	k := s.Keys()

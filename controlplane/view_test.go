@@ -89,6 +89,7 @@ func TestAttnViewRoutingAndInUse(t *testing.T) {
 }
 
 func TestAttnViewCoordinators(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t, 30*time.Second)
 	e := startEtcd(t, ctx, t.TempDir(), "127.0.0.1:0")
 	shape := tinyShape(t)
