@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -196,11 +197,13 @@ func (c *Cluster) launch(ctx context.Context, dir string) error {
 	case cfg.Etcd != "":
 		c.EtcdEndpoints = cfg.Etcd
 	case cfg.EtcdChild:
-		addr, err := freePort()
+		// Restarted on the same ports: pick them where no outgoing
+		// connection or port-0 listener can take them while it is down.
+		addr, err := restartablePort()
 		if err != nil {
 			return err
 		}
-		peer, err := freePort()
+		peer, err := restartablePort()
 		if err != nil {
 			return err
 		}
@@ -591,6 +594,28 @@ func freePort() (string, error) {
 	}
 	defer l.Close()
 	return l.Addr().String(), nil
+}
+
+// restartablePort returns a free loopback address below the kernel's
+// ephemeral port range (Linux's default starts at 32768), for a child
+// that is stopped and started again on the same address.
+func restartablePort() (string, error) {
+	lo := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if v, err := strconv.Atoi(f[0]); err == nil && v > 11000 {
+				lo = v
+			}
+		}
+	}
+	for range 200 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 10000+rand.IntN(lo-10000))
+		if l, err := net.Listen("tcp", addr); err == nil {
+			l.Close()
+			return addr, nil
+		}
+	}
+	return "", fmt.Errorf("no free port below %d", lo)
 }
 
 func cacheRoot(dir string) string {
