@@ -573,3 +573,55 @@ func TestInvalidArgumentIsNotRetried(t *testing.T) {
 	}
 	t.Logf("%v: %s", took, resp.Message)
 }
+
+// reported is a testView that signals every InUse report.
+type reported struct {
+	*testView
+	ch chan [2]uint64
+}
+
+func (r *reported) InUse(oldest, newest uint64) {
+	r.testView.InUse(oldest, newest)
+	r.ch <- [2]uint64{oldest, newest}
+}
+
+// TestIdleNodeAcknowledgesNewRouting: with no step running, a new
+// Routing is reported in use at once, so expert nodes can drop what the
+// old version assigned them without waiting for traffic.
+func TestIdleNodeAcknowledgesNewRouting(t *testing.T) {
+	shape := placement.Shape{Layers: 2, Experts: 4, Groups: 1, MoELayers: []int{1}}
+	table := func(v uint64) *placement.Routing {
+		tb, err := placement.ParseSpec(shape, "a=all")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tb.Version = v
+		return &placement.Routing{Table: tb, Addrs: []string{"127.0.0.1:1"}}
+	}
+	v := &reported{testView: newTestView(table(1)), ch: make(chan [2]uint64, 8)}
+	r := NewRemoteExperts(v, 8, RemoteConfig{})
+	defer r.Close()
+	if got := <-v.ch; got != [2]uint64{1, 1} {
+		t.Fatalf("first report %v, want [1 1]", got)
+	}
+	v.set(table(2))
+	select {
+	case got := <-v.ch:
+		if got != [2]uint64{2, 2} {
+			t.Fatalf("after the new routing: %v, want [2 2]", got)
+		}
+	case <-time.After(10 * time.Second): // a missing report, not a slow one
+		t.Fatal("an idle node never acknowledged the new routing")
+	}
+	// While a step runs on version 2, a new routing is not acknowledged
+	// (the step still dispatches by 2); the step's end reports it.
+	p := r.beginStep()
+	v.set(table(3))
+	if o, n := v.inUse(); o != 2 || n != 2 {
+		t.Fatalf("during the step: in use %d..%d, want 2..2", o, n)
+	}
+	r.endStep(p)
+	if got := <-v.ch; got != [2]uint64{3, 3} {
+		t.Fatalf("after the step: %v, want [3 3]", got)
+	}
+}

@@ -128,6 +128,7 @@ type RemoteExperts struct {
 		sync.Mutex
 		oldest, newest uint64
 		reported       bool
+		running        int // steps between beginStep and endStep
 	}
 }
 
@@ -150,7 +151,40 @@ func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *Remote
 	r.tracer = tp.Tracer(tracerName)
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	r.mu.conns = map[string]*expertConn{}
+	r.wg.Add(1)
+	go r.acknowledge()
 	return r
+}
+
+// acknowledge reports a new Routing as in use while no step runs: an
+// idle node would otherwise keep reporting the version its last step
+// used, and expert nodes could never drop what that version assigned
+// them (a drain would wait for traffic). A running step reports at its
+// end instead.
+func (r *RemoteExperts) acknowledge() {
+	defer r.wg.Done()
+	for {
+		rt, ch := r.view.Routing()
+		if rt != nil {
+			r.ackIdle(rt.Table.Version)
+		}
+		select {
+		case <-ch:
+		case <-r.ctx.Done():
+			return
+		}
+	}
+}
+
+// ackIdle reports (v, v) unless a step runs or a newer pair was reported.
+func (r *RemoteExperts) ackIdle(v uint64) {
+	r.use.Lock()
+	defer r.use.Unlock()
+	if r.use.running > 0 || (r.use.reported && (r.use.newest > v || (r.use.oldest == v && r.use.newest == v))) {
+		return
+	}
+	r.use.oldest, r.use.newest, r.use.reported = v, v, true
+	r.view.InUse(v, v)
 }
 
 // Close fails every dispatch still waiting, tears down every stream and
@@ -222,6 +256,9 @@ type pinKey struct{}
 func (r *RemoteExperts) beginStep() *stepPin {
 	rt, _ := r.view.Routing()
 	p := &stepPin{r: r, rt: rt, first: rt.Table.Version}
+	r.use.Lock()
+	r.use.running++
+	r.use.Unlock()
 	r.reportInUse(p.first, p.first)
 	return p
 }
@@ -233,6 +270,9 @@ func (r *RemoteExperts) endStep(p *stepPin) uint64 {
 	v := p.routing().Table.Version
 	latest, _ := r.view.Routing()
 	lv := max(latest.Table.Version, v)
+	r.use.Lock()
+	r.use.running--
+	r.use.Unlock()
 	r.reportInUse(lv, lv)
 	return v
 }

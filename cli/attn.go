@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -60,7 +61,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	late := &lateView{}
+	late := newLateView()
 	switch {
 	case *spec != "":
 		t, err := placement.ParseSpec(shape, *spec)
@@ -161,18 +162,26 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 // lateView is the attention node's placement.View before etcd is joined:
 // the node starts (loading weights) while it registers, and takes no step
 // until its view has a routing (the coordinator drives it only once it
-// turns serving).
+// turns serving). Until then Routing is nil, with a channel closed once
+// the view is set.
 type lateView struct {
-	v atomic.Pointer[controlplane.AttnView]
+	v     atomic.Pointer[controlplane.AttnView]
+	once  sync.Once
+	ready chan struct{}
 }
 
-func (l *lateView) set(v *controlplane.AttnView) { l.v.Store(v) }
+func newLateView() *lateView { return &lateView{ready: make(chan struct{})} }
+
+func (l *lateView) set(v *controlplane.AttnView) {
+	l.v.Store(v)
+	l.once.Do(func() { close(l.ready) })
+}
 
 func (l *lateView) Routing() (*placement.Routing, <-chan struct{}) {
 	if v := l.v.Load(); v != nil {
 		return v.Routing()
 	}
-	panic("attention node stepped before it joined the placement")
+	return nil, l.ready
 }
 
 func (l *lateView) InUse(oldest, newest uint64) {

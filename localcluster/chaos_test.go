@@ -648,3 +648,24 @@ func TestSIGTERMDrains(t *testing.T) {
 	t.Logf("coordinator SIGTERM: every admitted request finished; %d were refused (503 before any stream byte, or after exit)", refused)
 	check(t, "coordinator drained", slices.DeleteFunc(res, func(r result) bool { return r.err != nil }), from, time.Now(), nil)
 }
+
+// TestDrainIdleCluster: a drain completes without traffic: the idle
+// attention node acknowledges the new placement by itself.
+func TestDrainIdleCluster(t *testing.T) {
+	c := startChaos(t, 1, 2, nil)
+	from := time.Now()
+	expertmesh(t, c, "placement", "drain", "expert-0")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.Wait(ctx, "expert-0"); err != nil {
+		t.Fatalf("drained node did not exit cleanly: %v", err)
+	}
+	t.Logf("idle drain: expert-0 left %v after the command", time.Since(from).Round(time.Millisecond))
+	l := &load{url: c.URL, firstToken: make(chan struct{})}
+	if r := l.one(chaosPrompts()[0]); r.err != nil {
+		t.Fatalf("a request after the drain: %d %v", r.status, r.err)
+	}
+	if got := clusterJSON(t, c); got["control_plane"] == nil {
+		t.Fatalf("/v1/cluster without the control plane: %v", got)
+	}
+}
