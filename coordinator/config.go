@@ -2,9 +2,12 @@ package coordinator
 
 import (
 	"context"
+
 	"fmt"
 	"log/slog"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Config configures a coordinator. Field comments name the flag of
@@ -53,6 +56,9 @@ type Config struct {
 	// Cluster, if set, supplies the control plane's view (expert
 	// placement, members) for GET /v1/cluster.
 	Cluster func(ctx context.Context) (any, error)
+	// Collectors are registered beside the coordinator's own metrics on
+	// its /metrics (the placement controller's, for one).
+	Collectors []prometheus.Collector
 }
 
 // DefaultConfig returns a configuration for one machine.

@@ -147,6 +147,12 @@ func Start(ctx context.Context, cfg Config, nodes map[string]AttentionNode) (*Co
 	if c.log == nil {
 		c.log = slog.Default()
 	}
+	for _, col := range cfg.Collectors {
+		if err := c.metrics.reg.Register(col); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("registering a metrics collector: %w", err)
+		}
+	}
 	// Sequence ids carry the epoch in their high half, so they are unique
 	// across coordinator lifetimes.
 	c.nextID.Store(cfg.Epoch << 32)
