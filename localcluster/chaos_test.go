@@ -221,10 +221,11 @@ func check(t *testing.T, what string, res []result, from, to time.Time, allowFai
 	t.Helper()
 	ref := reference(t)
 	var before, during []time.Duration
-	failed := 0
+	failed, excused := 0, 0
 	for _, r := range res {
 		if r.err != nil {
 			if allowFail != nil && allowFail(r) {
+				excused++
 				continue
 			}
 			failed++
@@ -256,8 +257,8 @@ func check(t *testing.T, what string, res []result, from, to time.Time, allowFai
 	if len(during) > 0 {
 		worst = during[len(during)-1]
 	}
-	t.Logf("%s: %d requests, %d failed; median latency before %v; worst request overlapping the event %v (added %v)",
-		what, len(res), failed, med.Round(time.Millisecond), worst.Round(time.Millisecond), (worst - med).Round(time.Millisecond))
+	t.Logf("%s: %d requests, %d failed (%d more allowed to); median latency before %v; worst request overlapping the event %v (added %v)",
+		what, len(res), failed, excused, med.Round(time.Millisecond), worst.Round(time.Millisecond), (worst - med).Round(time.Millisecond))
 }
 
 func startChaos(t *testing.T, attn, experts int, mod func(*Config)) *Cluster {
