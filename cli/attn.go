@@ -42,6 +42,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	spec := fs.String("placement", "", `fixed expert placement without etcd: "ADDR=EXPERTS;ADDR=EXPERTS" in --experts' grammar; empty (and no --etcd): all experts in-process`)
 	grace := fs.Duration("drain-timeout", 60*time.Second, "on SIGTERM, how long running sequences may take to finish before the node leaves (the coordinator re-prefills the rest elsewhere)")
 	cp := addControlPlaneFlags(fs)
+	advertise := fs.String("advertise-addr", "", "with --etcd: the host:port other nodes dial (default: --listen's, with 0.0.0.0 replaced by this host's address; in Kubernetes $(POD_IP):PORT)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -107,7 +108,11 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return err
 		}
-		m := controlplane.Member{ID: cfg.NodeID, Role: controlplane.RoleAttn, Addr: s.Addr(), Model: mid,
+		adv, err := advertised(*advertise, s.Addr())
+		if err != nil {
+			return err
+		}
+		m := controlplane.Member{ID: cfg.NodeID, Role: controlplane.RoleAttn, Addr: adv, Model: mid,
 			BuildVersion: controlplane.BuildVersion(), State: controlplane.StateStarting, Started: time.Now(),
 			CacheBlocks: int(info.TotalBlocks), BlockSize: int(info.BlockSize)}
 		if o != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"time"
 
 	"github.com/expertmesh/expertmesh/controlplane"
@@ -80,4 +81,34 @@ func nodeID(flagValue string, role controlplane.Role, listen string) string {
 		return controlplane.DefaultNodeID(role, port)
 	}
 	return ""
+}
+
+// advertised is the address other nodes dial to reach a server listening
+// on listen: --advertise-addr when given; otherwise listen itself, with an
+// unspecified host (0.0.0.0, ::) replaced by this host's first
+// non-loopback address, since nobody can dial "[::]:7000".
+func advertised(flagValue, listen string) (string, error) {
+	if flagValue != "" {
+		if _, _, err := net.SplitHostPort(flagValue); err != nil {
+			return "", fmt.Errorf("--advertise-addr %q: want host:port: %v", flagValue, err)
+		}
+		return flagValue, nil
+	}
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "", err
+	}
+	if ip := net.ParseIP(host); host != "" && (ip == nil || !ip.IsUnspecified()) {
+		return listen, nil
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return "", fmt.Errorf("listening on %s: finding an address to advertise: %v (set --advertise-addr)", listen, err)
+	}
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok && !ipn.IP.IsLoopback() && ipn.IP.To4() != nil {
+			return net.JoinHostPort(ipn.IP.String(), port), nil
+		}
+	}
+	return net.JoinHostPort("127.0.0.1", port), nil
 }

@@ -111,6 +111,7 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	id := fs.String("node-id", "", "stable coordinator id (default HOSTNAME-coordinator-PORT)")
 	redundant := fs.Int("redundant-experts", 0, "extra replicas per MoE layer the placement may give the hottest experts")
 	grace := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may take to finish")
+	advertise := fs.String("advertise-addr", "", "the HTTP host:port recorded in membership (default: --addr's, with 0.0.0.0 replaced by this host's address)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -156,8 +157,13 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	if *id == "" {
 		*id = nodeID("", controlplane.RoleCoordinator, c.Addr())
 	}
+	httpAdv, err := advertised(*advertise, c.Addr())
+	if err != nil {
+		c.Close()
+		return err
+	}
 	reg, err := controlplane.Register(ctx, store, controlplane.Member{ID: *id, Role: controlplane.RoleCoordinator,
-		HTTPAddr: c.Addr(), Model: mid, BuildVersion: controlplane.BuildVersion(), State: controlplane.StateServing,
+		HTTPAddr: httpAdv, Model: mid, BuildVersion: controlplane.BuildVersion(), State: controlplane.StateServing,
 		Epoch: epoch, Started: time.Now()}, cp.leaseTTL)
 	if err != nil {
 		c.Close()

@@ -44,6 +44,7 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	leaveTimeout := fs.Duration("leave-timeout", 60*time.Second, "with --etcd, on SIGTERM: how long to wait for the placement to move this node's experts elsewhere before it stops anyway")
 	slots := fs.Int("expert-slots", 0, "with --etcd: the most routed experts (over all layers) this node may hold (0: any number)")
 	cp := addControlPlaneFlags(fs)
+	advertise := fs.String("advertise-addr", "", "with --etcd: the host:port attention nodes dial (default: --listen's, with 0.0.0.0 replaced by this host's address; in Kubernetes $(POD_IP):PORT)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -119,7 +120,12 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			// No --node-id and a port picked at start: name the node by it.
 			id = controlplane.DefaultNodeID(controlplane.RoleExpert, controlplane.PortOf(node.Addr()))
 		}
-		m := controlplane.Member{ID: id, Role: controlplane.RoleExpert, Addr: node.Addr(), Model: mid,
+		adv, err := advertised(*advertise, node.Addr())
+		if err != nil {
+			node.Close()
+			return err
+		}
+		m := controlplane.Member{ID: id, Role: controlplane.RoleExpert, Addr: adv, Model: mid,
 			BuildVersion: controlplane.BuildVersion(), State: controlplane.StateServing, Started: time.Now(), ExpertSlots: *slots}
 		if *opsAddr != "" {
 			m.OpsAddr = *opsAddr
