@@ -773,16 +773,34 @@ type SeqWork struct {
 	Sample bool `protobuf:"varint,4,opt,name=sample,proto3" json:"sample,omitempty"`
 	// Set on the creating chunk only:
 	Sampling *SamplingParams `protobuf:"bytes,5,opt,name=sampling,proto3" json:"sampling,omitempty"`
-	// reserve_tokens is the most tokens the sequence will hold (prompt +
-	// max_tokens); the node reserves cache for it up front so a running
-	// sequence never runs out of blocks.
+	// reserve_tokens is the most positions the sequence may ever hold
+	// (prompt + max_tokens); the node refuses work beyond it and a value
+	// beyond max_position_embeddings. Despite the name (kept for
+	// compatibility) nothing is reserved: blocks are taken as the sequence
+	// grows (see AttentionService.Step).
 	ReserveTokens uint32 `protobuf:"varint,6,opt,name=reserve_tokens,json=reserveTokens,proto3" json:"reserve_tokens,omitempty"`
 	// logprobs: number of top alternatives to report (-1: none, 0: only the
 	// chosen token's logprob).
 	Logprobs int32 `protobuf:"varint,7,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
 	// echo_logprobs: also report logprobs of these tokens themselves (the
 	// prompt positions of an echo request).
-	EchoLogprobs  bool `protobuf:"varint,8,opt,name=echo_logprobs,json=echoLogprobs,proto3" json:"echo_logprobs,omitempty"`
+	EchoLogprobs bool `protobuf:"varint,8,opt,name=echo_logprobs,json=echoLogprobs,proto3" json:"echo_logprobs,omitempty"`
+	// Set on the creating chunk only:
+	// generated is how many tokens the sequence sampled before it was
+	// (re-)created: a sequence rebuilt after its node failed, or preempted
+	// and re-prefilled, is created again with its prompt and generated
+	// tokens. Its sampler skips that many random draws (one per sampled
+	// token), so a seeded sequence continues its random stream exactly,
+	// and min_tokens counts them.
+	Generated uint32 `protobuf:"varint,9,opt,name=generated,proto3" json:"generated,omitempty"`
+	// min_tokens: while fewer tokens than this have been sampled, the node
+	// never samples stop_ids (their logits count as -inf for sampling;
+	// reported logprobs are the model's, unmasked). vLLM's min_tokens.
+	MinTokens uint32 `protobuf:"varint,10,opt,name=min_tokens,json=minTokens,proto3" json:"min_tokens,omitempty"`
+	// stop_ids are the sequence's stop tokens (EOS unless ignore_eos, plus
+	// stop_token_ids). The node only suppresses them under min_tokens; the
+	// coordinator ends the sequence when one is sampled.
+	StopIds       []int32 `protobuf:"varint,11,rep,packed,name=stop_ids,json=stopIds,proto3" json:"stop_ids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -871,6 +889,27 @@ func (x *SeqWork) GetEchoLogprobs() bool {
 		return x.EchoLogprobs
 	}
 	return false
+}
+
+func (x *SeqWork) GetGenerated() uint32 {
+	if x != nil {
+		return x.Generated
+	}
+	return 0
+}
+
+func (x *SeqWork) GetMinTokens() uint32 {
+	if x != nil {
+		return x.MinTokens
+	}
+	return 0
+}
+
+func (x *SeqWork) GetStopIds() []int32 {
+	if x != nil {
+		return x.StopIds
+	}
+	return nil
 }
 
 type StepRequest struct {
@@ -1074,11 +1113,19 @@ type SeqResult struct {
 	// (the logprob of that token given what precedes it); a sequence's very
 	// first token has none and is reported with logprob 0 and no alternatives.
 	PromptLogprobs []*TokenLogprob `protobuf:"bytes,5,rep,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"`
-	// code / message report a per-sequence failure (e.g. RESOURCE_EXHAUSTED
-	// when the cache cannot hold reserve_tokens); the rest of the step is
-	// unaffected.
-	Code          int32  `protobuf:"varint,6,opt,name=code,proto3" json:"code,omitempty"`
-	Message       string `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
+	// code / message report a per-sequence failure; nothing of this work
+	// was applied (a sequence it would have created does not exist, an
+	// existing one is as before) and the rest of the step is unaffected.
+	// RESOURCE_EXHAUSTED: the cache could not grow the sequence by the
+	// blocks this work needs (the coordinator's view of free blocks was
+	// optimistic): send it again, or preempt the sequence.
+	// INVALID_ARGUMENT, NOT_FOUND: the work does not match the node's state.
+	Code    int32  `protobuf:"varint,6,opt,name=code,proto3" json:"code,omitempty"`
+	Message string `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
+	// cached_tokens is how many of this work's tokens the node took from
+	// its prefix cache instead of computing them (0 without prefix
+	// caching). They are held positions like computed ones.
+	CachedTokens  uint32 `protobuf:"varint,8,opt,name=cached_tokens,json=cachedTokens,proto3" json:"cached_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1162,6 +1209,13 @@ func (x *SeqResult) GetMessage() string {
 	return ""
 }
 
+func (x *SeqResult) GetCachedTokens() uint32 {
+	if x != nil {
+		return x.CachedTokens
+	}
+	return 0
+}
+
 type StepResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Step  uint64                 `protobuf:"varint,1,opt,name=step,proto3" json:"step,omitempty"`
@@ -1170,7 +1224,8 @@ type StepResponse struct {
 	// free_blocks and total_blocks are the node's cache after this step
 	// (its releases and new sequences applied): the coordinator's count of
 	// a node's free blocks is reset from every answer, so it can never
-	// drift.
+	// drift. Free blocks include cached_blocks: prefix-cache blocks no
+	// sequence holds, evicted when a sequence needs a block.
 	FreeBlocks  uint32 `protobuf:"varint,3,opt,name=free_blocks,json=freeBlocks,proto3" json:"free_blocks,omitempty"`
 	TotalBlocks uint32 `protobuf:"varint,4,opt,name=total_blocks,json=totalBlocks,proto3" json:"total_blocks,omitempty"`
 	// code / message report a whole-step failure (google.rpc.Code): nothing
@@ -1184,8 +1239,10 @@ type StepResponse struct {
 	// placement_version is the newest expert placement version the step
 	// dispatched by.
 	PlacementVersion uint64 `protobuf:"varint,7,opt,name=placement_version,json=placementVersion,proto3" json:"placement_version,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// cached_blocks: of free_blocks, those holding prefix-cache content.
+	CachedBlocks  uint32 `protobuf:"varint,8,opt,name=cached_blocks,json=cachedBlocks,proto3" json:"cached_blocks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StepResponse) Reset() {
@@ -1267,6 +1324,13 @@ func (x *StepResponse) GetPlacementVersion() uint64 {
 	return 0
 }
 
+func (x *StepResponse) GetCachedBlocks() uint32 {
+	if x != nil {
+		return x.CachedBlocks
+	}
+	return 0
+}
+
 type InfoRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// epoch fences older coordinators as a StepRequest's does (0: none).
@@ -1324,7 +1388,12 @@ type NodeInfo struct {
 	// epoch is the newest coordinator epoch the node has seen.
 	Epoch uint64 `protobuf:"varint,8,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// draining: the node is shutting down and takes no new sequences.
-	Draining      bool `protobuf:"varint,9,opt,name=draining,proto3" json:"draining,omitempty"`
+	Draining bool `protobuf:"varint,9,opt,name=draining,proto3" json:"draining,omitempty"`
+	// prefix_caching: the node shares full cache blocks between sequences
+	// with the same token prefix (see AttentionService.Step).
+	PrefixCaching bool `protobuf:"varint,10,opt,name=prefix_caching,json=prefixCaching,proto3" json:"prefix_caching,omitempty"`
+	// cached_blocks: of free_blocks, those holding prefix-cache content.
+	CachedBlocks  uint32 `protobuf:"varint,11,opt,name=cached_blocks,json=cachedBlocks,proto3" json:"cached_blocks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1422,6 +1491,20 @@ func (x *NodeInfo) GetDraining() bool {
 	return false
 }
 
+func (x *NodeInfo) GetPrefixCaching() bool {
+	if x != nil {
+		return x.PrefixCaching
+	}
+	return false
+}
+
+func (x *NodeInfo) GetCachedBlocks() uint32 {
+	if x != nil {
+		return x.CachedBlocks
+	}
+	return 0
+}
+
 var File_expertmesh_proto protoreflect.FileDescriptor
 
 const file_expertmesh_proto_rawDesc = "" +
@@ -1477,7 +1560,7 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\vtemperature\x18\x01 \x01(\x01R\vtemperature\x12\x13\n" +
 	"\x05top_k\x18\x02 \x01(\x05R\x04topK\x12\x13\n" +
 	"\x05top_p\x18\x03 \x01(\x01R\x04topP\x12\x12\n" +
-	"\x04seed\x18\x04 \x01(\x04R\x04seed\"\x94\x02\n" +
+	"\x04seed\x18\x04 \x01(\x04R\x04seed\"\xf0\x02\n" +
 	"\aSeqWork\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x1a\n" +
 	"\x06tokens\x18\x02 \x03(\x05B\x02\x10\x01R\x06tokens\x12\x1b\n" +
@@ -1486,7 +1569,12 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\bsampling\x18\x05 \x01(\v2\x1d.expertmesh.v1.SamplingParamsR\bsampling\x12%\n" +
 	"\x0ereserve_tokens\x18\x06 \x01(\rR\rreserveTokens\x12\x1a\n" +
 	"\blogprobs\x18\a \x01(\x05R\blogprobs\x12#\n" +
-	"\recho_logprobs\x18\b \x01(\bR\fechoLogprobs\"\x81\x01\n" +
+	"\recho_logprobs\x18\b \x01(\bR\fechoLogprobs\x12\x1c\n" +
+	"\tgenerated\x18\t \x01(\rR\tgenerated\x12\x1d\n" +
+	"\n" +
+	"min_tokens\x18\n" +
+	" \x01(\rR\tminTokens\x12\x1d\n" +
+	"\bstop_ids\x18\v \x03(\x05B\x02\x10\x01R\astopIds\"\x81\x01\n" +
 	"\vStepRequest\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x12*\n" +
 	"\x04work\x18\x02 \x03(\v2\x16.expertmesh.v1.SeqWorkR\x04work\x12\x1c\n" +
@@ -1499,7 +1587,7 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\fTokenLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\x05R\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12+\n" +
-	"\x03top\x18\x03 \x03(\v2\x19.expertmesh.v1.TopLogprobR\x03top\"\xfd\x01\n" +
+	"\x03top\x18\x03 \x03(\v2\x19.expertmesh.v1.TopLogprobR\x03top\"\xa2\x02\n" +
 	"\tSeqResult\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\x05R\x05token\x12\x18\n" +
@@ -1507,7 +1595,8 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\alogprob\x18\x04 \x01(\v2\x1b.expertmesh.v1.TokenLogprobR\alogprob\x12D\n" +
 	"\x0fprompt_logprobs\x18\x05 \x03(\v2\x1b.expertmesh.v1.TokenLogprobR\x0epromptLogprobs\x12\x12\n" +
 	"\x04code\x18\x06 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\a \x01(\tR\amessage\"\xf5\x01\n" +
+	"\amessage\x18\a \x01(\tR\amessage\x12#\n" +
+	"\rcached_tokens\x18\b \x01(\rR\fcachedTokens\"\x9a\x02\n" +
 	"\fStepResponse\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x122\n" +
 	"\aresults\x18\x02 \x03(\v2\x18.expertmesh.v1.SeqResultR\aresults\x12\x1f\n" +
@@ -1516,9 +1605,10 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\ftotal_blocks\x18\x04 \x01(\rR\vtotalBlocks\x12\x12\n" +
 	"\x04code\x18\x05 \x01(\x05R\x04code\x12\x18\n" +
 	"\amessage\x18\x06 \x01(\tR\amessage\x12+\n" +
-	"\x11placement_version\x18\a \x01(\x04R\x10placementVersion\"#\n" +
+	"\x11placement_version\x18\a \x01(\x04R\x10placementVersion\x12#\n" +
+	"\rcached_blocks\x18\b \x01(\rR\fcachedBlocks\"#\n" +
 	"\vInfoRequest\x12\x14\n" +
-	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"\xba\x02\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"\x86\x03\n" +
 	"\bNodeInfo\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
 	"\n" +
@@ -1531,7 +1621,10 @@ const file_expertmesh_proto_rawDesc = "" +
 	"vocab_size\x18\x06 \x01(\rR\tvocabSize\x126\n" +
 	"\x17max_position_embeddings\x18\a \x01(\rR\x15maxPositionEmbeddings\x12\x14\n" +
 	"\x05epoch\x18\b \x01(\x04R\x05epoch\x12\x1a\n" +
-	"\bdraining\x18\t \x01(\bR\bdraining*=\n" +
+	"\bdraining\x18\t \x01(\bR\bdraining\x12%\n" +
+	"\x0eprefix_caching\x18\n" +
+	" \x01(\bR\rprefixCaching\x12#\n" +
+	"\rcached_blocks\x18\v \x01(\rR\fcachedBlocks*=\n" +
 	"\x05DType\x12\x15\n" +
 	"\x11DTYPE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDTYPE_F32\x10\x01\x12\x0e\n" +

@@ -301,6 +301,33 @@ type AttentionServiceClient interface {
 	// budget), the response carries a non-zero code, no sequence advanced,
 	// sequences the step would have created do not exist, and the
 	// coordinator may send the same work again. The stream stays open.
+	//
+	// Cache blocks are taken on demand: a sequence holds the blocks its
+	// positions need, and a work item grows it by the blocks its tokens
+	// need (none reserved up front). The coordinator plans every step
+	// within its view of the node's free blocks, which it resets from each
+	// answer's free_blocks: it sends growth only where it expects blocks,
+	// and when it expects none it preempts (releases in the same step, to
+	// re-create later by re-prefilling prompt and generated tokens) the
+	// youngest running sequences first. Its view may be optimistic (a
+	// released block still shared through the prefix cache frees nothing);
+	// a work item whose growth the node cannot cover is answered
+	// RESOURCE_EXHAUSTED and not applied, while the rest of the step is.
+	//
+	// Prefix caching (when the node has it on, NodeInfo.prefix_caching):
+	// every full block is content-addressed by a chained hash of the tokens
+	// up to its end, hash(previous block's hash, block's tokens), and
+	// registered in the node's prefix index once a step that wrote it has
+	// been applied (a failed step registers nothing). A work item that
+	// starts at a block boundary takes the longest run of its full blocks
+	// found in the index instead of computing them (reference-counted,
+	// shared with every sequence holding them, whatever its epoch) and
+	// reports how many tokens it took in SeqResult.cached_tokens; it always
+	// computes its last token when it samples. Blocks no sequence holds
+	// stay in the index and count as free; they are evicted least recently
+	// released first when a sequence needs a block. Echo requests
+	// (echo_logprobs) never take cached blocks: every prompt position needs
+	// its logits.
 	Step(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StepRequest, StepResponse], error)
 	// Info reports the node's capacity so the coordinator can place
 	// sequences by free cache. An epoch newer than the node has seen fences
@@ -356,6 +383,33 @@ type AttentionServiceServer interface {
 	// budget), the response carries a non-zero code, no sequence advanced,
 	// sequences the step would have created do not exist, and the
 	// coordinator may send the same work again. The stream stays open.
+	//
+	// Cache blocks are taken on demand: a sequence holds the blocks its
+	// positions need, and a work item grows it by the blocks its tokens
+	// need (none reserved up front). The coordinator plans every step
+	// within its view of the node's free blocks, which it resets from each
+	// answer's free_blocks: it sends growth only where it expects blocks,
+	// and when it expects none it preempts (releases in the same step, to
+	// re-create later by re-prefilling prompt and generated tokens) the
+	// youngest running sequences first. Its view may be optimistic (a
+	// released block still shared through the prefix cache frees nothing);
+	// a work item whose growth the node cannot cover is answered
+	// RESOURCE_EXHAUSTED and not applied, while the rest of the step is.
+	//
+	// Prefix caching (when the node has it on, NodeInfo.prefix_caching):
+	// every full block is content-addressed by a chained hash of the tokens
+	// up to its end, hash(previous block's hash, block's tokens), and
+	// registered in the node's prefix index once a step that wrote it has
+	// been applied (a failed step registers nothing). A work item that
+	// starts at a block boundary takes the longest run of its full blocks
+	// found in the index instead of computing them (reference-counted,
+	// shared with every sequence holding them, whatever its epoch) and
+	// reports how many tokens it took in SeqResult.cached_tokens; it always
+	// computes its last token when it samples. Blocks no sequence holds
+	// stay in the index and count as free; they are evicted least recently
+	// released first when a sequence needs a block. Echo requests
+	// (echo_logprobs) never take cached blocks: every prompt position needs
+	// its logits.
 	Step(grpc.BidiStreamingServer[StepRequest, StepResponse]) error
 	// Info reports the node's capacity so the coordinator can place
 	// sequences by free cache. An epoch newer than the node has seen fences
