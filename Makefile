@@ -24,6 +24,7 @@ up:
 test:
 	$(GO) vet $(PKGS)
 	$(GO) test -count=1 -timeout 20m $(PKGS)
+	cd deploy && $(GO) vet ./... && $(GO) test -count=1 ./...
 
 test-short:
 	$(GO) test -count=1 -short $(PKGS)
