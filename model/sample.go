@@ -44,6 +44,19 @@ func NewSampler(p SamplingParams) *Sampler {
 	return &Sampler{p: p, rng: rand.New(rand.NewPCG(p.Seed, p.Seed^0x9e3779b97f4a7c15))}
 }
 
+// Skip advances the random stream past n samples, as if n tokens had
+// been drawn: a sequence created again with its generated tokens (after
+// a preemption or a node failure) continues its stream exactly. Each
+// sample draws one number; greedy sampling draws none.
+func (s *Sampler) Skip(n int) {
+	if s.p.Temperature == 0 {
+		return
+	}
+	for range n {
+		s.rng.Float64()
+	}
+}
+
 // Sample picks the next token from logits.
 func (s *Sampler) Sample(logits []float32) int {
 	if s.p.Temperature == 0 {

@@ -99,3 +99,20 @@ func TestTopKSmallMatchesSort(t *testing.T) {
 		}
 	}
 }
+
+func TestSamplerSkip(t *testing.T) {
+	logits := []float32{0.1, 0.3, 0.2, 0.25, 0.15}
+	p := SamplingParams{Temperature: 1, Seed: 7}
+	a := NewSampler(p)
+	var want []int
+	for range 20 {
+		want = append(want, a.Sample(logits))
+	}
+	b := NewSampler(p)
+	b.Skip(12)
+	for i := 12; i < 20; i++ {
+		if got := b.Sample(logits); got != want[i] {
+			t.Fatalf("after Skip(12), draw %d: %d, want %d", i, got, want[i])
+		}
+	}
+}
