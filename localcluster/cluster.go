@@ -138,8 +138,9 @@ type Cluster struct {
 type child struct {
 	name, role string
 	args       []string
-	// opsAddr is the ops endpoint (kept across restarts).
-	opsAddr string
+	// ops: the child serves an ops endpoint on a port it picks, announced
+	// on stderr ("ops endpoint on http://ADDR").
+	ops bool
 	// run is the current process; replaced on restart.
 	run *process
 	// restarts counts how often it was restarted.
@@ -149,11 +150,13 @@ type child struct {
 }
 
 type process struct {
-	cmd   *exec.Cmd
-	addr  string
-	ready chan string
-	done  chan struct{}
-	err   error
+	cmd      *exec.Cmd
+	addr     string // announced on stdout
+	opsAddr  string // announced on stderr
+	ready    chan string
+	opsReady chan string
+	done     chan struct{}
+	err      error
 }
 
 // Start launches the cluster and returns once every process is ready: an
@@ -280,9 +283,7 @@ func (c *Cluster) add(name, role string, args ...string) *child {
 	// The coordinator serves /healthz, /readyz and /metrics on its HTTP
 	// address already.
 	if c.cfg.Ops && role != "etcd" && role != "coordinator" {
-		if a, err := freePort(); err == nil {
-			ch.opsAddr = a
-		}
+		ch.ops = true
 	}
 	c.mu.Lock()
 	c.kids[name] = ch
@@ -322,12 +323,22 @@ func (c *Cluster) startAndWait(ctx context.Context, ch *child) error {
 // startChild starts ch's next incarnation and supervises it.
 func (c *Cluster) startChild(ch *child) error {
 	args := append([]string{ch.role}, ch.args...)
-	if ch.opsAddr != "" {
-		args = append(args, "--ops-listen", ch.opsAddr)
+	if ch.ops {
+		// The child picks the port (no race with other processes for a
+		// port chosen here) and announces it.
+		args = append(args, "--ops-listen", "127.0.0.1:0")
 	}
 	cmd := exec.Command(c.cfg.Binary, args...)
 	setParentDeathSignal(cmd)
-	cmd.Stderr = &prefixWriter{w: c.cfg.Log, prefix: "[" + ch.name + "] "}
+	p := &process{ready: make(chan string, 1), opsReady: make(chan string, 1), done: make(chan struct{})}
+	cmd.Stderr = &prefixWriter{w: c.cfg.Log, prefix: "[" + ch.name + "] ", onLine: func(line string) {
+		if _, addr, ok := strings.Cut(line, "ops endpoint on http://"); ok {
+			select {
+			case p.opsReady <- strings.TrimSpace(addr):
+			default:
+			}
+		}
+	}}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return err
@@ -335,7 +346,7 @@ func (c *Cluster) startChild(ch *child) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", ch.name, err)
 	}
-	p := &process{cmd: cmd, ready: make(chan string, 1), done: make(chan struct{})}
+	p.cmd = cmd
 	c.mu.Lock()
 	ch.run = p
 	c.mu.Unlock()
@@ -414,14 +425,8 @@ func (c *Cluster) announce(ch *child) {
 	c.mu.Lock()
 	p := ch.run
 	c.mu.Unlock()
-	select {
-	case addr := <-p.ready:
-		c.mu.Lock()
-		p.addr = addr
-		c.mu.Unlock()
-		c.emit(Event{Child: ch.name, Kind: "ready", Addr: addr})
-	case <-p.done:
-	case <-c.stopped:
+	if c.await(context.Background(), ch, p, nil) == nil {
+		c.emit(Event{Child: ch.name, Kind: "ready", Addr: p.addr})
 	}
 }
 
@@ -431,20 +436,34 @@ func (c *Cluster) waitReady(ctx context.Context, ch *child) error {
 	c.mu.Unlock()
 	timer := time.NewTimer(c.cfg.ReadyTimeout)
 	defer timer.Stop()
-	select {
-	case addr := <-p.ready:
-		c.mu.Lock()
-		p.addr = addr
-		c.mu.Unlock()
-		c.emit(Event{Child: ch.name, Kind: "ready", Addr: addr})
-		return nil
-	case <-p.done:
-		return fmt.Errorf("%s exited before it was ready: %v", ch.name, p.err)
-	case <-timer.C:
-		return fmt.Errorf("%s not ready after %v", ch.name, c.cfg.ReadyTimeout)
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := c.await(ctx, ch, p, timer.C); err != nil {
+		return err
 	}
+	c.emit(Event{Child: ch.name, Kind: "ready", Addr: p.addr})
+	return nil
+}
+
+// await waits for p's ready line (and its ops line when it serves one).
+func (c *Cluster) await(ctx context.Context, ch *child, p *process, timeout <-chan time.Time) error {
+	addr, ops := "", ""
+	for addr == "" || (ch.ops && ops == "") {
+		select {
+		case addr = <-p.ready:
+		case ops = <-p.opsReady:
+		case <-p.done:
+			return fmt.Errorf("%s exited before it was ready: %v", ch.name, p.err)
+		case <-timeout:
+			return fmt.Errorf("%s not ready after %v", ch.name, c.cfg.ReadyTimeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.stopped:
+			return errors.New("cluster closing")
+		}
+	}
+	c.mu.Lock()
+	p.addr, p.opsAddr = addr, ops
+	c.mu.Unlock()
+	return nil
 }
 
 func (c *Cluster) emit(e Event) {
@@ -488,9 +507,9 @@ func (c *Cluster) Children() []Child {
 	var out []Child
 	for _, name := range c.order {
 		ch := c.kids[name]
-		k := Child{Name: name, Role: ch.role, OpsAddr: ch.opsAddr, Restarts: ch.restarts}
+		k := Child{Name: name, Role: ch.role, Restarts: ch.restarts}
 		if p := ch.run; p != nil {
-			k.Addr, k.PID = p.addr, p.cmd.Process.Pid
+			k.Addr, k.OpsAddr, k.PID = p.addr, p.opsAddr, p.cmd.Process.Pid
 			select {
 			case <-p.done:
 			default:
@@ -587,15 +606,6 @@ func (c *Cluster) Close() error {
 	return nil
 }
 
-func freePort() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
-
 // restartablePort returns a free loopback address below the kernel's
 // ephemeral port range (Linux's default starts at 32768), for a child
 // that is stopped and started again on the same address.
@@ -665,11 +675,13 @@ func EnsureModel(cfg Config) (string, error) {
 	return dir, nil
 }
 
-// prefixWriter prefixes every line written to w.
+// prefixWriter prefixes every line written to w, and shows each to
+// onLine (if set).
 type prefixWriter struct {
 	mu     sync.Mutex
 	w      io.Writer
 	prefix string
+	onLine func(string)
 	buf    []byte
 }
 
@@ -683,6 +695,9 @@ func (p *prefixWriter) Write(b []byte) (int, error) {
 			break
 		}
 		fmt.Fprintf(p.w, "%s%s\n", p.prefix, p.buf[:i])
+		if p.onLine != nil {
+			p.onLine(string(p.buf[:i]))
+		}
 		p.buf = p.buf[i+1:]
 	}
 	return len(b), nil
