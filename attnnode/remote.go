@@ -81,6 +81,8 @@ type RemoteConfig struct {
 	// TracerProvider receives the attn.dispatch spans (nil: the global
 	// provider at construction).
 	TracerProvider trace.TracerProvider
+	// Metrics, if set, records every dispatch attempt per expert node.
+	Metrics *Metrics
 }
 
 // RemoteExperts is the model.ExpertBackend of an attention node. Each MoE
@@ -110,6 +112,7 @@ type RemoteExperts struct {
 	budget  time.Duration
 	dial    DialFunc
 	tracer  trace.Tracer
+	metrics *Metrics
 	nextID  atomic.Uint64
 	// ctx ends with Close: streams are cancelled and waits return.
 	ctx    context.Context
@@ -149,6 +152,7 @@ func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *Remote
 		tp = otel.GetTracerProvider()
 	}
 	r.tracer = tp.Tracer(tracerName)
+	r.metrics = cfg.Metrics
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	r.mu.conns = map[string]*expertConn{}
 	r.wg.Add(1)
@@ -534,6 +538,7 @@ func (d *dispatch) send(a *attempt, now time.Time, n int) {
 		attribute.Int("rows", len(a.rows)), attribute.Int("bytes", 4*d.r.hidden*len(a.rows)),
 		attribute.Int64("placement_version", int64(a.version)), attribute.Int("attempt", n)))
 	a.attemptNo = n
+	a.started = now
 	d.inflight = append(d.inflight, a)
 	a.conn.enqueue(a)
 }
@@ -805,6 +810,7 @@ type attempt struct {
 	deadline  time.Time
 	ctx       context.Context
 	span      trace.Span
+	started   time.Time // when send queued it (dispatch metrics)
 	part      []float32 // decoded partial rows
 
 	// mu orders the sender's encoding of x against abandonment: once
@@ -857,6 +863,7 @@ func (a *attempt) event(name string, err error, action string) {
 }
 
 func (a *attempt) end(err error) {
+	a.d.r.metrics.observeDispatch(a.nodeID, len(a.rows), 4*a.d.r.hidden*len(a.rows), time.Since(a.started), err)
 	if err != nil {
 		a.span.RecordError(err)
 		a.span.SetStatus(otelcodes.Error, err.Error())

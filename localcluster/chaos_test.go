@@ -267,7 +267,9 @@ func startChaos(t *testing.T, attn, experts int, mod func(*Config)) *Cluster {
 		t.Skip("starts processes")
 	}
 	cfg := DefaultConfig()
-	cfg.Binary, cfg.ModelDir, cfg.AttnNodes, cfg.ExpertNodes, cfg.Addr = binary, modelDir, attn, experts, freeAddr(t)
+	// The coordinator picks its port (announced); a test that restarts it
+	// fixes one.
+	cfg.Binary, cfg.ModelDir, cfg.AttnNodes, cfg.ExpertNodes, cfg.Addr = binary, modelDir, attn, experts, "127.0.0.1:0"
 	cfg.AttnThreads, cfg.ExpertThreads = 1, 1
 	cfg.DataDir = t.TempDir()
 	cfg.LeaseTTL = chaosLeaseTTL
@@ -413,7 +415,7 @@ func TestChaosEtcdDown(t *testing.T) {
 }
 
 func TestChaosCoordinatorRestart(t *testing.T) {
-	c := startChaos(t, 1, 2, func(cfg *Config) { cfg.NoRestart = true })
+	c := startChaos(t, 1, 2, func(cfg *Config) { cfg.NoRestart = true; cfg.Addr = freeAddr(t) })
 	l := startLoad(t, c.URL)
 	l.warm(t)
 	from := time.Now()
