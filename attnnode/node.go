@@ -72,6 +72,8 @@ type Config struct {
 	// TracerProvider receives the node's spans; nil means the global
 	// provider as it is when Start runs.
 	TracerProvider trace.TracerProvider
+	// Metrics, if set, records steps and dispatches (see NewMetrics).
+	Metrics *Metrics
 }
 
 // DefaultConfig returns a node configuration for one machine.
@@ -208,7 +210,7 @@ func load(cfg Config) (*Node, error) {
 	var backend model.ExpertBackend
 	mb := cfg.MicroBatches
 	if cfg.Placement != nil {
-		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize, RemoteConfig{DispatchTimeout: cfg.DispatchTimeout, ExpertWait: cfg.ExpertWait, TracerProvider: tp})
+		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize, RemoteConfig{DispatchTimeout: cfg.DispatchTimeout, ExpertWait: cfg.ExpertWait, TracerProvider: tp, Metrics: cfg.Metrics})
 		backend = n.remote
 		if mb == 0 {
 			mb = 2
@@ -404,6 +406,7 @@ type work struct {
 // panicked) or ctx ended; the step was rolled back all the same.
 func (n *Node) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepResponse, error) {
 	ctx, span := n.tracer.Start(ctx, "attn.step")
+	start := time.Now()
 	defer span.End()
 	n.stepMu.Lock()
 	defer n.stepMu.Unlock()
@@ -452,6 +455,7 @@ func (n *Node) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.StepR
 		runCtx = context.WithValue(runCtx, pinKey{}, pin)
 	}
 	err = n.run(runCtx, works)
+	n.cfg.Metrics.observeStep(time.Since(start), total)
 	if pin != nil {
 		resp.PlacementVersion = n.remote.endStep(pin)
 	}
