@@ -42,6 +42,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	spec := fs.String("placement", "", `fixed expert placement without etcd: "ADDR=EXPERTS;ADDR=EXPERTS" in --experts' grammar; empty (and no --etcd): all experts in-process`)
 	grace := fs.Duration("drain-timeout", 60*time.Second, "on SIGTERM, how long running sequences may take to finish before the node leaves (the coordinator re-prefills the rest elsewhere)")
 	cp := addControlPlaneFlags(fs)
+	tel := addTelemetryFlags(fs)
 	advertise := fs.String("advertise-addr", "", "with --etcd: the host:port other nodes dial (default: --listen's, with 0.0.0.0 replaced by this host's address; in Kubernetes $(POD_IP):PORT)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -74,6 +75,12 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.Placement = late
 	}
 	cfg.NodeID = nodeID(*id, controlplane.RoleAttn, cfg.ListenAddr)
+	flush, err := tel.setup(ctx, "attn", cfg.NodeID, stderr)
+	if err != nil {
+		return err
+	}
+	defer flush()
+	cfg.Metrics = attnnode.NewMetrics(cfg.Placement)
 	var mid controlplane.ModelIdentity
 	var store *controlplane.Store
 	if cp.enabled() {
@@ -96,7 +103,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	var o *ops.Server
 	if *opsAddr != "" {
-		if o, err = startAttnOps(ctx, *opsAddr, s); err != nil {
+		if o, err = startAttnOps(ctx, *opsAddr, s, cfg.Metrics); err != nil {
 			return err
 		}
 		defer o.Close()
@@ -210,9 +217,11 @@ func expireDead(n *attnnode.Node) func(live []uint64) {
 	}
 }
 
-// startAttnOps serves the node's health, readiness and cache gauges.
-func startAttnOps(ctx context.Context, addr string, s *attnnode.Node) (*ops.Server, error) {
+// startAttnOps serves the node's health, readiness, cache gauges and
+// dispatch and step metrics.
+func startAttnOps(ctx context.Context, addr string, s *attnnode.Node, m *attnnode.Metrics) (*ops.Server, error) {
 	reg := prometheus.NewRegistry()
+	reg.MustRegister(m.Collectors()...)
 	info := func() *meshpb.NodeInfo {
 		i, err := s.Info(ctx, 0)
 		if err != nil {

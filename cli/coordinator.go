@@ -75,6 +75,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs := newFlags("serve", stderr)
 	cfg := coordinator.DefaultConfig()
 	addCoordinatorFlags(fs, &cfg)
+	tel := addTelemetryFlags(fs)
 	nc := attnnode.DefaultConfig()
 	fs.IntVar(&nc.Threads, "threads", 0, "compute threads (0: all cores)")
 	cacheMB := fs.Int64("cache-mb", nc.CacheBytes>>20, "latent cache size in MiB")
@@ -90,6 +91,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	nc.ModelDir, nc.NodeID, nc.CacheBytes = cfg.ModelDir, "serve", *cacheMB<<20
 	nc.MaxStepTokens = max(nc.MaxStepTokens, cfg.StepTokenBudget)
 	nc.ListenAddr = "" // in-process: no gRPC
+	flush, err := tel.setup(ctx, "serve", nc.NodeID, stderr)
+	if err != nil {
+		return err
+	}
+	defer flush()
 	node, err := attnnode.Start(ctx, nc)
 	if err != nil {
 		return err
@@ -108,6 +114,7 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	cfg := coordinator.DefaultConfig()
 	addCoordinatorFlags(fs, &cfg)
 	cp := addControlPlaneFlags(fs)
+	tel := addTelemetryFlags(fs)
 	id := fs.String("node-id", "", "stable coordinator id (default HOSTNAME-coordinator-PORT)")
 	redundant := fs.Int("redundant-experts", 0, "extra replicas per MoE layer the placement may give the hottest experts")
 	grace := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may take to finish")
@@ -150,6 +157,11 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	}
 	defer ctrl.Close()
 	cfg.Cluster = func(context.Context) (any, error) { return ctrl.Status(), nil }
+	flush, err := tel.setup(ctx, "coordinator", *id, stderr)
+	if err != nil {
+		return err
+	}
+	defer flush()
 	c, err := coordinator.Start(ctx, cfg, nil)
 	if err != nil {
 		return err

@@ -44,6 +44,7 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	leaveTimeout := fs.Duration("leave-timeout", 60*time.Second, "with --etcd, on SIGTERM: how long to wait for the placement to move this node's experts elsewhere before it stops anyway")
 	slots := fs.Int("expert-slots", 0, "with --etcd: the most routed experts (over all layers) this node may hold (0: any number)")
 	cp := addControlPlaneFlags(fs)
+	tel := addTelemetryFlags(fs)
 	advertise := fs.String("advertise-addr", "", "with --etcd: the host:port attention nodes dial (default: --listen's, with 0.0.0.0 replaced by this host's address; in Kubernetes $(POD_IP):PORT)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -95,6 +96,11 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		defer store.Close()
 	}
+	flush, err := tel.setup(ctx, "expert", cfg.NodeID, stderr)
+	if err != nil {
+		return err
+	}
+	defer flush()
 	node, err := expertnode.Start(ctx, cfg)
 	if err != nil {
 		return err

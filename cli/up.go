@@ -32,6 +32,9 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&cfg.NoRestart, "no-restart", false, "leave a child that dies dead instead of restarting it")
 	fs.BoolVar(&cfg.Ops, "ops", cfg.Ops, "give every node an ops endpoint (/healthz, /readyz, /metrics) on a free loopback port")
 	quiet := fs.Bool("quiet", false, "do not print the children's logs")
+	// Every role exports traces where these say (the OTEL_* environment
+	// reaches the children too).
+	tel := addTelemetryFlags(fs)
 	// Settings passed through to the roles.
 	pass := func(dst *[]string, name, usage string, isDuration bool) {
 		fs.Func(name, usage, func(v string) error {
@@ -74,6 +77,9 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	pass(&cfg.ExpertArgs, "expert-slots", "expert nodes: the most routed experts each may hold (0: any)", false)
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	for _, dst := range []*[]string{&cfg.CoordinatorArgs, &cfg.AttnArgs, &cfg.ExpertArgs} {
+		*dst = append(*dst, tel.args()...)
 	}
 	cfg.Log = stderr
 	if *quiet {
