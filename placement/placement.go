@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 )
@@ -38,7 +39,16 @@ type Table struct {
 	nodes []string
 	// replicas[layer][expert] indexes nodes; nil rows for dense layers.
 	replicas [][][]uint16
+	// shares[layer][expert] is nil while every replica of the expert
+	// serves an equal part of its tokens; otherwise each replica's part in
+	// ShareUnits, aligned with replicas[layer][expert] and summing to
+	// ShareUnit. shares itself is nil while no expert has unequal parts.
+	shares [][][]uint16
 }
+
+// ShareUnit is the resolution of planned shares: a replica's part of its
+// expert's tokens is a whole number of thousandths.
+const ShareUnit = 1000
 
 // NewTable returns an empty table for shape.
 func NewTable(shape Shape, version uint64) *Table {
@@ -78,9 +88,113 @@ func (t *Table) Add(l, e int, id string) error {
 	}
 	if !slices.Contains(t.replicas[l][e], uint16(i)) {
 		t.replicas[l][e] = append(t.replicas[l][e], uint16(i))
+		if t.shares != nil && t.shares[l] != nil {
+			t.shares[l][e] = nil // a new replica: equal parts again
+		}
 	}
 	return nil
 }
+
+// SetShares sets the part of expert e of layer l's tokens each of its
+// replicas is planned to serve: parts[r] for Replicas(l, e)[r], in any
+// non-negative units (they are normalised, and rounded to ShareUnits by
+// largest remainder). Parts that round to equal ones, and nil parts,
+// mean equal shares.
+func (t *Table) SetShares(l, e int, parts []float64) error {
+	rs := t.Replicas(l, e)
+	if len(rs) == 0 {
+		return fmt.Errorf("%w: layer %d expert %d has no replica to share its tokens", ErrPlacement, l, e)
+	}
+	if parts == nil {
+		t.setShares(l, e, nil)
+		return nil
+	}
+	if len(parts) != len(rs) {
+		return fmt.Errorf("%w: layer %d expert %d: %d shares for %d replicas", ErrPlacement, l, e, len(parts), len(rs))
+	}
+	sum := 0.0
+	for _, v := range parts {
+		if v < 0 || math.IsNaN(v) || math.IsInf(v, 0) {
+			return fmt.Errorf("%w: layer %d expert %d: share %v", ErrPlacement, l, e, v)
+		}
+		sum += v
+	}
+	if sum <= 0 {
+		return fmt.Errorf("%w: layer %d expert %d: shares sum to 0", ErrPlacement, l, e)
+	}
+	t.setShares(l, e, quantizeShares(parts, sum))
+	return nil
+}
+
+// setShares stores q (ShareUnits summing to ShareUnit, or nil), as nil
+// when it is the equal split.
+func (t *Table) setShares(l, e int, q []uint16) {
+	if q != nil && slices.Equal(q, equalShares(len(q))) {
+		q = nil
+	}
+	if q == nil {
+		if t.shares != nil && t.shares[l] != nil {
+			t.shares[l][e] = nil
+		}
+		return
+	}
+	if t.shares == nil {
+		t.shares = make([][][]uint16, len(t.replicas))
+	}
+	if t.shares[l] == nil {
+		t.shares[l] = make([][]uint16, t.shape.Experts)
+	}
+	t.shares[l][e] = q
+}
+
+// quantizeShares rounds parts/sum to ShareUnits summing to ShareUnit:
+// each part rounded down, the units left over going to the largest
+// remainders (the lower replica on a tie).
+func quantizeShares(parts []float64, sum float64) []uint16 {
+	q := make([]uint16, len(parts))
+	rem := make([]float64, len(parts))
+	left := ShareUnit
+	for r, v := range parts {
+		x := v / sum * ShareUnit
+		f := math.Floor(x)
+		q[r] = uint16(min(f, ShareUnit))
+		rem[r] = x - f
+		left -= int(q[r])
+	}
+	for ; left > 0; left-- {
+		best := 0
+		for r := range rem {
+			if rem[r] > rem[best] {
+				best = r
+			}
+		}
+		q[best]++
+		rem[best] = -1
+	}
+	return q
+}
+
+// equalShares is the equal split of ShareUnit over k replicas, as
+// quantizeShares rounds it.
+func equalShares(k int) []uint16 {
+	parts := make([]float64, k)
+	for r := range parts {
+		parts[r] = 1
+	}
+	return quantizeShares(parts, float64(k))
+}
+
+// sharesOf is the stored parts of expert e of layer l (nil: equal).
+func (t *Table) sharesOf(l, e int) []uint16 {
+	if t.shares == nil || l < 0 || l >= len(t.shares) || t.shares[l] == nil || e < 0 || e >= len(t.shares[l]) {
+		return nil
+	}
+	return t.shares[l][e]
+}
+
+// Unequal reports whether expert e of layer l has planned shares other
+// than equal ones.
+func (t *Table) Unequal(l, e int) bool { return t.sharesOf(l, e) != nil }
 
 // AddSet records that node id holds every expert of s.
 func (t *Table) AddSet(id string, s Set) error {
@@ -137,12 +251,22 @@ func (t *Table) Set(id string) Set {
 // Spec renders what node id holds in the --experts grammar.
 func (t *Table) Spec(id string) string { return t.Set(id).String() }
 
-// Validate checks that every expert of every MoE layer has a replica.
+// Validate checks that every expert of every MoE layer has a replica,
+// and that planned shares fit the replicas.
 func (t *Table) Validate() error {
 	for _, l := range t.shape.MoELayers {
 		for e, r := range t.replicas[l] {
 			if len(r) == 0 {
 				return fmt.Errorf("%w: version %d: layer %d expert %d has no replica", ErrPlacement, t.Version, l, e)
+			}
+			if q := t.sharesOf(l, e); q != nil {
+				sum := 0
+				for _, v := range q {
+					sum += int(v)
+				}
+				if len(q) != len(r) || sum != ShareUnit {
+					return fmt.Errorf("%w: version %d: layer %d expert %d: shares %v for %d replicas", ErrPlacement, t.Version, l, e, q, len(r))
+				}
 			}
 		}
 	}
@@ -150,7 +274,8 @@ func (t *Table) Validate() error {
 }
 
 // Equal reports whether two tables assign the same experts to the same
-// nodes (versions aside; replica order aside).
+// nodes with the same planned shares (versions aside; replica order
+// aside).
 func (t *Table) Equal(o *Table) bool {
 	if t == nil || o == nil {
 		return t == o
@@ -166,7 +291,39 @@ func (t *Table) Equal(o *Table) bool {
 			return false
 		}
 	}
+	if t.shares == nil && o.shares == nil {
+		return true
+	}
+	for _, l := range t.shape.MoELayers {
+		for e := range t.shape.Experts {
+			a, b := t.sharesOf(l, e), o.sharesOf(l, e)
+			if (a == nil) != (b == nil) {
+				return false
+			}
+			for r, v := range a {
+				id := t.nodes[t.replicas[l][e][r]]
+				if o.shareOfNode(l, e, id) != v {
+					return false
+				}
+			}
+		}
+	}
 	return true
+}
+
+// shareOfNode is node id's part of expert e of layer l in ShareUnits (0
+// if it holds no replica; the equal split's part if shares are equal).
+func (t *Table) shareOfNode(l, e int, id string) uint16 {
+	rs := t.Replicas(l, e)
+	for r, i := range rs {
+		if t.nodes[i] == id {
+			if q := t.sharesOf(l, e); q != nil {
+				return q[r]
+			}
+			return equalShares(len(rs))[r]
+		}
+	}
+	return 0
 }
 
 // ParseSpec reads "ID=EXPERTS;ID=EXPERTS", EXPERTS in the ParseSet
@@ -201,18 +358,49 @@ type tableJSON struct {
 	Nodes   []nodeJSON `json:"nodes"`
 }
 
+// nodeJSON is one node of the stored form. Shares, omitted when every
+// expert the node holds splits its tokens equally among its replicas, is
+// "L:E=Q,L:E=Q...": for each replicated expert with planned shares, the
+// node's part in ShareUnits (thousandths). An expert with shares has one
+// on every replica; they sum to ShareUnit. Tables written before shares
+// existed have none and read back as equal shares.
 type nodeJSON struct {
 	ID      string `json:"id"`
 	Experts string `json:"experts"`
+	Shares  string `json:"shares,omitempty"`
 }
 
-// MarshalJSON encodes the table compactly: one --experts string per node.
+// MarshalJSON encodes the table compactly: one --experts string per node,
+// and its planned shares where they are not equal.
 func (t *Table) MarshalJSON() ([]byte, error) {
 	tj := tableJSON{Version: t.Version, Nodes: []nodeJSON{}}
-	for _, id := range t.nodes {
-		tj.Nodes = append(tj.Nodes, nodeJSON{ID: id, Experts: t.Spec(id)})
+	for i, id := range t.nodes {
+		tj.Nodes = append(tj.Nodes, nodeJSON{ID: id, Experts: t.Spec(id), Shares: t.sharesSpec(uint16(i))})
 	}
 	return json.Marshal(tj)
+}
+
+// sharesSpec renders node i's planned shares (nodeJSON.Shares).
+func (t *Table) sharesSpec(i uint16) string {
+	if t.shares == nil {
+		return ""
+	}
+	var b strings.Builder
+	for _, l := range t.shape.MoELayers {
+		for e := range t.shape.Experts {
+			q := t.sharesOf(l, e)
+			if q == nil {
+				continue
+			}
+			if r := slices.Index(t.replicas[l][e], i); r >= 0 {
+				if b.Len() > 0 {
+					b.WriteByte(',')
+				}
+				fmt.Fprintf(&b, "%d:%d=%d", l, e, q[r])
+			}
+		}
+	}
+	return b.String()
 }
 
 // DecodeTable reads a table MarshalJSON wrote, checking it against shape:
@@ -231,6 +419,43 @@ func DecodeTable(shape Shape, data []byte) (*Table, error) {
 		}
 		if err := t.AddSet(n.ID, set); err != nil {
 			return nil, err
+		}
+	}
+	// Shares, once every replica is known: per (layer, expert), a part for
+	// each replica, in replica order.
+	type key struct{ l, e int }
+	parts := map[key][]float64{}
+	for _, n := range tj.Nodes {
+		if n.Shares == "" {
+			continue
+		}
+		i := t.nodeIndex(n.ID, false)
+		for item := range strings.SplitSeq(n.Shares, ",") {
+			var l, e, q int
+			if _, err := fmt.Sscanf(item, "%d:%d=%d", &l, &e, &q); err != nil || fmt.Sprintf("%d:%d=%d", l, e, q) != item {
+				return nil, fmt.Errorf("%w: version %d node %s: shares entry %q: want LAYER:EXPERT=THOUSANDTHS", ErrPlacement, tj.Version, n.ID, item)
+			}
+			rs := t.Replicas(l, e)
+			r := slices.Index(rs, uint16(i))
+			if r < 0 || q < 0 || q > ShareUnit {
+				return nil, fmt.Errorf("%w: version %d node %s: shares entry %q names a replica the node does not hold", ErrPlacement, tj.Version, n.ID, item)
+			}
+			k := key{l, e}
+			if parts[k] == nil {
+				parts[k] = make([]float64, len(rs))
+				for x := range parts[k] {
+					parts[k][x] = -1
+				}
+			}
+			parts[k][r] = float64(q)
+		}
+	}
+	for k, p := range parts {
+		if slices.Contains(p, -1) {
+			return nil, fmt.Errorf("%w: version %d: layer %d expert %d has shares on some replicas only", ErrPlacement, tj.Version, k.l, k.e)
+		}
+		if err := t.SetShares(k.l, k.e, p); err != nil {
+			return nil, fmt.Errorf("version %d: %w", tj.Version, err)
 		}
 	}
 	return t, t.Validate()

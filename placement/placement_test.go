@@ -3,7 +3,9 @@ package placement
 import (
 	"encoding/json"
 	"errors"
+	"math"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -166,6 +168,103 @@ func FuzzParseSet(f *testing.F) {
 		}
 		if CheckSyntax(spec) != nil {
 			t.Fatalf("%q parses but CheckSyntax refuses it", spec)
+		}
+	})
+}
+
+func TestTableShares(t *testing.T) {
+	tb, err := ParseSpec(v2shape, "x=1:0-99,2:0-159;y=1:100-159,1:5;z=1:5,1:150-159")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tb.Share(1, 5, 0); got != 1.0/3 {
+		t.Fatalf("equal share %v", got)
+	}
+	if err := tb.SetShares(1, 5, []float64{2, 1, 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := tb.SetShares(1, 150, []float64{3, 1}); err != nil {
+		t.Fatal(err)
+	}
+	if got := []float64{tb.Share(1, 5, 0), tb.Share(1, 5, 1), tb.Share(1, 5, 2)}; !slices.Equal(got, []float64{0.5, 0.25, 0.25}) {
+		t.Fatalf("shares %v", got)
+	}
+	if !tb.Unequal(1, 5) || tb.Unequal(1, 6) {
+		t.Fatal("Unequal")
+	}
+	data, err := json.Marshal(tb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), `"shares":"1:5=500"`) {
+		t.Fatalf("stored form: %s", data)
+	}
+	back, err := DecodeTable(v2shape, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !back.Equal(tb) || back.Share(1, 150, 1) != 0.25 {
+		t.Fatalf("round trip: %s", data)
+	}
+	plain, _ := ParseSpec(v2shape, "x=1:0-99,2:0-159;y=1:100-159,1:5;z=1:5,1:150-159")
+	if plain.Equal(tb) || tb.Equal(plain) {
+		t.Fatal("tables differing in shares compare equal")
+	}
+	// Equal parts are no shares; a new replica resets them.
+	if err := tb.SetShares(1, 150, []float64{1, 1}); err != nil || tb.Unequal(1, 150) {
+		t.Fatalf("equal parts kept as shares: %v", err)
+	}
+	if err := tb.Add(1, 5, "w"); err != nil || tb.Unequal(1, 5) || tb.Share(1, 5, 3) != 0.25 {
+		t.Fatalf("a new replica keeps old shares: %v", err)
+	}
+	for _, bad := range [][]float64{{1}, {-1, 2}, {0, 0}, {math.NaN(), 1}} {
+		if err := plain.SetShares(1, 150, bad); !errors.Is(err, ErrPlacement) {
+			t.Errorf("SetShares(%v): %v", bad, err)
+		}
+	}
+	// Stored shares that do not fit are refused.
+	for _, bad := range []string{
+		`{"version":1,"nodes":[{"id":"x","experts":"all"},{"id":"y","experts":"1:5","shares":"1:5=300"}]}`,  // one replica's only
+		`{"version":1,"nodes":[{"id":"x","experts":"all"},{"id":"y","experts":"1:5","shares":"1:6=300"}]}`,  // not held by y
+		`{"version":1,"nodes":[{"id":"x","experts":"all","shares":"1:5=x"},{"id":"y","experts":"1:5"}]}`,    // syntax
+		`{"version":1,"nodes":[{"id":"x","experts":"all","shares":"1:5=1001"},{"id":"y","experts":"1:5"}]}`, // range
+	} {
+		if _, err := DecodeTable(v2shape, []byte(bad)); !errors.Is(err, ErrPlacement) {
+			t.Errorf("%s: %v", bad, err)
+		}
+	}
+}
+
+// FuzzDecodeTable: a stored table (outside input: etcd) either decodes
+// into a valid table that survives its stored form, or fails with
+// ErrPlacement; it never panics.
+func FuzzDecodeTable(f *testing.F) {
+	for _, s := range []string{
+		`{"version":1,"nodes":[{"id":"x","experts":"all"}]}`,
+		`{"version":2,"nodes":[{"id":"x","experts":"all","shares":"1:5=250"},{"id":"y","experts":"1:5","shares":"1:5=750"}]}`,
+		`{"version":3,"nodes":[{"id":"x","experts":"all","shares":"1:5=0"},{"id":"y","experts":"1:5","shares":"1:5=0"}]}`,
+		`{"nodes":null}`, `[]`, `{"version":1,"nodes":[{"id":"","experts":"all"}]}`,
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data string) {
+		tb, err := DecodeTable(v2shape, []byte(data))
+		if err != nil {
+			if !errors.Is(err, ErrPlacement) {
+				t.Fatalf("error %v does not wrap ErrPlacement", err)
+			}
+			return
+		}
+		if err := tb.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		js, err := json.Marshal(tb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		back, err := DecodeTable(v2shape, js)
+		if err != nil || !back.Equal(tb) {
+			t.Fatalf("%s does not round-trip: %v", js, err)
 		}
 	})
 }

@@ -81,8 +81,15 @@ const countSlack = 8
 // again from its result, with nothing else changed, changes nothing.
 //
 // Per MoE layer it minimises the imbalance (the busiest node's load over
-// the mean node's, see Imbalance), each replica of an expert serving an
-// equal share of its load, subject to the migration cost (moveThreshold):
+// the mean node's, see Imbalance), subject to the migration cost
+// (moveThreshold). Replicas are placed as if each served an equal share
+// of its expert's load; once the layout is final, each replicated
+// expert's tokens are split over its replicas in planned shares, unequal
+// where that evens the nodes out (see splitShares; the table carries
+// them, Share reads them, attention nodes follow them). Shares cost no
+// migration: they change where rows go, not what any node holds. Where a
+// layer's layout did not change, its stored shares stay unless new ones
+// balance better.
 //
 //   - Replica counts follow DeepSeek's replicate_experts: one replica per
 //     expert, and the layer's in.Redundant extra ones given one at a time
@@ -105,7 +112,8 @@ const countSlack = 8
 //     Then a local search moves or swaps replicas off the busiest node,
 //     or turns an extra replica to a hotter expert, one step at a time,
 //     while a step pays for itself. With the same nodes as the current
-//     placement, no layer ends worse balanced than it was (see guard).
+//     placement, no layer ends worse balanced than it was, both with
+//     their shares (see guard).
 //
 // Group-limited routing (Shape.Groups > 1, 0 < TopKGroup < Groups): when
 // the groups divide evenly among the nodes (Groups % nodes == 0, groups
@@ -825,13 +833,16 @@ func (p *planner) guard() (reverted bool) {
 		count := make([]int, N)
 		for e := range E {
 			rs := c.replicas[l][e]
-			for _, i := range rs {
+			for r, i := range rs {
 				n := p.curNode[i]
-				cur[n] += ly.w[e] / float64(len(rs))
+				cur[n] += ly.w[e] * c.Share(l, e, r)
 				count[n]++
 			}
 		}
-		if ly.maxLoad() <= slices.Max(cur)+ly.eps || !p.revert(ly, count) {
+		// Both sides with their shares: the current layer's as stored, the
+		// plan's as table will split them.
+		_, planned := splitShares(ly.w, ly.nodesOf(), N)
+		if slices.Max(planned) <= slices.Max(cur)+ly.eps || !p.revert(ly, count) {
 			continue
 		}
 		ly.frozen, reverted = true, true
@@ -894,6 +905,22 @@ func (p *planner) table() (*Table, error) {
 				rs[k] = index[n]
 			}
 			t.replicas[l][e] = rs
+		}
+		// Replicas are in node order (index grows with n), so parts
+		// aligned with on are aligned with the table's replicas.
+		parts, load := splitShares(ly.w, on, N)
+		if kept, ok := p.currentLayout(li, on); ok {
+			// The layout did not change: keep the stored shares unless the
+			// new ones balance better (rounding to ShareUnits could
+			// otherwise make a layer a hair worse than it was).
+			if slices.Max(sharedLoads(ly.w, on, kept, N)) <= slices.Max(load)+ly.eps {
+				parts = kept
+			}
+		}
+		for e, q := range parts {
+			if q != nil {
+				t.setShares(l, e, q)
+			}
 		}
 	}
 	for n := range N {

@@ -6,6 +6,9 @@ package placement
 //	served(n)    = Σ over experts e that node n holds of load[l][e] × Share(l, e, n's replica)
 //	perLayer[l]  = max over nodes n of served(n) / mean over nodes n of served(n)
 //
+// with Share the table's planned shares (equal ones unless the planner
+// set others), which attention nodes follow when they choose a replica.
+//
 // where the nodes are every node the table names (one that holds nothing
 // in layer l counts, serving 0). 1 is perfect balance; k means the busiest
 // node serves k times its fair part, so the layer's step takes k times as
@@ -32,8 +35,8 @@ func Imbalance(t *Table, load [][]float64) (perLayer []float64, weightedMean flo
 		w, W := layerLoad(load, l, sh.Experts)
 		clear(served)
 		for e, rs := range t.replicas[l] {
-			for _, i := range rs {
-				served[i] += w[e] / float64(len(rs))
+			for r, i := range rs {
+				served[i] += w[e] * t.Share(l, e, r)
 			}
 		}
 		most := 0.0
@@ -101,14 +104,18 @@ func Moved(from, to *Table) int {
 }
 
 // Share is the part of expert e of layer l's tokens that its replica
-// Replicas(l, e)[r] is planned to serve: an equal share, 1/len(Replicas),
-// for every replica (0 for a replica that does not exist). Attention nodes
-// should spread an expert's rows over its replicas in these proportions;
-// Plan balances the nodes assuming they do.
+// Replicas(l, e)[r] is planned to serve: the planned share where Plan (or
+// SetShares) set one, in whole ShareUnits, else an equal share,
+// 1/len(Replicas), for every replica (0 for a replica that does not
+// exist). Attention nodes spread an expert's rows over its replicas in
+// these proportions; Plan balances the nodes assuming they do.
 func (t *Table) Share(l, e, r int) float64 {
 	rs := t.Replicas(l, e)
 	if r < 0 || r >= len(rs) {
 		return 0
+	}
+	if q := t.sharesOf(l, e); q != nil {
+		return float64(q[r]) / ShareUnit
 	}
 	return 1 / float64(len(rs))
 }

@@ -63,12 +63,21 @@ func randomInput(r *rand.Rand, maxE, maxN int) PlanInput {
 		if t, err := Plan(prev); err == nil {
 			in.Current = t
 		}
-	case 3: // a random table over these nodes
+	case 3: // a random table over these nodes, some with random shares
 		t := NewTable(sh, 0)
+		shares := r.IntN(2) == 0
 		for _, l := range sh.MoELayers {
 			for e := range E {
 				for range 1 + r.IntN(2) {
 					_ = t.Add(l, e, in.Nodes[r.IntN(N)].ID)
+				}
+				if k := len(t.Replicas(l, e)); shares && k > 1 {
+					parts := make([]float64, k)
+					for i := range parts {
+						parts[i] = float64(r.IntN(4))
+					}
+					parts[0]++
+					_ = t.SetShares(l, e, parts)
 				}
 			}
 		}
@@ -151,6 +160,23 @@ func checkProperties(t *testing.T, in PlanInput) *Table {
 	back, err := DecodeTable(sh, js)
 	if err != nil || !back.Equal(tb) {
 		t.Fatalf("stored form does not round-trip: %v", err)
+	}
+
+	// Planned shares never balance worse than equal ones would.
+	equal, _ := DecodeTable(sh, js)
+	for _, l := range sh.MoELayers {
+		for e := range E {
+			if err := equal.SetShares(l, e, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	withShares, _ := Imbalance(tb, in.Load)
+	withoutShares, _ := Imbalance(equal, in.Load)
+	for _, l := range sh.MoELayers {
+		if withShares[l] > withoutShares[l]*(1+1e-6) {
+			t.Fatalf("layer %d: imbalance %.6f with planned shares, %.6f with equal ones", l, withShares[l], withoutShares[l])
+		}
 	}
 
 	// Never worse than a current placement valid for the same nodes.

@@ -32,8 +32,10 @@ var update = flag.Bool("update", false, "rewrite the golden files under testdata
 //
 // plan prints its result: moved replicas (and those lost with nodes that
 // left), imbalance (and the current placement's), per layer imbalance,
-// per node what it holds, consecutive layers that agree printed once. Run
-// with -update to rewrite the expected outputs.
+// per node what it holds, and the planned shares of replicated experts
+// whose replicas do not split their tokens equally (expert(node=thousandths
+// ...)), consecutive layers that agree printed once. Run with -update to
+// rewrite the expected outputs.
 func TestPlanGolden(t *testing.T) {
 	files, err := filepath.Glob("testdata/plan/*.txt")
 	if err != nil {
@@ -347,6 +349,26 @@ func describe(tb, cur *Table, nodes []Node, load [][]float64) string {
 	if len(idle) > 0 {
 		fmt.Fprintf(&b, "idle: %s\n", strings.Join(idle, ","))
 	}
+	// Planned shares where they are not equal: expert, then each
+	// replica's node and thousandths.
+	runs(sh.MoELayers, func(l int) string {
+		var parts []string
+		for e := range sh.Experts {
+			if !tb.Unequal(l, e) {
+				continue
+			}
+			var rs []string
+			for r, id := range tb.ReplicaIDs(l, e) {
+				rs = append(rs, fmt.Sprintf("%s=%.0f", id, tb.Share(l, e, r)*ShareUnit))
+			}
+			parts = append(parts, fmt.Sprintf("%d(%s)", e, strings.Join(rs, " ")))
+		}
+		return strings.Join(parts, " ")
+	}, func(ls, v string) {
+		if v != "" {
+			fmt.Fprintf(&b, "shares %s: %s\n", ls, v)
+		}
+	})
 	return b.String()
 }
 
