@@ -384,6 +384,9 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int, h *nodeHandle) {
 		var links []trace.Link
 		if in := c.mu.sched.nodes[i].inflight; req != nil && in != nil {
 			for _, w := range in.work {
+				if a := w.seq.admission; a != nil {
+					a.End() // placed and in a step: its wait is over
+				}
 				if w.seq.span.IsValid() {
 					links = append(links, trace.Link{SpanContext: w.seq.span})
 				}

@@ -171,6 +171,8 @@ func (c *Coordinator) generate(ctx context.Context, g *genRequest, onDelta func(
 	span := trace.SpanFromContext(ctx)
 	span.SetAttributes(attribute.Int64("seq_id", int64(q.id)), attribute.Int("prompt_tokens", len(g.prompt)),
 		attribute.Int("max_tokens", g.maxTokens))
+	_, q.admission = tracer.Start(ctx, "coordinator.admission")
+	defer q.admission.End()
 	box, err := c.submit(q)
 	if err != nil {
 		return nil, err

@@ -38,6 +38,9 @@ type sequence struct {
 	echoLogprobs bool
 	// span is the request's span, linked from the steps that serve it.
 	span trace.SpanContext
+	// admission spans the wait from submit to the first step serving the
+	// sequence (nil for sequences not made by generate).
+	admission trace.Span
 
 	// scheduler state
 	node int // -1 while waiting
