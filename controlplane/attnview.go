@@ -9,6 +9,10 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/expertmesh/expertmesh/placement"
 )
 
@@ -219,6 +223,10 @@ func (v *AttnView) updateRouting(st *clusterState) {
 		}
 	} else if cur.r.Table.Version != t.Version {
 		v.log.Info("placement switched", "from", cur.r.Table.Version, "to", t.Version)
+		// A span marks the moment (its own trace: no request caused it).
+		_, span := otel.Tracer("github.com/expertmesh/expertmesh/controlplane").Start(context.Background(), "placement.switch", trace.WithAttributes(
+			attribute.Int64("from", int64(cur.r.Table.Version)), attribute.Int64("to", int64(t.Version)), attribute.String("node_id", v.reg.Member().ID)))
+		span.End()
 	}
 }
 
