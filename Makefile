@@ -56,6 +56,7 @@ fuzz-kernels:
 	$(GO) test -run '^$$' -fuzz '^FuzzMatVec$$' -fuzztime 30s ./kernels/
 	$(GO) test -run '^$$' -fuzz '^FuzzVectorKernels$$' -fuzztime 30s ./kernels/
 	$(GO) test -run '^$$' -fuzz '^FuzzMLADecode$$' -fuzztime 30s ./kernels/
+	$(GO) test -run '^$$' -fuzz '^FuzzQDot$$' -fuzztime 30s ./kernels/
 
 clean:
 	rm -rf bin

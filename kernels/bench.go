@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/expertmesh/expertmesh/internal/hugemem"
@@ -106,21 +107,26 @@ func RunBench(w io.Writer, threads []int) error {
 		name       string
 		dt         DType
 		rows, cols int
-		count      int // matrices per op (the absorbed per-head products)
+		count      int  // matrices per op (the absorbed per-head products)
+		act8       bool // Q8_0 with integer activations
 	}
 	cases := []mvCase{
-		{"BF16 1408x2048 expert gate/up", BF16, 1408, 2048, 1},
-		{"BF16 2048x1408 expert down", BF16, 2048, 1408, 1},
-		{"BF16 2048x10944 dense down", BF16, 2048, 10944, 1},
-		{"BF16 2048x2816 shared down", BF16, 2048, 2816, 1},
-		{"BF16 3072x2048 q", BF16, 3072, 2048, 1},
-		{"BF16 576x2048 kv_a", BF16, 576, 2048, 1},
-		{"BF16 16x(512x128) absorbed", BF16, 512, 128, 16},
-		{"BF16 102400x2048 lm_head", BF16, 102400, 2048, 1},
-		{"Q8_0 1408x2048", Q8_0, 1408, 2048, 1},
-		{"F8E4M3 1408x2048", F8E4M3, 1408, 2048, 1},
-		{"F16 1408x2048", F16, 1408, 2048, 1},
-		{"F32 1408x2048", F32, 1408, 2048, 1},
+		{"BF16 1408x2048 expert gate/up", BF16, 1408, 2048, 1, false},
+		{"BF16 2048x1408 expert down", BF16, 2048, 1408, 1, false},
+		{"BF16 2048x10944 dense down", BF16, 2048, 10944, 1, false},
+		{"BF16 2048x2816 shared down", BF16, 2048, 2816, 1, false},
+		{"BF16 3072x2048 q", BF16, 3072, 2048, 1, false},
+		{"BF16 576x2048 kv_a", BF16, 576, 2048, 1, false},
+		{"BF16 16x(512x128) absorbed", BF16, 512, 128, 16, false},
+		{"BF16 102400x2048 lm_head", BF16, 102400, 2048, 1, false},
+		{"Q8_0 1408x2048", Q8_0, 1408, 2048, 1, false},
+		{"Q8_0 1408x2048 int8 act", Q8_0, 1408, 2048, 1, true},
+		{"Q8_0 2048x1408 int8 act", Q8_0, 2048, 1408, 1, true},
+		{"Q4_0 1408x2048 (int8 act)", Q4_0, 1408, 2048, 1, false},
+		{"Q4_0 2048x1408 (int8 act)", Q4_0, 2048, 1408, 1, false},
+		{"F8E4M3 1408x2048", F8E4M3, 1408, 2048, 1, false},
+		{"F16 1408x2048", F16, 1408, 2048, 1, false},
+		{"F32 1408x2048", F32, 1408, 2048, 1, false},
 	}
 	for _, c := range cases {
 		proto := benchMatrix(arena, c.dt, c.rows, c.cols, 7)
@@ -129,6 +135,7 @@ func RunBench(w io.Writer, threads []int) error {
 		ws := make([]*Matrix, copies)
 		for i := range ws {
 			ws[i] = benchMatrix(arena, c.dt, c.rows, c.cols, uint64(i+8))
+			ws[i].ActQ8 = c.act8
 		}
 		x := make([]float32, c.cols)
 		y := make([]float32, c.rows)
@@ -218,6 +225,8 @@ func RunBench(w io.Writer, threads []int) error {
 		{"BF16 x2048 bf16 act n=48 (DP)", BF16, 2048, true, 48},
 		{"Q8_0 x2048 f32 act n=512", Q8_0, 2048, false, 512},
 		{"Q8_0 x2048 f32 act n=48", Q8_0, 2048, false, 48},
+		{"Q8_0 x2048 int8 act n=512", Q8_0, 2048, false, 512},
+		{"Q4_0 x2048 int8 act n=48", Q4_0, 2048, false, 48},
 		{"F8E4M3 x2048 f32 act n=512", F8E4M3, 2048, false, 512},
 	} {
 		n := c.n
@@ -229,6 +238,7 @@ func RunBench(w io.Writer, threads []int) error {
 		for _, t := range threads {
 			rows := 128 * t
 			wm := benchMatrix(arena, c.dt, rows, c.cols, 3)
+			wm.ActQ8 = c.dt == Q8_0 && strings.Contains(c.name, "int8")
 			y := make([]float32, n*rows)
 			flops := 2 * float64(n) * float64(rows) * float64(c.cols)
 			p := pools[t]
@@ -448,7 +458,7 @@ func (a *benchArena) free() {
 func benchMatrix(a *benchArena, dt DType, rows, cols int, seed uint64) *Matrix {
 	m := &Matrix{DType: dt, Rows: rows, Cols: cols}
 	n := rows * cols
-	m.Data = a.bytes(n * elemBytesOf(dt))
+	m.Data = a.bytes(rows * m.rowBytes())
 	fillRandom(m.Data, seed)
 	switch dt {
 	case F32:
@@ -471,7 +481,7 @@ func benchMatrix(a *benchArena, dt DType, rows, cols int, seed uint64) *Matrix {
 			m.Data[i] &= 0xb7
 		}
 		m.Scales = make([]float32, ceilDiv(rows, F8Block)*ceilDiv(cols, F8Block))
-	case Q8_0:
+	case Q8_0, Q4_0:
 		m.Scales = make([]float32, rows*(cols/Q8Block))
 	}
 	for i := range m.Scales {

@@ -74,3 +74,27 @@ func BenchmarkMatVecMany(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkQDot: integer-activation matrix-vector products (Q8_0 weights
+// with int8 activations, Q4_0) at the expert shapes, from cache.
+func BenchmarkQDot(b *testing.B) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	for _, dt := range []DType{Q8_0, Q4_0} {
+		for _, sh := range [][2]int{{1408, 2048}, {2048, 1408}} {
+			w := fastMatrix(uint64(sh[0]), dt, sh[0], sh[1])
+			w.ActQ8 = dt == Q8_0
+			x := randVec(rng, sh[1], 0)
+			y := make([]float32, sh[0])
+			for _, th := range []int{1, 2} {
+				b.Run(fmt.Sprintf("%s/%dx%d/t%d", dt, sh[0], sh[1], th), func(b *testing.B) {
+					p := NewPool(th)
+					defer p.Close()
+					b.SetBytes(w.Bytes())
+					for b.Loop() {
+						p.MatVec(y, w, x)
+					}
+				})
+			}
+		}
+	}
+}

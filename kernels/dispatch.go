@@ -42,6 +42,10 @@ type kernelSet struct {
 	sigmoid           func(x []float32)
 	rope              func(x, cos, sin []float32)
 	mla               func(a *mlaArgs, h0, h1 int)
+	// Integer-activation products, [0] Q8_0 weights, [1] Q4_0, with the
+	// layout of x each wants.
+	qdot [2]qdotFunc
+	qlay [2]*qLayout
 }
 
 var genericKernels = kernelSet{
@@ -60,6 +64,8 @@ var genericKernels = kernelSet{
 	max:               maxGeneric,
 	sigmoid:           sigmoidGeneric,
 	rope:              ropeGeneric,
+	qdot:              [2]qdotFunc{qdotGeneric, qdotGeneric},
+	qlay:              [2]*qLayout{genericLayout, genericLayout},
 }
 
 var impl kernelSet

@@ -29,6 +29,11 @@ func kernelsFor(isa ISA) kernelSet {
 		k.sumSq, k.mulScale = sumSqV512, mulScaleV512
 		k.siluMul, k.sigmoid, k.expSub, k.max = siluMulV512, sigmoidV512, expSubV512, maxV512
 		k.mla = mlaHeadsAVX512
+		if qVNNI512 {
+			k.qdot, k.qlay = qdotVNNI512, qlayVNNI512
+		} else {
+			k.qdot, k.qlay = qdotYMM()
+		}
 	case ISAAVX2:
 		k.isa = ISAAVX2
 		k.matVecRows = matVecRowsAVX2
@@ -36,6 +41,7 @@ func kernelsFor(isa ISA) kernelSet {
 		k.dot, k.axpy, k.scale, k.add = dotV2, axpyV2, scaleV2, addV2
 		k.sumSq, k.mulScale = sumSqV2, mulScaleV2
 		k.max = maxV2
+		k.qdot, k.qlay = qdotYMM()
 	}
 	return k
 }

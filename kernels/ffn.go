@@ -19,7 +19,7 @@ func FFNScratchSize(n, inter int) int { return 2 * n * inter }
 // Mismatched shapes panic.
 func (p *Pool) ExpertFFN(out, x []float32, n int, gate, up, down *Matrix, scratch []float32) {
 	inter, hidden := gate.Rows, gate.Cols
-	if up.Rows != inter || up.Cols != hidden || down.Rows != hidden || down.Cols != inter || gate.DType != up.DType {
+	if up.Rows != inter || up.Cols != hidden || down.Rows != hidden || down.Cols != inter || gate.DType != up.DType || gate.IntAct() != up.IntAct() {
 		panic(fmt.Sprintf("kernels: ExpertFFN shapes gate %dx%d %s, up %dx%d %s, down %dx%d do not form an FFN",
 			gate.Rows, gate.Cols, gate.DType, up.Rows, up.Cols, up.DType, down.Rows, down.Cols))
 	}
@@ -32,11 +32,21 @@ func (p *Pool) ExpertFFN(out, x []float32, n int, gate, up, down *Matrix, scratc
 	}
 	p.streamed += uint64(gate.Bytes() + up.Bytes() + down.Bytes())
 	g, u := scratch[:n*inter], scratch[n*inter:2*n*inter]
-	xe := p.prepare(gate, x, n)
-	p.job = job{kind: jobFFNGateUp, n: inter, grain: rowGrain, chunk: p.rowChunk(gate), w: gate, w2: up, x: x, xe: xe, rows: n, y: g, y2: u}
+	var xa, ga *actQ8
+	var xe, he []float32
+	if gate.IntAct() {
+		xa = p.quantize(0, gate, x, n)
+	} else {
+		xe = p.prepare(gate, x, n)
+	}
+	p.job = job{kind: jobFFNGateUp, n: inter, grain: rowGrain, chunk: p.rowChunk(gate), w: gate, w2: up, x: x, xe: xe, act: xa, rows: n, y: g, y2: u}
 	p.run()
-	he := p.prepare(down, g, n)
-	p.job = job{kind: jobRows, n: hidden, grain: rowGrain, chunk: p.rowChunk(down), w: down, x: g, xe: he, rows: n, y: out}
+	if down.IntAct() {
+		ga = p.quantize(1, down, g, n)
+	} else {
+		he = p.prepare(down, g, n)
+	}
+	p.job = job{kind: jobRows, n: hidden, grain: rowGrain, chunk: p.rowChunk(down), w: down, x: g, xe: he, act: ga, rows: n, y: out}
 	p.run()
 }
 
@@ -58,8 +68,10 @@ func (p *Pool) prepare(w *Matrix, x []float32, n int) []float32 {
 
 // rowsFor computes y = W·x for W rows [lo,hi) and all n x rows on thread
 // id, with whichever kernel MatVec/MatMul would use (xe from prepare).
-func (p *Pool) rowsFor(id int, y []float32, w *Matrix, x, xe []float32, n, lo, hi int) {
+func (p *Pool) rowsFor(id int, y []float32, w *Matrix, x, xe []float32, act *actQ8, n, lo, hi int) {
 	switch {
+	case act != nil:
+		qRows(y, w, act, n, lo, hi)
 	case n == 1:
 		matVecRows(y, w, x, lo, hi, p.scratchFor(id, w.Cols))
 	case xe != nil:

@@ -43,7 +43,11 @@ type Pool struct {
 	oneW    [1]*Matrix
 	oneY    [1][]float32
 	oneX    [1][]float32
-	exited  chan struct{}
+	// Integer-activation products: x rounded per layout (reused), and
+	// for MatVecMany each product's entry in acts (-1: float product).
+	acts   []actQ8
+	actOf  []int
+	exited chan struct{}
 	// streamed counts the weight bytes the products have read (see
 	// WeightBytes). Calls into a Pool are serialised by its callers, as
 	// job is, so a plain counter suffices.
@@ -71,6 +75,8 @@ const (
 	jobFFNGateUp // ExpertFFN: gate and up rows, then SiLU·mul into y
 	jobRows      // y = W·x by rowsFor
 	jobMatVecMany
+	jobQuant // x rows -> act (integer activations)
+	jobQRows // integer-activation product of W rows against act's rows
 )
 
 // job holds the arguments of the current call; storing them in the Pool
@@ -94,6 +100,8 @@ type job struct {
 	ws    []*Matrix   // MatVecMany
 	ys    [][]float32 // MatVecMany
 	xs    [][]float32 // MatVecMany
+	act   *actQ8      // integer activations of x (jobQuant, jobQRows, ExpertFFN)
+	act2  *actQ8      // ExpertFFN: of the down product's input
 	// guided: threads claim chunks that shrink with the work left (see
 	// claimGuided); chunk is then the smallest.
 	guided bool
@@ -285,7 +293,7 @@ func (p *Pool) claimGuided() (lo, hi int) {
 // thread, at least minChunkBytes of weights (claiming and per-chunk set-up
 // cost more than the rows of a small matrix), a multiple of rowGrain.
 func (p *Pool) rowChunk(w *Matrix) int {
-	c := max(ceilDiv(w.Rows, 4*p.threads), ceilDiv(minChunkBytes, max(1, w.Cols*elemBytesOf(w.DType))))
+	c := max(ceilDiv(w.Rows, 4*p.threads), ceilDiv(minChunkBytes, max(1, w.rowBytes())))
 	return max(rowGrain, ceilDiv(c, rowGrain)*rowGrain)
 }
 
@@ -318,15 +326,19 @@ func (p *Pool) runShare(id, lo, hi int) {
 	case jobFFNGateUp:
 		// The gate and up rows [lo,hi) of every token, then SiLU·mul on
 		// exactly those rows: no synchronisation in between.
-		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.rows, lo, hi)
-		p.rowsFor(id, j.y2, j.w2, j.x, j.xe, j.rows, lo, hi)
+		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.act, j.rows, lo, hi)
+		p.rowsFor(id, j.y2, j.w2, j.x, j.xe, j.act, j.rows, lo, hi)
 		inter := j.w.Rows
 		for i := 0; i < j.rows; i++ {
 			g := j.y[i*inter+lo : i*inter+hi]
 			impl.siluMul(g, g, j.y2[i*inter+lo:i*inter+hi])
 		}
 	case jobRows:
-		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.rows, lo, hi)
+		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.act, j.rows, lo, hi)
+	case jobQuant:
+		j.act.quantRows(j.x, lo, hi)
+	case jobQRows:
+		qRows(j.y, j.w, j.act, j.rows, lo, hi)
 	case jobPermuteEO:
 		permuteRows(j.xe, j.x, j.w.Cols, lo, hi)
 	case jobMatMulDot:
@@ -422,6 +434,7 @@ func (p *Pool) matVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	if units == 0 {
 		return
 	}
+	p.prepActs(ws, xs)
 	// At least guidedMinBytes a chunk, unless that would leave some of
 	// many threads without work: then four chunks a thread.
 	minUnits := max(1, min(ceilDiv(guidedMinBytes*units, max(1, bytes)), ceilDiv(units, 4*p.threads)))
@@ -441,7 +454,12 @@ func (p *Pool) manyRows(id, lo, hi int) {
 		}
 		end := min(hi, p.unitEnd[i])
 		w, g := j.ws[i], unitRows(j.ws[i])
-		matVecRows(j.ys[i], w, j.xs[i], (u-start)*g, min(w.Rows, (end-start)*g), p.scratchFor(id, w.Cols))
+		r0, r1 := (u-start)*g, min(w.Rows, (end-start)*g)
+		if a := p.actOf[i]; a >= 0 {
+			impl.qdot[qFormat(w)](j.ys[i], w, &p.acts[a], 0, r0, r1)
+		} else {
+			matVecRows(j.ys[i], w, j.xs[i], r0, r1, p.scratchFor(id, w.Cols))
+		}
 		u = end
 	}
 }
@@ -465,6 +483,12 @@ func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
 		return
 	}
 	p.streamed += uint64(w.Bytes())
+	if w.IntAct() {
+		a := p.quantize(0, w, x, n)
+		p.job = job{kind: jobQRows, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, act: a, rows: n}
+		p.run()
+		return
+	}
 	if xe := p.prepare(w, x, n); xe != nil {
 		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x, xe: xe, rows: n}
 		p.run()
@@ -516,6 +540,59 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 		p.run()
 		p.MatMul(y, w, xr, n)
 	}
+}
+
+// prepActs rounds the inputs of MatVecMany's integer-activation products
+// (once per distinct input and layout) into p.acts and records each
+// product's in p.actOf (-1 for float products).
+func (p *Pool) prepActs(ws []*Matrix, xs [][]float32) {
+	p.actOf = p.actOf[:0]
+	used := 0
+	for i, w := range ws {
+		if !w.IntAct() {
+			p.actOf = append(p.actOf, -1)
+			continue
+		}
+		_, lay := qKernel(w)
+		x := xs[i]
+		j := -1
+		for k := 0; k < used; k++ {
+			if a := &p.acts[k]; a.lay == lay && a.src == &x[0] && a.cols == len(x) {
+				j = k
+				break
+			}
+		}
+		if j < 0 {
+			if used == len(p.acts) {
+				p.acts = append(p.acts, actQ8{})
+			}
+			a := &p.acts[used]
+			a.reset(lay, 1, len(x))
+			a.quantRows(x, 0, 1)
+			a.src = &x[0]
+			j = used
+			used++
+		}
+		p.actOf = append(p.actOf, j)
+	}
+}
+
+// quantize rounds n rows of x for products with w into p.acts[slot]
+// (split across the threads when there are many).
+func (p *Pool) quantize(slot int, w *Matrix, x []float32, n int) *actQ8 {
+	for len(p.acts) <= slot {
+		p.acts = append(p.acts, actQ8{})
+	}
+	_, lay := qKernel(w)
+	a := &p.acts[slot]
+	a.reset(lay, n, w.Cols)
+	if n*w.Cols < 1<<15 {
+		a.quantRows(x, 0, n)
+		return a
+	}
+	p.job = job{kind: jobQuant, n: n, grain: 1, x: x, act: a}
+	p.run()
+	return a
 }
 
 func checkMat(op string, y []float32, w *Matrix, x []float32, n int) {

@@ -51,6 +51,9 @@ func main() {
 	genVec(g)
 	g.write("vec_amd64.s")
 	g = header()
+	genQAct(g)
+	g.write("qact_amd64.s")
+	g = header()
 	genProbe(g)
 	g.write("probe_amd64.s")
 }
