@@ -8,6 +8,8 @@ import (
 	"net"
 	"sync"
 
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"github.com/expertmesh/expertmesh/internal/rpc"
@@ -134,7 +136,12 @@ func (s *service) Step(stream meshpb.AttentionService_StepServer) error {
 		if err != nil {
 			return err
 		}
-		resp, err := s.node.Step(stream.Context(), req)
+		ctx := stream.Context()
+		if len(req.TraceContext) > 0 {
+			// The coordinator's step span parents this step (not the stream).
+			ctx = propagation.TraceContext{}.Extract(ctx, propagation.MapCarrier(req.TraceContext))
+		}
+		resp, err := s.node.Step(ctx, req)
 		if err != nil {
 			return rpc.ToStatus(err)
 		}
@@ -189,6 +196,10 @@ func (c *Client) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.Ste
 			return nil, err
 		}
 		c.stream, c.cancel = st, cancel
+	}
+	if trace.SpanContextFromContext(ctx).IsValid() {
+		req.TraceContext = map[string]string{}
+		propagation.TraceContext{}.Inject(ctx, propagation.MapCarrier(req.TraceContext))
 	}
 	type result struct {
 		resp *meshpb.StepResponse

@@ -927,7 +927,11 @@ type StepRequest struct {
 	// every sequence of an older epoch when it first sees a newer one, and
 	// answers a step of an older epoch than it has seen with
 	// FAILED_PRECONDITION: that coordinator has been superseded.
-	Epoch         uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Epoch uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// trace_context carries the coordinator's W3C trace context (traceparent,
+	// tracestate) per step: one Step stream outlives many steps, so the
+	// stream's own context cannot parent each step's span.
+	TraceContext  map[string]string `protobuf:"bytes,5,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -988,6 +992,13 @@ func (x *StepRequest) GetEpoch() uint64 {
 		return x.Epoch
 	}
 	return 0
+}
+
+func (x *StepRequest) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
 }
 
 type TopLogprob struct {
@@ -1574,12 +1585,16 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\n" +
 	"min_tokens\x18\n" +
 	" \x01(\rR\tminTokens\x12\x1d\n" +
-	"\bstop_ids\x18\v \x03(\x05B\x02\x10\x01R\astopIds\"\x81\x01\n" +
+	"\bstop_ids\x18\v \x03(\x05B\x02\x10\x01R\astopIds\"\x95\x02\n" +
 	"\vStepRequest\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x12*\n" +
 	"\x04work\x18\x02 \x03(\v2\x16.expertmesh.v1.SeqWorkR\x04work\x12\x1c\n" +
 	"\arelease\x18\x03 \x03(\x04B\x02\x10\x01R\arelease\x12\x14\n" +
-	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\"<\n" +
+	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12Q\n" +
+	"\rtrace_context\x18\x05 \x03(\v2,.expertmesh.v1.StepRequest.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"<\n" +
 	"\n" +
 	"TopLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\x05R\x05token\x12\x18\n" +
@@ -1652,7 +1667,7 @@ func file_expertmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_expertmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_expertmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_expertmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_expertmesh_proto_goTypes = []any{
 	(DType)(0),               // 0: expertmesh.v1.DType
 	(*Tensor)(nil),           // 1: expertmesh.v1.Tensor
@@ -1676,6 +1691,7 @@ var file_expertmesh_proto_goTypes = []any{
 	(*NodeInfo)(nil),         // 19: expertmesh.v1.NodeInfo
 	nil,                      // 20: expertmesh.v1.DispatchRequest.TraceContextEntry
 	nil,                      // 21: expertmesh.v1.ExpertStatus.RowsServedEntry
+	nil,                      // 22: expertmesh.v1.StepRequest.TraceContextEntry
 }
 var file_expertmesh_proto_depIdxs = []int32{
 	0,  // 0: expertmesh.v1.Tensor.dtype:type_name -> expertmesh.v1.DType
@@ -1688,27 +1704,28 @@ var file_expertmesh_proto_depIdxs = []int32{
 	21, // 7: expertmesh.v1.ExpertStatus.rows_served:type_name -> expertmesh.v1.ExpertStatus.RowsServedEntry
 	11, // 8: expertmesh.v1.SeqWork.sampling:type_name -> expertmesh.v1.SamplingParams
 	12, // 9: expertmesh.v1.StepRequest.work:type_name -> expertmesh.v1.SeqWork
-	14, // 10: expertmesh.v1.TokenLogprob.top:type_name -> expertmesh.v1.TopLogprob
-	15, // 11: expertmesh.v1.SeqResult.logprob:type_name -> expertmesh.v1.TokenLogprob
-	15, // 12: expertmesh.v1.SeqResult.prompt_logprobs:type_name -> expertmesh.v1.TokenLogprob
-	16, // 13: expertmesh.v1.StepResponse.results:type_name -> expertmesh.v1.SeqResult
-	2,  // 14: expertmesh.v1.ExpertService.Dispatch:input_type -> expertmesh.v1.DispatchRequest
-	5,  // 15: expertmesh.v1.ExpertService.Load:input_type -> expertmesh.v1.LoadRequest
-	7,  // 16: expertmesh.v1.ExpertService.Drop:input_type -> expertmesh.v1.DropRequest
-	9,  // 17: expertmesh.v1.ExpertService.Status:input_type -> expertmesh.v1.StatusRequest
-	13, // 18: expertmesh.v1.AttentionService.Step:input_type -> expertmesh.v1.StepRequest
-	18, // 19: expertmesh.v1.AttentionService.Info:input_type -> expertmesh.v1.InfoRequest
-	3,  // 20: expertmesh.v1.ExpertService.Dispatch:output_type -> expertmesh.v1.DispatchResponse
-	6,  // 21: expertmesh.v1.ExpertService.Load:output_type -> expertmesh.v1.LoadResponse
-	8,  // 22: expertmesh.v1.ExpertService.Drop:output_type -> expertmesh.v1.DropResponse
-	10, // 23: expertmesh.v1.ExpertService.Status:output_type -> expertmesh.v1.ExpertStatus
-	17, // 24: expertmesh.v1.AttentionService.Step:output_type -> expertmesh.v1.StepResponse
-	19, // 25: expertmesh.v1.AttentionService.Info:output_type -> expertmesh.v1.NodeInfo
-	20, // [20:26] is the sub-list for method output_type
-	14, // [14:20] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	22, // 10: expertmesh.v1.StepRequest.trace_context:type_name -> expertmesh.v1.StepRequest.TraceContextEntry
+	14, // 11: expertmesh.v1.TokenLogprob.top:type_name -> expertmesh.v1.TopLogprob
+	15, // 12: expertmesh.v1.SeqResult.logprob:type_name -> expertmesh.v1.TokenLogprob
+	15, // 13: expertmesh.v1.SeqResult.prompt_logprobs:type_name -> expertmesh.v1.TokenLogprob
+	16, // 14: expertmesh.v1.StepResponse.results:type_name -> expertmesh.v1.SeqResult
+	2,  // 15: expertmesh.v1.ExpertService.Dispatch:input_type -> expertmesh.v1.DispatchRequest
+	5,  // 16: expertmesh.v1.ExpertService.Load:input_type -> expertmesh.v1.LoadRequest
+	7,  // 17: expertmesh.v1.ExpertService.Drop:input_type -> expertmesh.v1.DropRequest
+	9,  // 18: expertmesh.v1.ExpertService.Status:input_type -> expertmesh.v1.StatusRequest
+	13, // 19: expertmesh.v1.AttentionService.Step:input_type -> expertmesh.v1.StepRequest
+	18, // 20: expertmesh.v1.AttentionService.Info:input_type -> expertmesh.v1.InfoRequest
+	3,  // 21: expertmesh.v1.ExpertService.Dispatch:output_type -> expertmesh.v1.DispatchResponse
+	6,  // 22: expertmesh.v1.ExpertService.Load:output_type -> expertmesh.v1.LoadResponse
+	8,  // 23: expertmesh.v1.ExpertService.Drop:output_type -> expertmesh.v1.DropResponse
+	10, // 24: expertmesh.v1.ExpertService.Status:output_type -> expertmesh.v1.ExpertStatus
+	17, // 25: expertmesh.v1.AttentionService.Step:output_type -> expertmesh.v1.StepResponse
+	19, // 26: expertmesh.v1.AttentionService.Info:output_type -> expertmesh.v1.NodeInfo
+	21, // [21:27] is the sub-list for method output_type
+	15, // [15:21] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_expertmesh_proto_init() }
@@ -1722,7 +1739,7 @@ func file_expertmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_expertmesh_proto_rawDesc), len(file_expertmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   21,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
