@@ -20,6 +20,7 @@ func runGenModel(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	out := fs.String("out", "", "directory to write the checkpoint into (required)")
 	seed := fs.Uint64("seed", 1, "random seed of the weights")
 	tok := fs.String("tokenizer", "", "model directory whose tokenizer to use (vocab grows to cover it); default: a small byte-level tokenizer")
+	zipf := fs.Float64("zipf", 0, "skew expert popularity: in every MoE layer the expert of rank r is chosen by a fraction of tokens ∝ r^-S (capped at 0.4), other experts hot in each layer; only the router gates change (0: off)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -31,7 +32,7 @@ func runGenModel(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if !ok {
 		return fmt.Errorf("--preset %q: unknown (have %s)", *preset, strings.Join(model.PresetNames(), ", "))
 	}
-	if err := model.GenerateCheckpoint(*out, p, model.GenOptions{Seed: *seed, TokenizerDir: *tok}); err != nil {
+	if err := model.GenerateCheckpoint(*out, p, model.GenOptions{Seed: *seed, TokenizerDir: *tok, Zipf: *zipf}); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "wrote %s (%s) to %s\n", p.Name, p.Description, *out)

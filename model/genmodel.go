@@ -121,6 +121,12 @@ type GenOptions struct {
 	// cover every id of that tokenizer. Empty means a small byte-level
 	// tokenizer sized to the preset's vocabulary.
 	TokenizerDir string
+	// Zipf, if > 0, skews expert popularity: in every MoE layer the
+	// expert of rank r is chosen by a fraction ∝ r^−Zipf of the tokens
+	// (capped at 0.4: see genmodel_zipf.go), different experts hot in
+	// each layer, under the model's own routing. Only the router gate
+	// weights differ from the checkpoint without it (--zipf).
+	Zipf float64
 }
 
 // GenerateCheckpoint writes a random-weight checkpoint of preset p into
@@ -163,6 +169,9 @@ func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
 	if err != nil {
 		return fmt.Errorf("preset %s: %w", p.Name, err)
 	}
+	if opt.Zipf < 0 || math.IsNaN(opt.Zipf) || math.IsInf(opt.Zipf, 0) {
+		return fmt.Errorf("--zipf %v: want an exponent >= 0", opt.Zipf)
+	}
 	specs, init := checkpointSpecs(cfg)
 	fill := func(s safetensors.TensorSpec, dst []byte) error {
 		fillTensor(dst, s, init[s.Name], opt.Seed)
@@ -176,7 +185,25 @@ func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
 	if err := writeJSON(filepath.Join(dir, "generation_config.json"), gen); err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, "config.json"), append(cfgJSON, '\n'), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), append(cfgJSON, '\n'), 0o644); err != nil {
+		return err
+	}
+	if opt.Zipf == 0 || cfg.NumExperts() == 0 {
+		return nil
+	}
+	// Calibrate the routers on the checkpoint as written, then write the
+	// weights again with the gate rows scaled (the same draws otherwise).
+	scales, err := zipfGateScales(dir, opt.Zipf, opt.Seed)
+	if err != nil {
+		return err
+	}
+	return safetensors.WriteSharded(dir, specs, p.ShardBytes, func(s safetensors.TensorSpec, dst []byte) error {
+		fillTensor(dst, s, init[s.Name], opt.Seed)
+		if l, ok := gateLayer(s.Name, cfg.NumHiddenLayers); ok && scales[l] != nil {
+			scaleGateRows(dst, scales[l])
+		}
+		return nil
+	})
 }
 
 func writeJSON(path string, v any) error {
