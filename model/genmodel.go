@@ -134,6 +134,9 @@ type GenOptions struct {
 // safetensors with model.safetensors.index.json. Weights are scaled so
 // activations stay well-conditioned and logits are not degenerate.
 func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
+	if opt.Zipf < 0 || math.IsNaN(opt.Zipf) || math.IsInf(opt.Zipf, 0) {
+		return fmt.Errorf("--zipf %v: want an exponent >= 0", opt.Zipf)
+	}
 	cfgMap := map[string]any{}
 	merge(cfgMap, p.Config)
 	if opt.VocabSize > 0 {
@@ -168,9 +171,6 @@ func GenerateCheckpoint(dir string, p Preset, opt GenOptions) error {
 	cfg, err := ParseConfig(cfgJSON)
 	if err != nil {
 		return fmt.Errorf("preset %s: %w", p.Name, err)
-	}
-	if opt.Zipf < 0 || math.IsNaN(opt.Zipf) || math.IsInf(opt.Zipf, 0) {
-		return fmt.Errorf("--zipf %v: want an exponent >= 0", opt.Zipf)
 	}
 	specs, init := checkpointSpecs(cfg)
 	fill := func(s safetensors.TensorSpec, dst []byte) error {
