@@ -57,7 +57,7 @@ func addEngineFlags(fs interface {
 	return engineFlags{
 		model:    fs.String("model", "", "checkpoint directory in HF layout (required)"),
 		threads:  fs.Int("threads", 0, "compute threads (0: all cores)"),
-		quantize: fs.String("quantize", "", "convert weights at load: q8 (int8, per-32 block scales)"),
+		quantize: fs.String("quantize", "", "convert weights at load: q8 (int8, per-32 block scales: every linear weight but the router and kv_b_proj) or q4 (routed experts 4-bit Q4_0, the rest as q8)"),
 		weights:  fs.String("weights", "auto", weightsUsage),
 	}
 }
@@ -66,14 +66,9 @@ func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
 	if *f.model == "" {
 		return nil, nil, fmt.Errorf("--model is required")
 	}
-	var opts model.LoadOptions
-	switch *f.quantize {
-	case "":
-	case "q8":
-		q := kernels.Q8_0
-		opts.Quantize = &q
-	default:
-		return nil, nil, fmt.Errorf("--quantize %q: want q8 or nothing", *f.quantize)
+	opts := model.LoadOptions{Threads: *f.threads}
+	if err := model.ParseQuantize(*f.quantize, &opts); err != nil {
+		return nil, nil, err
 	}
 	residency, err := model.ParseResidency(*f.weights)
 	if err != nil {
@@ -106,7 +101,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	chunk := fs.Int("prefill-chunk", 512, "prompt tokens per prefill step")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the generation to this file")
 	roofline := fs.Bool("roofline", false, "also run a 128 MiB read probe after each decode step and report each step's weight streaming rate as a fraction of it (the bandwidth roofline); decode tokens/s then leaves the probes out")
-	precision := fs.String("precision", "exact", "exact (float32 activations) or bf16 (BF16 activations in prefill products; the router stays float32)")
+	precision := fs.String("precision", "exact", "exact (float32 activations), bf16 (BF16 activations in prefill products; the router stays float32) or int8 (activations rounded to Q8_0 blocks in every product with quantised weights, prefill and decode: needs --quantize; Q4_0 experts always take int8 activations)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -150,8 +145,12 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		if r, ok := eng.Experts.(*model.ExpertRunner); ok {
 			r.BF16Act = true
 		}
+	case "int8":
+		if w.SetIntActivations(true) == 0 {
+			return fmt.Errorf("--precision int8: no Q8_0 weights to use it with (add --quantize q8 or q4)")
+		}
 	default:
-		return fmt.Errorf("--precision %q: want exact or bf16", *precision)
+		return fmt.Errorf("--precision %q: want exact, bf16 or int8", *precision)
 	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)

@@ -142,6 +142,7 @@ func (w *Weights) CopyExpert(l, e int) (*ResidentExpert, error) {
 		n := len(mat.Data)
 		r.data[i] = buf[off : off+n : off+n]
 		copy(r.data[i], mat.Data)
+		w.dropMapped(mat.Data) // not both resident: the copy serves from now on
 		off += (n + 63) &^ 63
 	}
 	return r, nil

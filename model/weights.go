@@ -69,6 +69,12 @@ type Weights struct {
 
 	ckpt    *safetensors.Checkpoint
 	release []func() error // resident copies to free on Close
+	// mapped records where the checkpoint's tensors are mapped (nil for
+	// weights not bound from a checkpoint); arena holds what was
+	// converted at load (already resident, never copied again).
+	mapped  *mappedRanges
+	arena   *arena
+	inArena map[*kernels.Matrix]bool
 }
 
 // LoadOptions selects what a process loads. The zero value loads
@@ -81,8 +87,13 @@ type LoadOptions struct {
 	// experts and lm_head (an expert node).
 	ExpertsOnly bool
 	// Quantize, if set, converts every linear weight except the router gate
-	// to this format at load (kernels.Q8_0 is the only one supported).
+	// and kv_b_proj to this format at load (kernels.Q8_0 or kernels.Q4_0).
 	Quantize *kernels.DType
+	// ExpertQuantize, if set, converts the routed experts to this format
+	// instead (see ParseQuantize).
+	ExpertQuantize *kernels.DType
+	// Threads bounds the goroutines that quantise at load (0: all cores).
+	Threads int
 }
 
 // Load opens dir's config and checkpoint and binds every tensor the options
@@ -111,6 +122,12 @@ func (w *Weights) Close() error {
 		errs = append(errs, r())
 	}
 	w.release = nil
+	if w.arena != nil {
+		for _, r := range w.arena.release {
+			errs = append(errs, r())
+		}
+		w.arena = nil
+	}
 	if w.ckpt != nil {
 		errs = append(errs, w.ckpt.Close())
 		w.ckpt = nil
@@ -120,8 +137,12 @@ func (w *Weights) Close() error {
 
 // Bind binds the checkpoint's tensors to c.
 func Bind(c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, error) {
-	b := binder{c: c, ck: ck, quant: opts.Quantize}
-	w := &Weights{Config: c, ckpt: ck, Layers: make([]Layer, c.NumHiddenLayers)}
+	w := &Weights{Config: c, ckpt: ck, Layers: make([]Layer, c.NumHiddenLayers),
+		mapped: &mappedRanges{}, arena: &arena{}, inArena: map[*kernels.Matrix]bool{}}
+	b := binder{c: c, ck: ck, quant: opts.Quantize, expertQuant: opts.ExpertQuantize, w: w}
+	if b.expertQuant == nil {
+		b.expertQuant = b.quant
+	}
 	h := c.HiddenSize
 	if !opts.ExpertsOnly {
 		w.Embed = b.matrix("model.embed_tokens.weight", c.VocabSize, h, false)
@@ -165,11 +186,16 @@ func Bind(c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, er
 		}
 		for e := range l.MoE.Experts {
 			if opts.Expert == nil || opts.Expert(i, e) {
-				l.MoE.Experts[e] = b.mlp(fmt.Sprintf("%smlp.experts.%d.", p, e), c.MoEIntermediateSize)
+				l.MoE.Experts[e] = b.mlpAs(fmt.Sprintf("%smlp.experts.%d.", p, e), c.MoEIntermediateSize, b.expertQuant)
 			}
 		}
 	}
+	if b.err == nil {
+		b.runQuant(opts.Threads)
+	}
 	if b.err != nil {
+		w.ckpt = nil // the caller closes the checkpoint
+		w.Close()
 		return nil, b.err
 	}
 	return w, nil
@@ -177,10 +203,20 @@ func Bind(c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, er
 
 // binder accumulates the first error so binding reads as a flat list.
 type binder struct {
-	c     *Config
-	ck    *safetensors.Checkpoint
-	quant *kernels.DType
-	err   error
+	c           *Config
+	ck          *safetensors.Checkpoint
+	quant       *kernels.DType
+	expertQuant *kernels.DType
+	w           *Weights
+	err         error
+	// pending conversions, run in parallel once everything is bound.
+	jobs []quantJob
+}
+
+// quantJob converts src into dst (whose buffers are already placed).
+type quantJob struct {
+	name     string
+	src, dst *kernels.Matrix
 }
 
 func (b *binder) fail(format string, args ...any) {
@@ -200,6 +236,7 @@ func (b *binder) tensor(name string) *safetensors.Tensor {
 		}
 		return nil
 	}
+	b.w.mapped.add(t.Data)
 	return t
 }
 
@@ -250,22 +287,56 @@ func (b *binder) matrix(name string, rows, cols int, quantizable bool) *kernels.
 		return nil
 	}
 	if quantizable {
-		return b.quantize(name, m)
+		return b.quantize(name, m, b.quant)
 	}
 	return m
 }
 
-// quantize converts m when LoadOptions.Quantize asks for it.
-func (b *binder) quantize(name string, m *kernels.Matrix) *kernels.Matrix {
-	if b.quant == nil || m.DType == *b.quant {
+// quantize returns m converted to dt (nil: m itself): a matrix whose
+// buffers are placed in the arena now and filled by runQuant.
+func (b *binder) quantize(name string, m *kernels.Matrix, dt *kernels.DType) *kernels.Matrix {
+	if dt == nil || m.DType == *dt {
 		return m
 	}
-	q, err := kernels.QuantizeQ8(m)
+	if *dt != kernels.Q8_0 && *dt != kernels.Q4_0 {
+		b.fail("tensor %s: cannot quantize to %s (Q8_0 or Q4_0)", name, *dt)
+		return nil
+	}
+	if m.Cols%kernels.Q8Block != 0 {
+		return m // rows that are not whole blocks stay as stored
+	}
+	n := m.Rows * m.Cols
+	if *dt == kernels.Q4_0 {
+		n /= 2
+	}
+	data, err := b.w.arena.bytes(n)
 	if err != nil {
 		b.fail("tensor %s: quantize: %v", name, err)
 		return nil
 	}
+	scales, err := b.w.arena.floats(m.Rows * m.Cols / kernels.Q8Block)
+	if err != nil {
+		b.fail("tensor %s: quantize: %v", name, err)
+		return nil
+	}
+	q := &kernels.Matrix{DType: *dt, Rows: m.Rows, Cols: m.Cols, Data: data, Scales: scales}
+	b.w.inArena[q] = true
+	b.jobs = append(b.jobs, quantJob{name: name, src: m, dst: q})
 	return q
+}
+
+// runQuant fills every converted matrix, in parallel, dropping each
+// source's mapped pages once it is read.
+func (b *binder) runQuant(threads int) {
+	parallel(threads, b.jobs, func(j quantJob) {
+		if j.dst.DType == kernels.Q4_0 {
+			kernels.QuantizeQ4Into(j.dst.Data, j.dst.Scales, j.src)
+		} else {
+			kernels.QuantizeQ8Into(j.dst.Data, j.dst.Scales, j.src)
+		}
+		b.w.dropMapped(j.src.Data)
+	})
+	b.jobs = nil
 }
 
 // denseDType maps the unscaled safetensors dtypes the kernels read as is.
@@ -315,11 +386,23 @@ func (b *binder) asMatrix(name string, t *safetensors.Tensor, rows, cols int) (*
 }
 
 func (b *binder) mlp(prefix string, inter int) *MLP {
+	return b.mlpAs(prefix, inter, b.quant)
+}
+
+// mlpAs binds an MLP converting its weights to dt (nil: as stored).
+func (b *binder) mlpAs(prefix string, inter int, dt *kernels.DType) *MLP {
 	h := b.c.HiddenSize
+	mat := func(name string, rows, cols int) *kernels.Matrix {
+		m := b.matrix(name, rows, cols, false)
+		if m == nil {
+			return nil
+		}
+		return b.quantize(name, m, dt)
+	}
 	return &MLP{
-		Gate: b.matrix(prefix+"gate_proj.weight", inter, h, true),
-		Up:   b.matrix(prefix+"up_proj.weight", inter, h, true),
-		Down: b.matrix(prefix+"down_proj.weight", h, inter, true),
+		Gate: mat(prefix+"gate_proj.weight", inter, h),
+		Up:   mat(prefix+"up_proj.weight", inter, h),
+		Down: mat(prefix+"down_proj.weight", h, inter),
 	}
 }
 
@@ -345,7 +428,7 @@ func (b *binder) fusedExperts(m *MoE, p string, layer int, want func(layer, expe
 			return nil
 		}
 		es := t.DType.Size()
-		return b.quantize(name, &kernels.Matrix{DType: dt, Rows: rows, Cols: cols, Data: t.Data[first*cols*es : (first+rows)*cols*es]})
+		return b.quantize(name, &kernels.Matrix{DType: dt, Rows: rows, Cols: cols, Data: t.Data[first*cols*es : (first+rows)*cols*es]}, b.expertQuant)
 	}
 	for e := range m.Experts {
 		if want != nil && !want(layer, e) {
@@ -506,7 +589,12 @@ func (w *Weights) Warm(threads int) {
 // pages. It costs the weights' size in resident memory (see Place).
 // Matrices already converted at load (quantised, absorbed) move too.
 func (w *Weights) MakeResident(threads int) error {
-	mats := w.matrices()
+	var mats []*kernels.Matrix
+	for _, m := range w.matrices() {
+		if !w.inArena[m] { // converted at load: resident already
+			mats = append(mats, m)
+		}
+	}
 	var total int
 	offs := make([]int, len(mats))
 	for i, m := range mats {
@@ -528,9 +616,17 @@ func (w *Weights) MakeResident(threads int) error {
 		m := mats[i]
 		dst := buf[offs[i] : offs[i]+len(m.Data) : offs[i]+len(m.Data)]
 		copy(dst, m.Data)
+		// The mapped pages are not read again: drop them now, so the
+		// copy and the mapping are never both resident (peak RSS stays
+		// near the weights' size).
+		src := m.Data
 		m.Data = dst
+		w.dropMapped(src)
 	})
 	w.release = append(w.release, release)
+	// Nothing reads the mapping any more: drop what is left of it (the
+	// pages tensors share at their edges, and the norms read at load).
+	w.mapped.dropAll()
 	// The absorbed per-head views point into kv_b_proj's old bytes; rebuild
 	// them over the resident copy.
 	for i := range w.Layers {
