@@ -21,6 +21,21 @@ type Breakdown struct {
 	Source string `json:"source,omitempty"`
 	// Layers in the order the step runs them.
 	Layers []LayerTiming `json:"layers"`
+	// TailMs is the time after the last layer: final norm and LM head
+	// (0 when unknown).
+	TailMs float64 `json:"tail_ms,omitempty"`
+	// OutsideMs is the step's time outside its micro-batches: admitting
+	// new sequences before, sampling and bookkeeping after (0 when
+	// unknown).
+	OutsideMs float64 `json:"outside_ms,omitempty"`
+	// StepMs is the measured step, for comparison with the layers plus
+	// the tail; MicroBatchMs the measured micro-batch the layers are of
+	// (the last to end in its step); Steps counts the steps the means are
+	// over, MicroBatches the micro-batches per step (0 when unknown).
+	StepMs       float64 `json:"step_ms,omitempty"`
+	MicroBatchMs float64 `json:"micro_batch_ms,omitempty"`
+	Steps        int     `json:"steps,omitempty"`
+	MicroBatches int     `json:"micro_batches,omitempty"`
 }
 
 // LayerTiming is one layer of one step, in milliseconds. Dense layers have
@@ -28,15 +43,17 @@ type Breakdown struct {
 type LayerTiming struct {
 	Layer int `json:"layer"`
 	// AttentionMs is the attention node's own work: norms, MLA, router,
-	// shared experts.
+	// shared experts (with ping-pong micro-batches, also the wait for the
+	// other micro-batch's compute).
 	AttentionMs float64 `json:"attention_ms"`
-	// DispatchWireMs is time on the wire to and from expert nodes (round
-	// trip minus the slowest node's compute).
+	// DispatchWireMs is time on the wire to and from expert nodes: the
+	// mean round trip minus the mean expert compute (serialisation,
+	// network, queueing on the expert node).
 	DispatchWireMs float64 `json:"dispatch_wire_ms"`
-	// ExpertComputeMs is the slowest expert node's compute for the layer.
+	// ExpertComputeMs is the mean expert node's compute for the layer.
 	ExpertComputeMs float64 `json:"expert_compute_ms"`
-	// SlowestWaitMs is how long the attention node waited for the last
-	// expert node after the others had answered (straggler time).
+	// SlowestWaitMs is how much longer the layer's dispatch took than the
+	// mean node's round trip: the cost of waiting for the slowest node.
 	SlowestWaitMs float64 `json:"slowest_wait_ms"`
 }
 
@@ -49,6 +66,11 @@ func (l LayerTiming) Total() float64 {
 func (b *Breakdown) Validate() error {
 	if len(b.Layers) == 0 {
 		return fmt.Errorf("layer_breakdown has no layers")
+	}
+	for _, v := range []float64{b.TailMs, b.OutsideMs, b.StepMs, b.MicroBatchMs} {
+		if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
+			return fmt.Errorf("layer_breakdown: tail_ms, outside_ms, step_ms and micro_batch_ms must be finite and non-negative")
+		}
 	}
 	for i, l := range b.Layers {
 		for _, v := range []float64{l.AttentionMs, l.DispatchWireMs, l.ExpertComputeMs, l.SlowestWaitMs} {

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/expertmesh/expertmesh/internal/telemetry"
 )
 
 // Config is one benchmark run. Field comments name the flag of `expertmesh
@@ -108,6 +110,20 @@ type Config struct {
 	// and layer_breakdown in the result (--cluster-stats). Servers without
 	// the endpoint are skipped silently.
 	ClusterStats bool
+
+	// OTLPListen, when set, runs an OTLP receiver on this address for the
+	// run (--otlp-listen; OTLP/HTTP on /v1/traces and OTLP/gRPC on one
+	// port). A cluster exporting its traces to it (OTEL_EXPORTER_OTLP_ENDPOINT
+	// or --otlp-endpoint http://ADDR) yields the per-layer breakdown and
+	// the expert load of the measured requests (BreakdownFromSpans).
+	OTLPListen string
+	// Traces, when set, is a receiver the caller runs (sweeps keep one
+	// across runs); it is used like OTLPListen's.
+	Traces *telemetry.Receiver
+	// TraceSettle is how long no span may arrive after the run before its
+	// spans count as complete (default 3 s: above the exporters' 1 s
+	// batch delay).
+	TraceSettle time.Duration
 
 	// Progress, when set, receives a live progress line ("\r"-rewritten).
 	Progress io.Writer

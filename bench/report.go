@@ -184,6 +184,11 @@ func clusterSections(b *strings.Builder, runs []*Result, names []string) {
 			if bd.Source != "" {
 				fmt.Fprintf(b, `<p>Source: %s</p>`, esc(bd.Source))
 			}
+			if bd.StepMs > 0 {
+				fmt.Fprintf(b, `<p>Layers %s ms + LM head %s ms + outside the micro-batches %s ms = %s ms; measured step: %s ms (%d micro-batch(es) per step; the critical one lasts %s ms). The first MoE layer's attention also holds the embedding and the dense layers before it; with ping-pong, attention includes waiting for the other micro-batch.</p>`,
+					fmtNum(bd.LayersMs()), fmtNum(bd.TailMs), fmtNum(bd.OutsideMs), fmtNum(bd.LayersMs()+bd.TailMs+bd.OutsideMs),
+					fmtNum(bd.StepMs), bd.MicroBatches, fmtNum(bd.MicroBatchMs))
+			}
 			b.WriteString(timelineSVG(fmt.Sprintf("plot-layers-%d", i), bd))
 		}
 	}

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/expertmesh/expertmesh/internal/telemetry"
 )
 
 // Run benchmarks the server cfg names and returns the result. It returns
@@ -67,6 +69,16 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		before, _ = FetchCluster(ctx, hc, root, cfg.APIKey)
 	}
 
+	rcv := cfg.Traces
+	if rcv == nil && cfg.OTLPListen != "" {
+		rcv = telemetry.NewReceiver()
+		if err := rcv.Listen(cfg.OTLPListen); err != nil {
+			return nil, fmt.Errorf("--otlp-listen: %w", err)
+		}
+		defer rcv.Close()
+		fmt.Fprintf(logw, "OTLP receiver on %s: export the cluster's traces there (OTEL_EXPORTER_OTLP_ENDPOINT=%s)\n", rcv.Addr(), rcv.Endpoint())
+	}
+
 	c := &client{http: hc, url: root + cfg.Endpoint, model: cfg.Model, cfg: &cfg}
 	if cfg.Warmup > 0 {
 		fmt.Fprintf(logw, "Warming up with %d requests...\n", cfg.Warmup)
@@ -95,6 +107,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		fmt.Fprintf(logw, "Duration: %v\n", cfg.Duration)
 	}
 
+	traceStart := time.Now()
 	outs, dur, err := dispatch(ctx, c, &cfg, reqs)
 	if err != nil {
 		return nil, err
@@ -151,6 +164,26 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			if r.LayerBreakdown != nil && r.LayerBreakdown.Source == "" {
 				r.LayerBreakdown.Source = "GET /v1/cluster"
 			}
+		}
+	}
+	if rcv != nil {
+		settle := cfg.TraceSettle
+		if settle <= 0 {
+			settle = 3 * time.Second
+		}
+		spans := rcv.Settle(ctx, settle)
+		bd, el, err := BreakdownFromSpans(spans, traceStart)
+		if err != nil {
+			fmt.Fprintf(logw, "warning: no per-layer breakdown from traces: %v\n", err)
+		} else {
+			// Traces of the measured requests beat the server's summary.
+			r.LayerBreakdown = bd
+			if r.ExpertLoad == nil {
+				r.ExpertLoad = el
+			}
+		}
+		if n := rcv.Dropped(); n > 0 {
+			fmt.Fprintf(logw, "warning: the OTLP receiver dropped %d spans (more than it keeps)\n", n)
 		}
 	}
 	return r, nil

@@ -307,9 +307,18 @@ var phaseNames = [4]string{"attention", "dispatch (wire)", "expert compute", "sl
 // end to end after the previous layer's.
 func timelineSVG(id string, bd *Breakdown) string {
 	rows := len(bd.Layers)
-	total := 0.0
+	total := bd.TailMs + bd.OutsideMs
 	for _, l := range bd.Layers {
 		total += l.Total()
+	}
+	extra := []struct {
+		label, title string
+		v            float64
+	}{{"LM head", "final norm and LM head", bd.TailMs}, {"sampling etc.", "outside the micro-batches: admission, sampling, bookkeeping", bd.OutsideMs}}
+	for _, e := range extra {
+		if e.v > 0 {
+			rows++
+		}
 	}
 	if total <= 0 {
 		total = 1
@@ -348,6 +357,21 @@ func timelineSVG(id string, bd *Breakdown) string {
 			}
 			t += v
 		}
+	}
+	// After the last layer, on the attention node: the LM head, then the
+	// step's work outside its micro-batches.
+	i := len(bd.Layers)
+	for _, e := range extra {
+		if e.v <= 0 {
+			continue
+		}
+		y := float64(top) + rowH*float64(i)
+		fmt.Fprintf(&b, `<text x="%d" y="%s" font-size="10" text-anchor="end" fill="%s">%s</text>`, marginL-4, num(y+rowH/2+3), colorText, e.label)
+		x, w := a.px(t), a.px(t+e.v)-a.px(t)
+		fmt.Fprintf(&b, `<path class="seg" d="M%s %sh%sv%sh-%sz" fill="%s"><title>%s: %s ms</title></path>`,
+			num(x), num(y+1), num(max(w, 0.5)), num(max(rowH-2, 1)), num(max(w, 0.5)), phaseColors[0], e.title, tickLabel(e.v))
+		t += e.v
+		i++
 	}
 	fmt.Fprintf(&b, `<path class="frame" d="M%d %dV%sH%d" stroke="%s" fill="none"/>`, marginL, top, num(bottom), marginL+innerW, colorText)
 	for _, v := range xt {

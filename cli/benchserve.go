@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/expertmesh/expertmesh/bench"
 	"github.com/expertmesh/expertmesh/tokenizer"
@@ -75,6 +76,8 @@ flags:
 	dir := fs.String("result-dir", "", "directory for the result JSON and HTML report")
 	name := fs.String("result-filename", "", "result JSON file name (default: vLLM's LABEL-RATEqps[-concurrencyN]-MODEL-DATE.json)")
 	fs.BoolVar(&cfg.ClusterStats, "cluster-stats", true, "read expert_load and layer_breakdown from GET /v1/cluster before and after the run, when the server has it")
+	fs.StringVar(&cfg.OTLPListen, "otlp-listen", "", "run an OTLP receiver (HTTP /v1/traces and gRPC, one port) on HOST:PORT; a cluster exporting its traces there (--otlp-endpoint http://HOST:PORT) gives the report a per-layer breakdown and the expert load")
+	fs.DurationVar(&cfg.TraceSettle, "otlp-settle", 3*time.Second, "with --otlp-listen: after the run, wait until no span arrived for this long")
 	noBar := fs.Bool("disable-tqdm", false, "no progress bar (there is none anyway when stderr is not a terminal)")
 	if err := parse(fs, joinGoodputArgs(args)); err != nil {
 		return err

@@ -293,5 +293,26 @@ func (r *Receiver) WaitFor(ctx context.Context, ok func([]Span) bool) error {
 	}
 }
 
+// Settle waits until no export has arrived for quiet (exporters batch:
+// the cluster's last spans arrive one schedule delay after they ended),
+// or ctx ends. It returns the spans received by then.
+func (r *Receiver) Settle(ctx context.Context, quiet time.Duration) []Span {
+	t := time.NewTimer(quiet)
+	defer t.Stop()
+	for {
+		r.mu.Lock()
+		ch := r.notify
+		r.mu.Unlock()
+		select {
+		case <-ch:
+			t.Reset(quiet)
+		case <-t.C:
+			return r.Spans()
+		case <-ctx.Done():
+			return r.Spans()
+		}
+	}
+}
+
 // ErrNoSpans is returned by analyses given no spans of the kind they need.
 var ErrNoSpans = errors.New("no spans")
