@@ -121,6 +121,10 @@ type RemoteExperts struct {
 	// onStuck, if set (tests), is called when a dispatch finds no usable
 	// replica and starts waiting for a Routing.
 	onStuck func()
+	// load counts routed and served tokens (LoadStats); choice keeps the
+	// replica choice's credits (load_share.go).
+	load   *LoadStats
+	choice shareChoice
 
 	mu struct {
 		sync.Mutex
@@ -153,6 +157,7 @@ func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *Remote
 	}
 	r.tracer = tp.Tracer(tracerName)
 	r.metrics = cfg.Metrics
+	r.load = NewLoadStats(0)
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	r.mu.conns = map[string]*expertConn{}
 	r.wg.Add(1)
@@ -339,6 +344,7 @@ func (r *RemoteExperts) StartRoutedExperts(ctx context.Context, layer int, x []f
 		signal: make(chan struct{}, 1), avoid: map[string]bool{}, tries: map[string]int{}}
 	d.latest, d.change = r.view.Routing()
 	d.use(pin.routing())
+	r.load.route(d.rt.Table.Shape(), layer, ids[:n*k])
 	d.need = make([]int32, n*k)
 	for i, id := range ids[:n*k] {
 		d.need[i] = -1
@@ -450,10 +456,11 @@ func (d *dispatch) launch(now time.Time) {
 }
 
 // plan assigns every slot in need to a replica: among the usable ones not
-// avoided, prefer a healthy connection, then the fewest outstanding rows
-// (rows in flight to the node plus rows this plan adds; a slot of a row
-// already going to the node adds none), then replica order. One attempt
-// per node carries each of its rows once.
+// avoided, those with a healthy connection if there are any, chosen in
+// proportion to the planned shares (see load_share.go: credits, a row's
+// slots kept together where the credits allow, least outstanding work
+// as the correction for a node falling behind). One attempt per node
+// carries each of its rows once.
 func (d *dispatch) plan(now time.Time) {
 	if d.pending == 0 {
 		return
@@ -464,14 +471,19 @@ func (d *dispatch) plan(now time.Time) {
 	conns := make([]*expertConn, nodes)
 	load := make([]int64, nodes)
 	var order []*attempt
+	var cands []candidate
+	d.r.choice.mu.Lock()
+	shares := d.r.choice.forTableLocked(rt.Table)
 	for i := range d.n {
 		for s := range d.k {
 			id := d.need[i*d.k+s]
 			if id < 0 {
 				continue
 			}
-			best, bestDown, bestCost, bestThere := -1, false, int64(0), false
-			for _, ri16 := range rt.Table.Replicas(d.layer, int(id)) {
+			rs := rt.Table.Replicas(d.layer, int(id))
+			cands = cands[:0]
+			up := false
+			for r, ri16 := range rs {
 				ri := int(ri16)
 				addr := rt.Addrs[ri]
 				if !d.usable[ri] || d.avoid[addr] {
@@ -486,20 +498,17 @@ func (d *dispatch) plan(now time.Time) {
 				b := batch[ri]
 				there := b != nil && b.rows[len(b.rows)-1] == int32(i)
 				down := conns[ri].down.Load()
-				cost := load[ri]
-				if !there {
-					cost++
-				}
-				better := best < 0 ||
-					(bestDown && !down) ||
-					(bestDown == down && (cost < bestCost || (cost == bestCost && there && !bestThere)))
-				if better {
-					best, bestDown, bestCost, bestThere = ri, down, cost, there
-				}
+				up = up || !down
+				cands = append(cands, candidate{r: r, load: load[ri], there: there, fallback: down})
 			}
-			if best < 0 {
+			if up {
+				cands = slices.DeleteFunc(cands, func(c candidate) bool { return c.fallback })
+			}
+			if len(cands) == 0 {
 				continue // stuck
 			}
+			pick := cands[shares.choose(d.layer, int(id), cands)]
+			best, bestThere := int(rs[pick.r]), pick.there
 			b := batch[best]
 			if b == nil {
 				b = &attempt{d: d, conn: conns[best], addr: rt.Addrs[best], nodeID: rt.Table.Nodes()[best], version: rt.Table.Version}
@@ -520,6 +529,7 @@ func (d *dispatch) plan(now time.Time) {
 			d.pending--
 		}
 	}
+	d.r.choice.mu.Unlock()
 	for _, a := range order {
 		d.send(a, now, 1)
 	}
@@ -588,6 +598,13 @@ func (d *dispatch) wait() error {
 	slices.SortFunc(d.done, func(a, b *attempt) int { return a.seq - b.seq })
 	h := d.r.hidden
 	for _, a := range d.done {
+		slots := 0
+		for _, id := range a.ids {
+			if id >= 0 {
+				slots++
+			}
+		}
+		d.r.load.serve(a.nodeID, d.layer, slots)
 		for j, row := range a.rows {
 			dst := d.out[int(row)*h : int(row+1)*h]
 			kernels.Add(dst, dst, a.part[j*h:(j+1)*h])
