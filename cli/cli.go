@@ -33,6 +33,7 @@ func commands() map[string]command {
 		"placement":     {"show the expert placement, drain an expert node, or rebalance (through etcd)", runPlacement},
 		"bench-kernels": {"measure read bandwidth, FMA peak and each kernel's fraction of them", runBenchKernels},
 		"bench":         {"load an OpenAI-compatible server (vLLM bench serve's flags and JSON); compare saved runs", runBenchServe},
+		"plan":          {"predict step time, tokens/s, the micro-batches that hide the hop and memory per node of a model on a cluster", runPlan},
 		"tokenize":      {"print the model tokenizer's ids for a text as JSON", runTokenize},
 		"detokenize":    {"print the text of token ids", runDetokenize},
 	}

@@ -1,0 +1,204 @@
+package capacity
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/expertmesh/expertmesh/model"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+// goldenCases are the setups whose printed predictions are kept in
+// testdata; review the diff when the model changes (go test -update).
+var goldenCases = []struct {
+	name  string
+	model string
+	setup func(*Setup)
+}{
+	{"v2-236b-4a8e", "deepseek-v2", func(s *Setup) {
+		s.AttnNodes, s.ExpertNodes, s.Concurrency, s.Context, s.Redundant = 4, 8, 256, 4096, 32
+		s.Attn, s.Expert = Rates{GBps: 300, GFLOPs: 6000}, Rates{GBps: 300, GFLOPs: 6000}
+		s.Link = Link{Latency: 10 * time.Microsecond, Gbps: 200}
+	}},
+	{"v2-lite-1a2e", "deepseek-v2-lite", func(s *Setup) {
+		s.ExpertNodes, s.Concurrency, s.Context = 2, 16, 1024
+		s.Attn, s.Expert = Rates{GBps: 100, GFLOPs: 1500}, Rates{GBps: 100, GFLOPs: 1500}
+	}},
+	{"v3-8a16e", "deepseek-v3", func(s *Setup) {
+		s.AttnNodes, s.ExpertNodes, s.Concurrency, s.Context, s.Redundant = 8, 16, 1024, 4096, 32
+		s.Attn, s.Expert = Rates{GBps: 2000, GFLOPs: 400000}, Rates{GBps: 2000, GFLOPs: 400000}
+		s.Link = Link{Latency: 5 * time.Microsecond, Gbps: 400}
+	}},
+	{"v2-lite-4l-shared-500us", "v2-lite-4l", func(s *Setup) {
+		s.ExpertNodes, s.MicroBatches, s.Concurrency, s.Context = 3, 2, 8, 160
+		s.Attn, s.Expert = Rates{GBps: 50, GFLOPs: 340}, Rates{GBps: 26, GFLOPs: 170}
+		s.Shared = &Rates{GBps: 55, GFLOPs: 400}
+		s.Link = Link{Latency: 500 * time.Microsecond, Gbps: 10}
+		s.DispatchOverhead = 300 * time.Microsecond
+	}},
+}
+
+func TestGolden(t *testing.T) {
+	for _, tc := range goldenCases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := LoadModel(tc.model)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := DefaultSetup(c)
+			tc.setup(&s)
+			p, err := Predict(c, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var b bytes.Buffer
+			Write(&b, tc.model, p)
+			path := filepath.Join("testdata", tc.name+".golden")
+			if *update {
+				if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (go test -update writes it)", err)
+			}
+			if b.String() != string(want) {
+				t.Errorf("prediction changed (go test -update after review):\n--- got\n%s\n--- want\n%s", b.String(), want)
+			}
+		})
+	}
+}
+
+// TestHandComputed checks one setup against figures worked out by hand:
+// V2-Lite's MoE layer on the attention node reads 31.2M weights (q 6.29M,
+// kv_a 1.18M, kv_b 2.10M, o 4.19M, router 0.13M, shared experts 17.3M).
+func TestHandComputed(t *testing.T) {
+	c, _ := LoadModel("deepseek-v2-lite")
+	s := DefaultSetup(c)
+	s.MicroBatches, s.Concurrency, s.Context = 1, 1, 1
+	s.Attn, s.Expert = Rates{GBps: 1, GFLOPs: 1e9}, Rates{GBps: 1, GFLOPs: 1e9}
+	s.Link, s.DispatchOverhead = Link{Latency: time.Millisecond}, 0
+	p, err := Predict(c, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	moe := p.Layers[1]
+	params := 2048.0*16*192 + 2048*576 + 512*16*256 + 16*128*2048 + 2*2048 + 512 + 64*2048 + 2*3*2048*1408
+	// Bytes dominate at 1 GB/s: (weights·2 + one token's cache) / 1e9 s.
+	want := 1e3 * (params*2 + 576*4) / 1e9
+	if math.Abs(moe.AttentionMs-want) > 1e-9 {
+		t.Errorf("attention %.6f ms, want %.6f", moe.AttentionMs, want)
+	}
+	if math.Abs(moe.WireMs-2) > 1e-9 {
+		t.Errorf("wire %.6f ms, want 2 (1 ms each way, no rate limit, no overhead)", moe.WireMs)
+	}
+	// One row touches 6 experts, all on the one node: 6 × 3·2048·1408 × 2 bytes.
+	if w := 1e3 * 6 * 3 * 2048 * 1408 * 2 / 1e9; math.Abs(moe.ExpertMs-w) > 1e-6 {
+		t.Errorf("expert %.6f ms, want %.6f", moe.ExpertMs, w)
+	}
+	if math.Abs(moe.LayerMs-(moe.AttentionMs+moe.WireMs+moe.ExpertMs)) > 1e-9 || moe.Hidden {
+		t.Errorf("one micro-batch: the layer is attention + hop, exposed: %+v", moe)
+	}
+	if got := p.Memory.CachePerToken; got != 27*576*4 {
+		t.Errorf("cache per token %v, want %v", got, 27*576*4)
+	}
+}
+
+// TestPingPong: with attention longer than the hop two micro-batches hide
+// it, and the step is then set by attention alone; with a slow link many
+// more are needed (each micro-batch reads the weights again, so more of
+// them lengthen the attention that covers the hop), and ping-pong still
+// gives the fastest step.
+func TestPingPong(t *testing.T) {
+	c, _ := LoadModel("deepseek-v2-lite")
+	s := DefaultSetup(c)
+	s.ExpertNodes, s.Concurrency, s.Context = 8, 64, 4096
+	s.Attn, s.Expert = Rates{GBps: 100, GFLOPs: 2000}, Rates{GBps: 100, GFLOPs: 2000}
+	s.Link = Link{Latency: 5 * time.Microsecond, Gbps: 100}
+	p, _ := Predict(c, s)
+	if p.HideMicroBatches != 2 || !p.Layers[1].Hidden || p.Bound != "attention" {
+		t.Errorf("fast link: hide with %d micro-batches, bound %s; want 2, attention", p.HideMicroBatches, p.Bound)
+	}
+	s.Link.Latency = 20 * time.Millisecond
+	p, _ = Predict(c, s)
+	if p.HideMicroBatches < 10 || p.Bound != "hop" {
+		t.Errorf("a 20 ms link: hide with %d micro-batches, bound %s; want many, hop", p.HideMicroBatches, p.Bound)
+	}
+	if p.BestMicroBatches < 2 {
+		t.Errorf("a slow link still wants ping-pong: best %d", p.BestMicroBatches)
+	}
+}
+
+// TestMoreExpertNodes: more expert nodes cut each node's expert time and
+// memory, and never make a step slower when the link is free.
+func TestMoreExpertNodes(t *testing.T) {
+	c, _ := LoadModel("deepseek-v2")
+	prev := math.Inf(1)
+	prevMem := math.Inf(1)
+	for _, e := range []int{1, 2, 4, 8} {
+		s := DefaultSetup(c)
+		s.ExpertNodes, s.Concurrency, s.MicroBatches = e, 128, 1
+		s.Attn, s.Expert = Rates{GBps: 300, GFLOPs: 6000}, Rates{GBps: 300, GFLOPs: 6000}
+		s.Link, s.DispatchOverhead = Link{}, 0
+		p, _ := Predict(c, s)
+		if p.StepMs > prev+1e-9 || p.Memory.ExpertWeights >= prevMem {
+			t.Errorf("%d expert nodes: step %.3f ms (before %.3f), expert memory %v (before %v)", e, p.StepMs, prev, p.Memory.ExpertWeights, prevMem)
+		}
+		prev, prevMem = p.StepMs, p.Memory.ExpertWeights
+	}
+}
+
+func TestValidateNamesFlags(t *testing.T) {
+	c, _ := LoadModel("deepseek-v2-lite")
+	for flagName, mod := range map[string]func(*Setup){
+		"--attn-nodes":        func(s *Setup) { s.AttnNodes = 0 },
+		"--expert-nodes":      func(s *Setup) { s.ExpertNodes = 0 },
+		"--micro-batches":     func(s *Setup) { s.MicroBatches = 0 },
+		"--concurrency":       func(s *Setup) { s.Concurrency = 0 },
+		"--attn-gbps":         func(s *Setup) { s.Attn.GBps = 0 },
+		"--expert-gbps":       func(s *Setup) { s.Expert.GFLOPs = -1 },
+		"--redundant-experts": func(s *Setup) { s.Redundant = -1 },
+	} {
+		s := DefaultSetup(c)
+		s.Attn, s.Expert = Rates{GBps: 1, GFLOPs: 1}, Rates{GBps: 1, GFLOPs: 1}
+		mod(&s)
+		if _, err := Predict(c, s); err == nil || !strings.Contains(err.Error(), flagName) {
+			t.Errorf("%s: error %v", flagName, err)
+		}
+	}
+}
+
+func TestLoadModel(t *testing.T) {
+	for _, name := range []string{"deepseek-v2", "v2", "deepseek-v2-lite", "deepseek-v3", "v2-lite-4l", "tiny-v2"} {
+		if _, err := LoadModel(name); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	c, _ := LoadModel("deepseek-v2")
+	if c.NumExperts() != 160 || c.HiddenSize != 5120 || c.NumHiddenLayers != 60 {
+		t.Errorf("deepseek-v2: %d experts, hidden %d, %d layers", c.NumExperts(), c.HiddenSize, c.NumHiddenLayers)
+	}
+	dir := t.TempDir()
+	b, _ := json.Marshal(map[string]any{"model_type": "deepseek_v2", "n_routed_experts": 8, "num_experts_per_tok": 2,
+		"n_shared_experts": 1, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+		"moe_intermediate_size": 16, "vocab_size": 100, "q_lora_rank": nil, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+		"qk_rope_head_dim": 8, "v_head_dim": 8})
+	os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644)
+	if _, err := LoadModel(dir); err != nil {
+		t.Errorf("checkpoint directory: %v", err)
+	}
+	if _, err := LoadModel("no-such-model"); err == nil || !strings.Contains(err.Error(), "deepseek-v2") {
+		t.Errorf("unknown model: %v", err)
+	}
+	var _ = model.ErrConfig
+}

@@ -1,0 +1,47 @@
+// Package capacity is `expertmesh plan`: a pure model of a decode step of
+// a DeepSeek MoE model on A attention and E expert nodes, for the question
+// users ask before buying nodes — how fast, how many of each, how much
+// memory.
+//
+// # The model
+//
+// Each attention node holds Concurrency/A sequences and splits them into M
+// micro-batches of b rows. Per layer and micro-batch:
+//
+//   - attention (on the attention node): read the layer's non-expert
+//     weights once (q or q LoRA, kv_a, kv_b, o, norms; for a MoE layer the
+//     router and shared experts, for a dense layer its MLP) and each row's
+//     latent cache (Context × (kv_lora_rank + rope dim) numbers), and do
+//     2 flops per weight per row plus absorbed MLA's 2·heads·Context·
+//     (2·kv_lora_rank + rope dim) per row; the time is the roofline
+//     max(bytes / GB/s, flops / FLOP/s) at the node's rates;
+//   - wire: 2 × one-way latency + the dispatch's bytes (hidden rows out in
+//     float32 with their expert ids and gates, partial sums back) at the
+//     link rate + a per-dispatch software overhead;
+//   - expert compute (on each expert node, in parallel): the node's share
+//     of the b rows (the chance a row touches the node: its k experts
+//     spread over all experts, or, with group-limited routing and whole
+//     groups per node, its topk_group groups), and of the experts touched
+//     (N/E · (1 − (1 − k/N)^b)), each read once: 3·hidden·moe_intermediate
+//     weights per touched expert, 6·hidden·moe_intermediate flops per
+//     (row, expert) pair.
+//
+// With M micro-batches sharing the attention node's compute, a MoE layer
+// takes max(M·attention, attention + wire + expert) in steady state: the
+// hop is hidden when (M − 1)·attention ≥ wire + expert. A dense layer
+// takes M·attention, the LM head M·(vocab·hidden weights). Ping-pong is
+// not free in decode: every micro-batch reads the layer's weights again.
+// The step is the longest of that pipeline, each expert node's compute
+// for all A·M dispatches of every MoE layer, and — when every node shares
+// one machine (Setup.Shared) — all the step's bytes at the machine's
+// bandwidth. Tokens/s follow: one token per sequence per step.
+//
+// Memory per attention node: every weight but the routed experts, plus
+// the latent cache of its sequences; per expert node: (routed experts +
+// redundant replicas) / E per MoE layer.
+//
+// Not modelled: prefill, queueing between steps, load imbalance between
+// expert nodes (placement balances it), and the expert nodes' contention
+// when several attention nodes' dispatches arrive at once beyond their
+// summed busy time.
+package capacity
