@@ -47,6 +47,7 @@ type engineFlags struct {
 	threads  *int
 	quantize *string
 	weights  *string
+	stderr   io.Writer // where load reports what it holds (nil: nowhere)
 }
 
 func addEngineFlags(fs interface {
@@ -78,9 +79,13 @@ func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if _, err := w.Place(residency, *f.threads, model.MemAvailable()); err != nil {
+	placed, err := w.Place(residency, *f.threads, model.MemAvailable())
+	if err != nil {
 		w.Close()
 		return nil, nil, err
+	}
+	if f.stderr != nil {
+		fmt.Fprintf(f.stderr, "weights: %.3f GB held (%s)\n", float64(w.HeldBytes())/1e9, placed)
 	}
 	return w, kernels.NewPool(*f.threads), nil
 }
@@ -115,6 +120,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if len(ids) == 0 {
 		return fmt.Errorf("--prompt-ids: at least one token id is required")
 	}
+	ef.stderr = stderr
 	w, pool, err := ef.load()
 	if err != nil {
 		return err

@@ -160,3 +160,19 @@ func (w *Weights) dropMapped(b []byte) {
 	}
 	dropPages(b[start-lo : end-lo])
 }
+
+// HeldBytes is the memory the weights take in this process once placed:
+// every bound matrix's data and block scales, and the absorbed per-head
+// copies (the figure peak RSS is compared with).
+func (w *Weights) HeldBytes() int64 {
+	var n int64
+	for _, m := range w.matrices() {
+		n += m.Bytes()
+	}
+	for i := range w.Layers {
+		for _, m := range w.Layers[i].Attn.UKT {
+			n += m.Bytes()
+		}
+	}
+	return n
+}

@@ -327,8 +327,33 @@ func (b *binder) quantize(name string, m *kernels.Matrix, dt *kernels.DType) *ke
 
 // runQuant fills every converted matrix, in parallel, dropping each
 // source's mapped pages once it is read.
+//
+// Jobs are cut into row ranges of about residentPiece source bytes, so
+// that the threads share large matrices and little of any source is
+// mapped at once.
 func (b *binder) runQuant(threads int) {
-	parallel(threads, b.jobs, func(j quantJob) {
+	var pieces []quantJob
+	for _, j := range b.jobs {
+		src, dst := j.src, j.dst
+		step := src.Rows
+		if src.DType != kernels.F8E4M3 { // FP8's scales cover 128-row blocks: kept whole
+			step = max(1, residentPiece/max(1, len(src.Data)/src.Rows))
+		}
+		sb, db, nb := len(src.Data)/src.Rows, len(dst.Data)/dst.Rows, dst.Cols/kernels.Q8Block
+		for r0 := 0; r0 < src.Rows; r0 += step {
+			r1 := min(src.Rows, r0+step)
+			if r0 == 0 && r1 == src.Rows {
+				pieces = append(pieces, j)
+				continue
+			}
+			s := *src
+			s.Rows, s.Data = r1-r0, src.Data[r0*sb:r1*sb]
+			d := *dst
+			d.Rows, d.Data, d.Scales = r1-r0, dst.Data[r0*db:r1*db], dst.Scales[r0*nb:r1*nb]
+			pieces = append(pieces, quantJob{name: j.name, src: &s, dst: &d})
+		}
+	}
+	parallel(threads, pieces, func(j quantJob) {
 		if j.dst.DType == kernels.Q4_0 {
 			kernels.QuantizeQ4Into(j.dst.Data, j.dst.Scales, j.src)
 		} else {
@@ -338,6 +363,11 @@ func (b *binder) runQuant(threads int) {
 	})
 	b.jobs = nil
 }
+
+// residentPiece is the unit of the copies and conversions that leave the
+// mapping: at most a few pieces per thread are mapped and resident beside
+// their copies at any time (16 MiB: a fraction of a percent of a model).
+const residentPiece = 16 << 20
 
 // denseDType maps the unscaled safetensors dtypes the kernels read as is.
 func denseDType(d safetensors.DType) (kernels.DType, bool) {
@@ -608,21 +638,25 @@ func (w *Weights) MakeResident(threads int) error {
 	if err != nil {
 		return fmt.Errorf("resident weights: %w", err)
 	}
-	idx := make([]int, len(mats))
-	for i := range idx {
-		idx[i] = i
+	// Copy in pieces across the threads. The mapped pages of a piece are
+	// not read again: they are dropped as soon as it is copied, so the
+	// copy and the mapping are never both resident (peak RSS stays near
+	// the weights' size).
+	type piece struct{ i, lo, hi int }
+	var pieces []piece
+	for i, m := range mats {
+		for lo := 0; lo < len(m.Data); lo += residentPiece {
+			pieces = append(pieces, piece{i, lo, min(len(m.Data), lo+residentPiece)})
+		}
 	}
-	parallel(threads, idx, func(i int) {
-		m := mats[i]
-		dst := buf[offs[i] : offs[i]+len(m.Data) : offs[i]+len(m.Data)]
-		copy(dst, m.Data)
-		// The mapped pages are not read again: drop them now, so the
-		// copy and the mapping are never both resident (peak RSS stays
-		// near the weights' size).
-		src := m.Data
-		m.Data = dst
+	parallel(threads, pieces, func(p piece) {
+		src := mats[p.i].Data[p.lo:p.hi]
+		copy(buf[offs[p.i]+p.lo:], src)
 		w.dropMapped(src)
 	})
+	for i, m := range mats {
+		m.Data = buf[offs[i] : offs[i]+len(m.Data) : offs[i]+len(m.Data)]
+	}
 	w.release = append(w.release, release)
 	// Nothing reads the mapping any more: drop what is left of it (the
 	// pages tensors share at their edges, and the norms read at load).
