@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"runtime/debug"
 	"slices"
@@ -43,6 +44,10 @@ type Config struct {
 	CacheBytes int64
 	// BlockSize is tokens per cache block (--block-size).
 	BlockSize int
+	// PrefixCaching shares full cache blocks between sequences with the
+	// same token prefix (--prefix-caching, on by default; see
+	// model.LatentCache).
+	PrefixCaching bool
 	// Placement says which expert node holds which routed expert. Nil
 	// means every routed expert is loaded in-process (serve, generate).
 	Placement placement.View
@@ -78,7 +83,7 @@ type Config struct {
 
 // DefaultConfig returns a node configuration for one machine.
 func DefaultConfig() Config {
-	return Config{NodeID: "attn-0", ListenAddr: "127.0.0.1:0", CacheBytes: 256 << 20, BlockSize: 16, MaxStepTokens: 8192,
+	return Config{NodeID: "attn-0", ListenAddr: "127.0.0.1:0", CacheBytes: 256 << 20, BlockSize: 16, PrefixCaching: true, MaxStepTokens: 8192,
 		DispatchTimeout: DefaultDispatchTimeout, ExpertWait: DefaultExpertWait}
 }
 
@@ -159,7 +164,14 @@ type sequence struct {
 	seq      *model.Sequence
 	sampler  *model.Sampler
 	logprobs int
+	// reserved bounds the positions the sequence may hold (reserve_tokens);
+	// its blocks are taken as it grows.
 	reserved int
+	// sampled counts tokens drawn, those before its creation included;
+	// under minTokens, stopIDs are never drawn.
+	sampled   int
+	minTokens int
+	stopIDs   []int32
 	// epoch is the coordinator epoch that created the sequence.
 	epoch uint64
 	// lastLogits keeps the previous chunk's final logits for echo requests
@@ -198,6 +210,7 @@ func load(cfg Config) (*Node, error) {
 		w.Close()
 		return nil, err
 	}
+	cache.SetPrefixCaching(cfg.PrefixCaching)
 	tp := cfg.TracerProvider
 	if tp == nil {
 		tp = otel.GetTracerProvider()
@@ -252,6 +265,7 @@ func (n *Node) Info(ctx context.Context, epoch uint64) (*meshpb.NodeInfo, error)
 		ActiveSequences: uint32(active), VocabSize: uint32(c.VocabSize),
 		MaxPositionEmbeddings: uint32(c.MaxPositionEmbeddings),
 		Epoch:                 seen, Draining: n.draining.Load(),
+		PrefixCaching: n.cache.PrefixCaching(), CachedBlocks: uint32(n.cache.CachedBlocks()),
 	}, nil
 }
 
@@ -387,6 +401,9 @@ type work struct {
 	result  *meshpb.SeqResult
 	rows    []model.Row
 	created bool
+	// cached is how many leading tokens came from the prefix cache (they
+	// have no rows).
+	cached int
 	// logit indexes into the micro-batch's logits buffers, per row (-1: none).
 	logit []int
 }
@@ -494,6 +511,7 @@ func (n *Node) refuse(resp *meshpb.StepResponse, code codes.Code, err error) *me
 func (n *Node) fillBlocks(resp *meshpb.StepResponse) {
 	n.fenceStepLocked()
 	resp.FreeBlocks, resp.TotalBlocks = uint32(n.cache.FreeBlocks()), uint32(n.cache.Capacity())
+	resp.CachedBlocks = uint32(n.cache.CachedBlocks())
 }
 
 // repeated reports the first sequence named twice.
@@ -509,22 +527,30 @@ func repeated(ws []*meshpb.SeqWork) (uint64, bool) {
 }
 
 // rollback undoes a failed step: sequences it created are released, the
-// others' lengths go back to where the step found them. Latents the step
-// wrote past those lengths are never read before a retry of the step
-// rewrites the same positions (attention reads only positions up to its
-// own row, written earlier in the same layer), and samplers and echo
-// logits are only touched by finish, which a failed step never reaches.
+// others go back to where the step found them (their length, the blocks
+// the step took or matched given back). Latents the step wrote past
+// those lengths are never read before a retry of the step rewrites the
+// same positions (attention reads only positions up to its own row,
+// written earlier in the same layer), samplers and echo logits are only
+// touched by finish, and blocks reach the prefix index only through
+// finish's Commit, which a failed step never reaches: no half-written
+// block is ever shared.
 func (n *Node) rollback(works []*work) {
 	for _, wk := range works {
-		if wk.created {
-			n.mu.Lock()
-			n.deleteSeqLocked(wk.w.SeqId)
-			n.mu.Unlock()
-			wk.s.seq.Release()
-			continue
-		}
-		wk.s.seq.Len = int(wk.w.StartPos)
+		n.undo(wk)
 	}
+}
+
+// undo gives back what admitting wk took.
+func (n *Node) undo(wk *work) {
+	if wk.created {
+		n.mu.Lock()
+		n.deleteSeqLocked(wk.w.SeqId)
+		n.mu.Unlock()
+		wk.s.seq.Release()
+		return
+	}
+	wk.s.seq.Truncate(int(wk.w.StartPos))
 }
 
 // errNotFound carries its gRPC code itself; every other per-sequence
@@ -588,9 +614,24 @@ func (n *Node) admit(sw *meshpb.SeqWork, res *meshpb.SeqResult, stepRows int, ep
 		}
 	}
 	wk := &work{w: sw, s: s, result: res, created: !exists}
-	for i, t := range sw.Tokens {
+	// Whole blocks found in the prefix cache are taken, not computed; a
+	// sampling chunk always computes its last token for its logits, and
+	// echo needs every position's.
+	if !sw.EchoLogprobs && s.lastLogits == nil {
+		limit := len(sw.Tokens)
+		if sw.Sample {
+			limit--
+		}
+		wk.cached = s.seq.Match(sw.Tokens, limit)
+		res.CachedTokens = uint32(wk.cached)
+	}
+	if err := s.seq.Reserve(end); err != nil {
+		n.undo(wk)
+		return nil, fmt.Errorf("sequence %d: %w", sw.SeqId, err)
+	}
+	for i := wk.cached; i < len(sw.Tokens); i++ {
 		last := i == len(sw.Tokens)-1
-		wk.rows = append(wk.rows, model.Row{Seq: s.seq, Token: int(t), Pos: int(sw.StartPos) + i,
+		wk.rows = append(wk.rows, model.Row{Seq: s.seq, Token: int(sw.Tokens[i]), Pos: int(sw.StartPos) + i,
 			Logits: (last && sw.Sample) || sw.EchoLogprobs || (last && s.lastLogits != nil)})
 	}
 	return wk, nil
@@ -612,10 +653,9 @@ func (n *Node) create(sw *meshpb.SeqWork, epoch uint64) (*sequence, error) {
 	if err := p.Validate(); err != nil {
 		return nil, err
 	}
-	s := &sequence{seq: n.cache.NewSequence(), sampler: model.NewSampler(p), logprobs: int(sw.Logprobs), reserved: reserve, epoch: epoch}
-	if err := s.seq.Reserve(reserve); err != nil {
-		return nil, err
-	}
+	s := &sequence{seq: n.cache.NewSequence(), sampler: model.NewSampler(p), logprobs: int(sw.Logprobs), reserved: reserve, epoch: epoch,
+		sampled: int(sw.Generated), minTokens: int(sw.MinTokens), stopIDs: sw.StopIds}
+	s.sampler.Skip(int(sw.Generated))
 	if sw.EchoLogprobs {
 		s.lastLogits = []float32{} // non-nil: keep chunk-final logits
 	}
@@ -716,9 +756,14 @@ func (n *Node) forward(ctx context.Context, i int, rows []model.Row, bufs [][]fl
 	return n.engines[i].Forward(ctx, rows, bufs)
 }
 
-// finish samples and reports logprobs for one work after its rows ran.
+// finish commits one work's tokens (its full blocks join the prefix
+// index), then samples and reports logprobs after its rows ran.
 func (n *Node) finish(wk *work) {
 	sw, s, res := wk.w, wk.s, wk.result
+	s.seq.Commit(sw.Tokens[wk.cached:])
+	if len(wk.rows) == 0 {
+		return // all of it came from the prefix cache; it does not sample
+	}
 	if sw.EchoLogprobs {
 		for j, t := range sw.Tokens {
 			var prev []float32
@@ -744,11 +789,33 @@ func (n *Node) finish(wk *work) {
 		return
 	}
 	logits := n.logitBufs[last]
-	tok := s.sampler.Sample(logits)
+	tok := s.sample(logits)
 	res.Token, res.Sampled = int32(tok), true
 	if s.logprobs >= 0 {
 		res.Logprob = toProto(model.Logprobs(logits, tok, s.logprobs))
 	}
+}
+
+// sample draws the next token, never a stop token under min_tokens
+// (their logits are masked for the draw only: logprobs stay the model's).
+func (s *sequence) sample(logits []float32) int {
+	defer func() { s.sampled++ }()
+	if s.sampled >= s.minTokens || len(s.stopIDs) == 0 {
+		return s.sampler.Sample(logits)
+	}
+	saved := make([]float32, len(s.stopIDs))
+	for i, id := range s.stopIDs {
+		if int(id) >= 0 && int(id) < len(logits) {
+			saved[i], logits[id] = logits[id], float32(math.Inf(-1))
+		}
+	}
+	tok := s.sampler.Sample(logits)
+	for i := len(s.stopIDs) - 1; i >= 0; i-- { // backwards: an id listed twice saved -inf the second time
+		if id := s.stopIDs[i]; int(id) >= 0 && int(id) < len(logits) {
+			logits[id] = saved[i]
+		}
+	}
+	return tok
 }
 
 func toProto(tl model.TokenLogprob) *meshpb.TokenLogprob {

@@ -192,9 +192,9 @@ func TestNodeRejectsBadWork(t *testing.T) {
 	capTokens := info.TotalBlocks * info.BlockSize
 	req := &meshpb.StepRequest{Step: 1, Work: []*meshpb.SeqWork{
 		{SeqId: 1, Tokens: []int32{1, 2}, Sample: true, ReserveTokens: 8},
-		{SeqId: 2, Tokens: []int32{1, 9999}, Sample: true},                         // outside vocab
-		{SeqId: 3, Tokens: []int32{1}, StartPos: 4, Sample: true},                  // unknown sequence
-		{SeqId: 4, Tokens: []int32{1}, Sample: true, ReserveTokens: capTokens + 1}, // cache cannot hold it
+		{SeqId: 2, Tokens: []int32{1, 9999}, Sample: true},                                         // outside vocab
+		{SeqId: 3, Tokens: []int32{1}, StartPos: 4, Sample: true},                                  // unknown sequence
+		{SeqId: 4, Tokens: make([]int32, capTokens+1), Sample: true, ReserveTokens: capTokens + 2}, // cache cannot hold it
 		{SeqId: 5, Tokens: nil, Sample: true},
 		{SeqId: 6, Tokens: []int32{1}, Sample: true, Sampling: &meshpb.SamplingParams{TopP: 3}},
 	}}
