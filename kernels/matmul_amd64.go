@@ -100,7 +100,9 @@ const mmSmallN = 4
 const mmMultiN = 16
 
 // matMulBF16Multi handles small batches: x rows permuted once into scratch,
-// then W rows [lo,hi) against 4, 2 or 1 x rows at a time.
+// then W rows [lo,hi) in blocks of multiBlockRows, each block against 4, 2
+// or 1 x rows at a time: the block is read from memory once and from L2
+// for the other x rows, so W streams once per call whatever n is.
 func matMulBF16Multi(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
 	cols, rows := w.Cols, w.Rows
 	main := cols &^ 31
@@ -110,16 +112,20 @@ func matMulBF16Multi(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch
 	}
 	_ = y[(n-1)*rows+hi-1]
 	stride, ys, xs := uintptr(2*cols), uintptr(4*rows), uintptr(4*main)
-	wp := &w.Data[2*lo*cols]
-	i := 0
-	for ; i+4 <= n; i += 4 {
-		mvBF16EOx4AVX512(&y[i*rows+lo], ys, wp, stride, &xp[i*main], xs, main, hi-lo)
-	}
-	for ; i+2 <= n; i += 2 {
-		mvBF16EOx2AVX512(&y[i*rows+lo], ys, wp, stride, &xp[i*main], xs, main, hi-lo)
-	}
-	for ; i < n; i++ {
-		mvBF16EORAVX512(&y[i*rows+lo], wp, stride, &xp[i*main], main, hi-lo)
+	step := multiBlockRows(2 * cols)
+	for r0 := lo; r0 < hi; r0 += step {
+		r1 := min(hi, r0+step)
+		wp := &w.Data[2*r0*cols]
+		i := 0
+		for ; i+4 <= n; i += 4 {
+			mvBF16EOx4AVX512(&y[i*rows+r0], ys, wp, stride, &xp[i*main], xs, main, r1-r0)
+		}
+		for ; i+2 <= n; i += 2 {
+			mvBF16EOx2AVX512(&y[i*rows+r0], ys, wp, stride, &xp[i*main], xs, main, r1-r0)
+		}
+		for ; i < n; i++ {
+			mvBF16EORAVX512(&y[i*rows+r0], wp, stride, &xp[i*main], main, r1-r0)
+		}
 	}
 	if main < cols {
 		for i := 0; i < n; i++ {
@@ -128,6 +134,13 @@ func matMulBF16Multi(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch
 			}
 		}
 	}
+}
+
+// multiBlockRows is the W rows the small-batch kernels stream once and
+// reuse (from L2) for every x row: about 128 KiB of weights, a multiple
+// of 8 rows.
+func multiBlockRows(rowBytes int) int {
+	return max(8, (128<<10)/max(1, rowBytes)&^7)
 }
 
 func matMulRowsAVX512(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
@@ -154,8 +167,17 @@ func matMulRowsSIMD(s *mmSet, y []float32, w *Matrix, x []float32, n, lo, hi int
 		return
 	}
 	if n < mmSmallN {
-		for i := 0; i < n; i++ {
-			matVecRowsSIMD(s.mv, y[i*rows:(i+1)*rows], w, x[i*cols:(i+1)*cols], lo, hi, scratch)
+		// Row blocks against every x row, so W streams once (the block
+		// stays in L2 for the other x rows).
+		step := multiBlockRows(w.rowBytes())
+		if w.DType == F8E4M3 {
+			step = F8Block // whole scale blocks
+		}
+		for r0 := lo; r0 < hi; r0 += step {
+			r1 := min(hi, r0+step)
+			for i := 0; i < n; i++ {
+				matVecRowsSIMD(s.mv, y[i*rows:(i+1)*rows], w, x[i*cols:(i+1)*cols], r0, r1, scratch)
+			}
 		}
 		return
 	}

@@ -109,3 +109,103 @@ func mlaHeadsGeneric(a *mlaArgs, h0, h1 int) {
 		}
 	}
 }
+
+// MLARow is one query row of MLADecodeMany: its queries, output, the
+// cache blocks it attends to (its first NTokens tokens) and scratch of
+// MLAScratchSize(heads, NTokens) floats.
+type MLARow struct {
+	Out, QLat, QPE []float32
+	Blocks         [][]float32
+	NTokens        int
+	Scratch        []float32
+}
+
+// MLADecodeMany is MLADecode for many query rows in one pool call: the
+// rows of a batched decode step (each its own sequence) or of a prefill
+// chunk (one sequence, each row seeing the tokens up to its own). The
+// threads claim (row, group of heads) units as they finish, so rows of
+// different lengths balance, and rows over the same pages read them from
+// cache. Each row's result is exactly MLADecode's.
+func (p *Pool) MLADecodeMany(rows []MLARow, blockSize, heads, R, P int, scale float32) {
+	if heads < 0 || R <= 0 || P < 0 || blockSize <= 0 {
+		panic(fmt.Sprintf("kernels: MLADecodeMany bad dims heads=%d R=%d P=%d blockSize=%d", heads, R, P, blockSize))
+	}
+	if heads == 0 || len(rows) == 0 {
+		return
+	}
+	toks := 0
+	for i := range rows {
+		r := &rows[i]
+		checkMLA("MLADecodeMany", r.Out, r.QLat, r.QPE, r.Blocks, blockSize, r.NTokens, heads, R, P, r.Scratch)
+		toks += r.NTokens
+	}
+	if cap(p.mlaQ) < len(rows)*heads*(R+P) {
+		p.mlaQ = make([]float32, len(rows)*heads*(R+P))
+	}
+	if cap(p.mlaRows) < toks {
+		p.mlaRows = make([]*float32, toks, 2*toks)
+	}
+	if cap(p.mlaArgs) < len(rows) {
+		p.mlaArgs = make([]mlaArgs, len(rows), 2*len(rows))
+	}
+	args := p.mlaArgs[:len(rows)]
+	off := 0
+	for i := range rows {
+		r := &rows[i]
+		if r.NTokens == 0 {
+			clear(r.Out[:heads*R])
+		}
+		tr := p.mlaRows[off : off+r.NTokens]
+		off += r.NTokens
+		for t := range tr {
+			tr[t] = &r.Blocks[t/blockSize][(t%blockSize)*(R+P)]
+		}
+		args[i] = mlaArgs{out: r.Out, qLat: r.QLat, qPE: r.QPE, blocks: r.Blocks, blockSize: blockSize,
+			nTokens: r.NTokens, r: R, pe: P, scale: scale, scratch: r.Scratch,
+			qc: p.mlaQ[i*heads*(R+P) : (i+1)*heads*(R+P)], rows: tr}
+	}
+	g := 8
+	if heads%8 != 0 {
+		g = heads
+	}
+	p.job = job{kind: jobMLAMany, n: len(rows) * heads, grain: g, chunk: g, rows: heads}
+	p.run()
+	clear(args) // drop the caller's buffers
+}
+
+// mlaMany runs units [lo,hi) of an MLADecodeMany job: unit u is head
+// u%heads of row u/heads.
+func (p *Pool) mlaMany(lo, hi int) {
+	heads := p.job.rows
+	for u := lo; u < hi; {
+		r, h0 := u/heads, u%heads
+		h1 := min(heads, h0+hi-u)
+		if a := &p.mlaArgs[r]; a.nTokens > 0 {
+			mlaHeads(a, h0, h1)
+		}
+		u += h1 - h0
+	}
+}
+
+// checkMLA panics when the arguments of one query row do not fit.
+func checkMLA(op string, out, qLat, qPE []float32, blocks [][]float32, blockSize, nTokens, heads, R, P int, scratch []float32) {
+	if nTokens < 0 {
+		panic(fmt.Sprintf("kernels: %s nTokens=%d", op, nTokens))
+	}
+	if len(out) < heads*R || len(qLat) < heads*R || len(qPE) < heads*P {
+		panic(fmt.Sprintf("kernels: %s heads=%d R=%d P=%d: len(out)=%d len(qLat)=%d len(qPE)=%d", op, heads, R, P, len(out), len(qLat), len(qPE)))
+	}
+	if len(scratch) < MLAScratchSize(heads, nTokens) {
+		panic(fmt.Sprintf("kernels: %s scratch has %d floats, need %d", op, len(scratch), MLAScratchSize(heads, nTokens)))
+	}
+	nb := ceilDiv(nTokens, blockSize)
+	if len(blocks) < nb {
+		panic(fmt.Sprintf("kernels: %s %d tokens need %d blocks, have %d", op, nTokens, nb, len(blocks)))
+	}
+	for b := 0; b < nb; b++ {
+		used := min(blockSize, nTokens-b*blockSize)
+		if len(blocks[b]) < used*(R+P) {
+			panic(fmt.Sprintf("kernels: %s block %d has %d floats, need %d", op, b, len(blocks[b]), used*(R+P)))
+		}
+	}
+}

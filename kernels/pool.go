@@ -47,7 +47,13 @@ type Pool struct {
 	// for MatVecMany each product's entry in acts (-1: float product).
 	acts   []actQ8
 	actOf  []int
-	exited chan struct{}
+	// MatMulMany: each product's x in dot-form order (nil: not that path),
+	// and the buffers behind them.
+	xeOf  [][]float32
+	xeBuf []float32
+	// MLADecodeMany: per-row arguments and the rows' cache pointers.
+	mlaArgs []mlaArgs
+	exited  chan struct{}
 	// streamed counts the weight bytes the products have read (see
 	// WeightBytes). Calls into a Pool are serialised by its callers, as
 	// job is, so a plain counter suffices.
@@ -77,6 +83,7 @@ const (
 	jobMatVecMany
 	jobQuant // x rows -> act (integer activations)
 	jobQRows // integer-activation product of W rows against act's rows
+	jobMLAMany
 )
 
 // job holds the arguments of the current call; storing them in the Pool
@@ -97,9 +104,11 @@ type job struct {
 	w2    *Matrix   // ExpertFFN: up
 	y2    []float32 // ExpertFFN: up outputs
 	mla   mlaArgs
-	ws    []*Matrix   // MatVecMany
-	ys    [][]float32 // MatVecMany
-	xs    [][]float32 // MatVecMany
+	ws    []*Matrix   // MatVecMany, MatMulMany
+	ys    [][]float32 // MatVecMany, MatMulMany
+	xs    [][]float32 // MatVecMany, MatMulMany
+	ns    []int       // MatMulMany: rows of each product's x (nil: all 1)
+	mlas  []mlaArgs   // MLADecodeMany: one per query row
 	act   *actQ8      // integer activations of x (jobQuant, jobQRows, ExpertFFN)
 	act2  *actQ8      // ExpertFFN: of the down product's input
 	// guided: threads claim chunks that shrink with the work left (see
@@ -347,6 +356,8 @@ func (p *Pool) runShare(id, lo, hi int) {
 		matMulDPRows(j.y, j.w, j.xb, j.rows, lo, hi, p.scratchFor(id, matMulScratch(j.w.Cols)))
 	case jobMatVecMany:
 		p.manyRows(id, lo, hi)
+	case jobMLAMany:
+		p.mlaMany(lo, hi)
 	}
 }
 
@@ -417,15 +428,39 @@ func (p *Pool) MatVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	p.matVecMany(ys, ws, xs)
 }
 
-// matVecMany is MatVecMany after its checks: the split into units and
-// the job.
+// MatMulMany computes ys[i] = ws[i]·xs[i] for ns[i] rows of x each (as
+// MatMul would, row for row): MatVecMany for products over several rows.
+// One pool call serves every product (the experts of a batched MoE layer,
+// every attention head's product), W rows of all of them claimed as one
+// space, each W row block streamed once for all its product's x rows.
+// No output may overlap another product's input.
+func (p *Pool) MatMulMany(ys [][]float32, ws []*Matrix, xs [][]float32, ns []int) {
+	if len(ys) != len(ws) || len(xs) != len(ws) || len(ns) != len(ws) {
+		panic(fmt.Sprintf("kernels: MatMulMany with %d outputs, %d matrices, %d inputs, %d row counts", len(ys), len(ws), len(xs), len(ns)))
+	}
+	for i, w := range ws {
+		checkMat("MatMulMany", ys[i], w, xs[i], ns[i])
+	}
+	p.matMulMany(ys, ws, xs, ns)
+}
+
+// matVecMany is MatVecMany after its checks.
 func (p *Pool) matVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
+	p.matMulMany(ys, ws, xs, nil)
+}
+
+// matMulMany: the split into units and the job (ns nil: one row each).
+func (p *Pool) matMulMany(ys [][]float32, ws []*Matrix, xs [][]float32, ns []int) {
 	if len(ws) == 0 {
 		return
 	}
 	p.unitEnd = p.unitEnd[:0]
 	units, bytes := 0, 0
-	for _, w := range ws {
+	for i, w := range ws {
+		if ns != nil && ns[i] == 0 {
+			p.unitEnd = append(p.unitEnd, units) // no rows: nothing to read
+			continue
+		}
 		p.streamed += uint64(w.Bytes())
 		bytes += int(w.Bytes())
 		units += ceilDiv(w.Rows, unitRows(w))
@@ -434,11 +469,12 @@ func (p *Pool) matVecMany(ys [][]float32, ws []*Matrix, xs [][]float32) {
 	if units == 0 {
 		return
 	}
-	p.prepActs(ws, xs)
+	p.prepActs(ws, xs, ns)
+	p.prepDot(ws, xs, ns)
 	// At least guidedMinBytes a chunk, unless that would leave some of
 	// many threads without work: then four chunks a thread.
 	minUnits := max(1, min(ceilDiv(guidedMinBytes*units, max(1, bytes)), ceilDiv(units, 4*p.threads)))
-	p.job = job{kind: jobMatVecMany, n: units, grain: 1, chunk: minUnits, guided: true, ws: ws, ys: ys, xs: xs}
+	p.job = job{kind: jobMatVecMany, n: units, grain: 1, chunk: minUnits, guided: true, ws: ws, ys: ys, xs: xs, ns: ns}
 	p.run()
 }
 
@@ -455,10 +491,20 @@ func (p *Pool) manyRows(id, lo, hi int) {
 		end := min(hi, p.unitEnd[i])
 		w, g := j.ws[i], unitRows(j.ws[i])
 		r0, r1 := (u-start)*g, min(w.Rows, (end-start)*g)
-		if a := p.actOf[i]; a >= 0 {
-			impl.qdot[qFormat(w)](j.ys[i], w, &p.acts[a], 0, r0, r1)
-		} else {
+		n := 1
+		if j.ns != nil {
+			n = j.ns[i]
+		}
+		switch a := p.actOf[i]; {
+		case n == 0:
+		case a >= 0:
+			qRows(j.ys[i], w, &p.acts[a], n, r0, r1)
+		case n == 1:
 			matVecRows(j.ys[i], w, j.xs[i], r0, r1, p.scratchFor(id, w.Cols))
+		case p.xeOf[i] != nil:
+			matMulDotRows(j.ys[i], w, n, r0, r1, false, p.xeOf[i], j.xs[i], nil, 0)
+		default:
+			matMulRows(j.ys[i], w, j.xs[i], n, r0, r1, p.scratchFor(id, matMulScratch(w.Cols)))
 		}
 		u = end
 	}
@@ -545,11 +591,15 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 // prepActs rounds the inputs of MatVecMany's integer-activation products
 // (once per distinct input and layout) into p.acts and records each
 // product's in p.actOf (-1 for float products).
-func (p *Pool) prepActs(ws []*Matrix, xs [][]float32) {
+func (p *Pool) prepActs(ws []*Matrix, xs [][]float32, ns []int) {
 	p.actOf = p.actOf[:0]
 	used := 0
 	for i, w := range ws {
-		if !w.IntAct() {
+		n := 1
+		if ns != nil {
+			n = ns[i]
+		}
+		if !w.IntAct() || n == 0 {
 			p.actOf = append(p.actOf, -1)
 			continue
 		}
@@ -557,7 +607,7 @@ func (p *Pool) prepActs(ws []*Matrix, xs [][]float32) {
 		x := xs[i]
 		j := -1
 		for k := 0; k < used; k++ {
-			if a := &p.acts[k]; a.lay == lay && a.src == &x[0] && a.cols == len(x) {
+			if a := &p.acts[k]; a.lay == lay && a.src == &x[0] && a.cols == w.Cols && a.n == n {
 				j = k
 				break
 			}
@@ -567,13 +617,40 @@ func (p *Pool) prepActs(ws []*Matrix, xs [][]float32) {
 				p.acts = append(p.acts, actQ8{})
 			}
 			a := &p.acts[used]
-			a.reset(lay, 1, len(x))
-			a.quantRows(x, 0, 1)
+			a.reset(lay, n, w.Cols)
+			a.quantRows(x, 0, n)
 			a.src = &x[0]
 			j = used
 			used++
 		}
 		p.actOf = append(p.actOf, j)
+	}
+}
+
+// prepDot reorders the x rows of MatMulMany's products that take the
+// dot-form kernels (one buffer for all of them, kept across calls).
+func (p *Pool) prepDot(ws []*Matrix, xs [][]float32, ns []int) {
+	p.xeOf = p.xeOf[:0]
+	total := 0
+	for i, w := range ws {
+		if ns != nil && !w.IntAct() && dotFormAvailable(w, ns[i], false) {
+			total += ns[i] * (w.Cols &^ 31)
+		}
+	}
+	if cap(p.xeBuf) < total {
+		p.xeBuf = make([]float32, total)
+	}
+	off := 0
+	for i, w := range ws {
+		if ns == nil || w.IntAct() || !dotFormAvailable(w, ns[i], false) {
+			p.xeOf = append(p.xeOf, nil)
+			continue
+		}
+		sz := ns[i] * (w.Cols &^ 31)
+		xe := p.xeBuf[off : off+sz]
+		off += sz
+		permuteRows(xe, xs[i], w.Cols, 0, ns[i])
+		p.xeOf = append(p.xeOf, xe)
 	}
 }
 
