@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"math"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -27,9 +30,40 @@ type ControllerConfig struct {
 	// before publishing, so that several nodes joining or leaving
 	// together make one version (default 100 ms).
 	Debounce time.Duration
+	// RebalanceInterval is how often the controller checks whether the
+	// observed expert load warrants a new placement
+	// (--rebalance-interval). 0: no schedule; the placement then follows
+	// the load only when membership changes and on `placement rebalance`.
+	RebalanceInterval time.Duration
+	// RebalanceThreshold: a scheduled check plans only when the current
+	// placement's weighted imbalance under the observed load (see
+	// LoadStatus) exceeds it (--rebalance-threshold; 0: 1.10, i.e. the
+	// busiest expert node does 10% more than its part).
+	RebalanceThreshold float64
+	// RebalanceMargin: a scheduled check publishes the plan only when it
+	// cuts the weighted imbalance by at least this fraction,
+	// (before - after) / before >= margin (--rebalance-margin; 0: 0.02,
+	// two percent of the MoE layers' expert time). Moving experts costs
+	// loads on the expert nodes; a plan that buys less is left alone.
+	RebalanceMargin float64
+	// ExpertBytes is one routed expert's weight bytes, to report the
+	// bytes a switch moves (0: reported as 0).
+	ExpertBytes int64
 	// Logger receives decisions; nil discards them.
 	Logger *slog.Logger
 }
+
+// Defaults of the rebalance schedule (see ControllerConfig).
+const (
+	DefaultRebalanceThreshold = 1.10
+	DefaultRebalanceMargin    = 0.02
+)
+
+// minTokensPerExpert: a scheduled check decides nothing on fewer routed
+// tokens than this per (MoE layer, expert) on average: counts that small
+// are noise, and a placement planned on noise only moves experts back and
+// forth.
+const minTokensPerExpert = 10
 
 // Validate checks the config.
 func (c ControllerConfig) Validate() error {
@@ -45,7 +79,29 @@ func (c ControllerConfig) Validate() error {
 	if c.Debounce < 0 {
 		return fmt.Errorf("%w: controller: negative debounce", ErrConfig)
 	}
+	if c.RebalanceInterval < 0 {
+		return fmt.Errorf("%w: --rebalance-interval %v: must not be negative", ErrConfig, c.RebalanceInterval)
+	}
+	if c.RebalanceThreshold < 0 || math.IsNaN(c.RebalanceThreshold) {
+		return fmt.Errorf("%w: --rebalance-threshold %v: want an imbalance >= 1 (0: the default)", ErrConfig, c.RebalanceThreshold)
+	}
+	if c.RebalanceMargin < 0 || c.RebalanceMargin >= 1 || math.IsNaN(c.RebalanceMargin) {
+		return fmt.Errorf("%w: --rebalance-margin %v: want a fraction in [0, 1)", ErrConfig, c.RebalanceMargin)
+	}
+	if c.ExpertBytes < 0 {
+		return fmt.Errorf("%w: controller: negative expert bytes", ErrConfig)
+	}
 	return nil
+}
+
+// planLoad is the load plans are made for. It changes only when
+// something asks for a new plan (membership, a command, the schedule),
+// not with every load report: a plan stays the plan for its inputs, and
+// planning again from it changes nothing.
+type planLoad struct {
+	load   [][]float64 // nil: uniform
+	gen    uint64      // bumped at every refresh
+	reason string      // what asked: initial, membership, command, schedule
 }
 
 // decision is what the controller does about one state: plain data, from
@@ -69,28 +125,51 @@ type planMemo struct {
 	err  error
 }
 
-// decide computes the controller's next steps from a state. Planning is
-// skipped when memo already holds a plan for the same inputs.
-func decide(st *clusterState, cfg ControllerConfig, memo *planMemo) decision {
+// planKey names the inputs of a plan: the current version, the rebalance
+// key's revision, the eligible nodes and the load generation.
+func planKey(st *clusterState, nodes []placement.Node, pl planLoad) string {
+	var key strings.Builder
+	curV := uint64(0)
+	if cur := st.current(); cur != nil {
+		curV = cur.Version
+	}
+	fmt.Fprintf(&key, "cur=%d rebalance=%d load=%d", curV, st.rebalance, pl.gen)
+	for _, n := range nodes {
+		fmt.Fprintf(&key, " %s/%d", n.ID, n.Slots)
+	}
+	return key.String()
+}
+
+// eligibleKey names a set of eligible nodes.
+func eligibleKey(nodes []placement.Node) string {
+	var key strings.Builder
+	for _, n := range nodes {
+		fmt.Fprintf(&key, "%s/%d ", n.ID, n.Slots)
+	}
+	return key.String()
+}
+
+// planFor is the plan for st's eligible nodes from its current placement
+// and load pl.
+func planFor(st *clusterState, cfg ControllerConfig, nodes []placement.Node, pl planLoad) (*placement.Table, error) {
+	return placement.Plan(placement.PlanInput{Shape: cfg.Shape, Nodes: nodes, Current: st.current(), Version: st.nextVersion(), Redundant: cfg.Redundant, Load: pl.load})
+}
+
+// decide computes the controller's next steps from a state and the load
+// plans are made for. Planning is skipped when memo already holds a plan
+// for the same inputs.
+func decide(st *clusterState, cfg ControllerConfig, memo *planMemo, pl planLoad) decision {
 	var d decision
 	cur := st.current()
 	nodes := st.eligible()
 	if len(nodes) > 0 {
-		var key strings.Builder
-		curV := uint64(0)
-		if cur != nil {
-			curV = cur.Version
-		}
-		fmt.Fprintf(&key, "cur=%d rebalance=%d", curV, st.rebalance)
-		for _, n := range nodes {
-			fmt.Fprintf(&key, " %s/%d", n.ID, n.Slots)
-		}
-		if memo == nil || memo.key != key.String() {
-			p, err := placement.Plan(placement.PlanInput{Shape: cfg.Shape, Nodes: nodes, Current: cur, Version: st.nextVersion(), Redundant: cfg.Redundant})
+		key := planKey(st, nodes, pl)
+		if memo == nil || memo.key != key {
+			p, err := planFor(st, cfg, nodes, pl)
 			if memo == nil {
 				memo = &planMemo{}
 			}
-			*memo = planMemo{key: key.String(), plan: p, err: err}
+			*memo = planMemo{key: key, plan: p, err: err}
 		}
 		if memo.err == nil && (cur == nil || !memo.plan.Equal(cur)) {
 			d.publish = memo.plan
@@ -119,6 +198,8 @@ type Controller struct {
 	w     *Watcher
 	errc  chan error
 
+	metrics *controllerMetrics
+
 	mu struct {
 		sync.Mutex
 		status  ClusterStatus
@@ -129,10 +210,22 @@ type Controller struct {
 		// read them to see that nothing is about to happen).
 		processed int64
 		pending   bool
+		// rebalance is the record of switches Status reports.
+		rebalance RebalanceStatus
 	}
+
+	// Owned by run: published targets not yet activated, by version.
+	switches map[uint64]pendingSwitch
 
 	cancel context.CancelFunc
 	done   chan struct{}
+}
+
+// pendingSwitch is a published target on its way to activation.
+type pendingSwitch struct {
+	reason    string
+	published time.Time
+	load      [][]float64
 }
 
 // StartController starts the controller. It adopts the stored active
@@ -143,6 +236,12 @@ type Controller struct {
 func StartController(ctx context.Context, s *Store, cfg ControllerConfig) (*Controller, error) {
 	if cfg.Debounce == 0 {
 		cfg.Debounce = 100 * time.Millisecond
+	}
+	if cfg.RebalanceThreshold == 0 {
+		cfg.RebalanceThreshold = DefaultRebalanceThreshold
+	}
+	if cfg.RebalanceMargin == 0 {
+		cfg.RebalanceMargin = DefaultRebalanceMargin
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -159,21 +258,35 @@ func StartController(ctx context.Context, s *Store, cfg ControllerConfig) (*Cont
 		return nil, fmt.Errorf("%w: controller epoch %d, cluster epoch %d", ErrFenced, cfg.Epoch, cur)
 	}
 	bg, cancel := context.WithCancel(context.Background())
-	c := &Controller{store: s, cfg: cfg, log: log.With("epoch", cfg.Epoch), errc: make(chan error, 1), cancel: cancel, done: make(chan struct{})}
+	c := &Controller{store: s, cfg: cfg, log: log.With("epoch", cfg.Epoch), errc: make(chan error, 1), cancel: cancel, done: make(chan struct{}),
+		switches: map[uint64]pendingSwitch{}}
 	c.mu.changed = make(chan struct{})
+	c.mu.rebalance = RebalanceStatus{IntervalSeconds: cfg.RebalanceInterval.Seconds(), Threshold: cfg.RebalanceThreshold,
+		Margin: cfg.RebalanceMargin, Switches: map[string]int{}}
+	c.metrics = newControllerMetrics(c)
 	c.w = newWatcher(bg, s, s.keys.Prefix())
 	go c.run(bg)
 	return c, nil
 }
 
-// Status describes the cluster as of the controller's latest snapshot.
+// Status describes the cluster as of the controller's latest snapshot,
+// with its record of placement switches.
 func (c *Controller) Status() ClusterStatus {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.mu.status
+	st := c.mu.status
+	rb := c.mu.rebalance
+	rb.Switches = maps.Clone(rb.Switches)
+	if rb.Last != nil {
+		last := *rb.Last
+		rb.Last = &last
+	}
+	st.Rebalance = &rb
+	return st
 }
 
-// Changes returns a channel closed at the next change of Status. Take it
+// Changes returns a channel closed at the next change of Status (its
+// rebalance record included). Take it
 // before reading Status to never miss one.
 func (c *Controller) Changes() <-chan struct{} {
 	c.mu.Lock()
@@ -201,18 +314,35 @@ func (c *Controller) run(ctx context.Context) {
 		have     bool
 		waitRev  int64 // ignore decisions on snapshots older than our last write
 		cache    = tableCache{}
+		loads    = loadCache{}
 		memo     planMemo
 		badPlan  string // memo key of the last plan failure logged
 		debounce *time.Timer
 		due      bool // the debounce timer fired: publish now
 		retry    *time.Timer
 		bo       = newBackoff()
+		// The load plans are made for, and what it was last refreshed
+		// for: the eligible nodes and the rebalance key's revision.
+		pl            planLoad
+		lastNodes     string
+		lastRebalance int64
+		seen          bool // lastNodes and lastRebalance hold a snapshot's
+		schedule      *time.Ticker
+		check         bool // the schedule ticked: check the load
 	)
+	if c.cfg.RebalanceInterval > 0 {
+		schedule = time.NewTicker(c.cfg.RebalanceInterval)
+		defer schedule.Stop()
+	}
 	timerC := func(t *time.Timer) <-chan time.Time {
 		if t == nil {
 			return nil
 		}
 		return t.C
+	}
+	var scheduleC <-chan time.Time
+	if schedule != nil {
+		scheduleC = schedule.C
 	}
 	defer func() {
 		for _, t := range []*time.Timer{debounce, retry} {
@@ -231,12 +361,15 @@ func (c *Controller) run(ctx context.Context) {
 			debounce, due = nil, true
 		case <-timerC(retry):
 			retry = nil
+		case <-scheduleC:
+			check = true
 		}
 		if !have {
 			continue
 		}
 		st := readState(c.store.keys, snap, c.cfg.Shape, cache)
-		c.setStatus(st.status())
+		ol := st.observedLoad(c.cfg.Shape, loads, c.log)
+		c.setStatus(st.status(c.cfg.Shape, ol))
 		if c.fenced() || snap.Rev < waitRev || retry != nil {
 			continue
 		}
@@ -257,7 +390,41 @@ func (c *Controller) run(ctx context.Context) {
 				continue
 			}
 		}
-		d := decide(st, c.cfg, &memo)
+		// What asks for a plan for the load observed now: the eligible
+		// nodes changing, `placement rebalance`, or the schedule finding
+		// the imbalance worth it.
+		nodes := st.eligible()
+		nodesKey := eligibleKey(nodes)
+		refresh := func(reason string) {
+			pl = planLoad{load: ol.routed, gen: pl.gen + 1, reason: reason}
+		}
+		switch {
+		case !seen:
+			seen, lastNodes, lastRebalance = true, nodesKey, st.rebalance
+			refresh("membership")
+		case nodesKey != lastNodes:
+			lastNodes = nodesKey
+			refresh("membership")
+		case st.rebalance != lastRebalance:
+			lastRebalance = st.rebalance
+			refresh("command")
+			c.decided(fmt.Sprintf("command: planning for %.0f routed tokens", ol.tokens))
+		case check:
+			if p, why := c.worthRebalancing(st, ol, nodes); p != nil {
+				refresh("schedule")
+				memo = planMemo{key: planKey(st, nodes, pl), plan: p}
+				c.decided(why)
+				c.log.Info("scheduled rebalance", "decision", why)
+			} else {
+				c.decided(why)
+				c.log.Debug("scheduled rebalance skipped", "decision", why)
+			}
+		}
+		if st.active == 0 {
+			pl.reason = "initial"
+		}
+		check = false
+		d := decide(st, c.cfg, &memo, pl)
 		if memo.err != nil && memo.key != badPlan {
 			badPlan = memo.key
 			c.log.Error("planning failed; keeping the current placement", "err", memo.err)
@@ -271,7 +438,7 @@ func (c *Controller) run(ctx context.Context) {
 		if d.publish == nil {
 			due = false
 		}
-		rev, err := c.apply(ctx, st, d)
+		rev, err := c.apply(ctx, st, d, pl)
 		if rev > 0 {
 			waitRev = rev
 		}
@@ -293,9 +460,53 @@ func (c *Controller) run(ctx context.Context) {
 	}
 }
 
-// apply carries out a decision; it returns the revision of its last write
-// (0: none).
-func (c *Controller) apply(ctx context.Context, st *clusterState, d decision) (int64, error) {
+// worthRebalancing is the schedule's check: a plan for the observed load,
+// when the current placement's weighted imbalance under it exceeds the
+// threshold and the plan cuts it by the margin; otherwise nil. why says
+// what was decided.
+func (c *Controller) worthRebalancing(st *clusterState, ol observedLoad, nodes []placement.Node) (p *placement.Table, why string) {
+	cur := st.current()
+	switch {
+	case st.target > st.active:
+		return nil, "schedule: skipped, a placement switch is in progress"
+	case cur == nil || len(nodes) == 0:
+		return nil, "schedule: skipped, no placement yet"
+	}
+	if need := float64(minTokensPerExpert * len(c.cfg.Shape.MoELayers) * c.cfg.Shape.Experts); ol.tokens < need {
+		return nil, fmt.Sprintf("schedule: skipped, %.0f routed tokens observed, fewer than the %.0f a plan needs", ol.tokens, need)
+	}
+	_, before := placement.Imbalance(cur, ol.routed)
+	if before <= c.cfg.RebalanceThreshold {
+		return nil, fmt.Sprintf("schedule: skipped, imbalance %.4f within the threshold %.2f", before, c.cfg.RebalanceThreshold)
+	}
+	p, err := planFor(st, c.cfg, nodes, planLoad{load: ol.routed})
+	if err != nil {
+		return nil, fmt.Sprintf("schedule: skipped, planning failed: %v", err)
+	}
+	_, after := placement.Imbalance(p, ol.routed)
+	if before-after < c.cfg.RebalanceMargin*before {
+		return nil, fmt.Sprintf("schedule: skipped, the plan would take imbalance %.4f to %.4f, less than the %.0f%% margin", before, after, 100*c.cfg.RebalanceMargin)
+	}
+	return p, fmt.Sprintf("schedule: rebalancing, imbalance %.4f to %.4f moving %d expert replicas", before, after, placement.Moved(cur, p))
+}
+
+// decided records a rebalance decision for Status.
+func (c *Controller) decided(why string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.mu.rebalance.LastDecision = why
+	c.changedLocked()
+}
+
+// changedLocked wakes everyone waiting on Changes.
+func (c *Controller) changedLocked() {
+	close(c.mu.changed)
+	c.mu.changed = make(chan struct{})
+}
+
+// apply carries out a decision made for load pl; it returns the revision
+// of its last write (0: none).
+func (c *Controller) apply(ctx context.Context, st *clusterState, d decision, pl planLoad) (int64, error) {
 	s, epoch := c.store, c.cfg.Epoch
 	var rev int64
 	do := func(f func(context.Context) (int64, error)) error {
@@ -310,12 +521,18 @@ func (c *Controller) apply(ctx context.Context, st *clusterState, d decision) (i
 			return rev, err
 		}
 		c.log.Info("placement activated", "version", d.activate, "nodes", len(st.table(d.activate).Nodes()))
+		c.switched(st, d.activate)
 	}
 	if d.publish != nil {
 		if err := do(func(ctx context.Context) (int64, error) { return s.publishTarget(ctx, epoch, d.publish) }); err != nil {
 			return rev, err
 		}
-		c.log.Info("placement target published", "version", d.publish.Version, "nodes", d.publish.Nodes())
+		moved := placement.Moved(st.table(st.active), d.publish)
+		_, before := placement.Imbalance(st.current(), pl.load)
+		_, after := placement.Imbalance(d.publish, pl.load)
+		c.log.Info("placement target published", "version", d.publish.Version, "nodes", d.publish.Nodes(), "reason", pl.reason,
+			"moved_replicas", moved, "bytes_to_move", int64(moved)*c.cfg.ExpertBytes, "imbalance_before", before, "imbalance_after", after)
+		c.switches[d.publish.Version] = pendingSwitch{reason: pl.reason, published: time.Now(), load: pl.load}
 	}
 	if len(d.collect) > 0 {
 		if err := do(func(ctx context.Context) (int64, error) { return s.deleteVersions(ctx, epoch, d.collect) }); err != nil {
@@ -330,6 +547,38 @@ func (c *Controller) apply(ctx context.Context, st *clusterState, d decision) (i
 		c.log.Info("drained nodes left", "ids", d.clearDrains)
 	}
 	return rev, nil
+}
+
+// switched records the activation of version v (the active version of
+// st is the one it replaces): what moved, how long the switch took since
+// the target was published, the imbalance it was planned to cure. It is
+// logged, kept for Status and exported.
+func (c *Controller) switched(st *clusterState, v uint64) {
+	p, ok := c.switches[v]
+	for n := range c.switches {
+		if n <= v {
+			delete(c.switches, n)
+		}
+	}
+	if !ok {
+		return // published by an earlier coordinator
+	}
+	from, to := st.table(st.active), st.table(v)
+	rec := RebalanceRecord{From: st.active, To: v, Reason: p.reason, Moved: placement.Moved(from, to), DurationSeconds: time.Since(p.published).Seconds(), At: time.Now()}
+	rec.BytesMoved = int64(rec.Moved) * c.cfg.ExpertBytes
+	if from != nil {
+		_, rec.ImbalanceBefore = placement.Imbalance(from, p.load)
+	}
+	_, rec.ImbalanceAfter = placement.Imbalance(to, p.load)
+	c.log.Info("placement switched", "from", rec.From, "to", rec.To, "reason", rec.Reason, "moved_replicas", rec.Moved,
+		"bytes_moved", rec.BytesMoved, "took", time.Duration(rec.DurationSeconds*float64(time.Second)).Round(time.Millisecond),
+		"imbalance_before", rec.ImbalanceBefore, "imbalance_after", rec.ImbalanceAfter)
+	c.metrics.switched(rec)
+	c.mu.Lock()
+	c.mu.rebalance.Switches[rec.Reason]++
+	c.mu.rebalance.Last = &rec
+	c.changedLocked()
+	c.mu.Unlock()
 }
 
 func (c *Controller) fenced() bool {
@@ -378,7 +627,8 @@ func (c *Controller) setStatus(s ClusterStatus) {
 
 func statusEqual(a, b ClusterStatus) bool {
 	if a.Cluster != b.Cluster || a.Revision != b.Revision || a.Epoch != b.Epoch || a.Active != b.Active || a.Target != b.Target ||
-		!slices.Equal(a.Versions, b.Versions) || len(a.Nodes) != len(b.Nodes) || (a.Model == nil) != (b.Model == nil) {
+		!slices.Equal(a.Versions, b.Versions) || len(a.Nodes) != len(b.Nodes) || (a.Model == nil) != (b.Model == nil) ||
+		!reflect.DeepEqual(a.Load, b.Load) || !reflect.DeepEqual(a.ExpertLoad, b.ExpertLoad) {
 		return false
 	}
 	for i := range a.Nodes {

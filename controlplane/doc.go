@@ -41,12 +41,23 @@
 //	/expertmesh/<c>/placement/inuse/<attn-id>
 //	    InUse {"oldest":M,"newest":N}, under the attention node's lease:
 //	    the versions its running steps still dispatch by.
+//	/expertmesh/<c>/load/<attn-id>
+//	    LoadReport, under the attention node's lease, rewritten every
+//	    --load-report-interval (default 10 s; never per token):
+//	    {"at_ms","window_ms","moe_layers","experts","routed","served"}.
+//	    routed is base64 of unsigned varints, one per (MoE layer, expert)
+//	    in order: tokens the node routed to each expert in its sliding
+//	    window (--load-window, default 5 min). served maps expert node id
+//	    to base64 varints, one per MoE layer: tokens that node computed
+//	    for this one since it started. The controller sums the reports
+//	    of live attention nodes: the load it plans for, and /v1/cluster's
+//	    load and expert_load.
 //	/expertmesh/<c>/drain/<id>
 //	    A drain request (`expertmesh placement drain ID`; value: when);
 //	    deleted by the controller once the node's member key is gone.
 //	/expertmesh/<c>/rebalance
-//	    Any write asks the controller to plan again (`expertmesh placement
-//	    rebalance`).
+//	    Any write asks the controller to plan again for the load observed
+//	    now (`expertmesh placement rebalance`).
 //
 // The controller (in the coordinator) is the only writer of versions,
 // target and active, and of drain deletions; each of its writes is a
@@ -76,9 +87,11 @@
 // that lacks its expert:
 //
 //  1. Plan. When the eligible expert nodes change (live members in state
-//     serving, not asked to drain) or a rebalance is requested, the
+//     serving, not asked to drain), a rebalance is requested or the
+//     schedule finds one worth it (see Load and rebalancing), the
 //     controller computes the next table with placement.Plan from the
-//     pending target (or the active version), waits a short debounce so
+//     pending target (or the active version) and the observed load,
+//     waits a short debounce so
 //     that nodes joining together make one version, and publishes it as
 //     version N: versions/N and target=N in one transaction. A newer
 //     target supersedes an older one that was never activated.
@@ -103,6 +116,28 @@
 //  6. Collect. The controller deletes versions below the oldest in use
 //     and superseded targets that were never activated.
 //
+// # Load and rebalancing
+//
+// Plans are made for a load: the sum of the attention nodes' reports
+// (routed tokens per layer and expert over their windows), taken when
+// something asks for a plan and kept until the next ask, so that a plan
+// stays the plan for its inputs and planning again from it changes
+// nothing. What asks: the eligible expert nodes changing (a join, a
+// leave, a drain), `placement rebalance`, and the schedule
+// (--rebalance-interval, off by default): it plans only when the current
+// placement's weighted imbalance under the observed load exceeds
+// --rebalance-threshold (1.10), no switch is in progress and at least 10
+// tokens per (layer, expert) were observed, and publishes only a plan
+// that cuts the imbalance by --rebalance-margin (2%). Imbalance is
+// placement.Imbalance's (see LoadStatus). The planner (placement.Plan)
+// weighs the balance a move buys against the expert bytes it loads, and
+// sets planned shares per replica that attention nodes follow. A
+// rebalance is an ordinary version switch, make-before-break: serving
+// goes on by the old version until every node has loaded the new one.
+// The controller logs and exports (Controller.Collectors) every switch:
+// what caused it, replicas and bytes moved, publish-to-activation time,
+// imbalance before and after.
+//
 // Draining: ExpertAgent.Drain (SIGTERM) or a drain request marks the node
 // draining; the controller plans without it; the agent reports Drained
 // once nothing that is targeted, active or in use assigns it anything,
@@ -120,10 +155,11 @@
 //
 //   - Every role: Connect, IdentifyModel, Register (Close on exit).
 //   - Coordinator: Store.NextEpoch, Register with Member.Epoch,
-//     StartController; Controller.Status for /v1/cluster.
+//     StartController; Controller.Status for /v1/cluster and
+//     Controller.Collectors for /metrics.
 //   - Attention node: NewAttnView as its placement.View; Wait before
 //     serving; InUse per step; OnCoordinators to drop sequences of dead
-//     coordinator epochs.
+//     coordinator epochs; StartLoadReporter with its load statistics.
 //   - Expert node: NewExpertAgent with the node as ExpertHolder; Drain on
 //     SIGTERM; exit on Drained.
 //   - CLI: Show (`placement show`), RequestDrain, RequestRebalance;

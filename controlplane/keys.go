@@ -78,6 +78,13 @@ func (k Keys) DrainPrefix() string { return k.prefix + "drain/" }
 // Drain is the drain request key of node id.
 func (k Keys) Drain(id string) string { return k.DrainPrefix() + id }
 
+// LoadPrefix is the prefix of the attention nodes' load reports.
+func (k Keys) LoadPrefix() string { return k.prefix + "load/" }
+
+// Load is attention node id's load report (LoadReport's stored form,
+// under its lease).
+func (k Keys) Load(id string) string { return k.LoadPrefix() + id }
+
 // Rebalance is the key whose every write asks the controller to replan.
 func (k Keys) Rebalance() string { return k.prefix + "rebalance" }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -80,6 +81,18 @@ func describeKeys(t *testing.T, ctx context.Context, s *Store, shape placement.S
 			}
 			slices.Sort(nodes)
 			desc = fmt.Sprintf("table version %d, experts per node %s", tb.Version, strings.Join(nodes, " "))
+		case strings.HasPrefix(key, k.LoadPrefix()):
+			r, err := DecodeLoadReport(shape, kv.Value)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var routed uint64
+			for _, row := range r.Routed {
+				for _, v := range row {
+					routed += v
+				}
+			}
+			desc = fmt.Sprintf("load report: %d tokens routed in %v, served by %v", routed, r.Window, slices.Sorted(maps.Keys(r.Served)))
 		case strings.HasPrefix(key, k.DrainPrefix()), key == k.Rebalance():
 			if _, err := time.Parse(time.RFC3339Nano, v); err != nil {
 				t.Fatalf("%s: %q is not a time", key, v)
@@ -144,6 +157,20 @@ func TestKeyLayout(t *testing.T) {
 	}()
 	defer func() { stopAck(); <-acked }()
 
+	// The attention node reports its load (a fixed report).
+	report := LoadReport{At: time.Unix(1700000000, 0), Window: time.Minute, Routed: make([][]uint64, shape.Layers),
+		Served: map[string][]uint64{"e1": make([]uint64, shape.Layers)}}
+	for _, l := range shape.MoELayers {
+		report.Routed[l] = make([]uint64, shape.Experts)
+		for e := range shape.Experts {
+			report.Routed[l][e] = uint64(1 + e%5)
+			report.Served["e1"][l] += uint64(1 + e%5)
+		}
+	}
+	lr := StartLoadReporter(s, a1.reg, shape, 50*time.Millisecond, func() LoadReport { return report })
+	defer lr.Close()
+	waitStatus(t, ctx, ctrl, "the load report", func(cs ClusterStatus) bool { return cs.Load != nil })
+
 	if err := RequestDrain(ctx, s, "e2"); err != nil {
 		t.Fatal(err)
 	}
@@ -191,6 +218,10 @@ func TestKeyLayout(t *testing.T) {
 	}
 	golden(t, "show.golden", string(b)+"\n")
 	cst := ctrl.Status()
+	if rb := cst.Rebalance; rb == nil || rb.Switches["initial"] != 1 || rb.Switches["membership"]+rb.Switches["command"] == 0 || rb.Last == nil {
+		t.Errorf("rebalance record %+v: want the initial switch and a later one", rb)
+	}
+	cst.Rebalance = nil // the controller's own record; Show has none
 	cst.Revision = 0
 	m := *cst.Model
 	m.Hash = "(sha256)"

@@ -304,5 +304,5 @@ func Show(ctx context.Context, s *Store, shape placement.Shape) (ClusterStatus, 
 		snap.KVs[string(kv.Key)] = KV{Value: string(kv.Value), Lease: kv.Lease, ModRev: kv.ModRevision}
 	}
 	st := readState(s.keys, snap, shape, nil)
-	return st.status(), nil
+	return st.status(shape, st.observedLoad(shape, nil, nil)), nil
 }

@@ -30,6 +30,9 @@ type clusterState struct {
 	drains      map[string]bool
 	// rebalance is the mod revision of the rebalance key (0: none).
 	rebalance int64
+	// loads are the attention nodes' load reports, as stored (decoded on
+	// demand: only the controller and Show need them).
+	loads map[string]string
 }
 
 // tableCache keeps decoded tables across snapshots: stored versions never
@@ -54,6 +57,7 @@ func readState(k Keys, snap Snapshot, shape placement.Shape, cache tableCache) *
 		ready:       map[string]uint64{},
 		inuse:       map[string]InUse{},
 		drains:      map[string]bool{},
+		loads:       map[string]string{},
 	}
 	for _, r := range Roles {
 		st.members[r] = map[string]Member{}
@@ -114,6 +118,8 @@ func readState(k Keys, snap Snapshot, shape placement.Shape, cache tableCache) *
 			}
 		case strings.HasPrefix(key, k.DrainPrefix()):
 			st.drains[strings.TrimPrefix(key, k.DrainPrefix())] = true
+		case strings.HasPrefix(key, k.LoadPrefix()):
+			st.loads[strings.TrimPrefix(key, k.LoadPrefix())] = kv.Value
 		}
 	}
 	for n := range cache {
@@ -316,6 +322,15 @@ type ClusterStatus struct {
 	// Versions lists the stored placement versions.
 	Versions []uint64     `json:"stored_versions"`
 	Nodes    []NodeStatus `json:"nodes"`
+	// Load is the expert load the attention nodes observe, with the
+	// active placement's imbalance under it (nil before any report).
+	Load *LoadStatus `json:"load,omitempty"`
+	// ExpertLoad is the tokens each expert node served per MoE layer
+	// (bench's expert_load shape; nil before any report).
+	ExpertLoad *ExpertLoad `json:"expert_load,omitempty"`
+	// Rebalance is the controller's record of placement switches (in
+	// the coordinator's /v1/cluster only; Show has none).
+	Rebalance *RebalanceStatus `json:"rebalance,omitempty"`
 }
 
 // NodeStatus is one node: a member, or a node a placement version still
@@ -354,8 +369,16 @@ type NodeStatus struct {
 // StateGone marks a node a placement names that is not a member.
 const StateGone State = "gone"
 
-// status describes the state.
-func (st *clusterState) status() ClusterStatus {
+// status describes the state, with the observed load ol
+// (st.observedLoad).
+func (st *clusterState) status(shape placement.Shape, ol observedLoad) ClusterStatus {
+	cs := st.membershipStatus()
+	cs.Load, cs.ExpertLoad = loadStatus(shape, ol, st.table(st.active))
+	return cs
+}
+
+// membershipStatus describes the state's members and placement versions.
+func (st *clusterState) membershipStatus() ClusterStatus {
 	cs := ClusterStatus{Cluster: st.cluster, Revision: st.rev, Model: st.model, Epoch: st.epoch, Active: st.active, Target: st.target, Versions: []uint64{}, Nodes: []NodeStatus{}}
 	for v := range st.versions {
 		cs.Versions = append(cs.Versions, v)

@@ -212,7 +212,7 @@ func TestDecide(t *testing.T) {
 			f := newFakeCluster(t)
 			tc.setup(f)
 			cfg.Shape = f.shape
-			d := decide(f.state(), cfg, nil)
+			d := decide(f.state(), cfg, nil, planLoad{})
 			var published []string
 			if d.publish != nil {
 				published = slices.Sorted(slices.Values(d.publish.Nodes()))
