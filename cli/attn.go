@@ -44,8 +44,13 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	cp := addControlPlaneFlags(fs)
 	tel := addTelemetryFlags(fs)
 	advertise := fs.String("advertise-addr", "", "with --etcd: the host:port other nodes dial (default: --listen's, with 0.0.0.0 replaced by this host's address; in Kubernetes $(POD_IP):PORT)")
+	loadInterval := fs.Duration("load-report-interval", controlplane.DefaultLoadReportInterval, "with --etcd: how often the node publishes its expert load (routed tokens per layer and expert) for the placement controller: one etcd write per interval")
+	loadWindow := fs.Duration("load-window", attnnode.DefaultLoadWindow, "how far back the published expert load reaches (a sliding window)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *loadInterval <= 0 || *loadWindow <= 0 {
+		return fmt.Errorf("--load-report-interval %v, --load-window %v: want both > 0", *loadInterval, *loadWindow)
 	}
 	cfg.CacheBytes = *cacheMB << 20
 	var err error
@@ -97,6 +102,9 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer s.Close()
+	if ls := s.LoadStats(); ls != nil {
+		ls.SetWindow(*loadWindow)
+	}
 	if cfg.NodeID == "" {
 		// No --node-id and a port picked at start: name the node by it.
 		cfg.NodeID = controlplane.DefaultNodeID(controlplane.RoleAttn, controlplane.PortOf(s.Addr()))
@@ -143,6 +151,13 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		view.OnCoordinators(expireDead(s))
 		if err := reg.SetState(ctx, controlplane.StateServing); err != nil {
 			return err
+		}
+		if ls := s.LoadStats(); ls != nil {
+			lr := controlplane.StartLoadReporter(store, reg, shape, *loadInterval, func() controlplane.LoadReport {
+				snap := ls.Snapshot()
+				return controlplane.LoadReport{At: snap.At, Window: snap.Window, Routed: snap.Routed, Served: snap.Served}
+			})
+			defer lr.Close()
 		}
 	}
 	fmt.Fprintf(stdout, "attention node %s listening on %s\n", cfg.NodeID, s.Addr())
@@ -222,6 +237,9 @@ func expireDead(n *attnnode.Node) func(live []uint64) {
 func startAttnOps(ctx context.Context, addr string, s *attnnode.Node, m *attnnode.Metrics) (*ops.Server, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(m.Collectors()...)
+	if ls := s.LoadStats(); ls != nil {
+		reg.MustRegister(ls.Collector())
+	}
 	info := func() *meshpb.NodeInfo {
 		i, err := s.Info(ctx, 0)
 		if err != nil {

@@ -117,6 +117,9 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	tel := addTelemetryFlags(fs)
 	id := fs.String("node-id", "", "stable coordinator id (default HOSTNAME-coordinator-PORT)")
 	redundant := fs.Int("redundant-experts", 0, "extra replicas per MoE layer the placement may give the hottest experts")
+	rebalanceEvery := fs.Duration("rebalance-interval", 0, "how often to check whether the observed expert load warrants a new placement (0: never on a schedule; membership changes and `placement rebalance` still plan for the load)")
+	rebalanceThreshold := fs.Float64("rebalance-threshold", controlplane.DefaultRebalanceThreshold, "a scheduled check plans only above this weighted expert imbalance (max over expert nodes of tokens served / mean)")
+	rebalanceMargin := fs.Float64("rebalance-margin", controlplane.DefaultRebalanceMargin, "a scheduled check switches only to a plan that cuts the imbalance by at least this fraction")
 	grace := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may take to finish")
 	advertise := fs.String("advertise-addr", "", "the HTTP host:port recorded in membership (default: --addr's, with 0.0.0.0 replaced by this host's address)")
 	if err := parse(fs, args); err != nil {
@@ -133,7 +136,7 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	}
 	log := roleLogger(stderr)
 	cfg.Logger = log
-	shape, _, err := shapeOf(cfg.ModelDir)
+	shape, mc, err := shapeOf(cfg.ModelDir)
 	if err != nil {
 		return err
 	}
@@ -151,11 +154,15 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 		return err
 	}
 	cfg.Epoch = epoch
-	ctrl, err := controlplane.StartController(ctx, store, controlplane.ControllerConfig{Shape: shape, Epoch: epoch, Redundant: *redundant, Logger: log})
+	ctrl, err := controlplane.StartController(ctx, store, controlplane.ControllerConfig{Shape: shape, Epoch: epoch, Redundant: *redundant, Logger: log,
+		RebalanceInterval: *rebalanceEvery, RebalanceThreshold: *rebalanceThreshold, RebalanceMargin: *rebalanceMargin,
+		// One routed expert: gate, up and down projections in BF16.
+		ExpertBytes: int64(3 * mc.HiddenSize * mc.MoEIntermediateSize * 2)})
 	if err != nil {
 		return err
 	}
 	defer ctrl.Close()
+	cfg.Collectors = append(cfg.Collectors, ctrl.Collectors()...)
 	cfg.Cluster = func(context.Context) (any, error) { return ctrl.Status(), nil }
 	flush, err := tel.setup(ctx, "coordinator", *id, stderr)
 	if err != nil {
