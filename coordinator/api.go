@@ -22,6 +22,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/expertmesh/expertmesh/model"
 	meshpb "github.com/expertmesh/expertmesh/proto"
@@ -42,6 +43,7 @@ func (c *Coordinator) Handler() http.Handler {
 	mux.Handle("POST /v1/completions", c.instrument("completions", c.handleCompletions))
 	mux.Handle("POST /v1/chat/completions", c.instrument("chat_completions", c.handleChat))
 	mux.Handle("GET /v1/models", c.instrument("models", c.handleModels))
+	mux.Handle("GET /v1/models/{id...}", c.instrument("models", c.handleModel))
 	mux.Handle("GET /v1/cluster", c.instrument("cluster", c.handleCluster))
 	mux.Handle("POST /tokenize", c.instrument("tokenize", c.handleTokenize))
 	mux.Handle("POST /detokenize", c.instrument("detokenize", c.handleDetokenize))
@@ -64,11 +66,21 @@ func (c *Coordinator) Handler() http.Handler {
 	return mux
 }
 
-// statusWriter records the status for metrics and spans; it forwards Flush
-// so SSE works through it.
+// statusWriter records the status for metrics and spans, and the type
+// of an error the client got (plain or as a stream's error event); it
+// forwards Flush so SSE works through it.
 type statusWriter struct {
 	http.ResponseWriter
-	status int
+	status  int
+	errType string
+}
+
+// noteError records on w (if it is the instrumenting writer) that the
+// client got an error of type typ.
+func noteError(w http.ResponseWriter, typ string) {
+	if sw, ok := w.(*statusWriter); ok {
+		sw.errType = typ
+	}
 }
 
 func (w *statusWriter) WriteHeader(s int) {
@@ -113,7 +125,18 @@ func (c *Coordinator) instrument(endpoint string, h http.HandlerFunc) http.Handl
 		if sw.status >= 500 {
 			span.SetStatus(codes.Error, http.StatusText(sw.status))
 		}
-		c.metrics.requests.WithLabelValues(endpoint, strconv.Itoa(sw.status)).Inc()
+		outcome := "success"
+		switch {
+		case sw.errType != "":
+			outcome = "error"
+			c.metrics.requestErrors.WithLabelValues(endpoint, sw.errType).Inc()
+		case r.Context().Err() != nil:
+			outcome = "cancelled" // the client went away
+		case sw.status >= 400:
+			outcome = "error"
+		}
+		span.SetAttributes(attribute.String("outcome", outcome))
+		c.metrics.requests.WithLabelValues(endpoint, strconv.Itoa(sw.status), outcome).Inc()
 	})
 }
 
@@ -204,16 +227,90 @@ func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
+func (c *Coordinator) modelObject() map[string]any {
+	return map[string]any{"id": c.name, "object": "model", "created": 0, "owned_by": "expertmesh",
+		"root": c.name, "max_model_len": c.mcfg.MaxPositionEmbeddings}
+}
+
 func (c *Coordinator) handleModels(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": []map[string]any{{
-		"id": c.name, "object": "model", "created": 0, "owned_by": "expertmesh",
-		"max_model_len": c.mcfg.MaxPositionEmbeddings,
-	}}})
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": []map[string]any{c.modelObject()}})
+}
+
+// handleModel is GET /v1/models/{id}: the served model, or OpenAI's 404.
+// Ids may contain slashes ("org/model"), hence the wildcard.
+func (c *Coordinator) handleModel(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if id != c.name {
+		c.writeError(w, &apiError{status: http.StatusNotFound, Type: "invalid_request_error", Param: strp("model"),
+			Code: strp("model_not_found"), Message: fmt.Sprintf("the model %q does not exist; this server serves %q", id, c.name)})
+		return
+	}
+	writeJSON(w, http.StatusOK, c.modelObject())
+}
+
+// maxDepth bounds the nesting of a request body's JSON: every valid
+// request nests a handful of levels (chat content parts are the deepest,
+// at 4), and a body of deep nesting is refused before it is decoded.
+const maxDepth = 64
+
+// scanJSON checks a body's shape before it is decoded, in one pass
+// without allocating: nesting at most maxDepth deep and no array longer
+// than maxElems. It costs microseconds where decoding a 20 KB body of
+// 9999 nested arrays, and then interpreting it, took seconds; it does
+// not validate the JSON otherwise (the decoder does).
+func scanJSON(b []byte, maxElems int) error {
+	// Per open bracket: whether it is an array, and its element count.
+	var stack [maxDepth]struct {
+		array bool
+		elems int
+		empty bool
+	}
+	depth := 0
+	inString, escaped := false, false
+	for i, ch := range b {
+		if inString {
+			switch {
+			case escaped:
+				escaped = false
+			case ch == '\\':
+				escaped = true
+			case ch == '"':
+				inString = false
+			}
+			continue
+		}
+		if depth > 0 && stack[depth-1].empty && ch != ' ' && ch != '\t' && ch != '\n' && ch != '\r' && ch != ']' && ch != '}' {
+			stack[depth-1].empty = false
+			stack[depth-1].elems = 1
+		}
+		switch ch {
+		case '"':
+			inString = true
+		case '[', '{':
+			if depth == maxDepth {
+				return badRequest("", "the body nests JSON deeper than %d levels (at byte %d)", maxDepth, i)
+			}
+			stack[depth].array, stack[depth].elems, stack[depth].empty = ch == '[', 0, true
+			depth++
+		case ']', '}':
+			if depth > 0 {
+				depth--
+			}
+		case ',':
+			if depth > 0 && stack[depth-1].array {
+				if stack[depth-1].elems++; stack[depth-1].elems > maxElems {
+					return badRequest("", "the body holds an array of more than %d elements (at byte %d): no prompt may be longer than the model's context", maxElems, i)
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // decodeBody reads a JSON body, turning decode failures into 400s that
-// name the field.
-func decodeBody(r *http.Request, v any) error {
+// name the field. The body's shape is checked first (scanJSON), so a
+// hostile body costs one cheap pass.
+func (c *Coordinator) decodeBody(r *http.Request, v any) error {
 	b, err := io.ReadAll(r.Body)
 	if err != nil {
 		var mbe *http.MaxBytesError
@@ -223,6 +320,9 @@ func decodeBody(r *http.Request, v any) error {
 		}
 		return badRequest("", "reading body: %v", err)
 	}
+	if err := scanJSON(b, max(c.mcfg.MaxPositionEmbeddings, 4096)); err != nil {
+		return err
+	}
 	if err := json.Unmarshal(b, v); err != nil {
 		var te *json.UnmarshalTypeError
 		var se *json.SyntaxError
@@ -230,6 +330,9 @@ func decodeBody(r *http.Request, v any) error {
 		case errors.As(err, &te):
 			// Fields of the embedded commonFields carry its name as a prefix.
 			f := strings.TrimPrefix(te.Field, "commonFields.")
+			if te.Value == "number" || strings.HasPrefix(te.Value, "number ") {
+				return badRequest(f, "%s: expected %s, got JSON %s (out of range or not a whole number)", f, te.Type, te.Value)
+			}
 			return badRequest(f, "%s: expected %s, got JSON %s", f, te.Type, te.Value)
 		case errors.As(err, &se):
 			return badRequest("", "body is not valid JSON: %v (at byte %d)", se, se.Offset)
@@ -241,6 +344,10 @@ func decodeBody(r *http.Request, v any) error {
 
 type streamOptions struct {
 	IncludeUsage bool `json:"include_usage"`
+}
+
+type responseFormat struct {
+	Type string `json:"type"`
 }
 
 // commonFields are the generation parameters completions and chat share.
@@ -256,9 +363,61 @@ type commonFields struct {
 	N             *int            `json:"n"`
 	BestOf        *int            `json:"best_of"`
 	IgnoreEOS     bool            `json:"ignore_eos"`
+	MinTokens     *int            `json:"min_tokens"`
 	Timeout       *float64        `json:"timeout"`
 	Stream        bool            `json:"stream"`
 	StreamOptions *streamOptions  `json:"stream_options"`
+	// Refused unless they ask for nothing (see unsupported).
+	ResponseFormat    *responseFormat    `json:"response_format"`
+	PresencePenalty   *float64           `json:"presence_penalty"`
+	FrequencyPenalty  *float64           `json:"frequency_penalty"`
+	RepetitionPenalty *float64           `json:"repetition_penalty"`
+	LogitBias         map[string]float64 `json:"logit_bias"`
+	Tools             json.RawMessage    `json:"tools"`
+}
+
+// maxN bounds n (OpenAI's limit) and maxChoices a request's choices
+// (prompts × n).
+const (
+	maxN       = 128
+	maxChoices = 1024
+)
+
+// unsupported refuses, by name, parameters that would change the output
+// and that this server does not implement, rather than ignore them.
+func (f *commonFields) unsupported() error {
+	switch {
+	case f.ResponseFormat != nil && f.ResponseFormat.Type != "" && f.ResponseFormat.Type != "text":
+		return badRequest("response_format", "response_format %q is not supported: this server has no guided decoding; ask for JSON in the prompt, or leave response_format out", f.ResponseFormat.Type)
+	case f.PresencePenalty != nil && *f.PresencePenalty != 0:
+		return badRequest("presence_penalty", "presence_penalty is not supported (only 0)")
+	case f.FrequencyPenalty != nil && *f.FrequencyPenalty != 0:
+		return badRequest("frequency_penalty", "frequency_penalty is not supported (only 0)")
+	case f.RepetitionPenalty != nil && *f.RepetitionPenalty != 1:
+		return badRequest("repetition_penalty", "repetition_penalty is not supported (only 1)")
+	case len(f.LogitBias) > 0:
+		return badRequest("logit_bias", "logit_bias is not supported")
+	case len(f.Tools) > 0 && string(f.Tools) != "null" && string(f.Tools) != "[]":
+		return badRequest("tools", "tools are not supported: this server has no tool calling")
+	case f.StreamOptions != nil && !f.Stream:
+		return badRequest("stream_options", "stream_options needs stream: true")
+	}
+	return nil
+}
+
+// choices is n, checked.
+func (f *commonFields) choices() (int, error) {
+	n := 1
+	if f.N != nil {
+		if *f.N < 1 || *f.N > maxN {
+			return 0, badRequest("n", "n must be in [1, %d], got %d", maxN, *f.N)
+		}
+		n = *f.N
+	}
+	if f.BestOf != nil && *f.BestOf != n {
+		return 0, badRequest("best_of", "best_of=%d: only best_of equal to n (%d) is supported", *f.BestOf, n)
+	}
+	return n, nil
 }
 
 // checkModel accepts the served model's name (or none).
@@ -277,11 +436,8 @@ func (c *Coordinator) params(f *commonFields, prompt []int) (*genRequest, error)
 	if err := c.checkModel(f.Model); err != nil {
 		return nil, err
 	}
-	if f.N != nil && *f.N != 1 {
-		return nil, badRequest("n", "n=%d: only n=1 is supported; send separate requests for more choices", *f.N)
-	}
-	if f.BestOf != nil && *f.BestOf != 1 {
-		return nil, badRequest("best_of", "best_of=%d: only 1 is supported", *f.BestOf)
+	if err := f.unsupported(); err != nil {
+		return nil, err
 	}
 	if len(prompt) == 0 {
 		return nil, badRequest("prompt", "the prompt is empty")
@@ -291,18 +447,33 @@ func (c *Coordinator) params(f *commonFields, prompt []int) (*genRequest, error)
 			return nil, badRequest("prompt", "prompt token %d is id %d, outside the vocabulary [0, %d)", i, id, c.mcfg.VocabSize)
 		}
 	}
-	g := &genRequest{prompt: prompt, maxTokens: c.cfg.DefaultMaxTokens, logprobs: -1}
+	g := &genRequest{prompt: prompt, maxTokens: c.cfg.DefaultMaxTokens, logprobs: -1, leader: -1}
+	ctxLen := c.mcfg.MaxPositionEmbeddings
+	if len(prompt) > ctxLen {
+		ae := badRequest("prompt", "the prompt (%d tokens) exceeds the model's context of %d tokens", len(prompt), ctxLen)
+		ae.Code = strp("context_length_exceeded")
+		return nil, ae
+	}
 	if f.MaxTokens != nil {
 		if *f.MaxTokens < 0 {
 			return nil, badRequest("max_tokens", "max_tokens must be >= 0, got %d", *f.MaxTokens)
 		}
+		// Compared without adding: a max_tokens near the int range must
+		// not overflow the sum.
+		if *f.MaxTokens > ctxLen-len(prompt) {
+			ae := badRequest("max_tokens", "prompt (%d tokens) + max_tokens (%d) exceeds the model's context of %d tokens: max_tokens may be at most %d",
+				len(prompt), *f.MaxTokens, ctxLen, ctxLen-len(prompt))
+			ae.Code = strp("context_length_exceeded")
+			return nil, ae
+		}
 		g.maxTokens = *f.MaxTokens
 	}
-	if t := len(prompt) + g.maxTokens; t > c.mcfg.MaxPositionEmbeddings {
-		ae := badRequest("max_tokens", "prompt (%d tokens) + max_tokens (%d) = %d exceeds the model's context of %d tokens",
-			len(prompt), g.maxTokens, t, c.mcfg.MaxPositionEmbeddings)
-		ae.Code = strp("context_length_exceeded")
-		return nil, ae
+	g.maxTokens = min(g.maxTokens, ctxLen-len(prompt)) // the default too
+	if f.MinTokens != nil {
+		if *f.MinTokens < 0 || *f.MinTokens > g.maxTokens {
+			return nil, badRequest("min_tokens", "min_tokens must be in [0, max_tokens=%d], got %d", g.maxTokens, *f.MinTokens)
+		}
+		g.minTokens = *f.MinTokens
 	}
 	p := model.SamplingParams{Temperature: 1, TopP: 1}
 	if c.gen.DoSample != nil && !*c.gen.DoSample {
@@ -329,6 +500,7 @@ func (c *Coordinator) params(f *commonFields, prompt []int) (*genRequest, error)
 		if p.TopK == -1 { // vLLM's spelling of "off"
 			p.TopK = 0
 		}
+		p.TopK = min(p.TopK, c.mcfg.VocabSize) // all of them is off too
 	}
 	if f.Seed != nil {
 		p.Seed = uint64(*f.Seed)
@@ -359,10 +531,33 @@ func (c *Coordinator) params(f *commonFields, prompt []int) (*genRequest, error)
 	if err := c.parseStop(f.Stop, g); err != nil {
 		return nil, err
 	}
-	if f.Timeout != nil && !(*f.Timeout > 0) {
-		return nil, badRequest("timeout", "timeout must be a positive number of seconds, got %g", *f.Timeout)
+	if f.Timeout != nil && !(*f.Timeout > 0 && *f.Timeout <= maxTimeout.Seconds()) {
+		return nil, badRequest("timeout", "timeout must be a positive number of seconds up to %g, got %g", maxTimeout.Seconds(), *f.Timeout)
 	}
 	return g, nil
+}
+
+// maxTimeout bounds a request's own timeout so that it converts to a
+// time.Duration without overflow.
+const maxTimeout = 100 * 365 * 24 * time.Hour
+
+// expand makes the n choices of one prompt from its validated base: the
+// first leads (the others share its prompt), seeds count up from the
+// request's (seed, seed+1, ...) or are drawn at random.
+func expand(g *genRequest, n int, seeded bool) []*genRequest {
+	out := []*genRequest{g}
+	for j := 1; j < n; j++ {
+		cp := *g
+		sp := proto.Clone(g.sampling).(*meshpb.SamplingParams)
+		if seeded {
+			sp.Seed = g.sampling.Seed + uint64(j)
+		} else if sp.Temperature > 0 {
+			sp.Seed = mrand.Uint64()
+		}
+		cp.sampling, cp.leader = sp, -2 // set by the caller: index of g
+		out = append(out, &cp)
+	}
+	return out
 }
 
 // parseStop reads "stop": a string, a list of strings (matched in the
@@ -453,9 +648,31 @@ type completionChoice struct {
 }
 
 type usage struct {
-	PromptTokens     int `json:"prompt_tokens"`
-	CompletionTokens int `json:"completion_tokens"`
-	TotalTokens      int `json:"total_tokens"`
+	PromptTokens        int                  `json:"prompt_tokens"`
+	CompletionTokens    int                  `json:"completion_tokens"`
+	TotalTokens         int                  `json:"total_tokens"`
+	PromptTokensDetails *promptTokensDetails `json:"prompt_tokens_details,omitempty"`
+}
+
+type promptTokensDetails struct {
+	// CachedTokens are prompt tokens the attention nodes took from their
+	// prefix caches instead of computing them.
+	CachedTokens int `json:"cached_tokens"`
+}
+
+// usageOf counts a request's tokens: each prompt once (the n choices of
+// one prompt share it), every choice's completion.
+func usageOf(gs []*genRequest, res []*genResult) *usage {
+	u := &usage{PromptTokensDetails: &promptTokensDetails{}}
+	for i, g := range gs {
+		if g.leader < 0 {
+			u.PromptTokens += len(g.prompt)
+			u.PromptTokensDetails.CachedTokens += res[i].cached
+		}
+		u.CompletionTokens += len(res[i].tokens)
+	}
+	u.TotalTokens = u.PromptTokens + u.CompletionTokens
+	return u
 }
 
 type completionResponse struct {
@@ -467,88 +684,153 @@ type completionResponse struct {
 	Usage   *usage             `json:"usage,omitempty"`
 }
 
-// parsePrompt reads "prompt": a list of token ids, or text when the model
-// has a tokenizer (encoded with the BOS, as HF and vLLM do). A list
-// holding exactly one of those is accepted too.
-func (c *Coordinator) parsePrompt(raw json.RawMessage) (ids []int, text string, isText bool, err error) {
+// onePrompt is one prompt of a completions request.
+type onePrompt struct {
+	ids    []int
+	text   string
+	isText bool
+}
+
+// parsePrompts reads "prompt": text (encoded with the BOS, as HF and vLLM
+// do, when the model has a tokenizer), a list of token ids, or a list of
+// those (several prompts; choices are indexed prompt-major). Nothing
+// else: a list of token lists nests two levels, never deeper.
+func (c *Coordinator) parsePrompts(raw json.RawMessage) ([]onePrompt, error) {
 	if len(raw) == 0 || string(raw) == "null" {
-		return nil, "", false, badRequest("prompt", "prompt is required")
+		return nil, badRequest("prompt", "prompt is required")
+	}
+	text := func(s string) (onePrompt, error) {
+		if c.tok == nil {
+			return onePrompt{}, badRequest("prompt", "text prompts need a tokenizer and the model directory has no tokenizer.json; send the prompt as a list of token ids")
+		}
+		return onePrompt{ids: c.tok.Encode(s, true), text: s, isText: true}, nil
 	}
 	var s string
 	if json.Unmarshal(raw, &s) == nil {
-		if c.tok == nil {
-			return nil, "", false, badRequest("prompt", "text prompts need a tokenizer and the model directory has no tokenizer.json; send the prompt as a list of token ids")
-		}
-		return c.tok.Encode(s, true), s, true, nil
+		p, err := text(s)
+		return []onePrompt{p}, err
 	}
+	var ids []int
 	if json.Unmarshal(raw, &ids) == nil {
-		return ids, "", false, nil
+		return []onePrompt{{ids: ids}}, nil
 	}
 	var many []json.RawMessage
-	if json.Unmarshal(raw, &many) == nil {
-		if len(many) == 1 {
-			return c.parsePrompt(many[0])
-		}
-		return nil, "", false, badRequest("prompt", "batched prompts (%d) are not supported; send one prompt per request", len(many))
+	if err := json.Unmarshal(raw, &many); err != nil {
+		return nil, badRequest("prompt", "prompt must be a string, a list of token ids, or a list of either")
 	}
-	return nil, "", false, badRequest("prompt", "prompt must be a string or a list of token ids")
+	if len(many) == 0 {
+		return nil, badRequest("prompt", "the prompt list is empty")
+	}
+	if len(many) > maxChoices {
+		return nil, badRequest("prompt", "at most %d prompts per request, got %d", maxChoices, len(many))
+	}
+	out := make([]onePrompt, len(many))
+	for i, m := range many {
+		var p onePrompt
+		var err error
+		switch {
+		case json.Unmarshal(m, &s) == nil:
+			p, err = text(s)
+		case json.Unmarshal(m, &p.ids) == nil:
+		default:
+			err = badRequest("prompt", "prompt[%d] must be a string or a list of token ids", i)
+		}
+		if err != nil {
+			return nil, err
+		}
+		out[i] = p
+	}
+	return out, nil
 }
 
-// parseCompletion validates a /v1/completions body into a generation.
-// Every failure is an *apiError with a 4xx status.
-func (c *Coordinator) parseCompletion(req *completionRequest) (*genRequest, error) {
-	ids, text, isText, err := c.parsePrompt(req.Prompt)
+// parseCompletion validates a /v1/completions body into its choices,
+// prompt-major (choice p*n+j is sample j of prompt p). Every failure is
+// an *apiError with a 4xx status.
+func (c *Coordinator) parseCompletion(req *completionRequest) ([]*genRequest, error) {
+	if err := c.checkModel(req.Model); err != nil {
+		return nil, err
+	}
+	n, err := req.choices()
 	if err != nil {
 		return nil, err
 	}
-	g, err := c.params(&req.commonFields, ids)
+	prompts, err := c.parsePrompts(req.Prompt)
 	if err != nil {
 		return nil, err
 	}
-	if req.Logprobs != nil {
-		if *req.Logprobs < 0 || *req.Logprobs > maxLogprobs {
-			return nil, badRequest("logprobs", "logprobs must be in [0, %d], got %d", maxLogprobs, *req.Logprobs)
-		}
-		g.logprobs = *req.Logprobs
+	if len(prompts)*n > maxChoices {
+		return nil, badRequest("n", "%d prompts × n=%d = %d choices; at most %d per request", len(prompts), n, len(prompts)*n, maxChoices)
 	}
-	g.echo = req.Echo
-	if g.echo {
-		if isText {
-			g.promptText = text
-		} else if c.tok != nil {
-			g.promptText = c.tok.Decode(ids, true)
+	var gs []*genRequest
+	for pi, pr := range prompts {
+		g, err := c.params(&req.commonFields, pr.ids)
+		if err != nil {
+			var ae *apiError
+			if len(prompts) > 1 && errors.As(err, &ae) && (ae.Param == nil || *ae.Param == "prompt") {
+				ae.Message = fmt.Sprintf("prompt[%d]: %s", pi, ae.Message)
+			}
+			return nil, err
+		}
+		if req.Logprobs != nil {
+			if *req.Logprobs < 0 || *req.Logprobs > maxLogprobs {
+				return nil, badRequest("logprobs", "logprobs must be in [0, %d], got %d", maxLogprobs, *req.Logprobs)
+			}
+			g.logprobs = *req.Logprobs
+		}
+		g.echo = req.Echo
+		if g.echo {
+			if pr.isText {
+				g.promptText = pr.text
+			} else if c.tok != nil {
+				g.promptText = c.tok.Decode(pr.ids, true)
+			}
+		}
+		lead := len(gs)
+		for j, cg := range expand(g, n, req.Seed != nil) {
+			if j > 0 {
+				cg.leader = lead
+			}
+			gs = append(gs, cg)
 		}
 	}
-	return g, nil
+	return gs, nil
 }
 
 func (c *Coordinator) handleCompletions(w http.ResponseWriter, r *http.Request) {
 	var req completionRequest
-	if err := decodeBody(r, &req); err != nil {
+	if err := c.decodeBody(r, &req); err != nil {
 		c.writeError(w, err)
 		return
 	}
-	g, err := c.parseCompletion(&req)
+	gs, err := c.parseCompletion(&req)
 	if err != nil {
 		c.writeError(w, err)
 		return
 	}
-	ids := g.prompt
 	ctx, cancel := c.requestContext(r.Context(), &req.commonFields)
 	defer cancel()
 	id, created := newID("cmpl-"), time.Now().Unix()
 	if req.Stream {
-		c.streamCompletion(ctx, w, r, &req, g, id, created)
+		c.streamCompletion(ctx, w, r, &req, gs, id, created)
 		return
 	}
-	res, err := c.generate(ctx, g, nil)
+	res, err := c.generate(ctx, gs, nil, nil)
 	if err != nil {
 		if r.Context().Err() == nil {
 			c.writeError(w, err)
 		}
 		return
 	}
-	ch := completionChoice{Text: res.text, FinishReason: &res.finish}
+	out := completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name, Usage: usageOf(gs, res)}
+	for i, g := range gs {
+		out.Choices = append(out.Choices, c.completionChoiceOf(i, g, res[i]))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// completionChoiceOf lays out one finished choice.
+func (c *Coordinator) completionChoiceOf(i int, g *genRequest, res *genResult) completionChoice {
+	ch := completionChoice{Index: i, Text: res.text, FinishReason: &res.finish}
 	entries := res.tokens
 	if g.echo {
 		ch.Text = g.promptText + res.text
@@ -564,8 +846,7 @@ func (c *Coordinator) handleCompletions(w http.ResponseWriter, r *http.Request) 
 		}
 		ch.Logprobs = c.completionLogprobs(entries, off)
 	}
-	writeJSON(w, http.StatusOK, completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name,
-		Choices: []completionChoice{ch}, Usage: &usage{len(ids), len(res.tokens), len(ids) + len(res.tokens)}})
+	return ch
 }
 
 // completionLogprobs lays entries out in OpenAI's legacy shape; offsets
@@ -653,44 +934,52 @@ func (c *Coordinator) streamError(s *sse, r *http.Request, err error) {
 		c.writeError(s.w, err)
 		return
 	}
-	s.send(map[string]*apiError{"error": c.toAPIError(err)})
+	ae := c.toAPIError(err)
+	noteError(s.w, ae.Type)
+	s.send(map[string]*apiError{"error": ae})
 	s.done()
 }
 
-func (c *Coordinator) streamCompletion(ctx context.Context, w http.ResponseWriter, r *http.Request, req *completionRequest, g *genRequest, id string, created int64) {
+func (c *Coordinator) streamCompletion(ctx context.Context, w http.ResponseWriter, r *http.Request, req *completionRequest, gs []*genRequest, id string, created int64) {
 	s := newSSE(w)
-	g.onAdmit = s.start
-	off := 0
-	if !g.echo {
-		off = len(g.promptText)
+	offs := make([]int, len(gs))
+	for i, g := range gs {
+		if !g.echo {
+			offs[i] = len(g.promptText)
+		}
 	}
-	res, err := c.generate(ctx, g, func(d genDelta) error {
+	chunk := func(ch completionChoice) error {
+		return s.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name, Choices: []completionChoice{ch}})
+	}
+	res, err := c.generate(ctx, gs, s.start, func(i int, d genDelta) error {
 		entries := append(d.prompt, d.tokens...)
-		if d.text == "" && len(entries) == 0 {
-			return nil
-		}
-		ch := completionChoice{Text: d.text}
-		for _, e := range entries {
-			ch.TokenIDs = append(ch.TokenIDs, e.id)
-		}
-		if g.logprobs >= 0 {
-			ch.Logprobs = c.completionLogprobs(entries, off)
+		if d.text != "" || len(entries) > 0 {
+			ch := completionChoice{Index: i, Text: d.text}
 			for _, e := range entries {
-				off += len(e.text)
+				ch.TokenIDs = append(ch.TokenIDs, e.id)
+			}
+			if gs[i].logprobs >= 0 {
+				ch.Logprobs = c.completionLogprobs(entries, offs[i])
+				for _, e := range entries {
+					offs[i] += len(e.text)
+				}
+			}
+			if err := chunk(ch); err != nil {
+				return err
 			}
 		}
-		return s.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name, Choices: []completionChoice{ch}})
+		if d.finish != "" {
+			return chunk(completionChoice{Index: i, FinishReason: &d.finish, TokenIDs: []int{}})
+		}
+		return nil
 	})
 	if err != nil {
 		c.streamError(s, r, err)
 		return
 	}
-	s.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name,
-		Choices: []completionChoice{{Text: "", FinishReason: &res.finish, TokenIDs: []int{}}}})
 	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
-		n := len(g.prompt)
 		s.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: c.name,
-			Choices: []completionChoice{}, Usage: &usage{n, len(res.tokens), n + len(res.tokens)}})
+			Choices: []completionChoice{}, Usage: usageOf(gs, res)})
 	}
 	s.done()
 }
@@ -800,7 +1089,7 @@ func (c *Coordinator) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req chatRequest
-	if err := decodeBody(r, &req); err != nil {
+	if err := c.decodeBody(r, &req); err != nil {
 		c.writeError(w, err)
 		return
 	}
@@ -840,6 +1129,11 @@ func (c *Coordinator) handleChat(w http.ResponseWriter, r *http.Request) {
 	if req.MaxTokens == nil {
 		req.MaxTokens = req.MaxCompletionTokens
 	}
+	n, err := req.choices()
+	if err != nil {
+		c.writeError(w, err)
+		return
+	}
 	g, err := c.params(&req.commonFields, ids)
 	if err != nil {
 		c.writeError(w, err)
@@ -860,59 +1154,72 @@ func (c *Coordinator) handleChat(w http.ResponseWriter, r *http.Request) {
 	if req.Logprobs {
 		g.logprobs = top
 	}
+	gs := expand(g, n, req.Seed != nil)
+	for _, cg := range gs[1:] {
+		cg.leader = 0
+	}
 	ctx, cancel := c.requestContext(r.Context(), &req.commonFields)
 	defer cancel()
 	id, created := newID("chatcmpl-"), time.Now().Unix()
 	if req.Stream {
 		s := newSSE(w)
-		role := "assistant"
-		empty := ""
-		g.onAdmit = func() {
-			s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
-				Choices: []chatChoice{{Delta: &chatMsgOut{Role: role, Content: &empty}}}})
+		chunk := func(ch chatChoice) error {
+			return s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name, Choices: []chatChoice{ch}})
 		}
-		res, err := c.generate(ctx, g, func(d genDelta) error {
+		onAdmit := func() {
+			role, empty := "assistant", ""
+			for i := range gs {
+				chunk(chatChoice{Index: i, Delta: &chatMsgOut{Role: role, Content: &empty}})
+			}
+		}
+		res, err := c.generate(ctx, gs, onAdmit, func(i int, d genDelta) error {
 			// A token that ends inside a character adds no text yet; send
 			// nothing for it unless its logprobs were asked for.
-			if d.text == "" && (len(d.tokens) == 0 || !req.Logprobs) {
-				return nil
+			if d.text != "" || (len(d.tokens) > 0 && req.Logprobs) {
+				text := d.text
+				ch := chatChoice{Index: i, Delta: &chatMsgOut{Content: &text}}
+				if req.Logprobs {
+					ch.Logprobs = c.chatLogprobs(d.tokens, top)
+				}
+				if err := chunk(ch); err != nil {
+					return err
+				}
 			}
-			text := d.text
-			ch := chatChoice{Delta: &chatMsgOut{Content: &text}}
-			if req.Logprobs {
-				ch.Logprobs = c.chatLogprobs(d.tokens, top)
+			if d.finish != "" {
+				return chunk(chatChoice{Index: i, Delta: &chatMsgOut{}, FinishReason: &d.finish})
 			}
-			return s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name, Choices: []chatChoice{ch}})
+			return nil
 		})
 		if err != nil {
 			c.streamError(s, r, err)
 			return
 		}
-		s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
-			Choices: []chatChoice{{Delta: &chatMsgOut{}, FinishReason: &res.finish}}})
 		if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
 			s.send(chatResponse{ID: id, Object: "chat.completion.chunk", Created: created, Model: c.name,
-				Choices: []chatChoice{}, Usage: &usage{len(ids), len(res.tokens), len(ids) + len(res.tokens)}})
+				Choices: []chatChoice{}, Usage: usageOf(gs, res)})
 		}
 		s.done()
 		return
 	}
-	res, err := c.generate(ctx, g, nil)
+	res, err := c.generate(ctx, gs, nil, nil)
 	if err != nil {
 		if r.Context().Err() == nil {
 			c.writeError(w, err)
 		}
 		return
 	}
-	ch := chatChoice{Message: &chatMsgOut{Role: "assistant", Content: &res.text}, FinishReason: &res.finish}
-	for _, e := range res.tokens {
-		ch.TokenIDs = append(ch.TokenIDs, e.id)
+	out := chatResponse{ID: id, Object: "chat.completion", Created: created, Model: c.name, Usage: usageOf(gs, res)}
+	for i, res := range res {
+		ch := chatChoice{Index: i, Message: &chatMsgOut{Role: "assistant", Content: &res.text}, FinishReason: &res.finish}
+		for _, e := range res.tokens {
+			ch.TokenIDs = append(ch.TokenIDs, e.id)
+		}
+		if req.Logprobs {
+			ch.Logprobs = c.chatLogprobs(res.tokens, top)
+		}
+		out.Choices = append(out.Choices, ch)
 	}
-	if req.Logprobs {
-		ch.Logprobs = c.chatLogprobs(res.tokens, top)
-	}
-	writeJSON(w, http.StatusOK, chatResponse{ID: id, Object: "chat.completion", Created: created, Model: c.name,
-		Choices: []chatChoice{ch}, Usage: &usage{len(ids), len(res.tokens), len(ids) + len(res.tokens)}})
+	writeJSON(w, http.StatusOK, out)
 }
 
 // ---------------------------------------------------------------------------
@@ -935,7 +1242,7 @@ func (c *Coordinator) needTokenizer(param string) error {
 
 func (c *Coordinator) handleTokenize(w http.ResponseWriter, r *http.Request) {
 	var req tokenizeRequest
-	if err := decodeBody(r, &req); err != nil {
+	if err := c.decodeBody(r, &req); err != nil {
 		c.writeError(w, err)
 		return
 	}
@@ -987,7 +1294,7 @@ func (c *Coordinator) handleDetokenize(w http.ResponseWriter, r *http.Request) {
 		Model  string `json:"model"`
 		Tokens []int  `json:"tokens"`
 	}
-	if err := decodeBody(r, &req); err != nil {
+	if err := c.decodeBody(r, &req); err != nil {
 		c.writeError(w, err)
 		return
 	}

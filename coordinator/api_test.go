@@ -141,11 +141,21 @@ func TestStopText(t *testing.T) {
 		s := &stopText{stops: tt.stops}
 		var shown []string
 		for i, d := range tt.deltas {
-			shown = append(shown, s.add(d, i == len(tt.deltas)-1 && !tt.hit))
+			shown = append(shown, s.add(d, i == len(tt.deltas)-1 && !tt.hit, i+1))
 		}
 		if !slices.Equal(shown, tt.shown) || s.hit != tt.hit || s.text != tt.final {
 			t.Errorf("stops %q deltas %q: shown %q hit %v text %q; want %q %v %q", tt.stops, tt.deltas, shown, s.hit, s.text, tt.shown, tt.hit, tt.final)
 		}
+	}
+	// Under min_tokens no stop string counts, and text before it is
+	// never searched again.
+	s := &stopText{stops: []string{"ab"}, min: 2}
+	var shown []string
+	for i, d := range []string{"a", "b", "xab", "c"} {
+		shown = append(shown, s.add(d, false, i+1))
+	}
+	if want := []string{"a", "b", "x", ""}; !slices.Equal(shown, want) || !s.hit || s.text != "abx" {
+		t.Errorf("min_tokens 2: shown %q hit %v text %q; want %q, a hit, %q", shown, s.hit, s.text, want, "abx")
 	}
 }
 
@@ -290,7 +300,7 @@ func TestOperationalEndpoints(t *testing.T) {
 		{"/healthz", 200, []string{"ok"}},
 		{"/readyz", 200, []string{`"ready":true`}},
 		{"/v1/models", 200, []string{`"object":"list"`, `"id":"` + filepath.Base(tinyDir) + `"`}},
-		{"/metrics", 200, []string{`expertmesh_coordinator_requests_total{code="200",endpoint="completions"} 1`,
+		{"/metrics", 200, []string{`expertmesh_coordinator_requests_total{code="200",endpoint="completions",outcome="success"} 1`,
 			"expertmesh_coordinator_time_to_first_token_seconds_count 1", "expertmesh_coordinator_step_duration_seconds_bucket",
 			"expertmesh_coordinator_generation_tokens_total 2", "expertmesh_coordinator_queue_depth 0"}},
 		{"/v1/nothing", 404, []string{`"error"`, `"not_found"`}},

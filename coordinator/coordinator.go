@@ -72,8 +72,10 @@ type Coordinator struct {
 
 	mu struct {
 		sync.Mutex
-		sched    *scheduler
-		closing  bool
+		sched *scheduler
+		// published is what publishLocked last counted.
+		published struct{ rebuilt, preempted, cacheQueries, cacheHits int }
+		closing   bool
 		draining bool
 		// nodes[i] drives scheduler node i; indexes are never reused.
 		nodes []*nodeHandle
@@ -381,6 +383,7 @@ func (c *Coordinator) nodeLoop(ctx context.Context, i int, h *nodeHandle) {
 		}
 		c.mu.Lock()
 		req := c.mu.sched.plan(i)
+		c.publishLocked() // plan may have preempted
 		var links []trace.Link
 		if in := c.mu.sched.nodes[i].inflight; req != nil && in != nil {
 			for _, w := range in.work {
@@ -521,19 +524,48 @@ func (c *Coordinator) wakeNodes(nodes []int) {
 	}
 }
 
-// admitLocked places waiting sequences and publishes the queue depth and
-// the count of rebuilt sequences.
+// admitLocked places waiting sequences and publishes the scheduler's
+// figures.
 func (c *Coordinator) admitLocked() (woken []int, failed []update) {
-	before := c.mu.sched.rebuilt
 	woken, failed = c.mu.sched.admit()
-	c.metrics.rebuilds.Add(float64(c.mu.sched.rebuilt - before))
-	c.metrics.queue.Set(float64(len(c.mu.sched.waiting)))
+	c.publishLocked()
 	return woken, failed
 }
 
-// submit admits q or says why not. On success q's mailbox receives its
-// updates until one carries finish or err.
-func (c *Coordinator) submit(q *sequence) (*mailbox, error) {
+// publishLocked brings the metrics up to the scheduler's counters and
+// state: rebuilds, preemptions and prefix cache use since the last call,
+// the queue, the running batch and each live node's cache.
+func (c *Coordinator) publishLocked() {
+	s, p := c.mu.sched, &c.mu.published
+	c.metrics.rebuilds.Add(float64(s.rebuilt - p.rebuilt))
+	c.metrics.preemptions.Add(float64(s.preempted - p.preempted))
+	c.metrics.cacheQueries.Add(float64(s.cacheQueries - p.cacheQueries))
+	c.metrics.cacheHits.Add(float64(s.cacheHits - p.cacheHits))
+	p.rebuilt, p.preempted, p.cacheQueries, p.cacheHits = s.rebuilt, s.preempted, s.cacheQueries, s.cacheHits
+	c.metrics.queue.Set(float64(len(s.waiting)))
+	running := 0
+	for i, n := range s.nodes {
+		running += len(n.running)
+		id := c.mu.nodes[i].id
+		if n.gone || !n.up {
+			if n.gone {
+				c.metrics.cacheBlocks.DeleteLabelValues(id, "used")
+				c.metrics.cacheBlocks.DeleteLabelValues(id, "free")
+				c.metrics.cacheBlocks.DeleteLabelValues(id, "cached")
+			}
+			continue
+		}
+		c.metrics.cacheBlocks.WithLabelValues(id, "used").Set(float64(n.totalBlocks - n.reportedFree))
+		c.metrics.cacheBlocks.WithLabelValues(id, "free").Set(float64(n.reportedFree))
+		c.metrics.cacheBlocks.WithLabelValues(id, "cached").Set(float64(n.cachedBlocks))
+	}
+	c.metrics.runningSeqs.Set(float64(running))
+}
+
+// submit admits the sequences of one request, all or none, or says why
+// not. On success box receives their updates until each has had one
+// carrying finish or err.
+func (c *Coordinator) submit(qs []*sequence) (*mailbox, error) {
 	box := newMailbox()
 	c.mu.Lock()
 	if c.mu.closing || c.mu.draining {
@@ -541,40 +573,35 @@ func (c *Coordinator) submit(q *sequence) (*mailbox, error) {
 		return nil, ErrShuttingDown
 	}
 	s := c.mu.sched
-	if err := s.check(q); err != nil {
-		c.mu.Unlock()
-		return nil, err
+	for _, q := range qs {
+		if err := s.check(q); err != nil {
+			c.mu.Unlock()
+			return nil, err
+		}
 	}
-	if len(s.waiting) >= c.cfg.MaxWaiting && !c.fitsNowLocked(q) {
+	// The queue is full when it holds MaxWaiting, or this request's
+	// choices would take it past (a request of more choices than that
+	// finds room only in an empty queue). What would be placed at once
+	// never waits, so it is never refused.
+	full := len(s.waiting) >= c.cfg.MaxWaiting || len(s.waiting)+len(qs) > max(c.cfg.MaxWaiting, len(qs))
+	if full && !s.fitsNow(qs[0]) {
 		c.mu.Unlock()
 		return nil, ErrOverloaded
 	}
-	c.mu.boxes[q.id] = box
-	s.enqueue(q)
+	for _, q := range qs {
+		c.mu.boxes[q.id] = box
+		s.enqueue(q)
+	}
 	woken, failed := c.admitLocked()
 	c.mu.Unlock()
 	if f := c.hooks.enqueued.Load(); f != nil {
-		(*f)(q.id)
+		for _, q := range qs {
+			(*f)(q.id)
+		}
 	}
 	c.deliver(failed)
 	c.wakeNodes(woken)
 	return box, nil
-}
-
-// fitsNowLocked says whether q would be placed at once (queue empty and a
-// node has room), so a full waiting queue does not refuse work that would
-// not wait.
-func (c *Coordinator) fitsNowLocked(q *sequence) bool {
-	s := c.mu.sched
-	if len(s.waiting) > 0 {
-		return false
-	}
-	for _, n := range s.nodes {
-		if n.usable() && len(n.running) < s.cfg.maxSeqs && blocksFor(q.reserveTokens(), n.blockSize) <= n.freeBlocks {
-			return true
-		}
-	}
-	return false
 }
 
 // withdraw cancels q if it is still running and forgets its mailbox.

@@ -12,6 +12,7 @@ import (
 	"math"
 	"net/http"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -495,7 +496,7 @@ func TestStreamingCompletion(t *testing.T) {
 			t.Fatalf("logprob %d: %v vs %v", i, *lps[i], *w.Logprobs.TokenLogprobs[i])
 		}
 	}
-	if u == nil || *u != *whole.Usage {
+	if u == nil || !reflect.DeepEqual(u, whole.Usage) {
 		t.Errorf("usage %+v, want %+v", u, whole.Usage)
 	}
 }
@@ -514,9 +515,29 @@ func TestBadRequests(t *testing.T) {
 		{"prompt wrong type", `{"prompt": {"a": 1}}`, 400, "prompt"},
 		{"token out of vocab", `{"prompt": [1, 512]}`, 400, "prompt"},
 		{"negative token", `{"prompt": [-1]}`, 400, "prompt"},
-		{"batched prompts", `{"prompt": [[1,2],[3]]}`, 400, "prompt"},
-		{"n=2", `{"prompt": [1], "n": 2}`, 400, "n"},
+		{"prompts nested too deep", `{"prompt": [[[1]]]}`, 400, "prompt"},
+		{"empty prompt list", `{"prompt": [[]]}`, 400, "prompt"},
+		{"one empty prompt of two", `{"prompt": [[1], []]}`, 400, "prompt"},
+		{"n=0", `{"prompt": [1], "n": 0}`, 400, "n"},
+		{"n too big", `{"prompt": [1], "n": 129}`, 400, "n"},
+		{"n beyond the int range", `{"prompt": [1], "n": 1e30}`, 400, "n"},
+		{"choices beyond the cap", `{"prompt": [[1],[1],[1],[1],[1],[1],[1],[1],[1]], "n": 128}`, 400, "n"},
+		{"best_of not n", `{"prompt": [1], "n": 2, "best_of": 3}`, 400, "best_of"},
 		{"negative max_tokens", `{"prompt": [1], "max_tokens": -1}`, 400, "max_tokens"},
+		{"max_tokens at the int64 limit", `{"prompt": [1, 2, 3], "max_tokens": 9223372036854775807}`, 400, "max_tokens"},
+		{"max_tokens past the int64 limit", `{"prompt": [1], "max_tokens": 9223372036854775808}`, 400, "max_tokens"},
+		{"max_tokens fractional", `{"prompt": [1], "max_tokens": 2.5}`, 400, "max_tokens"},
+		{"min_tokens above max_tokens", `{"prompt": [1], "max_tokens": 3, "min_tokens": 4}`, 400, "min_tokens"},
+		{"negative min_tokens", `{"prompt": [1], "min_tokens": -1}`, 400, "min_tokens"},
+		{"json_object", `{"prompt": [1], "response_format": {"type": "json_object"}}`, 400, "response_format"},
+		{"json_schema", `{"prompt": [1], "response_format": {"type": "json_schema", "json_schema": {}}}`, 400, "response_format"},
+		{"stream_options without stream", `{"prompt": [1], "stream_options": {"include_usage": true}}`, 400, "stream_options"},
+		{"presence_penalty", `{"prompt": [1], "presence_penalty": 0.5}`, 400, "presence_penalty"},
+		{"logit_bias", `{"prompt": [1], "logit_bias": {"5": 10}}`, 400, "logit_bias"},
+		{"timeout beyond a duration", `{"prompt": [1], "timeout": 1e300}`, 400, "timeout"},
+		{"seed beyond the int range", `{"prompt": [1], "seed": 1e30}`, 400, "seed"},
+		{"top_k beyond int", `{"prompt": [1], "top_k": 99999999999999999999}`, 400, "top_k"},
+		{"stop id beyond int", `{"prompt": [1], "stop_token_ids": [99999999999999999999]}`, 400, "stop_token_ids"},
 		{"max_tokens type", `{"prompt": [1], "max_tokens": "many"}`, 400, "max_tokens"},
 		{"beyond context", `{"prompt": [1], "max_tokens": 200000}`, 400, "max_tokens"},
 		{"beyond cache", `{"prompt": [1], "max_tokens": 100000}`, 400, "max_tokens"},

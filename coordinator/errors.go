@@ -62,14 +62,17 @@ func (c *Coordinator) toAPIError(err error) *apiError {
 	case errors.Is(err, errTimeout), errors.Is(err, context.DeadlineExceeded):
 		return &apiError{status: http.StatusGatewayTimeout, Type: "timeout_error", Code: strp("timeout"), Message: err.Error()}
 	case errors.As(err, &nse):
-		switch nse.Code {
-		case codes.InvalidArgument:
-			return &apiError{status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}
-		case codes.ResourceExhausted, codes.Unavailable:
-			return &apiError{status: http.StatusServiceUnavailable, Type: "service_unavailable", Code: strp("node_busy"),
-				Message: err.Error(), retryAfter: c.cfg.RetryAfter}
+		// The node's message names its sequence and internal state: it
+		// goes to the log, and the client gets what it can act on. Every
+		// client error is caught before a request reaches a node, so a
+		// refusal there is the server's fault.
+		c.log.Warn("attention node refused a sequence", "code", nse.Code, "message", nse.Message)
+		if nse.Code == codes.Unavailable {
+			return &apiError{status: http.StatusServiceUnavailable, Type: "attention_node_unavailable", Code: strp("attention_node_failed"),
+				Message: "the attention node serving this request could not continue it; retry", retryAfter: c.cfg.RetryAfter}
 		}
-		return &apiError{status: http.StatusInternalServerError, Type: "internal_error", Message: err.Error()}
+		return &apiError{status: http.StatusInternalServerError, Type: "internal_error",
+			Message: fmt.Sprintf("the attention node refused this request's work (%s); the coordinator's log has the details", nse.Code)}
 	case errors.Is(err, ErrNodeFailed):
 		return &apiError{status: http.StatusServiceUnavailable, Type: "attention_node_unavailable", Code: strp("attention_node_failed"),
 			Message: err.Error(), retryAfter: c.cfg.RetryAfter}
@@ -93,6 +96,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 func (c *Coordinator) writeError(w http.ResponseWriter, err error) int {
 	ae := c.toAPIError(err)
+	noteError(w, ae.Type)
 	if ae.retryAfter > 0 {
 		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(ae.retryAfter.Seconds()))))
 	}

@@ -166,15 +166,13 @@ func TestNodeDiesMidGeneration(t *testing.T) {
 // coordinator re-prefills prompt + generated tokens on the other node and
 // the client sees one uninterrupted stream with Engine.Generate's tokens.
 func TestRebuildOnAnotherNode(t *testing.T) {
-	// Node 0's fourth step waits until the test has cut the node off, so
-	// the failure lands mid-generation on every run.
-	var held *holdStep
+	// The serving node's fourth step waits until the test has cut the
+	// node off, so the failure lands mid-generation on every run. Either
+	// node may serve: Ready means one node is up, not both.
+	held := make([]*holdStep, 2)
 	c, proxies := startGRPC(t, 2, func(i int, n AttentionNode) AttentionNode {
-		if i > 0 {
-			return n
-		}
-		held = &holdStep{AttentionNode: n, after: 3, reached: make(chan struct{}), resume: make(chan struct{})}
-		return held
+		held[i] = &holdStep{AttentionNode: n, after: 3, reached: make(chan struct{}), resume: make(chan struct{})}
+		return held[i]
 	})
 	p := prompt(9, 5)
 	res := make(chan *completionOut, 1)
@@ -182,9 +180,15 @@ func TestRebuildOnAnotherNode(t *testing.T) {
 		_, out := complete(t, &cluster{url: "http://" + c.Addr()}, map[string]any{"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "logprobs": 1})
 		res <- out
 	}()
-	<-held.reached
-	proxies[0].kill()
-	close(held.resume)
+	victim := 0
+	select {
+	case <-held[0].reached:
+	case <-held[1].reached:
+		victim = 1
+	}
+	proxies[victim].kill()
+	close(held[victim].resume)
+	close(held[1-victim].resume) // the survivor never holds
 	out := <-res
 	if out.Error != nil {
 		t.Fatalf("request failed across the rebuild: %+v", out.Error)

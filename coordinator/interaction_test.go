@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/grpc/codes"
+
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -22,15 +24,28 @@ var updateGolden = flag.Bool("update", false, "rewrite testdata/scheduler golden
 // output. Commands:
 //
 //	nodes T/F/B ...          node i has T blocks, F free, block size B
+//	budget B S               step token budget B, S seats per node
+//	prefix I                 node I does prefix caching
 //	up I T/F/B               node I answered Info again (F is ignored: the
 //	                         fake node reports what it really has free)
-//	add ID prompt=N max=M [stop=a,b] [echo]   a request arrives (checked, queued)
+//	add ID prompt=N max=M [min=K] [stop=a,b] [echo] [leader=ID] [p=S]
+//	                         a request arrives (checked, queued); p=S makes
+//	                         its prompt tokens start at S (equal S, equal
+//	                         prompts)
 //	admit                    place waiting requests: "ID->node"
 //	step I                   plan node I's step (see fmtStep)
-//	answer I [tok=T] [ID=T ...] [code:ID=C ...] [drop:ID ...]   the node answers
+//	answer I [tok=T] [ID=T ...] [code:ID=C ...] [drop:ID ...] [cached:ID=N ...]
+//	                         the node answers
+//	run I N                  N rounds of "step I", "answer I" (every
+//	                         sample tok=1) and "admit", as the driver
+//	                         does, one line per step: "step | updates |
+//	                         placed"
 //	fail I                   node I's step failed as a whole
 //	cancel ID                the client went away
-//	state                    waiting ids, then per node free blocks and running ids
+//	state                    waiting ids, then per node free blocks and
+//	                         running ids (with positions held/blocks
+//	                         claimed), then the preemption and rebuild
+//	                         counts
 //
 // Run with -update to rewrite the files after a deliberate change, and
 // review the diff.
@@ -110,6 +125,8 @@ func runScript(t *testing.T, script string) string {
 			s, fn = testScheduler(schedConfig{budget: 8, maxSeqs: 4}, infos...)
 		case "budget":
 			s.cfg.budget, s.cfg.maxSeqs = arg(1), arg(2)
+		case "prefix":
+			s.nodes[arg(1)].prefixCaching = true
 		case "up":
 			// The node answers Info with what it really has free.
 			in := parseInfo(t, f[2])
@@ -117,16 +134,27 @@ func runScript(t *testing.T, script string) string {
 			s.nodeUp(arg(1), in)
 		case "add":
 			q := &sequence{id: uint64(arg(1)), logprobs: -1, sampling: &meshpb.SamplingParams{}}
+			from := 100
+			for _, kv := range f[2:] {
+				if k, v, _ := strings.Cut(kv, "="); k == "p" {
+					from, _ = strconv.Atoi(v)
+				}
+			}
 			for _, kv := range f[2:] {
 				k, v, _ := strings.Cut(kv, "=")
 				switch k {
 				case "prompt":
 					n, _ := strconv.Atoi(v)
 					for i := range n {
-						q.prompt = append(q.prompt, 100+i)
+						q.prompt = append(q.prompt, from+i)
 					}
 				case "max":
 					q.maxTokens, _ = strconv.Atoi(v)
+				case "min":
+					q.minTokens, _ = strconv.Atoi(v)
+				case "leader":
+					id, _ := strconv.Atoi(v)
+					q.leader = seqs[uint64(id)]
 				case "stop":
 					for _, x := range strings.Split(v, ",") {
 						id, _ := strconv.Atoi(x)
@@ -171,6 +199,7 @@ func runScript(t *testing.T, script string) string {
 			def := 1
 			tok := map[uint64]int{}
 			code := map[uint64]int{}
+			cached := map[uint64]int{}
 			drop := map[uint64]bool{}
 			for _, kv := range f[2:] {
 				k, v, _ := strings.Cut(kv, "=")
@@ -181,6 +210,9 @@ func runScript(t *testing.T, script string) string {
 				case strings.HasPrefix(k, "code:"):
 					id, _ := strconv.Atoi(k[5:])
 					code[uint64(id)] = n
+				case strings.HasPrefix(k, "cached:"):
+					id, _ := strconv.Atoi(k[7:])
+					cached[uint64(id)] = n
 				case strings.HasPrefix(k, "drop:"):
 					id, _ := strconv.Atoi(k[5:])
 					drop[uint64(id)] = true
@@ -189,11 +221,16 @@ func runScript(t *testing.T, script string) string {
 					tok[uint64(id)] = n
 				}
 			}
-			resp := fn[i].answer(req, func(id uint64) int {
+			resp := fn[i].answerRefusing(req, func(id uint64) int {
 				if v, ok := tok[id]; ok {
 					return v
 				}
 				return def
+			}, func(id uint64) int32 {
+				if c := code[id]; c == int(codes.ResourceExhausted) {
+					return int32(c) // not applied, as a real node does
+				}
+				return 0
 			})
 			var kept []*meshpb.SeqResult
 			for j, r := range resp.Results {
@@ -206,12 +243,49 @@ func runScript(t *testing.T, script string) string {
 				if c, ok := code[r.SeqId]; ok {
 					r.Code, r.Sampled = int32(c), false
 				}
+				r.CachedTokens = uint32(cached[r.SeqId])
 				if !drop[r.SeqId] {
 					kept = append(kept, r)
 				}
 			}
 			resp.Results = kept
 			report(s.apply(i, resp))
+		case "run":
+			i := arg(1)
+			for range arg(2) {
+				req := s.plan(i)
+				if req == nil {
+					emit("-")
+					break
+				}
+				var ups []string
+				for _, u := range s.apply(i, fn[i].answer(req, func(uint64) int { return 1 })) {
+					switch {
+					case u.err != nil:
+						ups = append(ups, fmt.Sprintf("%d:err=%s", u.seq.id, errName(u.err)))
+					case u.finish != "":
+						ups = append(ups, fmt.Sprintf("%d:%s", u.seq.id, u.finish))
+					}
+				}
+				line := fmtStep(req)
+				if len(ups) > 0 {
+					line += " | " + strings.Join(ups, " ")
+				}
+				before := slices.Clone(s.waiting)
+				if _, failed := s.admit(); len(failed) > 0 {
+					t.Fatalf("%q: admit failed %d", cmd, len(failed))
+				}
+				var placed []string
+				for _, q := range before {
+					if q.node >= 0 {
+						placed = append(placed, fmt.Sprintf("%d->%d", q.id, q.node))
+					}
+				}
+				if len(placed) > 0 {
+					line += " | placed " + strings.Join(placed, " ")
+				}
+				emit("%s", line)
+			}
 		case "fail":
 			delete(pending, arg(1))
 			report(s.fail(arg(1), ErrNodeFailed))
@@ -227,10 +301,11 @@ func runScript(t *testing.T, script string) string {
 			for i, n := range s.nodes {
 				var r []string
 				for _, q := range n.running {
-					r = append(r, fmt.Sprint(q.id))
+					r = append(r, fmt.Sprintf("%d(%d/%d)", q.id, q.sent, q.claim))
 				}
 				emit("node %d up=%v free=%d running [%s]", i, n.up, n.freeBlocks, strings.Join(r, " "))
 			}
+			emit("preempted=%d rebuilt=%d", s.preempted, s.rebuilt)
 		default:
 			t.Fatalf("unknown command %q", cmd)
 		}

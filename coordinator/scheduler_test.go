@@ -3,7 +3,9 @@ package coordinator
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -23,6 +25,9 @@ func fmtStep(req *meshpb.StepRequest) string {
 		if w.ReserveTokens > 0 {
 			s += "+"
 		}
+		if w.Generated > 0 {
+			s += fmt.Sprintf("g%d", w.Generated)
+		}
 		if w.Sample {
 			s += "*"
 		}
@@ -35,9 +40,11 @@ func fmtStep(req *meshpb.StepRequest) string {
 }
 
 // fakeNode is a node's cache accounting as a real attention node keeps
-// it: a sequence's first chunk reserves its blocks, a release frees them,
-// and every answer reports the free count. other is what something else
-// (an older coordinator's sequences) holds.
+// it: a sequence takes blocks as its positions grow (a work item the
+// free blocks cannot cover is answered RESOURCE_EXHAUSTED and not
+// applied), a release frees them, and every answer reports the free
+// count. other is what something else (an older coordinator's sequences)
+// holds. It does no prefix caching.
 type fakeNode struct {
 	total, bs, other int
 	held             map[uint64]int
@@ -58,19 +65,32 @@ func (f *fakeNode) free() int {
 // answer replies to a step: each work item that samples gets token
 // tok(id) and the rest an empty OK result.
 func (f *fakeNode) answer(req *meshpb.StepRequest, tok func(id uint64) int) *meshpb.StepResponse {
+	return f.answerRefusing(req, tok, nil)
+}
+
+// answerRefusing is answer with refuse(id) (when not 0) as the code of
+// id's work, which is then not applied.
+func (f *fakeNode) answerRefusing(req *meshpb.StepRequest, tok func(id uint64) int, refuse func(id uint64) int32) *meshpb.StepResponse {
 	for _, id := range req.Release {
 		delete(f.held, id)
 	}
 	resp := &meshpb.StepResponse{Step: req.Step}
 	for _, w := range req.Work {
-		if w.StartPos == 0 {
-			f.held[w.SeqId] = blocksFor(int(w.ReserveTokens), f.bs)
-		}
 		r := &meshpb.SeqResult{SeqId: w.SeqId}
+		resp.Results = append(resp.Results, r)
+		if refuse != nil && refuse(w.SeqId) != 0 {
+			r.Code = refuse(w.SeqId)
+			continue
+		}
+		if need := blocksFor(int(w.StartPos)+len(w.Tokens), f.bs) - f.held[w.SeqId]; need > f.free() {
+			r.Code = int32(codes.ResourceExhausted)
+			continue
+		} else if need > 0 {
+			f.held[w.SeqId] += need
+		}
 		if w.Sample {
 			r.Sampled, r.Token = true, int32(tok(w.SeqId))
 		}
-		resp.Results = append(resp.Results, r)
 	}
 	resp.FreeBlocks, resp.TotalBlocks = uint32(f.free()), uint32(f.total)
 	return resp
@@ -136,10 +156,11 @@ func TestSchedulerSteps(t *testing.T) {
 			nodes: []*meshpb.NodeInfo{info(16, 16, 4)},
 			seqs:  []*sequence{seqOf(1, 2, 4), seqOf(2, 12, 1)},
 			tok:   always(7),
+			// Chunks end on a block boundary where they can.
 			want: [][]string{
 				{"1[0:2]+* 2[0:4]+"},
-				{"1[2:3]* 2[4:9]"},
-				{"1[3:4]* 2[9:12]*"},
+				{"1[2:3]* 2[4:8]"},
+				{"1[3:4]* 2[8:12]*"},
 				{"1[4:5]* rel[2]"},
 				{"rel[1]"},
 			},
@@ -166,15 +187,18 @@ func TestSchedulerSteps(t *testing.T) {
 			placed: []int{0},
 		},
 		{
-			name:  "arrival order: a big head blocks smaller ones behind it",
+			name:  "a big request waits, a small one behind it overtakes it",
 			cfg:   schedConfig{budget: 64, maxSeqs: 4},
 			nodes: []*meshpb.NodeInfo{info(4, 4, 4)},
-			// 1 takes 2 blocks; 2 needs 3 (only 2 left) so 3 waits too;
-			// once 1's release is applied both fit.
+			// 1 takes 2 blocks (its prompt and one more token); 2 needs 3
+			// (only 2 left) and waits, 3 needs 1 and runs; once 1 is
+			// done its blocks go to 2, released in the step that starts
+			// it.
 			seqs:   []*sequence{seqOf(1, 4, 4), seqOf(2, 8, 4), seqOf(3, 2, 2)},
 			tok:    always(7),
-			placed: []int{0, -1, -1},
-			want:   [][]string{{"1[0:4]+*"}, {"1[4:5]*"}, {"1[5:6]*"}, {"1[6:7]*"}, {"rel[1]"}, {"2[0:8]+* 3[0:2]+*"}},
+			placed: []int{0, -1, 0},
+			want: [][]string{{"1[0:4]+* 3[0:2]+*"}, {"1[4:5]* 3[2:3]*"}, {"1[5:6]* rel[3]"}, {"1[6:7]*"},
+				{"2[0:8]+* rel[1]"}, {"2[8:9]*"}},
 		},
 		{
 			name:   "seat limit per node",
@@ -346,7 +370,7 @@ func TestSchedulerNodeFailure(t *testing.T) {
 	// a re-prefills prompt + its first generated token, then decodes the
 	// second as if nothing happened.
 	req := s.plan(1)
-	if got := fmtStep(req); got != "1[0:4]+" {
+	if got := fmtStep(req); got != "1[0:4]+g2" {
 		t.Fatalf("rebuild step %q", got)
 	}
 	s.apply(1, fn[1].answer(req, nil))
@@ -368,8 +392,8 @@ func TestSchedulerNodeFailure(t *testing.T) {
 	// Back up: Info counts the blocks a and b still hold there; the
 	// failed sequences are released and the next answer says so.
 	s.nodeUp(0, info(8, fn[0].free(), 4))
-	if s.nodes[0].freeBlocks != 4 {
-		t.Fatalf("free after Info %d, want 4 (a's and b's blocks still held)", s.nodes[0].freeBlocks)
+	if held := 8 - fn[0].free(); held != 2 || s.nodes[0].freeBlocks != 6 {
+		t.Fatalf("free after Info %d, want 6 (a and b still hold %d blocks there, want 2)", s.nodes[0].freeBlocks, held)
 	}
 	req = s.plan(0)
 	if got := fmtStep(req); got != "rel[1 2]" {
@@ -390,7 +414,7 @@ func TestSchedulerPerSequenceErrors(t *testing.T) {
 	s.admit()
 	req := s.plan(0)
 	resp := fn[0].answer(req, func(uint64) int { return 3 })
-	resp.Results[0].Code, resp.Results[0].Message = int32(codes.ResourceExhausted), "cache full"
+	resp.Results[0].Code, resp.Results[0].Message = int32(codes.Internal), "boom"
 	resp.Results[1].Sampled = false
 	resp.Results = resp.Results[:2] // 3 has no result
 	ups := s.apply(0, resp)
@@ -398,15 +422,15 @@ func TestSchedulerPerSequenceErrors(t *testing.T) {
 	for _, u := range ups {
 		var nse *NodeSeqError
 		switch {
-		case errors.As(u.err, &nse) && nse.Code == codes.ResourceExhausted:
-			errs = append(errs, fmt.Sprintf("%d:exhausted", u.seq.id))
+		case errors.As(u.err, &nse) && nse.Code == codes.Internal:
+			errs = append(errs, fmt.Sprintf("%d:internal", u.seq.id))
 		case errors.Is(u.err, ErrNodeFailed):
 			errs = append(errs, fmt.Sprintf("%d:failed", u.seq.id))
 		default:
 			errs = append(errs, fmt.Sprintf("%d:%v", u.seq.id, u.err))
 		}
 	}
-	if got := strings.Join(errs, " "); got != "1:exhausted 2:failed 3:failed" {
+	if got := strings.Join(errs, " "); got != "1:internal 2:failed 3:failed" {
 		t.Fatalf("errors %q", got)
 	}
 	if got := fmtStep(s.plan(0)); got != "rel[1 2 3]" {
@@ -424,5 +448,107 @@ func TestSchedulerCheck(t *testing.T) {
 		if (err == nil) != tt.ok || (err != nil && !errors.Is(err, ErrTooLong)) {
 			t.Errorf("check(%d+%d) = %v, want ok=%v", tt.prompt, tt.max, err, tt.ok)
 		}
+	}
+}
+
+// TestSchedulerRandomWorkloads drives the scheduler with random arrivals,
+// lengths and cancellations against fake nodes whose caches are far too
+// small to hold every request's prompt + max_tokens at once, and checks
+// what the design promises: nothing fails for lack of cache, every
+// request that is not cancelled gets all its tokens, the nodes never
+// hold more than their caches, and every block comes back.
+func TestSchedulerRandomWorkloads(t *testing.T) {
+	var preemptions atomic.Int64
+	defer func() {
+		if !t.Failed() && preemptions.Load() == 0 {
+			t.Error("no workload preempted anything: the test proves nothing")
+		}
+		t.Logf("%d preemptions", preemptions.Load())
+	}()
+	for seed := range uint64(40) {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(seed, 1))
+			var infos []*meshpb.NodeInfo
+			for range 1 + rng.IntN(3) {
+				infos = append(infos, info(8+rng.IntN(24), 0, 4))
+				infos[len(infos)-1].FreeBlocks = infos[len(infos)-1].TotalBlocks
+			}
+			smallest := 1 << 30
+			for _, in := range infos {
+				smallest = min(smallest, int(in.TotalBlocks)*4)
+			}
+			s, fn := testScheduler(schedConfig{budget: 8 + rng.IntN(24), maxSeqs: 2 + rng.IntN(6)}, infos...)
+			var all []*sequence
+			got := map[uint64]int{}
+			cancelled := map[uint64]bool{}
+			next := uint64(1)
+			for round := 0; round < 4000; round++ {
+				if round < 300 && rng.IntN(3) == 0 {
+					total := 2 + rng.IntN(smallest-1)
+					p := 1 + rng.IntN(min(total-1, 40))
+					q := seqOf(next, p, total-p)
+					next++
+					if err := s.check(q); err != nil {
+						t.Fatalf("request of %d tokens refused: %v", total, err)
+					}
+					s.enqueue(q)
+					all = append(all, q)
+				}
+				if len(all) > 0 && rng.IntN(40) == 0 {
+					q := all[rng.IntN(len(all))]
+					if !q.done {
+						s.cancel(q)
+						cancelled[q.id] = true
+					}
+				}
+				if _, failed := s.admit(); len(failed) > 0 {
+					t.Fatalf("round %d: admit failed %d", round, len(failed))
+				}
+				for i := range fn {
+					req := s.plan(i)
+					if req == nil {
+						continue
+					}
+					for _, u := range s.apply(i, fn[i].answer(req, func(uint64) int { return 7 })) {
+						if u.err != nil {
+							t.Fatalf("round %d: sequence %d failed: %v", round, u.seq.id, u.err)
+						}
+						if u.sampled {
+							got[u.seq.id]++
+						}
+					}
+					if free := fn[i].free(); free < 0 {
+						t.Fatalf("round %d: node %d over its cache by %d blocks", round, i, -free)
+					}
+				}
+				done := round >= 300
+				for _, q := range all {
+					done = done && q.done
+				}
+				if done && len(s.waiting) == 0 {
+					break
+				}
+			}
+			for _, q := range all {
+				if !q.done {
+					t.Fatalf("sequence %d (prompt %d, max %d) never finished: node %d, sent %d, generated %d; waiting %d",
+						q.id, len(q.prompt), q.maxTokens, q.node, q.sent, len(q.generated), len(s.waiting))
+				}
+				if !cancelled[q.id] && got[q.id] != q.maxTokens {
+					t.Fatalf("sequence %d got %d tokens, want %d", q.id, got[q.id], q.maxTokens)
+				}
+			}
+			preemptions.Add(int64(s.preempted))
+			for i := range fn {
+				for range 3 { // trailing releases
+					if req := s.plan(i); req != nil {
+						s.apply(i, fn[i].answer(req, nil))
+					}
+				}
+				if fn[i].free() != fn[i].total || s.nodes[i].freeBlocks != fn[i].total {
+					t.Fatalf("node %d: %d blocks free, view %d, of %d", i, fn[i].free(), s.nodes[i].freeBlocks, fn[i].total)
+				}
+			}
+		})
 	}
 }
