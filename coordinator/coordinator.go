@@ -76,7 +76,7 @@ type Coordinator struct {
 		// published is what publishLocked last counted.
 		published struct{ rebuilt, preempted, cacheQueries, cacheHits int }
 		closing   bool
-		draining bool
+		draining  bool
 		// nodes[i] drives scheduler node i; indexes are never reused.
 		nodes []*nodeHandle
 		boxes map[uint64]*mailbox
