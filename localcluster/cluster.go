@@ -77,6 +77,10 @@ type Config struct {
 	Log io.Writer
 	// ReadyTimeout bounds the wait for each child's ready line.
 	ReadyTimeout time.Duration
+	// Net, when set, runs every child in a network of its own (NewNetns:
+	// namespaces with emulated links); the embedded etcd listens on its
+	// Host. Not with EtcdChild.
+	Net Network
 }
 
 // DefaultConfig is one attention node and three expert nodes on the
@@ -218,6 +222,9 @@ func (c *Cluster) launch(ctx context.Context, dir string) error {
 	default:
 		ecfg := controlplane.DefaultEtcdConfig(c.dataDir())
 		ecfg.ClientAddr, ecfg.PeerAddr = "127.0.0.1:0", "127.0.0.1:0"
+		if cfg.Net != nil {
+			ecfg.ClientAddr = cfg.Net.Host() + ":0"
+		}
 		e, err := controlplane.StartEtcd(ctx, ecfg)
 		if err != nil {
 			return fmt.Errorf("embedded etcd in %s: %w", c.dataDir(), err)
@@ -328,7 +335,14 @@ func (c *Cluster) startChild(ch *child) error {
 		// port chosen here) and announces it.
 		args = append(args, "--ops-listen", "127.0.0.1:0")
 	}
-	cmd := exec.Command(c.cfg.Binary, args...)
+	argv := append([]string{c.cfg.Binary}, args...)
+	if c.cfg.Net != nil {
+		var err error
+		if argv, err = c.cfg.Net.Command(ch.name, ch.role, argv); err != nil {
+			return fmt.Errorf("start %s: %w", ch.name, err)
+		}
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	setParentDeathSignal(cmd)
 	p := &process{ready: make(chan string, 1), opsReady: make(chan string, 1), done: make(chan struct{})}
 	cmd.Stderr = &prefixWriter{w: c.cfg.Log, prefix: "[" + ch.name + "] ", onLine: func(line string) {
