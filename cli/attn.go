@@ -33,6 +33,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.IntVar(&cfg.Threads, "threads", 0, "compute threads (0: all cores)")
 	cacheMB := fs.Int64("cache-mb", cfg.CacheBytes>>20, "latent cache size in MiB")
 	fs.IntVar(&cfg.BlockSize, "block-size", cfg.BlockSize, "tokens per cache block")
+	fs.BoolVar(&cfg.PrefixCaching, "prefix-caching", cfg.PrefixCaching, "share full cache blocks between sequences with the same token prefix (--prefix-caching=false: off)")
 	fs.IntVar(&cfg.MicroBatches, "micro-batches", 0, "micro-batches per step (0: 2 with expert nodes, else 1)")
 	fs.StringVar(&cfg.Quantize, "quantize", "", "convert weights at load: q8")
 	weights := fs.String("weights", "auto", weightsUsage)

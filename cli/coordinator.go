@@ -80,6 +80,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&nc.Threads, "threads", 0, "compute threads (0: all cores)")
 	cacheMB := fs.Int64("cache-mb", nc.CacheBytes>>20, "latent cache size in MiB")
 	fs.IntVar(&nc.BlockSize, "block-size", nc.BlockSize, "tokens per cache block")
+	fs.BoolVar(&nc.PrefixCaching, "prefix-caching", nc.PrefixCaching, "share full cache blocks between sequences with the same token prefix (--prefix-caching=false: off)")
 	fs.StringVar(&nc.Quantize, "quantize", "", "convert weights at load: q8")
 	grace := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may take to finish")
 	if err := parse(fs, args); err != nil {

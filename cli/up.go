@@ -15,8 +15,40 @@ import (
 // --etcd), supervised until Ctrl-C: a child that dies is restarted while
 // the others keep serving.
 func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, quiet, err := upConfig(args, stderr)
+	if err != nil {
+		return err
+	}
+	cfg.Log = stderr
+	if quiet {
+		cfg.Log = io.Discard
+	}
+	fmt.Fprintf(stderr, "starting: etcd, %d expert node(s), %d attention node(s), coordinator (a new model is generated on first use)\n",
+		cfg.ExpertNodes, cfg.AttnNodes)
+	c, err := localcluster.Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	fmt.Fprintf(stdout, "expertmesh is up: coordinator %s, %d attention node(s), %d expert node(s), model %s, etcd %s\n",
+		c.URL, cfg.AttnNodes, cfg.ExpertNodes, c.Model, c.EtcdEndpoints)
+	for _, ch := range c.Children() {
+		if ch.OpsAddr != "" {
+			fmt.Fprintf(stdout, "  %-12s %-22s ops http://%s\n", ch.Name, ch.Addr, ch.OpsAddr)
+		}
+	}
+	fmt.Fprintf(stdout, "try:\n  curl -s %s/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n", c.URL)
+	fmt.Fprintf(stdout, "  expertmesh placement show --etcd %s --model %s\n", c.EtcdEndpoints, c.Model)
+	<-ctx.Done()
+	fmt.Fprintln(stdout, "stopping")
+	return nil
+}
+
+// upConfig parses up's flags: its own, and the settings it passes through
+// to the roles' command lines.
+func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet bool, err error) {
 	fs := newFlags("up", stderr)
-	cfg := localcluster.DefaultConfig()
+	cfg = localcluster.DefaultConfig()
 	fs.StringVar(&cfg.ModelDir, "model", "", "checkpoint directory (default: generate --preset into the cache dir)")
 	fs.StringVar(&cfg.Preset, "preset", cfg.Preset, "model to generate when --model is not given")
 	fs.StringVar(&cfg.CacheDir, "cache-dir", "", "where generated models and the embedded etcd's data are kept (default: the user cache dir)")
@@ -31,7 +63,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", 0, "membership lease TTL of every node (0: the roles' default)")
 	fs.BoolVar(&cfg.NoRestart, "no-restart", false, "leave a child that dies dead instead of restarting it")
 	fs.BoolVar(&cfg.Ops, "ops", cfg.Ops, "give every node an ops endpoint (/healthz, /readyz, /metrics) on a free loopback port")
-	quiet := fs.Bool("quiet", false, "do not print the children's logs")
+	q := fs.Bool("quiet", false, "do not print the children's logs")
 	// Every role exports traces where these say (the OTEL_* environment
 	// reaches the children too).
 	tel := addTelemetryFlags(fs)
@@ -46,6 +78,16 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return err
 			}
 			*dst = append(*dst, "--"+name, v)
+			return nil
+		})
+	}
+	passBool := func(dst *[]string, name, usage string) {
+		fs.BoolFunc(name, usage, func(v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return err
+			}
+			*dst = append(*dst, fmt.Sprintf("--%s=%v", name, b))
 			return nil
 		})
 	}
@@ -68,40 +110,20 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		dur         bool
 	}{
 		{"cache-mb", "attention nodes: latent cache size in MiB", false},
+		{"block-size", "attention nodes: tokens per cache block", false},
 		{"micro-batches", "attention nodes: micro-batches per step", false},
 		{"dispatch-timeout", "attention nodes: deadline of one dispatch of up to 256 rows", true},
 		{"expert-wait", "attention nodes: how long a step waits for some replica of an expert", true},
 	} {
 		pass(&cfg.AttnArgs, f.name, f.usage, f.dur)
 	}
+	passBool(&cfg.AttnArgs, "prefix-caching", "attention nodes: share full cache blocks between sequences with the same token prefix (on by default; --prefix-caching=false: off)")
 	pass(&cfg.ExpertArgs, "expert-slots", "expert nodes: the most routed experts each may hold (0: any)", false)
 	if err := parse(fs, args); err != nil {
-		return err
+		return cfg, false, err
 	}
 	for _, dst := range []*[]string{&cfg.CoordinatorArgs, &cfg.AttnArgs, &cfg.ExpertArgs} {
 		*dst = append(*dst, tel.args()...)
 	}
-	cfg.Log = stderr
-	if *quiet {
-		cfg.Log = io.Discard
-	}
-	fmt.Fprintf(stderr, "starting: etcd, %d expert node(s), %d attention node(s), coordinator (a new model is generated on first use)\n",
-		cfg.ExpertNodes, cfg.AttnNodes)
-	c, err := localcluster.Start(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	fmt.Fprintf(stdout, "expertmesh is up: coordinator %s, %d attention node(s), %d expert node(s), model %s, etcd %s\n",
-		c.URL, cfg.AttnNodes, cfg.ExpertNodes, c.Model, c.EtcdEndpoints)
-	for _, ch := range c.Children() {
-		if ch.OpsAddr != "" {
-			fmt.Fprintf(stdout, "  %-12s %-22s ops http://%s\n", ch.Name, ch.Addr, ch.OpsAddr)
-		}
-	}
-	fmt.Fprintf(stdout, "try:\n  curl -s %s/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n", c.URL)
-	fmt.Fprintf(stdout, "  expertmesh placement show --etcd %s --model %s\n", c.EtcdEndpoints, c.Model)
-	<-ctx.Done()
-	fmt.Fprintln(stdout, "stopping")
-	return nil
+	return cfg, *q, nil
 }
