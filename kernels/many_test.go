@@ -113,6 +113,9 @@ func TestMLADecodeManyEqualsMLADecode(t *testing.T) {
 							rows[i].Out[j] = float32(math.NaN())
 						}
 					}
+					// Fewer rows first: buffers grow within capacity, then beyond.
+					p.MLADecodeMany(rows[:2], c.bs, c.H, c.R, c.P, 0.07)
+					p.MLADecodeMany(rows[:4], c.bs, c.H, c.R, c.P, 0.07)
 					p.MLADecodeMany(rows, c.bs, c.H, c.R, c.P, 0.07)
 					for i, r := range rows {
 						want := make([]float32, c.H*c.R)

@@ -148,7 +148,8 @@ func (p *Pool) MLADecodeMany(rows []MLARow, blockSize, heads, R, P int, scale fl
 	if cap(p.mlaArgs) < len(rows) {
 		p.mlaArgs = make([]mlaArgs, len(rows), 2*len(rows))
 	}
-	args := p.mlaArgs[:len(rows)]
+	p.mlaArgs = p.mlaArgs[:len(rows)]
+	args := p.mlaArgs
 	off := 0
 	for i := range rows {
 		r := &rows[i]

@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"slices"
 	"sync/atomic"
+	"unsafe"
 )
 
 // Pool is a persistent set of worker goroutines (threads-1 workers plus the
@@ -45,8 +46,13 @@ type Pool struct {
 	oneX    [1][]float32
 	// Integer-activation products: x rounded per layout (reused), and
 	// for MatVecMany each product's entry in acts (-1: float product).
-	acts   []actQ8
-	actOf  []int
+	acts    []actQ8
+	actOf   []int
+	actKeys []actKey
+	actQ    []int8 // MatMulMany's rounded inputs, all of them
+	actS    []float32
+	actC    []int32
+	mmAct   [2]actQ8 // MatMul's and ExpertFFN's rounded inputs
 	// MatMulMany: each product's x in dot-form order (nil: not that path),
 	// and the buffers behind them.
 	xeOf  [][]float32
@@ -592,8 +598,10 @@ func (p *Pool) MatMulBF16Act(y []float32, w *Matrix, x []float32, n int) {
 // (once per distinct input and layout) into p.acts and records each
 // product's in p.actOf (-1 for float products).
 func (p *Pool) prepActs(ws []*Matrix, xs [][]float32, ns []int) {
+	// Pass 1: one entry per distinct input and layout, and their storage.
 	p.actOf = p.actOf[:0]
-	used := 0
+	p.actKeys = p.actKeys[:0]
+	nq, nsc := 0, 0
 	for i, w := range ws {
 		n := 1
 		if ns != nil {
@@ -604,27 +612,49 @@ func (p *Pool) prepActs(ws []*Matrix, xs [][]float32, ns []int) {
 			continue
 		}
 		_, lay := qKernel(w)
-		x := xs[i]
-		j := -1
-		for k := 0; k < used; k++ {
-			if a := &p.acts[k]; a.lay == lay && a.src == &x[0] && a.cols == w.Cols && a.n == n {
-				j = k
-				break
-			}
-		}
+		key := actKey{lay: lay, src: &xs[i][0], cols: w.Cols, n: n}
+		j := slices.Index(p.actKeys, key)
 		if j < 0 {
-			if used == len(p.acts) {
-				p.acts = append(p.acts, actQ8{})
-			}
-			a := &p.acts[used]
-			a.reset(lay, n, w.Cols)
-			a.quantRows(x, 0, n)
-			a.src = &x[0]
-			j = used
-			used++
+			j = len(p.actKeys)
+			p.actKeys = append(p.actKeys, key)
+			q, s := actSize(lay, n, w.Cols)
+			nq, nsc = nq+q, nsc+s
 		}
 		p.actOf = append(p.actOf, j)
 	}
+	if len(p.actKeys) == 0 {
+		return
+	}
+	// One buffer for all of them, grown with headroom: a call's inputs
+	// vary in rows from step to step (batched experts), and the steady
+	// state must not allocate.
+	if cap(p.actQ) < nq || cap(p.actS) < nsc {
+		p.actQ = make([]int8, max(nq, 2*cap(p.actQ)))
+		p.actS = make([]float32, max(nsc, 2*cap(p.actS)))
+		p.actC = make([]int32, max(nsc, 2*cap(p.actC)))
+	}
+	for len(p.acts) < len(p.actKeys) {
+		p.acts = append(p.acts, actQ8{})
+	}
+	// Pass 2: round each input into its share.
+	oq, os := 0, 0
+	for j, k := range p.actKeys {
+		q, s := actSize(k.lay, k.n, k.cols)
+		a := &p.acts[j]
+		// Capacity capped: a later reset of the entry (MatMul, ExpertFFN)
+		// gets storage of its own instead of growing into a neighbour's.
+		a.resetIn(k.lay, k.n, k.cols, p.actQ[oq:oq+q:oq+q], p.actS[os:os+s:os+s], p.actC[os:os+s:os+s])
+		a.quantRows(unsafe.Slice(k.src, k.n*k.cols), 0, k.n)
+		oq, os = oq+q, os+s
+	}
+	clear(p.actKeys) // drop the callers' buffers
+}
+
+// actKey names one rounded input of MatMulMany: x, its rows and layout.
+type actKey struct {
+	lay     *qLayout
+	src     *float32
+	cols, n int
 }
 
 // prepDot reorders the x rows of MatMulMany's products that take the
@@ -654,14 +684,11 @@ func (p *Pool) prepDot(ws []*Matrix, xs [][]float32, ns []int) {
 	}
 }
 
-// quantize rounds n rows of x for products with w into p.acts[slot]
+// quantize rounds n rows of x for products with w into p.mmAct[slot]
 // (split across the threads when there are many).
 func (p *Pool) quantize(slot int, w *Matrix, x []float32, n int) *actQ8 {
-	for len(p.acts) <= slot {
-		p.acts = append(p.acts, actQ8{})
-	}
 	_, lay := qKernel(w)
-	a := &p.acts[slot]
+	a := &p.mmAct[slot]
 	a.reset(lay, n, w.Cols)
 	if n*w.Cols < 1<<15 {
 		a.quantRows(x, 0, n)

@@ -83,16 +83,35 @@ type actQ8 struct {
 	src        *float32 // first x value quantised (dedup in MatVecMany)
 }
 
-// reset sizes a for n rows of cols values in layout lay.
+// actSize is the storage (values, and scales or offsets) of n rows of
+// cols values in layout lay.
+func actSize(lay *qLayout, n, cols int) (nq, ns int) {
+	rowS := ceilDiv(cols/Q8Block, lay.group) * lay.group
+	return n * rowS * Q8Block, n * rowS
+}
+
+// resetIn sizes a for n rows of cols values in layout lay over the given
+// storage (of actSize).
+func (a *actQ8) resetIn(lay *qLayout, n, cols int, q []int8, s []float32, c []int32) {
+	a.lay, a.n, a.cols = lay, n, cols
+	a.rowS = ceilDiv(cols/Q8Block, lay.group) * lay.group
+	a.rowQ = a.rowS * Q8Block
+	a.q, a.s, a.c, a.src = q, s, c, nil
+}
+
+// reset sizes a for n rows of cols values in layout lay, in its own
+// storage.
 func (a *actQ8) reset(lay *qLayout, n, cols int) {
 	nb := cols / Q8Block
 	a.lay, a.n, a.cols = lay, n, cols
 	a.rowS = ceilDiv(nb, lay.group) * lay.group
 	a.rowQ = a.rowS * Q8Block
-	if cap(a.q) < n*a.rowQ {
-		a.q = make([]int8, n*a.rowQ)
-		a.s = make([]float32, n*a.rowS)
-		a.c = make([]int32, n*a.rowS)
+	if cap(a.q) < n*a.rowQ || cap(a.s) < n*a.rowS {
+		// Headroom: slots are reused for inputs of varying rows, so
+		// they settle after a few growths instead of reallocating.
+		a.q = make([]int8, max(n*a.rowQ, 2*cap(a.q)))
+		a.s = make([]float32, max(n*a.rowS, 2*cap(a.s)))
+		a.c = make([]int32, max(n*a.rowS, 2*cap(a.c)))
 	}
 	a.q, a.s, a.c = a.q[:n*a.rowQ], a.s[:n*a.rowS], a.c[:n*a.rowS]
 	a.src = nil
