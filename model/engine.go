@@ -101,7 +101,8 @@ type scratch struct {
 	routeIDs            []int
 	router              []*Router
 	headY, headX        [][]float32 // per-head views for MatVecMany
-	prod                products    // decode's grouped matrix-vector products
+	prod                products    // grouped products of one pool call
+	mlaRows             []kernels.MLARow
 	allLogits           []float32
 }
 
@@ -129,8 +130,8 @@ func (e *Engine) ensure(n, maxTokens int) {
 	s.qLat = grow(s.qLat, n*heads*c.KVLoraRank)
 	s.qPE = grow(s.qPE, n*heads*c.QKRopeHeadDim)
 	s.attnLat = grow(s.attnLat, n*heads*c.KVLoraRank)
-	s.gatherIn = grow(s.gatherIn, n*max(c.KVLoraRank, c.QKNopeHeadDim))
-	s.gatherOut = grow(s.gatherOut, n*max(c.KVLoraRank, c.VHeadDim))
+	s.gatherIn = grow(s.gatherIn, n*heads*max(c.KVLoraRank, c.QKNopeHeadDim))
+	s.gatherOut = grow(s.gatherOut, n*heads*max(c.KVLoraRank, c.VHeadDim))
 	s.vcat = grow(s.vcat, n*heads*c.VHeadDim)
 	s.o = grow(s.o, n*h)
 	inter := max(c.IntermediateSize, c.MoEIntermediateSize*max(c.SharedExperts(), 1))
@@ -154,7 +155,10 @@ func (e *Engine) ensure(n, maxTokens int) {
 	s.routed = grow(s.routed, n*h)
 	s.cos = grow(s.cos, c.QKRopeHeadDim/2)
 	s.sin = grow(s.sin, c.QKRopeHeadDim/2)
-	s.mla = grow(s.mla, kernels.MLAScratchSize(heads, maxTokens))
+	s.mla = grow(s.mla, n*kernels.MLAScratchSize(heads, maxTokens))
+	if cap(s.mlaRows) < n {
+		s.mlaRows = make([]kernels.MLARow, n)
+	}
 	if len(s.headY) != heads {
 		s.headY, s.headX = make([][]float32, heads), make([][]float32, heads)
 	}
@@ -299,12 +303,18 @@ func (e *Engine) attention(l int, rows []Row) {
 	e.headProducts(a.UKT, n,
 		func(i, hd int) []float32 { return q[(i*heads+hd)*qhd : (i*heads+hd)*qhd+dn] },
 		func(i, hd int) []float32 { return s.qLat[(i*heads+hd)*R : (i*heads+hd+1)*R] })
-	// Attention straight against the latent cache.
+	// Attention straight against the latent cache: every row (of one
+	// prefill chunk or of many sequences' decode) in one pool call.
+	mr := s.mlaRows[:n]
+	off := 0
 	for i, r := range rows {
-		e.Pool.MLADecode(s.attnLat[i*heads*R:(i+1)*heads*R], s.qLat[i*heads*R:(i+1)*heads*R],
-			s.qPE[i*heads*P:(i+1)*heads*P], r.Seq.LayerBlocks(l), r.Seq.cache.blockSize, r.Pos+1,
-			heads, R, P, e.scale, s.mla)
+		sz := kernels.MLAScratchSize(heads, r.Pos+1)
+		mr[i] = kernels.MLARow{Out: s.attnLat[i*heads*R : (i+1)*heads*R], QLat: s.qLat[i*heads*R : (i+1)*heads*R],
+			QPE: s.qPE[i*heads*P : (i+1)*heads*P], Blocks: r.Seq.LayerBlocks(l), NTokens: r.Pos + 1, Scratch: s.mla[off : off+sz]}
+		off += sz
 	}
+	e.Pool.MLADecodeMany(mr, rows[0].Seq.cache.blockSize, heads, R, P, e.scale)
+	clear(mr) // drop references to the sequences
 	// Fold W_UV into the output: v[h] = W_UV[h] · attnLat[h].
 	e.headProducts(a.UV, n,
 		func(i, hd int) []float32 { return s.attnLat[(i*heads+hd)*R : (i*heads+hd+1)*R] },
@@ -314,8 +324,9 @@ func (e *Engine) attention(l int, rows []Row) {
 }
 
 // headProducts computes out(i, h) = ws[h]·in(i, h) for every row i and
-// head h: one MatVecMany over all heads for a single row (decode), else one
-// matrix product per head over the gathered rows.
+// head h: one MatVecMany over all heads for a single row (decode), one
+// MatMulMany over all heads' gathered rows for several, or (BF16
+// activations) one matrix product per head.
 func (e *Engine) headProducts(ws []*kernels.Matrix, n int, in, out func(i, hd int) []float32) {
 	s := &e.buf
 	if n == 1 {
@@ -323,6 +334,26 @@ func (e *Engine) headProducts(ws []*kernels.Matrix, n int, in, out func(i, hd in
 			s.headX[hd], s.headY[hd] = in(0, hd), out(0, hd)
 		}
 		e.Pool.MatVecMany(s.headY, ws, s.headX)
+		return
+	}
+	if !e.BF16Prefill {
+		io, oo := 0, 0
+		for hd, w := range ws {
+			gi, gout := s.gatherIn[io:io+n*w.Cols], s.gatherOut[oo:oo+n*w.Rows]
+			for i := range n {
+				copy(gi[i*w.Cols:(i+1)*w.Cols], in(i, hd))
+			}
+			s.prod.addN(gout, w, gi, n)
+			io, oo = io+n*w.Cols, oo+n*w.Rows
+		}
+		s.prod.run(e.Pool)
+		oo = 0
+		for hd, w := range ws {
+			for i := range n {
+				copy(out(i, hd), s.gatherOut[oo+i*w.Rows:oo+(i+1)*w.Rows])
+			}
+			oo += n * w.Rows
+		}
 		return
 	}
 	for hd, w := range ws {
@@ -351,8 +382,8 @@ func (e *Engine) ffn(ctx context.Context, l, n int) error {
 		return nil
 	}
 	m := L.MoE
-	if local, ok := e.Experts.(*ExpertRunner); ok && n == 1 && m.Shared != nil {
-		return e.moeDecodeLocal(l, local, m)
+	if local, ok := e.Experts.(*ExpertRunner); ok && m.Shared != nil && !e.BF16Prefill && !local.BF16Act {
+		return e.moeLocal(l, local, m, n)
 	}
 	E, k := c.NumExperts(), c.TopK()
 	// The router decides routing: always the exact path.
@@ -400,29 +431,30 @@ func (e *Engine) route(l, n int) {
 	}
 }
 
-// moeDecodeLocal is the MoE half of layer l for one row on local experts,
-// in two pool calls fewer than the general path: the shared expert's gate
-// and up products join the router's call, and its down product joins the
-// routed experts' gate and up call. (A remote backend instead overlaps
-// the whole shared expert with its round trip.)
-func (e *Engine) moeDecodeLocal(l int, local *ExpertRunner, m *MoE) error {
+// moeLocal is the MoE half of layer l for n rows on local experts, in
+// three pool calls whatever the batch: the router with the shared
+// expert's gate and up, then every routed expert's gate and up (all their
+// rows) with the shared expert's down, then the routed experts' down. (A
+// remote backend instead overlaps the whole shared expert with its round
+// trip.)
+func (e *Engine) moeLocal(l int, local *ExpertRunner, m *MoE, n int) error {
 	c, s := e.C, &e.buf
 	h, E, k := c.HiddenSize, c.NumExperts(), c.TopK()
 	inter := m.Shared.Gate.Rows
-	g, u := s.mlpG[:inter], s.mlpU[:inter]
-	s.prod.add(s.gateLogits[:E], m.Gate, s.hn[:h]) // the router: exact path, as always
-	s.prod.add(g, m.Shared.Gate, s.hn[:h])
-	s.prod.add(u, m.Shared.Up, s.hn[:h])
+	g, u, hn := s.mlpG[:n*inter], s.mlpU[:n*inter], s.hn[:n*h]
+	s.prod.addN(s.gateLogits[:n*E], m.Gate, hn, n) // the router: exact path, as always
+	s.prod.addN(g, m.Shared.Gate, hn, n)
+	s.prod.addN(u, m.Shared.Up, hn, n)
 	s.prod.run(e.Pool)
-	e.route(l, 1)
+	e.route(l, n)
 	kernels.SiLUMul(g, g, u)
-	clear(s.routed[:h])
-	if err := local.runAlongside(l, s.hn[:h], 1, k, s.ids[:k], s.weights[:k], s.routed[:h], product{s.shared[:h], m.Shared.Down, g}); err != nil {
+	clear(s.routed[:n*h])
+	if err := local.runAlongside(l, hn, n, k, s.ids[:n*k], s.weights[:n*k], s.routed[:n*h], product{s.shared[:n*h], m.Shared.Down, g, n}); err != nil {
 		return fmt.Errorf("layer %d routed experts: %w", l, err)
 	}
 	// HF: y = Σ routed + shared(x); then residual + y.
-	kernels.Add(s.routed[:h], s.routed[:h], s.shared[:h])
-	kernels.Add(s.x[:h], s.x[:h], s.routed[:h])
+	kernels.Add(s.routed[:n*h], s.routed[:n*h], s.shared[:n*h])
+	kernels.Add(s.x[:n*h], s.x[:n*h], s.routed[:n*h])
 	return nil
 }
 
@@ -435,18 +467,17 @@ func (e *Engine) mlp(out []float32, m *MLP, x []float32, n int) {
 	e.matmul(out, m.Down, g, n)
 }
 
-// sameInput computes y1 = w1·x and y2 = w2·x for n rows of x: in one pool
-// call for a single row (decode, where a call's barrier is a measurable
-// share of the time), else as two matrix products.
+// sameInput computes y1 = w1·x and y2 = w2·x for n rows of x in one pool
+// call (two matrix products with BF16 activations).
 func (e *Engine) sameInput(n int, x, y1 []float32, w1 *kernels.Matrix, y2 []float32, w2 *kernels.Matrix) {
-	if n != 1 {
+	if n != 1 && e.BF16Prefill {
 		e.matmul(y1, w1, x, n)
 		e.matmul(y2, w2, x, n)
 		return
 	}
 	s := &e.buf
-	s.prod.add(y1, w1, x)
-	s.prod.add(y2, w2, x)
+	s.prod.addN(y1, w1, x, n)
+	s.prod.addN(y2, w2, x, n)
 	s.prod.run(e.Pool)
 }
 

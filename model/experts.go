@@ -30,11 +30,14 @@ type ExpertRunner struct {
 	prod products
 }
 
-// products is a list of independent matrix-vector products for one
-// Pool.MatVecMany call, kept across calls so decode allocates nothing.
+// products is a list of independent products for one pool call
+// (Pool.MatVecMany, or MatMulMany when some take several rows), kept
+// across calls so decode allocates nothing.
 type products struct {
 	ws     []*kernels.Matrix
 	ys, xs [][]float32
+	ns     []int
+	multi  bool // some product has other than one row
 }
 
 // reset empties the list and drops its references to callers' buffers.
@@ -42,16 +45,24 @@ func (l *products) reset() {
 	clear(l.ws)
 	clear(l.ys)
 	clear(l.xs)
-	l.ws, l.ys, l.xs = l.ws[:0], l.ys[:0], l.xs[:0]
+	l.ws, l.ys, l.xs, l.ns, l.multi = l.ws[:0], l.ys[:0], l.xs[:0], l.ns[:0], false
 }
 
-func (l *products) add(y []float32, w *kernels.Matrix, x []float32) {
-	l.ws, l.ys, l.xs = append(l.ws, w), append(l.ys, y), append(l.xs, x)
+func (l *products) add(y []float32, w *kernels.Matrix, x []float32) { l.addN(y, w, x, 1) }
+
+// addN adds y = w·x over n rows of x.
+func (l *products) addN(y []float32, w *kernels.Matrix, x []float32, n int) {
+	l.ws, l.ys, l.xs, l.ns = append(l.ws, w), append(l.ys, y), append(l.xs, x), append(l.ns, n)
+	l.multi = l.multi || n != 1
 }
 
 // run computes every product in one pool call and empties the list.
 func (l *products) run(p *kernels.Pool) {
-	p.MatVecMany(l.ys, l.ws, l.xs)
+	if l.multi {
+		p.MatMulMany(l.ys, l.ws, l.xs, l.ns)
+	} else {
+		p.MatVecMany(l.ys, l.ws, l.xs)
+	}
 	l.reset()
 }
 
@@ -78,16 +89,18 @@ func (r *ExpertRunner) Run(layer int, x []float32, n, k int, ids []int32, weight
 	return r.runAlongside(layer, x, n, k, ids, weights, out, product{})
 }
 
-// product is one matrix-vector product, y = w·x; a nil w means none.
+// product is one matrix product, y = w·x over n rows of x (0 means 1);
+// a nil w means none.
 type product struct {
 	y []float32
 	w *kernels.Matrix
 	x []float32
+	n int
 }
 
 // runAlongside is Run that also computes extra, a product independent of
-// the experts, in the same pool call as the gate and up products of the
-// experts that have one row (all of them in single-row decode): the
+// the experts, in the same pool call as the experts' gate and up products
+// (with BF16 activations: those of the experts that have one row): the
 // engine's shared expert down product then costs no pool round trip of
 // its own. extra is not computed when Run's checks fail.
 func (r *ExpertRunner) runAlongside(layer int, x []float32, n, k int, ids []int32, weights []float32, out []float32, extra product) error {
@@ -105,6 +118,12 @@ func (r *ExpertRunner) runAlongside(layer int, x []float32, n, k int, ids []int3
 		r.wOf = make([][]float32, len(experts))
 	}
 	for e := range experts {
+		if cap(r.rowsOf[e]) < n {
+			// An expert takes each row at most once: room for n rows
+			// means no append below ever allocates at this batch size.
+			r.rowsOf[e] = make([]int32, 0, max(n, 2*cap(r.rowsOf[e])))
+			r.wOf[e] = make([]float32, 0, max(n, 2*cap(r.wOf[e])))
+		}
 		r.rowsOf[e] = r.rowsOf[e][:0]
 		r.wOf[e] = r.wOf[e][:0]
 	}
@@ -124,9 +143,82 @@ func (r *ExpertRunner) runAlongside(layer int, x []float32, n, k int, ids []int3
 	inter := c.MoEIntermediateSize
 	r.prod.reset()
 	if extra.w != nil {
-		r.prod.add(extra.y, extra.w, extra.x)
+		r.prod.addN(extra.y, extra.w, extra.x, max(1, extra.n))
 	}
-	r.runSingles(experts, x, out, h, inter)
+	if r.BF16Act {
+		// BF16 activations (an opt-in prefill trade) run per expert.
+		r.runSingles(experts, x, out, h, inter)
+		r.runEach(experts, x, out, h, inter)
+		return nil
+	}
+	r.runGrouped(experts, x, out, h, inter)
+	return nil
+}
+
+// runGrouped computes every expert that has rows in two pool calls in
+// all, whatever the batch: every expert's gate and up products over its
+// rows (with whatever r.prod already holds), then every down product.
+// Each expert's weights stream once for all its rows, and the threads
+// share out all the experts' rows together, so the batch pays two
+// barriers, not three per expert.
+func (r *ExpertRunner) runGrouped(experts []*MLP, x, out []float32, h, inter int) {
+	r.sIdx = r.sIdx[:0]
+	total, gathered := 0, 0
+	for e, rows := range r.rowsOf[:len(experts)] {
+		if len(rows) > 0 {
+			r.sIdx = append(r.sIdx, e)
+			total += len(rows)
+			if len(rows) > 1 {
+				gathered += len(rows)
+			}
+		}
+	}
+	r.in = grow(r.in, gathered*h)
+	r.g = grow(r.g, total*inter)
+	r.u = grow(r.u, total*inter)
+	r.y = grow(r.y, total*h)
+	off, goff := 0, 0
+	for _, e := range r.sIdx {
+		rows := r.rowsOf[e]
+		m := len(rows)
+		var xe []float32
+		if m == 1 {
+			xe = x[int(rows[0])*h : int(rows[0]+1)*h] // read in place
+		} else {
+			xe = r.in[goff*h : (goff+m)*h]
+			for j, row := range rows {
+				copy(xe[j*h:(j+1)*h], x[int(row)*h:int(row+1)*h])
+			}
+			goff += m
+		}
+		r.prod.addN(r.g[off*inter:(off+m)*inter], experts[e].Gate, xe, m)
+		r.prod.addN(r.u[off*inter:(off+m)*inter], experts[e].Up, xe, m)
+		off += m
+	}
+	r.prod.run(r.Pool)
+	if total == 0 {
+		return
+	}
+	kernels.SiLUMul(r.g[:total*inter], r.g[:total*inter], r.u[:total*inter])
+	off = 0
+	for _, e := range r.sIdx {
+		m := len(r.rowsOf[e])
+		r.prod.addN(r.y[off*h:(off+m)*h], experts[e].Down, r.g[off*inter:(off+m)*inter], m)
+		off += m
+	}
+	r.prod.run(r.Pool)
+	off = 0
+	for _, e := range r.sIdx {
+		for j, row := range r.rowsOf[e] {
+			kernels.Axpy(out[int(row)*h:int(row+1)*h], r.wOf[e][j], r.y[(off+j)*h:(off+j+1)*h])
+		}
+		off += len(r.rowsOf[e])
+	}
+}
+
+// runEach computes the experts with several rows one at a time (three
+// matrix products each), for BF16 activations.
+func (r *ExpertRunner) runEach(experts []*MLP, x, out []float32, h, inter int) {
 	for e, rows := range r.rowsOf[:len(experts)] {
 		m := len(rows)
 		if m <= 1 {
@@ -148,15 +240,11 @@ func (r *ExpertRunner) runAlongside(layer int, x []float32, n, k int, ids []int3
 			kernels.Axpy(out[int(row)*h:int(row+1)*h], r.wOf[e][j], r.y[j*h:(j+1)*h])
 		}
 	}
-	return nil
 }
 
-// runSingles computes every expert that has exactly one row (all of them
-// in single-sequence decode) with two pool calls in all: every gate and up
-// product at once (with whatever r.prod already holds), then every down
-// product. Per-expert calls would pay a pool round trip and a barrier for
-// each of 3k small matrices; one call over all their rows keeps all
-// threads streaming until the end.
+// runSingles computes every expert that has exactly one row with two
+// pool calls in all: every gate and up product at once (with whatever
+// r.prod already holds), then every down product.
 func (r *ExpertRunner) runSingles(experts []*MLP, x, out []float32, h, inter int) {
 	r.sIdx = r.sIdx[:0]
 	for e, rows := range r.rowsOf[:len(experts)] {
