@@ -462,13 +462,27 @@ func (p *planner) holders(li int) [][]int {
 // ungrouped: regrouping would move most of it, for a layout that did not
 // balance better. Deciding from the layout alone keeps planning again
 // from a plan a no-op.
-func (p *planner) markUngrouped() {
+//
+// forced marks layers ungrouped whatever their layout: run's second
+// pass, for layers that whole groups left too far off.
+func (p *planner) markUngrouped(forced []bool) {
 	p.ungrouped = nil
-	if !p.grouped || !p.sameNodes() {
+	if !p.grouped {
+		return
+	}
+	if !p.sameNodes() {
+		if slices.Contains(forced, true) {
+			p.ungrouped = slices.Clone(forced)
+			p.useGroups(true)
+		}
 		return
 	}
 	p.ungrouped = make([]bool, len(p.moe))
 	for li := range p.moe {
+		if forced != nil && forced[li] {
+			p.ungrouped[li] = true
+			continue
+		}
 		hs := p.holders(li)
 		holdsAll := func(n, g int) bool {
 			for e := g * p.gs; e < (g+1)*p.gs; e++ {
@@ -510,12 +524,37 @@ func (p *planner) freshPlan(grouped bool) (*planner, float64) {
 	return &q, swi / sw
 }
 
+// run plans. With whole groups from a current placement, a layer planned
+// with whole groups that ends more than groupTolerance worse balanced
+// than whole groups planned afresh (its groups pair up badly, and
+// swapping whole groups costs more than the balance it buys under the
+// migration cost) is planned again without them: a few replicas move
+// across groups instead. Planning again from that result finds a layout
+// whole-group planning does not make (see markUngrouped), so it changes
+// nothing.
 func (p *planner) run() (*Table, error) {
+	var forced []bool
+	for {
+		t, redo, err := p.runOnce(forced)
+		if err != nil || redo == nil || forced != nil {
+			return t, err
+		}
+		forced = redo
+	}
+}
+
+func (p *planner) runOnce(forced []bool) (t *Table, redo []bool, err error) {
 	p.useGroups(false)
+	p.ungrouped = nil
+	var fresh []float64
 	if p.canGroup() {
 		global, gi := p.freshPlan(false)
 		grouped, gg := p.freshPlan(true)
 		use := gg <= gi*(1+groupTolerance)
+		fresh = make([]float64, len(p.moe))
+		for li, ly := range grouped.layers {
+			fresh[li] = ly.maxLoad() / (ly.W / float64(len(p.ids)))
+		}
 		if p.in.Current == nil {
 			q := global
 			if use {
@@ -526,10 +565,11 @@ func (p *planner) run() (*Table, error) {
 				ly.p = p
 			}
 			p.settle()
-			return p.table()
+			t, err := p.table()
+			return t, nil, err
 		}
 		p.useGroups(use)
-		p.markUngrouped()
+		p.markUngrouped(forced)
 	}
 	// Replica counts and what stays where it is.
 	p.layers = make([]*layer, len(p.moe))
@@ -547,7 +587,7 @@ func (p *planner) run() (*Table, error) {
 			continue
 		}
 		if err := ly.placeLost(); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	// Extra replicas and balance.
@@ -561,7 +601,25 @@ func (p *planner) run() (*Table, error) {
 	if p.guard() {
 		p.settle()
 	}
-	return p.table()
+	if p.grouped {
+		for li, ly := range p.layers {
+			if !ly.grouped {
+				continue
+			}
+			_, load := p.finalLoads(li, ly, ly.nodesOf())
+			if slices.Max(load)/(ly.W/float64(len(p.ids))) > fresh[li]*(1+groupTolerance) {
+				if redo == nil {
+					redo = make([]bool, len(p.layers))
+				}
+				redo[li] = true
+			}
+		}
+		if redo != nil && forced == nil {
+			return nil, redo, nil
+		}
+	}
+	t, err = p.table()
+	return t, nil, err
 }
 
 // settle runs every layer's last stage again until none changes: a layer
@@ -866,6 +924,22 @@ func (p *planner) revert(ly *layer, count []int) bool {
 	return true
 }
 
+// finalLoads is the planned shares of layer li as table writes them, for
+// its layout on (per expert, its nodes, sorted), and the nodes' loads
+// with them: split by splitShares, or the stored shares where the layout
+// did not change and they balance as well (rounding to ShareUnits could
+// otherwise make a layer a hair worse than it was).
+func (p *planner) finalLoads(li int, ly *layer, on [][]int) ([][]uint16, []float64) {
+	N := len(p.ids)
+	parts, load := splitShares(ly.w, on, N)
+	if kept, ok := p.currentLayout(li, on); ok {
+		if k := sharedLoads(ly.w, on, kept, N); slices.Max(k) <= slices.Max(load)+ly.eps {
+			return kept, k
+		}
+	}
+	return parts, load
+}
+
 // table writes the plan out: nodes in id order, replicas in node order.
 func (p *planner) table() (*Table, error) {
 	t := NewTable(p.shape, p.in.Version)
@@ -908,15 +982,7 @@ func (p *planner) table() (*Table, error) {
 		}
 		// Replicas are in node order (index grows with n), so parts
 		// aligned with on are aligned with the table's replicas.
-		parts, load := splitShares(ly.w, on, N)
-		if kept, ok := p.currentLayout(li, on); ok {
-			// The layout did not change: keep the stored shares unless the
-			// new ones balance better (rounding to ShareUnits could
-			// otherwise make a layer a hair worse than it was).
-			if slices.Max(sharedLoads(ly.w, on, kept, N)) <= slices.Max(load)+ly.eps {
-				parts = kept
-			}
-		}
+		parts, _ := p.finalLoads(li, ly, on)
 		for e, q := range parts {
 			if q != nil {
 				t.setShares(l, e, q)
