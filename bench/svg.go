@@ -23,7 +23,7 @@ const (
 )
 
 // seriesColors are the colours of overlaid series, in order.
-var seriesColors = []string{colorA, colorB, "#2ca02c", "#d62728"}
+var seriesColors = []string{colorA, colorB, "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"}
 
 // num formats a coordinate compactly.
 func num(v float64) string { return strconv.FormatFloat(v, 'f', 1, 64) }
@@ -69,6 +69,7 @@ type curve struct {
 	name   string
 	xs, ys []float64
 	step   bool // draw as a step function (CDFs, per-bucket series)
+	points bool // draw the points alone, as small squares
 }
 
 // axes are a plot's scales.
@@ -163,6 +164,14 @@ func linePlot(id, title, xlabel, ylabel string, curves []curve, markers []marker
 			continue
 		}
 		var d strings.Builder
+		if c.points {
+			for j := range c.xs {
+				fmt.Fprintf(&d, "M%s %sh6v6h-6z", num(a.px(c.xs[j])-3), num(a.py(c.ys[j])-3))
+			}
+			fmt.Fprintf(&b, `<path class="data" d="%s" fill="%s"><title>%s</title></path>`,
+				d.String(), seriesColors[i%len(seriesColors)], html.EscapeString(c.name))
+			continue
+		}
 		for j := range c.xs {
 			x, y := a.px(c.xs[j]), a.py(c.ys[j])
 			switch {

@@ -26,6 +26,8 @@ func runBenchServe(ctx context.Context, args []string, stdout, stderr io.Writer)
 			return runBenchCompare(args[1:], stdout, stderr)
 		case "report":
 			return runBenchReport(args[1:], stderr)
+		case "sweep":
+			return runBenchSweep(ctx, args[1:], stdout, stderr)
 		}
 	}
 	fs := newFlags("bench", stderr)
@@ -33,6 +35,7 @@ func runBenchServe(ctx context.Context, args []string, stdout, stderr io.Writer)
 		fmt.Fprint(fs.Output(), `usage: expertmesh bench [flags]              load a server, print vLLM's summary, save JSON + HTML
        expertmesh bench compare A.json B.json [--result-dir D]
        expertmesh bench report R.json [--result-dir D]
+       expertmesh bench sweep [--expert-nodes 1,2,3,4] [--micro-batches 1,2] [--links loopback,50us,500us] ...
 
 flags:
 `)

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -14,11 +15,14 @@ import (
 // delayProxy forwards TCP connections to target, delaying every chunk of
 // bytes by a fixed time in each direction: a link's latency where the
 // kernel has no netem. Each direction has a writer goroutine on its own OS
-// thread with a 1 ns timer slack: Go's timers here wake up to a
-// millisecond late, the kernel's nanosleep about 70 µs late, so a writer
-// sleeps in nanosleep until spinWindow before a chunk is due and spins
-// the rest (a 50 µs delay is all spin). The spinning costs CPU: about
-// min(delay, spinWindow) per chunk and direction.
+// thread with a 1 ns timer slack, which sleeps in the kernel until a
+// chunk is nearly due and spins the rest: Go's timers here wake up to a
+// millisecond late, nanosleep some tens of microseconds late (that
+// overshoot, measured once, is how long it spins). The spinning costs
+// about that much CPU per chunk; the hand-off from reader to writer costs
+// tens to hundreds of microseconds more on a loaded machine. Measure the
+// link (the sweep records the dispatch wire time) rather than trusting
+// the setting.
 type delayProxy struct {
 	ln     net.Listener
 	target string
@@ -32,9 +36,23 @@ type delayProxy struct {
 	}
 }
 
-// spinWindow is how long before a chunk is due its writer stops sleeping
-// and spins: above nanosleep's overshoot on a loaded VM.
-const spinWindow = 150 * time.Microsecond
+// overshoot is how late nanosleep wakes up on this machine (median of a
+// few sleeps on a thread with a 1 ns slack), measured once.
+var overshoot = sync.OnceValue(func() time.Duration {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	_ = unix.Prctl(unix.PR_SET_TIMERSLACK, 1, 0, 0, 0)
+	const d = 200 * time.Microsecond
+	var over []time.Duration
+	for range 25 {
+		s := time.Now()
+		ts := unix.NsecToTimespec(int64(d))
+		unix.Nanosleep(&ts, nil)
+		over = append(over, time.Since(s)-d)
+	}
+	slices.Sort(over)
+	return min(max(over[len(over)/2], 0), d)
+})
 
 // startDelayProxy listens on addr and forwards to target.
 func startDelayProxy(addr, target string, delay time.Duration) (*delayProxy, error) {
@@ -42,6 +60,7 @@ func startDelayProxy(addr, target string, delay time.Duration) (*delayProxy, err
 	if err != nil {
 		return nil, err
 	}
+	overshoot() // measured before any traffic
 	p := &delayProxy{ln: ln, target: target, delay: delay}
 	p.mu.conns = map[net.Conn]struct{}{}
 	p.wg.Add(1)
@@ -131,9 +150,10 @@ func (p *delayProxy) pipe(dst, src net.Conn) {
 	<-done
 }
 
-// waitUntil sleeps in the kernel until spinWindow before t, then spins.
+// waitUntil sleeps in the kernel until nanosleep's overshoot before t,
+// then spins.
 func waitUntil(t time.Time) {
-	if d := time.Until(t) - spinWindow; d > 0 {
+	if d := time.Until(t) - overshoot(); d > 0 {
 		ts := unix.NsecToTimespec(int64(d))
 		for unix.Nanosleep(&ts, &ts) == unix.EINTR {
 		}

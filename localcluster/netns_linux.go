@@ -250,7 +250,7 @@ func (n *Netns) qdisc() [][]string {
 		if l.Delay == 0 && l.Gbit == 0 {
 			return nil
 		}
-		q := []string{"netem", "delay", fmt.Sprintf("%dus", (l.Delay/2).Microseconds()), "limit", "100000"}
+		q := []string{"netem", "delay", fmt.Sprintf("%dus", (l.Delay / 2).Microseconds()), "limit", "100000"}
 		if l.Gbit > 0 {
 			q = append(q, "rate", rate)
 		}

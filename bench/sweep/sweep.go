@@ -1,0 +1,388 @@
+// Package sweep is `expertmesh bench sweep`: it starts a local cluster
+// (package localcluster: every role its own process, optionally each in a
+// network namespace over emulated links) for every combination of expert
+// nodes, attention nodes, micro-batches, concurrency and link, loads it
+// with `bench` (traces to an in-process OTLP receiver, so every point has
+// its per-layer breakdown), and writes the points as JSON and an HTML
+// page: throughput and latency against each axis, per-user against total
+// tokens/s, and — given node rates — `expertmesh plan`'s prediction for
+// every point beside the measurement.
+//
+// Repeats are interleaved (every configuration once, then again), so a
+// change in the machine's load over the sweep spreads over all
+// configurations instead of biasing the last ones; every point records
+// the load average when it started.
+package sweep
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/expertmesh/expertmesh/bench"
+	"github.com/expertmesh/expertmesh/capacity"
+	"github.com/expertmesh/expertmesh/internal/telemetry"
+	"github.com/expertmesh/expertmesh/localcluster"
+	"github.com/expertmesh/expertmesh/model"
+)
+
+// Link is one network condition of the sweep: "loopback" (every role on
+// this host's loopback) or an emulated link.
+type Link struct {
+	Name  string                `json:"name"`
+	Spec  localcluster.LinkSpec `json:"-"`
+	Netns bool                  `json:"netns"`
+}
+
+// ParseLinks reads --links: "loopback", or a one-way delay ("50us",
+// "500us", "0" for namespaces without delay) for an emulated link at gbit.
+func ParseLinks(s string, gbit float64) ([]Link, error) {
+	var out []Link
+	for _, f := range bench.ParseList(s) {
+		if f == "loopback" {
+			out = append(out, Link{Name: "loopback"})
+			continue
+		}
+		d, err := time.ParseDuration(f)
+		if f == "0" {
+			d, err = 0, nil
+		}
+		if err != nil || d < 0 {
+			return nil, fmt.Errorf("--links %q: want loopback or a one-way delay such as 50us", f)
+		}
+		out = append(out, Link{Name: fmt.Sprintf("%v/%gGbit", d, gbit), Spec: localcluster.LinkSpec{Delay: d, Gbit: gbit}, Netns: true})
+	}
+	if len(out) == 0 {
+		return nil, errors.New("--links: want at least one")
+	}
+	return out, nil
+}
+
+// Config is a sweep.
+type Config struct {
+	// Binary is the expertmesh executable the clusters run (default:
+	// this process's).
+	Binary string
+	// ModelDir, or Preset generated into CacheDir.
+	ModelDir, Preset, CacheDir string
+	// The axes: every combination is one configuration.
+	ExpertNodes, AttnNodes, MicroBatches, Concurrency []int
+	Links                                             []Link
+	// Emulation of the emulated links: auto, netem or proxy.
+	Emulation string
+	// Repeats of every configuration, interleaved.
+	Repeats int
+	// AttnThreads and ExpertThreads per process (0: all cores).
+	AttnThreads, ExpertThreads int
+	// Bench is the load of every point (BaseURL, MaxConcurrency and
+	// Traces are set per point).
+	Bench bench.Config
+	// ResultDir receives every point's bench JSON and HTML, sweep.json
+	// and sweep.html.
+	ResultDir string
+	// Plan, when set, predicts every point with `plan`'s model: its rates
+	// and link overheads (the nodes, micro-batches, concurrency and delay
+	// are the point's). A zero DispatchOverhead (or StepOverhead) is
+	// calibrated from the loopback points' measured wire time (or time
+	// outside the micro-batches).
+	Plan *capacity.Setup
+	// Log receives progress; ClusterLog the clusters' output (nil: none).
+	Log, ClusterLog io.Writer
+}
+
+// Point is one configuration's measurement.
+type Point struct {
+	ExpertNodes  int     `json:"expert_nodes"`
+	AttnNodes    int     `json:"attn_nodes"`
+	MicroBatches int     `json:"micro_batches"`
+	Concurrency  int     `json:"concurrency"`
+	Link         string  `json:"link"`
+	DelayUs      float64 `json:"delay_us"`
+	Gbit         float64 `json:"gbit"`
+	Emulation    string  `json:"emulation"`
+	Repeat       int     `json:"repeat"`
+	// LoadAvg is the machine's 1-minute load average when the point
+	// started (other work on the machine).
+	LoadAvg float64 `json:"load_avg"`
+
+	Completed   int              `json:"completed"`
+	Failed      int              `json:"failed"`
+	OutputTokS  float64          `json:"output_throughput"`
+	PerUserTokS float64          `json:"per_user_tok_s"` // 1000 / mean TPOT
+	MeanTPOTMs  float64          `json:"mean_tpot_ms"`
+	MeanITLMs   float64          `json:"mean_itl_ms"`
+	P99ITLMs    float64          `json:"p99_itl_ms"`
+	MeanTTFTMs  float64          `json:"mean_ttft_ms"`
+	MeanE2ELMs  float64          `json:"mean_e2el_ms"`
+	StepMs      float64          `json:"step_ms"` // attention node's decode step, from traces
+	Breakdown   *bench.Breakdown `json:"layer_breakdown"`
+	ResultFile  string           `json:"result_file"`
+	Error       string           `json:"error,omitempty"`
+
+	// The plan's prediction, when rates were given.
+	PredictedStepMs    float64 `json:"predicted_step_ms,omitempty"`
+	PredictedTokS      float64 `json:"predicted_output_throughput,omitempty"`
+	PredictedBound     string  `json:"predicted_bound,omitempty"`
+	PredictionErrorPct float64 `json:"prediction_error_pct,omitempty"`
+}
+
+// Result is a sweep: its points in run order, and the plan inputs used.
+type Result struct {
+	Date   string          `json:"date"`
+	Model  string          `json:"model"`
+	Points []Point         `json:"points"`
+	Plan   *capacity.Setup `json:"plan,omitempty"`
+	// Calibration says how the plan's overheads were set.
+	Calibration string `json:"calibration,omitempty"`
+}
+
+// Run runs the sweep. Each point's cluster is stopped (and its
+// namespaces removed) before the next starts; a point that fails is
+// recorded with its error and the sweep goes on. Cancelling ctx stops it
+// after cleaning up.
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	if cfg.Repeats < 1 {
+		cfg.Repeats = 1
+	}
+	logw := cfg.Log
+	if logw == nil {
+		logw = io.Discard
+	}
+	if cfg.ResultDir == "" {
+		return nil, errors.New("--result-dir is required")
+	}
+	if err := os.MkdirAll(cfg.ResultDir, 0o755); err != nil {
+		return nil, err
+	}
+	for name, v := range map[string][]int{"--expert-nodes": cfg.ExpertNodes, "--attn-nodes": cfg.AttnNodes, "--micro-batches": cfg.MicroBatches, "--concurrency": cfg.Concurrency} {
+		if len(v) == 0 || slices.Min(v) < 1 {
+			return nil, fmt.Errorf("%s: want a list of positive numbers", name)
+		}
+	}
+	dir, err := localcluster.EnsureModel(localcluster.Config{ModelDir: cfg.ModelDir, Preset: cfg.Preset, CacheDir: cfg.CacheDir})
+	if err != nil {
+		return nil, err
+	}
+	mcfg, err := model.LoadConfig(dir)
+	if err != nil {
+		return nil, err
+	}
+	rcv := telemetry.NewReceiver()
+	if err := rcv.Listen("0.0.0.0:0"); err != nil {
+		return nil, err
+	}
+	defer rcv.Close()
+	_, port, err := net.SplitHostPort(rcv.Addr())
+	if err != nil {
+		return nil, err
+	}
+
+	type conf struct {
+		e, a, m, c int
+		link       Link
+	}
+	var confs []conf
+	for _, link := range cfg.Links {
+		for _, e := range cfg.ExpertNodes {
+			for _, a := range cfg.AttnNodes {
+				for _, m := range cfg.MicroBatches {
+					for _, c := range cfg.Concurrency {
+						confs = append(confs, conf{e, a, m, c, link})
+					}
+				}
+			}
+		}
+	}
+	res := &Result{Date: time.Now().Format("20060102-150405"), Model: dir}
+	total := len(confs) * cfg.Repeats
+	for r := range cfg.Repeats {
+		for i, cf := range confs {
+			if err := ctx.Err(); err != nil {
+				return res, err
+			}
+			p := Point{ExpertNodes: cf.e, AttnNodes: cf.a, MicroBatches: cf.m, Concurrency: cf.c, Link: cf.link.Name,
+				DelayUs: float64(cf.link.Spec.Delay) / 1e3, Gbit: cf.link.Spec.Gbit, Repeat: r, LoadAvg: loadAvg()}
+			fmt.Fprintf(logw, "[%d/%d] %d expert, %d attention node(s), %d micro-batch(es), concurrency %d, link %s (load %.1f)\n",
+				r*len(confs)+i+1, total, cf.e, cf.a, cf.m, cf.c, cf.link.Name, p.LoadAvg)
+			rcv.Reset()
+			if err := runPoint(ctx, cfg, dir, port, rcv, cf.link, &p); err != nil {
+				p.Error = err.Error()
+				fmt.Fprintf(logw, "  failed: %v\n", err)
+			} else {
+				fmt.Fprintf(logw, "  %.1f tok/s, %.1f tok/s per user, TPOT %.1f ms, step %.1f ms\n", p.OutputTokS, p.PerUserTokS, p.MeanTPOTMs, p.StepMs)
+			}
+			res.Points = append(res.Points, p)
+		}
+	}
+	if cfg.Plan != nil {
+		Predict(res, mcfg, *cfg.Plan)
+	}
+	return res, nil
+}
+
+// runPoint starts the point's cluster, benches it and stops it.
+func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemetry.Receiver, link Link, p *Point) (err error) {
+	lc := localcluster.DefaultConfig()
+	lc.Binary, lc.ModelDir, lc.CacheDir = cfg.Binary, dir, cfg.CacheDir
+	lc.AttnNodes, lc.ExpertNodes, lc.Addr = p.AttnNodes, p.ExpertNodes, "127.0.0.1:0"
+	lc.AttnThreads, lc.ExpertThreads = cfg.AttnThreads, cfg.ExpertThreads
+	lc.DataDir, err = os.MkdirTemp("", "expertmesh-sweep-etcd-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(lc.DataDir)
+	lc.ClusterName = "sweep"
+	lc.Log = cfg.ClusterLog
+	lc.ReadyTimeout = 5 * time.Minute
+	host := "127.0.0.1"
+	if link.Netns {
+		n, err := localcluster.NewNetns(ctx, localcluster.NetnsConfig{Link: link.Spec, Emulation: cfg.Emulation})
+		if err != nil {
+			return err
+		}
+		defer n.Close() // after the cluster's Close, deferred below
+		lc.Net, host, p.Emulation = n, n.Host(), n.Mode()
+	}
+	otlp := []string{"--otlp-endpoint", "http://" + host + ":" + rcvPort}
+	lc.AttnArgs = append(otlp, "--micro-batches", strconv.Itoa(p.MicroBatches),
+		"--cache-mb", strconv.Itoa(max(256, 64*p.Concurrency/p.AttnNodes)))
+	lc.ExpertArgs = otlp
+	lc.CoordinatorArgs = []string{"--max-running", strconv.Itoa(p.Concurrency)}
+	c, err := localcluster.Start(ctx, lc)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+
+	bc := cfg.Bench
+	bc.BaseURL, bc.Host, bc.MaxConcurrency = c.URL, "", p.Concurrency
+	bc.Traces, bc.Log, bc.Progress = rcv, nil, nil
+	bc.Label = fmt.Sprintf("sweep-e%d-a%d-m%d-c%d-%s-r%d", p.ExpertNodes, p.AttnNodes, p.MicroBatches, p.Concurrency, safeName(link.Name), p.Repeat)
+	r, err := bench.Run(ctx, bc)
+	if err != nil {
+		return err
+	}
+	jp, _, err := bench.Save(r, cfg.ResultDir, bc.Label+".json")
+	if err != nil {
+		return err
+	}
+	p.ResultFile = filepath.Base(jp)
+	p.Completed, p.Failed, p.OutputTokS = r.Completed, r.Failed, r.OutTput
+	p.MeanTPOTMs, p.MeanITLMs, p.P99ITLMs = r.Stats["mean_tpot_ms"], r.Stats["mean_itl_ms"], r.Stats["p99_itl_ms"]
+	p.MeanTTFTMs, p.MeanE2ELMs = r.Stats["mean_ttft_ms"], r.Stats["mean_e2el_ms"]
+	if p.MeanTPOTMs > 0 {
+		p.PerUserTokS = 1000 / p.MeanTPOTMs
+	}
+	if bd := r.LayerBreakdown; bd != nil && strings.HasPrefix(bd.Source, "traces") {
+		p.Breakdown, p.StepMs = bd, bd.StepMs
+	}
+	return nil
+}
+
+// Predict fills every point's prediction. Overheads left zero are
+// calibrated on the loopback points: the dispatch overhead from their
+// measured wire time per MoE layer, the step overhead from their time
+// outside the micro-batches.
+func Predict(res *Result, c *model.Config, s capacity.Setup) {
+	var wire, outside []float64
+	for _, p := range res.Points {
+		if p.Link != "loopback" || p.Breakdown == nil {
+			continue
+		}
+		for _, l := range p.Breakdown.Layers {
+			wire = append(wire, l.DispatchWireMs)
+		}
+		outside = append(outside, p.Breakdown.OutsideMs)
+	}
+	var notes []string
+	if s.DispatchOverhead == 0 && len(wire) > 0 {
+		s.DispatchOverhead = time.Duration(median(wire) * 1e6)
+		notes = append(notes, fmt.Sprintf("dispatch overhead %v: median wire time per MoE layer on loopback", s.DispatchOverhead))
+	}
+	if s.StepOverhead == 0 && len(outside) > 0 {
+		s.StepOverhead = time.Duration(median(outside) * 1e6)
+		notes = append(notes, fmt.Sprintf("step overhead %v: median time outside the micro-batches on loopback", s.StepOverhead))
+	}
+	res.Plan, res.Calibration = &s, strings.Join(notes, "; ")
+	for i := range res.Points {
+		p := &res.Points[i]
+		t := s
+		t.AttnNodes, t.ExpertNodes, t.MicroBatches, t.Concurrency = p.AttnNodes, p.ExpertNodes, p.MicroBatches, p.Concurrency
+		t.Link = capacity.Link{Latency: time.Duration(p.DelayUs * 1e3), Gbps: p.Gbit}
+		pr, err := capacity.Predict(c, t)
+		if err != nil {
+			continue
+		}
+		p.PredictedStepMs, p.PredictedTokS, p.PredictedBound = pr.StepMs, pr.TotalTokS, pr.Bound
+		if p.StepMs > 0 {
+			p.PredictionErrorPct = 100 * (pr.StepMs - p.StepMs) / p.StepMs
+		}
+	}
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return math.NaN()
+	}
+	return s[len(s)/2]
+}
+
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
+}
+
+func safeName(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' {
+			return r
+		}
+		return '_'
+	}, s)
+}
+
+// Save writes sweep.json and sweep.html into dir.
+func Save(res *Result, dir string) (jsonPath, htmlPath string, err error) {
+	jsonPath, htmlPath = filepath.Join(dir, "sweep.json"), filepath.Join(dir, "sweep.html")
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return "", "", err
+	}
+	if err := os.WriteFile(jsonPath, append(b, '\n'), 0o644); err != nil {
+		return "", "", err
+	}
+	return jsonPath, htmlPath, os.WriteFile(htmlPath, []byte(Page(res)), 0o644)
+}
+
+// Read reads a sweep.json.
+func Read(path string) (*Result, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var r Result
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &r, nil
+}

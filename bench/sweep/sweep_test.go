@@ -1,0 +1,106 @@
+package sweep
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/expertmesh/expertmesh/bench"
+	"github.com/expertmesh/expertmesh/capacity"
+)
+
+// TestSweep runs a small sweep of real clusters (tiny-v2: 1 and 2 expert
+// nodes, ping-pong off and on, loopback, and a 300 µs emulated link when
+// namespaces can be made) with plan's predictions, then checks the saved
+// JSON and that the page renders in headless Chromium.
+func TestSweep(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts clusters of processes")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "expertmesh")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/expertmesh/expertmesh/cmd/expertmesh").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	linkSpec := "loopback"
+	if _, err := exec.LookPath("ip"); err == nil && os.Geteuid() == 0 {
+		linkSpec += ",300us"
+	}
+	links, err := ParseLinks(linkSpec, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bc := bench.DefaultConfig()
+	bc.NumPrompts, bc.RandomInputLen, bc.RandomOutputLen, bc.Warmup = 6, 8, 12, 1
+	var log bytes.Buffer
+	c, _ := capacity.LoadModel("tiny-v2")
+	plan := capacity.DefaultSetup(c)
+	plan.Attn, plan.Expert, plan.Context = capacity.Rates{GBps: 20, GFLOPs: 100}, capacity.Rates{GBps: 20, GFLOPs: 100}, 14
+	cfg := Config{Binary: bin, Preset: "tiny-v2", CacheDir: dir, ExpertNodes: []int{1, 2}, AttnNodes: []int{1},
+		MicroBatches: []int{1, 2}, Concurrency: []int{3}, Links: links, AttnThreads: 1, ExpertThreads: 1,
+		Bench: bc, ResultDir: filepath.Join(dir, "out"), Plan: &plan, Log: &log}
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	res, err := Run(ctx, cfg)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, log.String())
+	}
+	if want := 4 * len(links); len(res.Points) != want {
+		t.Fatalf("%d points, want %d", len(res.Points), want)
+	}
+	for _, p := range res.Points {
+		if p.Error != "" || p.Completed != 6 || p.StepMs <= 0 || p.Breakdown == nil || p.PredictedStepMs <= 0 {
+			t.Errorf("point %+v", p)
+		}
+		if p.Link != "loopback" && p.Emulation == "" {
+			t.Errorf("emulated point without emulation: %+v", p)
+		}
+	}
+	if !strings.Contains(res.Calibration, "dispatch overhead") {
+		t.Errorf("calibration %q", res.Calibration)
+	}
+	jp, hp, err := Save(res, cfg.ResultDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(jp)
+	var back Result
+	if err := json.Unmarshal(b, &back); err != nil || len(back.Points) != len(res.Points) {
+		t.Fatalf("sweep.json does not read back: %v", err)
+	}
+	if len(Summarize(res)) != 2*2*len(links) {
+		t.Errorf("summaries %d", len(Summarize(res)))
+	}
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("chromium is not installed; CI must run this test")
+		}
+		t.Skip("no chromium")
+	}
+	out, err := exec.CommandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir="+t.TempDir(), "--dump-dom", "file://"+hp).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), `data-rendered="ok"`) || !strings.Contains(string(out), `data-plots="4"`) {
+		t.Errorf("the sweep page did not render its 4 plots")
+	}
+}
+
+func TestParseLinks(t *testing.T) {
+	l, err := ParseLinks("loopback, 50us,500us", 10)
+	if err != nil || len(l) != 3 || l[0].Netns || !l[1].Netns || l[2].Spec.Delay != 500*time.Microsecond || l[2].Spec.Gbit != 10 {
+		t.Fatalf("%+v %v", l, err)
+	}
+	for _, bad := range []string{"", "fast", "-5us"} {
+		if _, err := ParseLinks(bad, 10); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
