@@ -183,8 +183,12 @@ type attnNodeStatus struct {
 	State       string `json:"state"` // up, down, draining, gone
 	Error       string `json:"error,omitempty"`
 	TotalBlocks int    `json:"total_blocks"`
-	FreeBlocks  int    `json:"free_blocks"`
-	Running     int    `json:"running"`
+	// FreeBlocks is the node's own count (cached blocks included);
+	// CachedBlocks are free blocks holding prefix-cache content.
+	FreeBlocks    int  `json:"free_blocks"`
+	CachedBlocks  int  `json:"cached_blocks"`
+	PrefixCaching bool `json:"prefix_caching"`
+	Running       int  `json:"running"`
 }
 
 // handleCluster reports the cluster: the coordinator's epoch and its
@@ -195,7 +199,8 @@ func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
 	var nodes []attnNodeStatus
 	for i, h := range c.mu.nodes {
 		n := c.mu.sched.nodes[i]
-		st := attnNodeStatus{ID: h.id, TotalBlocks: n.totalBlocks, FreeBlocks: n.freeBlocks, Running: len(n.running)}
+		st := attnNodeStatus{ID: h.id, TotalBlocks: n.totalBlocks, FreeBlocks: n.reportedFree, CachedBlocks: n.cachedBlocks,
+			PrefixCaching: n.prefixCaching, Running: len(n.running)}
 		switch {
 		case n.gone:
 			continue

@@ -144,8 +144,8 @@ func TestOpenAIClient(t *testing.T) {
 	})
 
 	chat := openai.ChatCompletionNewParams{
-		Model:    openai.ChatModel(name),
-		Messages: []openai.ChatCompletionMessageParamUnion{openai.SystemMessage("You are terse."), openai.UserMessage("Say hello.")},
+		Model:     openai.ChatModel(name),
+		Messages:  []openai.ChatCompletionMessageParamUnion{openai.SystemMessage("You are terse."), openai.UserMessage("Say hello.")},
 		MaxTokens: openai.Int(10), Temperature: openai.Float(0.8), TopP: openai.Float(1), Seed: openai.Int(99),
 		N: openai.Int(2), Logprobs: openai.Bool(true), TopLogprobs: openai.Int(3),
 	}
