@@ -13,7 +13,7 @@ import (
 
 // QuantizeAct rounds x to Q8_0 blocks the way every integer-activation
 // product does: per 32 values, d = absmax/127 (float32), q = the nearest
-// integer to v·(1/d), ties to even, in [-127, 127] (d = 0 gives q = 0).
+// integer to v/d, ties to even, in [-127, 127] (d = 0 gives q = 0).
 // q must hold len(x) bytes and d len(x)/32 floats; len(x) must be a
 // multiple of 32. (The reference for tests and for callers that need the
 // rounded activations themselves.)
@@ -35,13 +35,14 @@ func quantBlock(q []int8, x []float32, sum *int32) float32 {
 		amax = max(amax, float32(math.Abs(float64(v))))
 	}
 	d := amax / 127
-	var id float32
-	if d != 0 {
-		id = 1 / d
+	div := d
+	if d == 0 {
+		div = 1 // every value is 0
 	}
 	var s int32
 	for j, v := range x[:Q8Block] {
-		r := int32(math.RoundToEven(float64(v * id)))
+		// x/d rather than x·(1/d): 1/d overflows for subnormal d.
+		r := int32(math.RoundToEven(float64(v / div)))
 		r = max(-127, min(127, r))
 		q[j] = int8(r)
 		s += r
@@ -117,11 +118,15 @@ func (a *actQ8) reset(lay *qLayout, n, cols int) {
 	a.src = nil
 }
 
-// quantRows rounds x rows [lo,hi) into a (after reset).
+// quantRows rounds x rows [lo,hi) into a (after reset). Rows may be
+// split across threads: nothing shared is written.
 func (a *actQ8) quantRows(x []float32, lo, hi int) {
 	L := a.lay
 	nb := a.cols / Q8Block
-	var blk [Q8Block]int8
+	const chunk = 128 // blocks rounded per kernel call (buffers on the stack)
+	var d [chunk]float32
+	var sums [chunk]int32
+	var tmp [chunk * Q8Block]int8
 	for i := lo; i < hi; i++ {
 		q := a.q[i*a.rowQ : (i+1)*a.rowQ]
 		s := a.s[i*a.rowS : (i+1)*a.rowS]
@@ -130,19 +135,24 @@ func (a *actQ8) quantRows(x []float32, lo, hi int) {
 		if L.vec > 1 {
 			clear(q) // the padding interleaves with the values
 		}
-		for b := 0; b < nb; b++ {
-			var sum int32
-			d := quantBlock(blk[:], xr[b*Q8Block:], &sum)
-			pos := b/L.group*L.group + L.inv[b%L.group]
-			s[pos], c[pos] = d, L.bias*sum
+		for b0 := 0; b0 < nb; b0 += chunk {
+			m := min(chunk, nb-b0)
+			dst := tmp[:m*Q8Block]
 			if L.vec <= 1 {
-				copy(q[b*Q8Block:], blk[:])
-				continue
+				dst = q[b0*Q8Block : (b0+m)*Q8Block]
 			}
-			v, j := b/L.vec, b%L.vec
-			base := v * L.vec * Q8Block
-			copy(q[base+j*16:], blk[:16])
-			copy(q[base+L.vec*16+j*16:], blk[16:])
+			impl.quant(dst, d[:m], sums[:m], xr[b0*Q8Block:(b0+m)*Q8Block])
+			for k := 0; k < m; k++ {
+				b := b0 + k
+				pos := b/L.group*L.group + L.inv[b%L.group]
+				s[pos], c[pos] = d[k], L.bias*sums[k]
+				if L.vec > 1 {
+					v, j := b/L.vec, b%L.vec
+					base := v * L.vec * Q8Block
+					copy(q[base+j*16:], tmp[k*Q8Block:k*Q8Block+16])
+					copy(q[base+L.vec*16+j*16:], tmp[k*Q8Block+16:(k+1)*Q8Block])
+				}
+			}
 		}
 		// Padding to whole groups: zero values, scales and offsets.
 		if L.vec <= 1 {
@@ -152,6 +162,15 @@ func (a *actQ8) quantRows(x []float32, lo, hi int) {
 			pos := b/L.group*L.group + L.inv[b%L.group]
 			s[pos], c[pos] = 0, 0
 		}
+	}
+}
+
+// quantGeneric rounds len(d) blocks of x into q, their scales into d and
+// their sums Σq into sum (the reference of QuantizeAct).
+func quantGeneric(q []int8, d []float32, sum []int32, x []float32) {
+	for b := range d {
+		sum[b] = 0
+		d[b] = quantBlock(q[b*Q8Block:(b+1)*Q8Block], x[b*Q8Block:(b+1)*Q8Block], &sum[b])
 	}
 }
 

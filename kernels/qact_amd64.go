@@ -24,6 +24,19 @@ func qdotQ8AVX2(y *float32, w *byte, stride uintptr, xq *int8, xs *float32, xc *
 //go:noescape
 func qdotQ4AVX2(y *float32, w *byte, stride uintptr, xq *int8, xs *float32, xc *int32, nb int, rows int, s *float32, sstride uintptr)
 
+//go:noescape
+func quantActAVX512(q *int8, d *float32, sum *int32, x *float32, nb int)
+
+func quantAVX512(q []int8, d []float32, sum []int32, x []float32) {
+	if len(d) == 0 {
+		return
+	}
+	_ = q[len(d)*Q8Block-1]
+	_ = x[len(d)*Q8Block-1]
+	_ = sum[len(d)-1]
+	quantActAVX512(&q[0], &d[0], &sum[0], &x[0], len(d))
+}
+
 type qdotAsm func(y *float32, w *byte, stride uintptr, xq *int8, xs *float32, xc *int32, nb int, rows int, s *float32, sstride uintptr)
 
 // Which integer instructions the CPU has (variables so tests can take

@@ -256,3 +256,42 @@ func TestQuantizeQ4(t *testing.T) {
 		}
 	}
 }
+
+// TestQuantActPaths: the SIMD rounding of activations equals the plain
+// one bit for bit: random blocks, ties, zero blocks, huge and tiny values.
+func TestQuantActPaths(t *testing.T) {
+	rng := rand.New(rand.NewPCG(31, 32))
+	const nb = 300 // more than one chunk of quantRows
+	x := randVec(rng, nb*32, 0)
+	for i := 32; i < 64; i++ {
+		x[i] = 0
+	}
+	for i := 64; i < 96; i++ {
+		x[i] = float32(i-80) * 0.5 // halves: ties once scaled
+	}
+	x[64] = 127
+	for i := 96; i < 128; i++ {
+		x[i] = float32(rng.NormFloat64()) * 1e-38 // subnormal scales
+	}
+	for i := 128; i < 160; i++ {
+		x[i] = float32(rng.NormFloat64()) * 3e37
+	}
+	wq, wd, ws := make([]int8, len(x)), make([]float32, nb), make([]int32, nb)
+	quantGeneric(wq, wd, ws, x)
+	for _, isa := range isas() {
+		withISA(t, isa, func() {
+			q, d, s := make([]int8, len(x)), make([]float32, nb), make([]int32, nb)
+			impl.quant(q, d, s, x)
+			for b := 0; b < nb; b++ {
+				if d[b] != wd[b] || s[b] != ws[b] {
+					t.Fatalf("%s block %d: d=%g sum=%d, plain %g %d", isa, b, d[b], s[b], wd[b], ws[b])
+				}
+			}
+			for i := range q {
+				if q[i] != wq[i] {
+					t.Fatalf("%s x[%d]=%g: q=%d, plain %d", isa, i, x[i], q[i], wq[i])
+				}
+			}
+		})
+	}
+}

@@ -449,7 +449,74 @@ func genQConsts(g *gen) {
 
 func genQAct(g *gen) {
 	genQConsts(g)
+	genQuantAct(g)
 	for _, k := range qkinds {
 		genQDot(g, k)
 	}
+}
+
+// genQuantAct emits the activation rounding of QuantizeAct for AVX-512:
+// per block of 32 floats, amax (exact), d = amax/127 in scalar IEEE
+// arithmetic, q = round-to-nearest-even(x/d) (0 where d = 0)
+// (VCVTPS2DQ under the default rounding mode), stored as int8 (|q| <= 127
+// by construction, so the truncating VPMOVDB is exact), and Σq. Bit-for-bit
+// the plain Go rounding.
+// func quantActAVX512(q *int8, d *float32, sum *int32, x *float32, nb int)
+func genQuantAct(g *gen) {
+	g.text("quantActAVX512", 40)
+	g.p("MOVQ q+0(FP), DI")
+	g.p("MOVQ d+8(FP), DX")
+	g.p("MOVQ sum+16(FP), R8")
+	g.p("MOVQ x+24(FP), SI")
+	g.p("MOVQ nb+32(FP), CX")
+	g.p("MOVL $0x7fffffff, AX")
+	g.p("VPBROADCASTD AX, Z10")
+	g.p("MOVL $0x42fe0000, AX") // 127.0
+	g.p("MOVD AX, X8")
+	g.p("MOVL $0x3f800000, AX") // 1.0
+	g.p("MOVD AX, X9")
+	g.p("VXORPS X6, X6, X6")
+	g.label("block")
+	g.p("VMOVUPS (SI), Z0")
+	g.p("VMOVUPS 64(SI), Z1")
+	g.p("VANDPS Z10, Z0, Z2")
+	g.p("VANDPS Z10, Z1, Z3")
+	g.p("VMAXPS Z3, Z2, Z2")
+	g.p("VEXTRACTF64X4 $1, Z2, Y3")
+	g.p("VMAXPS Y3, Y2, Y2")
+	g.p("VEXTRACTF128 $1, Y2, X3")
+	g.p("VMAXPS X3, X2, X2")
+	g.p("VPERMILPS $0x4E, X2, X3")
+	g.p("VMAXPS X3, X2, X2")
+	g.p("VPERMILPS $0xB1, X2, X3")
+	g.p("VMAXPS X3, X2, X2")
+	g.p("VDIVSS X8, X2, X4") // d = amax/127
+	g.p("VMOVSS X4, (DX)")
+	g.p("VCMPSS $0, X6, X4, X7")    // d == 0 (then every x is 0)
+	g.p("VBLENDVPS X7, X9, X4, X5") // divide by 1 there, else by d
+	g.p("VBROADCASTSS X5, Z5")
+	g.p("VDIVPS Z5, Z0, Z0")
+	g.p("VDIVPS Z5, Z1, Z1")
+	g.p("VCVTPS2DQ Z0, Z0")
+	g.p("VCVTPS2DQ Z1, Z1")
+	g.p("VPMOVDB Z0, (DI)")
+	g.p("VPMOVDB Z1, 16(DI)")
+	g.p("VPADDD Z1, Z0, Z0")
+	g.p("VEXTRACTI64X4 $1, Z0, Y1")
+	g.p("VPADDD Y1, Y0, Y0")
+	g.p("VEXTRACTI128 $1, Y0, X1")
+	g.p("VPADDD X1, X0, X0")
+	g.p("VPSHUFD $0x4E, X0, X1")
+	g.p("VPADDD X1, X0, X0")
+	g.p("VPSHUFD $0xB1, X0, X1")
+	g.p("VPADDD X1, X0, X0")
+	g.p("VMOVD X0, (R8)")
+	g.p("ADDQ $128, SI")
+	g.p("ADDQ $32, DI")
+	g.p("ADDQ $4, DX")
+	g.p("ADDQ $4, R8")
+	g.p("DECQ CX")
+	g.p("JNZ block")
+	g.p("VZEROUPPER")
+	g.p("RET")
 }
