@@ -44,9 +44,9 @@ type kernelSet struct {
 	mla               func(a *mlaArgs, h0, h1 int)
 	// Integer-activation products, [0] Q8_0 weights, [1] Q4_0, with the
 	// layout of x each wants.
-	qdot  [2]qdotFunc
-	qlay  [2]*qLayout
-	quant func(q []int8, d []float32, sum []int32, x []float32)
+	qdot      [2]qdotFunc
+	qlay      [2]*qLayout
+	quantSIMD bool // activations rounded by quantSIMDBlocks
 }
 
 var genericKernels = kernelSet{
@@ -67,7 +67,6 @@ var genericKernels = kernelSet{
 	rope:              ropeGeneric,
 	qdot:              [2]qdotFunc{qdotGeneric, qdotGeneric},
 	qlay:              [2]*qLayout{genericLayout, genericLayout},
-	quant:             quantGeneric,
 }
 
 var impl kernelSet

@@ -29,7 +29,7 @@ func kernelsFor(isa ISA) kernelSet {
 		k.sumSq, k.mulScale = sumSqV512, mulScaleV512
 		k.siluMul, k.sigmoid, k.expSub, k.max = siluMulV512, sigmoidV512, expSubV512, maxV512
 		k.mla = mlaHeadsAVX512
-		k.quant = quantAVX512
+		k.quantSIMD = true
 		if qVNNI512 {
 			k.qdot, k.qlay = qdotVNNI512, qlayVNNI512
 		} else {

@@ -141,7 +141,7 @@ func (a *actQ8) quantRows(x []float32, lo, hi int) {
 			if L.vec <= 1 {
 				dst = q[b0*Q8Block : (b0+m)*Q8Block]
 			}
-			impl.quant(dst, d[:m], sums[:m], xr[b0*Q8Block:(b0+m)*Q8Block])
+			quantBlocks(dst, d[:m], sums[:m], xr[b0*Q8Block:(b0+m)*Q8Block])
 			for k := 0; k < m; k++ {
 				b := b0 + k
 				pos := b/L.group*L.group + L.inv[b%L.group]
@@ -163,6 +163,17 @@ func (a *actQ8) quantRows(x []float32, lo, hi int) {
 			s[pos], c[pos] = 0, 0
 		}
 	}
+}
+
+// quantBlocks rounds len(d) blocks with the active kernel (called
+// directly, not through a function value, so that callers' buffers can
+// stay on their stacks).
+func quantBlocks(q []int8, d []float32, sum []int32, x []float32) {
+	if impl.quantSIMD {
+		quantSIMDBlocks(q, d, sum, x)
+		return
+	}
+	quantGeneric(q, d, sum, x)
 }
 
 // quantGeneric rounds len(d) blocks of x into q, their scales into d and

@@ -27,7 +27,7 @@ func qdotQ4AVX2(y *float32, w *byte, stride uintptr, xq *int8, xs *float32, xc *
 //go:noescape
 func quantActAVX512(q *int8, d *float32, sum *int32, x *float32, nb int)
 
-func quantAVX512(q []int8, d []float32, sum []int32, x []float32) {
+func quantSIMDBlocks(q []int8, d []float32, sum []int32, x []float32) {
 	if len(d) == 0 {
 		return
 	}

@@ -281,7 +281,7 @@ func TestQuantActPaths(t *testing.T) {
 	for _, isa := range isas() {
 		withISA(t, isa, func() {
 			q, d, s := make([]int8, len(x)), make([]float32, nb), make([]int32, nb)
-			impl.quant(q, d, s, x)
+			quantBlocks(q, d, s, x)
 			for b := 0; b < nb; b++ {
 				if d[b] != wd[b] || s[b] != ws[b] {
 					t.Fatalf("%s block %d: d=%g sum=%d, plain %g %d", isa, b, d[b], s[b], wd[b], ws[b])
