@@ -1,15 +1,23 @@
 // Package kernels holds expertmesh's CPU compute kernels: matrix-vector and
 // matrix-matrix products over weights in their stored format (BF16, F16, F32,
-// FP8 E4M3 with block scales, Q8_0), a fused expert FFN, the vector kernels
-// of a transformer layer, and the absorbed MLA decode attention over a paged
-// latent cache.
+// FP8 E4M3 with block scales, Q8_0, Q4_0), grouped products of many
+// matrices in one pool call (MatVecMany, MatMulMany), a fused expert FFN,
+// the vector kernels of a transformer layer, and the absorbed MLA decode
+// attention over a paged latent cache, for one query row or many
+// (MLADecodeMany).
 //
 // # Precision
 //
 // Activations are float32 and products accumulate in float32 on every
 // default path; only summation order differs between implementations.
-// MatMulBF16Act is the one opt-in exception (activations rounded to BF16,
-// VDPBF16PS where present), with its deviation bounded by a test.
+// Two opt-in exceptions, each with its deviation bounded by a test:
+// MatMulBF16Act (activations rounded to BF16, VDPBF16PS where present),
+// and integer activations (Matrix.ActQ8 on Q8_0 weights; always for Q4_0):
+// x rounded to Q8_0 blocks (QuantizeAct) and multiplied in integers,
+// VPDPBUSD on AVX512_VNNI or AVX-VNNI, VPMADDUBSW elsewhere. Block sums
+// are exact, so those kernels differ from the plain ones only in the order
+// of the float sums of the scaled blocks; every product rounds x the same
+// way, prefill and decode alike.
 //
 // # Layout
 //
