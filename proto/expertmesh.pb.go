@@ -1404,7 +1404,12 @@ type NodeInfo struct {
 	// with the same token prefix (see AttentionService.Step).
 	PrefixCaching bool `protobuf:"varint,10,opt,name=prefix_caching,json=prefixCaching,proto3" json:"prefix_caching,omitempty"`
 	// cached_blocks: of free_blocks, those holding prefix-cache content.
-	CachedBlocks  uint32 `protobuf:"varint,11,opt,name=cached_blocks,json=cachedBlocks,proto3" json:"cached_blocks,omitempty"`
+	CachedBlocks uint32 `protobuf:"varint,11,opt,name=cached_blocks,json=cachedBlocks,proto3" json:"cached_blocks,omitempty"`
+	// max_step_tokens bounds the tokens of one step's work (0: unknown); a
+	// step beyond it is refused. With prefix caching, the coordinator may
+	// send a prompt chunk longer than its step budget when it expects the
+	// node to take its head from the cache, never longer than this.
+	MaxStepTokens uint32 `protobuf:"varint,12,opt,name=max_step_tokens,json=maxStepTokens,proto3" json:"max_step_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1516,6 +1521,13 @@ func (x *NodeInfo) GetCachedBlocks() uint32 {
 	return 0
 }
 
+func (x *NodeInfo) GetMaxStepTokens() uint32 {
+	if x != nil {
+		return x.MaxStepTokens
+	}
+	return 0
+}
+
 var File_expertmesh_proto protoreflect.FileDescriptor
 
 const file_expertmesh_proto_rawDesc = "" +
@@ -1623,7 +1635,7 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\x11placement_version\x18\a \x01(\x04R\x10placementVersion\x12#\n" +
 	"\rcached_blocks\x18\b \x01(\rR\fcachedBlocks\"#\n" +
 	"\vInfoRequest\x12\x14\n" +
-	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"\x86\x03\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"\xae\x03\n" +
 	"\bNodeInfo\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
 	"\n" +
@@ -1639,7 +1651,8 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\bdraining\x18\t \x01(\bR\bdraining\x12%\n" +
 	"\x0eprefix_caching\x18\n" +
 	" \x01(\bR\rprefixCaching\x12#\n" +
-	"\rcached_blocks\x18\v \x01(\rR\fcachedBlocks*=\n" +
+	"\rcached_blocks\x18\v \x01(\rR\fcachedBlocks\x12&\n" +
+	"\x0fmax_step_tokens\x18\f \x01(\rR\rmaxStepTokens*=\n" +
 	"\x05DType\x12\x15\n" +
 	"\x11DTYPE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDTYPE_F32\x10\x01\x12\x0e\n" +
