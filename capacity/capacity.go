@@ -24,7 +24,8 @@ func (r Rates) seconds(bytes, flops float64) float64 {
 	return max(bytes/(r.GBps*1e9), flops/(r.GFLOPs*1e9))
 }
 
-func (r Rates) scaled(f float64) Rates { return Rates{GBps: r.GBps * f, GFLOPs: r.GFLOPs * f} }
+// Scaled is r with both rates times f.
+func (r Rates) Scaled(f float64) Rates { return Rates{GBps: r.GBps * f, GFLOPs: r.GFLOPs * f} }
 
 // Link is the network between attention and expert nodes.
 type Link struct {

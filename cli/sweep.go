@@ -51,6 +51,8 @@ func runBenchSweep(ctx context.Context, args []string, stdout, stderr io.Writer)
 	sharedGFLOPs := fs.Float64("shared-gflops", 0, "the machine's total GFLOP/s")
 	fs.DurationVar(&plan.DispatchOverhead, "dispatch-overhead", 0, "plan's software cost per dispatch (0: calibrated on the loopback points)")
 	fs.DurationVar(&plan.StepOverhead, "step-overhead", 0, "plan's cost per step outside the layers (0: calibrated on the loopback points)")
+	fs.BoolVar(&cfg.FitRates, "fit-rates", false, "scale the rates by one factor that makes plan predict the loopback point with the fewest expert nodes and micro-batches exactly (a loaded, shared machine); the other points are then predictions")
+	temp := fs.Float64("temperature", 0, "sampling temperature of the requests (0: greedy, so that sampling over the vocabulary does not weigh on the step)")
 	from := fs.String("from", "", "re-render (and, with rates, re-predict) a saved sweep.json instead of running; its points stay as measured")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
@@ -72,6 +74,7 @@ func runBenchSweep(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	bc.NumPrompts = max(bc.NumPrompts, 1)
+	bc.Temperature = temp
 	cfg.Bench = bc
 	if plan.Attn.GBps > 0 {
 		c, err := loadSweepModel(cfg)
@@ -99,7 +102,7 @@ func runBenchSweep(ctx context.Context, args []string, stdout, stderr io.Writer)
 			if err != nil {
 				return err
 			}
-			sweep.Predict(res, c, *cfg.Plan)
+			sweep.Predict(res, c, *cfg.Plan, cfg.FitRates)
 		}
 		if err := os.MkdirAll(cfg.ResultDir, 0o755); err != nil {
 			return err

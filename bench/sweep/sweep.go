@@ -96,6 +96,9 @@ type Config struct {
 	// calibrated from the loopback points' measured wire time (or time
 	// outside the micro-batches).
 	Plan *capacity.Setup
+	// FitRates scales Plan's rates to the reference point first (see
+	// Predict).
+	FitRates bool
 	// Log receives progress; ClusterLog the clusters' output (nil: none).
 	Log, ClusterLog io.Writer
 }
@@ -225,7 +228,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	if cfg.Plan != nil {
-		Predict(res, mcfg, *cfg.Plan)
+		Predict(res, mcfg, *cfg.Plan, cfg.FitRates)
 	}
 	return res, nil
 }
@@ -293,7 +296,11 @@ func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemet
 // calibrated on the loopback points: the dispatch overhead from their
 // measured wire time per MoE layer, the step overhead from their time
 // outside the micro-batches.
-func Predict(res *Result, c *model.Config, s capacity.Setup) {
+//
+// With fit, the rates are first scaled by one factor so that the
+// reference point (loopback, fewest expert nodes, fewest micro-batches)
+// is predicted exactly: the load of a shared machine in one number.
+func Predict(res *Result, c *model.Config, s capacity.Setup, fit bool) {
 	var wire, outside []float64
 	for _, p := range res.Points {
 		if p.Link != "loopback" || p.Breakdown == nil {
@@ -313,13 +320,31 @@ func Predict(res *Result, c *model.Config, s capacity.Setup) {
 		s.StepOverhead = time.Duration(median(outside) * 1e6)
 		notes = append(notes, fmt.Sprintf("step overhead %v: median time outside the micro-batches on loopback", s.StepOverhead))
 	}
+	at := func(s capacity.Setup, p *Point) capacity.Setup {
+		s.AttnNodes, s.ExpertNodes, s.MicroBatches, s.Concurrency = p.AttnNodes, p.ExpertNodes, p.MicroBatches, p.Concurrency
+		s.Link = capacity.Link{Latency: time.Duration(p.DelayUs * 1e3), Gbps: p.Gbit}
+		return s
+	}
+	if fit {
+		// One number from one configuration: the factor by which this
+		// run's machine (its load included) is slower than the rates
+		// given, from the loopback configuration with the fewest expert
+		// nodes and micro-batches; every other point is predicted.
+		if ref, step := reference(res); ref != nil {
+			f := fitScale(c, at(s, ref), step)
+			s.Attn, s.Expert = s.Attn.Scaled(f), s.Expert.Scaled(f)
+			if s.Shared != nil {
+				sh := s.Shared.Scaled(f)
+				s.Shared = &sh
+			}
+			notes = append(notes, fmt.Sprintf("rates scaled by %.3f to match the measured %.1f ms step of %d expert node(s), %d micro-batch(es) on loopback (the machine's load in one number)",
+				f, step, ref.ExpertNodes, ref.MicroBatches))
+		}
+	}
 	res.Plan, res.Calibration = &s, strings.Join(notes, "; ")
 	for i := range res.Points {
 		p := &res.Points[i]
-		t := s
-		t.AttnNodes, t.ExpertNodes, t.MicroBatches, t.Concurrency = p.AttnNodes, p.ExpertNodes, p.MicroBatches, p.Concurrency
-		t.Link = capacity.Link{Latency: time.Duration(p.DelayUs * 1e3), Gbps: p.Gbit}
-		pr, err := capacity.Predict(c, t)
+		pr, err := capacity.Predict(c, at(s, p))
 		if err != nil {
 			continue
 		}
@@ -328,6 +353,62 @@ func Predict(res *Result, c *model.Config, s capacity.Setup) {
 			p.PredictionErrorPct = 100 * (pr.StepMs - p.StepMs) / p.StepMs
 		}
 	}
+}
+
+// reference is the loopback configuration with the fewest expert nodes,
+// then micro-batches, and its mean measured step.
+func reference(res *Result) (*Point, float64) {
+	var ref *Point
+	for i := range res.Points {
+		p := &res.Points[i]
+		if p.Link != "loopback" || p.StepMs <= 0 {
+			continue
+		}
+		if ref == nil || p.ExpertNodes < ref.ExpertNodes || (p.ExpertNodes == ref.ExpertNodes && p.MicroBatches < ref.MicroBatches) {
+			ref = p
+		}
+	}
+	if ref == nil {
+		return nil, 0
+	}
+	var sum float64
+	n := 0
+	for _, p := range res.Points {
+		if p.Link == ref.Link && p.ExpertNodes == ref.ExpertNodes && p.MicroBatches == ref.MicroBatches &&
+			p.AttnNodes == ref.AttnNodes && p.Concurrency == ref.Concurrency && p.StepMs > 0 {
+			sum += p.StepMs
+			n++
+		}
+	}
+	return ref, sum / float64(n)
+}
+
+// fitScale finds the factor f for s's rates at which the predicted step
+// is want (the prediction falls as f grows), by bisection in log space.
+func fitScale(c *model.Config, s capacity.Setup, want float64) float64 {
+	pred := func(f float64) float64 {
+		t := s
+		t.Attn, t.Expert = s.Attn.Scaled(f), s.Expert.Scaled(f)
+		if s.Shared != nil {
+			sh := s.Shared.Scaled(f)
+			t.Shared = &sh
+		}
+		p, err := capacity.Predict(c, t)
+		if err != nil {
+			return math.NaN()
+		}
+		return p.StepMs
+	}
+	lo, hi := math.Log(1e-4), math.Log(1e4)
+	for range 80 {
+		mid := (lo + hi) / 2
+		if pred(math.Exp(mid)) > want {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	return math.Exp((lo + hi) / 2)
 }
 
 func median(v []float64) float64 {
