@@ -266,6 +266,7 @@ func (n *Node) Info(ctx context.Context, epoch uint64) (*meshpb.NodeInfo, error)
 		MaxPositionEmbeddings: uint32(c.MaxPositionEmbeddings),
 		Epoch:                 seen, Draining: n.draining.Load(),
 		PrefixCaching: n.cache.PrefixCaching(), CachedBlocks: uint32(n.cache.CachedBlocks()),
+		MaxStepTokens: uint32(n.cfg.MaxStepTokens),
 	}, nil
 }
 

@@ -54,8 +54,8 @@ type LatentCache struct {
 		ref []int32
 		// registered blocks are in index under key[b].
 		registered []bool
-		key        []blockKey
-		index      map[blockKey]int32
+		key        []BlockKey
+		index      map[BlockKey]int32
 		// Registered blocks no sequence holds, least recently released
 		// first: a doubly linked list through prev/next (-1 ends it).
 		prev, next []int32
@@ -64,8 +64,9 @@ type LatentCache struct {
 	}
 }
 
-// blockKey is a block's chained prefix hash.
-type blockKey [sha256.Size]byte
+// BlockKey is a full block's chained prefix hash (see LatentCache):
+// equal keys mean equal tokens at equal positions.
+type BlockKey [sha256.Size]byte
 
 // NewLatentCache allocates numBlocks blocks of blockSize tokens for every
 // layer of c. Prefix caching is off until SetPrefixCaching.
@@ -86,10 +87,10 @@ func NewLatentCache(c *Config, blockSize, numBlocks int) (*LatentCache, error) {
 	}
 	m.ref = make([]int32, numBlocks)
 	m.registered = make([]bool, numBlocks)
-	m.key = make([]blockKey, numBlocks)
+	m.key = make([]BlockKey, numBlocks)
 	m.prev, m.next = make([]int32, numBlocks), make([]int32, numBlocks)
 	m.head, m.tail = -1, -1
-	m.index = map[blockKey]int32{}
+	m.index = map[BlockKey]int32{}
 	return lc, nil
 }
 
@@ -229,7 +230,7 @@ type Sequence struct {
 	Len int
 	// Committed positions (see Commit): keys of the full blocks, and the
 	// tokens of the partial block after them.
-	keys []blockKey
+	keys []BlockKey
 	tail []int32
 }
 
@@ -277,8 +278,10 @@ func (s *Sequence) Reserve(n int) error {
 // committed is the number of positions whose tokens are committed.
 func (s *Sequence) committed() int { return len(s.keys)*s.cache.blockSize + len(s.tail) }
 
-// chain computes the key of the block of tokens that follows prev.
-func chain(prev *blockKey, tokens []int32) blockKey {
+// ChainKey computes the key of the block of tokens that follows the
+// block keyed prev (nil for a sequence's first block). Coordinators use it
+// to predict what a node has cached.
+func ChainKey(prev *BlockKey, tokens []int32) BlockKey {
 	h := sha256.New()
 	if prev != nil {
 		h.Write(prev[:])
@@ -288,12 +291,12 @@ func chain(prev *blockKey, tokens []int32) blockKey {
 		binary.LittleEndian.PutUint32(b[:], uint32(t))
 		h.Write(b[:])
 	}
-	var k blockKey
+	var k BlockKey
 	h.Sum(k[:0])
 	return k
 }
 
-func (s *Sequence) lastKey() *blockKey {
+func (s *Sequence) lastKey() *BlockKey {
 	if len(s.keys) == 0 {
 		return nil
 	}
@@ -320,7 +323,7 @@ func (s *Sequence) Match(tokens []int32, limit int) int {
 	}
 	taken := 0
 	for taken+bs <= min(limit, len(tokens)) {
-		k := chain(s.lastKey(), tokens[taken:taken+bs])
+		k := ChainKey(s.lastKey(), tokens[taken:taken+bs])
 		b, ok := lc.mu.index[k]
 		if !ok {
 			break
@@ -359,7 +362,7 @@ func (s *Sequence) Commit(tokens []int32) {
 		if len(s.tail) < bs {
 			break
 		}
-		key := chain(s.lastKey(), s.tail)
+		key := ChainKey(s.lastKey(), s.tail)
 		b := s.blocks[len(s.keys)]
 		s.keys = append(s.keys, key)
 		s.tail = s.tail[:0]
