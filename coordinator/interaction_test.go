@@ -25,7 +25,8 @@ var updateGolden = flag.Bool("update", false, "rewrite testdata/scheduler golden
 //
 //	nodes T/F/B ...          node i has T blocks, F free, block size B
 //	budget B S               step token budget B, S seats per node
-//	prefix I                 node I does prefix caching
+//	prefix I                 node I does prefix caching (steps of at most
+//	                         64 tokens)
 //	up I T/F/B               node I answered Info again (F is ignored: the
 //	                         fake node reports what it really has free)
 //	add ID prompt=N max=M [min=K] [stop=a,b] [echo] [leader=ID] [p=S]
@@ -126,7 +127,10 @@ func runScript(t *testing.T, script string) string {
 		case "budget":
 			s.cfg.budget, s.cfg.maxSeqs = arg(1), arg(2)
 		case "prefix":
-			s.nodes[arg(1)].prefixCaching = true
+			// As nodeUp does for a node reporting prefix caching and a
+			// step limit of 64 tokens.
+			n := s.nodes[arg(1)]
+			n.prefixCaching, n.maxStepTokens, n.view = true, 64, newPrefixView(n.totalBlocks)
 		case "up":
 			// The node answers Info with what it really has free.
 			in := parseInfo(t, f[2])

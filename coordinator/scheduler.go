@@ -9,6 +9,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
 
+	"github.com/expertmesh/expertmesh/model"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
@@ -98,7 +99,11 @@ type sequence struct {
 	sent    int // positions the node holds
 	// cached counts prompt tokens the node took from its prefix cache the
 	// first time it prefilled them (usage.prompt_tokens_details).
-	cached    int
+	cached int
+	// keys are the chained block keys of its tokens for block size
+	// keysBS, computed as needed (prefixview.go).
+	keys      []model.BlockKey
+	keysBS    int
 	generated []int
 	inflight  bool // part of the node's step in flight
 	done      bool
@@ -188,8 +193,12 @@ type nodeState struct {
 	// planned again. draining: it takes no new sequences.
 	gone, draining bool
 	prefixCaching  bool
-	blockSize      int
-	totalBlocks    int
+	// view guesses the node's prefix cache (nil without prefix caching,
+	// or without a known max_step_tokens to bound a longer chunk).
+	view          *prefixView
+	maxStepTokens int
+	blockSize     int
+	totalBlocks   int
 	// reportedFree and cachedBlocks are the node's own figures from its
 	// last answer (for metrics and /v1/cluster).
 	reportedFree, cachedBlocks int
@@ -279,6 +288,11 @@ func (s *scheduler) nodeUp(i int, info *meshpb.NodeInfo) {
 	n.totalBlocks = int(info.TotalBlocks)
 	n.draining = n.draining || info.Draining
 	n.prefixCaching = info.PrefixCaching
+	n.maxStepTokens = int(info.MaxStepTokens)
+	n.view = nil // a node that answers Info again may have lost its cache
+	if n.prefixCaching && n.maxStepTokens > 0 {
+		n.view = newPrefixView(n.totalBlocks)
+	}
 	n.releaseCredit = 0 // what it still holds shows in its count
 	n.setFree(int(info.FreeBlocks), int(info.CachedBlocks))
 }
@@ -560,22 +574,38 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 			prefill--
 		}
 	}
-	prefills := 0
+	prefills, tokens := 0, 0
+	for _, q := range n.running {
+		if q.decoding() {
+			tokens++
+		}
+	}
 	for _, q := range slices.Clone(n.running) {
 		if q.node != i { // preempted by an older one's growth
 			continue
 		}
-		var k int
+		var k, compute int
 		switch {
 		case q.decoding():
 			k = 1
-		case q.prefilling() && prefill > 0:
-			k = min(q.prefillEnd()-q.sent, prefill)
-			if end := q.sent + k; end < q.prefillEnd() {
+		case q.prefilling():
+			remaining := q.prefillEnd() - q.sent
+			// The head the node is expected to take from its cache costs
+			// no budget; the chunk stays within the node's step limit.
+			limit := remaining
+			if q.prefillEnd() == len(q.prompt) && q.maxTokens > 0 {
+				limit-- // the sampled position is always computed
+			}
+			cached := 0
+			if n.maxStepTokens > 0 {
+				cached = n.predictCached(q, min(limit, n.maxStepTokens-tokens-min(remaining, prefill)))
+			}
+			compute = min(remaining-cached, max(prefill, 0))
+			if end := q.sent + cached + compute; end < q.prefillEnd() {
 				aligned := end / n.blockSize * n.blockSize
 				switch {
 				case aligned > q.sent:
-					k = aligned - q.sent
+					compute = aligned - q.sent - cached
 				case prefills > 0 && n.prefixCaching:
 					// A sliver that reaches no block boundary would
 					// split a block the node might have cached: it waits
@@ -583,6 +613,9 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 					// chunk never waits, so prefill always progresses).
 					continue
 				}
+			}
+			if k = cached + compute; k == 0 {
+				continue
 			}
 			prefills++
 		default:
@@ -606,10 +639,12 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 			w.Tokens[j] = int32(q.tokenAt(q.sent + j))
 		}
 		item := workItem{seq: q, n: k}
+		tokens += k
 		if q.decoding() {
 			w.Sample, w.EchoLogprobs = true, false
+			tokens-- // counted above
 		} else {
-			prefill -= k
+			prefill -= compute
 			item.prefill = true
 			w.Sample = end == len(q.prompt) && len(q.generated) == 0 && q.maxTokens > 0
 		}
@@ -740,6 +775,7 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 		}
 		start := q.sent
 		q.sent += w.n
+		n.committed(q, start)
 		if w.prefill {
 			s.cacheQueries += w.n
 			s.cacheHits += int(r.CachedTokens)
