@@ -230,8 +230,9 @@ type pendingSwitch struct {
 
 // StartController starts the controller. It adopts the stored active
 // placement when it fits the shape (a restarted coordinator does not
-// reshuffle: the planner starts from it and publishes nothing when the
-// nodes did not change). It fails with ErrFenced when a newer epoch is
+// reshuffle: while the nodes are the ones it names, it publishes nothing
+// until a rebalance is requested or scheduled, even if the load changed
+// since it was planned). It fails with ErrFenced when a newer epoch is
 // already stored. ctx bounds only the start.
 func StartController(ctx context.Context, s *Store, cfg ControllerConfig) (*Controller, error) {
 	if cfg.Debounce == 0 {
@@ -327,6 +328,11 @@ func (c *Controller) run(ctx context.Context) {
 		lastNodes     string
 		lastRebalance int64
 		seen          bool // lastNodes and lastRebalance hold a snapshot's
+		// adopted: the placement found at start is kept as it is until
+		// something asks for a plan (it was planned for a load this
+		// controller never saw; planning again for today's would
+		// reshuffle it on every coordinator restart).
+		adopted bool
 		schedule      *time.Ticker
 		check         bool // the schedule ticked: check the load
 	)
@@ -402,15 +408,23 @@ func (c *Controller) run(ctx context.Context) {
 		case !seen:
 			seen, lastNodes, lastRebalance = true, nodesKey, st.rebalance
 			refresh("membership")
+			if cur := st.current(); cur != nil {
+				ids := make([]string, len(nodes))
+				for i, n := range nodes {
+					ids[i] = n.ID
+				}
+				adopted = slices.Equal(ids, slices.Sorted(slices.Values(cur.Nodes())))
+			}
 		case nodesKey != lastNodes:
-			lastNodes = nodesKey
+			lastNodes, adopted = nodesKey, false
 			refresh("membership")
 		case st.rebalance != lastRebalance:
-			lastRebalance = st.rebalance
+			lastRebalance, adopted = st.rebalance, false
 			refresh("command")
 			c.decided(fmt.Sprintf("command: planning for %.0f routed tokens", ol.tokens))
 		case check:
 			if p, why := c.worthRebalancing(st, ol, nodes); p != nil {
+				adopted = false
 				refresh("schedule")
 				memo = planMemo{key: planKey(st, nodes, pl), plan: p}
 				c.decided(why)
@@ -425,6 +439,9 @@ func (c *Controller) run(ctx context.Context) {
 		}
 		check = false
 		d := decide(st, c.cfg, &memo, pl)
+		if adopted {
+			d.publish = nil
+		}
 		if memo.err != nil && memo.key != badPlan {
 			badPlan = memo.key
 			c.log.Error("planning failed; keeping the current placement", "err", memo.err)

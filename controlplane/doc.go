@@ -122,8 +122,10 @@
 // (routed tokens per layer and expert over their windows), taken when
 // something asks for a plan and kept until the next ask, so that a plan
 // stays the plan for its inputs and planning again from it changes
-// nothing. What asks: the eligible expert nodes changing (a join, a
-// leave, a drain), `placement rebalance`, and the schedule
+// nothing (a new coordinator adopts the placement it finds, planned for
+// a load it never saw, until one of these asks). What asks: the eligible
+// expert nodes changing (a join, a leave, a drain), `placement
+// rebalance`, and the schedule
 // (--rebalance-interval, off by default): it plans only when the current
 // placement's weighted imbalance under the observed load exceeds
 // --rebalance-threshold (1.10), no switch is in progress and at least 10

@@ -266,13 +266,53 @@ func TestScheduledRebalance(t *testing.T) {
 		t.Fatalf("lint: %v %v", probs, err)
 	}
 
-	// The load shifts; a command plans for it at once.
+	// The load shifts and a new coordinator (no schedule) takes over: it
+	// adopts the placement as it is, planned for another load, and plans
+	// for the new one only when asked.
+	ctrl.Close()
 	report.Store(&LoadReport{At: time.Now(), Window: time.Minute, Routed: skewedLoad(shape, 99)})
-	waitStatus(t, ctx, ctrl, "the new load", func(cs ClusterStatus) bool { return cs.Load.ImbalanceWeighted > 1.1 })
+	for {
+		cs, err := Show(ctx, s, shape)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cs.Load != nil && cs.Load.ImbalanceWeighted > 1.1 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("the shifted load never reached etcd")
+		case <-time.After(20 * time.Millisecond): // polling etcd for our own write
+		}
+	}
+	epoch2, err := s.NextEpoch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrl2, err := StartController(ctx, s, ControllerConfig{Shape: shape, Epoch: epoch2, Redundant: 6, ExpertBytes: 1000, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctrl2.Close()
+	rev := mustSnapshot(t, ctx, s).Rev
+	for {
+		ch := ctrl2.Changes()
+		if p, pending := ctrl2.processed(); p >= rev && !pending {
+			break
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			t.Fatal("the new controller never settled")
+		}
+	}
+	if cs := ctrl2.Status(); cs.Active != rec.To || cs.Target != rec.To || cs.Load.ImbalanceWeighted <= 1.1 {
+		t.Fatalf("the new coordinator changed the placement by itself: active %d target %d, %+v", cs.Active, cs.Target, cs.Rebalance)
+	}
 	if err := RequestRebalance(ctx, s); err != nil {
 		t.Fatal(err)
 	}
-	st = waitStatus(t, ctx, ctrl, "a commanded switch", func(cs ClusterStatus) bool {
+	st = waitStatus(t, ctx, ctrl2, "a commanded switch", func(cs ClusterStatus) bool {
 		return cs.Rebalance.Switches["command"] > 0 && cs.Active == cs.Target
 	})
 	t.Logf("command: %d replicas moved, imbalance %.4f -> %.4f", st.Rebalance.Last.Moved, st.Rebalance.Last.ImbalanceBefore, st.Rebalance.Last.ImbalanceAfter)
