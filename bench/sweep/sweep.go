@@ -151,7 +151,8 @@ type Result struct {
 
 // Run runs the sweep. Each point's cluster is stopped (and its
 // namespaces removed) before the next starts; a point that fails is
-// recorded with its error and the sweep goes on. Cancelling ctx stops it
+// recorded with its error and the sweep goes on; sweep.json and
+// sweep.html are rewritten after every point. Cancelling ctx stops it
 // after cleaning up.
 func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if cfg.Repeats < 1 {
@@ -225,6 +226,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 				fmt.Fprintf(logw, "  %.1f tok/s, %.1f tok/s per user, TPOT %.1f ms, step %.1f ms\n", p.OutputTokS, p.PerUserTokS, p.MeanTPOTMs, p.StepMs)
 			}
 			res.Points = append(res.Points, p)
+			// Saved as it goes: an interrupted sweep keeps its points.
+			if _, _, err := Save(res, cfg.ResultDir); err != nil {
+				fmt.Fprintf(logw, "  saving: %v\n", err)
+			}
 		}
 	}
 	if cfg.Plan != nil {
