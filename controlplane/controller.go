@@ -332,9 +332,9 @@ func (c *Controller) run(ctx context.Context) {
 		// something asks for a plan (it was planned for a load this
 		// controller never saw; planning again for today's would
 		// reshuffle it on every coordinator restart).
-		adopted bool
-		schedule      *time.Ticker
-		check         bool // the schedule ticked: check the load
+		adopted  bool
+		schedule *time.Ticker
+		check    bool // the schedule ticked: check the load
 	)
 	if c.cfg.RebalanceInterval > 0 {
 		schedule = time.NewTicker(c.cfg.RebalanceInterval)
