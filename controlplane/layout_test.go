@@ -218,7 +218,7 @@ func TestKeyLayout(t *testing.T) {
 	}
 	golden(t, "show.golden", string(b)+"\n")
 	cst := ctrl.Status()
-	if rb := cst.Rebalance; rb == nil || rb.Switches["initial"] != 1 || rb.Switches["membership"]+rb.Switches["command"] == 0 || rb.Last == nil {
+	if rb := cst.Rebalance; rb == nil || rb.Switches["initial"] < 1 || rb.Switches["membership"]+rb.Switches["command"] == 0 || rb.Last == nil {
 		t.Errorf("rebalance record %+v: want the initial switch and a later one", rb)
 	}
 	cst.Rebalance = nil // the controller's own record; Show has none
