@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/http"
@@ -245,14 +246,18 @@ func TestUpChat(t *testing.T) {
 	c := startCluster(t, 1, 3)
 	msgs := []map[string]string{{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, 世界! 👋"}}
 	post := func(stream bool) *http.Response {
-		body, _ := json.Marshal(map[string]any{"messages": msgs, "max_tokens": 24, "temperature": 0, "stream": stream,
-			"stream_options": map[string]any{"include_usage": true}, "ignore_eos": true})
+		req := map[string]any{"messages": msgs, "max_tokens": 24, "temperature": 0, "stream": stream, "ignore_eos": true}
+		if stream { // stream_options without stream is refused, as OpenAI and vLLM refuse it
+			req["stream_options"] = map[string]any{"include_usage": true}
+		}
+		body, _ := json.Marshal(req)
 		resp, err := http.Post(c.URL+"/v1/chat/completions", "application/json", bytes.NewReader(body))
 		if err != nil {
 			t.Fatal(err)
 		}
 		if resp.StatusCode != 200 {
-			t.Fatalf("status %d", resp.StatusCode)
+			b, _ := io.ReadAll(resp.Body)
+			t.Fatalf("status %d: %s", resp.StatusCode, b)
 		}
 		return resp
 	}
