@@ -54,3 +54,26 @@ func BenchmarkProbe(b *testing.B) {
 		b.ReportMetric(fl/b.Elapsed().Seconds()/1e9, "GFLOP/s")
 	})
 }
+
+// BenchmarkMatMulSmallBatch: BF16 products against a few x rows (a batched
+// decode step's dense and expert products), W larger than the L3 so it
+// streams from memory: the multi-row kernels should keep GB/s near the
+// single-row figure whatever n is.
+func BenchmarkMatMulSmallBatch(b *testing.B) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	const rows, cols = 8192, 4096 // 64 MiB of BF16
+	w := fastMatrix(7, BF16, rows, cols)
+	for _, n := range []int{1, 2, 3, 4, 6, 8, 11, 15} {
+		x := randVec(rng, n*cols, 0)
+		y := make([]float32, n*rows)
+		b.Run(fmt.Sprintf("n%d/t2", n), func(b *testing.B) {
+			p := NewPool(2)
+			defer p.Close()
+			b.SetBytes(w.Bytes())
+			for b.Loop() {
+				p.MatMul(y, w, x, n)
+			}
+			b.ReportMetric(2*float64(n)*rows*cols*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
+		})
+	}
+}

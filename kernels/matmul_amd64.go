@@ -35,6 +35,27 @@ func mvBF16EOx4AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *
 func mvBF16EOx2AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
 
 //go:noescape
+func mvBF16EOx3AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+
+//go:noescape
+func mvBF16EOx5AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+
+//go:noescape
+func mvBF16EOx6AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+
+//go:noescape
+func mvBF16EOx7AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+
+//go:noescape
+func mvBF16EOx8AVX512(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int)
+
+// mvBF16Multi[k] is the even/odd BF16 kernel against k x rows at once.
+var mvBF16Multi = [9]func(y *float32, ystride uintptr, w *byte, stride uintptr, xp *float32, xstride uintptr, n int, rows int){
+	2: mvBF16EOx2AVX512, 3: mvBF16EOx3AVX512, 4: mvBF16EOx4AVX512, 5: mvBF16EOx5AVX512,
+	6: mvBF16EOx6AVX512, 7: mvBF16EOx7AVX512, 8: mvBF16EOx8AVX512,
+}
+
+//go:noescape
 func mmDotF324x4AVX512(y *float32, ystride uintptr, w *byte, wstride uintptr, x *float32, xstride uintptr, n int)
 
 //go:noescape
@@ -100,9 +121,10 @@ const mmSmallN = 4
 const mmMultiN = 16
 
 // matMulBF16Multi handles small batches: x rows permuted once into scratch,
-// then W rows [lo,hi) in blocks of multiBlockRows, each block against 4, 2
-// or 1 x rows at a time: the block is read from memory once and from L2
-// for the other x rows, so W streams once per call whatever n is.
+// then W rows [lo,hi) in blocks of multiBlockRows, each block against up
+// to 8 x rows at a time (as few passes as the batch allows: every pass
+// reloads and unpacks the block): the block is read from memory once and
+// from L2 for the other passes, so W streams once per call whatever n is.
 func matMulBF16Multi(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch []float32) {
 	cols, rows := w.Cols, w.Rows
 	main := cols &^ 31
@@ -116,15 +138,15 @@ func matMulBF16Multi(y []float32, w *Matrix, x []float32, n, lo, hi int, scratch
 	for r0 := lo; r0 < hi; r0 += step {
 		r1 := min(hi, r0+step)
 		wp := &w.Data[2*r0*cols]
-		i := 0
-		for ; i+4 <= n; i += 4 {
-			mvBF16EOx4AVX512(&y[i*rows+r0], ys, wp, stride, &xp[i*main], xs, main, r1-r0)
-		}
-		for ; i+2 <= n; i += 2 {
-			mvBF16EOx2AVX512(&y[i*rows+r0], ys, wp, stride, &xp[i*main], xs, main, r1-r0)
-		}
-		for ; i < n; i++ {
-			mvBF16EORAVX512(&y[i*rows+r0], wp, stride, &xp[i*main], main, r1-r0)
+		for i := 0; i < n; {
+			// Even passes: 11 rows as 6+5, not 8+3.
+			k := min(n-i, ceilDiv(n-i, ceilDiv(n-i, 8)))
+			if k == 1 {
+				mvBF16EORAVX512(&y[i*rows+r0], wp, stride, &xp[i*main], main, r1-r0)
+			} else {
+				mvBF16Multi[k](&y[i*rows+r0], ys, wp, stride, &xp[i*main], xs, main, r1-r0)
+			}
+			i += k
 		}
 	}
 	if main < cols {

@@ -41,7 +41,7 @@ func TestMatMulMatchesReference(t *testing.T) {
 				}
 			}
 			w := randMatrix(rng, dt, rows, cols, 3)
-			for _, n := range []int{1, 3, 8, 13, 17} {
+			for _, n := range []int{1, 2, 3, 5, 6, 7, 8, 11, 13, 15, 17} {
 				x := randVec(rng, n*cols, 1)
 				want, mag := refMatMul(w, x, n, false)
 				wantR, magR := refMatMul(w, x, n, true)

@@ -273,8 +273,9 @@ func genMatVec(g *gen) {
 		genMVQ8Rows(g, s)
 		genMVBF16EO(g, s)
 	}
-	genMVBF16EOMulti(g, 4)
-	genMVBF16EOMulti(g, 2)
+	for nx := 8; nx >= 2; nx-- {
+		genMVBF16EOMulti(g, nx)
+	}
 	genMVBF16EONRows(g, 8)
 	genMVF8Rows512(g)
 }
@@ -366,54 +367,63 @@ func genMVBF16EOMulti(g *gen, nx int) {
 	g.p("LEAQ (R9)(R9*2), R10")
 	g.p("MOVQ rows+56(FP), DX")
 	g.p("MOVL $0xFFFF0000, AX")
-	g.p("MOVD AX, X15")
-	g.p("VPBROADCASTD X15, Z15")
+	g.p("VPBROADCASTD AX, Z31")
+	// x rows 0-3 from R13, 4-7 from R14; y rows 0-3 from DI, 4-7 from R15.
+	idx := []string{"", "(R9*1)", "(R9*2)", "(R10*1)"}
 	xa := func(i, off int) string {
-		return fmt.Sprintf("%d(R13)%s", off, []string{"", "(R9*1)", "(R9*2)", "(R10*1)"}[i])
+		base := "R13"
+		if i >= 4 {
+			base = "R14"
+		}
+		return fmt.Sprintf("%d(%s)%s", off, base, idx[i%4])
+	}
+	yidx := []string{"", "(R12*1)", "(R12*2)", "(R11*1)"}
+	ya := func(i int) string {
+		base := "DI"
+		if i >= 4 {
+			base = "R15"
+		}
+		return fmt.Sprintf("(%s)%s", base, yidx[i%4])
 	}
 	g.label("row")
 	g.p("MOVQ R8, AX")
 	g.p("MOVQ SI, R13")
+	if nx > 4 {
+		g.p("LEAQ (R13)(R9*4), R14")
+	}
 	g.p("MOVQ n+48(FP), CX")
 	for i := 0; i < 2*nx; i++ {
 		g.p("VXORPS Z%d, Z%d, Z%d", i, i, i)
 	}
 	g.label("loop")
 	g.p("VPSLLD $16, (AX), Z16")
-	g.p("VPANDD (AX), Z15, Z17")
+	g.p("VPANDD (AX), Z31, Z17")
 	for i := 0; i < nx; i++ {
 		g.p("VFMADD231PS %s, Z16, Z%d", xa(i, 0), i)
 		g.p("VFMADD231PS %s, Z17, Z%d", xa(i, 64), nx+i)
 	}
 	g.p("ADDQ $64, AX")
 	g.p("ADDQ $128, R13")
+	if nx > 4 {
+		g.p("ADDQ $128, R14")
+	}
 	g.p("SUBQ $32, CX")
 	g.p("JNZ loop")
 	for i := 0; i < nx; i++ {
 		g.p("VADDPS Z%d, Z%d, Z%d", nx+i, i, i)
-		g.p("VEXTRACTF64X4 $1, Z%d, Y14", i)
-		g.p("VADDPS Y14, Y%d, Y%d", i, i)
-		g.p("VEXTRACTF128 $1, Y%d, X14", i)
-		g.p("VADDPS X14, X%d, X%d", i, i)
+		g.p("VEXTRACTF64X4 $1, Z%d, Y18", i)
+		g.p("VADDPS Y18, Y%d, Y%d", i, i)
+		g.p("VEXTRACTF32X4 $1, Y%d, X18", i)
+		g.p("VADDPS X18, X%d, X%d", i, i)
+		// (a0+a1)+(a2+a3), the order of every other row kernel here.
+		g.p("VHADDPS X%d, X%d, X%d", i, i, i)
+		g.p("VHADDPS X%d, X%d, X%d", i, i, i)
 	}
-	switch nx {
-	case 1:
-		g.p("VHADDPS X0, X0, X0")
-		g.p("VHADDPS X0, X0, X0")
-		g.p("VMOVSS X0, (DI)")
-	case 2:
-		g.p("VHADDPS X1, X0, X0")
-		g.p("VHADDPS X0, X0, X0")
-		g.p("VMOVSS X0, (DI)")
-		g.p("VEXTRACTPS $1, X0, (DI)(R12*1)")
-	case 4:
-		g.p("VHADDPS X1, X0, X0")
-		g.p("VHADDPS X3, X2, X2")
-		g.p("VHADDPS X2, X0, X0")
-		g.p("VMOVSS X0, (DI)")
-		g.p("VEXTRACTPS $1, X0, (DI)(R12*1)")
-		g.p("VEXTRACTPS $2, X0, (DI)(R12*2)")
-		g.p("VEXTRACTPS $3, X0, (DI)(R11*1)")
+	if nx > 4 {
+		g.p("LEAQ (DI)(R12*4), R15")
+	}
+	for i := 0; i < nx; i++ {
+		g.p("VMOVSS X%d, %s", i, ya(i))
 	}
 	g.p("ADDQ $4, DI")
 	g.p("ADDQ BX, R8")
