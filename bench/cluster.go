@@ -171,6 +171,16 @@ func FetchCluster(ctx context.Context, client *http.Client, root, apiKey string)
 		return nil, fmt.Errorf("GET /v1/cluster: not a JSON object: %w", err)
 	}
 	cs := &ClusterStats{Raw: b}
+	// expertmesh's coordinator nests its control plane's view (expert_load
+	// among it) under control_plane; a server may also answer it at the top.
+	if _, ok := fields["expert_load"]; !ok {
+		var cp map[string]json.RawMessage
+		if raw, ok := fields["control_plane"]; ok && json.Unmarshal(raw, &cp) == nil {
+			if raw, ok := cp["expert_load"]; ok {
+				fields["expert_load"] = raw
+			}
+		}
+	}
 	var el ExpertLoad
 	if raw, ok := fields["expert_load"]; ok && json.Unmarshal(raw, &el) == nil && el.Validate() == nil {
 		cs.ExpertLoad = &el

@@ -68,14 +68,22 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 	// reaches the children too).
 	tel := addTelemetryFlags(fs)
 	// Settings passed through to the roles.
-	pass := func(dst *[]string, name, usage string, isDuration bool) {
+	// kind: 'd' a duration, 'f' a number, otherwise an integer.
+	pass := func(dst *[]string, name, usage string, kind byte) {
 		fs.Func(name, usage, func(v string) error {
-			if isDuration {
+			switch kind {
+			case 'd':
 				if _, err := time.ParseDuration(v); err != nil {
 					return err
 				}
-			} else if _, err := strconv.Atoi(v); err != nil {
-				return err
+			case 'f':
+				if _, err := strconv.ParseFloat(v, 64); err != nil {
+					return err
+				}
+			default:
+				if _, err := strconv.Atoi(v); err != nil {
+					return err
+				}
 			}
 			*dst = append(*dst, "--"+name, v)
 			return nil
@@ -93,32 +101,37 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 	}
 	for _, f := range []struct {
 		name, usage string
-		dur         bool
+		kind        byte
 	}{
-		{"max-running", "coordinator: sequences one attention node runs at once", false},
-		{"max-waiting", "coordinator: requests waiting for a node before new ones get 429", false},
-		{"step-tokens", "coordinator: tokens per step per attention node", false},
-		{"redundant-experts", "coordinator: extra replicas per MoE layer for the hottest experts", false},
-		{"request-timeout", "coordinator: end-to-end limit per request", true},
-		{"step-timeout", "coordinator: limit per attention-node step", true},
-		{"retry-after", "coordinator: Retry-After of 429 and 503 answers", true},
+		{"max-running", "coordinator: sequences one attention node runs at once", 'i'},
+		{"max-waiting", "coordinator: requests waiting for a node before new ones get 429", 'i'},
+		{"step-tokens", "coordinator: tokens per step per attention node", 'i'},
+		{"redundant-experts", "coordinator: extra replicas per MoE layer for the hottest experts", 'i'},
+		{"request-timeout", "coordinator: end-to-end limit per request", 'd'},
+		{"step-timeout", "coordinator: limit per attention-node step", 'd'},
+		{"retry-after", "coordinator: Retry-After of 429 and 503 answers", 'd'},
+		{"rebalance-interval", "coordinator: how often to check whether the observed expert load warrants a new placement (0: never on a schedule)", 'd'},
+		{"rebalance-threshold", "coordinator: a scheduled check plans only above this weighted expert imbalance", 'f'},
+		{"rebalance-margin", "coordinator: a scheduled check switches only to a plan that cuts the imbalance by at least this fraction", 'f'},
 	} {
-		pass(&cfg.CoordinatorArgs, f.name, f.usage, f.dur)
+		pass(&cfg.CoordinatorArgs, f.name, f.usage, f.kind)
 	}
 	for _, f := range []struct {
 		name, usage string
-		dur         bool
+		kind        byte
 	}{
-		{"cache-mb", "attention nodes: latent cache size in MiB", false},
-		{"block-size", "attention nodes: tokens per cache block", false},
-		{"micro-batches", "attention nodes: micro-batches per step", false},
-		{"dispatch-timeout", "attention nodes: deadline of one dispatch of up to 256 rows", true},
-		{"expert-wait", "attention nodes: how long a step waits for some replica of an expert", true},
+		{"cache-mb", "attention nodes: latent cache size in MiB", 'i'},
+		{"block-size", "attention nodes: tokens per cache block", 'i'},
+		{"micro-batches", "attention nodes: micro-batches per step", 'i'},
+		{"dispatch-timeout", "attention nodes: deadline of one dispatch of up to 256 rows", 'd'},
+		{"expert-wait", "attention nodes: how long a step waits for some replica of an expert", 'd'},
+		{"load-report-interval", "attention nodes: how often each publishes its expert load for the placement controller", 'd'},
+		{"load-window", "attention nodes: how far back the published expert load reaches", 'd'},
 	} {
-		pass(&cfg.AttnArgs, f.name, f.usage, f.dur)
+		pass(&cfg.AttnArgs, f.name, f.usage, f.kind)
 	}
 	passBool(&cfg.AttnArgs, "prefix-caching", "attention nodes: share full cache blocks between sequences with the same token prefix (on by default; --prefix-caching=false: off)")
-	pass(&cfg.ExpertArgs, "expert-slots", "expert nodes: the most routed experts each may hold (0: any)", false)
+	pass(&cfg.ExpertArgs, "expert-slots", "expert nodes: the most routed experts each may hold (0: any)", 'i')
 	if err := parse(fs, args); err != nil {
 		return cfg, false, err
 	}

@@ -12,7 +12,9 @@ import (
 func TestUpPassesSettings(t *testing.T) {
 	cfg, quiet, err := upConfig([]string{"--max-running", "12", "--max-waiting", "3", "--request-timeout", "90s",
 		"--step-timeout", "1m", "--retry-after", "2s", "--step-tokens", "256", "--cache-mb", "64", "--block-size", "32",
-		"--prefix-caching=false", "--micro-batches", "2", "--expert-slots", "10", "--quiet"}, io.Discard)
+		"--prefix-caching=false", "--micro-batches", "2", "--expert-slots", "10", "--quiet",
+		"--rebalance-interval", "30s", "--rebalance-threshold", "1.1", "--rebalance-margin", "0.05",
+		"--load-report-interval", "2s", "--load-window", "1m"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,7 +37,9 @@ func TestUpPassesSettings(t *testing.T) {
 	if err != nil || !slices.Contains(cfg.AttnArgs, "--prefix-caching=true") {
 		t.Errorf("--prefix-caching alone: %v %v", cfg.AttnArgs, err)
 	}
-	if _, _, err := upConfig([]string{"--max-running", "many"}, io.Discard); err == nil {
-		t.Error("a bad value passed")
+	for _, bad := range [][]string{{"--max-running", "many"}, {"--rebalance-threshold", "high"}, {"--load-window", "5"}} {
+		if _, _, err := upConfig(bad, io.Discard); err == nil {
+			t.Errorf("a bad value passed: %q", bad)
+		}
 	}
 }
