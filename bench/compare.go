@@ -36,6 +36,9 @@ func Compare(a, b *Result) []CompareRow {
 	add("completed", float64(a.Completed), float64(b.Completed), true)
 	add("failed", float64(a.Failed), float64(b.Failed), false)
 	add("total_input_tokens", float64(a.TotalInput), float64(b.TotalInput), true)
+	if a.TotalCached > 0 || b.TotalCached > 0 {
+		add("total_cached_tokens", float64(a.TotalCached), float64(b.TotalCached), true)
+	}
 	add("total_output_tokens", float64(a.TotalOutput), float64(b.TotalOutput), true)
 	add("request_throughput", a.ReqTput, b.ReqTput, true)
 	if a.ReqGoodput != nil && b.ReqGoodput != nil {

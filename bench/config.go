@@ -72,6 +72,13 @@ type Config struct {
 	RandomInputLen   int
 	RandomOutputLen  int
 	RandomRangeRatio float64
+	// RandomPrefixLen, when positive, puts one fixed random prefix of this
+	// many tokens before every random prompt (--random-prefix-len, as in
+	// vLLM): for the completions API its token ids lead each prompt, for
+	// chat it is every request's system message. The prefix is drawn once
+	// from its own stream, so the prompts after it are those of a run
+	// without it; it is not subject to --random-range-ratio.
+	RandomPrefixLen int
 	// OutputLen, when positive, replaces every request's output length
 	// (--output-len), for any dataset.
 	OutputLen int
@@ -252,9 +259,15 @@ func (c *Config) Validate() error {
 		if c.RandomOutputLen <= 0 && c.OutputLen <= 0 {
 			return fmt.Errorf("--random-output-len %d: want at least 1", c.RandomOutputLen)
 		}
+		if c.RandomPrefixLen < 0 {
+			return fmt.Errorf("--random-prefix-len %d: must not be negative", c.RandomPrefixLen)
+		}
 	case "file", "sharegpt", "custom":
 		if c.DatasetPath == "" {
 			return fmt.Errorf("--dataset-name %s needs --dataset-path", c.DatasetName)
+		}
+		if c.RandomPrefixLen != 0 {
+			return fmt.Errorf("--random-prefix-len is for --dataset-name random, not %s", c.DatasetName)
 		}
 	default:
 		return fmt.Errorf("--dataset-name %q: want random or file", c.DatasetName)

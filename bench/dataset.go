@@ -8,6 +8,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"unicode/utf8"
 )
@@ -18,6 +19,9 @@ type Request struct {
 	// prompt. Exactly one is set.
 	PromptIDs []int
 	Text      string
+	// System, when set, is the chat API's system message, sent before the
+	// user message Text (the shared prefix of --random-prefix-len).
+	System string
 	// PromptLen is the prompt's length in tokens as far as the client
 	// knows it (exact for token ids, counted with --tokenizer-dir for text,
 	// else 0); a server's usage.prompt_tokens replaces it.
@@ -202,6 +206,7 @@ func newRand(seed int64, stream uint64) *rand.Rand {
 const (
 	streamDataset  = 1
 	streamArrivals = 2
+	streamPrefix   = 3
 )
 
 // FromEntries turns file entries into cfg.NumPrompts requests: the entries
@@ -266,10 +271,26 @@ func FromEntries(cfg *Config, entries []Entry, warn io.Writer) ([]Request, error
 // holds. For chat the prompt is text of common English words, one word per
 // token (counted exactly with a tokenizer; the chat template adds more,
 // which the server's usage.prompt_tokens reports).
+//
+// With RandomPrefixLen every request starts with the same random prefix of
+// that many tokens, drawn once: token ids before the prompt's for the
+// completions API, the system message for chat. PromptLen counts it.
 func RandomRequests(cfg *Config) []Request {
 	rng := newRand(cfg.Seed, streamDataset)
 	ids := randomVocab(cfg.Tokenizer)
 	wordLens := wordTokenLens(cfg.Tokenizer)
+	var (
+		prefixIDs  []int
+		prefixText string
+	)
+	if cfg.RandomPrefixLen > 0 {
+		prng := newRand(cfg.Seed, streamPrefix)
+		if cfg.Chat() {
+			prefixText, _ = randomText(prng, cfg.RandomPrefixLen, wordLens)
+		} else {
+			prefixIDs = randomIDs(prng, cfg.RandomPrefixLen, ids)
+		}
+	}
 	out := make([]Request, 0, cfg.NumPrompts)
 	for range cfg.NumPrompts {
 		in := drawLen(rng, cfg.RandomInputLen, cfg.RandomRangeRatio)
@@ -279,27 +300,43 @@ func RandomRequests(cfg *Config) []Request {
 		}
 		r := Request{OutputLen: outLen}
 		if cfg.Chat() {
-			var b strings.Builder
-			n := 0
-			for n < in {
-				w := rng.IntN(len(benchWords))
-				if b.Len() > 0 {
-					b.WriteByte(' ')
-				}
-				b.WriteString(benchWords[w])
-				n += wordLens[w]
+			r.Text, r.PromptLen = randomText(rng, in, wordLens)
+			if prefixText != "" {
+				r.System = prefixText
+				r.PromptLen += cfg.RandomPrefixLen
 			}
-			r.Text, r.PromptLen = b.String(), n
 		} else {
-			r.PromptIDs = make([]int, in)
-			for j := range r.PromptIDs {
-				r.PromptIDs[j] = ids[rng.IntN(len(ids))]
-			}
-			r.PromptLen = in
+			r.PromptIDs = append(slices.Clip(prefixIDs), randomIDs(rng, in, ids)...)
+			r.PromptLen = len(r.PromptIDs)
 		}
 		out = append(out, r)
 	}
 	return out
+}
+
+// randomIDs is n ids drawn uniformly from ids.
+func randomIDs(rng *rand.Rand, n int, ids []int) []int {
+	out := make([]int, n)
+	for j := range out {
+		out[j] = ids[rng.IntN(len(ids))]
+	}
+	return out
+}
+
+// randomText is words drawn from benchWords until they reach n tokens
+// (wordLens[i] is word i's length), and the number of tokens they make.
+func randomText(rng *rand.Rand, n int, wordLens []int) (string, int) {
+	var b strings.Builder
+	got := 0
+	for got < n {
+		w := rng.IntN(len(benchWords))
+		if b.Len() > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(benchWords[w])
+		got += wordLens[w]
+	}
+	return b.String(), got
 }
 
 // drawLen is a uniform integer in [floor(n·(1−r)), ceil(n·(1+r))], at least 1.

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"encoding/json"
 	"errors"
 	"slices"
 	"strings"
@@ -256,5 +257,84 @@ func TestRandomRequestsTokenizer(t *testing.T) {
 	r := RandomRequests(&cfg)[0]
 	if r.PromptLen < 50 || len(strings.Fields(r.Text)) >= 50 {
 		t.Errorf("chat prompt of %d words, counted %d tokens", len(strings.Fields(r.Text)), r.PromptLen)
+	}
+}
+
+// TestRandomPrefix: --random-prefix-len puts one fixed prefix before every
+// random prompt (token ids for completions, the system message for chat),
+// leaving the prompts after it as they are without it.
+func TestRandomPrefix(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NumPrompts, cfg.RandomInputLen, cfg.RandomOutputLen, cfg.Seed = 10, 30, 5, 7
+	cfg.RandomRangeRatio = 0.5
+	plain := RandomRequests(&cfg)
+	cfg.RandomPrefixLen = 40
+	rs := RandomRequests(&cfg)
+	prefix := rs[0].PromptIDs[:40]
+	for i, r := range rs {
+		if !slices.Equal(r.PromptIDs[:40], prefix) {
+			t.Fatalf("request %d: prefix differs", i)
+		}
+		if !slices.Equal(r.PromptIDs[40:], plain[i].PromptIDs) {
+			t.Errorf("request %d: the prompt after the prefix is not the one drawn without it", i)
+		}
+		if r.PromptLen != 40+len(plain[i].PromptIDs) || r.System != "" {
+			t.Errorf("request %d: prompt_len %d for %d ids, system %q", i, r.PromptLen, len(r.PromptIDs), r.System)
+		}
+	}
+	if slices.Equal(prefix, plain[0].PromptIDs[:min(40, len(plain[0].PromptIDs))]) {
+		t.Error("the prefix repeats the first prompt: drawn from the prompts' stream")
+	}
+	cfg.Seed = 8
+	if other := RandomRequests(&cfg); slices.Equal(other[0].PromptIDs[:40], prefix) {
+		t.Error("another seed gives the same prefix")
+	}
+
+	cfg.Seed = 7
+	cfg.Endpoint = "/v1/chat/completions"
+	cfg.RandomPrefixLen = 0
+	plain = RandomRequests(&cfg)
+	cfg.RandomPrefixLen = 40
+	rs = RandomRequests(&cfg)
+	for i, r := range rs {
+		if r.System != rs[0].System || len(strings.Fields(r.System)) != 40 {
+			t.Fatalf("request %d: system message of %d words, or not shared", i, len(strings.Fields(r.System)))
+		}
+		if r.Text != plain[i].Text || r.PromptLen != plain[i].PromptLen+40 {
+			t.Errorf("request %d: user message changed, or prompt_len %d for %d+40", i, r.PromptLen, plain[i].PromptLen)
+		}
+	}
+	c := &client{model: "m", cfg: &cfg}
+	b, err := c.body(&rs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body struct {
+		Messages []struct{ Role, Content string }
+	}
+	if err := json.Unmarshal(b, &body); err != nil {
+		t.Fatal(err)
+	}
+	if len(body.Messages) != 2 || body.Messages[0].Role != "system" || body.Messages[0].Content != rs[0].System ||
+		body.Messages[1].Role != "user" || body.Messages[1].Content != rs[0].Text {
+		t.Errorf("chat messages: %+v", body.Messages)
+	}
+	if b, _ := c.body(&plain[0]); strings.Contains(string(b), `"system"`) {
+		t.Errorf("a request without a prefix sends a system message: %s", b)
+	}
+
+	for _, tc := range []struct {
+		mod  func(*Config)
+		want string
+	}{
+		{func(c *Config) { c.RandomPrefixLen = -1 }, "--random-prefix-len -1"},
+		{func(c *Config) { c.DatasetName, c.DatasetPath = "file", "x.jsonl" }, "--random-prefix-len is for --dataset-name random"},
+	} {
+		c := DefaultConfig()
+		c.RandomPrefixLen = 10
+		tc.mod(&c)
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Validate: %v, want %q", err, tc.want)
+		}
 	}
 }

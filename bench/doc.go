@@ -16,6 +16,13 @@
 //     usage.completion_tokens (requested with stream_options.include_usage),
 //     else counted from the stream.
 //
+// The random dataset takes vLLM's --random-prefix-len N: one fixed random
+// prefix of N tokens, drawn once, before every random prompt (token ids
+// for the completions API, every request's system message for chat), the
+// workload of a shared system prompt for measuring prefix caching. When
+// the server reports usage.prompt_tokens_details.cached_tokens, the result
+// totals it (total_cached_tokens).
+//
 // One deliberate difference: vLLM also counts events that carry no token
 // (the chat API's opening role event and the closing finish_reason event)
 // as tokens for TTFT and ITL; this package does not, so its ITLs are the

@@ -365,6 +365,31 @@ func TestServeChatDuration(t *testing.T) {
 	}
 }
 
+// TestServeRandomPrefix: chat requests sharing a --random-prefix-len
+// system message, one at a time, against serve (prefix caching on by
+// default): the server reports the shared blocks as cached tokens, which
+// the result totals.
+func TestServeRandomPrefix(t *testing.T) {
+	_, url := server(t)
+	cfg := DefaultConfig()
+	cfg.BaseURL, cfg.Endpoint = url, "/v1/chat/completions"
+	cfg.NumPrompts, cfg.RandomInputLen, cfg.RandomOutputLen = 3, 8, 2
+	cfg.RandomPrefixLen, cfg.MaxConcurrency = 64, 1
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRun(t, r, 3, 0, 2)
+	if r.RandomPrefixLen != 64 {
+		t.Errorf("random_prefix_len %d", r.RandomPrefixLen)
+	}
+	// The later two requests find at least the prefix's full blocks
+	// (block size 16, the chat template's tokens before it aside).
+	if r.TotalCached < 2*48 || r.TotalCached >= r.TotalInput {
+		t.Errorf("total_cached_tokens %d of %d input tokens: want the shared prefix's blocks twice", r.TotalCached, r.TotalInput)
+	}
+}
+
 // TestCompareCLI saves two runs and compares them through the binary.
 func TestCompareCLI(t *testing.T) {
 	bin, url := server(t)

@@ -54,6 +54,7 @@ func compute(r *Result, outs []outcome, dur float64, goodput map[string]float64,
 		r.Completed++
 		r.OutputLens[i] = o.outputLen
 		r.TotalInput += o.promptLen
+		r.TotalCached += o.cachedLen
 		r.TotalOutput += o.outputLen
 		tpot, ok := TPOT(o.latency, o.ttft, o.outputLen)
 		if ok {

@@ -246,6 +246,9 @@ func WriteReport(w io.Writer, r *Result) error {
 	row("Failed requests", fmt.Sprint(r.Failed))
 	row("Benchmark duration (s)", fmtNum(r.Duration))
 	row("Total input tokens", fmt.Sprint(r.TotalInput))
+	if r.TotalCached > 0 {
+		row("Total cached input tokens", fmt.Sprint(r.TotalCached))
+	}
 	row("Total generated tokens", fmt.Sprint(r.TotalOutput))
 	row("Request throughput (req/s)", fmtNum(r.ReqTput))
 	if r.ReqGoodput != nil {

@@ -55,6 +55,7 @@ type outcome struct {
 	chunkTokens []int
 	promptLen   int
 	outputLen   int
+	cachedLen   int // usage.prompt_tokens_details.cached_tokens
 	err         string
 	kind        string // "" when the request succeeded
 	canceled    bool   // the run was cancelled under it; not counted
@@ -83,8 +84,11 @@ type streamChoice struct {
 type streamEvent struct {
 	Choices []streamChoice `json:"choices"`
 	Usage   *struct {
-		PromptTokens     *int `json:"prompt_tokens"`
-		CompletionTokens *int `json:"completion_tokens"`
+		PromptTokens        *int `json:"prompt_tokens"`
+		CompletionTokens    *int `json:"completion_tokens"`
+		PromptTokensDetails *struct {
+			CachedTokens *int `json:"cached_tokens"`
+		} `json:"prompt_tokens_details"`
 	} `json:"usage"`
 	Error json.RawMessage `json:"error"`
 }
@@ -97,7 +101,11 @@ func (c *client) body(r *Request) ([]byte, error) {
 		"stream_options": map[string]any{"include_usage": true},
 	}
 	if c.cfg.Chat() {
-		m["messages"] = []map[string]string{{"role": "user", "content": r.Text}}
+		msgs := []map[string]string{{"role": "user", "content": r.Text}}
+		if r.System != "" {
+			msgs = append([]map[string]string{{"role": "system", "content": r.System}}, msgs...)
+		}
+		m["messages"] = msgs
 		// vLLM sends max_completion_tokens; servers that predate it read
 		// max_tokens.
 		m["max_completion_tokens"] = r.OutputLen
@@ -213,6 +221,9 @@ func (c *client) do(ctx context.Context, r *Request) (o outcome) {
 			}
 			if e.Usage.PromptTokens != nil {
 				o.promptLen = *e.Usage.PromptTokens
+			}
+			if d := e.Usage.PromptTokensDetails; d != nil && d.CachedTokens != nil {
+				o.cachedLen = *d.CachedTokens
 			}
 		}
 		if len(e.Choices) == 0 {

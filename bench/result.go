@@ -55,9 +55,14 @@ type Result struct {
 	Stats map[string]float64 `json:"-"`
 
 	// Ours.
-	Endpoint          string             `json:"endpoint"`
-	BaseURL           string             `json:"base_url"`
-	DatasetName       string             `json:"dataset_name"`
+	Endpoint        string `json:"endpoint"`
+	BaseURL         string `json:"base_url"`
+	DatasetName     string `json:"dataset_name"`
+	RandomPrefixLen int    `json:"random_prefix_len,omitempty"`
+	// TotalCached is how many input tokens of the completed requests the
+	// server took from its prefix cache, by its
+	// usage.prompt_tokens_details.cached_tokens (0 when it says nothing).
+	TotalCached       int                `json:"total_cached_tokens"`
 	IgnoreEOS         bool               `json:"ignore_eos"`
 	Seed              int64              `json:"seed"`
 	DurationLimit     float64            `json:"duration_limit_s,omitempty"` // --duration

@@ -124,6 +124,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		Endpoint:          cfg.Endpoint,
 		BaseURL:           root,
 		DatasetName:       cfg.DatasetName,
+		RandomPrefixLen:   cfg.RandomPrefixLen,
 		IgnoreEOS:         cfg.IgnoreEOS,
 		Seed:              cfg.Seed,
 		DurationLimit:     cfg.Duration.Seconds(),

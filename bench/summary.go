@@ -54,6 +54,9 @@ func WriteSummary(w io.Writer, r *Result) {
 	}
 	line("Benchmark duration (s):", r.Duration)
 	line("Total input tokens:", r.TotalInput)
+	if r.TotalCached > 0 {
+		line("Total cached input tokens:", r.TotalCached)
+	}
 	line("Total generated tokens:", r.TotalOutput)
 	line("Request throughput (req/s):", r.ReqTput)
 	if r.ReqGoodput != nil {

@@ -63,6 +63,7 @@ flags:
 	fs.IntVar(&cfg.RandomInputLen, "input-len", cfg.RandomInputLen, "same as --random-input-len")
 	fs.IntVar(&cfg.RandomOutputLen, "random-output-len", cfg.RandomOutputLen, "random dataset: output tokens (max_tokens)")
 	fs.Float64Var(&cfg.RandomRangeRatio, "random-range-ratio", 0, "random dataset: lengths drawn uniformly from [len*(1-r), len*(1+r)], r in [0, 1)")
+	fs.IntVar(&cfg.RandomPrefixLen, "random-prefix-len", 0, "random dataset: a fixed random prefix of this many tokens before every prompt (chat: the system message), shared by all requests")
 	fs.IntVar(&cfg.OutputLen, "output-len", 0, "output tokens of every request, whatever the dataset says (0: the dataset's)")
 	fs.Int64Var(&cfg.Seed, "seed", 0, "seed of prompts, lengths and arrival times")
 	tokDir := fs.String("tokenizer-dir", "", "model directory whose tokenizer counts text tokens (optional)")
