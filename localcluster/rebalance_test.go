@@ -15,6 +15,8 @@ import (
 
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
+	"github.com/prometheus/common/expfmt"
+	prommodel "github.com/prometheus/common/model"
 )
 
 // The load-balancing acceptance test (issue 12): a skewed model (tiny-v2
@@ -107,11 +109,57 @@ func totalServed(v clusterView) float64 {
 	return sum
 }
 
+// scrapeServed reads the tokens each expert node served per MoE layer
+// straight from the attention nodes' ops /metrics
+// (expertmesh_attn_served_tokens_total{layer,expert_node}, summed over
+// attention nodes): the counts of this moment, where /v1/cluster's lag by
+// up to a load-report interval and would mix traffic of the placement
+// before a switch into a phase after it.
+func scrapeServed(t *testing.T, c *Cluster) map[int]map[string]float64 {
+	t.Helper()
+	out := map[int]map[string]float64{}
+	for _, ch := range c.Children() {
+		if ch.Role != "attn" {
+			continue
+		}
+		resp, err := http.Get("http://" + ch.OpsAddr + "/metrics")
+		if err != nil {
+			t.Fatalf("%s /metrics: %v", ch.Name, err)
+		}
+		p := expfmt.NewTextParser(prommodel.UTF8Validation)
+		fams, err := p.TextToMetricFamilies(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatalf("%s /metrics: %v", ch.Name, err)
+		}
+		fam := fams["expertmesh_attn_served_tokens_total"]
+		if fam == nil {
+			t.Fatalf("%s /metrics has no expertmesh_attn_served_tokens_total", ch.Name)
+		}
+		for _, m := range fam.GetMetric() {
+			var layer int
+			var node string
+			for _, lp := range m.GetLabel() {
+				switch lp.GetName() {
+				case "layer":
+					fmt.Sscan(lp.GetValue(), &layer)
+				case "expert_node":
+					node = lp.GetValue()
+				}
+			}
+			if out[layer] == nil {
+				out[layer] = map[string]float64{}
+			}
+			out[layer][node] += m.GetCounter().GetValue()
+		}
+	}
+	return out
+}
+
 // servedImbalance is issue 12's imbalance of the tokens served between
 // two readings: per layer max over nodes / mean over nodes (nodes: those
 // of the later reading), and the mean weighted by each layer's tokens.
-func servedImbalance(before, after clusterView) (perLayer map[int]float64, weighted float64, detail string) {
-	b, a := served(before), served(after)
+func servedImbalance(b, a map[int]map[string]float64) (perLayer map[int]float64, weighted float64, detail string) {
 	perLayer = map[int]float64{}
 	var sw, swi float64
 	var parts []string
@@ -235,15 +283,17 @@ func TestRebalanceSkewedLoad(t *testing.T) {
 	// Before: the uniform placement under the skewed load, once the
 	// attention node has reported plenty of it.
 	start, _ := readCluster(c.URL)
+	startServed := scrapeServed(t, c)
 	beganBefore := time.Now()
 	l.waitProgress(t, beganBefore, rebalancePhase, 2*time.Minute)
+	beforeServed := scrapeServed(t, c)
 	var before clusterView
 	eventually(t, "a load report covering the before phase", time.Minute, func() bool {
 		v, ok := readCluster(c.URL)
 		before = v
 		return ok && v.ControlPlane.Load != nil && totalServed(v) > totalServed(start)
 	})
-	_, imbBefore, detailBefore := servedImbalance(start, before)
+	_, imbBefore, detailBefore := servedImbalance(startServed, beforeServed)
 	reported := before.ControlPlane.Load.ImbalanceWeighted
 	from := before.ControlPlane.Active
 
@@ -263,19 +313,20 @@ func TestRebalanceSkewedLoad(t *testing.T) {
 	// After: a fresh phase under the new placement.
 	l.waitProgress(t, activated, chaosStreams, time.Minute) // requests that began before the switch are out of the way
 	mark, _ := readCluster(c.URL)
+	markServed := scrapeServed(t, c)
 	beganAfter := time.Now()
 	l.waitProgress(t, beganAfter, rebalancePhase, 2*time.Minute)
+	afterServed := scrapeServed(t, c)
 	var after clusterView
 	eventually(t, "a load report covering the after phase", time.Minute, func() bool {
 		v, ok := readCluster(c.URL)
 		after = v
-		_, w, _ := servedImbalance(mark, v)
-		return ok && w > 0
+		return ok && totalServed(v) > totalServed(mark)
 	})
 	endAfter := time.Now()
 	res := l.finish()
 
-	perAfter, imbAfter, detailAfter := servedImbalance(mark, after)
+	perAfter, imbAfter, detailAfter := servedImbalance(markServed, afterServed)
 	tpBefore, nBefore := throughput(res, beganBefore, trigger)
 	tpDuring, nDuring := throughput(res, trigger.Add(-time.Second), activated.Add(time.Second))
 	med, worst := latencies(res, trigger, activated)
