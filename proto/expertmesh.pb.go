@@ -156,7 +156,9 @@ type DispatchRequest struct {
 	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	// layer is the decoder layer index; it must be an MoE layer.
 	Layer uint32 `protobuf:"varint,2,opt,name=layer,proto3" json:"layer,omitempty"`
-	// hidden is [n, hidden_size] F32: the post-attention-norm rows.
+	// hidden is [n, hidden_size] F32 or BF16: the post-attention-norm rows.
+	// The node computes in F32 whatever the wire dtype (BF16 widens
+	// exactly).
 	Hidden *Tensor `protobuf:"bytes,3,opt,name=hidden,proto3" json:"hidden,omitempty"`
 	// k is the number of (expert, weight) slots per row.
 	K uint32 `protobuf:"varint,4,opt,name=k,proto3" json:"k,omitempty"`
@@ -176,8 +178,13 @@ type DispatchRequest struct {
 	// (an expert the version assigns here that the node no longer holds:
 	// the sender refreshes its placement and retries).
 	PlacementVersion uint64 `protobuf:"varint,8,opt,name=placement_version,json=placementVersion,proto3" json:"placement_version,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// partial_dtype is the dtype the sender wants the partial rows in:
+	// DTYPE_UNSPECIFIED or DTYPE_F32 for F32, DTYPE_BF16 for BF16 (rounded
+	// to nearest even once, after the node's F32 sum). A node that predates
+	// the field ignores it and answers F32, which every sender accepts.
+	PartialDtype  DType `protobuf:"varint,9,opt,name=partial_dtype,json=partialDtype,proto3,enum=expertmesh.v1.DType" json:"partial_dtype,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DispatchRequest) Reset() {
@@ -266,12 +273,20 @@ func (x *DispatchRequest) GetPlacementVersion() uint64 {
 	return 0
 }
 
+func (x *DispatchRequest) GetPartialDtype() DType {
+	if x != nil {
+		return x.PartialDtype
+	}
+	return DType_DTYPE_UNSPECIFIED
+}
+
 // DispatchResponse is one pre-summed partial row per input row:
 // partial[i] = sum_j gate_weights[i*k+j] * Expert_{expert_ids[i*k+j]}(hidden[i]).
 type DispatchResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	// partial is [n, hidden_size] F32. Absent when code != 0.
+	// partial is [n, hidden_size] in the request's partial_dtype (F32 when
+	// unspecified). Absent when code != 0.
 	Partial *Tensor `protobuf:"bytes,2,opt,name=partial,proto3" json:"partial,omitempty"`
 	// code is a google.rpc.Code value (0 = OK); message explains a failure.
 	Code    int32  `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"`
@@ -1536,7 +1551,7 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\x06Tensor\x12*\n" +
 	"\x05dtype\x18\x01 \x01(\x0e2\x14.expertmesh.v1.DTypeR\x05dtype\x12\x14\n" +
 	"\x05shape\x18\x02 \x03(\x03R\x05shape\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\fR\x04data\"\x83\x03\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"\xbe\x03\n" +
 	"\x0fDispatchRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12-\n" +
@@ -1546,7 +1561,8 @@ const file_expertmesh_proto_rawDesc = "" +
 	"expert_ids\x18\x05 \x03(\x05B\x02\x10\x01R\texpertIds\x12%\n" +
 	"\fgate_weights\x18\x06 \x03(\x02B\x02\x10\x01R\vgateWeights\x12U\n" +
 	"\rtrace_context\x18\a \x03(\v20.expertmesh.v1.DispatchRequest.TraceContextEntryR\ftraceContext\x12+\n" +
-	"\x11placement_version\x18\b \x01(\x04R\x10placementVersion\x1a?\n" +
+	"\x11placement_version\x18\b \x01(\x04R\x10placementVersion\x129\n" +
+	"\rpartial_dtype\x18\t \x01(\x0e2\x14.expertmesh.v1.DTypeR\fpartialDtype\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa0\x01\n" +
@@ -1710,35 +1726,36 @@ var file_expertmesh_proto_depIdxs = []int32{
 	0,  // 0: expertmesh.v1.Tensor.dtype:type_name -> expertmesh.v1.DType
 	1,  // 1: expertmesh.v1.DispatchRequest.hidden:type_name -> expertmesh.v1.Tensor
 	20, // 2: expertmesh.v1.DispatchRequest.trace_context:type_name -> expertmesh.v1.DispatchRequest.TraceContextEntry
-	1,  // 3: expertmesh.v1.DispatchResponse.partial:type_name -> expertmesh.v1.Tensor
-	4,  // 4: expertmesh.v1.LoadRequest.experts:type_name -> expertmesh.v1.ExpertRange
-	4,  // 5: expertmesh.v1.DropRequest.experts:type_name -> expertmesh.v1.ExpertRange
-	4,  // 6: expertmesh.v1.ExpertStatus.experts:type_name -> expertmesh.v1.ExpertRange
-	21, // 7: expertmesh.v1.ExpertStatus.rows_served:type_name -> expertmesh.v1.ExpertStatus.RowsServedEntry
-	11, // 8: expertmesh.v1.SeqWork.sampling:type_name -> expertmesh.v1.SamplingParams
-	12, // 9: expertmesh.v1.StepRequest.work:type_name -> expertmesh.v1.SeqWork
-	22, // 10: expertmesh.v1.StepRequest.trace_context:type_name -> expertmesh.v1.StepRequest.TraceContextEntry
-	14, // 11: expertmesh.v1.TokenLogprob.top:type_name -> expertmesh.v1.TopLogprob
-	15, // 12: expertmesh.v1.SeqResult.logprob:type_name -> expertmesh.v1.TokenLogprob
-	15, // 13: expertmesh.v1.SeqResult.prompt_logprobs:type_name -> expertmesh.v1.TokenLogprob
-	16, // 14: expertmesh.v1.StepResponse.results:type_name -> expertmesh.v1.SeqResult
-	2,  // 15: expertmesh.v1.ExpertService.Dispatch:input_type -> expertmesh.v1.DispatchRequest
-	5,  // 16: expertmesh.v1.ExpertService.Load:input_type -> expertmesh.v1.LoadRequest
-	7,  // 17: expertmesh.v1.ExpertService.Drop:input_type -> expertmesh.v1.DropRequest
-	9,  // 18: expertmesh.v1.ExpertService.Status:input_type -> expertmesh.v1.StatusRequest
-	13, // 19: expertmesh.v1.AttentionService.Step:input_type -> expertmesh.v1.StepRequest
-	18, // 20: expertmesh.v1.AttentionService.Info:input_type -> expertmesh.v1.InfoRequest
-	3,  // 21: expertmesh.v1.ExpertService.Dispatch:output_type -> expertmesh.v1.DispatchResponse
-	6,  // 22: expertmesh.v1.ExpertService.Load:output_type -> expertmesh.v1.LoadResponse
-	8,  // 23: expertmesh.v1.ExpertService.Drop:output_type -> expertmesh.v1.DropResponse
-	10, // 24: expertmesh.v1.ExpertService.Status:output_type -> expertmesh.v1.ExpertStatus
-	17, // 25: expertmesh.v1.AttentionService.Step:output_type -> expertmesh.v1.StepResponse
-	19, // 26: expertmesh.v1.AttentionService.Info:output_type -> expertmesh.v1.NodeInfo
-	21, // [21:27] is the sub-list for method output_type
-	15, // [15:21] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	0,  // 3: expertmesh.v1.DispatchRequest.partial_dtype:type_name -> expertmesh.v1.DType
+	1,  // 4: expertmesh.v1.DispatchResponse.partial:type_name -> expertmesh.v1.Tensor
+	4,  // 5: expertmesh.v1.LoadRequest.experts:type_name -> expertmesh.v1.ExpertRange
+	4,  // 6: expertmesh.v1.DropRequest.experts:type_name -> expertmesh.v1.ExpertRange
+	4,  // 7: expertmesh.v1.ExpertStatus.experts:type_name -> expertmesh.v1.ExpertRange
+	21, // 8: expertmesh.v1.ExpertStatus.rows_served:type_name -> expertmesh.v1.ExpertStatus.RowsServedEntry
+	11, // 9: expertmesh.v1.SeqWork.sampling:type_name -> expertmesh.v1.SamplingParams
+	12, // 10: expertmesh.v1.StepRequest.work:type_name -> expertmesh.v1.SeqWork
+	22, // 11: expertmesh.v1.StepRequest.trace_context:type_name -> expertmesh.v1.StepRequest.TraceContextEntry
+	14, // 12: expertmesh.v1.TokenLogprob.top:type_name -> expertmesh.v1.TopLogprob
+	15, // 13: expertmesh.v1.SeqResult.logprob:type_name -> expertmesh.v1.TokenLogprob
+	15, // 14: expertmesh.v1.SeqResult.prompt_logprobs:type_name -> expertmesh.v1.TokenLogprob
+	16, // 15: expertmesh.v1.StepResponse.results:type_name -> expertmesh.v1.SeqResult
+	2,  // 16: expertmesh.v1.ExpertService.Dispatch:input_type -> expertmesh.v1.DispatchRequest
+	5,  // 17: expertmesh.v1.ExpertService.Load:input_type -> expertmesh.v1.LoadRequest
+	7,  // 18: expertmesh.v1.ExpertService.Drop:input_type -> expertmesh.v1.DropRequest
+	9,  // 19: expertmesh.v1.ExpertService.Status:input_type -> expertmesh.v1.StatusRequest
+	13, // 20: expertmesh.v1.AttentionService.Step:input_type -> expertmesh.v1.StepRequest
+	18, // 21: expertmesh.v1.AttentionService.Info:input_type -> expertmesh.v1.InfoRequest
+	3,  // 22: expertmesh.v1.ExpertService.Dispatch:output_type -> expertmesh.v1.DispatchResponse
+	6,  // 23: expertmesh.v1.ExpertService.Load:output_type -> expertmesh.v1.LoadResponse
+	8,  // 24: expertmesh.v1.ExpertService.Drop:output_type -> expertmesh.v1.DropResponse
+	10, // 25: expertmesh.v1.ExpertService.Status:output_type -> expertmesh.v1.ExpertStatus
+	17, // 26: expertmesh.v1.AttentionService.Step:output_type -> expertmesh.v1.StepResponse
+	19, // 27: expertmesh.v1.AttentionService.Info:output_type -> expertmesh.v1.NodeInfo
+	22, // [22:28] is the sub-list for method output_type
+	16, // [16:22] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_expertmesh_proto_init() }

@@ -30,7 +30,8 @@ func TestCheckMatrixRejects(t *testing.T) {
 	good := func() *meshpb.Tensor { return F32Matrix(make([]float32, 6), 2, 3) }
 	cases := map[string]*meshpb.Tensor{
 		"nil":        nil,
-		"dtype":      func() *meshpb.Tensor { x := good(); x.Dtype = meshpb.DType_DTYPE_BF16; return x }(),
+		"dtype":      func() *meshpb.Tensor { x := good(); x.Dtype = meshpb.DType_DTYPE_UNSPECIFIED; return x }(),
+		"bf16 size":  func() *meshpb.Tensor { x := good(); x.Dtype = meshpb.DType_DTYPE_BF16; return x }(),
 		"rank":       func() *meshpb.Tensor { x := good(); x.Shape = []int64{6}; return x }(),
 		"cols":       func() *meshpb.Tensor { x := good(); x.Shape = []int64{3, 2}; return x }(),
 		"zero rows":  func() *meshpb.Tensor { x := good(); x.Shape = []int64{0, 3}; x.Data = nil; return x }(),

@@ -1,0 +1,413 @@
+package wire
+
+import (
+	"fmt"
+	"math"
+	"unicode/utf8"
+
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/protoadapt"
+
+	meshpb "github.com/expertmesh/expertmesh/proto"
+)
+
+// Codec is gRPC's "proto" codec with the Dispatch stream's two messages
+// decoded into the caller's message in place, reusing what it already
+// points at. proto.Unmarshal copies every bytes field into a new slice
+// and Recv allocates a new message per call, so a receiver of a 32-row
+// dispatch would allocate ~256 KiB per message; with Codec, a receiver
+// that passes the same *DispatchRequest or *DispatchResponse to RecvMsg
+// again and again allocates nothing once its buffers have grown:
+// hidden/partial data, shape, expert ids and gate weights are appended
+// into the existing slices, the Tensor is reused, the trace-context map is
+// cleared and refilled (its strings are new: tracing on costs them).
+//
+// Semantics match proto.Unmarshal into a fresh message except that
+// unknown fields are skipped rather than kept (nothing re-marshals these
+// messages) and that a reused message keeps spare capacity. Every other
+// message goes to the standard codec unchanged; marshalling is the
+// standard codec's, except that every message, small ones too, is
+// marshalled into a buffer of Pool.
+//
+// The wire format is protobuf's: peers that use the standard codec
+// interoperate. rpc.NewServer and rpc.DialOptions install it.
+type Codec struct{}
+
+var _ encoding.CodecV2 = Codec{}
+
+// Name is "proto": Codec replaces the standard codec without changing
+// the content-subtype peers see.
+func (Codec) Name() string { return "proto" }
+
+// Marshal is the standard codec's, with every message in a buffer of Pool.
+func (Codec) Marshal(v any) (mem.BufferSlice, error) {
+	m := messageOf(v)
+	if m == nil {
+		return nil, fmt.Errorf("wire: cannot marshal %T: not a proto message", v)
+	}
+	size := proto.Size(m)
+	pool := Pool
+	buf := pool.Get(size)
+	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend((*buf)[:0], m)
+	if err != nil {
+		pool.Put(buf)
+		return nil, err
+	}
+	*buf = b
+	return mem.BufferSlice{mem.NewBuffer(buf, pool)}, nil
+}
+
+// Unmarshal decodes DispatchRequest and DispatchResponse in place and
+// everything else with proto.Unmarshal.
+func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
+	buf := data.MaterializeToBuffer(Pool)
+	defer buf.Free()
+	b := buf.ReadOnlyData()
+	switch m := v.(type) {
+	case *meshpb.DispatchRequest:
+		return UnmarshalRequest(b, m)
+	case *meshpb.DispatchResponse:
+		return UnmarshalResponse(b, m)
+	}
+	m := messageOf(v)
+	if m == nil {
+		return fmt.Errorf("wire: cannot unmarshal into %T: not a proto message", v)
+	}
+	return proto.Unmarshal(b, m)
+}
+
+func messageOf(v any) proto.Message {
+	switch v := v.(type) {
+	case protoadapt.MessageV2:
+		return v
+	case protoadapt.MessageV1:
+		return protoadapt.MessageV2Of(v)
+	}
+	return nil
+}
+
+var errDecode = fmt.Errorf("wire: malformed protobuf")
+
+// UnmarshalRequest decodes b into m, reusing m's slices, map and Hidden
+// tensor (see Codec). On error m is left partly decoded.
+func UnmarshalRequest(b []byte, m *meshpb.DispatchRequest) error {
+	hidden := m.Hidden
+	ids, weights, tc := m.ExpertIds[:0], m.GateWeights[:0], m.TraceContext
+	clear(tc)
+	m.Reset()
+	m.ExpertIds, m.GateWeights = ids, weights
+	seenHidden, seenTrace := false, false
+	for len(b) > 0 {
+		num, typ, n := consumeTag(b)
+		if n < 0 {
+			return errDecode
+		}
+		b = b[n:]
+		switch {
+		case num == 1 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.Id, b = v, b[n:]
+		case num == 2 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.Layer, b = uint32(v), b[n:]
+		case num == 3 && typ == protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return errDecode
+			}
+			if hidden == nil {
+				hidden = new(meshpb.Tensor)
+			}
+			if err := unmarshalTensor(v, hidden, !seenHidden); err != nil {
+				return err
+			}
+			seenHidden, b = true, b[n:]
+		case num == 4 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.K, b = uint32(v), b[n:]
+		case num == 5:
+			var err error
+			if m.ExpertIds, n, err = consumeInt32s(b, num, typ, m.ExpertIds); err != nil {
+				return err
+			}
+			b = b[n:]
+		case num == 6:
+			var err error
+			if m.GateWeights, n, err = consumeFloats(b, num, typ, m.GateWeights); err != nil {
+				return err
+			}
+			b = b[n:]
+		case num == 7 && typ == protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return errDecode
+			}
+			if tc == nil {
+				tc = map[string]string{}
+			}
+			if err := consumeMapEntry(v, tc); err != nil {
+				return err
+			}
+			seenTrace, b = true, b[n:]
+		case num == 8 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.PlacementVersion, b = v, b[n:]
+		case num == 9 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.PartialDtype, b = meshpb.DType(int32(v)), b[n:]
+		default:
+			n := protowire.ConsumeFieldValue(num, typ, b)
+			if n < 0 {
+				return errDecode
+			}
+			b = b[n:]
+		}
+	}
+	if seenHidden {
+		m.Hidden = hidden
+	}
+	if seenTrace {
+		m.TraceContext = tc
+	}
+	return nil
+}
+
+// UnmarshalResponse decodes b into m, reusing m's Partial tensor and its
+// buffers (see Codec). Partial is nil afterwards when b has none; a
+// caller that wants to keep reusing the tensor holds on to it.
+func UnmarshalResponse(b []byte, m *meshpb.DispatchResponse) error {
+	part := m.Partial
+	m.Reset()
+	seenPart := false
+	for len(b) > 0 {
+		num, typ, n := consumeTag(b)
+		if n < 0 {
+			return errDecode
+		}
+		b = b[n:]
+		switch {
+		case num == 1 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.Id, b = v, b[n:]
+		case num == 2 && typ == protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return errDecode
+			}
+			if part == nil {
+				part = new(meshpb.Tensor)
+			}
+			if err := unmarshalTensor(v, part, !seenPart); err != nil {
+				return err
+			}
+			seenPart, b = true, b[n:]
+		case num == 3 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.Code, b = int32(v), b[n:]
+		case num == 4 && typ == protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 || !utf8.Valid(v) {
+				return errDecode
+			}
+			m.Message, b = string(v), b[n:]
+		case num == 5 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			m.ComputeUs, b = v, b[n:]
+		default:
+			n := protowire.ConsumeFieldValue(num, typ, b)
+			if n < 0 {
+				return errDecode
+			}
+			b = b[n:]
+		}
+	}
+	if seenPart {
+		m.Partial = part
+	}
+	return nil
+}
+
+// unmarshalTensor decodes b into t: reset first when fresh, merged into
+// what an earlier occurrence of the same field decoded otherwise (proto's
+// rule for a repeated message field: scalars replaced, repeated appended).
+func unmarshalTensor(b []byte, t *meshpb.Tensor, fresh bool) error {
+	if fresh {
+		shape, data := t.Shape[:0], t.Data[:0]
+		t.Reset()
+		t.Shape, t.Data = shape, data
+	}
+	for len(b) > 0 {
+		num, typ, n := consumeTag(b)
+		if n < 0 {
+			return errDecode
+		}
+		b = b[n:]
+		switch {
+		case num == 1 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			t.Dtype, b = meshpb.DType(int32(v)), b[n:]
+		case num == 2 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return errDecode
+			}
+			t.Shape, b = append(t.Shape, int64(v)), b[n:]
+		case num == 2 && typ == protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return errDecode
+			}
+			for len(v) > 0 {
+				x, k := protowire.ConsumeVarint(v)
+				if k < 0 {
+					return errDecode
+				}
+				t.Shape, v = append(t.Shape, int64(x)), v[k:]
+			}
+			b = b[n:]
+		case num == 3 && typ == protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return errDecode
+			}
+			t.Data, b = append(t.Data[:0], v...), b[n:]
+		default:
+			n := protowire.ConsumeFieldValue(num, typ, b)
+			if n < 0 {
+				return errDecode
+			}
+			b = b[n:]
+		}
+	}
+	return nil
+}
+
+// consumeInt32s appends a repeated int32 field's value (packed or one
+// element) to s and returns the bytes consumed.
+func consumeInt32s(b []byte, num protowire.Number, typ protowire.Type, s []int32) ([]int32, int, error) {
+	switch typ {
+	case protowire.VarintType:
+		v, n := protowire.ConsumeVarint(b)
+		if n < 0 {
+			return s, 0, errDecode
+		}
+		return append(s, int32(v)), n, nil
+	case protowire.BytesType:
+		v, n := protowire.ConsumeBytes(b)
+		if n < 0 {
+			return s, 0, errDecode
+		}
+		for len(v) > 0 {
+			x, k := protowire.ConsumeVarint(v)
+			if k < 0 {
+				return s, 0, errDecode
+			}
+			s, v = append(s, int32(x)), v[k:]
+		}
+		return s, n, nil
+	}
+	n := protowire.ConsumeFieldValue(num, typ, b)
+	if n < 0 {
+		return s, 0, errDecode
+	}
+	return s, n, nil
+}
+
+// consumeFloats is consumeInt32s for a repeated float field.
+func consumeFloats(b []byte, num protowire.Number, typ protowire.Type, s []float32) ([]float32, int, error) {
+	switch typ {
+	case protowire.Fixed32Type:
+		v, n := protowire.ConsumeFixed32(b)
+		if n < 0 {
+			return s, 0, errDecode
+		}
+		return append(s, math.Float32frombits(v)), n, nil
+	case protowire.BytesType:
+		v, n := protowire.ConsumeBytes(b)
+		if n < 0 || len(v)%4 != 0 {
+			return s, 0, errDecode
+		}
+		for ; len(v) > 0; v = v[4:] {
+			x, _ := protowire.ConsumeFixed32(v)
+			s = append(s, math.Float32frombits(x))
+		}
+		return s, n, nil
+	}
+	n := protowire.ConsumeFieldValue(num, typ, b)
+	if n < 0 {
+		return s, 0, errDecode
+	}
+	return s, n, nil
+}
+
+// consumeMapEntry decodes one map<string, string> entry into m.
+func consumeMapEntry(b []byte, m map[string]string) error {
+	var key, val string
+	for len(b) > 0 {
+		num, typ, n := consumeTag(b)
+		if n < 0 {
+			return errDecode
+		}
+		b = b[n:]
+		if (num == 1 || num == 2) && typ == protowire.BytesType {
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 || !utf8.Valid(v) {
+				return errDecode
+			}
+			if num == 1 {
+				key = string(v)
+			} else {
+				val = string(v)
+			}
+			b = b[n:]
+			continue
+		}
+		n = protowire.ConsumeFieldValue(num, typ, b)
+		if n < 0 {
+			return errDecode
+		}
+		b = b[n:]
+	}
+	m[key] = val
+	return nil
+}
+
+// consumeTag is protowire.ConsumeTag refusing field numbers beyond
+// protobuf's range, as proto.Unmarshal does.
+func consumeTag(b []byte) (protowire.Number, protowire.Type, int) {
+	num, typ, n := protowire.ConsumeTag(b)
+	if n >= 0 && num > protowire.MaxValidNumber {
+		return 0, 0, -1
+	}
+	return num, typ, n
+}

@@ -1,0 +1,240 @@
+package wire
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/proto"
+
+	meshpb "github.com/expertmesh/expertmesh/proto"
+)
+
+func randomRequest(rng *rand.Rand) *meshpb.DispatchRequest {
+	rows, cols := 1+rng.IntN(5), 1+rng.IntN(9)
+	x := make([]float32, rows*cols)
+	for i := range x {
+		x[i] = float32(rng.NormFloat64())
+	}
+	dt := []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16}[rng.IntN(2)]
+	req := &meshpb.DispatchRequest{
+		Id: rng.Uint64(), Layer: rng.Uint32N(64), K: uint32(1 + rng.IntN(6)),
+		Hidden:           &meshpb.Tensor{Dtype: dt, Shape: []int64{int64(rows), int64(cols)}, Data: AppendRows(nil, dt, x)},
+		PlacementVersion: rng.Uint64N(5), PartialDtype: meshpb.DType(rng.IntN(3)),
+	}
+	for range rows * int(req.K) {
+		req.ExpertIds = append(req.ExpertIds, int32(rng.IntN(70))-1)
+		req.GateWeights = append(req.GateWeights, rng.Float32())
+	}
+	if rng.IntN(2) == 0 {
+		req.TraceContext = map[string]string{"traceparent": "00-0123-4567-01", "tracestate": ""}
+	}
+	if rng.IntN(4) == 0 {
+		req.Hidden = nil
+	}
+	return req
+}
+
+func randomResponse(rng *rand.Rand) *meshpb.DispatchResponse {
+	resp := &meshpb.DispatchResponse{Id: rng.Uint64(), ComputeUs: rng.Uint64N(1e6)}
+	if rng.IntN(4) == 0 {
+		resp.Code, resp.Message = int32(1+rng.IntN(15)), "expert node a: no"
+		return resp
+	}
+	rows, cols := 1+rng.IntN(5), 1+rng.IntN(9)
+	resp.Partial = F32Matrix(make([]float32, rows*cols), rows, cols)
+	for i := range resp.Partial.Data {
+		resp.Partial.Data[i] = byte(rng.IntN(256))
+	}
+	return resp
+}
+
+// TestCodecMatchesProto: decoding into a reused message gives what
+// proto.Unmarshal gives into a fresh one, whatever the reused message held
+// before (a bigger request, tracing on, an error reply).
+func TestCodecMatchesProto(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	req, resp := new(meshpb.DispatchRequest), new(meshpb.DispatchResponse)
+	for i := range 500 {
+		want := randomRequest(rng)
+		b, err := proto.Marshal(want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := UnmarshalRequest(b, req); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(req, want) {
+			t.Fatalf("request %d:\n got %v\nwant %v", i, req, want)
+		}
+		wantR := randomResponse(rng)
+		if b, err = proto.Marshal(wantR); err != nil {
+			t.Fatal(err)
+		}
+		if err := UnmarshalResponse(b, resp); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(resp, wantR) {
+			t.Fatalf("response %d:\n got %v\nwant %v", i, resp, wantR)
+		}
+	}
+}
+
+// TestCodecReuseAllocs: once a message's buffers have grown, decoding
+// another message of the same size into it allocates nothing, and the
+// codec round trip (marshal into a pooled buffer, unmarshal in place)
+// allocates only gRPC's one-element BufferSlice.
+func TestCodecReuseAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts differ under the race detector")
+	}
+	x := make([]float32, 32*2048)
+	req := &meshpb.DispatchRequest{Id: 7, Layer: 3, K: 6, Hidden: F32Matrix(x, 32, 2048),
+		ExpertIds: make([]int32, 32*6), GateWeights: make([]float32, 32*6)}
+	resp := &meshpb.DispatchResponse{Id: 7, Partial: F32Matrix(x, 32, 2048), ComputeUs: 5}
+	bq, _ := proto.Marshal(req)
+	br, _ := proto.Marshal(resp)
+	var q meshpb.DispatchRequest
+	var r meshpb.DispatchResponse
+	decode := func() {
+		if err := UnmarshalRequest(bq, &q); err != nil {
+			t.Fatal(err)
+		}
+		if err := UnmarshalResponse(br, &r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	decode()
+	if a := testing.AllocsPerRun(100, decode); a != 0 {
+		t.Errorf("decoding into reused messages: %v allocations, want 0", a)
+	}
+	var c Codec
+	roundTrip := func() {
+		data, err := c.Marshal(resp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Unmarshal(data, &r); err != nil {
+			t.Fatal(err)
+		}
+		data.Free()
+	}
+	roundTrip()
+	if a := testing.AllocsPerRun(100, roundTrip); a > 1 {
+		t.Errorf("codec round trip: %v allocations, want at most 1 (the BufferSlice)", a)
+	}
+	if !proto.Equal(&r, resp) {
+		t.Errorf("round trip changed the message")
+	}
+}
+
+// TestCodecOtherMessages: every other message takes the standard path.
+func TestCodecOtherMessages(t *testing.T) {
+	var c Codec
+	in := &meshpb.StepRequest{Step: 3, Work: []*meshpb.SeqWork{{SeqId: 1, Tokens: []int32{1, 2}}}}
+	data, err := c.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := new(meshpb.StepRequest)
+	if err := c.Unmarshal(data, out); err != nil || !proto.Equal(in, out) {
+		t.Fatalf("%v %v", out, err)
+	}
+	if _, err := c.Marshal(42); err == nil {
+		t.Error("marshalled an int")
+	}
+	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(nil)}, new(int)); err == nil {
+		t.Error("unmarshalled into an int")
+	}
+}
+
+// FuzzCodec: on any input the in-place decoders agree with proto.Unmarshal
+// on success or failure, and on the decoded message.
+func FuzzCodec(f *testing.F) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for range 8 {
+		b, _ := proto.Marshal(randomRequest(rng))
+		f.Add(b)
+		b, _ = proto.Marshal(randomResponse(rng))
+		f.Add(b)
+	}
+	req, resp := new(meshpb.DispatchRequest), new(meshpb.DispatchResponse)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		want := new(meshpb.DispatchRequest)
+		werr := proto.Unmarshal(b, want)
+		err := UnmarshalRequest(b, req)
+		if (err == nil) != (werr == nil) {
+			t.Fatalf("request: err %v, proto %v", err, werr)
+		}
+		dropUnknown(want, want.Hidden)
+		if err == nil && !proto.Equal(req, want) {
+			t.Fatalf("request:\n got %v\nwant %v", req, want)
+		}
+		wantR := new(meshpb.DispatchResponse)
+		werr = proto.Unmarshal(b, wantR)
+		err = UnmarshalResponse(b, resp)
+		if (err == nil) != (werr == nil) {
+			t.Fatalf("response: err %v, proto %v", err, werr)
+		}
+		dropUnknown(wantR, wantR.Partial)
+		if err == nil && !proto.Equal(resp, wantR) {
+			t.Fatalf("response:\n got %v\nwant %v", resp, wantR)
+		}
+	})
+}
+
+func TestBF16Rows(t *testing.T) {
+	x := []float32{1, -2.5, 3.0000002, 65504, 1e-30, 0, float32(math.Copysign(0, -1))}
+	tn := &meshpb.Tensor{Dtype: meshpb.DType_DTYPE_BF16, Shape: []int64{1, int64(len(x))}, Data: AppendRows(nil, meshpb.DType_DTYPE_BF16, x)}
+	if rows, err := CheckMatrix(tn, len(x), 1); err != nil || rows != 1 {
+		t.Fatalf("rows %d err %v", rows, err)
+	}
+	got := make([]float32, len(x))
+	if err := Decode(got, tn); err != nil {
+		t.Fatal(err)
+	}
+	for i, v := range x {
+		// BF16 keeps 8 significant bits: relative error at most 2^-9.
+		if d := math.Abs(float64(got[i] - v)); d > math.Abs(float64(v))/512 {
+			t.Errorf("element %d: %g -> %g", i, v, got[i])
+		}
+	}
+	if math.Float32bits(got[6]) != math.Float32bits(x[6]) {
+		t.Errorf("-0 became %g", got[6])
+	}
+	for _, bad := range []float32{float32(math.Inf(1)), float32(math.NaN()), 3.4e38} {
+		tn.Data = AppendRows(nil, meshpb.DType_DTYPE_BF16, []float32{1, bad, 2, 3, 4, 5, 6})
+		if err := Decode(got, tn); err == nil {
+			t.Errorf("%g decoded without error", bad)
+		}
+	}
+}
+
+// dropUnknown clears the unknown fields proto.Unmarshal keeps and the
+// in-place decoders skip.
+func dropUnknown(m proto.Message, t *meshpb.Tensor) {
+	m.ProtoReflect().SetUnknown(nil)
+	if t != nil {
+		t.ProtoReflect().SetUnknown(nil)
+	}
+}
+
+func TestPool(t *testing.T) {
+	p := newTieredPool(8, 12)
+	for _, size := range []int{0, 1, 256, 257, 1000, 4096, 4097, 10000} {
+		b := p.Get(size)
+		if len(*b) != size {
+			t.Fatalf("Get(%d): len %d", size, len(*b))
+		}
+		if size <= 4096 && (cap(*b) < size || cap(*b)&(cap(*b)-1) != 0) {
+			t.Fatalf("Get(%d): cap %d", size, cap(*b))
+		}
+		p.Put(b)
+	}
+	odd := make([]byte, 300)
+	p.Put(&odd) // not a power of two: dropped, never handed out
+	if b := p.Get(300); cap(*b) != 512 {
+		t.Fatalf("cap %d", cap(*b))
+	}
+}
