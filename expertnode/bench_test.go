@@ -168,9 +168,8 @@ func BenchmarkRawTCPRoundTrip(b *testing.B) {
 }
 
 // TestSteadyStateAllocs checks the server path (validate, decode, compute,
-// encode) allocates nothing that grows with the batch: the same small
-// count at 1 and 32 rows once buffers have grown. The few that remain are
-// the tracing span (a span value and the context carrying it), per request.
+// encode) allocates nothing once buffers have grown, at 1 and 32 rows and
+// with both wire dtypes: an untraced request makes no span.
 func TestSteadyStateAllocs(t *testing.T) {
 	if raceEnabled {
 		t.Skip("allocation counts differ under the race detector")
@@ -179,9 +178,19 @@ func TestSteadyStateAllocs(t *testing.T) {
 	cfg.Threads = 1
 	node := startNode(t, cfg)
 	ctx := context.Background()
-	allocs := map[int]float64{}
-	for _, rows := range []int{1, 32} {
-		req := benchRequest(rows)
+	allocs := map[string]float64{}
+	for _, c := range []struct {
+		rows int
+		dt   meshpb.DType
+	}{{1, meshpb.DType_DTYPE_F32}, {32, meshpb.DType_DTYPE_F32}, {1, meshpb.DType_DTYPE_BF16}, {32, meshpb.DType_DTYPE_BF16}} {
+		req := benchRequest(c.rows)
+		if c.dt == meshpb.DType_DTYPE_BF16 {
+			x := make([]float32, c.rows*64)
+			if err := wire.Decode(x, req.Hidden); err != nil {
+				t.Fatal(err)
+			}
+			req.Hidden.Dtype, req.Hidden.Data, req.PartialDtype = c.dt, wire.AppendRows(nil, c.dt, x), c.dt
+		}
 		j := new(job)
 		step := func() {
 			node.prepare(j, req)
@@ -191,11 +200,13 @@ func TestSteadyStateAllocs(t *testing.T) {
 			}
 		}
 		step() // grow the pooled buffers
-		allocs[rows] = testing.AllocsPerRun(100, step)
+		allocs[fmt.Sprintf("%v rows=%d", c.dt, c.rows)] = testing.AllocsPerRun(100, step)
 	}
 	t.Logf("allocs per request: %v", allocs)
-	if allocs[32] > allocs[1] || allocs[1] > 4 {
-		t.Errorf("allocs per request %v: want at most 4 and none growing with rows", allocs)
+	for k, a := range allocs {
+		if a > 0 {
+			t.Errorf("%s: %v allocations per request, want 0", k, a)
+		}
 	}
 }
 

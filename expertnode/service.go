@@ -12,6 +12,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -35,19 +36,25 @@ type service struct {
 
 // job is one dispatch request on its way through a stream's pipeline,
 // with every buffer it needs. Each stream recycles its own jobs (jobList)
-// so steady-state traffic allocates no per-row memory: x, out and data grow
-// to the largest batch seen on the stream and are reused.
+// so steady-state traffic allocates nothing: the request is received in
+// place into req (wire.Codec reuses its tensor, ids and weights), and x,
+// out and data grow to the largest batch seen on the stream and are
+// reused.
 type job struct {
 	id      uint64
 	layer   int
 	rows, k int
-	ids     []int32   // aliases the request; not reused
-	weights []float32 // aliases the request; not reused
+	ids     []int32   // aliases the request it was prepared from
+	weights []float32 // aliases the request it was prepared from
 	trace   map[string]string
 	x, out  []float32
+	partial meshpb.DType // the reply's dtype (F32 or BF16)
 	code    codes.Code
 	msg     string
 	compute time.Duration
+
+	req    meshpb.DispatchRequest
+	hidden *meshpb.Tensor // req's tensor, kept while a request has none
 
 	resp   meshpb.DispatchResponse
 	tensor meshpb.Tensor
@@ -74,7 +81,7 @@ func (l jobList) get() *job {
 }
 
 func (l jobList) put(j *job) {
-	j.ids, j.weights, j.msg = nil, nil, ""
+	j.ids, j.weights, j.msg, j.trace = nil, nil, "", nil
 	select {
 	case l <- j:
 	default:
@@ -157,8 +164,8 @@ func (p *pipe) read() {
 	defer close(p.readDone)
 	defer close(p.jobs)
 	for {
-		req, err := p.st.Recv()
-		if err != nil {
+		j := p.free.get()
+		if err := j.receive(p.st); err != nil {
 			if !errors.Is(err, io.EOF) {
 				p.recvErr = err
 			}
@@ -168,9 +175,10 @@ func (p *pipe) read() {
 			// Received after the drain began: the stream ends with
 			// UNAVAILABLE and the client retries it elsewhere.
 			p.n.metrics.requests[codes.Unavailable].Inc()
+			p.free.put(j)
 			continue
 		}
-		j := p.n.prepare(p.free.get(), req)
+		j = p.n.prepare(j, &j.req)
 		select {
 		case p.jobs <- j:
 		case <-p.ctx.Done():
@@ -178,6 +186,20 @@ func (p *pipe) read() {
 			return
 		}
 	}
+}
+
+// receive reads the stream's next request into j.req in place.
+func (j *job) receive(st grpc.ServerStream) error {
+	if j.hidden != nil {
+		j.req.Hidden = j.hidden
+	}
+	if err := st.RecvMsg(&j.req); err != nil {
+		return err
+	}
+	if j.req.Hidden != nil {
+		j.hidden = j.req.Hidden
+	}
+	return nil
 }
 
 func (p *pipe) computeLoop() {
@@ -269,6 +291,10 @@ func (n *Node) prepare(j *job, req *meshpb.DispatchRequest) *job {
 	if err != nil {
 		return fail(codes.InvalidArgument, "hidden: %v", err)
 	}
+	pdt, err := wire.ActivationDType(req.PartialDtype)
+	if err != nil {
+		return fail(codes.InvalidArgument, "partial_dtype: %v", err)
+	}
 	if req.K < 1 || req.K > uint32(ne) {
 		return fail(codes.InvalidArgument, "k = %d: want 1..%d", req.K, ne)
 	}
@@ -291,10 +317,10 @@ func (n *Node) prepare(j *job, req *meshpb.DispatchRequest) *job {
 		return fail(codes.FailedPrecondition, "expert_ids[%d]: layer %d expert %d is not held by node %s", i, layer, id, n.id)
 	}
 	j.x = grow(j.x, rows*h)
-	if err := wire.DecodeF32(j.x, req.Hidden.Data); err != nil {
+	if err := wire.Decode(j.x, req.Hidden); err != nil {
 		return fail(codes.InvalidArgument, "hidden: %v", err)
 	}
-	j.layer, j.rows, j.k = layer, rows, k
+	j.layer, j.rows, j.k, j.partial = layer, rows, k, pdt
 	j.trace = req.TraceContext
 	j.ids, j.weights = req.ExpertIds, req.GateWeights
 	return j
@@ -324,7 +350,13 @@ func (n *Node) run(ctx context.Context, j *job) {
 		// Parent the span on the dispatching layer, not the stream.
 		ctx = propagation.TraceContext{}.Extract(ctx, propagation.MapCarrier(j.trace))
 	}
-	_, span := n.tracer.Start(ctx, "expert.compute")
+	// Only a traced request gets a span: with no tracer installed the
+	// stream's context carries no valid span and the sender sends no trace
+	// context, and a no-op span would still cost allocations per request.
+	span := trace.SpanFromContext(ctx)
+	if span.SpanContext().IsValid() {
+		_, span = n.tracer.Start(ctx, "expert.compute")
+	}
 	if span.IsRecording() {
 		span.SetAttributes(
 			attribute.Int("layer", j.layer),
@@ -378,8 +410,8 @@ func (n *Node) reply(j *job) *meshpb.DispatchResponse {
 	if j.code == codes.OK {
 		h := n.mc.HiddenSize
 		j.shape = [2]int64{int64(j.rows), int64(h)}
-		j.data = wire.AppendF32(j.data[:0], j.out[:j.rows*h])
-		j.tensor.Dtype, j.tensor.Shape, j.tensor.Data = meshpb.DType_DTYPE_F32, j.shape[:], j.data
+		j.data = wire.AppendRows(j.data[:0], j.partial, j.out[:j.rows*h])
+		j.tensor.Dtype, j.tensor.Shape, j.tensor.Data = j.partial, j.shape[:], j.data
 		r.Partial = &j.tensor
 	}
 	return r
