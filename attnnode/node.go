@@ -74,6 +74,10 @@ type Config struct {
 	// so an expert outage is never charged to this node. See
 	// DefaultExpertWait.
 	ExpertWait time.Duration
+	// Wire is the activation dtype of dispatches to expert nodes (--wire):
+	// DTYPE_F32 (or UNSPECIFIED), exact, or DTYPE_BF16, half the bytes
+	// with every value rounded to 8 significant bits. See RemoteConfig.
+	Wire meshpb.DType
 	// TracerProvider receives the node's spans; nil means the global
 	// provider as it is when Start runs.
 	TracerProvider trace.TracerProvider
@@ -108,6 +112,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--dispatch-timeout must be > 0, got %v", c.DispatchTimeout)
 	case c.ExpertWait <= 0:
 		return fmt.Errorf("--expert-wait must be > 0, got %v", c.ExpertWait)
+	case c.Wire != meshpb.DType_DTYPE_UNSPECIFIED && c.Wire != meshpb.DType_DTYPE_F32 && c.Wire != meshpb.DType_DTYPE_BF16:
+		return fmt.Errorf("--wire %v: want f32 or bf16", c.Wire)
 	}
 	return nil
 }
@@ -223,7 +229,7 @@ func load(cfg Config) (*Node, error) {
 	var backend model.ExpertBackend
 	mb := cfg.MicroBatches
 	if cfg.Placement != nil {
-		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize, RemoteConfig{DispatchTimeout: cfg.DispatchTimeout, ExpertWait: cfg.ExpertWait, TracerProvider: tp, Metrics: cfg.Metrics})
+		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize, RemoteConfig{DispatchTimeout: cfg.DispatchTimeout, ExpertWait: cfg.ExpertWait, TracerProvider: tp, Metrics: cfg.Metrics, Wire: cfg.Wire})
 		backend = n.remote
 		if mb == 0 {
 			mb = 2

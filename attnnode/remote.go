@@ -83,6 +83,11 @@ type RemoteConfig struct {
 	TracerProvider trace.TracerProvider
 	// Metrics, if set, records every dispatch attempt per expert node.
 	Metrics *Metrics
+	// Wire is the activation dtype on the wire (--wire): DTYPE_F32 (and
+	// UNSPECIFIED) sends exact float32 rows both ways; DTYPE_BF16 sends
+	// hidden rows as BF16 and asks for BF16 partial rows back, half the
+	// bytes, each value rounded to 8 significant bits.
+	Wire meshpb.DType
 }
 
 // RemoteExperts is the model.ExpertBackend of an attention node. Each MoE
@@ -108,6 +113,7 @@ type RemoteConfig struct {
 type RemoteExperts struct {
 	view    placement.View
 	hidden  int
+	wire    meshpb.DType
 	timeout time.Duration
 	budget  time.Duration
 	dial    DialFunc
@@ -125,11 +131,23 @@ type RemoteExperts struct {
 	// replica choice's credits (load_share.go).
 	load   *LoadStats
 	choice shareChoice
+	// computeUS sums the compute time expert nodes reported in their
+	// replies (compute_us), to tell wire time from compute time.
+	computeUS atomic.Uint64
 
 	mu struct {
 		sync.Mutex
 		conns  map[string]*expertConn
 		closed bool
+	}
+	// free holds finished dispatches for reuse, with their buffers and
+	// attempts, so steady-state dispatching allocates nothing. A list
+	// rather than a sync.Pool: it survives garbage collections, and it
+	// never holds more than the dispatches that ran at once (one per
+	// micro-batch).
+	free struct {
+		sync.Mutex
+		list []*dispatch
 	}
 	use struct {
 		sync.Mutex
@@ -141,7 +159,10 @@ type RemoteExperts struct {
 
 // NewRemoteExperts dispatches to the nodes view routes to.
 func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *RemoteExperts {
-	r := &RemoteExperts{view: view, hidden: hidden, timeout: cfg.DispatchTimeout, budget: cfg.ExpertWait, dial: cfg.Dial}
+	r := &RemoteExperts{view: view, hidden: hidden, timeout: cfg.DispatchTimeout, budget: cfg.ExpertWait, dial: cfg.Dial, wire: meshpb.DType_DTYPE_F32}
+	if cfg.Wire == meshpb.DType_DTYPE_BF16 {
+		r.wire = cfg.Wire
+	}
 	if r.timeout <= 0 {
 		r.timeout = DefaultDispatchTimeout
 	}
@@ -340,12 +361,12 @@ func (r *RemoteExperts) StartRoutedExperts(ctx context.Context, layer int, x []f
 	if pin == nil {
 		pin = r.beginStep()
 	}
-	d := &dispatch{r: r, ctx: ctx, pin: pin, layer: layer, n: n, k: k, x: x, ids: ids, weights: weights, out: out,
-		signal: make(chan struct{}, 1), avoid: map[string]bool{}, tries: map[string]int{}}
+	d := r.getDispatch()
+	d.ctx, d.pin, d.layer, d.n, d.k, d.x, d.ids, d.weights, d.out = ctx, pin, layer, n, k, x, ids, weights, out
 	d.latest, d.change = r.view.Routing()
 	d.use(pin.routing())
 	r.load.route(d.rt.Table.Shape(), layer, ids[:n*k])
-	d.need = make([]int32, n*k)
+	d.need = slices.Grow(d.need[:0], n*k)[:n*k]
 	for i, id := range ids[:n*k] {
 		d.need[i] = -1
 		if id >= 0 {
@@ -354,7 +375,49 @@ func (r *RemoteExperts) StartRoutedExperts(ctx context.Context, layer int, x []f
 		}
 	}
 	d.launch(time.Now())
-	return d.wait
+	return d.waitFn
+}
+
+// getDispatch returns a reset dispatch from the free list or a new one.
+func (r *RemoteExperts) getDispatch() *dispatch {
+	r.free.Lock()
+	var d *dispatch
+	if n := len(r.free.list); n > 0 {
+		d = r.free.list[n-1]
+		r.free.list[n-1] = nil
+		r.free.list = r.free.list[:n-1]
+	}
+	r.free.Unlock()
+	if d == nil {
+		d = &dispatch{r: r, signal: make(chan struct{}, 1), avoid: map[string]bool{}, tries: map[string]int{}}
+		d.waitFn = d.wait
+		d.timer = time.NewTimer(time.Hour)
+		d.timer.Stop()
+	}
+	return d
+}
+
+// recycle returns a dispatch that ended cleanly to the free list: nothing
+// can touch it any more (every attempt it made was handled, or abandoned
+// before it was answered, and so will never be handed back), and the
+// attempts it completed go back to its spares with their buffers.
+// Attempts that failed are left to the collector: a failure's retry may
+// share their slices.
+func (r *RemoteExperts) recycle(d *dispatch) {
+	for _, a := range d.done {
+		a.reset()
+		d.spare = append(d.spare, a)
+	}
+	clear(d.done)
+	d.done = d.done[:0]
+	clear(d.avoid)
+	clear(d.tries)
+	d.ctx, d.pin, d.x, d.ids, d.weights, d.out = nil, nil, nil, nil, nil, nil
+	d.rt, d.latest, d.change = nil, nil, nil
+	d.pending, d.seq, d.troubled, d.stuck, d.round, d.roundWait, d.cause = 0, 0, false, false, 0, 0, nil
+	r.free.Lock()
+	r.free.list = append(r.free.list, d)
+	r.free.Unlock()
 }
 
 // dispatch is one StartRoutedExperts call: n rows × k slots, each slot
@@ -383,6 +446,19 @@ type dispatch struct {
 	round, roundWait time.Duration
 	nextRound        time.Time
 	cause            error
+
+	// Kept across reuse (see RemoteExperts.recycle): the wait closure,
+	// the loop's timer, plan's scratch and attempts to reuse.
+	waitFn func() error
+	timer  *time.Timer
+	batch  []*attempt
+	conns  []*expertConn
+	load   []int64
+	order  []*attempt
+	cands  []candidate
+	spare  []*attempt
+
+	handling []*attempt // the loop's spare completed list
 
 	mu        sync.Mutex
 	completed []*attempt
@@ -467,11 +543,20 @@ func (d *dispatch) plan(now time.Time) {
 	}
 	rt := d.rt
 	nodes := len(rt.Table.Nodes())
-	batch := make([]*attempt, nodes)
-	conns := make([]*expertConn, nodes)
-	load := make([]int64, nodes)
-	var order []*attempt
-	var cands []candidate
+	batch := slices.Grow(d.batch[:0], nodes)[:nodes]
+	conns := slices.Grow(d.conns[:0], nodes)[:nodes]
+	load := slices.Grow(d.load[:0], nodes)[:nodes]
+	clear(batch)
+	clear(conns)
+	clear(load)
+	order := d.order[:0]
+	cands := d.cands[:0]
+	defer func() {
+		clear(batch)
+		clear(conns)
+		clear(order)
+		d.batch, d.conns, d.load, d.order, d.cands = batch, conns, load, order[:0], cands[:0]
+	}()
 	d.r.choice.mu.Lock()
 	shares := d.r.choice.forTableLocked(rt.Table)
 	for i := range d.n {
@@ -511,7 +596,8 @@ func (d *dispatch) plan(now time.Time) {
 			best, bestThere := int(rs[pick.r]), pick.there
 			b := batch[best]
 			if b == nil {
-				b = &attempt{d: d, conn: conns[best], addr: rt.Addrs[best], nodeID: rt.Table.Nodes()[best], version: rt.Table.Version}
+				b = d.newAttempt()
+				b.conn, b.addr, b.nodeID, b.version = conns[best], rt.Addrs[best], rt.Table.Nodes()[best], rt.Table.Version
 				batch[best] = b
 				order = append(order, b)
 			}
@@ -535,6 +621,18 @@ func (d *dispatch) plan(now time.Time) {
 	}
 }
 
+// newAttempt returns a spare attempt of d (reset, its buffers kept) or a
+// new one.
+func (d *dispatch) newAttempt() *attempt {
+	if n := len(d.spare); n > 0 {
+		a := d.spare[n-1]
+		d.spare[n-1] = nil
+		d.spare = d.spare[:n-1]
+		return a
+	}
+	return &attempt{d: d}
+}
+
 // send starts attempt a (number n on its node) and queues it.
 func (d *dispatch) send(a *attempt, now time.Time, n int) {
 	a.id = d.r.nextID.Add(1)
@@ -542,16 +640,28 @@ func (d *dispatch) send(a *attempt, now time.Time, n int) {
 	d.seq++
 	a.deadline = now.Add(d.r.deadline(len(a.rows)))
 	// One span per (layer, expert node) request; the node's
-	// expert.compute span becomes its child through trace_context.
-	a.ctx, a.span = d.r.tracer.Start(d.ctx, "attn.dispatch", trace.WithAttributes(
-		attribute.Int("layer", d.layer), attribute.String("expert_node", a.addr), attribute.String("node_id", a.nodeID),
-		attribute.Int("rows", len(a.rows)), attribute.Int("bytes", 4*d.r.hidden*len(a.rows)),
-		attribute.Int64("placement_version", int64(a.version)), attribute.Int("attempt", n)))
+	// expert.compute span becomes its child through trace_context. Only
+	// inside a traced step: with no tracer installed the step's context
+	// carries no valid span, and a no-op span and its attributes would
+	// still cost allocations per request.
+	a.ctx, a.span = d.ctx, noSpan
+	if trace.SpanContextFromContext(d.ctx).IsValid() {
+		a.ctx, a.span = d.r.tracer.Start(d.ctx, "attn.dispatch", trace.WithAttributes(
+			attribute.Int("layer", d.layer), attribute.String("expert_node", a.addr), attribute.String("node_id", a.nodeID),
+			attribute.Int("rows", len(a.rows)), attribute.Int("bytes", d.r.rowBytes()*len(a.rows)),
+			attribute.Int64("placement_version", int64(a.version)), attribute.Int("attempt", n)))
+	}
 	a.attemptNo = n
 	a.started = now
 	d.inflight = append(d.inflight, a)
 	a.conn.enqueue(a)
 }
+
+// noSpan is the span of an untraced attempt: every method is a no-op.
+var noSpan = trace.SpanFromContext(context.Background())
+
+// rowBytes is the wire size of one hidden row.
+func (r *RemoteExperts) rowBytes() int { return wire.Size(r.wire) * r.hidden }
 
 // trouble starts the expert-wait budget of this dispatch.
 func (d *dispatch) trouble(now time.Time) {
@@ -582,7 +692,8 @@ func (d *dispatch) wait() error {
 		a.abandon()
 		a.end(errors.New("abandoned"))
 	}
-	d.inflight = nil
+	clear(d.inflight)
+	d.inflight = d.inflight[:0]
 	if d.troubled {
 		d.pin.leaveTrouble(now)
 	}
@@ -590,10 +701,11 @@ func (d *dispatch) wait() error {
 	for _, a := range d.completed {
 		a.end(errors.New("abandoned"))
 	}
-	d.completed = nil
+	clear(d.completed)
+	d.completed = d.completed[:0]
 	d.mu.Unlock()
 	if err != nil {
-		return err
+		return err // d is left to the collector: a reply may still be on its way to it
 	}
 	slices.SortFunc(d.done, func(a, b *attempt) int { return a.seq - b.seq })
 	h := d.r.hidden
@@ -610,11 +722,12 @@ func (d *dispatch) wait() error {
 			kernels.Add(dst, dst, a.part[j*h:(j+1)*h])
 		}
 	}
+	d.r.recycle(d)
 	return nil
 }
 
 func (d *dispatch) loop() error {
-	timer := time.NewTimer(time.Hour)
+	timer := d.timer
 	defer timer.Stop()
 	for {
 		if d.pending == 0 && len(d.inflight) == 0 {
@@ -640,15 +753,19 @@ func (d *dispatch) loop() error {
 		timer.Reset(max(next.Sub(now), 0))
 		select {
 		case <-d.signal:
+			// Swap the list with the spare one so that neither side
+			// allocates.
 			d.mu.Lock()
 			completed := d.completed
-			d.completed = nil
+			d.completed = d.handling
 			d.mu.Unlock()
 			for _, a := range completed {
 				if err := d.handle(a); err != nil {
-					return err
+					return err // wait ends those still in flight
 				}
 			}
+			clear(completed)
+			d.handling = completed[:0]
 		case <-d.change:
 			d.routingChanged()
 		case <-timer.C:
@@ -666,15 +783,13 @@ func (d *dispatch) loop() error {
 func (d *dispatch) handle(a *attempt) error {
 	d.drop(a)
 	err := a.err
-	if err == nil && a.resp.Code != 0 {
-		err = status.Errorf(codes.Code(a.resp.Code), "expert node %s: %s", a.addr, a.resp.Message)
+	if err == nil && a.code != 0 {
+		err = status.Errorf(codes.Code(a.code), "expert node %s: %s", a.addr, a.msg)
 	}
 	if err == nil {
-		if err = a.decode(d.r.hidden); err == nil {
-			a.end(nil)
-			d.done = append(d.done, a)
-			return nil
-		}
+		a.end(nil)
+		d.done = append(d.done, a)
+		return nil
 	}
 	now := time.Now()
 	d.trouble(now)
@@ -828,14 +943,24 @@ type attempt struct {
 	ctx       context.Context
 	span      trace.Span
 	started   time.Time // when send queued it (dispatch metrics)
-	part      []float32 // decoded partial rows
-
-	// mu orders the sender's encoding of x against abandonment: once
-	// abandon returns, nothing reads the dispatch's buffers.
+	// mu orders the sender's encoding of x against abandonment (once
+	// abandon returns, nothing reads the dispatch's buffers) and the
+	// receiver's decoding into part against both.
 	mu    sync.Mutex
 	state int
-	resp  *meshpb.DispatchResponse
+	code  int32     // the reply's code (0: OK)
+	msg   string    // the reply's message
+	part  []float32 // decoded partial rows, grown and reused
 	err   error
+}
+
+// reset clears a completed attempt for reuse, keeping its buffers.
+func (a *attempt) reset() {
+	a.conn, a.addr, a.nodeID, a.version = nil, "", "", 0
+	a.rows, a.ids, a.w = a.rows[:0], a.ids[:0], a.w[:0]
+	a.id, a.seq, a.attemptNo = 0, 0, 0
+	a.ctx, a.span = nil, nil
+	a.state, a.code, a.msg, a.err = queued, 0, "", nil
 }
 
 // abandon gives up on a; false if it was already answered.
@@ -849,27 +974,46 @@ func (a *attempt) abandon() bool {
 	return true
 }
 
-// complete records a's reply or failure and hands it to its dispatch,
-// unless the dispatch gave up on it.
-func (a *attempt) complete(resp *meshpb.DispatchResponse, err error) {
+// complete records a's failure and hands it to its dispatch, unless the
+// dispatch gave up on it.
+func (a *attempt) complete(err error) {
 	a.mu.Lock()
 	if a.state == answered || a.state == abandoned {
 		a.mu.Unlock()
 		return
 	}
-	a.state, a.resp, a.err = answered, resp, err
+	a.state, a.err = answered, err
 	a.mu.Unlock()
 	a.d.notify(a)
 }
 
-// decode checks and decodes the partial rows.
-func (a *attempt) decode(h int) error {
-	rows, err := wire.CheckMatrix(a.resp.Partial, h, len(a.rows))
+// reply records a's reply, decoding its partial rows into a.part straight
+// from the receiver's reused message (which the caller may overwrite as
+// soon as this returns), and hands it to its dispatch, unless the
+// dispatch gave up on it.
+func (a *attempt) reply(resp *meshpb.DispatchResponse, h int) {
+	a.mu.Lock()
+	if a.state == answered || a.state == abandoned {
+		a.mu.Unlock()
+		return
+	}
+	a.state, a.code, a.msg, a.err = answered, resp.Code, resp.Message, nil
+	a.d.r.computeUS.Add(resp.ComputeUs)
+	if resp.Code == 0 {
+		a.err = a.decode(resp.Partial, h)
+	}
+	a.mu.Unlock()
+	a.d.notify(a)
+}
+
+// decode checks and decodes the partial rows (F32 or BF16) into a.part.
+func (a *attempt) decode(t *meshpb.Tensor, h int) error {
+	rows, err := wire.CheckMatrix(t, h, len(a.rows))
 	if err != nil || rows != len(a.rows) {
 		return status.Errorf(codes.Internal, "expert node %s: bad partial: %v (rows %d, want %d)", a.addr, err, rows, len(a.rows))
 	}
-	a.part = make([]float32, rows*h)
-	if err := wire.DecodeF32(a.part, a.resp.Partial.Data); err != nil {
+	a.part = slices.Grow(a.part[:0], rows*h)[:rows*h]
+	if err := wire.Decode(a.part, t); err != nil {
 		return status.Errorf(codes.Internal, "expert node %s: %v", a.addr, err)
 	}
 	return nil
@@ -880,7 +1024,7 @@ func (a *attempt) event(name string, err error, action string) {
 }
 
 func (a *attempt) end(err error) {
-	a.d.r.metrics.observeDispatch(a.nodeID, len(a.rows), 4*a.d.r.hidden*len(a.rows), time.Since(a.started), err)
+	a.d.r.metrics.observeDispatch(a.nodeID, len(a.rows), a.d.r.rowBytes()*len(a.rows), time.Since(a.started), err)
 	if err != nil {
 		a.span.RecordError(err)
 		a.span.SetStatus(otelcodes.Error, err.Error())
@@ -919,6 +1063,8 @@ type expertConn struct {
 	hidden   meshpb.Tensor
 	shape    [2]int64
 	data     []byte
+	ids      []int32
+	w        []float32
 	trace    map[string]string
 }
 
@@ -935,6 +1081,11 @@ type dispatchStream struct {
 		pending map[uint64]*attempt
 		err     error
 	}
+
+	// Owned by receive: the reply every message is decoded into in place
+	// (wire.Codec), and its tensor, kept across replies that carry none.
+	resp    meshpb.DispatchResponse
+	partial *meshpb.Tensor
 }
 
 // enqueue hands a to the connection's goroutine; it never blocks.
@@ -955,9 +1106,13 @@ func (c *expertConn) next() *attempt {
 	if len(c.mu.queue) == 0 {
 		return nil
 	}
-	a := c.mu.queue[0]
-	c.mu.queue[0] = nil
-	c.mu.queue = c.mu.queue[1:]
+	// Shift rather than reslice from the front, so that the queue keeps
+	// its capacity and enqueue never allocates in steady state.
+	q := c.mu.queue
+	a := q[0]
+	copy(q, q[1:])
+	q[len(q)-1] = nil
+	c.mu.queue = q[:len(q)-1]
 	return a
 }
 
@@ -1075,13 +1230,17 @@ func (c *expertConn) send(a *attempt) {
 	h := c.r.hidden
 	c.data = c.data[:0]
 	for _, row := range a.rows {
-		c.data = wire.AppendF32(c.data, d.x[int(row)*h:int(row+1)*h])
+		c.data = wire.AppendRows(c.data, c.r.wire, d.x[int(row)*h:int(row+1)*h])
 	}
+	// Copies, not aliases: once a.mu is released the attempt may be
+	// answered, completed and reused before Send below has marshalled.
+	c.ids = append(c.ids[:0], a.ids...)
+	c.w = append(c.w[:0], a.w...)
 	c.shape = [2]int64{rows, int64(h)}
-	c.hidden = meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: c.shape[:], Data: c.data}
+	c.hidden = meshpb.Tensor{Dtype: c.r.wire, Shape: c.shape[:], Data: c.data}
 	c.req.Id, c.req.Layer, c.req.K = a.id, uint32(d.layer), uint32(d.k)
-	c.req.ExpertIds, c.req.GateWeights, c.req.Hidden = a.ids, a.w, &c.hidden
-	c.req.PlacementVersion = a.version
+	c.req.ExpertIds, c.req.GateWeights, c.req.Hidden = c.ids, c.w, &c.hidden
+	c.req.PlacementVersion, c.req.PartialDtype = a.version, c.r.wire
 	c.req.TraceContext = nil
 	if trace.SpanContextFromContext(a.ctx).IsValid() {
 		if c.trace == nil {
@@ -1119,7 +1278,7 @@ func (c *expertConn) failQueued(err error) {
 	c.mu.Unlock()
 	for _, a := range q {
 		c.outstanding.Add(-int64(len(a.rows)))
-		a.complete(nil, err)
+		a.complete(err)
 	}
 }
 
@@ -1145,11 +1304,19 @@ func (st *dispatchStream) failed() bool {
 func (st *dispatchStream) receive() {
 	defer st.c.r.wg.Done()
 	defer close(st.recvDone)
+	resp := &st.resp
 	for {
-		resp, err := st.stream.Recv()
-		if err != nil {
+		if st.partial != nil {
+			resp.Partial = st.partial
+		}
+		// RecvMsg into the stream's one message (Recv would allocate a
+		// new one per reply): wire.Codec decodes it in place.
+		if err := st.stream.RecvMsg(resp); err != nil {
 			st.fail(err)
 			return
+		}
+		if resp.Partial != nil {
+			st.partial = resp.Partial
 		}
 		st.mu.Lock()
 		a := st.mu.pending[resp.Id]
@@ -1158,7 +1325,7 @@ func (st *dispatchStream) receive() {
 		st.c.down.Store(false) // it answers
 		if a != nil {
 			st.c.outstanding.Add(-int64(len(a.rows)))
-			a.complete(resp, nil)
+			a.reply(resp, st.c.r.hidden)
 		}
 	}
 }
@@ -1179,6 +1346,6 @@ func (st *dispatchStream) fail(err error) {
 	e := fmt.Errorf("%s: %w: %v", st.c.addr, errStreamBroken, err)
 	for _, a := range pending {
 		st.c.outstanding.Add(-int64(len(a.rows)))
-		a.complete(nil, e)
+		a.complete(e)
 	}
 }

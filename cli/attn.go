@@ -15,6 +15,7 @@ import (
 	"github.com/expertmesh/expertmesh/attnnode"
 	"github.com/expertmesh/expertmesh/controlplane"
 	"github.com/expertmesh/expertmesh/internal/ops"
+	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/model"
 	"github.com/expertmesh/expertmesh/placement"
 	meshpb "github.com/expertmesh/expertmesh/proto"
@@ -38,6 +39,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.StringVar(&cfg.Quantize, "quantize", "", "convert weights at load: q8")
 	weights := fs.String("weights", "auto", weightsUsage)
 	fs.DurationVar(&cfg.DispatchTimeout, "dispatch-timeout", cfg.DispatchTimeout, "deadline of one dispatch of up to 256 rows to an expert node (more rows get proportionally more); a node that misses it is skipped for another replica")
+	wireDT := fs.String("wire", "f32", "activation dtype of dispatches to expert nodes: f32 (exact) or bf16 (half the bytes both ways, every value rounded to 8 significant bits)")
 	fs.DurationVar(&cfg.ExpertWait, "expert-wait", cfg.ExpertWait, "how long a step waits for some replica of an expert before it fails with UNAVAILABLE; keep it below the coordinator's --step-timeout")
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	spec := fs.String("placement", "", `fixed expert placement without etcd: "ADDR=EXPERTS;ADDR=EXPERTS" in --experts' grammar; empty (and no --etcd): all experts in-process`)
@@ -57,6 +59,9 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	var err error
 	if cfg.Weights, err = model.ParseResidency(*weights); err != nil {
 		return err
+	}
+	if cfg.Wire, err = wire.ParseDType(*wireDT); err != nil {
+		return fmt.Errorf("--wire: %w", err)
 	}
 	if cfg.ModelDir == "" {
 		return fmt.Errorf("--model is required")

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/localcluster"
 )
 
@@ -130,6 +131,13 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 	} {
 		pass(&cfg.AttnArgs, f.name, f.usage, f.kind)
 	}
+	fs.Func("wire", "attention nodes: activation dtype of dispatches to expert nodes, f32 (exact, the default) or bf16 (half the bytes, rounded)", func(v string) error {
+		if _, err := wire.ParseDType(v); err != nil {
+			return err
+		}
+		cfg.AttnArgs = append(cfg.AttnArgs, "--wire", v)
+		return nil
+	})
 	passBool(&cfg.AttnArgs, "prefix-caching", "attention nodes: share full cache blocks between sequences with the same token prefix (on by default; --prefix-caching=false: off)")
 	pass(&cfg.ExpertArgs, "expert-slots", "expert nodes: the most routed experts each may hold (0: any)", 'i')
 	if err := parse(fs, args); err != nil {

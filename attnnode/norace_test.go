@@ -1,0 +1,5 @@
+//go:build !race
+
+package attnnode
+
+const raceEnabled = false

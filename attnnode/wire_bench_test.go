@@ -1,0 +1,193 @@
+package attnnode
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/expertmesh/expertmesh/internal/rpc"
+	"github.com/expertmesh/expertmesh/internal/wire"
+	"github.com/expertmesh/expertmesh/model"
+	"github.com/expertmesh/expertmesh/placement"
+	meshpb "github.com/expertmesh/expertmesh/proto"
+)
+
+// genWide generates a checkpoint with V2-Lite's hidden size (2048), 64
+// experts and 6 per token, but experts only 16 wide and everything else
+// tiny: dispatches carry V2-Lite's bytes while the experts' compute stays
+// small next to the wire.
+func genWide(t testing.TB) string {
+	t.Helper()
+	p, _ := model.IsPreset("tiny-v2-lite")
+	cfg := map[string]any{}
+	for k, v := range p.Config {
+		cfg[k] = v
+	}
+	cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["intermediate_size"], cfg["num_hidden_layers"] = 2048, 16, 64, 2
+	p.Config, p.Name = cfg, "wide"
+	dir := filepath.Join(t.TempDir(), "wide")
+	if err := model.GenerateCheckpoint(dir, p, model.GenOptions{Seed: 3}); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// BenchmarkDispatchVsRaw is one MoE layer's dispatch of 1, 8 and 32 rows
+// of V2-Lite's width through RemoteExperts (plan, encode, gRPC, the expert
+// node's validation, compute and reply, decode, sum) to one expert node
+// holding every expert, interleaved per iteration with a round trip of
+// the same bytes over a bare loopback TCP connection and with a bare gRPC
+// exchange of the same messages (an echo server; messages reused, as
+// expertmesh's rpc options), so all three see the same machine load. It
+// reports the means and
+//
+//	ratio          = dispatch / raw
+//	overhead-ratio = (dispatch - compute) / raw
+//	grpc-ratio     = grpc echo / raw
+//
+// where compute is the node's own compute time (compute_us): the second
+// is the wire's cost against the floor, the third gRPC's own share of it.
+// With both wire dtypes (raw and echo carry each one's bytes).
+//
+//	go test -run '^$' -bench DispatchVsRaw -benchtime 2000x ./attnnode/
+func BenchmarkDispatchVsRaw(b *testing.B) {
+	dir := genWide(b)
+	c, err := model.LoadConfig(dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	table, _ := startExperts(b, dir, 1)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer lis.Close()
+	for _, dt := range []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16} {
+		for _, rows := range []int{1, 8, 32} {
+			b.Run(fmt.Sprintf("wire=%s/rows=%d", map[meshpb.DType]string{meshpb.DType_DTYPE_F32: "f32", meshpb.DType_DTYPE_BF16: "bf16"}[dt], rows), func(b *testing.B) {
+				r := NewRemoteExperts(placement.NewStatic(table), c.HiddenSize, RemoteConfig{Wire: dt})
+				defer r.Close()
+				ctx := context.WithValue(context.Background(), pinKey{}, r.beginStep())
+				batch := newRoutedBatch(b, c, table, rows)
+				// The same payload as bytes: what the request and the
+				// reply encode to.
+				h := c.HiddenSize
+				tn := &meshpb.Tensor{Dtype: dt, Shape: []int64{int64(rows), int64(h)}, Data: wire.AppendRows(nil, dt, batch.x)}
+				reqBytes := proto.Size(&meshpb.DispatchRequest{Id: 1 << 40, Layer: uint32(batch.layer), Hidden: tn, K: uint32(batch.k), ExpertIds: batch.ids, GateWeights: batch.w, PartialDtype: dt})
+				respBytes := proto.Size(&meshpb.DispatchResponse{Id: 1 << 40, Partial: tn, ComputeUs: 1000})
+				conn, done := rawEcho(b, lis, reqBytes, respBytes)
+				echoReq := &meshpb.DispatchRequest{Layer: uint32(batch.layer), Hidden: tn, K: uint32(batch.k), ExpertIds: batch.ids, GateWeights: batch.w, PartialDtype: dt}
+				echo, stopEcho := echoStream(b, &meshpb.DispatchResponse{Partial: tn, ComputeUs: 1000})
+				defer stopEcho()
+				var echoResp meshpb.DispatchResponse
+				out, in := make([]byte, reqBytes), make([]byte, respBytes)
+				for range 20 {
+					batch.dispatch(b, ctx, r)
+				}
+				r.computeUS.Store(0)
+				var rawNS, dispatchNS, grpcNS int64
+				b.ResetTimer()
+				for range b.N {
+					t0 := time.Now()
+					if _, err := conn.Write(out); err != nil {
+						b.Fatal(err)
+					}
+					if _, err := io.ReadFull(conn, in); err != nil {
+						b.Fatal(err)
+					}
+					t1 := time.Now()
+					batch.dispatch(b, ctx, r)
+					t2 := time.Now()
+					echoReq.Id++
+					if err := echo.SendMsg(echoReq); err != nil {
+						b.Fatal(err)
+					}
+					if err := echo.RecvMsg(&echoResp); err != nil {
+						b.Fatal(err)
+					}
+					t3 := time.Now()
+					rawNS += t1.Sub(t0).Nanoseconds()
+					dispatchNS += t2.Sub(t1).Nanoseconds()
+					grpcNS += t3.Sub(t2).Nanoseconds()
+				}
+				b.StopTimer()
+				conn.Close()
+				if err := <-done; err != nil {
+					b.Fatal(err)
+				}
+				nf := float64(b.N)
+				computeNS := float64(r.computeUS.Load()) * 1e3
+				b.ReportMetric(float64(dispatchNS)/nf, "dispatch-ns/op")
+				b.ReportMetric(float64(rawNS)/nf, "raw-ns/op")
+				b.ReportMetric(float64(grpcNS)/nf, "grpc-ns/op")
+				b.ReportMetric(float64(grpcNS)/float64(rawNS), "grpc-ratio")
+				b.ReportMetric(computeNS/nf, "compute-ns/op")
+				b.ReportMetric(float64(dispatchNS)/float64(rawNS), "ratio")
+				b.ReportMetric((float64(dispatchNS)-computeNS)/float64(rawNS), "overhead-ratio")
+				b.ReportMetric(float64(reqBytes+respBytes), "wire-bytes/op")
+			})
+		}
+	}
+}
+
+// rawEcho accepts one connection on lis that answers every reqBytes read
+// with respBytes, and dials it.
+func rawEcho(b *testing.B, lis net.Listener, reqBytes, respBytes int) (net.Conn, <-chan error) {
+	done := make(chan error, 1)
+	go func() {
+		conn, err := lis.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer conn.Close()
+		in, out := make([]byte, reqBytes), make([]byte, respBytes)
+		for {
+			if _, err := io.ReadFull(conn, in); err != nil {
+				done <- nil // client closed
+				return
+			}
+			if _, err := conn.Write(out); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	conn, err := net.Dial("tcp", lis.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	return conn, done
+}
+
+// echoStream opens a Dispatch stream to an echo server built with
+// expertmesh's rpc options that answers every request with reply.
+func echoStream(b *testing.B, reply *meshpb.DispatchResponse) (meshpb.ExpertService_DispatchClient, func()) {
+	srv := rpc.NewServer(rpc.ServerOptions{})
+	meshpb.RegisterExpertServiceServer(srv.Server, &echoExperts{reply: reply})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go srv.Serve(lis)
+	cc, err := rpc.Dial(lis.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := meshpb.NewExpertServiceClient(cc).Dispatch(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return st, func() {
+		cancel()
+		cc.Close()
+		srv.Stop()
+	}
+}
