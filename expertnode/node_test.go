@@ -173,7 +173,7 @@ func decodePartial(t testing.TB, r *meshpb.DispatchResponse, rows, h int) []floa
 		t.Fatalf("reply %d: %d rows, want %d", r.Id, r.Partial.Shape[0], rows)
 	}
 	out := make([]float32, rows*h)
-	if err := wire.DecodeF32(out, r.Partial.Data); err != nil {
+	if err := wire.Decode(out, r.Partial); err != nil {
 		t.Fatalf("reply %d: %v", r.Id, err)
 	}
 	return out
@@ -274,6 +274,55 @@ func TestDispatchMatchesLocal(t *testing.T) {
 	}
 }
 
+// TestDispatchBF16: a request whose hidden rows travel as BF16 and that
+// asks for BF16 partial rows gets them, equal to the F32 computation on
+// the same (rounded) rows within BF16's rounding of the result; an F32
+// request with partial_dtype UNSPECIFIED still gets F32.
+func TestDispatchBF16(t *testing.T) {
+	ref := newReference(t)
+	node := startNode(t, testConfig("0-79"))
+	_, c := dial(t, node)
+	st, err := c.Dispatch(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bf := meshpb.DType_DTYPE_BF16
+	for i, rows := range []int{1, 8, 32} {
+		req := validRequest(uint64(i))
+		rng := rand.New(rand.NewPCG(uint64(i), 9))
+		x, ids, w := randomRows(rng, rows, 6, 64, 80)
+		req.Hidden, req.ExpertIds, req.GateWeights, req.PartialDtype = wire.F32Matrix(x, rows, 64), ids, w, bf
+		req.Hidden.Dtype, req.Hidden.Data = bf, wire.AppendRows(nil, bf, x)
+		if err := st.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		r, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Partial == nil || r.Partial.Dtype != bf {
+			t.Fatalf("rows %d: reply %v, want a BF16 partial", rows, r)
+		}
+		got := decodePartial(t, r, rows, 64)
+		xr := make([]float32, len(x))
+		if err := wire.Decode(xr, req.Hidden); err != nil {
+			t.Fatal(err)
+		}
+		want := ref.run(t, 1, xr, rows, 6, ids, w)
+		for j := range want {
+			if d := math.Abs(float64(got[j] - want[j])); d > math.Abs(float64(want[j]))/256+1e-30 {
+				t.Fatalf("rows %d element %d: %g, want %g within BF16 rounding", rows, j, got[j], want[j])
+			}
+		}
+	}
+	if err := st.Send(validRequest(9)); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := st.Recv(); err != nil || r.Partial.GetDtype() != meshpb.DType_DTYPE_F32 {
+		t.Fatalf("F32 request: %v %v", r, err)
+	}
+}
+
 func maxDiff(a, b []float32) float64 {
 	m := 0.0
 	for i := range a {
@@ -303,7 +352,13 @@ func TestDispatchRejectsMalformed(t *testing.T) {
 		modify func(r *meshpb.DispatchRequest)
 		want   codes.Code
 	}{
-		{"bf16 dtype", func(r *meshpb.DispatchRequest) { r.Hidden.Dtype = meshpb.DType_DTYPE_BF16 }, codes.InvalidArgument},
+		{"bf16 dtype, f32 bytes", func(r *meshpb.DispatchRequest) { r.Hidden.Dtype = meshpb.DType_DTYPE_BF16 }, codes.InvalidArgument},
+		{"NaN in bf16 hidden", func(r *meshpb.DispatchRequest) {
+			x := make([]float32, 3*64)
+			x[70] = nan
+			r.Hidden.Dtype, r.Hidden.Data = meshpb.DType_DTYPE_BF16, wire.AppendRows(nil, meshpb.DType_DTYPE_BF16, x)
+		}, codes.InvalidArgument},
+		{"unknown partial dtype", func(r *meshpb.DispatchRequest) { r.PartialDtype = 7 }, codes.InvalidArgument},
 		{"unspecified dtype", func(r *meshpb.DispatchRequest) { r.Hidden.Dtype = meshpb.DType_DTYPE_UNSPECIFIED }, codes.InvalidArgument},
 		{"missing hidden", func(r *meshpb.DispatchRequest) { r.Hidden = nil }, codes.InvalidArgument},
 		{"wrong width", func(r *meshpb.DispatchRequest) { r.Hidden.Shape = []int64{4, 48} }, codes.InvalidArgument},
