@@ -141,6 +141,10 @@ type Layer struct {
 	// Hidden: with this many micro-batches the hop (wire + expert) is
 	// covered by the other micro-batches' attention.
 	Hidden bool `json:"hop_hidden"`
+	// ExpertBound: the expert nodes' compute for all micro-batches is
+	// the layer's longest part (ping-pong hides the wire, but each
+	// expert node still answers the micro-batches one after another).
+	ExpertBound bool `json:"experts_bound,omitempty"`
 }
 
 // Memory is what one node holds, in bytes.
@@ -296,11 +300,18 @@ func predictM(c *model.Config, s Setup) *Prediction {
 		} else {
 			tHop := tWire + tExpert
 			ly.WireMs, ly.ExpertMs = 1e3*tWire, 1e3*tExpert
-			// Two stages, M micro-batches sharing the first: in steady
-			// state a layer takes the longer of all attention work and
-			// one micro-batch's attention plus its hop.
-			ly.LayerMs = 1e3 * max(float64(M)*tAttn, tAttn+tHop)
+			// Two stages, M micro-batches sharing each: the attention
+			// node computes them one after another, and so does every
+			// expert node (one dispatch of this layer per micro-batch).
+			// In steady state a layer takes the longest of all its
+			// attention work, all its expert work, and one
+			// micro-batch's attention plus its hop (it cannot start
+			// its next layer before its experts answer). Other
+			// attention nodes' dispatches interleave with these and
+			// are bounded over the whole step (ExpertBusyMs).
+			ly.LayerMs = 1e3 * max(float64(M)*tAttn, float64(M)*tExpert, tAttn+tHop)
 			ly.Hidden = float64(M-1)*tAttn >= tHop
+			ly.ExpertBound = float64(M)*tExpert > max(float64(M)*tAttn, tAttn+tHop)
 			expertBusy += float64(s.AttnNodes*M) * tExpert
 			expertBytesStep += float64(s.AttnNodes*M) * expertBytes * E
 		}
@@ -319,6 +330,11 @@ func predictM(c *model.Config, s Setup) *Prediction {
 	p.StepMs, p.Bound = p.PipelineMs, "attention"
 	if !p.allHidden() {
 		p.Bound = "hop"
+	}
+	for _, l := range p.Layers {
+		if l.ExpertBound {
+			p.Bound = "experts"
+		}
 	}
 	if p.ExpertBusyMs > p.StepMs {
 		p.StepMs, p.Bound = p.ExpertBusyMs, "experts"

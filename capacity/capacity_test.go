@@ -202,3 +202,42 @@ func TestLoadModel(t *testing.T) {
 	}
 	var _ = model.ErrConfig
 }
+
+// TestPingPongExpertBound: each expert node answers a layer's
+// micro-batches one after another, so when its compute is longer than the
+// attention node's, two micro-batches hide the wire but the layer still
+// takes both micro-batches' expert work (the model took the longer of
+// 2·attention and attention + hop, and bounded the expert nodes' work
+// only over the whole step, as if the dense layer and the LM head
+// overlapped it). One micro-batch is unchanged: attention + hop.
+func TestPingPongExpertBound(t *testing.T) {
+	c, _ := LoadModel("v2-lite-4l")
+	s := DefaultSetup(c)
+	s.ExpertNodes, s.Concurrency, s.Context = 1, 16, 64
+	s.Attn, s.Expert = Rates{GBps: 100, GFLOPs: 2000}, Rates{GBps: 10, GFLOPs: 200}
+	s.Link, s.DispatchOverhead = Link{Latency: 5 * time.Microsecond, Gbps: 100}, 0
+	for _, m := range []int{1, 2, 4} {
+		s.MicroBatches = m
+		p, err := Predict(c, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := p.Layers[1]
+		want := l.AttentionMs + l.WireMs + l.ExpertMs
+		if m > 1 {
+			want = float64(m) * l.ExpertMs
+		}
+		if !l.MoE || math.Abs(l.LayerMs-want) > 1e-9 || l.ExpertBound != (m > 1) {
+			t.Errorf("%d micro-batches: layer %.3f ms (attention %.3f, wire %.3f, expert %.3f, experts bound %v), want %.3f",
+				m, l.LayerMs, l.AttentionMs, l.WireMs, l.ExpertMs, l.ExpertBound, want)
+		}
+		if m > 1 && p.Bound != "experts" {
+			t.Errorf("%d micro-batches: bound %s, want experts", m, p.Bound)
+		}
+		// The dense layer and the LM head do not overlap the expert work of
+		// the same step: the step is more than the expert nodes' busy time.
+		if m > 1 && p.StepMs < p.ExpertBusyMs+p.HeadMs+p.Layers[0].LayerMs-1e-9 {
+			t.Errorf("%d micro-batches: step %.3f ms < expert busy %.3f + head %.3f + dense %.3f", m, p.StepMs, p.ExpertBusyMs, p.HeadMs, p.Layers[0].LayerMs)
+		}
+	}
+}

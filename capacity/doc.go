@@ -26,9 +26,13 @@
 //     weights per touched expert, 6·hidden·moe_intermediate flops per
 //     (row, expert) pair.
 //
-// With M micro-batches sharing the attention node's compute, a MoE layer
-// takes max(M·attention, attention + wire + expert) in steady state: the
-// hop is hidden when (M − 1)·attention ≥ wire + expert. A dense layer
+// With M micro-batches sharing the attention node's compute, and each
+// expert node answering their M dispatches of the layer one after
+// another, a MoE layer takes max(M·attention, M·expert, attention + wire
+// + expert) in steady state: the hop is hidden when (M − 1)·attention ≥
+// wire + expert, and ping-pong cannot make a layer shorter than its
+// expert work for all micro-batches (a slow expert node is not hidden by
+// splitting the batch; it is only hidden by more nodes). A dense layer
 // takes M·attention, the LM head M·(vocab·hidden weights). Ping-pong is
 // not free in decode: every micro-batch reads the layer's weights again.
 // The step is the longest of that pipeline, each expert node's compute

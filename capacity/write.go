@@ -33,6 +33,9 @@ func Write(w io.Writer, name string, p *Prediction) {
 			if l.Hidden {
 				hop = "hidden"
 			}
+			if l.ExpertBound {
+				hop += ", experts bound"
+			}
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%.3f\t%.3f\t%.3f\t%.3f\t%s\t\n", span, kind, l.AttentionMs, l.WireMs, l.ExpertMs, l.LayerMs, hop)
 	}
