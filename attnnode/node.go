@@ -75,8 +75,9 @@ type Config struct {
 	// DefaultExpertWait.
 	ExpertWait time.Duration
 	// Wire is the activation dtype of dispatches to expert nodes (--wire):
-	// DTYPE_F32 (or UNSPECIFIED), exact, or DTYPE_BF16, half the bytes
-	// with every value rounded to 8 significant bits. See RemoteConfig.
+	// DTYPE_F32 (or UNSPECIFIED), exact; DTYPE_BF16, half the bytes with
+	// every value rounded to 8 significant bits; DTYPE_F8_E4M3, E4M3
+	// hidden rows with BF16 partial rows back. See RemoteConfig.
 	Wire meshpb.DType
 	// TracerProvider receives the node's spans; nil means the global
 	// provider as it is when Start runs.
@@ -112,8 +113,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--dispatch-timeout must be > 0, got %v", c.DispatchTimeout)
 	case c.ExpertWait <= 0:
 		return fmt.Errorf("--expert-wait must be > 0, got %v", c.ExpertWait)
-	case c.Wire != meshpb.DType_DTYPE_UNSPECIFIED && c.Wire != meshpb.DType_DTYPE_F32 && c.Wire != meshpb.DType_DTYPE_BF16:
-		return fmt.Errorf("--wire %v: want f32 or bf16", c.Wire)
+	case c.Wire != meshpb.DType_DTYPE_UNSPECIFIED && c.Wire != meshpb.DType_DTYPE_F32 && c.Wire != meshpb.DType_DTYPE_BF16 && c.Wire != meshpb.DType_DTYPE_F8_E4M3:
+		return fmt.Errorf("--wire %v: want f32, bf16 or fp8", c.Wire)
 	}
 	return nil
 }

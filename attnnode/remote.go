@@ -86,7 +86,10 @@ type RemoteConfig struct {
 	// Wire is the activation dtype on the wire (--wire): DTYPE_F32 (and
 	// UNSPECIFIED) sends exact float32 rows both ways; DTYPE_BF16 sends
 	// hidden rows as BF16 and asks for BF16 partial rows back, half the
-	// bytes, each value rounded to 8 significant bits.
+	// bytes, each value rounded to 8 significant bits; DTYPE_F8_E4M3
+	// sends hidden rows as E4M3 with a scale per 128 values (a quarter of
+	// the bytes, 4 significant bits) and asks for BF16 partial rows, as
+	// DeepSeek-V3 dispatches in FP8 and combines in BF16.
 	Wire meshpb.DType
 }
 
@@ -160,7 +163,7 @@ type RemoteExperts struct {
 // NewRemoteExperts dispatches to the nodes view routes to.
 func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *RemoteExperts {
 	r := &RemoteExperts{view: view, hidden: hidden, timeout: cfg.DispatchTimeout, budget: cfg.ExpertWait, dial: cfg.Dial, wire: meshpb.DType_DTYPE_F32}
-	if cfg.Wire == meshpb.DType_DTYPE_BF16 {
+	if cfg.Wire == meshpb.DType_DTYPE_BF16 || cfg.Wire == meshpb.DType_DTYPE_F8_E4M3 {
 		r.wire = cfg.Wire
 	}
 	if r.timeout <= 0 {
@@ -661,7 +664,12 @@ func (d *dispatch) send(a *attempt, now time.Time, n int) {
 var noSpan = trace.SpanFromContext(context.Background())
 
 // rowBytes is the wire size of one hidden row.
-func (r *RemoteExperts) rowBytes() int { return wire.Size(r.wire) * r.hidden }
+func (r *RemoteExperts) rowBytes() int {
+	if r.wire == meshpb.DType_DTYPE_F8_E4M3 {
+		return r.hidden + 4*wire.ScaleBlocks(r.hidden)
+	}
+	return wire.Size(r.wire) * r.hidden
+}
 
 // trouble starts the expert-wait budget of this dispatch.
 func (d *dispatch) trouble(now time.Time) {
@@ -1063,6 +1071,7 @@ type expertConn struct {
 	hidden   meshpb.Tensor
 	shape    [2]int64
 	data     []byte
+	scales   []float32
 	ids      []int32
 	w        []float32
 	trace    map[string]string
@@ -1228,19 +1237,24 @@ func (c *expertConn) send(a *attempt) {
 	}
 	d := a.d
 	h := c.r.hidden
-	c.data = c.data[:0]
+	c.data, c.scales = c.data[:0], c.scales[:0]
 	for _, row := range a.rows {
-		c.data = wire.AppendRows(c.data, c.r.wire, d.x[int(row)*h:int(row+1)*h])
+		x := d.x[int(row)*h : int(row+1)*h]
+		if c.r.wire == meshpb.DType_DTYPE_F8_E4M3 {
+			c.data, c.scales = wire.AppendF8Rows(c.data, c.scales, x, h)
+		} else {
+			c.data = wire.AppendRows(c.data, c.r.wire, x)
+		}
 	}
 	// Copies, not aliases: once a.mu is released the attempt may be
 	// answered, completed and reused before Send below has marshalled.
 	c.ids = append(c.ids[:0], a.ids...)
 	c.w = append(c.w[:0], a.w...)
 	c.shape = [2]int64{rows, int64(h)}
-	c.hidden = meshpb.Tensor{Dtype: c.r.wire, Shape: c.shape[:], Data: c.data}
+	c.hidden = meshpb.Tensor{Dtype: c.r.wire, Shape: c.shape[:], Data: c.data, Scales: c.scales}
 	c.req.Id, c.req.Layer, c.req.K = a.id, uint32(d.layer), uint32(d.k)
 	c.req.ExpertIds, c.req.GateWeights, c.req.Hidden = c.ids, c.w, &c.hidden
-	c.req.PlacementVersion, c.req.PartialDtype = a.version, c.r.wire
+	c.req.PlacementVersion, c.req.PartialDtype = a.version, wire.PartialFor(c.r.wire)
 	c.req.TraceContext = nil
 	if trace.SpanContextFromContext(a.ctx).IsValid() {
 		if c.trace == nil {

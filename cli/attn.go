@@ -39,7 +39,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.StringVar(&cfg.Quantize, "quantize", "", "convert weights at load: q8")
 	weights := fs.String("weights", "auto", weightsUsage)
 	fs.DurationVar(&cfg.DispatchTimeout, "dispatch-timeout", cfg.DispatchTimeout, "deadline of one dispatch of up to 256 rows to an expert node (more rows get proportionally more); a node that misses it is skipped for another replica")
-	wireDT := fs.String("wire", "f32", "activation dtype of dispatches to expert nodes: f32 (exact) or bf16 (half the bytes both ways, every value rounded to 8 significant bits)")
+	wireDT := fs.String("wire", "f32", "activation dtype of dispatches to expert nodes: f32 (exact), bf16 (half the bytes both ways, every value rounded to 8 significant bits) or fp8 (E4M3 rows with a scale per 128 values out, BF16 back, as DeepSeek-V3)")
 	fs.DurationVar(&cfg.ExpertWait, "expert-wait", cfg.ExpertWait, "how long a step waits for some replica of an expert before it fails with UNAVAILABLE; keep it below the coordinator's --step-timeout")
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	spec := fs.String("placement", "", `fixed expert placement without etcd: "ADDR=EXPERTS;ADDR=EXPERTS" in --experts' grammar; empty (and no --etcd): all experts in-process`)

@@ -131,7 +131,7 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 	} {
 		pass(&cfg.AttnArgs, f.name, f.usage, f.kind)
 	}
-	fs.Func("wire", "attention nodes: activation dtype of dispatches to expert nodes, f32 (exact, the default) or bf16 (half the bytes, rounded)", func(v string) error {
+	fs.Func("wire", "attention nodes: activation dtype of dispatches to expert nodes, f32 (exact, the default), bf16 or fp8 (fewer bytes, rounded)", func(v string) error {
 		if _, err := wire.ParseDType(v); err != nil {
 			return err
 		}

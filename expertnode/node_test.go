@@ -274,10 +274,11 @@ func TestDispatchMatchesLocal(t *testing.T) {
 	}
 }
 
-// TestDispatchBF16: a request whose hidden rows travel as BF16 and that
-// asks for BF16 partial rows gets them, equal to the F32 computation on
-// the same (rounded) rows within BF16's rounding of the result; an F32
-// request with partial_dtype UNSPECIFIED still gets F32.
+// TestDispatchBF16: a request whose hidden rows travel as BF16 (or FP8
+// E4M3 with scales) and that asks for BF16 partial rows gets them, equal
+// to the F32 computation on the same (rounded) rows within BF16's
+// rounding of the result; an F32 request with partial_dtype UNSPECIFIED
+// still gets F32.
 func TestDispatchBF16(t *testing.T) {
 	ref := newReference(t)
 	node := startNode(t, testConfig("0-79"))
@@ -321,6 +322,31 @@ func TestDispatchBF16(t *testing.T) {
 	if r, err := st.Recv(); err != nil || r.Partial.GetDtype() != meshpb.DType_DTYPE_F32 {
 		t.Fatalf("F32 request: %v %v", r, err)
 	}
+	// FP8 out, BF16 back: the node computes on the scaled E4M3 values.
+	req := validRequest(10)
+	x := make([]float32, 3*64)
+	if err := wire.Decode(x, req.Hidden); err != nil {
+		t.Fatal(err)
+	}
+	req.Hidden.Dtype, req.PartialDtype = meshpb.DType_DTYPE_F8_E4M3, bf
+	req.Hidden.Data, req.Hidden.Scales = wire.AppendF8Rows(nil, nil, x, 64)
+	if err := st.Send(req); err != nil {
+		t.Fatal(err)
+	}
+	r, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := decodePartial(t, r, 3, 64)
+	if err := wire.Decode(x, req.Hidden); err != nil {
+		t.Fatal(err)
+	}
+	want := ref.run(t, 1, x, 3, 6, req.ExpertIds, req.GateWeights)
+	for j := range want {
+		if d := math.Abs(float64(got[j] - want[j])); d > math.Abs(float64(want[j]))/256+1e-30 {
+			t.Fatalf("fp8 element %d: %g, want %g within BF16 rounding", j, got[j], want[j])
+		}
+	}
 }
 
 func maxDiff(a, b []float32) float64 {
@@ -359,6 +385,10 @@ func TestDispatchRejectsMalformed(t *testing.T) {
 			r.Hidden.Dtype, r.Hidden.Data = meshpb.DType_DTYPE_BF16, wire.AppendRows(nil, meshpb.DType_DTYPE_BF16, x)
 		}, codes.InvalidArgument},
 		{"unknown partial dtype", func(r *meshpb.DispatchRequest) { r.PartialDtype = 7 }, codes.InvalidArgument},
+		{"fp8 partial dtype", func(r *meshpb.DispatchRequest) { r.PartialDtype = meshpb.DType_DTYPE_F8_E4M3 }, codes.InvalidArgument},
+		{"fp8 without scales", func(r *meshpb.DispatchRequest) {
+			r.Hidden.Dtype, r.Hidden.Data = meshpb.DType_DTYPE_F8_E4M3, make([]byte, 3*64)
+		}, codes.InvalidArgument},
 		{"unspecified dtype", func(r *meshpb.DispatchRequest) { r.Hidden.Dtype = meshpb.DType_DTYPE_UNSPECIFIED }, codes.InvalidArgument},
 		{"missing hidden", func(r *meshpb.DispatchRequest) { r.Hidden = nil }, codes.InvalidArgument},
 		{"wrong width", func(r *meshpb.DispatchRequest) { r.Hidden.Shape = []int64{4, 48} }, codes.InvalidArgument},

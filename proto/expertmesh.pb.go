@@ -43,6 +43,9 @@ const (
 	DType_DTYPE_UNSPECIFIED DType = 0
 	DType_DTYPE_F32         DType = 1 // IEEE float32, 4 bytes little-endian
 	DType_DTYPE_BF16        DType = 2 // bfloat16, 2 bytes little-endian
+	// OCP FP8 E4M3FN, 1 byte, scaled per block: see Tensor.scales. Only
+	// DispatchRequest.hidden may carry it.
+	DType_DTYPE_F8_E4M3 DType = 3
 )
 
 // Enum value maps for DType.
@@ -51,11 +54,13 @@ var (
 		0: "DTYPE_UNSPECIFIED",
 		1: "DTYPE_F32",
 		2: "DTYPE_BF16",
+		3: "DTYPE_F8_E4M3",
 	}
 	DType_value = map[string]int32{
 		"DTYPE_UNSPECIFIED": 0,
 		"DTYPE_F32":         1,
 		"DTYPE_BF16":        2,
+		"DTYPE_F8_E4M3":     3,
 	}
 )
 
@@ -89,10 +94,15 @@ func (DType) EnumDescriptor() ([]byte, []int) {
 // Tensor is a dense row-major array. len(data) must equal
 // product(shape) * size(dtype); receivers reject anything else.
 type Tensor struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Dtype         DType                  `protobuf:"varint,1,opt,name=dtype,proto3,enum=expertmesh.v1.DType" json:"dtype,omitempty"`
-	Shape         []int64                `protobuf:"varint,2,rep,packed,name=shape,proto3" json:"shape,omitempty"`
-	Data          []byte                 `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Dtype DType                  `protobuf:"varint,1,opt,name=dtype,proto3,enum=expertmesh.v1.DType" json:"dtype,omitempty"`
+	Shape []int64                `protobuf:"varint,2,rep,packed,name=shape,proto3" json:"shape,omitempty"`
+	Data  []byte                 `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	// scales, for DTYPE_F8_E4M3 only (empty otherwise), are a [rows,
+	// ceil(cols/128)] F32 matrix: element (i, j) is E4M3(data[i*cols+j]) *
+	// scales[i*ceil(cols/128) + j/128] (DeepSeek-V3's 1×128 activation
+	// tiles). Each is finite and > 0.
+	Scales        []float32 `protobuf:"fixed32,4,rep,packed,name=scales,proto3" json:"scales,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -148,6 +158,13 @@ func (x *Tensor) GetData() []byte {
 	return nil
 }
 
+func (x *Tensor) GetScales() []float32 {
+	if x != nil {
+		return x.Scales
+	}
+	return nil
+}
+
 // DispatchRequest carries one MoE layer's rows for one micro-batch: each
 // hidden row once, with the experts this node must apply to it.
 type DispatchRequest struct {
@@ -156,9 +173,9 @@ type DispatchRequest struct {
 	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	// layer is the decoder layer index; it must be an MoE layer.
 	Layer uint32 `protobuf:"varint,2,opt,name=layer,proto3" json:"layer,omitempty"`
-	// hidden is [n, hidden_size] F32 or BF16: the post-attention-norm rows.
-	// The node computes in F32 whatever the wire dtype (BF16 widens
-	// exactly).
+	// hidden is [n, hidden_size] F32, BF16 or F8_E4M3: the
+	// post-attention-norm rows. The node computes in F32 whatever the wire
+	// dtype (BF16 and scaled E4M3 widen exactly).
 	Hidden *Tensor `protobuf:"bytes,3,opt,name=hidden,proto3" json:"hidden,omitempty"`
 	// k is the number of (expert, weight) slots per row.
 	K uint32 `protobuf:"varint,4,opt,name=k,proto3" json:"k,omitempty"`
@@ -1547,11 +1564,12 @@ var File_expertmesh_proto protoreflect.FileDescriptor
 
 const file_expertmesh_proto_rawDesc = "" +
 	"\n" +
-	"\x10expertmesh.proto\x12\rexpertmesh.v1\"^\n" +
+	"\x10expertmesh.proto\x12\rexpertmesh.v1\"z\n" +
 	"\x06Tensor\x12*\n" +
 	"\x05dtype\x18\x01 \x01(\x0e2\x14.expertmesh.v1.DTypeR\x05dtype\x12\x14\n" +
 	"\x05shape\x18\x02 \x03(\x03R\x05shape\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\fR\x04data\"\xbe\x03\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\x12\x1a\n" +
+	"\x06scales\x18\x04 \x03(\x02B\x02\x10\x01R\x06scales\"\xbe\x03\n" +
 	"\x0fDispatchRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12-\n" +
@@ -1668,12 +1686,13 @@ const file_expertmesh_proto_rawDesc = "" +
 	"\x0eprefix_caching\x18\n" +
 	" \x01(\bR\rprefixCaching\x12#\n" +
 	"\rcached_blocks\x18\v \x01(\rR\fcachedBlocks\x12&\n" +
-	"\x0fmax_step_tokens\x18\f \x01(\rR\rmaxStepTokens*=\n" +
+	"\x0fmax_step_tokens\x18\f \x01(\rR\rmaxStepTokens*P\n" +
 	"\x05DType\x12\x15\n" +
 	"\x11DTYPE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDTYPE_F32\x10\x01\x12\x0e\n" +
 	"\n" +
-	"DTYPE_BF16\x10\x022\xa7\x02\n" +
+	"DTYPE_BF16\x10\x02\x12\x11\n" +
+	"\rDTYPE_F8_E4M3\x10\x032\xa7\x02\n" +
 	"\rExpertService\x12O\n" +
 	"\bDispatch\x12\x1e.expertmesh.v1.DispatchRequest\x1a\x1f.expertmesh.v1.DispatchResponse(\x010\x01\x12?\n" +
 	"\x04Load\x12\x1a.expertmesh.v1.LoadRequest\x1a\x1b.expertmesh.v1.LoadResponse\x12?\n" +

@@ -259,9 +259,9 @@ func UnmarshalResponse(b []byte, m *meshpb.DispatchResponse) error {
 // rule for a repeated message field: scalars replaced, repeated appended).
 func unmarshalTensor(b []byte, t *meshpb.Tensor, fresh bool) error {
 	if fresh {
-		shape, data := t.Shape[:0], t.Data[:0]
+		shape, data, scales := t.Shape[:0], t.Data[:0], t.Scales[:0]
 		t.Reset()
-		t.Shape, t.Data = shape, data
+		t.Shape, t.Data, t.Scales = shape, data, scales
 	}
 	for len(b) > 0 {
 		num, typ, n := consumeTag(b)
@@ -301,6 +301,12 @@ func unmarshalTensor(b []byte, t *meshpb.Tensor, fresh bool) error {
 				return errDecode
 			}
 			t.Data, b = append(t.Data[:0], v...), b[n:]
+		case num == 4:
+			var err error
+			if t.Scales, n, err = consumeFloats(b, num, typ, t.Scales); err != nil {
+				return err
+			}
+			b = b[n:]
 		default:
 			n := protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {

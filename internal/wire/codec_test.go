@@ -17,11 +17,16 @@ func randomRequest(rng *rand.Rand) *meshpb.DispatchRequest {
 	for i := range x {
 		x[i] = float32(rng.NormFloat64())
 	}
-	dt := []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16}[rng.IntN(2)]
+	dt := []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16, meshpb.DType_DTYPE_F8_E4M3}[rng.IntN(3)]
+	hidden := &meshpb.Tensor{Dtype: dt, Shape: []int64{int64(rows), int64(cols)}}
+	if dt == meshpb.DType_DTYPE_F8_E4M3 {
+		hidden.Data, hidden.Scales = AppendF8Rows(nil, nil, x, cols)
+	} else {
+		hidden.Data = AppendRows(nil, dt, x)
+	}
 	req := &meshpb.DispatchRequest{
 		Id: rng.Uint64(), Layer: rng.Uint32N(64), K: uint32(1 + rng.IntN(6)),
-		Hidden:           &meshpb.Tensor{Dtype: dt, Shape: []int64{int64(rows), int64(cols)}, Data: AppendRows(nil, dt, x)},
-		PlacementVersion: rng.Uint64N(5), PartialDtype: meshpb.DType(rng.IntN(3)),
+		Hidden: hidden, PlacementVersion: rng.Uint64N(5), PartialDtype: meshpb.DType(rng.IntN(3)),
 	}
 	for range rows * int(req.K) {
 		req.ExpertIds = append(req.ExpertIds, int32(rng.IntN(70))-1)

@@ -52,23 +52,48 @@ func Size(dt meshpb.DType) int {
 		return 4
 	case meshpb.DType_DTYPE_BF16:
 		return 2
+	case meshpb.DType_DTYPE_F8_E4M3:
+		return 1
 	}
 	return 0
 }
 
-// ParseDType maps a --wire flag value to the activation dtype: "f32"
-// (exact, the default) or "bf16".
+// F8Block is how many consecutive values of a row share one scale in an
+// F8_E4M3 tensor (DeepSeek-V3's 1×128 activation tiles).
+const F8Block = 128
+
+// f8Max is E4M3FN's largest finite value.
+const f8Max = 448
+
+// ScaleBlocks is the number of scales per row of cols values in an
+// F8_E4M3 tensor.
+func ScaleBlocks(cols int) int { return (cols + F8Block - 1) / F8Block }
+
+// ParseDType maps a --wire flag value to the dtype of dispatched hidden
+// rows: "f32" (exact, the default), "bf16" or "fp8" (E4M3, scaled per
+// 128 values). See PartialFor for the replies'.
 func ParseDType(s string) (meshpb.DType, error) {
 	switch s {
 	case "", "f32":
 		return meshpb.DType_DTYPE_F32, nil
 	case "bf16":
 		return meshpb.DType_DTYPE_BF16, nil
+	case "fp8":
+		return meshpb.DType_DTYPE_F8_E4M3, nil
 	}
-	return 0, fmt.Errorf("wire dtype %q: want f32 or bf16", s)
+	return 0, fmt.Errorf("wire dtype %q: want f32, bf16 or fp8", s)
 }
 
-// ActivationDType resolves a requested activation dtype: UNSPECIFIED is
+// PartialFor is the dtype partial rows come back in when hidden rows go
+// out in dt: F32 for F32, BF16 otherwise (DeepSeek combines in BF16).
+func PartialFor(dt meshpb.DType) meshpb.DType {
+	if dt == meshpb.DType_DTYPE_F32 || dt == meshpb.DType_DTYPE_UNSPECIFIED {
+		return meshpb.DType_DTYPE_F32
+	}
+	return meshpb.DType_DTYPE_BF16
+}
+
+// ActivationDType resolves a requested partial-row dtype: UNSPECIFIED is
 // F32; anything but F32 and BF16 is refused.
 func ActivationDType(dt meshpb.DType) (meshpb.DType, error) {
 	switch dt {
@@ -78,6 +103,66 @@ func ActivationDType(dt meshpb.DType) (meshpb.DType, error) {
 		return dt, nil
 	}
 	return 0, fmt.Errorf("%w: activation dtype %v, want DTYPE_F32 or DTYPE_BF16", ErrInvalidTensor, dt)
+}
+
+// AppendF8Rows appends rows of cols values of x as E4M3 bytes to b and
+// their scales to scales: each block of F8Block values of a row is
+// divided by its largest magnitude over 448 (1 for an all-zero block) and
+// rounded to the nearest E4M3 value, ties to even. x must be finite.
+func AppendF8Rows(b []byte, scales []float32, x []float32, cols int) ([]byte, []float32) {
+	n := len(b)
+	b = append(b, make([]byte, len(x))...)
+	out := b[n:]
+	for r := 0; r < len(x); r += cols {
+		row := x[r : r+cols]
+		for c := 0; c < cols; c += F8Block {
+			blk := row[c:min(c+F8Block, cols)]
+			amax := float32(0)
+			for _, v := range blk {
+				amax = max(amax, float32(math.Abs(float64(v))))
+			}
+			scale := float32(1)
+			if amax > 0 {
+				// At least the smallest float32, so that a block of
+				// subnormals keeps a positive scale.
+				scale = max(amax/f8Max, math.SmallestNonzeroFloat32)
+			}
+			inv := 1 / float64(scale) // float64: 1/scale may overflow float32
+			for i, v := range blk {
+				out[r+c+i] = toE4M3(float64(v) * inv)
+			}
+			scales = append(scales, scale)
+		}
+	}
+	return b, scales
+}
+
+// toE4M3 rounds v to the nearest E4M3FN value, ties to even, saturating
+// at ±448 (the format has no infinity).
+func toE4M3(a float64) uint8 {
+	sign := uint8(0)
+	if math.Signbit(a) {
+		sign, a = 0x80, -a
+	}
+	if a >= f8Max {
+		return sign | 0x7e
+	}
+	const minNormal = 1.0 / 64 // 2^-6
+	if a < minNormal {
+		// Subnormals step by 2^-9; rounding up to 8 steps gives the
+		// smallest normal, whose code is 8 as well.
+		return sign | uint8(math.RoundToEven(a*512))
+	}
+	frac, exp := math.Frexp(a) // a = frac * 2^exp, frac in [0.5, 1)
+	e := exp - 1               // a = (2*frac) * 2^e
+	m := math.RoundToEven((2*frac - 1) * 8)
+	if m == 8 {
+		m, e = 0, e+1
+	}
+	if e > 8 || (e == 8 && m > 6) {
+		return sign | 0x7e
+	}
+	return sign | uint8(e+7)<<3 | uint8(m)
 }
 
 // AppendRows appends x in dtype dt (F32 exactly, BF16 rounded to nearest
@@ -95,15 +180,17 @@ func AppendRows(b []byte, dt meshpb.DType, x []float32) []byte {
 	return b
 }
 
-// CheckMatrix validates that t is an F32 or BF16 [rows, cols] tensor with
-// cols == wantCols (rows free, 1 <= rows <= maxRows) and returns rows.
+// CheckMatrix validates that t is an F32, BF16 or F8_E4M3 [rows, cols]
+// tensor with cols == wantCols (rows free, 1 <= rows <= maxRows) and
+// returns rows. An F8_E4M3 tensor needs rows*ScaleBlocks(cols) finite
+// positive scales; any other tensor none.
 func CheckMatrix(t *meshpb.Tensor, wantCols, maxRows int) (int, error) {
 	if t == nil {
 		return 0, fmt.Errorf("%w: missing", ErrInvalidTensor)
 	}
 	size := Size(t.Dtype)
 	if size == 0 {
-		return 0, fmt.Errorf("%w: dtype %v, want DTYPE_F32 or DTYPE_BF16", ErrInvalidTensor, t.Dtype)
+		return 0, fmt.Errorf("%w: dtype %v, want DTYPE_F32, DTYPE_BF16 or DTYPE_F8_E4M3", ErrInvalidTensor, t.Dtype)
 	}
 	if len(t.Shape) != 2 {
 		return 0, fmt.Errorf("%w: rank %d, want 2", ErrInvalidTensor, len(t.Shape))
@@ -118,12 +205,28 @@ func CheckMatrix(t *meshpb.Tensor, wantCols, maxRows int) (int, error) {
 	if int64(len(t.Data)) != rows*cols*int64(size) {
 		return 0, fmt.Errorf("%w: %d data bytes for shape [%d %d] %v, want %d", ErrInvalidTensor, len(t.Data), rows, cols, t.Dtype, rows*cols*int64(size))
 	}
+	want := 0
+	if t.Dtype == meshpb.DType_DTYPE_F8_E4M3 {
+		want = int(rows) * ScaleBlocks(int(cols))
+	}
+	if len(t.Scales) != want {
+		return 0, fmt.Errorf("%w: %d scales for shape [%d %d] %v, want %d", ErrInvalidTensor, len(t.Scales), rows, cols, t.Dtype, want)
+	}
+	for i, s := range t.Scales {
+		if !(s > 0) || math.IsInf(float64(s), 0) {
+			return 0, fmt.Errorf("%w: scales[%d] = %v: want finite and > 0", ErrInvalidTensor, i, s)
+		}
+	}
 	return int(rows), nil
 }
 
 // Decode decodes a tensor CheckMatrix accepted into dst (len >= its
-// elements), widening BF16 exactly, and rejects non-finite values.
+// elements), widening BF16 exactly and scaling E4M3, and rejects
+// non-finite values.
 func Decode(dst []float32, t *meshpb.Tensor) error {
+	if t.Dtype == meshpb.DType_DTYPE_F8_E4M3 {
+		return decodeF8(dst, t)
+	}
 	if t.Dtype != meshpb.DType_DTYPE_BF16 {
 		return DecodeF32(dst, t.Data)
 	}
@@ -160,6 +263,29 @@ func DecodeF32(dst []float32, data []byte) error {
 	for i, v := range dst[:n] {
 		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
 			return fmt.Errorf("%w: non-finite value at element %d", ErrInvalidTensor, i)
+		}
+	}
+	return nil
+}
+
+func decodeF8(dst []float32, t *meshpb.Tensor) error {
+	data := t.Data
+	if len(dst) < len(data) {
+		return fmt.Errorf("%w: %d values into a buffer of %d", ErrInvalidTensor, len(data), len(dst))
+	}
+	cols := int(t.Shape[1])
+	blocks := ScaleBlocks(cols)
+	for r := 0; r*cols < len(data); r++ {
+		row, out := data[r*cols:(r+1)*cols], dst[r*cols:(r+1)*cols]
+		for i, q := range row {
+			if q&0x7f == 0x7f {
+				return fmt.Errorf("%w: NaN at element %d", ErrInvalidTensor, r*cols+i)
+			}
+			v := kernels.E4M3ToF32(q) * t.Scales[r*blocks+i/F8Block]
+			if math.IsInf(float64(v), 0) {
+				return fmt.Errorf("%w: non-finite value at element %d", ErrInvalidTensor, r*cols+i)
+			}
+			out[i] = v
 		}
 	}
 	return nil
