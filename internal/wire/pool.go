@@ -9,14 +9,17 @@ import (
 
 // Pool is the buffer pool of every expertmesh gRPC connection (installed
 // by the rpc package) and of Codec's marshalling: power-of-two tiers from
-// 256 B to 64 MiB, each a sync.Pool, larger buffers unpooled. Unlike
+// 2 KiB to 64 MiB, each a sync.Pool, larger buffers unpooled. The
+// smallest tier is above gRPC's pooling threshold (1 KiB): gRPC never
+// returns a buffer of a smaller capacity to its pool, so a small message
+// marshalled into one would cost a new buffer every time. Unlike
 // gRPC's default pool it does not zero a buffer it hands out: gRPC's
 // tiers jump from 32 KiB to 1 MiB and zero a buffer's whole capacity on
 // every Get, so each 256 KiB message (32 rows of V2-Lite) paid for
 // clearing a MiB on each side. Every user of these buffers (gRPC's
 // transport reading frames, the codec marshalling) writes the bytes it
 // then reads, as with gRPC's own dirty pool for frames.
-var Pool mem.BufferPool = newTieredPool(8, 26)
+var Pool mem.BufferPool = newTieredPool(11, 26)
 
 type tieredPool struct {
 	min, max uint
