@@ -325,9 +325,13 @@ func TestServePoisson(t *testing.T) {
 	if r.Duration < 0.6 || r.RequestRate != 40 {
 		t.Errorf("duration %v at 40 req/s for 24 requests", r.Duration)
 	}
-	for i := 1; i < len(r.StartTimes); i++ {
-		if r.StartTimes[i] < r.StartTimes[i-1] {
-			t.Errorf("requests started out of order")
+	// Request i is dispatched at its arrival time of the seeded schedule,
+	// never before (its goroutine may send a moment later; two arrivals
+	// microseconds apart may send in either order).
+	sched := NewArrivals(40, 1, 2).Schedule(24)
+	for i, st := range r.StartTimes {
+		if st < sched[i].Seconds() {
+			t.Errorf("request %d started at %.4f s, before its arrival at %.4f s", i, st, sched[i].Seconds())
 		}
 	}
 	if last := r.StartTimes[len(r.StartTimes)-1]; last < 0.6 {
