@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -239,5 +240,50 @@ func TestPingPongExpertBound(t *testing.T) {
 		if m > 1 && p.StepMs < p.ExpertBusyMs+p.HeadMs+p.Layers[0].LayerMs-1e-9 {
 			t.Errorf("%d micro-batches: step %.3f ms < expert busy %.3f + head %.3f + dense %.3f", m, p.StepMs, p.ExpertBusyMs, p.HeadMs, p.Layers[0].LayerMs)
 		}
+	}
+}
+
+// TestSlowestExpertNode checks the slowest node's touched experts against
+// a simulation of routing: every row picks k distinct experts uniformly,
+// node j holds experts [j·N/E, (j+1)·N/E), and the mean over many
+// dispatches of the largest per-node count of distinct touched experts.
+func TestSlowestExpertNode(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, tc := range []struct{ n, k, rows, nodes int }{
+		{64, 6, 4, 2}, {64, 6, 8, 2}, {64, 6, 4, 4}, {64, 6, 8, 4}, {64, 6, 32, 4}, {64, 6, 8, 8},
+		{160, 6, 32, 8}, {256, 8, 16, 16},
+	} {
+		const trials = 4000
+		per := tc.n / tc.nodes
+		var sumMax, sumMean float64
+		hit := make([]bool, tc.n)
+		for range trials {
+			clear(hit)
+			for range tc.rows {
+				for _, e := range rng.Perm(tc.n)[:tc.k] {
+					hit[e] = true
+				}
+			}
+			most, all := 0, 0
+			for j := range tc.nodes {
+				c := 0
+				for _, h := range hit[j*per : (j+1)*per] {
+					if h {
+						c++
+					}
+				}
+				most, all = max(most, c), all+c
+			}
+			sumMax += float64(most)
+			sumMean += float64(all) / float64(tc.nodes)
+		}
+		mean, slowest := touchedPerNode(float64(tc.n), float64(tc.k), float64(tc.rows), tc.nodes)
+		simMean, simMax := sumMean/trials, sumMax/trials
+		if math.Abs(mean-simMean) > 0.02*simMean || math.Abs(slowest-simMax) > 0.05*simMax {
+			t.Errorf("%+v: mean %.2f slowest %.2f experts; simulated %.2f and %.2f", tc, mean, slowest, simMean, simMax)
+		}
+	}
+	if m, s := touchedPerNode(64, 6, 8, 1); m != s {
+		t.Errorf("one node is its own slowest: %v %v", m, s)
 	}
 }

@@ -24,12 +24,21 @@
 //     groups per node, its topk_group groups), and of the experts touched
 //     (N/E · (1 − (1 − k/N)^b)), each read once: 3·hidden·moe_intermediate
 //     weights per touched expert, 6·hidden·moe_intermediate flops per
-//     (row, expert) pair.
+//     (row, expert) pair;
+//   - the wait for the slowest expert node: placement balances the
+//     expected load, not one dispatch's draw. A node's count of touched
+//     experts is about binomial (N/E experts, each touched with chance
+//     q = 1 − (1 − k/N)^b); the slowest of E nodes is about z(E)
+//     standard deviations above the mean (z: the expected largest of E
+//     standard normals, 0.56 for 2 nodes, 1.03 for 4, 1.42 for 8), capped
+//     at all its experts. On one shared machine the nodes that finish
+//     first leave the slowest the machine, so it is late only by what its
+//     own rates cannot absorb. The hop is wire + the slowest node.
 //
 // With M micro-batches sharing the attention node's compute, and each
 // expert node answering their M dispatches of the layer one after
 // another, a MoE layer takes max(M·attention, M·expert, attention + wire
-// + expert) in steady state: the hop is hidden when (M − 1)·attention ≥
+// + slowest expert) in steady state: the hop is hidden when (M − 1)·attention ≥
 // wire + expert, and ping-pong cannot make a layer shorter than its
 // expert work for all micro-batches (a slow expert node is not hidden by
 // splitting the batch; it is only hidden by more nodes). A dense layer
@@ -44,8 +53,9 @@
 // the latent cache of its sequences; per expert node: (routed experts +
 // redundant replicas) / E per MoE layer.
 //
-// Not modelled: prefill, queueing between steps, load imbalance between
-// expert nodes (placement balances it), and the expert nodes' contention
+// Not modelled: prefill, queueing between steps, lasting load imbalance
+// between expert nodes (placement balances it; EPLB's redundant replicas
+// only add memory here), and the expert nodes' contention
 // when several attention nodes' dispatches arrive at once beyond their
 // summed busy time.
 package capacity

@@ -21,7 +21,7 @@ func Write(w io.Writer, name string, p *Prediction) {
 	fmt.Fprintf(w, "\nlink: %v one way, %s; dispatch overhead %v\n\n", s.Link.Latency, gbps(s.Link.Gbps), s.DispatchOverhead)
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "layers\tkind\tattention ms\twire ms\texpert ms\tlayer ms\thop\t")
+	fmt.Fprintln(tw, "layers\tkind\tattention ms\twire ms\texpert ms\tslowest +ms\tlayer ms\thop\t")
 	row := func(first, last int, l Layer) {
 		span := fmt.Sprint(first)
 		if last > first {
@@ -37,7 +37,7 @@ func Write(w io.Writer, name string, p *Prediction) {
 				hop += ", experts bound"
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.3f\t%.3f\t%.3f\t%.3f\t%s\t\n", span, kind, l.AttentionMs, l.WireMs, l.ExpertMs, l.LayerMs, hop)
+		fmt.Fprintf(tw, "%s\t%s\t%.3f\t%.3f\t%.3f\t%.3f\t%.3f\t%s\t\n", span, kind, l.AttentionMs, l.WireMs, l.ExpertMs, l.SlowestWaitMs, l.LayerMs, hop)
 	}
 	start := 0
 	for i := 1; i <= len(p.Layers); i++ {
