@@ -206,13 +206,16 @@ func (c *Client) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.Ste
 		err  error
 	}
 	done := make(chan result, 1)
+	// The goroutine works on this step's stream: on ctx.Done reset clears
+	// c.stream while it may not have started yet.
+	st := c.stream
 	go func() {
-		if err := c.stream.Send(req); err != nil {
-			_, err = c.stream.Recv() // the real status is on Recv
+		if err := st.Send(req); err != nil {
+			_, err = st.Recv() // the real status is on Recv
 			done <- result{nil, err}
 			return
 		}
-		resp, err := c.stream.Recv()
+		resp, err := st.Recv()
 		done <- result{resp, err}
 	}()
 	select {
