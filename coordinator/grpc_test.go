@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/expertmesh/expertmesh/attnnode"
 	"github.com/expertmesh/expertmesh/model"
@@ -168,12 +169,15 @@ func TestNodeDiesMidGeneration(t *testing.T) {
 func TestRebuildOnAnotherNode(t *testing.T) {
 	// The serving node's fourth step waits until the test has cut the
 	// node off, so the failure lands mid-generation on every run. Either
-	// node may serve: Ready means one node is up, not both.
+	// node may serve: Ready means one node is up, not both, so the test
+	// waits for both (a node still connecting when the other fails is no
+	// node to rebuild on: the request would fail, as it should).
 	held := make([]*holdStep, 2)
 	c, proxies := startGRPC(t, 2, func(i int, n AttentionNode) AttentionNode {
 		held[i] = &holdStep{AttentionNode: n, after: 3, reached: make(chan struct{}), resume: make(chan struct{})}
 		return held[i]
 	})
+	waitUsable(t, c, 2)
 	p := prompt(9, 5)
 	res := make(chan *completionOut, 1)
 	go func() {
@@ -224,4 +228,26 @@ func (h *holdStep) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.S
 		}
 	}
 	return h.AttentionNode.Step(ctx, req)
+}
+
+// waitUsable waits until /readyz counts n attention nodes taking new
+// sequences.
+func waitUsable(t *testing.T, c *Coordinator, n int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var ready struct{ Nodes int }
+		resp, err := http.Get("http://" + c.Addr() + "/readyz")
+		if err == nil {
+			err = json.NewDecoder(resp.Body).Decode(&ready)
+			resp.Body.Close()
+		}
+		if err == nil && ready.Nodes >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d attention nodes not usable after 30 s (%d are; %v)", n, ready.Nodes, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
