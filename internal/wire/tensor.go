@@ -119,7 +119,7 @@ func AppendF8Rows(b []byte, scales []float32, x []float32, cols int) ([]byte, []
 			blk := row[c:min(c+F8Block, cols)]
 			amax := float32(0)
 			for _, v := range blk {
-				amax = max(amax, float32(math.Abs(float64(v))))
+				amax = max(amax, math.Float32frombits(math.Float32bits(v)&0x7fffffff))
 			}
 			scale := float32(1)
 			if amax > 0 {
@@ -129,7 +129,7 @@ func AppendF8Rows(b []byte, scales []float32, x []float32, cols int) ([]byte, []
 			}
 			inv := 1 / float64(scale) // float64: 1/scale may overflow float32
 			for i, v := range blk {
-				out[r+c+i] = toE4M3(float64(v) * inv)
+				out[r+c+i] = toE4M3(float32(float64(v) * inv))
 			}
 			scales = append(scales, scale)
 		}
@@ -138,31 +138,25 @@ func AppendF8Rows(b []byte, scales []float32, x []float32, cols int) ([]byte, []
 }
 
 // toE4M3 rounds v to the nearest E4M3FN value, ties to even, saturating
-// at ±448 (the format has no infinity).
-func toE4M3(a float64) uint8 {
-	sign := uint8(0)
-	if math.Signbit(a) {
-		sign, a = 0x80, -a
-	}
-	if a >= f8Max {
-		return sign | 0x7e
-	}
-	const minNormal = 1.0 / 64 // 2^-6
-	if a < minNormal {
+// at ±448 (the format has no infinity). v must not be NaN.
+func toE4M3(v float32) uint8 {
+	bits := math.Float32bits(v)
+	sign := uint8(bits>>24) & 0x80
+	bits &= 0x7fffffff
+	const minNormal = (127 - 6) << 23 // 2^-6, E4M3's smallest normal
+	if bits < minNormal {
 		// Subnormals step by 2^-9; rounding up to 8 steps gives the
 		// smallest normal, whose code is 8 as well.
-		return sign | uint8(math.RoundToEven(a*512))
+		return sign | uint8(math.RoundToEven(float64(math.Float32frombits(bits))*512))
 	}
-	frac, exp := math.Frexp(a) // a = frac * 2^exp, frac in [0.5, 1)
-	e := exp - 1               // a = (2*frac) * 2^e
-	m := math.RoundToEven((2*frac - 1) * 8)
-	if m == 8 {
-		m, e = 0, e+1
-	}
-	if e > 8 || (e == 8 && m > 6) {
+	// Round the 23-bit mantissa to 3 bits, ties to even, in the integer
+	// bits: a carry moves into the exponent, as it should.
+	bits += 1<<19 - 1 + (bits>>20)&1
+	code := bits>>20 - (127-7)<<3
+	if code > 0x7e {
 		return sign | 0x7e
 	}
-	return sign | uint8(e+7)<<3 | uint8(m)
+	return sign | uint8(code)
 }
 
 // AppendRows appends x in dtype dt (F32 exactly, BF16 rounded to nearest

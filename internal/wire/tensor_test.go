@@ -77,7 +77,7 @@ func TestE4M3(t *testing.T) {
 		if q&0x7f == 0x7f {
 			continue // NaN
 		}
-		v := float64(kernels.E4M3ToF32(q))
+		v := kernels.E4M3ToF32(q)
 		got := toE4M3(v)
 		if v == 0 {
 			if got&0x7f != 0 {
@@ -91,11 +91,8 @@ func TestE4M3(t *testing.T) {
 		if q&0x7f == 0x7e || q&0x7f == 0 {
 			continue
 		}
-		next := float64(kernels.E4M3ToF32(q + 1))
-		if q&0x80 != 0 {
-			next = float64(kernels.E4M3ToF32(q + 1))
-		}
-		mid := (v + next) / 2
+		next := kernels.E4M3ToF32(q + 1)
+		mid := (v + next) / 2 // exact in float32
 		want := q
 		if (q+1)&1 == 0 {
 			want = q + 1
@@ -103,6 +100,15 @@ func TestE4M3(t *testing.T) {
 		if got := toE4M3(mid); got != want {
 			t.Errorf("midpoint of %#x and %#x (%g): %#x, want %#x", q, q+1, mid, got, want)
 		}
+	}
+	for _, v := range []float32{1e6, 449, 464, math.MaxFloat32} {
+		if toE4M3(v) != 0x7e || toE4M3(-v) != 0xfe {
+			t.Errorf("%g: no saturation at ±448", v)
+		}
+	}
+	// Just below the midpoints on either side of a code stay with it.
+	if toE4M3(math.Nextafter32(1.0625, 0)) != 0x38 || toE4M3(math.Nextafter32(1.0625, 2)) != 0x39 {
+		t.Error("rounding near 1.0625")
 	}
 	if toE4M3(1e6) != 0x7e || toE4M3(-500) != 0xfe {
 		t.Error("no saturation at ±448")
