@@ -31,9 +31,8 @@
 //     q = 1 − (1 − k/N)^b); the slowest of E nodes is about z(E)
 //     standard deviations above the mean (z: the expected largest of E
 //     standard normals, 0.56 for 2 nodes, 1.03 for 4, 1.42 for 8), capped
-//     at all its experts. On one shared machine the nodes that finish
-//     first leave the slowest the machine, so it is late only by what its
-//     own rates cannot absorb. The hop is wire + the slowest node.
+//     at all its experts, at the same rates as the mean node (also when
+//     all nodes share one machine). The hop is wire + the slowest node.
 //
 // With M micro-batches sharing the attention node's compute, and each
 // expert node answering their M dispatches of the layer one after
