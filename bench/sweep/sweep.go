@@ -299,27 +299,38 @@ func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemet
 
 // Predict fills every point's prediction. Overheads left zero are
 // calibrated on the loopback points: the dispatch overhead from their
-// measured wire time per MoE layer, the step overhead from their time
-// outside the micro-batches.
+// measured wire time per MoE layer (of the points without ping-pong
+// where there are any: with two micro-batches a dispatch's span also
+// holds its wait for the expert node still busy with the other
+// micro-batch, which the model has as the expert node's work for every
+// micro-batch, so it would count twice), the step overhead from their
+// time outside the micro-batches.
 //
 // With fit, the rates are first scaled by one factor so that the
 // reference point (loopback, fewest expert nodes, fewest micro-batches)
 // is predicted exactly: the load of a shared machine in one number.
 func Predict(res *Result, c *model.Config, s capacity.Setup, fit bool) {
-	var wire, outside []float64
+	var wire, wire1, outside []float64
 	for _, p := range res.Points {
 		if p.Link != "loopback" || p.Breakdown == nil {
 			continue
 		}
 		for _, l := range p.Breakdown.Layers {
 			wire = append(wire, l.DispatchWireMs)
+			if p.MicroBatches == 1 {
+				wire1 = append(wire1, l.DispatchWireMs)
+			}
 		}
 		outside = append(outside, p.Breakdown.OutsideMs)
+	}
+	wireFrom := "loopback"
+	if len(wire1) > 0 {
+		wire, wireFrom = wire1, "loopback with one micro-batch"
 	}
 	var notes []string
 	if s.DispatchOverhead == 0 && len(wire) > 0 {
 		s.DispatchOverhead = time.Duration(median(wire) * 1e6)
-		notes = append(notes, fmt.Sprintf("dispatch overhead %v: median wire time per MoE layer on loopback", s.DispatchOverhead))
+		notes = append(notes, fmt.Sprintf("dispatch overhead %v: median wire time per MoE layer on %s", s.DispatchOverhead, wireFrom))
 	}
 	if s.StepOverhead == 0 && len(outside) > 0 {
 		s.StepOverhead = time.Duration(median(outside) * 1e6)

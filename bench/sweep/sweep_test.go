@@ -104,3 +104,39 @@ func TestParseLinks(t *testing.T) {
 		}
 	}
 }
+
+// TestPredictCalibratesWireWithoutPingPong: the dispatch overhead is the
+// loopback points' median wire time per MoE layer without ping-pong; a
+// two-micro-batch point's dispatches also wait for the expert node busy
+// with the other micro-batch (the model's M·expert), so they are left out
+// when points with one micro-batch exist, and used when none do.
+func TestPredictCalibratesWireWithoutPingPong(t *testing.T) {
+	c, _ := capacity.LoadModel("v2-lite-4l")
+	point := func(m int, link string, wireMs float64) Point {
+		bd := &bench.Breakdown{OutsideMs: 1, StepMs: 100}
+		for l := 1; l <= 3; l++ {
+			bd.Layers = append(bd.Layers, bench.LayerTiming{Layer: l, DispatchWireMs: wireMs})
+		}
+		return Point{ExpertNodes: 1, AttnNodes: 1, MicroBatches: m, Concurrency: 8, Link: link, StepMs: 100, Breakdown: bd}
+	}
+	plan := capacity.DefaultSetup(c)
+	plan.Attn, plan.Expert, plan.Context = capacity.Rates{GBps: 17, GFLOPs: 165}, capacity.Rates{GBps: 17, GFLOPs: 165}, 64
+	for _, tc := range []struct {
+		points []Point
+		want   time.Duration
+	}{
+		{[]Point{point(1, "loopback", 2), point(2, "loopback", 30), point(2, "loopback", 40), point(1, "500µs/10Gbit", 9)}, 2 * time.Millisecond},
+		{[]Point{point(2, "loopback", 30), point(2, "loopback", 30)}, 30 * time.Millisecond},
+	} {
+		res := &Result{Points: tc.points}
+		Predict(res, c, plan, false)
+		if res.Plan.DispatchOverhead != tc.want {
+			t.Errorf("dispatch overhead %v, want %v (%s)", res.Plan.DispatchOverhead, tc.want, res.Calibration)
+		}
+		for _, p := range res.Points {
+			if p.PredictedStepMs <= 0 {
+				t.Errorf("no prediction: %+v", p)
+			}
+		}
+	}
+}
