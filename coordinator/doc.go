@@ -25,7 +25,10 @@
 // Every node's next step is planned from what runs on it at that moment,
 // so requests join and leave the batch every step (continuous batching).
 // Each running decode feeds back one token per step; the rest of the
-// per-step token budget goes to prompt chunks, oldest first, ending on
+// per-step token budget goes to prompt chunks, oldest first (except that
+// prompts whose rest fits in half a step go before longer ones and may
+// take half the budget, so a small request is not held behind whole
+// prefills of long prompts, nor can small ones starve a long one), ending on
 // block boundaries where they can (so later chunks can take cached
 // blocks), so a long prompt is prefilled over several steps while the
 // decodes beside it keep a bounded step time. Finished, failed, cancelled

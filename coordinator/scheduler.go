@@ -27,7 +27,10 @@ import (
 // Priority is arrival order: every sequence keeps the number it got when
 // it first arrived, through preemptions and rebuilds, and older goes
 // first everywhere — in the waiting queue, for a node's step budget, for
-// cache blocks. Cache blocks are taken as sequences grow (see the proto's
+// cache blocks — with one exception: a prompt whose rest fits in half a
+// step is planned before longer ones and may take half the prompt budget
+// while they prefill (as vLLM's long-prefill threshold does), so a small
+// request does not wait for whole prefills of long prompts ahead of it. Cache blocks are taken as sequences grow (see the proto's
 // AttentionService.Step): a sequence is placed once its prompt fits (the
 // blocks for its prompt and first token are set aside for it), and each
 // step takes blocks for the positions it adds. When a node's blocks run
@@ -554,8 +557,9 @@ func (s *scheduler) makeRoom(n *nodeState, q *sequence, need int) bool {
 }
 
 // plan builds node i's next step, or nil when it has nothing to do.
-// Sequences are planned oldest first: every decoding sequence feeds back
-// its last token, prefilling ones share what the budget leaves, in
+// Sequences are planned oldest first (short prompts before long ones, see
+// below): every decoding sequence feeds back its last token, prefilling
+// ones share what the budget leaves, in
 // chunks that end on a block boundary where they can (so the next chunk
 // can take cached blocks); each takes the blocks its positions need,
 // preempting younger sequences when there are none (see makeRoom). The
@@ -580,15 +584,46 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 			tokens++
 		}
 	}
-	for _, q := range slices.Clone(n.running) {
+	// Short prompts (what is left of them fits in half a step) are
+	// planned before long ones and may take half the prompt budget while
+	// a long one prefills; the long ones, oldest first, take the rest. So
+	// a small request is not held behind whole prefills of long prompts
+	// admitted before it, and a stream of small ones cannot starve a long
+	// one. The oldest prefilling sequence's chunk never waits for a block
+	// boundary, so prefill always progresses.
+	order := make([]*sequence, 0, len(n.running))
+	var longs []*sequence
+	var oldest *sequence
+	for _, q := range n.running {
+		if q.prefilling() && oldest == nil {
+			oldest = q
+		}
+		if q.prefilling() && s.long(q) {
+			longs = append(longs, q)
+		} else {
+			order = append(order, q)
+		}
+	}
+	order = append(order, longs...)
+	short := prefill // what short prompts may take
+	if len(longs) > 0 {
+		short = prefill / 2
+	}
+	for _, q := range order {
 		if q.node != i { // preempted by an older one's growth
 			continue
 		}
 		var k, compute int
+		isShort := false
 		switch {
 		case q.decoding():
 			k = 1
 		case q.prefilling():
+			isShort = !s.long(q)
+			avail := prefill
+			if isShort {
+				avail = min(prefill, short)
+			}
 			remaining := q.prefillEnd() - q.sent
 			// The head the node is expected to take from its cache costs
 			// no budget; the chunk stays within the node's step limit.
@@ -598,19 +633,20 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 			}
 			cached := 0
 			if n.maxStepTokens > 0 {
-				cached = n.predictCached(q, min(limit, n.maxStepTokens-tokens-min(remaining, prefill)))
+				cached = n.predictCached(q, min(limit, n.maxStepTokens-tokens-min(remaining, avail)))
 			}
-			compute = min(remaining-cached, max(prefill, 0))
+			compute = min(remaining-cached, max(avail, 0))
 			if end := q.sent + cached + compute; end < q.prefillEnd() {
 				aligned := end / n.blockSize * n.blockSize
 				switch {
 				case aligned > q.sent:
 					compute = aligned - q.sent - cached
-				case prefills > 0 && n.prefixCaching:
+				case q != oldest && n.prefixCaching:
 					// A sliver that reaches no block boundary would
 					// split a block the node might have cached: it waits
-					// for a step with more room (the step's first prompt
-					// chunk never waits, so prefill always progresses).
+					// for a step with more room (the oldest prefilling
+					// sequence's chunk never waits, so prefill always
+					// progresses).
 					continue
 				}
 			}
@@ -645,6 +681,9 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 			tokens-- // counted above
 		} else {
 			prefill -= compute
+			if isShort {
+				short -= compute
+			}
 			item.prefill = true
 			w.Sample = end == len(q.prompt) && len(q.generated) == 0 && q.maxTokens > 0
 		}
@@ -677,6 +716,12 @@ func (s *scheduler) plan(i int) *meshpb.StepRequest {
 	req.Step = n.step
 	n.inflight = in
 	return req
+}
+
+// long reports whether what is left of q's prompt to prefill takes more
+// than half a step's budget.
+func (s *scheduler) long(q *sequence) bool {
+	return q.prefillEnd()-q.sent > s.cfg.budget/2
 }
 
 // remove takes q off node n's running list: it finished, failed or was
