@@ -50,6 +50,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseSet -fuzztime 30s ./placement/
 	$(GO) test -run '^$$' -fuzz FuzzParseCompletion -fuzztime 30s ./coordinator/
 	$(GO) test -run '^$$' -fuzz FuzzDispatchValidation -fuzztime 30s ./expertnode/
+	$(GO) test -run '^$$' -fuzz FuzzCodec -fuzztime 30s ./internal/wire/
+	$(GO) test -run '^$$' -fuzz FuzzCheckMatrix -fuzztime 30s ./internal/wire/
 
 # Short fuzzing passes of every SIMD kernel against its plain version.
 fuzz-kernels:
