@@ -19,9 +19,15 @@ type Rates struct {
 	GFLOPs float64 `json:"gflops"`
 }
 
-// seconds is the roofline time of work that reads bytes and does flops.
+// seconds is the time of work that reads bytes and does flops: the two
+// added, not the roofline's larger of them. The rates are measured apart
+// (bench-kernels' MatVec at one row, MatMul at 512), and a decode product
+// of a few rows overlaps its weight stream and its FMAs poorly: on the
+// v2-lite-4l sweep's idle-machine point (8 rows) the LM head took 30 ms
+// against 13 as the larger and 24 as the sum, an expert node's layer 46
+// ms against 35.5 and 40.7, the dense layer 12 ms against 5 and 9.
 func (r Rates) seconds(bytes, flops float64) float64 {
-	return max(bytes/(r.GBps*1e9), flops/(r.GFLOPs*1e9))
+	return bytes/(r.GBps*1e9) + flops/(r.GFLOPs*1e9)
 }
 
 // Scaled is r with both rates times f.

@@ -95,8 +95,10 @@ func TestHandComputed(t *testing.T) {
 	}
 	moe := p.Layers[1]
 	params := 2048.0*16*192 + 2048*576 + 512*16*256 + 16*128*2048 + 2*2048 + 512 + 64*2048 + 2*3*2048*1408
-	// Bytes dominate at 1 GB/s: (weights·2 + one token's cache) / 1e9 s.
-	want := 1e3 * (params*2 + 576*4) / 1e9
+	// (weights·2 + one token's cache) at 1 GB/s, plus 2 flops a weight and
+	// the attention core over one cached token at 1e9 GFLOP/s.
+	core := 2.0 * 16 * 1 * (2*512 + 64)
+	want := 1e3*(params*2+576*4)/1e9 + 1e3*(2*params+core)/1e18
 	if math.Abs(moe.AttentionMs-want) > 1e-9 {
 		t.Errorf("attention %.6f ms, want %.6f", moe.AttentionMs, want)
 	}

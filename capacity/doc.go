@@ -13,8 +13,10 @@
 //     router and shared experts, for a dense layer its MLP) and each row's
 //     latent cache (Context × (kv_lora_rank + rope dim) numbers), and do
 //     2 flops per weight per row plus absorbed MLA's 2·heads·Context·
-//     (2·kv_lora_rank + rope dim) per row; the time is the roofline
-//     max(bytes / GB/s, flops / FLOP/s) at the node's rates;
+//     (2·kv_lora_rank + rope dim) per row; the time is bytes / GB/s +
+//     flops / FLOP/s at the node's rates (the sum, not the roofline's
+//     larger: the rates are measured apart, and a product of a few rows
+//     overlaps its weight stream and its FMAs poorly);
 //   - wire: 2 × one-way latency + the dispatch's bytes (hidden rows out in
 //     float32 with their expert ids and gates, partial sums back) at the
 //     link rate + a per-dispatch software overhead;

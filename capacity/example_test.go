@@ -25,5 +25,5 @@ func Example() {
 	}
 	fmt.Printf("step %.0f ms, %.1f tok/s per user, %.0f tok/s total, hop hidden with %d micro-batches\n",
 		p.StepMs, p.PerUserTokS, p.TotalTokS, p.HideMicroBatches)
-	// Output: step 1048 ms, 1.0 tok/s per user, 244 tok/s total, hop hidden with 2 micro-batches
+	// Output: step 1284 ms, 0.8 tok/s per user, 199 tok/s total, hop hidden with 2 micro-batches
 }
