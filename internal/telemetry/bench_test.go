@@ -23,7 +23,10 @@ func (discard) Shutdown(context.Context) error                             { ret
 // attention node as the code does it (attn.step, 2 micro-batches, 3 MoE
 // layers × 4 expert nodes of attn.dispatch spans with their attributes,
 // the trace context injected into each dispatch, and the expert node's
-// expert.compute span extracted from it), under three providers:
+// expert.compute span extracted from it; the dispatch and compute spans
+// only inside a traced step, as attnnode and expertnode skip them, and
+// their attributes, when the step's context carries no valid span),
+// under three providers:
 //
 //   - noop: what Setup leaves with nothing configured (the global no-op);
 //   - never: an SDK provider whose sampler records nothing;
@@ -66,8 +69,12 @@ func stepSpans(b *testing.B, tp trace.TracerProvider) {
 		for m := range microBatches {
 			mctx, mb := attn.Start(ctx, "attn.microbatch")
 			mb.SetAttributes(attribute.Int("microbatch", m), attribute.Int("rows", 8))
+			traced := trace.SpanContextFromContext(mctx).IsValid()
 			for l := range layers {
 				for n := range nodes {
+					if !traced {
+						continue
+					}
 					dctx, d := attn.Start(mctx, "attn.dispatch", trace.WithAttributes(
 						attribute.Int("layer", l+1), attribute.String("expert_node", "127.0.0.1:7001"), attribute.String("node_id", nodeIDs[n]),
 						attribute.Int("rows", 8), attribute.Int("bytes", 8*2048*4),
