@@ -189,7 +189,7 @@ type sequence struct {
 // load reads the model and builds the compute side of the node. With
 // cfg.Placement set, no routed expert is loaded here; they are dispatched
 // to expert nodes.
-func load(cfg Config) (*Node, error) {
+func load(ctx context.Context, cfg Config) (*Node, error) {
 	opts := model.LoadOptions{}
 	if cfg.Placement != nil {
 		opts.Expert = func(int, int) bool { return false }
@@ -198,11 +198,11 @@ func load(cfg Config) (*Node, error) {
 		q := kernels.Q8_0
 		opts.Quantize = &q
 	}
-	w, err := model.Load(cfg.ModelDir, opts)
+	w, err := model.LoadContext(ctx, cfg.ModelDir, opts)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := w.Place(cfg.Weights, cfg.Threads, model.MemAvailable()); err != nil {
+	if _, err := w.PlaceContext(ctx, cfg.Weights, cfg.Threads, model.MemAvailable()); err != nil {
 		w.Close()
 		return nil, err
 	}

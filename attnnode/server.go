@@ -25,7 +25,7 @@ func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n, err := load(cfg)
+	n, err := load(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}

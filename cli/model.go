@@ -63,7 +63,9 @@ func addEngineFlags(fs interface {
 	}
 }
 
-func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
+// load reads and places the weights; it stops when ctx is done (SIGTERM or
+// Ctrl-C while a large checkpoint is copied or converted).
+func (f engineFlags) load(ctx context.Context) (*model.Weights, *kernels.Pool, error) {
 	if *f.model == "" {
 		return nil, nil, fmt.Errorf("--model is required")
 	}
@@ -75,11 +77,11 @@ func (f engineFlags) load() (*model.Weights, *kernels.Pool, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	w, err := model.Load(*f.model, opts)
+	w, err := model.LoadContext(ctx, *f.model, opts)
 	if err != nil {
 		return nil, nil, err
 	}
-	placed, err := w.Place(residency, *f.threads, model.MemAvailable())
+	placed, err := w.PlaceContext(ctx, residency, *f.threads, model.MemAvailable())
 	if err != nil {
 		w.Close()
 		return nil, nil, err
@@ -121,7 +123,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return fmt.Errorf("--prompt-ids: at least one token id is required")
 	}
 	ef.stderr = stderr
-	w, pool, err := ef.load()
+	w, pool, err := ef.load(ctx)
 	if err != nil {
 		return err
 	}

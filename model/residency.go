@@ -2,6 +2,7 @@ package model
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"os"
 	"strconv"
@@ -64,14 +65,22 @@ func (w *Weights) Bytes() int64 {
 // (auto resolves to resident or mmap). availableBytes is consulted only
 // for auto; pass MemAvailable().
 func (w *Weights) Place(r Residency, threads int, availableBytes int64) (Residency, error) {
+	return w.PlaceContext(context.Background(), r, threads, availableBytes)
+}
+
+// PlaceContext is Place that stops copying or warming when ctx is done and
+// returns its error.
+func (w *Weights) PlaceContext(ctx context.Context, r Residency, threads int, availableBytes int64) (Residency, error) {
 	r = r.Resolve(w.Bytes(), availableBytes)
 	switch r {
 	case ResidencyResident:
-		if err := w.MakeResident(threads); err != nil {
+		if err := w.makeResident(ctx, threads); err != nil {
 			return "", err
 		}
 	case ResidencyMapped:
-		w.Warm(threads)
+		if err := w.warm(ctx, threads); err != nil {
+			return "", fmt.Errorf("warming weights: %w", err)
+		}
 	default:
 		return "", fmt.Errorf("residency %q: want auto, resident or mmap", r)
 	}

@@ -1,6 +1,7 @@
 package model
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -99,6 +100,14 @@ type LoadOptions struct {
 // Load opens dir's config and checkpoint and binds every tensor the options
 // ask for, validating name, dtype and shape against the config.
 func Load(dir string, opts LoadOptions) (*Weights, error) {
+	return LoadContext(context.Background(), dir, opts)
+}
+
+// LoadContext is Load that stops when ctx is done: the conversions at load
+// (quantisation) run piece by piece and a cancelled load releases what it
+// took and returns ctx's error, so a process told to stop while it reads a
+// large checkpoint does not first finish converting it.
+func LoadContext(ctx context.Context, dir string, opts LoadOptions) (*Weights, error) {
 	cfg, err := LoadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -107,7 +116,7 @@ func Load(dir string, opts LoadOptions) (*Weights, error) {
 	if err != nil {
 		return nil, err
 	}
-	w, err := Bind(cfg, ck, opts)
+	w, err := BindContext(ctx, cfg, ck, opts)
 	if err != nil {
 		ck.Close()
 		return nil, err
@@ -137,6 +146,12 @@ func (w *Weights) Close() error {
 
 // Bind binds the checkpoint's tensors to c.
 func Bind(c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, error) {
+	return BindContext(context.Background(), c, ck, opts)
+}
+
+// BindContext is Bind that stops converting when ctx is done (see
+// LoadContext).
+func BindContext(ctx context.Context, c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, error) {
 	w := &Weights{Config: c, ckpt: ck, Layers: make([]Layer, c.NumHiddenLayers),
 		mapped: &mappedRanges{}, arena: &arena{}, inArena: map[*kernels.Matrix]bool{}}
 	b := binder{c: c, ck: ck, quant: opts.Quantize, expertQuant: opts.ExpertQuantize, w: w}
@@ -191,7 +206,7 @@ func Bind(c *Config, ck *safetensors.Checkpoint, opts LoadOptions) (*Weights, er
 		}
 	}
 	if b.err == nil {
-		b.runQuant(opts.Threads)
+		b.err = b.runQuant(ctx, opts.Threads)
 	}
 	if b.err != nil {
 		w.ckpt = nil // the caller closes the checkpoint
@@ -331,7 +346,7 @@ func (b *binder) quantize(name string, m *kernels.Matrix, dt *kernels.DType) *ke
 // Jobs are cut into row ranges of about residentPiece source bytes, so
 // that the threads share large matrices and little of any source is
 // mapped at once.
-func (b *binder) runQuant(threads int) {
+func (b *binder) runQuant(ctx context.Context, threads int) error {
 	var pieces []quantJob
 	for _, j := range b.jobs {
 		src, dst := j.src, j.dst
@@ -353,7 +368,7 @@ func (b *binder) runQuant(threads int) {
 			pieces = append(pieces, quantJob{name: j.name, src: &s, dst: &d})
 		}
 	}
-	parallel(threads, pieces, func(j quantJob) {
+	err := parallel(ctx, threads, pieces, func(j quantJob) {
 		if j.dst.DType == kernels.Q4_0 {
 			kernels.QuantizeQ4Into(j.dst.Data, j.dst.Scales, j.src)
 		} else {
@@ -362,6 +377,10 @@ func (b *binder) runQuant(threads int) {
 		b.w.dropMapped(j.src.Data)
 	})
 	b.jobs = nil
+	if err != nil {
+		return fmt.Errorf("converting weights: %w", err)
+	}
+	return nil
 }
 
 // residentPiece is the unit of the copies and conversions that leave the
@@ -573,8 +592,10 @@ func (w *Weights) matrices() []*kernels.Matrix {
 	return mats
 }
 
-// parallel runs fn over items on threads goroutines.
-func parallel[T any](threads int, items []T, fn func(T)) {
+// parallel runs fn over items on threads goroutines. Once ctx is done no
+// further item starts; it waits for those running and returns ctx's
+// error (nil when every item ran).
+func parallel[T any](ctx context.Context, threads int, items []T, fn func(T)) error {
 	if threads <= 0 {
 		threads = runtime.GOMAXPROCS(0)
 	}
@@ -589,11 +610,18 @@ func parallel[T any](threads int, items []T, fn func(T)) {
 		go func() {
 			defer wg.Done()
 			for it := range work {
+				if ctx.Err() != nil {
+					return
+				}
 				fn(it)
 			}
 		}()
 	}
 	wg.Wait()
+	if len(work) > 0 {
+		return ctx.Err()
+	}
+	return nil
 }
 
 // Warm touches every page of every bound matrix once, in parallel, so the
@@ -601,9 +629,11 @@ func parallel[T any](threads int, items []T, fn func(T)) {
 // (faults serialise on the address-space lock and would hide the kernels'
 // bandwidth for the first pass over the weights). Only bound tensors are
 // read: an expert node warms just its experts.
-func (w *Weights) Warm(threads int) {
+func (w *Weights) Warm(threads int) { _ = w.warm(context.Background(), threads) }
+
+func (w *Weights) warm(ctx context.Context, threads int) error {
 	var sink atomic.Uint32
-	parallel(threads, w.matrices(), func(m *kernels.Matrix) {
+	return parallel(ctx, threads, w.matrices(), func(m *kernels.Matrix) {
 		var acc byte
 		for i := 0; i < len(m.Data); i += 4096 {
 			acc += m.Data[i]
@@ -619,6 +649,13 @@ func (w *Weights) Warm(threads int) {
 // pages. It costs the weights' size in resident memory (see Place).
 // Matrices already converted at load (quantised, absorbed) move too.
 func (w *Weights) MakeResident(threads int) error {
+	return w.makeResident(context.Background(), threads)
+}
+
+// makeResident is MakeResident that stops copying when ctx is done: the
+// weights then stay where they were (pieces already copied are read
+// through the mapping again) and the copy is released.
+func (w *Weights) makeResident(ctx context.Context, threads int) error {
 	var mats []*kernels.Matrix
 	for _, m := range w.matrices() {
 		if !w.inArena[m] { // converted at load: resident already
@@ -649,11 +686,13 @@ func (w *Weights) MakeResident(threads int) error {
 			pieces = append(pieces, piece{i, lo, min(len(m.Data), lo+residentPiece)})
 		}
 	}
-	parallel(threads, pieces, func(p piece) {
+	if err := parallel(ctx, threads, pieces, func(p piece) {
 		src := mats[p.i].Data[p.lo:p.hi]
 		copy(buf[offs[p.i]+p.lo:], src)
 		w.dropMapped(src)
-	})
+	}); err != nil {
+		return errors.Join(fmt.Errorf("resident weights: %w", err), release())
+	}
 	for i, m := range mats {
 		m.Data = buf[offs[i] : offs[i]+len(m.Data) : offs[i]+len(m.Data)]
 	}
