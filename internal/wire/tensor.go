@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"unsafe"
 
 	"github.com/expertmesh/expertmesh/kernels"
@@ -33,7 +34,8 @@ func F32Matrix(x []float32, rows, cols int) *meshpb.Tensor {
 // AppendF32 appends x as little-endian float32 bytes to b.
 func AppendF32(b []byte, x []float32) []byte {
 	n := len(b)
-	b = append(b, make([]byte, 4*len(x))...)
+	// Grown without zeroing: every byte is written below.
+	b = extend(b, 4*len(x))
 	if nativeLE && len(x) > 0 {
 		copy(b[n:], unsafe.Slice((*byte)(unsafe.Pointer(&x[0])), 4*len(x)))
 		return b
@@ -42,6 +44,14 @@ func AppendF32(b []byte, x []float32) []byte {
 		binary.LittleEndian.PutUint32(b[n+4*i:], math.Float32bits(v))
 	}
 	return b
+}
+
+// extend returns b grown by n bytes whose contents are unspecified (the
+// caller writes them all): unlike append(b, make([]byte, n)...), the
+// spare capacity a reused buffer already has is not cleared first, a
+// pass over a dispatch's bytes saved.
+func extend(b []byte, n int) []byte {
+	return slices.Grow(b, n)[:len(b)+n]
 }
 
 // Size is the bytes of one element of dt, 0 for a dtype the wire does
@@ -166,10 +176,17 @@ func AppendRows(b []byte, dt meshpb.DType, x []float32) []byte {
 		return AppendF32(b, x)
 	}
 	n := len(b)
-	b = append(b, make([]byte, 2*len(x))...)
+	b = extend(b, 2*len(x))
 	out := b[n:]
-	for i, v := range x {
-		binary.LittleEndian.PutUint16(out[2*i:], kernels.F32ToBF16(v))
+	// Four values to a word store.
+	i := 0
+	for ; i+4 <= len(x); i += 4 {
+		v := x[i : i+4 : i+4]
+		binary.LittleEndian.PutUint64(out[2*i:], uint64(kernels.F32ToBF16(v[0]))|uint64(kernels.F32ToBF16(v[1]))<<16|
+			uint64(kernels.F32ToBF16(v[2]))<<32|uint64(kernels.F32ToBF16(v[3]))<<48)
+	}
+	for ; i < len(x); i++ {
+		binary.LittleEndian.PutUint16(out[2*i:], kernels.F32ToBF16(x[i]))
 	}
 	return b
 }
@@ -229,15 +246,37 @@ func Decode(dst []float32, t *meshpb.Tensor) error {
 	if len(dst) < n {
 		return fmt.Errorf("%w: %d values into a buffer of %d", ErrInvalidTensor, n, len(dst))
 	}
-	dst = dst[:n]
-	for i := range dst {
-		h := binary.LittleEndian.Uint16(data[2*i:])
-		if h&0x7f80 == 0x7f80 { // exponent all ones: Inf or NaN
-			return fmt.Errorf("%w: non-finite value at element %d", ErrInvalidTensor, i)
-		}
-		dst[i] = kernels.BF16ToF32(h)
+	if i := widenBF16(dst[:n], data[:2*n]); i >= 0 {
+		return fmt.Errorf("%w: non-finite value at element %d", ErrInvalidTensor, i)
 	}
 	return nil
+}
+
+// widenBF16 widens little-endian BF16 data into dst (len(data)/2 values)
+// four at a time, checking finiteness word-wise as it goes, and returns
+// the index of the first non-finite value (dst is then partly written)
+// or -1.
+func widenBF16(dst []float32, data []byte) int {
+	var flags uint64
+	i := 0
+	for ; i+4 <= len(dst); i += 4 {
+		w := binary.LittleEndian.Uint64(data[2*i:])
+		flags |= (w & bf16ExpMask) + bf16ExpCarry
+		d := dst[i : i+4 : i+4]
+		d[0] = math.Float32frombits(uint32(w) << 16)
+		d[1] = math.Float32frombits(uint32(w>>16) << 16)
+		d[2] = math.Float32frombits(uint32(w>>32) << 16)
+		d[3] = math.Float32frombits(uint32(w>>48) << 16)
+	}
+	for ; i < len(dst); i++ {
+		h := binary.LittleEndian.Uint16(data[2*i:])
+		flags |= uint64((h&0x7f80)+0x0080) & 0x8000
+		dst[i] = kernels.BF16ToF32(h)
+	}
+	if flags&bf16TopBits != 0 {
+		return firstNonFiniteBF16(data)
+	}
+	return -1
 }
 
 // DecodeF32 decodes a validated F32 tensor's data into dst (len >= elements)
@@ -254,12 +293,79 @@ func DecodeF32(dst []float32, data []byte) error {
 			dst[i] = math.Float32frombits(binary.LittleEndian.Uint32(data[4*i:]))
 		}
 	}
-	for i, v := range dst[:n] {
-		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
-			return fmt.Errorf("%w: non-finite value at element %d", ErrInvalidTensor, i)
-		}
+	if i := firstNonFiniteF32(data[:4*n]); i >= 0 {
+		return fmt.Errorf("%w: non-finite value at element %d", ErrInvalidTensor, i)
 	}
 	return nil
+}
+
+// Finiteness checks of received rows, on the wire bytes: a value is Inf
+// or NaN exactly when its exponent bits are all ones. The checks test
+// eight bytes at a time (SWAR): with the sign bit masked off, adding one
+// to the lowest exponent bit of each lane carries into the lane's top
+// bit only when every exponent bit is set, and never into the next lane.
+// A hit is located by the element-wise twins, which are also the
+// reference the tests hold the word-wise paths to.
+const (
+	f32ExpMask  = 0x7f800000_7f800000
+	f32ExpCarry = 0x00800000_00800000
+	f32TopBits  = 0x80000000_80000000
+
+	bf16ExpMask  = 0x7f80_7f80_7f80_7f80
+	bf16ExpCarry = 0x0080_0080_0080_0080
+	bf16TopBits  = 0x8000_8000_8000_8000
+)
+
+// firstNonFiniteF32 returns the index of the first non-finite
+// little-endian float32 in data (len a multiple of 4), or -1.
+func firstNonFiniteF32(data []byte) int {
+	return firstNonFinite(data, 4, f32ExpMask, f32ExpCarry, f32TopBits, firstNonFiniteF32Plain)
+}
+
+// firstNonFiniteBF16 is firstNonFiniteF32 for little-endian BF16 values
+// (len a multiple of 2).
+func firstNonFiniteBF16(data []byte) int {
+	return firstNonFinite(data, 2, bf16ExpMask, bf16ExpCarry, bf16TopBits, firstNonFiniteBF16Plain)
+}
+
+// firstNonFinite scans data 32 bytes at a time, OR-ing each word's lane
+// flags, and hands the block holding the first flagged lane (and the
+// tail shorter than a block) to plain, the element-wise scan.
+func firstNonFinite(data []byte, size int, mask, carry, top uint64, plain func([]byte) int) int {
+	const block = 32
+	i := 0
+	for ; i+block <= len(data); i += block {
+		w0 := binary.LittleEndian.Uint64(data[i:])
+		w1 := binary.LittleEndian.Uint64(data[i+8:])
+		w2 := binary.LittleEndian.Uint64(data[i+16:])
+		w3 := binary.LittleEndian.Uint64(data[i+24:])
+		f := ((w0 & mask) + carry) | ((w1 & mask) + carry) | ((w2 & mask) + carry) | ((w3 & mask) + carry)
+		if f&top != 0 {
+			break
+		}
+	}
+	if j := plain(data[i:]); j >= 0 {
+		return i/size + j
+	}
+	return -1
+}
+
+func firstNonFiniteF32Plain(data []byte) int {
+	for i := 0; i+4 <= len(data); i += 4 {
+		if binary.LittleEndian.Uint32(data[i:])&0x7f800000 == 0x7f800000 {
+			return i / 4
+		}
+	}
+	return -1
+}
+
+func firstNonFiniteBF16Plain(data []byte) int {
+	for i := 0; i+2 <= len(data); i += 2 {
+		if binary.LittleEndian.Uint16(data[i:])&0x7f80 == 0x7f80 {
+			return i / 2
+		}
+	}
+	return -1
 }
 
 func decodeF8(dst []float32, t *meshpb.Tensor) error {

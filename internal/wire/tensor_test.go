@@ -1,9 +1,13 @@
 package wire
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
+	"strings"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -160,4 +164,160 @@ func TestF8Rows(t *testing.T) {
 	bad(func(c *meshpb.Tensor) { c.Data[7] = 0x7f })
 	bad(func(c *meshpb.Tensor) { c.Scales[0] = math.MaxFloat32 })
 	bad(func(c *meshpb.Tensor) { c.Dtype = meshpb.DType_DTYPE_F32; c.Data = AppendF32(nil, x) })
+}
+
+// TestNonFiniteScan holds the word-wise finiteness scans to their
+// element-wise twins: every length up to a few blocks, unaligned starts,
+// and each special value (±Inf, quiet and signalling NaN, and the
+// largest finite values, which must pass) at every position, alone and
+// after an earlier one.
+func TestNonFiniteScan(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	f32 := []uint32{0x7f800000, 0xff800000, 0x7fc00000, 0x7f800001, 0xffffffff, 0x7f7fffff, 0xff7fffff, 0x00000001, 0x80000000}
+	bf16 := []uint16{0x7f80, 0xff80, 0x7fc0, 0x7f81, 0xffff, 0x7f7f, 0xff7f, 0x0001, 0x8000}
+	for n := 0; n <= 40; n++ {
+		for off := range 3 {
+			// F32: random finite values, then each special at each position.
+			buf := make([]byte, off+4*n)
+			data := buf[off:]
+			for i := range n {
+				v := rng.Uint32() &^ 0x40000000 // exponent below all ones
+				binary.LittleEndian.PutUint32(data[4*i:], v)
+			}
+			check := func(what string, got, want int) {
+				t.Helper()
+				if got != want {
+					t.Fatalf("%s n=%d off=%d: got %d, want %d", what, n, off, got, want)
+				}
+			}
+			check("f32 finite", firstNonFiniteF32(data), -1)
+			check("f32 plain finite", firstNonFiniteF32Plain(data), -1)
+			for pos := range n {
+				for _, sp := range f32 {
+					old := binary.LittleEndian.Uint32(data[4*pos:])
+					binary.LittleEndian.PutUint32(data[4*pos:], sp)
+					check("f32", firstNonFiniteF32(data), firstNonFiniteF32Plain(data))
+					if later := n - 1; later > pos {
+						o2 := binary.LittleEndian.Uint32(data[4*later:])
+						binary.LittleEndian.PutUint32(data[4*later:], 0x7f800000)
+						check("f32 two", firstNonFiniteF32(data), firstNonFiniteF32Plain(data))
+						binary.LittleEndian.PutUint32(data[4*later:], o2)
+					}
+					binary.LittleEndian.PutUint32(data[4*pos:], old)
+				}
+			}
+			// BF16 likewise.
+			buf = make([]byte, off+2*n)
+			data = buf[off:]
+			for i := range n {
+				binary.LittleEndian.PutUint16(data[2*i:], uint16(rng.Uint32())&^0x4000)
+			}
+			check("bf16 finite", firstNonFiniteBF16(data), -1)
+			wide := make([]float32, n)
+			check("widen finite", widenBF16(wide, data), -1)
+			for i := range n {
+				if want := kernels.BF16ToF32(binary.LittleEndian.Uint16(data[2*i:])); math.Float32bits(wide[i]) != math.Float32bits(want) {
+					t.Fatalf("widen n=%d off=%d [%d]: %v, want %v", n, off, i, wide[i], want)
+				}
+			}
+			if enc := AppendRows(nil, meshpb.DType_DTYPE_BF16, wide); !slices.Equal(enc, data) {
+				t.Fatalf("bf16 re-encoding n=%d off=%d differs", n, off)
+			}
+			for pos := range n {
+				for _, sp := range bf16 {
+					old := binary.LittleEndian.Uint16(data[2*pos:])
+					binary.LittleEndian.PutUint16(data[2*pos:], sp)
+					check("bf16", firstNonFiniteBF16(data), firstNonFiniteBF16Plain(data))
+					check("widen", widenBF16(wide, data), firstNonFiniteBF16Plain(data))
+					binary.LittleEndian.PutUint16(data[2*pos:], old)
+				}
+			}
+		}
+	}
+	// The plain scans themselves against math.
+	for _, sp := range f32 {
+		v := math.Float32frombits(sp)
+		want := math.IsNaN(float64(v)) || math.IsInf(float64(v), 0)
+		b := binary.LittleEndian.AppendUint32(nil, sp)
+		if got := firstNonFiniteF32Plain(b) == 0; got != want {
+			t.Errorf("f32 %#x: non-finite %v, want %v", sp, got, want)
+		}
+	}
+	for _, sp := range bf16 {
+		v := kernels.BF16ToF32(sp)
+		want := math.IsNaN(float64(v)) || math.IsInf(float64(v), 0)
+		b := binary.LittleEndian.AppendUint16(nil, sp)
+		if got := firstNonFiniteBF16Plain(b) == 0; got != want {
+			t.Errorf("bf16 %#x: non-finite %v, want %v", sp, got, want)
+		}
+	}
+}
+
+// TestDecodeRejectsAt: Decode names the first non-finite element, F32
+// and BF16, wherever it is.
+func TestDecodeRejectsAt(t *testing.T) {
+	const n = 70
+	x := make([]float32, n)
+	for i := range x {
+		x[i] = float32(i) - 20
+	}
+	for _, dt := range []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16} {
+		for _, pos := range []int{0, 7, 8, 31, 32, 63, 69} {
+			y := slices.Clone(x)
+			y[pos] = float32(math.Inf(-1))
+			tn := &meshpb.Tensor{Dtype: dt, Shape: []int64{1, n}, Data: AppendRows(nil, dt, y)}
+			err := Decode(make([]float32, n), tn)
+			if !errors.Is(err, ErrInvalidTensor) || !strings.Contains(err.Error(), fmt.Sprintf("element %d", pos)) {
+				t.Errorf("%v -Inf at %d: %v", dt, pos, err)
+			}
+		}
+		tn := &meshpb.Tensor{Dtype: dt, Shape: []int64{1, n}, Data: AppendRows(nil, dt, x)}
+		got := make([]float32, n)
+		if err := Decode(got, tn); err != nil || !slices.Equal(got, x) {
+			t.Errorf("%v: %v, %v", dt, err, got)
+		}
+	}
+}
+
+// BenchmarkDecode: a 32-row V2-Lite dispatch's worth of rows, F32 and
+// BF16 (copy or widen, and the finiteness check).
+func BenchmarkDecode(b *testing.B) {
+	x := make([]float32, 32*2048)
+	for i := range x {
+		x[i] = float32(i%977) * 0.25
+	}
+	dst := make([]float32, len(x))
+	for _, dt := range []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16} {
+		tn := &meshpb.Tensor{Dtype: dt, Shape: []int64{32, 2048}, Data: AppendRows(nil, dt, x)}
+		b.Run(dt.String(), func(b *testing.B) {
+			b.SetBytes(int64(len(tn.Data)))
+			for b.Loop() {
+				if err := Decode(dst, tn); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestAppendBF16Words: the word-wise BF16 encoder gives each value's
+// kernels.F32ToBF16 (rounding, NaN quieting) at every length and offset
+// into a reused buffer.
+func TestAppendBF16Words(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for n := range 40 {
+		x := make([]float32, n)
+		for i := range x {
+			x[i] = math.Float32frombits(rng.Uint32())
+		}
+		prefix := []byte{0xaa, 0xbb, 0xcc}
+		got := AppendRows(slices.Clone(prefix), meshpb.DType_DTYPE_BF16, x)
+		want := slices.Clone(prefix)
+		for _, v := range x {
+			want = binary.LittleEndian.AppendUint16(want, kernels.F32ToBF16(v))
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("n=%d: %x, want %x", n, got, want)
+		}
+	}
 }
