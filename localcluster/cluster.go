@@ -161,6 +161,42 @@ type process struct {
 	opsReady chan string
 	done     chan struct{}
 	err      error
+	// stderr keeps the last lines the process wrote to stderr, so that
+	// an exit before it was ready names its cause even when the
+	// cluster's log is discarded.
+	stderr lastLines
+}
+
+// lastLines keeps the last few lines written to it.
+type lastLines struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+// stderrLines is how many of a child's last stderr lines its start
+// error quotes, each cut at stderrLineMax bytes.
+const (
+	stderrLines   = 3
+	stderrLineMax = 400
+)
+
+func (l *lastLines) add(line string) {
+	if len(line) > stderrLineMax {
+		line = line[:stderrLineMax] + "…"
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.lines) == stderrLines {
+		l.lines = append(l.lines[:0], l.lines[1:]...)
+	}
+	l.lines = append(l.lines, line)
+}
+
+// String is the lines kept, joined by " | ", or "" when there are none.
+func (l *lastLines) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.lines, " | ")
 }
 
 // Start launches the cluster and returns once every process is ready: an
@@ -346,6 +382,7 @@ func (c *Cluster) startChild(ch *child) error {
 	setParentDeathSignal(cmd)
 	p := &process{ready: make(chan string, 1), opsReady: make(chan string, 1), done: make(chan struct{})}
 	cmd.Stderr = &prefixWriter{w: c.cfg.Log, prefix: "[" + ch.name + "] ", onLine: func(line string) {
+		p.stderr.add(line)
 		if _, addr, ok := strings.Cut(line, "ops endpoint on http://"); ok {
 			select {
 			case p.opsReady <- strings.TrimSpace(addr):
@@ -465,6 +502,10 @@ func (c *Cluster) await(ctx context.Context, ch *child, p *process, timeout <-ch
 		case addr = <-p.ready:
 		case ops = <-p.opsReady:
 		case <-p.done:
+			// Wait, which closed done, has copied all of stderr.
+			if last := p.stderr.String(); last != "" {
+				return fmt.Errorf("%s exited before it was ready: %v; its last stderr: %s", ch.name, p.err, last)
+			}
 			return fmt.Errorf("%s exited before it was ready: %v", ch.name, p.err)
 		case <-timeout:
 			return fmt.Errorf("%s not ready after %v", ch.name, c.cfg.ReadyTimeout)
