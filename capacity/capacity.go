@@ -62,9 +62,12 @@ type Setup struct {
 	// Shared, when set, is one machine's total rates that every node
 	// shares: all roles on one host (the emulated-link harness). Expert
 	// nodes computing at once split it, and a step is never shorter than
-	// all its work at these rates.
-	Shared *Rates `json:"shared,omitempty"`
-	Link   Link   `json:"link"`
+	// the CPU time of all its processes over the machine's SharedCores
+	// cores: all its work at these rates plus every dispatch's software
+	// time.
+	Shared      *Rates `json:"shared,omitempty"`
+	SharedCores int    `json:"shared_cores,omitempty"`
+	Link        Link   `json:"link"`
 	// DispatchOverhead is the software cost of one dispatch round trip
 	// besides the wire (encoding, gRPC both ways, wake-ups), as measured
 	// on loopback.
@@ -118,6 +121,8 @@ func (s Setup) Validate() error {
 		return errors.New("--expert-gbps and --expert-gflops: want positive rates")
 	case s.Shared != nil && !(s.Shared.GBps > 0 && s.Shared.GFLOPs > 0):
 		return errors.New("--shared-gbps and --shared-gflops: want positive rates")
+	case s.Shared != nil && s.SharedCores < 1:
+		return fmt.Errorf("--shared-cores %d: want the shared machine's cores (>= 1)", s.SharedCores)
 	case s.Link.Latency < 0 || s.Link.Gbps < 0:
 		return errors.New("--latency and --link-gbps: must not be negative")
 	case s.DispatchOverhead < 0 || s.StepOverhead < 0 || s.SampleOverhead < 0:
@@ -188,11 +193,16 @@ type Prediction struct {
 	OverheadMs float64 `json:"overhead_ms"`
 	// PipelineMs is the step the attention node's pipeline allows;
 	// ExpertBusyMs each expert node's compute per step (all attention
-	// nodes' dispatches); MachineMs, with Shared, all the step's work at
-	// the machine's rates.
-	PipelineMs   float64 `json:"pipeline_ms"`
-	ExpertBusyMs float64 `json:"expert_busy_ms"`
-	MachineMs    float64 `json:"machine_ms,omitempty"`
+	// nodes' dispatches). MachineMs, with Shared, is the CPU time of all
+	// the step's processes over the machine's cores: MachineWorkMs (every
+	// node's bytes and flops at the machine's total rates),
+	// MachineDispatchMs (every dispatch's software time over the cores)
+	// and the step's overhead.
+	PipelineMs        float64 `json:"pipeline_ms"`
+	ExpertBusyMs      float64 `json:"expert_busy_ms"`
+	MachineMs         float64 `json:"machine_ms,omitempty"`
+	MachineWorkMs     float64 `json:"machine_work_ms,omitempty"`
+	MachineDispatchMs float64 `json:"machine_dispatch_ms,omitempty"`
 	// StepMs is the predicted decode step, the largest of those; Bound
 	// names which: attention, hop (wire and experts not hidden), experts
 	// or machine.
@@ -299,7 +309,11 @@ func predictM(c *model.Config, s Setup) *Prediction {
 	}
 
 	p := &Prediction{Setup: s, RowsPerMicroBatch: b}
-	var pipeline, expertBusy, attnBytesStep, expertBytesStep float64
+	// What every process of the step reads and computes, for the
+	// shared machine's bound: the attention node's per micro-batch, the
+	// expert nodes' per dispatch, summed over all nodes.
+	var pipeline, expertBusy float64
+	var attnBytesStep, attnFlopsStep, expertBytesStep, expertFlopsStep, dispatches float64
 	for l := range c.NumHiddenLayers {
 		params := attnParams(c)
 		moe := c.IsMoELayer(l)
@@ -311,6 +325,7 @@ func predictM(c *model.Config, s Setup) *Prediction {
 		wBytes := params * s.WeightBytes
 		tAttn := attnRates.seconds(wBytes+rows*cacheRead, rows*(2*params+coreFlops))
 		attnBytesStep += float64(M) * (wBytes + rows*cacheRead)
+		attnFlopsStep += float64(M) * rows * (2*params + coreFlops)
 		ly := Layer{Layer: l, MoE: moe, AttentionMs: 1e3 * tAttn}
 		if !moe {
 			ly.LayerMs = 1e3 * float64(M) * tAttn
@@ -331,6 +346,8 @@ func predictM(c *model.Config, s Setup) *Prediction {
 			ly.ExpertBound = float64(M)*tExpert > max(float64(M)*tAttn, tAttn+tHop)
 			expertBusy += float64(s.AttnNodes*M) * tExpert
 			expertBytesStep += float64(s.AttnNodes*M) * expertBytes * E
+			expertFlopsStep += float64(s.AttnNodes*M) * expertFlops * E
+			dispatches += float64(s.AttnNodes * M)
 		}
 		pipeline += ly.LayerMs / 1e3
 		p.Layers = append(p.Layers, ly)
@@ -339,6 +356,7 @@ func predictM(c *model.Config, s Setup) *Prediction {
 	tHead := attnRates.seconds(head*s.WeightBytes, rows*2*head)
 	p.HeadMs = 1e3 * float64(M) * tHead
 	attnBytesStep += float64(M) * head * s.WeightBytes
+	attnFlopsStep += float64(M) * rows * 2 * head
 	overhead := s.StepOverhead.Seconds() + float64(perNode)*s.SampleOverhead.Seconds()
 	p.OverheadMs = 1e3 * overhead
 	pipeline += float64(M)*tHead + overhead
@@ -357,9 +375,25 @@ func predictM(c *model.Config, s Setup) *Prediction {
 		p.StepMs, p.Bound = p.ExpertBusyMs, "experts"
 	}
 	if s.Shared != nil {
-		// Every node's bytes at the machine's bandwidth (decode is bound
-		// by it), plus what cannot overlap.
-		p.MachineMs = 1e3 * ((float64(s.AttnNodes)*attnBytesStep+expertBytesStep)/(s.Shared.GBps*1e9) + overhead)
+		// All processes take turns on the same cores, so a step is no
+		// shorter than the CPU time of all of them over the cores:
+		//   - every node's compute (the attention nodes' per micro-batch,
+		//     the expert nodes' per dispatch, all of them, not just the
+		//     slowest), at the machine's total rates, which are the
+		//     cores' CPU time over the cores;
+		//   - every dispatch's software (encoding, gRPC both ways,
+		//     decoding, the hand-offs between goroutines): the dispatch
+		//     overhead, which is that work in a row on loopback, is CPU
+		//     time on one core at a time; each micro-batch of each
+		//     attention node adds one dispatch a MoE layer, which
+		//     ping-pong hides from the pipeline but not from the cores;
+		//   - the step's overhead (scheduling, sampling), which nothing
+		//     else overlaps.
+		A := float64(s.AttnNodes)
+		work := s.Shared.seconds(A*attnBytesStep+expertBytesStep, A*attnFlopsStep+expertFlopsStep)
+		disp := dispatches * s.DispatchOverhead.Seconds() / float64(s.SharedCores)
+		p.MachineWorkMs, p.MachineDispatchMs = 1e3*work, 1e3*disp
+		p.MachineMs = 1e3 * (work + disp + overhead)
 		if p.MachineMs > p.StepMs {
 			p.StepMs, p.Bound = p.MachineMs, "machine"
 		}

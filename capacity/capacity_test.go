@@ -41,7 +41,7 @@ var goldenCases = []struct {
 	{"v2-lite-4l-shared-500us", "v2-lite-4l", func(s *Setup) {
 		s.ExpertNodes, s.MicroBatches, s.Concurrency, s.Context = 3, 2, 8, 160
 		s.Attn, s.Expert = Rates{GBps: 50, GFLOPs: 340}, Rates{GBps: 26, GFLOPs: 170}
-		s.Shared = &Rates{GBps: 55, GFLOPs: 400}
+		s.Shared, s.SharedCores = &Rates{GBps: 55, GFLOPs: 400}, 2
 		s.Link = Link{Latency: 500 * time.Microsecond, Gbps: 10}
 		s.DispatchOverhead = 300 * time.Microsecond
 	}},
@@ -287,5 +287,57 @@ func TestSlowestExpertNode(t *testing.T) {
 	}
 	if m, s := touchedPerNode(64, 6, 8, 1); m != s {
 		t.Errorf("one node is its own slowest: %v %v", m, s)
+	}
+}
+
+// TestSharedMachineCPU checks the shared machine's bound against the
+// per-layer figures: with the attention node's rates the machine's and
+// E expert nodes splitting it, a micro-batch's attention (and the LM
+// head) is its work at the machine's rates, and one dispatch's expert
+// time on the mean node is all E nodes' work at the machine's rates; so
+// the step's CPU over the cores is M·(attention + head) + M·(MoE layers)·
+// expert + every dispatch's software over the cores + the overhead.
+// Without a shared machine the bound is absent and the step is the
+// pipeline's.
+func TestSharedMachineCPU(t *testing.T) {
+	c, _ := LoadModel("v2-lite-4l")
+	for _, tc := range []struct{ e, m, cores int }{{1, 1, 2}, {2, 2, 2}, {4, 2, 2}, {3, 4, 8}} {
+		s := DefaultSetup(c)
+		s.ExpertNodes, s.MicroBatches, s.Concurrency, s.Context = tc.e, tc.m, 8, 96
+		sh := Rates{GBps: 30, GFLOPs: 280}
+		s.Attn, s.Expert, s.Shared, s.SharedCores = sh, sh, &sh, tc.cores
+		s.Link, s.DispatchOverhead, s.StepOverhead = Link{Latency: 50 * time.Microsecond, Gbps: 10}, 3*time.Millisecond, 1500*time.Microsecond
+		p, err := Predict(c, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		M := float64(tc.m)
+		var work, dispatches float64
+		for _, l := range p.Layers {
+			work += M * l.AttentionMs
+			if l.MoE {
+				work += M * l.ExpertMs
+				dispatches += M
+			}
+		}
+		work += p.HeadMs
+		disp := dispatches * 3 / float64(tc.cores)
+		if math.Abs(p.MachineWorkMs-work) > 1e-6*work || math.Abs(p.MachineDispatchMs-disp) > 1e-9 ||
+			math.Abs(p.MachineMs-(work+disp+1.5)) > 1e-6*work {
+			t.Errorf("%+v: machine %.3f = work %.3f + dispatch %.3f; want %.3f + %.3f + 1.5", tc, p.MachineMs, p.MachineWorkMs, p.MachineDispatchMs, work, disp)
+		}
+		if p.StepMs < p.MachineMs-1e-9 || p.StepMs < p.PipelineMs-1e-9 || (p.Bound == "machine") != (p.MachineMs > max(p.PipelineMs, p.ExpertBusyMs)) {
+			t.Errorf("%+v: step %.3f bound %s; pipeline %.3f, machine %.3f", tc, p.StepMs, p.Bound, p.PipelineMs, p.MachineMs)
+		}
+		s.Shared = nil
+		q, _ := Predict(c, s)
+		if q.MachineMs != 0 || q.StepMs != max(q.PipelineMs, q.ExpertBusyMs) {
+			t.Errorf("%+v without a shared machine: machine %.3f, step %.3f, pipeline %.3f", tc, q.MachineMs, q.StepMs, q.PipelineMs)
+		}
+	}
+	s := DefaultSetup(c)
+	s.Attn, s.Expert, s.Shared = Rates{GBps: 1, GFLOPs: 1}, Rates{GBps: 1, GFLOPs: 1}, &Rates{GBps: 1, GFLOPs: 1}
+	if _, err := Predict(c, s); err == nil || !strings.Contains(err.Error(), "--shared-cores") {
+		t.Errorf("a shared machine without cores: %v", err)
 	}
 }

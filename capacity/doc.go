@@ -47,8 +47,22 @@
 // not free in decode: every micro-batch reads the layer's weights again.
 // The step is the longest of that pipeline, each expert node's compute
 // for all A·M dispatches of every MoE layer, and — when every node shares
-// one machine (Setup.Shared) — all the step's bytes at the machine's
-// bandwidth. Tokens/s follow: one token per sequence per step.
+// one machine of C cores (Setup.Shared, SharedCores) — the CPU time of
+// all its processes over the cores. That is three terms, each from
+// figures the model has already: every node's work (all micro-batches'
+// attention and LM head, all expert nodes' work for every dispatch, not
+// just the slowest node's) at the machine's total rates, which are what
+// its cores do together; every dispatch's software time (the dispatch
+// overhead: encoding, gRPC both ways, the hand-offs, measured in a row
+// on loopback, so one core's time) over C, once per MoE layer per
+// micro-batch per attention node; and the step's overhead, which nothing
+// overlaps. Ping-pong hides a dispatch from the pipeline but not from the
+// cores: on one shared machine its second micro-batch costs its weight
+// reads again and a second dispatch a layer, and the emulated-link sweep
+// (v2-lite-4l on 2 cores, bench-kernels' rates scaled by one fitted
+// 0.891) measures 175–196 ms with 2 micro-batches and 2–4 expert nodes
+// where this bound gives 167 and the pipeline 141. Tokens/s follow: one
+// token per sequence per step.
 //
 // Memory per attention node: every weight but the routed experts, plus
 // the latent cache of its sequences; per expert node: (routed experts +

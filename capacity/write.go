@@ -16,7 +16,7 @@ func Write(w io.Writer, name string, p *Prediction) {
 		name, s.AttnNodes, s.ExpertNodes, s.MicroBatches, s.Concurrency, s.Context, p.RowsPerMicroBatch)
 	fmt.Fprintf(w, "rates: attention %.4g GB/s %.4g GFLOP/s, expert %.4g GB/s %.4g GFLOP/s", s.Attn.GBps, s.Attn.GFLOPs, s.Expert.GBps, s.Expert.GFLOPs)
 	if s.Shared != nil {
-		fmt.Fprintf(w, ", one shared machine %.4g GB/s %.4g GFLOP/s", s.Shared.GBps, s.Shared.GFLOPs)
+		fmt.Fprintf(w, ", one shared machine %.4g GB/s %.4g GFLOP/s on %d cores", s.Shared.GBps, s.Shared.GFLOPs, s.SharedCores)
 	}
 	fmt.Fprintf(w, "\nlink: %v one way, %s; dispatch overhead %v\n\n", s.Link.Latency, gbps(s.Link.Gbps), s.DispatchOverhead)
 
@@ -51,7 +51,7 @@ func Write(w io.Writer, name string, p *Prediction) {
 	fmt.Fprintf(w, "LM head %.3f ms, overhead %.3f ms\n\n", p.HeadMs, p.OverheadMs)
 	fmt.Fprintf(w, "step %.3f ms (bound: %s; pipeline %.3f ms, expert nodes busy %.3f ms", p.StepMs, p.Bound, p.PipelineMs, p.ExpertBusyMs)
 	if p.MachineMs > 0 {
-		fmt.Fprintf(w, ", machine %.3f ms", p.MachineMs)
+		fmt.Fprintf(w, ", machine %.3f ms = work %.3f + dispatch software %.3f + overhead %.3f", p.MachineMs, p.MachineWorkMs, p.MachineDispatchMs, p.OverheadMs)
 	}
 	fmt.Fprintf(w, ")\ntokens/s: %.1f per user, %.1f total, %.1f per node, %.1f per attention node\n", p.PerUserTokS, p.TotalTokS, p.PerNodeTokS, p.PerAttnNodeTokS)
 	if p.HideMicroBatches > 0 {

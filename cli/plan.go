@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"runtime"
 	"time"
 
 	"github.com/expertmesh/expertmesh/capacity"
@@ -50,6 +51,7 @@ flags:
 	fs.Float64Var(&s.Expert.GFLOPs, "expert-gflops", defaultPlanGFLOPs, "expert node: GFLOP/s")
 	sharedGBps := fs.Float64("shared-gbps", 0, "all nodes on one machine with this total GB/s (the emulated-link harness); 0: nodes are separate machines")
 	sharedGFLOPs := fs.Float64("shared-gflops", 0, "with --shared-gbps: the machine's total GFLOP/s")
+	fs.IntVar(&s.SharedCores, "shared-cores", 0, "with --shared-gbps: the machine's cores, over which every process's CPU time (compute and dispatch software) is shared (0: this machine's)")
 	fs.DurationVar(&s.Link.Latency, "latency", 10*time.Microsecond, "link latency, one way")
 	fs.Float64Var(&s.Link.Gbps, "link-gbps", 100, "link rate per node, Gbit/s each way (0: no limit)")
 	fs.DurationVar(&s.DispatchOverhead, "dispatch-overhead", 100*time.Microsecond, "software cost of one dispatch round trip besides the wire (measure it on loopback: the breakdown's wire time)")
@@ -77,6 +79,9 @@ flags:
 	}
 	if *sharedGBps > 0 || *sharedGFLOPs > 0 {
 		s.Shared = &capacity.Rates{GBps: *sharedGBps, GFLOPs: *sharedGFLOPs}
+		if s.SharedCores == 0 {
+			s.SharedCores = runtime.NumCPU()
+		}
 	}
 	p, err := capacity.Predict(c, s)
 	if err != nil {

@@ -24,6 +24,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -141,8 +142,12 @@ type Point struct {
 
 // Result is a sweep: its points in run order, and the plan inputs used.
 type Result struct {
-	Date   string          `json:"date"`
-	Model  string          `json:"model"`
+	Date  string `json:"date"`
+	Model string `json:"model"`
+	// Cores is the machine's CPU count, which every point's processes
+	// share (plan's --shared-cores; 0 in sweeps saved before it was
+	// recorded).
+	Cores  int             `json:"cores,omitempty"`
 	Points []Point         `json:"points"`
 	Plan   *capacity.Setup `json:"plan,omitempty"`
 	// Calibration says how the plan's overheads were set.
@@ -207,7 +212,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			}
 		}
 	}
-	res := &Result{Date: time.Now().Format("20060102-150405"), Model: dir}
+	res := &Result{Date: time.Now().Format("20060102-150405"), Model: dir, Cores: runtime.NumCPU()}
 	total := len(confs) * cfg.Repeats
 	for r := range cfg.Repeats {
 		for i, cf := range confs {
@@ -335,6 +340,12 @@ func Predict(res *Result, c *model.Config, s capacity.Setup, fit bool) {
 	if s.StepOverhead == 0 && len(outside) > 0 {
 		s.StepOverhead = time.Duration(median(outside) * 1e6)
 		notes = append(notes, fmt.Sprintf("step overhead %v: median time outside the micro-batches on loopback", s.StepOverhead))
+	}
+	if s.Shared != nil && s.SharedCores == 0 {
+		s.SharedCores = res.Cores
+		if s.SharedCores == 0 {
+			s.SharedCores = runtime.NumCPU()
+		}
 	}
 	at := func(s capacity.Setup, p *Point) capacity.Setup {
 		s.AttnNodes, s.ExpertNodes, s.MicroBatches, s.Concurrency = p.AttnNodes, p.ExpertNodes, p.MicroBatches, p.Concurrency
