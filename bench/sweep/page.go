@@ -163,18 +163,24 @@ func Page(res *Result) string {
 		p := res.Plan
 		fmt.Fprintf(&b, `<h2>plan's inputs</h2><p>attention node %.4g GB/s, %.4g GFLOP/s; expert node %.4g GB/s, %.4g GFLOP/s`, p.Attn.GBps, p.Attn.GFLOPs, p.Expert.GBps, p.Expert.GFLOPs)
 		if p.Shared != nil {
-			fmt.Fprintf(&b, `; one shared machine %.4g GB/s, %.4g GFLOP/s`, p.Shared.GBps, p.Shared.GFLOPs)
+			fmt.Fprintf(&b, `; one shared machine %.4g GB/s, %.4g GFLOP/s on %d cores`, p.Shared.GBps, p.Shared.GFLOPs, p.SharedCores)
 		}
 		fmt.Fprintf(&b, `; dispatch overhead %v; step overhead %v; context %d. %s</p>`, p.DispatchOverhead, p.StepOverhead, p.Context, html.EscapeString(res.Calibration))
 	}
-	var failed []string
+	var failed, retried []string
 	for _, p := range res.Points {
+		name := fmt.Sprintf("e%d a%d m%d c%d %s r%d", p.ExpertNodes, p.AttnNodes, p.MicroBatches, p.Concurrency, p.Link, p.Repeat)
 		if p.Error != "" {
-			failed = append(failed, fmt.Sprintf("e%d a%d m%d c%d %s r%d: %s", p.ExpertNodes, p.AttnNodes, p.MicroBatches, p.Concurrency, p.Link, p.Repeat, p.Error))
+			failed = append(failed, name+": "+p.Error)
+		} else if len(p.StartErrors) > 0 {
+			retried = append(retried, fmt.Sprintf("%s: started on attempt %d; %s", name, p.Attempts, strings.Join(p.StartErrors, "; ")))
 		}
 	}
 	if len(failed) > 0 {
 		fmt.Fprintf(&b, `<h2>Failed points</h2><pre>%s</pre>`, html.EscapeString(strings.Join(failed, "\n")))
+	}
+	if len(retried) > 0 {
+		fmt.Fprintf(&b, `<h2>Points whose cluster failed to start first</h2><pre>%s</pre>`, html.EscapeString(strings.Join(retried, "\n")))
 	}
 	return bench.Page("expertmesh bench sweep", b.String())
 }

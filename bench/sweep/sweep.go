@@ -100,6 +100,10 @@ type Config struct {
 	// FitRates scales Plan's rates to the reference point first (see
 	// Predict).
 	FitRates bool
+	// StartAttempts bounds the tries of a point whose cluster fails to
+	// start (a child exits or is not ready in time); 0: 2. A failure
+	// once the cluster runs is not retried: it is the measurement.
+	StartAttempts int
 	// Log receives progress; ClusterLog the clusters' output (nil: none).
 	Log, ClusterLog io.Writer
 }
@@ -132,6 +136,19 @@ type Point struct {
 	Breakdown   *bench.Breakdown `json:"layer_breakdown"`
 	ResultFile  string           `json:"result_file"`
 	Error       string           `json:"error,omitempty"`
+	// Attempts is how many times the point's cluster was started (more
+	// than 1 when it failed to start); StartErrors why each failed start
+	// failed, in order.
+	Attempts    int      `json:"attempts,omitempty"`
+	StartErrors []string `json:"start_errors,omitempty"`
+	// CPUSeconds is the CPU time (user + system) spent while bench ran,
+	// by role: the cluster's attn, expert and coordinator processes,
+	// each role's summed, and harness, this process (bench's client,
+	// the OTLP receiver, the embedded etcd, delay proxies).
+	// BenchSeconds is bench's duration: CPU seconds over BenchSeconds
+	// and the machine's cores is how busy the cores were.
+	CPUSeconds   map[string]float64 `json:"cpu_s,omitempty"`
+	BenchSeconds float64            `json:"bench_s,omitempty"`
 
 	// The plan's prediction, when rates were given.
 	PredictedStepMs    float64 `json:"predicted_step_ms,omitempty"`
@@ -223,8 +240,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 				DelayUs: float64(cf.link.Spec.Delay) / 1e3, Gbit: cf.link.Spec.Gbit, Repeat: r, LoadAvg: loadAvg()}
 			fmt.Fprintf(logw, "[%d/%d] %d expert, %d attention node(s), %d micro-batch(es), concurrency %d, link %s (load %.1f)\n",
 				r*len(confs)+i+1, total, cf.e, cf.a, cf.m, cf.c, cf.link.Name, p.LoadAvg)
-			rcv.Reset()
-			if err := runPoint(ctx, cfg, dir, port, rcv, cf.link, &p); err != nil {
+			if err := runAttempts(ctx, cfg, logw, func() error {
+				rcv.Reset()
+				return runPoint(ctx, cfg, dir, port, rcv, cf.link, &p)
+			}, &p); err != nil {
 				p.Error = err.Error()
 				fmt.Fprintf(logw, "  failed: %v\n", err)
 			} else {
@@ -241,6 +260,36 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		Predict(res, mcfg, *cfg.Plan, cfg.FitRates)
 	}
 	return res, nil
+}
+
+// startError is a point whose cluster (or its namespaces) did not come
+// up: nothing was measured, and the point may be tried again.
+type startError struct{ err error }
+
+func (e *startError) Error() string { return "cluster start: " + e.err.Error() }
+func (e *startError) Unwrap() error { return e.err }
+
+// runAttempts runs a point (run) until it does not fail to start, at
+// most cfg.StartAttempts times, and records the attempts and each failed
+// start's error in p.
+func runAttempts(ctx context.Context, cfg Config, logw io.Writer, run func() error, p *Point) error {
+	attempts := cfg.StartAttempts
+	if attempts < 1 {
+		attempts = 2
+	}
+	for {
+		p.Attempts++
+		err := run()
+		var se *startError
+		if !errors.As(err, &se) {
+			return err
+		}
+		p.StartErrors = append(p.StartErrors, err.Error())
+		if p.Attempts >= attempts || ctx.Err() != nil {
+			return err
+		}
+		fmt.Fprintf(logw, "  attempt %d of %d failed to start, trying again: %v\n", p.Attempts, attempts, err)
+	}
 }
 
 // runPoint starts the point's cluster, benches it and stops it.
@@ -261,7 +310,7 @@ func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemet
 	if link.Netns {
 		n, err := localcluster.NewNetns(ctx, localcluster.NetnsConfig{Link: link.Spec, Emulation: cfg.Emulation})
 		if err != nil {
-			return err
+			return &startError{err}
 		}
 		defer n.Close() // after the cluster's Close, deferred below
 		lc.Net, host, p.Emulation = n, n.Host(), n.Mode()
@@ -273,7 +322,10 @@ func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemet
 	lc.CoordinatorArgs = []string{"--max-running", strconv.Itoa(p.Concurrency)}
 	c, err := localcluster.Start(ctx, lc)
 	if err != nil {
-		return err
+		if ctx.Err() != nil {
+			return err
+		}
+		return &startError{err}
 	}
 	defer c.Close()
 
@@ -281,9 +333,17 @@ func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemet
 	bc.BaseURL, bc.Host, bc.MaxConcurrency = c.URL, "", p.Concurrency
 	bc.Traces, bc.Log, bc.Progress = rcv, nil, nil
 	bc.Label = fmt.Sprintf("sweep-e%d-a%d-m%d-c%d-%s-r%d", p.ExpertNodes, p.AttnNodes, p.MicroBatches, p.Concurrency, safeName(link.Name), p.Repeat)
+	cpu0 := cpuByRole(c)
 	r, err := bench.Run(ctx, bc)
 	if err != nil {
 		return err
+	}
+	if cpu1 := cpuByRole(c); cpu0 != nil && cpu1 != nil {
+		p.CPUSeconds = map[string]float64{}
+		for role, v := range cpu1 {
+			p.CPUSeconds[role] = v - cpu0[role]
+		}
+		p.BenchSeconds = r.Duration
 	}
 	jp, _, err := bench.Save(r, cfg.ResultDir, bc.Label+".json")
 	if err != nil {
@@ -436,6 +496,50 @@ func fitScale(c *model.Config, s capacity.Setup, want float64) float64 {
 		}
 	}
 	return math.Exp((lo + hi) / 2)
+}
+
+// cpuByRole is the CPU seconds (user + system) each role's processes
+// and this process have used so far, from /proc; nil where /proc does
+// not tell (not Linux) or a process is gone.
+func cpuByRole(c *localcluster.Cluster) map[string]float64 {
+	self, ok := procCPU("self")
+	if !ok {
+		return nil
+	}
+	out := map[string]float64{"harness": self}
+	for _, ch := range c.Children() {
+		v, ok := procCPU(strconv.Itoa(ch.PID))
+		if !ok {
+			return nil
+		}
+		out[ch.Role] += v
+	}
+	return out
+}
+
+// procCPU reads utime + stime of /proc/PID/stat, in seconds (the kernel
+// counts them in USER_HZ ticks, 100 a second on Linux).
+func procCPU(pid string) (float64, bool) {
+	b, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return 0, false
+	}
+	// The command name (field 2) is in parentheses and may hold spaces;
+	// utime and stime are fields 14 and 15, the 12th and 13th after it.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, false
+	}
+	u, err1 := strconv.ParseFloat(f[11], 64)
+	s, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		return 0, false
+	}
+	return (u + s) / 100, true
 }
 
 func median(v []float64) float64 {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -60,6 +61,14 @@ func TestSweep(t *testing.T) {
 		}
 		if p.Link != "loopback" && p.Emulation == "" {
 			t.Errorf("emulated point without emulation: %+v", p)
+		}
+		// A start may fail once (the namespaces' first etcd connection
+		// can time out) and is then tried again.
+		if p.Attempts < 1 || len(p.StartErrors) != p.Attempts-1 {
+			t.Errorf("a point that ran: %d attempts, start errors %q", p.Attempts, p.StartErrors)
+		}
+		if runtime.GOOS == "linux" && !(p.CPUSeconds["attn"] > 0 && p.CPUSeconds["expert"] > 0 && p.CPUSeconds["harness"] > 0 && p.BenchSeconds > 0) {
+			t.Errorf("CPU time by role %v over %.2f s: want every role's from /proc", p.CPUSeconds, p.BenchSeconds)
 		}
 	}
 	if !strings.Contains(res.Calibration, "dispatch overhead") {
