@@ -1,0 +1,86 @@
+package kernels
+
+import (
+	"flag"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+var qactStream = flag.Bool("qactstream", false, "run TestQActStream's memory-speed report of the integer-activation products")
+
+// TestQActStream reports the decode products at memory speed against the
+// read probe, alternated sample by sample (probe, kernel, probe, ...) on
+// copies of each matrix that together far exceed the caches, weights and
+// scales in huge pages as resident weights are: the best and the median
+// of per-pair ratios. Run with -qactstream (about a minute).
+func TestQActStream(t *testing.T) {
+	if !*qactStream {
+		t.Skip("run with -qactstream")
+	}
+	arena := &benchArena{}
+	defer arena.free()
+	type tc struct {
+		name       string
+		dt         DType
+		rows, cols int
+		act8       bool
+	}
+	cases := []tc{
+		{"BF16 1408x2048", BF16, 1408, 2048, false},
+		{"Q8_0 1408x2048 f32 act", Q8_0, 1408, 2048, false},
+		{"Q8_0 1408x2048 int8 act", Q8_0, 1408, 2048, true},
+		{"Q8_0 2048x1408 int8 act", Q8_0, 2048, 1408, true},
+		{"Q8_0 8192x2048 int8 act", Q8_0, 8192, 2048, true},
+		{"Q4_0 1408x2048", Q4_0, 1408, 2048, false},
+		{"Q4_0 2048x1408", Q4_0, 2048, 1408, false},
+	}
+	for _, th := range []int{1, 2} {
+		p := NewPool(th)
+		for _, c := range cases {
+			proto := benchMatrix(nil, c.dt, c.rows, c.cols, 1)
+			per := proto.Bytes()
+			ws := make([]*Matrix, max(2, (384<<20)/per))
+			for i := range ws {
+				m := benchMatrix(arena, c.dt, c.rows, c.cols, uint64(i+3))
+				if len(m.Scales) > 0 {
+					b := arena.bytes(4 * len(m.Scales))
+					s := unsafe.Slice((*float32)(unsafe.Pointer(&b[0])), len(m.Scales))
+					copy(s, m.Scales)
+					m.Scales = s
+				}
+				m.ActQ8 = c.act8
+				ws[i] = m
+			}
+			x := make([]float32, c.cols)
+			for i := range x {
+				x[i] = float32(i%7) - 3
+			}
+			y := make([]float32, c.rows)
+			k := 0
+			var ratios []float64
+			var bestK, bestP float64
+			for r := 0; r < 60; r++ {
+				t0 := time.Now()
+				n := probeSplit(p, ws[k].Data)
+				pr := float64(n) / time.Since(t0).Seconds()
+				k = (k + 1) % len(ws)
+				t0 = time.Now()
+				p.MatVec(y, ws[k], x)
+				kr := float64(per) / time.Since(t0).Seconds()
+				k = (k + 1) % len(ws)
+				if r > 0 {
+					ratios = append(ratios, kr/pr)
+					bestK, bestP = max(bestK, kr), max(bestP, pr)
+				}
+			}
+			slices.Sort(ratios)
+			t.Logf("t%d %-26s kernel %5.1f GB/s probe %5.1f: best/best %5.1f%%, median pair %5.1f%%", th, c.name, bestK/1e9, bestP/1e9, 100*bestK/bestP, 100*ratios[len(ratios)/2])
+			arena.free()
+		}
+		p.Close()
+	}
+	fmt.Print()
+}
