@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -23,23 +24,29 @@ import (
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
-// pipelineDepth is how many requests of one stream may wait between the
-// stages (receive+validate → compute → send). Two keeps the reader one
-// micro-batch ahead of compute, which is what ping-pong needs; more would
-// only queue work the single compute lane cannot start anyway.
-const pipelineDepth = 2
+// streamWorkers is how many goroutines serve one Dispatch stream. Each
+// takes the stream's receiving turn, receives one request, passes the
+// turn on and then validates, computes and answers that request itself,
+// so a request that finds the node idle goes from gRPC's reader to the
+// experts and back to gRPC's writer on one goroutine, with no hand-off
+// in between, while another worker already waits for the next request.
+// Three: while one computes, two more requests are received and
+// validated ahead of the single compute lane (ping-pong keeps one
+// micro-batch's request arriving while another's computes), as deep as
+// the three-stage pipeline this replaced; later ones wait in gRPC's
+// receive buffer.
+const streamWorkers = 3
 
 type service struct {
 	meshpb.UnimplementedExpertServiceServer
 	n *Node
 }
 
-// job is one dispatch request on its way through a stream's pipeline,
-// with every buffer it needs. Each stream recycles its own jobs (jobList)
-// so steady-state traffic allocates nothing: the request is received in
-// place into req (wire.Codec reuses its tensor, ids and weights), and x,
-// out and data grow to the largest batch seen on the stream and are
-// reused.
+// job is one dispatch request and every buffer it needs. Each worker of a
+// stream owns one and reuses it, so steady-state traffic allocates
+// nothing: the request is received in place into req (wire.Codec reuses
+// its tensor, ids and weights), and x, out and data grow to the largest
+// batch seen and are reused.
 type job struct {
 	id      uint64
 	layer   int
@@ -62,95 +69,70 @@ type job struct {
 	data   []byte
 }
 
-// jobList is a stream's free list. It holds every job the pipeline can
-// have in flight (one per stage plus both queues), so a put never drops
-// one and after warm-up a get never allocates. A per-stream list rather
-// than a sync.Pool keeps buffers sized to that stream's batches and
-// survives garbage collections.
-type jobList chan *job
-
-const jobsPerStream = 2*pipelineDepth + 3
-
-func (l jobList) get() *job {
-	select {
-	case j := <-l:
-		return j
-	default:
-		return new(job)
-	}
-}
-
-func (l jobList) put(j *job) {
-	j.ids, j.weights, j.msg, j.trace = nil, nil, "", nil
-	select {
-	case l <- j:
-	default:
-	}
-}
-
-// Dispatch runs one stream as a three-stage pipeline so that receiving and
-// validating the next request never waits for the current computation:
-//
-//	reader:   Recv, validate, decode → jobs
-//	computer: ExpertRunner under the node's compute lock → replies
-//	sender:   encode, Send
-//
-// A request that fails validation skips compute and is answered with its
-// code; the stream stays open. When the client half-closes, pending
-// requests are still answered before the stream ends. The handler itself
-// only watches: it returns once the pipeline has ended (waiting for all
-// three goroutines, which Close relies on), or, when the node drains, once
-// every request received before the drain is answered; then it ends the
-// stream with UNAVAILABLE and the idle reader exits as the stream's
-// context ends (node.pipes tracks it).
+// Dispatch serves one stream with streamWorkers goroutines that take
+// turns receiving (see streamWorkers); each answers what it received.
+// Replies may leave in another order than their requests (the client
+// matches them by id). A request that fails validation skips compute and
+// is answered with its code; the stream stays open. When the client
+// half-closes, requests already received are still answered before the
+// stream ends. The handler itself only watches: it returns once every
+// worker has exited (which Close relies on), or, when the node drains,
+// once every request received before the drain is answered; then it ends
+// the stream with UNAVAILABLE and the worker waiting to receive exits as
+// the stream's context ends (node.pipes tracks it).
 func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]) error {
 	n := s.n
 	if !n.streamOpened() {
 		return status.Errorf(codes.Unavailable, "expert node %s is draining: dispatch to another replica", n.id)
 	}
 	defer n.streamClosed()
-	p := &pipe{n: n, st: st, ctx: st.Context(),
-		free:     make(jobList, jobsPerStream),
-		jobs:     make(chan *job, pipelineDepth),
-		replies:  make(chan *job, pipelineDepth),
-		readDone: make(chan struct{}),
-		sendDone: make(chan struct{}),
-	}
+	p := &pipe{n: n, st: st, ctx: st.Context(), turn: make(chan struct{}, 1), done: make(chan struct{})}
 	p.mu.idle = make(chan struct{})
-	n.pipes.Add(3)
-	go p.read()
-	go p.computeLoop()
-	go p.send()
+	p.turn <- struct{}{}
+	p.live.Store(streamWorkers)
+	n.pipes.Add(streamWorkers)
+	for range streamWorkers {
+		go p.work()
+	}
 	select {
-	case <-p.sendDone:
+	case <-p.done:
 		return p.result()
 	case <-n.drain:
 	}
 	select {
 	case <-p.closeAdmission():
 		return status.Errorf(codes.Unavailable, "expert node %s drained: dispatch to another replica", n.id)
-	case <-p.sendDone:
+	case <-p.done:
 		return p.result()
 	}
 }
 
-// pipe is one Dispatch stream's pipeline.
+// pipe is one Dispatch stream's workers and what they share.
 type pipe struct {
-	n    *Node
-	st   grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]
-	ctx  context.Context
-	free jobList
-	jobs chan *job // reader → computer; the reader closes it
-	// replies: computer → sender; the computer closes it
-	replies chan *job
-	// readDone and sendDone close when the reader and the sender exit;
-	// recvErr and sendErr are theirs until then.
-	readDone, sendDone chan struct{}
-	recvErr, sendErr   error
+	n   *Node
+	st  grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]
+	ctx context.Context
+	// turn holds the one right to receive: the worker that takes it calls
+	// RecvMsg and passes it on as soon as it has a request.
+	turn chan struct{}
+	// recvEnded and recvErr belong to whoever holds the turn: receiving
+	// has ended (EOF or recvErr), so every worker exits once it has
+	// answered what it holds.
+	recvEnded bool
+	recvErr   error
+	// send serialises Send (gRPC allows one sender per stream at a time);
+	// after a failed Send the stream is dead and the rest only compute
+	// nothing and answer nothing.
+	send struct {
+		sync.Mutex
+		err error
+	}
+	live atomic.Int32  // workers not yet exited
+	done chan struct{} // closed by the last worker to exit
 
-	// mu counts the requests admitted into the pipeline and not yet
-	// answered. Once closed (the node drains) the reader admits no more,
-	// and idle closes when the last admitted one is answered.
+	// mu counts the requests admitted and not yet answered. Once closed
+	// (the node drains) no more are admitted, and idle closes when the
+	// last admitted one is answered.
 	mu struct {
 		sync.Mutex
 		closed  bool
@@ -159,32 +141,43 @@ type pipe struct {
 	}
 }
 
-func (p *pipe) read() {
+// work is one of a stream's workers: receive in turn, then validate,
+// compute and answer, until receiving ends.
+func (p *pipe) work() {
 	defer p.n.pipes.Done()
-	defer close(p.readDone)
-	defer close(p.jobs)
+	defer func() {
+		if p.live.Add(-1) == 0 {
+			close(p.done)
+		}
+	}()
+	j := new(job)
 	for {
-		j := p.free.get()
+		<-p.turn
+		if p.recvEnded {
+			p.turn <- struct{}{}
+			return
+		}
 		if err := j.receive(p.st); err != nil {
 			if !errors.Is(err, io.EOF) {
 				p.recvErr = err
 			}
+			p.recvEnded = true
+			p.turn <- struct{}{}
 			return
 		}
+		p.turn <- struct{}{}
 		if !p.admit() {
 			// Received after the drain began: the stream ends with
 			// UNAVAILABLE and the client retries it elsewhere.
 			p.n.metrics.requests[codes.Unavailable].Inc()
-			p.free.put(j)
 			continue
 		}
-		j = p.n.prepare(j, &j.req)
-		select {
-		case p.jobs <- j:
-		case <-p.ctx.Done():
-			p.recvErr = p.ctx.Err()
-			return
+		p.n.prepare(j, &j.req)
+		if j.code == codes.OK && !p.sendFailed() {
+			p.n.run(p.ctx, j)
 		}
+		p.answer(j)
+		j.ids, j.weights, j.msg, j.trace = nil, nil, "", nil
 	}
 }
 
@@ -202,37 +195,30 @@ func (j *job) receive(st grpc.ServerStream) error {
 	return nil
 }
 
-func (p *pipe) computeLoop() {
-	defer p.n.pipes.Done()
-	defer close(p.replies)
-	for j := range p.jobs {
-		if j.code == codes.OK {
-			p.n.run(p.ctx, j)
-		}
-		p.replies <- j
-	}
+func (p *pipe) sendFailed() bool {
+	p.send.Lock()
+	defer p.send.Unlock()
+	return p.send.err != nil
 }
 
-func (p *pipe) send() {
-	defer p.n.pipes.Done()
-	defer close(p.sendDone)
-	// Keep draining after a failed Send so the computer never blocks.
-	for j := range p.replies {
-		if p.sendErr == nil {
-			p.sendErr = p.st.Send(p.n.reply(j))
-		}
-		p.free.put(j)
-		p.answered()
+// answer encodes j's reply (outside the send lock) and sends it, unless
+// an earlier Send failed.
+func (p *pipe) answer(j *job) {
+	r := p.n.reply(j)
+	p.send.Lock()
+	if p.send.err == nil {
+		p.send.err = p.st.Send(r)
 	}
+	p.send.Unlock()
+	p.answered()
 }
 
-// result is the stream's status once the pipeline has ended.
+// result is the stream's status once every worker has exited.
 func (p *pipe) result() error {
-	<-p.readDone
 	if p.recvErr != nil {
 		return rpc.ToStatus(p.recvErr)
 	}
-	return p.sendErr
+	return p.send.err
 }
 
 func (p *pipe) admit() bool {
