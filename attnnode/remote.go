@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
@@ -100,8 +101,10 @@ type RemoteConfig struct {
 // come back are added up. Safe for concurrent use by several micro-batches.
 //
 // Concurrency: StartRoutedExperts runs under the engine's compute lock, so
-// it only plans and queues; every connection has its own goroutine that
-// dials, opens the stream and sends (outside every lock), and a receiver
+// it never blocks on the network: it plans, and sends each request itself
+// on its node's open stream when sending cannot block (see trySend), or
+// queues it. Every connection has its own goroutine that dials, opens the
+// stream and sends what was queued (outside every lock), and a receiver
 // that routes replies by id. The wait function, called after the engine
 // released the compute lock, does all the waiting and retrying.
 //
@@ -130,6 +133,11 @@ type RemoteExperts struct {
 	// onStuck, if set (tests), is called when a dispatch finds no usable
 	// replica and starts waiting for a Routing.
 	onStuck func()
+	// queueAll (tests) sends every attempt from its connection's
+	// goroutine, the path trySend short-cuts; sentInline counts the
+	// attempts trySend sent.
+	queueAll   bool
+	sentInline atomic.Uint64
 	// load counts routed and served tokens (LoadStats); choice keeps the
 	// replica choice's credits (load_share.go).
 	load   *LoadStats
@@ -951,6 +959,7 @@ type attempt struct {
 	ctx       context.Context
 	span      trace.Span
 	started   time.Time // when send queued it (dispatch metrics)
+	sentBytes int       // its request's wire size, once sent (dispatchStream.mu)
 	// mu orders the sender's encoding of x against abandonment (once
 	// abandon returns, nothing reads the dispatch's buffers) and the
 	// receiver's decoding into part against both.
@@ -1042,7 +1051,9 @@ func (a *attempt) end(err error) {
 
 // expertConn is one expert node's connection: a queue of attempts, the
 // goroutine that dials, opens the Dispatch stream and sends them, and the
-// stream's receiver. outstanding counts the rows queued or sent and not
+// stream's receiver. A dispatch sends its attempt itself instead of
+// queueing it when the stream is open and idle enough (trySend): the
+// common case, with no hand-off to the connection's goroutine. outstanding counts the rows queued or sent and not
 // yet answered (abandoned ones included: a node that stopped answering
 // keeps its count high, so replica choice avoids it).
 type expertConn struct {
@@ -1062,7 +1073,10 @@ type expertConn struct {
 		queue []*attempt
 	}
 
-	// Owned by run.
+	// tx is held by whoever sends or (re)connects: run, or a dispatch in
+	// trySend (which only tries it, so it never waits for a dial). It
+	// guards everything below.
+	tx       sync.Mutex
 	cc       *grpc.ClientConn
 	st       *dispatchStream
 	failures int
@@ -1088,7 +1102,11 @@ type dispatchStream struct {
 	mu struct {
 		sync.Mutex
 		pending map[uint64]*attempt
-		err     error
+		// unanswered is the wire bytes of the requests in pending (each
+		// attempt's sentBytes): an upper bound on what gRPC may not have
+		// written yet, for trySend.
+		unanswered int
+		err        error
 	}
 
 	// Owned by receive: the reply every message is decoded into in place
@@ -1097,9 +1115,13 @@ type dispatchStream struct {
 	partial *meshpb.Tensor
 }
 
-// enqueue hands a to the connection's goroutine; it never blocks.
+// enqueue sends a on the caller's goroutine if that cannot block
+// (trySend), or hands it to the connection's goroutine; it never blocks.
 func (c *expertConn) enqueue(a *attempt) {
 	c.outstanding.Add(int64(len(a.rows)))
+	if c.trySend(a) {
+		return
+	}
 	c.mu.Lock()
 	c.mu.queue = append(c.mu.queue, a)
 	c.mu.Unlock()
@@ -1107,6 +1129,39 @@ func (c *expertConn) enqueue(a *attempt) {
 	case c.wake <- struct{}{}:
 	default:
 	}
+}
+
+// writeQuota is how many bytes of one stream gRPC lets be handed to its
+// writer and not yet written before Send blocks (grpc-go's
+// defaultWriteQuota): Send blocks only while that many are waiting, for
+// flow control or a slow writer.
+const writeQuota = 64 << 10
+
+// trySend sends a itself when that cannot block: nobody else holds tx
+// (run dialling or sending), nothing is queued before a, the stream is
+// open and healthy, and its requests not yet answered total less than
+// writeQuota, so gRPC's writer has less than that left to write and
+// Send only hands the message over. Otherwise it reports false and a is
+// queued. A dispatch calls it under the engine's compute lock, which a
+// Send blocked on a frozen peer's flow control would hold for seconds.
+func (c *expertConn) trySend(a *attempt) bool {
+	if c.r.queueAll || !c.tx.TryLock() {
+		return false
+	}
+	defer c.tx.Unlock()
+	st := c.st
+	if st == nil || !st.quiet() {
+		return false
+	}
+	c.mu.Lock()
+	queued := len(c.mu.queue) > 0
+	c.mu.Unlock()
+	if queued {
+		return false
+	}
+	c.send(a)
+	c.r.sentInline.Add(1)
+	return true
 }
 
 func (c *expertConn) next() *attempt {
@@ -1147,29 +1202,40 @@ func (c *expertConn) run() {
 				return
 			}
 		}
-		if c.st != nil && c.st.failed() {
-			c.dropStream()
-		}
-		if c.st == nil {
-			if wait := time.Until(c.retryAt); wait > 0 {
-				c.pushFront(a)
-				t := time.NewTimer(wait)
-				select {
-				case <-t.C:
-				case <-ctx.Done():
-					t.Stop()
-					return
-				}
-				continue
-			}
-			if err := c.open(); err != nil {
-				c.pushFront(a)
-				c.failQueued(err)
-				continue
+		if wait := c.sendQueued(a); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return
 			}
 		}
-		c.send(a)
 	}
+}
+
+// sendQueued sends a, (re)opening the stream first if needed. If the
+// redial backoff has not passed it puts a back and returns how long to
+// wait.
+func (c *expertConn) sendQueued(a *attempt) time.Duration {
+	c.tx.Lock()
+	defer c.tx.Unlock()
+	if c.st != nil && c.st.failed() {
+		c.dropStream()
+	}
+	if c.st == nil {
+		if wait := time.Until(c.retryAt); wait > 0 {
+			c.pushFront(a)
+			return wait
+		}
+		if err := c.open(); err != nil {
+			c.pushFront(a)
+			c.failQueued(err)
+			return 0
+		}
+	}
+	c.send(a)
+	return 0
 }
 
 // backoff schedules the next redial after a failure.
@@ -1226,7 +1292,8 @@ func (c *expertConn) dropStream() {
 	c.backoff()
 }
 
-// send encodes a into the connection's reusable request and sends it.
+// send encodes a into the connection's reusable request and sends it;
+// c.tx is held.
 func (c *expertConn) send(a *attempt) {
 	rows := int64(len(a.rows))
 	a.mu.Lock()
@@ -1275,7 +1342,10 @@ func (c *expertConn) send(a *attempt) {
 		d.notify(a)
 		return
 	}
+	// gRPC's message header is 5 bytes.
+	a.sentBytes = proto.Size(&c.req) + 5
 	st.mu.pending[a.id] = a
+	st.mu.unanswered += a.sentBytes
 	st.mu.Unlock()
 	a.state = sent
 	a.mu.Unlock()
@@ -1298,6 +1368,8 @@ func (c *expertConn) failQueued(err error) {
 
 // shutdown ends the stream and connection at Close.
 func (c *expertConn) shutdown() {
+	c.tx.Lock()
+	defer c.tx.Unlock()
 	if c.st != nil {
 		c.st.cancel()
 		<-c.st.recvDone
@@ -1312,6 +1384,14 @@ func (st *dispatchStream) failed() bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.mu.err != nil
+}
+
+// quiet reports whether st is healthy and a Send on it cannot block (see
+// trySend).
+func (st *dispatchStream) quiet() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.mu.err == nil && st.mu.unanswered < writeQuota
 }
 
 // receive routes replies to their attempts until the stream fails.
@@ -1334,7 +1414,10 @@ func (st *dispatchStream) receive() {
 		}
 		st.mu.Lock()
 		a := st.mu.pending[resp.Id]
-		delete(st.mu.pending, resp.Id)
+		if a != nil {
+			delete(st.mu.pending, resp.Id)
+			st.mu.unanswered -= a.sentBytes
+		}
 		st.mu.Unlock()
 		st.c.down.Store(false) // it answers
 		if a != nil {
@@ -1354,7 +1437,7 @@ func (st *dispatchStream) fail(err error) {
 	}
 	st.mu.err = err
 	pending := st.mu.pending
-	st.mu.pending = nil
+	st.mu.pending, st.mu.unanswered = nil, 0
 	st.mu.Unlock()
 	st.c.down.Store(true)
 	e := fmt.Errorf("%s: %w: %v", st.c.addr, errStreamBroken, err)

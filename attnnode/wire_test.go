@@ -7,7 +7,9 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"slices"
 	"testing"
+	"time"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/trace/noop"
@@ -338,4 +340,93 @@ func forced(t *testing.T, node *Node, seqs [][]int) (lp [][]float64, top [][]int
 		t.Fatal(err)
 	}
 	return lp, top
+}
+
+// TestInlineSend: a dispatch sends its request on the caller's goroutine
+// when the stream is open and idle (trySend) and through the connection's
+// goroutine otherwise, with the same result bit for bit; and it stops
+// sending inline while the node has a writeQuota's worth of requests
+// unanswered (a Send could then block under the engine's compute lock),
+// here a frozen node holding one 8-row request of V2-Lite's width.
+func TestInlineSend(t *testing.T) {
+	dir := genWide(t)
+	c, err := model.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := startExpert(t, dir, "a", nil)
+	rt := routing(t, dir, 1, e)
+	table := rt.Table
+	run := func(queueAll bool, batches ...*routedBatch) (inline uint64) {
+		r := NewRemoteExperts(newTestView(rt), c.HiddenSize, RemoteConfig{DispatchTimeout: time.Minute})
+		defer r.Close()
+		r.queueAll = queueAll
+		ctx := context.WithValue(context.Background(), pinKey{}, r.beginStep())
+		for range 3 { // the first opens the stream
+			for _, b := range batches {
+				b.dispatch(t, ctx, r)
+			}
+		}
+		return r.sentInline.Load()
+	}
+	one, eight := newRoutedBatch(t, c, table, 1), newRoutedBatch(t, c, table, 8)
+	if n := run(true, one, eight); n != 0 {
+		t.Fatalf("queueAll: %d attempts sent inline", n)
+	}
+	want1, want8 := slices.Clone(one.out), slices.Clone(eight.out)
+	if n := run(false, one, eight); n < 4 {
+		t.Fatalf("%d of 6 attempts sent inline, want at least the 4 after the stream opened", n)
+	}
+	if !slices.Equal(one.out, want1) || !slices.Equal(eight.out, want8) {
+		t.Fatal("inline sends gave other partial sums than queued ones")
+	}
+
+	// A frozen node: the first 8-row request (64 KiB of rows) goes out
+	// inline and stays unanswered, so the next is queued, and neither
+	// StartRoutedExperts call waits for the node.
+	r := NewRemoteExperts(newTestView(rt), c.HiddenSize, RemoteConfig{DispatchTimeout: time.Minute})
+	defer r.Close()
+	ctx := context.WithValue(context.Background(), pinKey{}, r.beginStep())
+	one.dispatch(t, ctx, r) // open the stream
+	base := r.sentInline.Load()
+	e.proxy.Freeze()
+	second := newRoutedBatch(t, c, table, 8)
+	clear(eight.out)
+	clear(second.out)
+	start := time.Now()
+	wait1 := r.StartRoutedExperts(ctx, eight.layer, eight.x, eight.n, eight.k, eight.ids, eight.w, eight.out)
+	if got := r.sentInline.Load() - base; got != 1 {
+		t.Fatalf("first request to the frozen node: %d sent inline, want 1", got)
+	}
+	wait2 := r.StartRoutedExperts(ctx, second.layer, second.x, second.n, second.k, second.ids, second.w, second.out)
+	if got := r.sentInline.Load() - base; got != 1 {
+		t.Fatalf("second request with 64 KiB unanswered: %d sent inline in all, want it queued", got)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("starting two dispatches to a frozen node took %v", d)
+	}
+	select {
+	case <-e.proxy.Held():
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing reached the frozen node")
+	}
+	e.proxy.Thaw()
+	if err := wait1(); err != nil {
+		t.Fatal(err)
+	}
+	if err := wait2(); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(eight.out, want8) {
+		t.Fatal("the request sent to the frozen node summed differently once it thawed")
+	}
+	// Answered: inline again.
+	before := r.sentInline.Load()
+	one.dispatch(t, ctx, r)
+	if r.sentInline.Load() == before {
+		t.Error("no inline send once every request was answered")
+	}
+	if !slices.Equal(one.out, want1) {
+		t.Error("partial sums changed")
+	}
 }
