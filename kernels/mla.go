@@ -12,6 +12,14 @@ type mlaArgs struct {
 	scratch        []float32
 	qc             []float32  // [heads][R+P] concatenated queries (pool-owned)
 	rows           []*float32 // rows[t]: token t's cache row (pool-owned)
+	// MLAChunks: one chunk of consecutive queries (see mla_chunk.go).
+	chunks  bool // set in job.mla: the job's units are MLAChunks units
+	heads   int
+	start   int // position of the chunk's first query
+	nq      int // queries in the chunk
+	sstride int // floats between score rows in scratch
+	tiles   int // query tiles of the chunk
+	unitEnd int // end (exclusive) of the chunk's units in the job
 }
 
 // MLAScratchSize is the number of floats of scratch MLADecode needs: one
@@ -175,8 +183,12 @@ func (p *Pool) MLADecodeMany(rows []MLARow, blockSize, heads, R, P int, scale fl
 }
 
 // mlaMany runs units [lo,hi) of an MLADecodeMany job: unit u is head
-// u%heads of row u/heads.
+// u%heads of row u/heads (or of an MLAChunks job: see mlaChunkUnits).
 func (p *Pool) mlaMany(lo, hi int) {
+	if p.job.mla.chunks {
+		p.mlaChunkUnits(lo, hi)
+		return
+	}
 	heads := p.job.rows
 	for u := lo; u < hi; {
 		r, h0 := u/heads, u%heads

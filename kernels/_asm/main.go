@@ -56,4 +56,7 @@ func main() {
 	g = header()
 	genProbe(g)
 	g.write("probe_amd64.s")
+	g = header()
+	genMLAChunk(g)
+	g.write("mla_amd64.s")
 }
