@@ -72,6 +72,12 @@ type Setup struct {
 	// besides the wire (encoding, gRPC both ways, wake-ups), as measured
 	// on loopback.
 	DispatchOverhead time.Duration `json:"dispatch_overhead_ns"`
+	// DispatchNodeOverhead is added to it for every expert node the
+	// dispatch reaches: the software of one message out and its answer
+	// back (0: a dispatch costs the same to any number of nodes). On
+	// the 2-core sweep machine the loopback wire time grows by 1.1 ms a
+	// node (1.3, 2.1, 3.7, 4.5 ms for 1-4 expert nodes).
+	DispatchNodeOverhead time.Duration `json:"dispatch_node_overhead_ns,omitempty"`
 	// StepOverhead is a step's cost outside its layers (the scheduler
 	// round trip, admission); SampleOverhead is added per sequence
 	// (sampling over the vocabulary).
@@ -125,8 +131,8 @@ func (s Setup) Validate() error {
 		return fmt.Errorf("--shared-cores %d: want the shared machine's cores (>= 1)", s.SharedCores)
 	case s.Link.Latency < 0 || s.Link.Gbps < 0:
 		return errors.New("--latency and --link-gbps: must not be negative")
-	case s.DispatchOverhead < 0 || s.StepOverhead < 0 || s.SampleOverhead < 0:
-		return errors.New("--dispatch-overhead, --step-overhead and --sample-overhead: must not be negative")
+	case s.DispatchOverhead < 0 || s.DispatchNodeOverhead < 0 || s.StepOverhead < 0 || s.SampleOverhead < 0:
+		return errors.New("--dispatch-overhead, --dispatch-node-overhead, --step-overhead and --sample-overhead: must not be negative")
 	case !(s.WeightBytes > 0 && s.ExpertWeightBytes > 0 && s.CacheBytes > 0 && s.WireBytes > 0):
 		return errors.New("--weight-bytes, --expert-weight-bytes: want positive sizes")
 	}
@@ -303,7 +309,11 @@ func predictM(c *model.Config, s Setup) *Prediction {
 	tSlowest := expertRates.seconds(slowest*3*h*mi*s.ExpertWeightBytes, expertFlops*slowest/touched)
 	wireOut := E * rowsNode * (h*s.WireBytes + k*8) // hidden rows + ids and gates
 	wireIn := E * rowsNode * h * s.WireBytes        // partial sums
-	tWire := 2*s.Link.Latency.Seconds() + s.DispatchOverhead.Seconds()
+	// A dispatch's software: its own, and each reached node's message
+	// (a node none of the rows route to gets none).
+	reached := E * (1 - math.Pow(1-pNode, rows))
+	tSoftware := s.DispatchOverhead.Seconds() + reached*s.DispatchNodeOverhead.Seconds()
+	tWire := 2*s.Link.Latency.Seconds() + tSoftware
 	if s.Link.Gbps > 0 {
 		tWire += (wireOut + wireIn) / (s.Link.Gbps * 1e9 / 8)
 	}
@@ -391,7 +401,7 @@ func predictM(c *model.Config, s Setup) *Prediction {
 		//     else overlaps.
 		A := float64(s.AttnNodes)
 		work := s.Shared.seconds(A*attnBytesStep+expertBytesStep, A*attnFlopsStep+expertFlopsStep)
-		disp := dispatches * s.DispatchOverhead.Seconds() / float64(s.SharedCores)
+		disp := dispatches * tSoftware / float64(s.SharedCores)
 		p.MachineWorkMs, p.MachineDispatchMs = 1e3*work, 1e3*disp
 		p.MachineMs = 1e3 * (work + disp + overhead)
 		if p.MachineMs > p.StepMs {

@@ -341,3 +341,33 @@ func TestSharedMachineCPU(t *testing.T) {
 		t.Errorf("a shared machine without cores: %v", err)
 	}
 }
+
+// TestDispatchNodeOverhead: each expert node a dispatch reaches adds its
+// message's software to the wire time and, on a shared machine, to the
+// cores' dispatch time; at 8 rows of v2-lite-4l every node is reached.
+func TestDispatchNodeOverhead(t *testing.T) {
+	c, _ := LoadModel("v2-lite-4l")
+	for _, e := range []int{1, 2, 4} {
+		s := DefaultSetup(c)
+		s.ExpertNodes, s.MicroBatches, s.Concurrency, s.Context = e, 1, 8, 64
+		sh := Rates{GBps: 30, GFLOPs: 280}
+		s.Attn, s.Expert, s.Shared, s.SharedCores = sh, sh, &sh, 2
+		s.Link, s.DispatchOverhead = Link{}, time.Millisecond
+		base, _ := Predict(c, s)
+		s.DispatchNodeOverhead = 2 * time.Millisecond
+		p, err := Predict(c, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reached := float64(e) * (1 - math.Pow(1-nodeShare(c, e), 8))
+		if reached < float64(e)-0.01 {
+			t.Errorf("%d nodes: %.3f reached by 8 rows", e, reached)
+		}
+		if d := p.Layers[1].WireMs - base.Layers[1].WireMs; math.Abs(d-2*reached) > 1e-9 {
+			t.Errorf("%d nodes: wire +%.3f ms, want +%.3f", e, d, 2*reached)
+		}
+		if d := p.MachineDispatchMs - base.MachineDispatchMs; math.Abs(d-3*2*reached/2) > 1e-9 {
+			t.Errorf("%d nodes: machine dispatch +%.3f ms, want +%.3f (3 MoE layers over 2 cores)", e, d, 3*2*reached/2)
+		}
+	}
+}

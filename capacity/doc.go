@@ -19,7 +19,8 @@
 //     overlaps its weight stream and its FMAs poorly);
 //   - wire: 2 × one-way latency + the dispatch's bytes (hidden rows out in
 //     float32 with their expert ids and gates, partial sums back) at the
-//     link rate + a per-dispatch software overhead;
+//     link rate + a per-dispatch software overhead, plus one per expert
+//     node the rows reach (E · (1 − (1 − share)^b) nodes) when given;
 //   - expert compute (on each expert node, in parallel): the node's share
 //     of the b rows (the chance a row touches the node: its k experts
 //     spread over all experts, or, with group-limited routing and whole
@@ -53,15 +54,15 @@
 // attention and LM head, all expert nodes' work for every dispatch, not
 // just the slowest node's) at the machine's total rates, which are what
 // its cores do together; every dispatch's software time (the dispatch
-// overhead: encoding, gRPC both ways, the hand-offs, measured in a row
-// on loopback, so one core's time) over C, once per MoE layer per
-// micro-batch per attention node; and the step's overhead, which nothing
+// overhead and its per-node part: encoding, gRPC both ways, the
+// hand-offs, measured in a row on loopback, so one core's time) over C,
+// once per MoE layer per micro-batch per attention node; and the step's overhead, which nothing
 // overlaps. Ping-pong hides a dispatch from the pipeline but not from the
 // cores: on one shared machine its second micro-batch costs its weight
 // reads again and a second dispatch a layer, and the emulated-link sweep
 // (v2-lite-4l on 2 cores, bench-kernels' rates scaled by one fitted
-// 0.891) measures 175–196 ms with 2 micro-batches and 2–4 expert nodes
-// where this bound gives 167 and the pipeline 141. Tokens/s follow: one
+// 0.863) measures 175–196 ms with 2 micro-batches and 2–4 expert nodes
+// where this bound gives 170–176 and the pipeline 141–150. Tokens/s follow: one
 // token per sequence per step.
 //
 // Memory per attention node: every weight but the routed experts, plus

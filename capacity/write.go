@@ -18,7 +18,11 @@ func Write(w io.Writer, name string, p *Prediction) {
 	if s.Shared != nil {
 		fmt.Fprintf(w, ", one shared machine %.4g GB/s %.4g GFLOP/s on %d cores", s.Shared.GBps, s.Shared.GFLOPs, s.SharedCores)
 	}
-	fmt.Fprintf(w, "\nlink: %v one way, %s; dispatch overhead %v\n\n", s.Link.Latency, gbps(s.Link.Gbps), s.DispatchOverhead)
+	fmt.Fprintf(w, "\nlink: %v one way, %s; dispatch overhead %v", s.Link.Latency, gbps(s.Link.Gbps), s.DispatchOverhead)
+	if s.DispatchNodeOverhead > 0 {
+		fmt.Fprintf(w, " + %v per expert node reached", s.DispatchNodeOverhead)
+	}
+	fmt.Fprint(w, "\n\n")
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "layers\tkind\tattention ms\twire ms\texpert ms\tslowest +ms\tlayer ms\thop\t")

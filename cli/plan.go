@@ -55,6 +55,7 @@ flags:
 	fs.DurationVar(&s.Link.Latency, "latency", 10*time.Microsecond, "link latency, one way")
 	fs.Float64Var(&s.Link.Gbps, "link-gbps", 100, "link rate per node, Gbit/s each way (0: no limit)")
 	fs.DurationVar(&s.DispatchOverhead, "dispatch-overhead", 100*time.Microsecond, "software cost of one dispatch round trip besides the wire (measure it on loopback: the breakdown's wire time)")
+	fs.DurationVar(&s.DispatchNodeOverhead, "dispatch-node-overhead", 0, "software cost added to a dispatch per expert node it reaches (the slope of the loopback wire time against expert nodes; 0: none)")
 	fs.DurationVar(&s.StepOverhead, "step-overhead", 0, "a step's fixed cost outside its layers")
 	fs.DurationVar(&s.SampleOverhead, "sample-overhead", 0, "a step's cost per sequence outside its layers (sampling)")
 	wb := fs.Float64("weight-bytes", 0, "bytes per weight on attention nodes (default: 2 for BF16, 1 for an FP8 model)")

@@ -165,7 +165,7 @@ func Page(res *Result) string {
 		if p.Shared != nil {
 			fmt.Fprintf(&b, `; one shared machine %.4g GB/s, %.4g GFLOP/s on %d cores`, p.Shared.GBps, p.Shared.GFLOPs, p.SharedCores)
 		}
-		fmt.Fprintf(&b, `; dispatch overhead %v; step overhead %v; context %d. %s</p>`, p.DispatchOverhead, p.StepOverhead, p.Context, html.EscapeString(res.Calibration))
+		fmt.Fprintf(&b, `; dispatch overhead %v + %v per expert node; step overhead %v; context %d. %s</p>`, p.DispatchOverhead, p.DispatchNodeOverhead, p.StepOverhead, p.Context, html.EscapeString(res.Calibration))
 	}
 	var failed, retried []string
 	for _, p := range res.Points {

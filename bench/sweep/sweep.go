@@ -375,27 +375,37 @@ func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemet
 // reference point (loopback, fewest expert nodes, fewest micro-batches)
 // is predicted exactly: the load of a shared machine in one number.
 func Predict(res *Result, c *model.Config, s capacity.Setup, fit bool) {
-	var wire, wire1, outside []float64
+	var wire, wire1, nodes, nodes1, outside []float64
 	for _, p := range res.Points {
 		if p.Link != "loopback" || p.Breakdown == nil {
 			continue
 		}
 		for _, l := range p.Breakdown.Layers {
-			wire = append(wire, l.DispatchWireMs)
+			wire, nodes = append(wire, l.DispatchWireMs), append(nodes, float64(p.ExpertNodes))
 			if p.MicroBatches == 1 {
-				wire1 = append(wire1, l.DispatchWireMs)
+				wire1, nodes1 = append(wire1, l.DispatchWireMs), append(nodes1, float64(p.ExpertNodes))
 			}
 		}
 		outside = append(outside, p.Breakdown.OutsideMs)
 	}
 	wireFrom := "loopback"
 	if len(wire1) > 0 {
-		wire, wireFrom = wire1, "loopback with one micro-batch"
+		wire, nodes, wireFrom = wire1, nodes1, "loopback with one micro-batch"
 	}
 	var notes []string
-	if s.DispatchOverhead == 0 && len(wire) > 0 {
-		s.DispatchOverhead = time.Duration(median(wire) * 1e6)
-		notes = append(notes, fmt.Sprintf("dispatch overhead %v: median wire time per MoE layer on %s", s.DispatchOverhead, wireFrom))
+	if s.DispatchOverhead == 0 && s.DispatchNodeOverhead == 0 && len(wire) > 0 {
+		// With several expert-node counts, the wire time's line against
+		// the count: a dispatch's own software and each node's message
+		// (at the sweep's rows every node is reached); with one count,
+		// its median.
+		if a, b, ok := fitLine(nodes, wire); ok {
+			s.DispatchOverhead, s.DispatchNodeOverhead = time.Duration(a*1e6), time.Duration(b*1e6)
+			notes = append(notes, fmt.Sprintf("dispatch overhead %v + %v per expert node: least-squares line of the wire time per MoE layer against expert nodes on %s",
+				s.DispatchOverhead, s.DispatchNodeOverhead, wireFrom))
+		} else {
+			s.DispatchOverhead = time.Duration(median(wire) * 1e6)
+			notes = append(notes, fmt.Sprintf("dispatch overhead %v: median wire time per MoE layer on %s", s.DispatchOverhead, wireFrom))
+		}
 	}
 	if s.StepOverhead == 0 && len(outside) > 0 {
 		s.StepOverhead = time.Duration(median(outside) * 1e6)
@@ -540,6 +550,37 @@ func procCPU(pid string) (float64, bool) {
 		return 0, false
 	}
 	return (u + s) / 100, true
+}
+
+// fitLine is the least-squares line y = a + b·x, with a and b clipped
+// at 0 (a software time is not negative); ok is false unless x holds at
+// least two values.
+func fitLine(x, y []float64) (a, b float64, ok bool) {
+	n := float64(len(x))
+	var mx, my float64
+	for i := range x {
+		mx, my = mx+x[i], my+y[i]
+	}
+	mx, my = mx/n, my/n
+	var sxy, sxx float64
+	for i := range x {
+		sxy += (x[i] - mx) * (y[i] - my)
+		sxx += (x[i] - mx) * (x[i] - mx)
+	}
+	if n < 2 || sxx == 0 {
+		return 0, 0, false
+	}
+	b = max(sxy/sxx, 0)
+	a = my - b*mx
+	if a < 0 {
+		// Through the origin instead.
+		var sx2, sxy0 float64
+		for i := range x {
+			sx2, sxy0 = sx2+x[i]*x[i], sxy0+x[i]*y[i]
+		}
+		a, b = 0, sxy0/sx2
+	}
+	return a, b, true
 }
 
 func median(v []float64) float64 {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -147,5 +148,47 @@ func TestPredictCalibratesWireWithoutPingPong(t *testing.T) {
 				t.Errorf("no prediction: %+v", p)
 			}
 		}
+	}
+}
+
+// TestPredictCalibratesNodeOverhead: with several expert-node counts on
+// loopback the dispatch overhead is the wire time's line against the
+// count (a dispatch's own software plus each node's message), and a
+// prediction's wire time follows it.
+func TestPredictCalibratesNodeOverhead(t *testing.T) {
+	c, _ := capacity.LoadModel("v2-lite-4l")
+	var points []Point
+	for e := 1; e <= 4; e++ {
+		bd := &bench.Breakdown{OutsideMs: 1, StepMs: 100}
+		for l := 1; l <= 3; l++ {
+			// 0.5 ms + 1 ms a node, ±0.1 ms from layer to layer.
+			bd.Layers = append(bd.Layers, bench.LayerTiming{Layer: l, DispatchWireMs: 0.5 + float64(e) + 0.1*float64(l-2)})
+		}
+		points = append(points, Point{ExpertNodes: e, AttnNodes: 1, MicroBatches: 1, Concurrency: 8, Link: "loopback", StepMs: 100, Breakdown: bd})
+	}
+	plan := capacity.DefaultSetup(c)
+	plan.Attn, plan.Expert, plan.Context = capacity.Rates{GBps: 17, GFLOPs: 165}, capacity.Rates{GBps: 17, GFLOPs: 165}, 64
+	res := &Result{Points: points}
+	Predict(res, c, plan, false)
+	near := func(d time.Duration, ms float64) bool { return math.Abs(d.Seconds()*1e3-ms) < 1e-6 }
+	if !near(res.Plan.DispatchOverhead, 0.5) || !near(res.Plan.DispatchNodeOverhead, 1) || !strings.Contains(res.Calibration, "per expert node") {
+		t.Fatalf("dispatch overhead %v + %v a node, want 0.5 ms + 1 ms (%s)", res.Plan.DispatchOverhead, res.Plan.DispatchNodeOverhead, res.Calibration)
+	}
+	for _, p := range res.Points {
+		pr, _ := capacity.Predict(c, func() capacity.Setup {
+			s := *res.Plan
+			s.ExpertNodes, s.MicroBatches, s.Concurrency, s.Link = p.ExpertNodes, 1, 8, capacity.Link{} // loopback
+			return s
+		}())
+		if w := pr.Layers[1].WireMs; math.Abs(w-(0.5+float64(p.ExpertNodes))) > 0.05 {
+			t.Errorf("%d expert nodes: predicted wire %.3f ms, measured %.3f", p.ExpertNodes, w, 0.5+float64(p.ExpertNodes))
+		}
+	}
+	// A line that would cross below zero goes through the origin.
+	if a, b, ok := fitLine([]float64{1, 2, 3}, []float64{0.5, 2, 3.5}); !ok || a != 0 || b <= 0 {
+		t.Errorf("fitLine through the origin: %v %v %v", a, b, ok)
+	}
+	if _, _, ok := fitLine([]float64{2, 2}, []float64{1, 3}); ok {
+		t.Error("fitLine of one x value")
 	}
 }
