@@ -62,6 +62,11 @@ type Engine struct {
 	// change which experts the router picks (the router itself always
 	// stays float32).
 	BF16Prefill bool
+	// mlaChunkRows, if > 0, is the fewest consecutive rows of one
+	// sequence that attention takes as a prefill chunk (MLAChunks); shorter
+	// runs go one row at a time (MLADecodeMany). 0 means 2. Tests compare
+	// the two paths with it.
+	mlaChunkRows int
 	// Compute, if set, is held while this engine computes and released
 	// while it waits for routed experts, so engines of several
 	// micro-batches sharing one kernel pool take turns: one computes
@@ -103,6 +108,7 @@ type scratch struct {
 	headY, headX        [][]float32 // per-head views for MatVecMany
 	prod                products    // grouped products of one pool call
 	mlaRows             []kernels.MLARow
+	mlaChunks           []kernels.MLAChunk
 	allLogits           []float32
 }
 
@@ -155,9 +161,11 @@ func (e *Engine) ensure(n, maxTokens int) {
 	s.routed = grow(s.routed, n*h)
 	s.cos = grow(s.cos, c.QKRopeHeadDim/2)
 	s.sin = grow(s.sin, c.QKRopeHeadDim/2)
-	s.mla = grow(s.mla, n*kernels.MLAScratchSize(heads, maxTokens))
+	// A chunk's score rows are padded to a multiple of 4 tokens.
+	s.mla = grow(s.mla, n*kernels.MLAScratchSize(heads, maxTokens+3))
 	if cap(s.mlaRows) < n {
 		s.mlaRows = make([]kernels.MLARow, n)
+		s.mlaChunks = make([]kernels.MLAChunk, n)
 	}
 	if len(s.headY) != heads {
 		s.headY, s.headX = make([][]float32, heads), make([][]float32, heads)
@@ -303,24 +311,54 @@ func (e *Engine) attention(l int, rows []Row) {
 	e.headProducts(a.UKT, n,
 		func(i, hd int) []float32 { return q[(i*heads+hd)*qhd : (i*heads+hd)*qhd+dn] },
 		func(i, hd int) []float32 { return s.qLat[(i*heads+hd)*R : (i*heads+hd+1)*R] })
-	// Attention straight against the latent cache: every row (of one
-	// prefill chunk or of many sequences' decode) in one pool call.
-	mr := s.mlaRows[:n]
+	// Attention straight against the latent cache: the prefill chunks
+	// (runs of one sequence's consecutive positions) in one pool call,
+	// which shares each page load among a chunk's queries; the other rows
+	// (decode, many sequences) in another.
+	mr, mc := s.mlaRows[:0], s.mlaChunks[:0]
 	off := 0
-	for i, r := range rows {
-		sz := kernels.MLAScratchSize(heads, r.Pos+1)
-		mr[i] = kernels.MLARow{Out: s.attnLat[i*heads*R : (i+1)*heads*R], QLat: s.qLat[i*heads*R : (i+1)*heads*R],
-			QPE: s.qPE[i*heads*P : (i+1)*heads*P], Blocks: r.Seq.LayerBlocks(l), NTokens: r.Pos + 1, Scratch: s.mla[off : off+sz]}
-		off += sz
+	for i := 0; i < n; {
+		r := rows[i]
+		j := i + 1
+		for j < n && rows[j].Seq == r.Seq && rows[j].Pos == rows[j-1].Pos+1 {
+			j++
+		}
+		if j-i < e.mlaChunkMin() {
+			j = i + 1
+			sz := kernels.MLAScratchSize(heads, r.Pos+1)
+			mr = append(mr, kernels.MLARow{Out: s.attnLat[i*heads*R : (i+1)*heads*R], QLat: s.qLat[i*heads*R : (i+1)*heads*R],
+				QPE: s.qPE[i*heads*P : (i+1)*heads*P], Blocks: r.Seq.LayerBlocks(l), NTokens: r.Pos + 1, Scratch: s.mla[off : off+sz]})
+			off += sz
+		} else {
+			sz := kernels.MLAChunkScratchSize(heads, r.Pos, j-i)
+			mc = append(mc, kernels.MLAChunk{Out: s.attnLat[i*heads*R : j*heads*R], QLat: s.qLat[i*heads*R : j*heads*R],
+				QPE: s.qPE[i*heads*P : j*heads*P], Blocks: r.Seq.LayerBlocks(l), Start: r.Pos, NQ: j - i, Scratch: s.mla[off : off+sz]})
+			off += sz
+		}
+		i = j
 	}
-	e.Pool.MLADecodeMany(mr, rows[0].Seq.cache.blockSize, heads, R, P, e.scale)
+	bs := rows[0].Seq.cache.blockSize
+	if len(mc) > 0 {
+		e.Pool.MLAChunks(mc, bs, heads, R, P, e.scale)
+	}
+	if len(mr) > 0 {
+		e.Pool.MLADecodeMany(mr, bs, heads, R, P, e.scale)
+	}
 	clear(mr) // drop references to the sequences
+	clear(mc)
 	// Fold W_UV into the output: v[h] = W_UV[h] · attnLat[h].
 	e.headProducts(a.UV, n,
 		func(i, hd int) []float32 { return s.attnLat[(i*heads+hd)*R : (i*heads+hd+1)*R] },
 		func(i, hd int) []float32 { return s.vcat[(i*heads+hd)*dv : (i*heads+hd+1)*dv] })
 	e.matmul(s.o[:n*h], a.O, s.vcat[:n*heads*dv], n)
 	kernels.Add(s.x[:n*h], s.x[:n*h], s.o[:n*h])
+}
+
+func (e *Engine) mlaChunkMin() int {
+	if e.mlaChunkRows > 0 {
+		return e.mlaChunkRows
+	}
+	return 2
 }
 
 // headProducts computes out(i, h) = ws[h]·in(i, h) for every row i and
