@@ -42,8 +42,15 @@ var _ encoding.CodecV2 = Codec{}
 // the content-subtype peers see.
 func (Codec) Name() string { return "proto" }
 
-// Marshal is the standard codec's, with every message in a buffer of Pool.
+// Marshal is the standard codec's, with every message in a buffer of Pool;
+// an OutRequest or OutResponse has its rows encoded straight into it.
 func (Codec) Marshal(v any) (mem.BufferSlice, error) {
+	switch v := v.(type) {
+	case *OutRequest:
+		return marshalOut(v.Req, v.size(), v.appendHidden)
+	case *OutResponse:
+		return marshalOut(v.Resp, v.size(), v.appendPartial)
+	}
 	m := messageOf(v)
 	if m == nil {
 		return nil, fmt.Errorf("wire: cannot marshal %T: not a proto message", v)
@@ -77,6 +84,174 @@ func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 		return fmt.Errorf("wire: cannot unmarshal into %T: not a proto message", v)
 	}
 	return proto.Unmarshal(b, m)
+}
+
+// marshalOut marshals m followed by the tensor field appendTensor writes,
+// size bytes in all, into a buffer of Pool.
+func marshalOut(m proto.Message, size int, appendTensor func([]byte) []byte) (mem.BufferSlice, error) {
+	pool := Pool
+	buf := pool.Get(size)
+	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend((*buf)[:0], m)
+	if err == nil {
+		b = appendTensor(b)
+		if len(b) != size {
+			err = fmt.Errorf("wire: marshalled %d bytes of %T, sized %d", len(b), m, size)
+		}
+	}
+	if err != nil {
+		pool.Put(buf)
+		return nil, err
+	}
+	*buf = b
+	return mem.BufferSlice{mem.NewBuffer(buf, pool)}, nil
+}
+
+// OutRequest is a DispatchRequest whose hidden rows Codec encodes
+// straight from float32 memory into the message's buffer: rows Rows of X
+// (each Cols values), as a [len(Rows), Cols] tensor of Dtype (F32, BF16,
+// or F8_E4M3 with its scales, as AppendRows and AppendF8Rows encode
+// them). That saves encoding the rows into a Tensor's bytes first, which
+// marshalling would copy again. Req.Hidden must be nil: the tensor goes
+// after Req's other fields, which protobuf allows (a parser takes fields
+// in any order), so the bytes decode to the request with that Hidden.
+// X is read while Send marshals, so it must not change before Send
+// returns.
+type OutRequest struct {
+	Req   *meshpb.DispatchRequest
+	Dtype meshpb.DType
+	X     []float32
+	Rows  []int32
+	Cols  int
+
+	scales []float32 // F8_E4M3: the scales, encoded after the data
+}
+
+// OutResponse is a DispatchResponse whose partial rows (Rows, rows of
+// Cols values, in Dtype F32 or BF16) Codec encodes straight into the
+// message's buffer, as OutRequest does. No rows: no Partial (an error
+// reply). Resp.Partial must be nil.
+type OutResponse struct {
+	Resp  *meshpb.DispatchResponse
+	Dtype meshpb.DType
+	Rows  []float32
+	Cols  int
+}
+
+// Field numbers of the tensor inside the two messages, and of a Tensor's
+// own fields (proto/expertmesh.proto).
+const (
+	requestHiddenField   = 3
+	responsePartialField = 2
+	tensorDtypeField     = 1
+	tensorShapeField     = 2
+	tensorDataField      = 3
+	tensorScalesField    = 4
+)
+
+// Size is the request's wire size.
+func (o *OutRequest) Size() int { return o.size() }
+
+func (o *OutRequest) size() int {
+	return proto.Size(o.Req) + fieldSize(requestHiddenField, o.tensorSize())
+}
+
+func (o *OutRequest) tensorSize() int {
+	rows := len(o.Rows)
+	n := rows * o.Cols
+	data := n * Size(o.Dtype)
+	scales := 0
+	if o.Dtype == meshpb.DType_DTYPE_F8_E4M3 {
+		scales = 4 * rows * ScaleBlocks(o.Cols)
+	}
+	return tensorSize(o.Dtype, rows, o.Cols, data, scales)
+}
+
+func (o *OutRequest) appendHidden(b []byte) []byte {
+	rows := len(o.Rows)
+	b = protowire.AppendTag(b, requestHiddenField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(o.tensorSize()))
+	b = appendTensorHead(b, o.Dtype, rows, o.Cols)
+	b = protowire.AppendTag(b, tensorDataField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(rows*o.Cols*Size(o.Dtype)))
+	o.scales = o.scales[:0]
+	for _, r := range o.Rows {
+		x := o.X[int(r)*o.Cols : int(r+1)*o.Cols]
+		if o.Dtype == meshpb.DType_DTYPE_F8_E4M3 {
+			b, o.scales = AppendF8Rows(b, o.scales, x, o.Cols)
+		} else {
+			b = AppendRows(b, o.Dtype, x)
+		}
+	}
+	if len(o.scales) > 0 {
+		b = appendFloats(b, tensorScalesField, o.scales)
+	}
+	return b
+}
+
+func (o *OutResponse) size() int {
+	n := proto.Size(o.Resp)
+	if len(o.Rows) > 0 {
+		rows := len(o.Rows) / o.Cols
+		n += fieldSize(responsePartialField, tensorSize(o.Dtype, rows, o.Cols, len(o.Rows)*Size(o.Dtype), 0))
+	}
+	return n
+}
+
+func (o *OutResponse) appendPartial(b []byte) []byte {
+	if len(o.Rows) == 0 {
+		return b
+	}
+	rows := len(o.Rows) / o.Cols
+	data := len(o.Rows) * Size(o.Dtype)
+	b = protowire.AppendTag(b, responsePartialField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(tensorSize(o.Dtype, rows, o.Cols, data, 0)))
+	b = appendTensorHead(b, o.Dtype, rows, o.Cols)
+	b = protowire.AppendTag(b, tensorDataField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(data))
+	return AppendRows(b, o.Dtype, o.Rows)
+}
+
+// fieldSize is the wire size of a length-delimited field of n bytes.
+func fieldSize(num protowire.Number, n int) int {
+	return protowire.SizeTag(num) + protowire.SizeBytes(n)
+}
+
+// tensorSize is the wire size of a [rows, cols] Tensor of dt with data
+// and scales bytes (the dtype omitted when zero, as proto3 does).
+func tensorSize(dt meshpb.DType, rows, cols, data, scales int) int {
+	n := fieldSize(tensorShapeField, protowire.SizeVarint(uint64(rows))+protowire.SizeVarint(uint64(cols)))
+	if dt != 0 {
+		n += protowire.SizeTag(tensorDtypeField) + protowire.SizeVarint(uint64(dt))
+	}
+	if data > 0 {
+		n += fieldSize(tensorDataField, data)
+	}
+	if scales > 0 {
+		n += fieldSize(tensorScalesField, scales)
+	}
+	return n
+}
+
+// appendTensorHead appends a Tensor's dtype and packed shape.
+func appendTensorHead(b []byte, dt meshpb.DType, rows, cols int) []byte {
+	if dt != 0 {
+		b = protowire.AppendTag(b, tensorDtypeField, protowire.VarintType)
+		b = protowire.AppendVarint(b, uint64(dt))
+	}
+	b = protowire.AppendTag(b, tensorShapeField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(protowire.SizeVarint(uint64(rows))+protowire.SizeVarint(uint64(cols))))
+	b = protowire.AppendVarint(b, uint64(rows))
+	return protowire.AppendVarint(b, uint64(cols))
+}
+
+// appendFloats appends a packed repeated float field.
+func appendFloats(b []byte, num protowire.Number, v []float32) []byte {
+	b = protowire.AppendTag(b, num, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(4*len(v)))
+	for _, f := range v {
+		b = protowire.AppendFixed32(b, math.Float32bits(f))
+	}
+	return b
 }
 
 func messageOf(v any) proto.Message {

@@ -243,3 +243,133 @@ func TestPool(t *testing.T) {
 		t.Fatalf("cap %d", cap(*b))
 	}
 }
+
+// marshalled is Codec's encoding of v as one byte slice.
+func marshalled(t *testing.T, v any) []byte {
+	t.Helper()
+	bs, err := Codec{}.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bs.Free()
+	return bs.Materialize()
+}
+
+// TestOutMessages: an OutRequest or OutResponse, its rows encoded straight
+// into the message buffer, decodes (with proto.Unmarshal and with the
+// in-place decoders) to the message whose Tensor was encoded first and
+// marshalled as usual: every dtype, row subsets in any order (rows sent
+// twice included), several widths, with and without trace context, and
+// error replies without rows.
+func TestOutMessages(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for i := range 300 {
+		cols := []int{1, 3, 127, 128, 129, 300}[i%6]
+		n := 1 + rng.IntN(7)
+		x := make([]float32, n*cols)
+		for j := range x {
+			x[j] = float32(rng.NormFloat64() * math.Pow(10, float64(rng.IntN(9)-4)))
+		}
+		var rows []int32
+		for range 1 + rng.IntN(6) {
+			rows = append(rows, int32(rng.IntN(n)))
+		}
+		sel := make([]float32, 0, len(rows)*cols)
+		for _, r := range rows {
+			sel = append(sel, x[int(r)*cols:int(r+1)*cols]...)
+		}
+		dt := []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16, meshpb.DType_DTYPE_F8_E4M3}[i%3]
+		base := randomRequest(rng)
+		base.Hidden = nil
+		want := proto.Clone(base).(*meshpb.DispatchRequest)
+		want.Hidden = &meshpb.Tensor{Dtype: dt, Shape: []int64{int64(len(rows)), int64(cols)}}
+		if dt == meshpb.DType_DTYPE_F8_E4M3 {
+			want.Hidden.Data, want.Hidden.Scales = AppendF8Rows(nil, nil, sel, cols)
+		} else {
+			want.Hidden.Data = AppendRows(nil, dt, sel)
+		}
+		out := &OutRequest{Req: base, Dtype: dt, X: x, Rows: rows, Cols: cols}
+		b := marshalled(t, out)
+		if len(b) != out.Size() || len(b) != proto.Size(want) {
+			t.Fatalf("request %d: %d bytes, Size %d, proto.Size %d", i, len(b), out.Size(), proto.Size(want))
+		}
+		got := new(meshpb.DispatchRequest)
+		if err := proto.Unmarshal(b, got); err != nil || !proto.Equal(got, want) {
+			t.Fatalf("request %d (%v, rows %v, cols %d): proto.Unmarshal %v\n got %v\nwant %v", i, dt, rows, cols, err, got, want)
+		}
+		inPlace := randomRequest(rng)
+		if err := UnmarshalRequest(b, inPlace); err != nil || !proto.Equal(inPlace, want) {
+			t.Fatalf("request %d: UnmarshalRequest %v", i, err)
+		}
+
+		// The reply: F32 or BF16 partial rows, or an error without.
+		pdt := PartialFor(dt)
+		resp := &meshpb.DispatchResponse{Id: rng.Uint64(), ComputeUs: rng.Uint64N(1e6)}
+		wantResp := proto.Clone(resp).(*meshpb.DispatchResponse)
+		o := &OutResponse{Resp: resp, Dtype: pdt, Rows: sel, Cols: cols}
+		if i%5 == 4 {
+			resp.Code, resp.Message = 13, "no"
+			wantResp.Code, wantResp.Message = 13, "no"
+			o.Rows = nil
+		} else {
+			wantResp.Partial = &meshpb.Tensor{Dtype: pdt, Shape: []int64{int64(len(rows)), int64(cols)}, Data: AppendRows(nil, pdt, sel)}
+		}
+		b = marshalled(t, o)
+		gotResp := new(meshpb.DispatchResponse)
+		if err := proto.Unmarshal(b, gotResp); err != nil || !proto.Equal(gotResp, wantResp) || len(b) != proto.Size(wantResp) {
+			t.Fatalf("response %d: %v\n got %v\nwant %v", i, err, gotResp, wantResp)
+		}
+		inPlaceResp := randomResponse(rng)
+		if err := UnmarshalResponse(b, inPlaceResp); err != nil || !proto.Equal(inPlaceResp, wantResp) {
+			t.Fatalf("response %d: UnmarshalResponse %v", i, err)
+		}
+	}
+}
+
+// BenchmarkMarshalRows: a 32-row V2-Lite request marshalled by Codec,
+// its rows encoded into a Tensor first (encoded) or straight into the
+// message buffer (out), F32 and BF16.
+func BenchmarkMarshalRows(b *testing.B) {
+	const rows, cols = 32, 2048
+	x := make([]float32, rows*cols)
+	for i := range x {
+		x[i] = float32(i%1013) * 0.5
+	}
+	sel := make([]int32, rows)
+	for i := range sel {
+		sel[i] = int32(i)
+	}
+	for _, dt := range []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16} {
+		req := &meshpb.DispatchRequest{Id: 1, Layer: 1, K: 1, ExpertIds: make([]int32, rows), GateWeights: make([]float32, rows)}
+		var data []byte
+		var tn meshpb.Tensor
+		b.Run("encoded/"+dt.String(), func(b *testing.B) {
+			b.SetBytes(int64(rows * cols * Size(dt)))
+			for b.Loop() {
+				data = data[:0]
+				for _, r := range sel {
+					data = AppendRows(data, dt, x[int(r)*cols:int(r+1)*cols])
+				}
+				tn = meshpb.Tensor{Dtype: dt, Shape: []int64{rows, cols}, Data: data}
+				req.Hidden = &tn
+				bs, err := Codec{}.Marshal(req)
+				if err != nil {
+					b.Fatal(err)
+				}
+				bs.Free()
+			}
+		})
+		b.Run("out/"+dt.String(), func(b *testing.B) {
+			b.SetBytes(int64(rows * cols * Size(dt)))
+			req.Hidden = nil
+			out := &OutRequest{Req: req, Dtype: dt, X: x, Rows: sel, Cols: cols}
+			for b.Loop() {
+				bs, err := Codec{}.Marshal(out)
+				if err != nil {
+					b.Fatal(err)
+				}
+				bs.Free()
+			}
+		})
+	}
+}

@@ -178,17 +178,40 @@ func AppendRows(b []byte, dt meshpb.DType, x []float32) []byte {
 	n := len(b)
 	b = extend(b, 2*len(x))
 	out := b[n:]
-	// Four values to a word store.
-	i := 0
-	for ; i+4 <= len(x); i += 4 {
-		v := x[i : i+4 : i+4]
-		binary.LittleEndian.PutUint64(out[2*i:], uint64(kernels.F32ToBF16(v[0]))|uint64(kernels.F32ToBF16(v[1]))<<16|
-			uint64(kernels.F32ToBF16(v[2]))<<32|uint64(kernels.F32ToBF16(v[3]))<<48)
-	}
-	for ; i < len(x); i++ {
-		binary.LittleEndian.PutUint16(out[2*i:], kernels.F32ToBF16(x[i]))
-	}
+	encodeBF16(out, x)
 	return b
+}
+
+// encodeBF16 writes x as little-endian BF16 values to out (2*len(x)
+// bytes), each kernels.F32ToBF16(v): round to nearest even, NaN kept
+// quiet. The loop rounds every value without a branch and only notes
+// whether any was NaN (with the sign masked off, adding 0x7fffff carries
+// into bit 31 exactly for a NaN); a second pass fixes those, which
+// healthy activations never have.
+func encodeBF16(out []byte, x []float32) {
+	if !nativeLE || len(x) == 0 {
+		for i, v := range x {
+			binary.LittleEndian.PutUint16(out[2*i:], kernels.F32ToBF16(v))
+		}
+		return
+	}
+	// out may start at an odd address (after a message's headers): amd64
+	// and arm64 store unaligned halves at full speed, and checkptr only
+	// requires alignment of types holding pointers.
+	o := unsafe.Slice((*uint16)(unsafe.Pointer(&out[0])), len(out)/2)[:len(x)]
+	u := unsafe.Slice((*uint32)(unsafe.Pointer(&x[0])), len(x))
+	nan := uint32(0)
+	for i, b := range u {
+		o[i] = uint16((b + 0x7fff + (b>>16)&1) >> 16)
+		nan |= b&0x7fffffff + 0x007fffff
+	}
+	if nan&0x80000000 != 0 {
+		for i, b := range u {
+			if b&0x7fffffff > 0x7f800000 {
+				o[i] = uint16(b>>16) | 0x40
+			}
+		}
+	}
 }
 
 // CheckMatrix validates that t is an F32, BF16 or F8_E4M3 [rows, cols]

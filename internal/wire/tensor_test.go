@@ -305,12 +305,15 @@ func BenchmarkDecode(b *testing.B) {
 // into a reused buffer.
 func TestAppendBF16Words(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
-	for n := range 40 {
-		x := make([]float32, n)
+	for n := range 400 {
+		x := make([]float32, n%40)
 		for i := range x {
 			x[i] = math.Float32frombits(rng.Uint32())
+			if i%5 == 1 { // NaNs, infinities, rounding carries and ties
+				x[i] = math.Float32frombits([]uint32{0x7f800001, 0xffc00000, 0x7f800000, 0xff800000, 0x7f7fffff, 0x3f80ffff, 0x3f808000, 0x3f818000}[rng.IntN(8)])
+			}
 		}
-		prefix := []byte{0xaa, 0xbb, 0xcc}
+		prefix := []byte{0xaa, 0xbb, 0xcc}[:n%2+2] // even and odd starts
 		got := AppendRows(slices.Clone(prefix), meshpb.DType_DTYPE_BF16, x)
 		want := slices.Clone(prefix)
 		for _, v := range x {
