@@ -1082,6 +1082,7 @@ type expertConn struct {
 	failures int
 	retryAt  time.Time
 	req      meshpb.DispatchRequest
+	out      wire.OutRequest // req with its rows, for inline sends
 	hidden   meshpb.Tensor
 	shape    [2]int64
 	data     []byte
@@ -1159,7 +1160,7 @@ func (c *expertConn) trySend(a *attempt) bool {
 	if queued {
 		return false
 	}
-	c.send(a)
+	c.send(a, true)
 	c.r.sentInline.Add(1)
 	return true
 }
@@ -1234,7 +1235,7 @@ func (c *expertConn) sendQueued(a *attempt) time.Duration {
 			return 0
 		}
 	}
-	c.send(a)
+	c.send(a, false)
 	return 0
 }
 
@@ -1292,9 +1293,14 @@ func (c *expertConn) dropStream() {
 	c.backoff()
 }
 
-// send encodes a into the connection's reusable request and sends it;
-// c.tx is held.
-func (c *expertConn) send(a *attempt) {
+// send sends a on the connection's reusable request; c.tx is held. The
+// dispatch's own goroutine (inline, from trySend) has its rows encoded
+// straight into gRPC's message buffer while Send marshals (wire.OutRequest:
+// nothing else can change or abandon them meanwhile); the connection's
+// goroutine encodes them into its own buffer first, under a.mu, since
+// the dispatch may give up on a and reuse the rows as soon as a.mu is
+// released.
+func (c *expertConn) send(a *attempt, inline bool) {
 	rows := int64(len(a.rows))
 	a.mu.Lock()
 	if a.state != queued {
@@ -1304,23 +1310,13 @@ func (c *expertConn) send(a *attempt) {
 	}
 	d := a.d
 	h := c.r.hidden
-	c.data, c.scales = c.data[:0], c.scales[:0]
-	for _, row := range a.rows {
-		x := d.x[int(row)*h : int(row+1)*h]
-		if c.r.wire == meshpb.DType_DTYPE_F8_E4M3 {
-			c.data, c.scales = wire.AppendF8Rows(c.data, c.scales, x, h)
-		} else {
-			c.data = wire.AppendRows(c.data, c.r.wire, x)
-		}
-	}
 	// Copies, not aliases: once a.mu is released the attempt may be
-	// answered, completed and reused before Send below has marshalled.
+	// answered, completed and reused before Send below has marshalled
+	// (when the connection's goroutine sends it).
 	c.ids = append(c.ids[:0], a.ids...)
 	c.w = append(c.w[:0], a.w...)
-	c.shape = [2]int64{rows, int64(h)}
-	c.hidden = meshpb.Tensor{Dtype: c.r.wire, Shape: c.shape[:], Data: c.data, Scales: c.scales}
 	c.req.Id, c.req.Layer, c.req.K = a.id, uint32(d.layer), uint32(d.k)
-	c.req.ExpertIds, c.req.GateWeights, c.req.Hidden = c.ids, c.w, &c.hidden
+	c.req.ExpertIds, c.req.GateWeights, c.req.Hidden = c.ids, c.w, nil
 	c.req.PlacementVersion, c.req.PartialDtype = a.version, wire.PartialFor(c.r.wire)
 	c.req.TraceContext = nil
 	if trace.SpanContextFromContext(a.ctx).IsValid() {
@@ -1330,6 +1326,26 @@ func (c *expertConn) send(a *attempt) {
 		clear(c.trace)
 		propagation.TraceContext{}.Inject(a.ctx, propagation.MapCarrier(c.trace))
 		c.req.TraceContext = c.trace
+	}
+	var msg any = &c.req
+	if inline {
+		// Rows and X are the dispatch's, stable until it handles a
+		// completion, which only this goroutine does.
+		c.out.Req, c.out.Dtype, c.out.X, c.out.Rows, c.out.Cols = &c.req, c.r.wire, d.x, a.rows, h
+		msg = &c.out
+	} else {
+		c.data, c.scales = c.data[:0], c.scales[:0]
+		for _, row := range a.rows {
+			x := d.x[int(row)*h : int(row+1)*h]
+			if c.r.wire == meshpb.DType_DTYPE_F8_E4M3 {
+				c.data, c.scales = wire.AppendF8Rows(c.data, c.scales, x, h)
+			} else {
+				c.data = wire.AppendRows(c.data, c.r.wire, x)
+			}
+		}
+		c.shape = [2]int64{rows, int64(h)}
+		c.hidden = meshpb.Tensor{Dtype: c.r.wire, Shape: c.shape[:], Data: c.data, Scales: c.scales}
+		c.req.Hidden = &c.hidden
 	}
 	st := c.st
 	st.mu.Lock()
@@ -1343,13 +1359,17 @@ func (c *expertConn) send(a *attempt) {
 		return
 	}
 	// gRPC's message header is 5 bytes.
-	a.sentBytes = proto.Size(&c.req) + 5
+	if inline {
+		a.sentBytes = c.out.Size() + 5
+	} else {
+		a.sentBytes = proto.Size(&c.req) + 5
+	}
 	st.mu.pending[a.id] = a
 	st.mu.unanswered += a.sentBytes
 	st.mu.Unlock()
 	a.state = sent
 	a.mu.Unlock()
-	if err := st.stream.Send(&c.req); err != nil {
+	if err := st.stream.SendMsg(msg); err != nil {
 		st.fail(err)
 	}
 }

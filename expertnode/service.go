@@ -64,9 +64,10 @@ type job struct {
 	hidden *meshpb.Tensor // req's tensor, kept while a request has none
 
 	resp   meshpb.DispatchResponse
-	tensor meshpb.Tensor
-	shape  [2]int64
-	data   []byte
+	outMsg wire.OutResponse // resp with out's rows, as Send marshals it
+	tensor meshpb.Tensor    // reply's
+	shape  [2]int64         // reply's
+	data   []byte           // reply's
 }
 
 // Dispatch serves one stream with streamWorkers goroutines that take
@@ -201,13 +202,13 @@ func (p *pipe) sendFailed() bool {
 	return p.send.err != nil
 }
 
-// answer encodes j's reply (outside the send lock) and sends it, unless
-// an earlier Send failed.
+// answer sends j's reply, its rows encoded straight into gRPC's message
+// buffer (replyOut), unless an earlier Send failed.
 func (p *pipe) answer(j *job) {
-	r := p.n.reply(j)
+	r := p.n.replyOut(j)
 	p.send.Lock()
 	if p.send.err == nil {
-		p.send.err = p.st.Send(r)
+		p.send.err = p.st.SendMsg(r)
 	}
 	p.send.Unlock()
 	p.answered()
@@ -384,15 +385,33 @@ func distinctExperts(ids []int32) int {
 	return len(seen)
 }
 
-// reply fills j's reusable response and counts it by code. gRPC marshals
-// a message inside Send, so the buffers may be reused once Send has
-// returned.
-func (n *Node) reply(j *job) *meshpb.DispatchResponse {
+// replyOut fills j's reusable response, without its partial rows, and
+// counts it by code; the returned message has Codec encode the rows
+// straight from j.out while Send marshals it (one pass over them, not
+// reply's two). j's buffers may be reused once Send has returned.
+func (n *Node) replyOut(j *job) *wire.OutResponse {
+	r := n.replyHead(j)
+	j.outMsg.Resp, j.outMsg.Dtype, j.outMsg.Rows, j.outMsg.Cols = r, j.partial, nil, n.mc.HiddenSize
+	if j.code == codes.OK {
+		j.outMsg.Rows = j.out[:j.rows*n.mc.HiddenSize]
+	}
+	return &j.outMsg
+}
+
+// replyHead fills j's response but its partial rows and counts it by code.
+func (n *Node) replyHead(j *job) *meshpb.DispatchResponse {
 	if int(j.code) < numCodes {
 		n.metrics.requests[j.code].Inc()
 	}
 	r := &j.resp
 	r.Id, r.Code, r.Message, r.Partial, r.ComputeUs = j.id, int32(j.code), j.msg, nil, uint64(j.compute.Microseconds())
+	return r
+}
+
+// reply is replyOut's message with the partial rows encoded into a
+// Tensor first: the same bytes on the wire (TestReplyOut).
+func (n *Node) reply(j *job) *meshpb.DispatchResponse {
+	r := n.replyHead(j)
 	if j.code == codes.OK {
 		h := n.mc.HiddenSize
 		j.shape = [2]int64{int64(j.rows), int64(h)}
