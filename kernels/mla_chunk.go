@@ -25,11 +25,13 @@ func MLAChunkScratchSize(heads, start, nq int) int {
 func mlaScoreStride(start, nq int) int { return (start + nq + 3) &^ 3 }
 
 // mlaChunkTile is the queries of one unit of an MLAChunks job (with one
-// head): four of the AVX-512 micro-kernels' 6-query tiles. Small enough
-// that a 512-query chunk's 16 heads make hundreds of units (the threads
-// balance however the causal lengths fall), large enough that claiming
-// costs nothing.
-const mlaChunkTile = 24
+// head): eight of the AVX-512 micro-kernels' 6-query tiles, which share
+// each pass over the cache (see mlaChunkUnit). A 512-query chunk's 16
+// heads still make 176 units (the threads balance however the causal
+// lengths fall). BenchmarkMLAChunk, 1 thread, medians of 3 alternated
+// rounds at load 3.9: 24 -> 48 queries took 512 queries from 0 from 45
+// to 37 ms and 64 after 4032 tokens from 92 to 81 ms; 96 gave 44 and 73.
+const mlaChunkTile = 48
 
 // MLAChunks is absorbed MLA (MLADecode's arithmetic) for chunks of
 // consecutive queries of one sequence each, in one pool call: a prefill
