@@ -77,7 +77,7 @@ type RemoteConfig struct {
 	// ExpertWait bounds how long a step waits for a replica; see
 	// DefaultExpertWait (0: that).
 	ExpertWait time.Duration
-	// Dial opens connections (nil: the shared rpc client options).
+	// Dial opens connections (nil: rpc.DialDispatch).
 	Dial DialFunc
 	// TracerProvider receives the attn.dispatch spans (nil: the global
 	// provider at construction).
@@ -181,7 +181,7 @@ func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *Remote
 		r.budget = DefaultExpertWait
 	}
 	if r.dial == nil {
-		r.dial = func(addr string) (*grpc.ClientConn, error) { return rpc.Dial(addr) }
+		r.dial = func(addr string) (*grpc.ClientConn, error) { return rpc.DialDispatch(addr) }
 	}
 	tp := cfg.TracerProvider
 	if tp == nil {

@@ -199,10 +199,14 @@ func panicStatus(log *slog.Logger, method string, r any) error {
 // Transport credentials are insecure: expertmesh's internal traffic runs on
 // loopback or inside a cluster network; add TLS via extra options where that
 // is not true.
-func DialOptions() []grpc.DialOption {
-	return []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithStatsHandler(otelgrpc.NewClientHandler(otelgrpc.WithPropagators(propagator))),
+func DialOptions() []grpc.DialOption { return dialOptions(true) }
+
+func dialOptions(stats bool) []grpc.DialOption {
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if stats {
+		opts = append(opts, grpc.WithStatsHandler(otelgrpc.NewClientHandler(otelgrpc.WithPropagators(propagator))))
+	}
+	return append(opts,
 		grpc.WithDefaultCallOptions(
 			grpc.MaxCallRecvMsgSize(DefaultMaxMsgSize),
 			grpc.MaxCallSendMsgSize(DefaultMaxMsgSize),
@@ -216,8 +220,16 @@ func DialOptions() []grpc.DialOption {
 			Timeout:             keepaliveTimeout,
 			PermitWithoutStream: true,
 		}),
-	}
+	)
 }
+
+// DispatchDialOptions are DialOptions without the OpenTelemetry stats
+// handler, for connections that carry only Dispatch streams: a request
+// carries its trace context in its own trace_context field (a stream
+// lives for the process, so its metadata cannot), and the handler would
+// only cost gRPC's payload events, allocated per message even when
+// nothing is traced.
+func DispatchDialOptions() []grpc.DialOption { return dialOptions(false) }
 
 // Dial returns a lazily connecting client for addr with DialOptions plus
 // extra. It does no I/O: the first call connects. A plain "host:port" is
@@ -225,6 +237,15 @@ func DialOptions() []grpc.DialOption {
 // turn "localhost" into several addresses and a balancer); a target with a
 // scheme ("dns:///svc:7000", "unix:///path") is used unchanged.
 func Dial(addr string, extra ...grpc.DialOption) (*grpc.ClientConn, error) {
+	return dial(addr, append(DialOptions(), extra...))
+}
+
+// DialDispatch is Dial with DispatchDialOptions.
+func DialDispatch(addr string, extra ...grpc.DialOption) (*grpc.ClientConn, error) {
+	return dial(addr, append(DispatchDialOptions(), extra...))
+}
+
+func dial(addr string, opts []grpc.DialOption) (*grpc.ClientConn, error) {
 	if addr == "" {
 		return nil, errors.New("rpc: empty address")
 	}
@@ -232,7 +253,7 @@ func Dial(addr string, extra ...grpc.DialOption) (*grpc.ClientConn, error) {
 	if !strings.Contains(addr, "://") {
 		target = "passthrough:///" + addr
 	}
-	cc, err := grpc.NewClient(target, append(DialOptions(), extra...)...)
+	cc, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("rpc: dial %s: %w", addr, err)
 	}
