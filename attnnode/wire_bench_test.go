@@ -196,7 +196,8 @@ func rawEcho(b *testing.B, lis net.Listener, reqBytes, respBytes int) (net.Conn,
 }
 
 // echoStream opens a Dispatch stream to an echo server built with
-// expertmesh's rpc options that answers every request with reply.
+// expertmesh's rpc options (the client's, DialDispatch's, as RemoteExperts
+// dials) that answers every request with reply.
 func echoStream(b *testing.B, reply *meshpb.DispatchResponse) (meshpb.ExpertService_DispatchClient, func()) {
 	srv := rpc.NewServer(rpc.ServerOptions{})
 	meshpb.RegisterExpertServiceServer(srv.Server, &echoExperts{reply: reply})
@@ -205,7 +206,7 @@ func echoStream(b *testing.B, reply *meshpb.DispatchResponse) (meshpb.ExpertServ
 		b.Fatal(err)
 	}
 	go srv.Serve(lis)
-	cc, err := rpc.Dial(lis.Addr().String())
+	cc, err := rpc.DialDispatch(lis.Addr().String())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -169,8 +169,9 @@ func TestDispatchAllocations(t *testing.T) {
 	h := c.HiddenSize
 
 	// gRPC's own cost of one exchange of a request and reply of rows rows
-	// in dt, with expertmesh's options (otelgrpc stats handlers,
-	// wire.Codec, static windows); below gRPC's buffer-pooling threshold
+	// in dt, with expertmesh's options (the server's otelgrpc stats
+	// handler, RemoteExperts' DialDispatch client, wire.Codec, static
+	// windows); below gRPC's buffer-pooling threshold
 	// (1 KiB) its transport allocates more per message.
 	exchange := func(dt meshpb.DType, rows int) (*meshpb.DispatchRequest, *meshpb.DispatchResponse) {
 		x := make([]float32, rows*h)
@@ -192,7 +193,7 @@ func TestDispatchAllocations(t *testing.T) {
 			return f
 		}
 		req, reply := exchange(dt, rows)
-		f := grpcFloor(t, req, reply, rpc.NewServer(rpc.ServerOptions{}).Server, func(a string) (*grpc.ClientConn, error) { return rpc.Dial(a) })
+		f := grpcFloor(t, req, reply, rpc.NewServer(rpc.ServerOptions{}).Server, func(a string) (*grpc.ClientConn, error) { return rpc.DialDispatch(a) })
 		floors[key] = f
 		return f
 	}
