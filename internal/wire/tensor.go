@@ -322,6 +322,23 @@ func DecodeF32(dst []float32, data []byte) error {
 	return nil
 }
 
+// ViewF32 returns an F32 tensor's data (CheckMatrix accepted it) as its
+// float32 values without copying them, after checking they are finite,
+// when the machine is little-endian and the bytes start 4-aligned (as a
+// decoded message's do); ok is false when it cannot (Decode them
+// instead). The values alias t.Data.
+func ViewF32(t *meshpb.Tensor) (x []float32, ok bool, err error) {
+	data := t.Data
+	n := len(data) / 4
+	if t.Dtype != meshpb.DType_DTYPE_F32 || !nativeLE || n == 0 || uintptr(unsafe.Pointer(&data[0]))%4 != 0 {
+		return nil, false, nil
+	}
+	if i := firstNonFiniteF32(data[:4*n]); i >= 0 {
+		return nil, true, fmt.Errorf("%w: non-finite value at element %d", ErrInvalidTensor, i)
+	}
+	return unsafe.Slice((*float32)(unsafe.Pointer(&data[0])), n), true, nil
+}
+
 // Finiteness checks of received rows, on the wire bytes: a value is Inf
 // or NaN exactly when its exponent bits are all ones. The checks test
 // eight bytes at a time (SWAR): with the sign bit masked off, adding one

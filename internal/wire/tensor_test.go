@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"google.golang.org/protobuf/proto"
 
@@ -322,5 +323,35 @@ func TestAppendBF16Words(t *testing.T) {
 		if !slices.Equal(got, want) {
 			t.Fatalf("n=%d: %x, want %x", n, got, want)
 		}
+	}
+}
+
+// TestViewF32: the view has Decode's values and rejects what Decode
+// rejects, naming the same element; it declines other dtypes and
+// unaligned data, which Decode still takes.
+func TestViewF32(t *testing.T) {
+	x := []float32{1, -2.5, 3e-8, 7, 0, float32(math.Copysign(0, -1)), 65504, 1e30}
+	tn := F32Matrix(x, 2, 4)
+	v, ok, err := ViewF32(tn)
+	if !ok || err != nil || !slices.Equal(v, x) || &v[0] != (*float32)(unsafe.Pointer(&tn.Data[0])) {
+		t.Fatalf("view %v ok %v err %v", v, ok, err)
+	}
+	for pos := range x {
+		bad := slices.Clone(x)
+		bad[pos] = float32(math.NaN())
+		tn := F32Matrix(bad, 2, 4)
+		_, ok, err := ViewF32(tn)
+		derr := Decode(make([]float32, 8), tn)
+		if !ok || err == nil || derr == nil || err.Error() != derr.Error() {
+			t.Errorf("NaN at %d: view %v %v, Decode %v", pos, ok, err, derr)
+		}
+	}
+	odd := append([]byte{0}, tn.Data...)[1:]
+	if _, ok, _ := ViewF32(&meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: tn.Shape, Data: odd}); ok {
+		t.Error("viewed unaligned data")
+	}
+	bf := &meshpb.Tensor{Dtype: meshpb.DType_DTYPE_BF16, Shape: tn.Shape, Data: AppendRows(nil, meshpb.DType_DTYPE_BF16, x)}
+	if _, ok, _ := ViewF32(bf); ok {
+		t.Error("viewed BF16 data")
 	}
 }
