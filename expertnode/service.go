@@ -54,7 +54,9 @@ type job struct {
 	ids     []int32   // aliases the request it was prepared from
 	weights []float32 // aliases the request it was prepared from
 	trace   map[string]string
-	x, out  []float32
+	x       []float32 // the rows: a view of req's F32 bytes, or xbuf
+	xbuf    []float32 // decoded rows of other dtypes
+	out     []float32
 	partial meshpb.DType // the reply's dtype (F32 or BF16)
 	code    codes.Code
 	msg     string
@@ -174,7 +176,12 @@ func (p *pipe) work() {
 			continue
 		}
 		p.n.prepare(j, &j.req)
-		if j.code == codes.OK && !p.sendFailed() {
+		if p.sendFailed() {
+			// The stream is dead: nothing to compute or answer.
+			p.answered()
+			continue
+		}
+		if j.code == codes.OK {
 			p.n.run(p.ctx, j)
 		}
 		p.answer(j)
@@ -303,9 +310,19 @@ func (n *Node) prepare(j *job, req *meshpb.DispatchRequest) *job {
 	if i, id := n.firstNotHeld(layer, req.ExpertIds); i >= 0 {
 		return fail(codes.FailedPrecondition, "expert_ids[%d]: layer %d expert %d is not held by node %s", i, layer, id, n.id)
 	}
-	j.x = grow(j.x, rows*h)
-	if err := wire.Decode(j.x, req.Hidden); err != nil {
-		return fail(codes.InvalidArgument, "hidden: %v", err)
+	// F32 rows are computed on in place, in the request's own bytes;
+	// other dtypes (or unaligned bytes) are decoded into j's buffer.
+	if x, ok, err := wire.ViewF32(req.Hidden); ok {
+		if err != nil {
+			return fail(codes.InvalidArgument, "hidden: %v", err)
+		}
+		j.x = x[:rows*h]
+	} else {
+		j.xbuf = grow(j.xbuf, rows*h)
+		if err := wire.Decode(j.xbuf, req.Hidden); err != nil {
+			return fail(codes.InvalidArgument, "hidden: %v", err)
+		}
+		j.x = j.xbuf
 	}
 	j.layer, j.rows, j.k, j.partial = layer, rows, k, pdt
 	j.trace = req.TraceContext
