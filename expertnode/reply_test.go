@@ -2,8 +2,14 @@ package expertnode
 
 import (
 	"context"
+	"errors"
+	"io"
+	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/expertmesh/expertmesh/internal/wire"
@@ -52,5 +58,70 @@ func TestReplyOut(t *testing.T) {
 		if (want.Partial == nil) != c.bad {
 			t.Errorf("%v rows=%d bad=%v: partial %v, code %d", c.dt, c.rows, c.bad, want.Partial != nil, want.Code)
 		}
+	}
+}
+
+// failingStream is a Dispatch stream whose requests come from reqs
+// (closed: EOF) and whose every Send fails.
+type failingStream struct {
+	grpc.ServerStream
+	ctx   context.Context
+	reqs  chan *meshpb.DispatchRequest
+	sends atomic.Int32
+}
+
+func (s *failingStream) Context() context.Context { return s.ctx }
+func (s *failingStream) RecvMsg(m any) error {
+	r, ok := <-s.reqs
+	if !ok {
+		return io.EOF
+	}
+	proto.Reset(m.(*meshpb.DispatchRequest))
+	proto.Merge(m.(*meshpb.DispatchRequest), r)
+	return nil
+}
+func (s *failingStream) SendMsg(any) error {
+	s.sends.Add(1)
+	return errors.New("connection reset")
+}
+func (s *failingStream) Recv() (*meshpb.DispatchRequest, error) {
+	m := new(meshpb.DispatchRequest)
+	return m, s.RecvMsg(m)
+}
+func (s *failingStream) Send(m *meshpb.DispatchResponse) error { return s.SendMsg(m) }
+
+// TestSendFailureStopsWork: once a stream's Send has failed, requests
+// still arriving are neither computed nor answered (no panic building a
+// reply for a skipped computation), and the stream ends with Send's
+// error once the client stops sending.
+func TestSendFailureStopsWork(t *testing.T) {
+	cfg := testConfig("all")
+	cfg.Threads = 1
+	node := startNode(t, cfg)
+	st := &failingStream{ctx: context.Background(), reqs: make(chan *meshpb.DispatchRequest)}
+	done := make(chan error, 1)
+	go func() { done <- (&service{n: node}).Dispatch(st) }()
+	st.reqs <- validRequest(1)
+	deadline := time.Now().Add(10 * time.Second)
+	for st.sends.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the first reply was never sent")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	for i := range 6 {
+		st.reqs <- validRequest(uint64(2 + i))
+	}
+	close(st.reqs)
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "connection reset") {
+			t.Errorf("stream ended with %v, want Send's error", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Dispatch did not return after EOF")
+	}
+	if n := st.sends.Load(); n != 1 {
+		t.Errorf("%d Sends after the first failed, want none", n-1)
 	}
 }
