@@ -11,7 +11,7 @@ import (
 // causal products only (2·H·(2R+P) per query and token it sees).
 func BenchmarkMLAChunk(b *testing.B) {
 	const H, R, P, bs = 16, 512, 64, 16
-	for _, c := range []struct{ start, nq int }{{0, 512}, {0, 64}, {448, 64}, {4032, 64}} {
+	for _, c := range []struct{ start, nq int }{{0, 512}, {0, 64}, {448, 64}, {4032, 64}, {500, 2}, {500, 8}, {496, 16}, {480, 32}} {
 		nt := c.start + c.nq
 		blocks := make([][]float32, ceilDiv(nt, bs))
 		for i := range blocks {

@@ -64,8 +64,8 @@ type Engine struct {
 	BF16Prefill bool
 	// mlaChunkRows, if > 0, is the fewest consecutive rows of one
 	// sequence that attention takes as a prefill chunk (MLAChunks); shorter
-	// runs go one row at a time (MLADecodeMany). 0 means 2. Tests compare
-	// the two paths with it.
+	// runs go one row at a time (MLADecodeMany). 0 means mlaChunkMinRows.
+	// Tests compare the two paths with it.
 	mlaChunkRows int
 	// Compute, if set, is held while this engine computes and released
 	// while it waits for routed experts, so engines of several
@@ -354,11 +354,20 @@ func (e *Engine) attention(l int, rows []Row) {
 	kernels.Add(s.x[:n*h], s.x[:n*h], s.o[:n*h])
 }
 
+// mlaChunkMinRows: below 16 queries MLADecodeMany, whose kernel shares
+// each cache row among 8 heads of a query, is as fast or faster than
+// MLAChunks, which shares it among up to 6 queries of a head.
+// BenchmarkMLAChunk after ~500 cached tokens, MLADecodeMany/MLAChunks
+// time, medians of 5 alternated rounds at load 3.8-4.5, 1 and 2 threads:
+// 2 queries 0.67, 0.69; 8: 0.98, 1.01; 16: 1.13, 1.18; 32: 1.09, 1.39;
+// 64: 1.20, 1.19.
+const mlaChunkMinRows = 16
+
 func (e *Engine) mlaChunkMin() int {
 	if e.mlaChunkRows > 0 {
 		return e.mlaChunkRows
 	}
-	return 2
+	return mlaChunkMinRows
 }
 
 // headProducts computes out(i, h) = ws[h]·in(i, h) for every row i and

@@ -34,7 +34,7 @@ func mlaWideCheckpoint(t testing.TB) string {
 }
 
 // TestMLAChunkPrefill: prefill whose attention takes MLAChunks (runs of
-// one sequence's consecutive rows) against the same steps with every row
+// one sequence's consecutive rows, here from 2 rows on) against the same steps with every row
 // through MLADecodeMany, and both against the plain reference forward:
 // one chunk from position 0, a chunk after earlier cached tokens (the
 // second step), and a step mixing a decode row of one sequence with
@@ -113,7 +113,8 @@ func TestMLAChunkPrefill(t *testing.T) {
 				gotOther = append(gotOther, step([]Row{{Seq: seq2, Token: other[8], Pos: 8}})...)
 				return got, gotOther
 			}
-			chunked, chunkedOther := run(0)
+			// Chunks from 2 rows: every prefill step here takes MLAChunks.
+			chunked, chunkedOther := run(2)
 			rowwise, rowwiseOther := run(1 << 30)
 			check := func(what string, got, rows, want [][]float32) {
 				for p := range want {
