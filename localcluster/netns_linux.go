@@ -110,6 +110,13 @@ func NewNetns(ctx context.Context, cfg NetnsConfig) (*Netns, error) {
 	n.host = fmt.Sprintf("10.231.%d.1", n.subnet)
 	for _, args := range [][]string{
 		{"ip", "link", "set", "dev", n.bridge, "alias", n.alias()},
+		// A bridge whose address is not set takes the lowest of its
+		// ports' as they join: a namespace that resolved the host's
+		// address before a later veth with a lower one joined sends to
+		// a MAC the bridge no longer owns, and its connection to etcd
+		// times out (an expert node exited before it was ready). A set
+		// address stays (a locally administered one, per subnet).
+		{"ip", "link", "set", "dev", n.bridge, "address", n.bridgeMAC()},
 		{"ip", "addr", "add", n.host + "/24", "dev", n.bridge},
 		{"ip", "link", "set", n.bridge, "up"},
 	} {
@@ -131,6 +138,9 @@ func NewNetns(ctx context.Context, cfg NetnsConfig) (*Netns, error) {
 }
 
 func (n *Netns) alias() string { return fmt.Sprintf("%s%d", netnsPrefix, n.owner) }
+
+// bridgeMAC is the bridge's fixed, locally administered address.
+func (n *Netns) bridgeMAC() string { return fmt.Sprintf("02:e3:6d:00:%02x:01", n.subnet) }
 
 // Mode is how latency is emulated: netem or proxy.
 func (n *Netns) Mode() string { return n.mode }

@@ -267,3 +267,35 @@ func TestClusterInNetns(t *testing.T) {
 	}
 	c.Close()
 }
+
+// TestNetnsBridgeAddressStays: the bridge keeps its address as nodes
+// join (a bridge takes its lowest port's otherwise, and a namespace that
+// resolved the host before then loses its connections to it).
+func TestNetnsBridgeAddressStays(t *testing.T) {
+	needNetns(t)
+	ctx := context.Background()
+	n, err := NewNetns(ctx, NetnsConfig{Link: LinkSpec{Gbit: 10}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	mac := func() string {
+		b, err := os.ReadFile("/sys/class/net/" + n.bridge + "/address")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	want := mac()
+	if want != n.bridgeMAC() {
+		t.Fatalf("bridge address %s, want %s", want, n.bridgeMAC())
+	}
+	for i := range 8 {
+		if _, err := n.Exec(ctx, fmt.Sprintf("node-%d", i), "true"); err != nil {
+			t.Fatal(err)
+		}
+		if got := mac(); got != want {
+			t.Fatalf("after %d nodes joined the bridge's address is %s, was %s", i+1, got, want)
+		}
+	}
+}
