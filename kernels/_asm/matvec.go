@@ -75,7 +75,9 @@ func zero(g *gen, s isa, regs ...int) {
 // genMVRows: rows consecutive outputs, each row streamed start to end
 // before the next. Sequential streams let the hardware prefetchers run at
 // full rate (four interleaved row streams measured 15-40% slower on
-// short rows, and software prefetch only cost); x stays in L1, so re-reading it per row is free.
+// short rows); x stays in L1, so re-reading it per row is free. (These
+// plain row kernels no longer carry decode's BF16 or Q8_0 weights; the
+// kernels that do prefetch, see bf16PF.)
 // func mv<DT>R<ISA>(y *float32, w *byte, stride uintptr, x *float32, n int, rows int)
 // n is a multiple of s.lanes and > 0, rows > 0.
 func genMVRows(g *gen, s isa, dt dtype) {
@@ -157,8 +159,12 @@ func reduce1(g *gen, s isa) {
 // genMVQ8Rows is genMVRows for Q8_0: 32-value blocks on separate chains,
 // each block's sum scaled once.
 // func mvQ8R<ISA>(y *float32, w *byte, stride uintptr, x *float32, n int, rows int, s *float32, sstride uintptr)
-// Four blocks per iteration on four chains measured 6% faster than two;
-// software prefetch did not help.
+// Four blocks per iteration on four chains measured 6% faster than two.
+// Weights are prefetched q8PF ahead into L1 and q8PFL2 into L2 and the
+// row scales q8PFS ahead: at V2-Lite's expert shapes that took the kernel
+// from 70-77% to 80-91% of the read probe (TestMVStream, one and two
+// threads); an earlier test of software prefetch without the L2 requests
+// had found no gain.
 //
 // AVX-512 does eight blocks per iteration and issues them grouped by
 // operation: all sixteen widenings, then the conversions, the products and
@@ -232,6 +238,10 @@ func genMVQ8Rows(g *gen, s isa) {
 	g.p("CMPQ CX, $%d", 32*U)
 	g.p("JL tail")
 	g.label("loop")
+	prefetchW(g, "(AX)", 32*U, q8PF, q8PFL2)
+	if q8PFS > 0 {
+		g.p("PREFETCHT0 %d(R12)", q8PFS)
+	}
 	if s.r == "Z" {
 		grouped(U)
 	} else {
@@ -248,6 +258,11 @@ func genMVQ8Rows(g *gen, s isa) {
 	g.label("tail")
 	g.p("TESTQ CX, CX")
 	g.p("JZ done")
+	// The tail's lines too, or each row's last few would go unrequested.
+	prefetchW(g, "(AX)", 32, q8PF, q8PFL2)
+	if q8PFS > 0 {
+		g.p("PREFETCHT0 %d(R12)", q8PFS)
+	}
 	block(0)
 	g.p("ADDQ $32, AX")
 	g.p("ADDQ $128, R9")
@@ -263,6 +278,43 @@ func genMVQ8Rows(g *gen, s isa) {
 	g.p("JNZ row")
 	g.p("VZEROUPPER")
 	g.p("RET")
+}
+
+// Software prefetch distances of the batch-1 row kernels (mvBF16EOR,
+// mvQ8R), in bytes ahead of the weights (and Q8_0 row scales) being
+// summed (0: none). The hardware prefetchers alone left too few lines in
+// flight: on V2-Lite's expert shapes the BF16 kernel read at 84-90% of
+// the read probe and Q8_0 at 70-77% (TestMVStream -mvstream, one and two
+// threads). Weights go into L1 one distance ahead and into L2 a second,
+// since the L2 requests keep more lines in flight than L1's fill buffers
+// allow (as for the integer-activation kernels, qact.go). Measured
+// alternated against each other: BF16 1 KiB + 2 KiB (or 3 KiB) 91-101%;
+// 2 KiB + 4 KiB 88-94%; 512 B + 1 KiB 84-94%; 1 KiB into L1 alone
+// 88-96%. Q8_0 2 KiB + 4 KiB (or 3 + 6, or 2 + 6) 79-91%; into L1 alone
+// 77-83%. Rows are contiguous in every stored matrix, so past a row's
+// end the lines are the next row's; past the last row at most a
+// distance's worth no one reads. The eight-row BF16 kernel (long rows)
+// already reads at 98-107% of the probe and has none.
+const (
+	bf16PF   = 1024
+	bf16PFL2 = 2048
+	q8PF     = 2048
+	q8PFL2   = 4096
+	q8PFS    = 512
+)
+
+// prefetchW requests the lines [0, bytes) of the weights at base (a
+// memory operand's register part, e.g. "(AX)") l1 bytes ahead into L1
+// and l2 ahead into L2.
+func prefetchW(g *gen, base string, bytes, l1, l2 int) {
+	for off := 0; off < bytes; off += 64 {
+		if l1 > 0 {
+			g.p("PREFETCHT0 %d%s", l1+off, base)
+		}
+		if l2 > 0 {
+			g.p("PREFETCHT1 %d%s", l2+off, base)
+		}
+	}
 }
 
 func genMatVec(g *gen) {
@@ -322,6 +374,7 @@ func genMVBF16EO(g *gen, s isa) {
 	g.p("CMPQ CX, $%d", step)
 	g.p("JL tail")
 	g.label("loop")
+	prefetchW(g, "(AX)", 2*step, bf16PF, bf16PFL2)
 	body(U)
 	g.p("ADDQ $%d, AX", 2*step)
 	g.p("ADDQ $%d, R9", 4*step)
@@ -331,6 +384,7 @@ func genMVBF16EO(g *gen, s isa) {
 	g.label("tail")
 	g.p("TESTQ CX, CX")
 	g.p("JZ done")
+	prefetchW(g, "(AX)", 2*blk, bf16PF, bf16PFL2)
 	body(1)
 	g.p("ADDQ $%d, AX", 2*blk)
 	g.p("ADDQ $%d, R9", 4*blk)
