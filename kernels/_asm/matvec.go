@@ -163,8 +163,8 @@ func reduce1(g *gen, s isa) {
 // Weights are prefetched q8PF ahead into L1 and q8PFL2 into L2 and the
 // row scales q8PFS ahead: at V2-Lite's expert shapes that took the kernel
 // from 70-77% to 80-91% of the read probe (TestMVStream, one and two
-// threads); an earlier test of software prefetch without the L2 requests
-// had found no gain.
+// threads, load 3-5); an earlier test of software prefetch without the
+// L2 requests had found no gain.
 //
 // AVX-512 does eight blocks per iteration and issues them grouped by
 // operation: all sixteen widenings, then the conversions, the products and
@@ -290,16 +290,18 @@ func genMVQ8Rows(g *gen, s isa) {
 // allow (as for the integer-activation kernels, qact.go). Measured
 // alternated against each other: BF16 1 KiB + 2 KiB (or 3 KiB) 91-101%;
 // 2 KiB + 4 KiB 88-94%; 512 B + 1 KiB 84-94%; 1 KiB into L1 alone
-// 88-96%. Q8_0 2 KiB + 4 KiB (or 3 + 6, or 2 + 6) 79-91%; into L1 alone
-// 77-83%. Rows are contiguous in every stored matrix, so past a row's
+// 88-96%. Q8_0 (2-3 KiB + 4-6 KiB 79-91%, into L1 alone 77-83%): at
+// low load 1 KiB + 3 KiB 77-87% against 2 KiB + 4 KiB's 72-82% on the
+// expert shapes (3 rounds alternated; 1 + 2, 0.5 + 2 and 1 + 4 KiB in
+// between), and decode 81.6-87.9% of its roofline against 83.0-83.2%. Rows are contiguous in every stored matrix, so past a row's
 // end the lines are the next row's; past the last row at most a
 // distance's worth no one reads. The eight-row BF16 kernel (long rows)
 // already reads at 98-107% of the probe and has none.
 const (
 	bf16PF   = 1024
 	bf16PFL2 = 2048
-	q8PF     = 2048
-	q8PFL2   = 4096
+	q8PF     = 1024
+	q8PFL2   = 3072
 	q8PFS    = 512
 )
 
