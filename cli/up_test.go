@@ -43,3 +43,23 @@ func TestUpPassesSettings(t *testing.T) {
 		}
 	}
 }
+
+// TestUpOneMicroBatchByDefault: up runs attention nodes with one
+// micro-batch unless told otherwise (every role shares this machine's
+// cores), and an explicit --micro-batches is what the node gets.
+func TestUpOneMicroBatchByDefault(t *testing.T) {
+	cfg, _, err := upConfig(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(cfg.AttnArgs, " "); !strings.Contains(got, "--micro-batches 1") {
+		t.Errorf("attention nodes get %q, want --micro-batches 1", got)
+	}
+	cfg, _, err = upConfig([]string{"--micro-batches", "2"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(cfg.AttnArgs, " "); strings.Count(got, "--micro-batches") != 1 || !strings.Contains(got, "--micro-batches 2") {
+		t.Errorf("--micro-batches 2: attention nodes get %q", got)
+	}
+}
