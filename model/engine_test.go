@@ -277,6 +277,18 @@ func TestBF16PrefillDeviation(t *testing.T) {
 
 // TestResidentWeights: weights copied into resident memory compute exactly
 // what the mapped checkpoint computes.
+// generateSix greedily generates 6 tokens after a fixed prompt with
+// their logprobs: what tests compare weights placed in different ways by.
+func generateSix(t *testing.T, pool *kernels.Pool, w *Weights) *GenerateResult {
+	t.Helper()
+	cache, _ := NewLatentCache(w.Config, 16, 8)
+	res, err := NewEngine(w, pool, nil).Generate(context.Background(), cache, GenerateRequest{Prompt: []int{4, 8, 15, 16, 23, 42}, MaxTokens: 6, Logprobs: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
 func TestResidentWeights(t *testing.T) {
 	dir := tinyCheckpoint(t, "tiny-v2")
 	mapped, err := Load(dir, LoadOptions{})
@@ -297,15 +309,7 @@ func TestResidentWeights(t *testing.T) {
 	}
 	pool := kernels.NewPool(2)
 	defer pool.Close()
-	gen := func(w *Weights) *GenerateResult {
-		cache, _ := NewLatentCache(w.Config, 16, 8)
-		res, err := NewEngine(w, pool, nil).Generate(context.Background(), cache, GenerateRequest{Prompt: []int{4, 8, 15, 16, 23, 42}, MaxTokens: 6, Logprobs: 0})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return res
-	}
-	a, b := gen(mapped), gen(resident)
+	a, b := generateSix(t, pool, mapped), generateSix(t, pool, resident)
 	for i := range a.Tokens {
 		if a.Tokens[i] != b.Tokens[i] || a.Logprobs[i].Logprob != b.Logprobs[i].Logprob {
 			t.Fatalf("token %d: mapped %d/%g, resident %d/%g", i, a.Tokens[i], a.Logprobs[i].Logprob, b.Tokens[i], b.Logprobs[i].Logprob)

@@ -72,15 +72,7 @@ func TestLoadCancelled(t *testing.T) {
 	defer ref.Close()
 	pool := kernels.NewPool(2)
 	defer pool.Close()
-	gen := func(w *Weights) *GenerateResult {
-		cache, _ := NewLatentCache(w.Config, 16, 8)
-		res, err := NewEngine(w, pool, nil).Generate(context.Background(), cache, GenerateRequest{Prompt: []int{4, 8, 15, 16, 23, 42}, MaxTokens: 6, Logprobs: 0})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return res
-	}
-	want := gen(ref)
+	want := generateSix(t, pool, ref)
 	for _, mode := range []Residency{ResidencyResident, ResidencyMapped} {
 		w, err := Load(dir, LoadOptions{})
 		if err != nil {
@@ -97,7 +89,7 @@ func TestLoadCancelled(t *testing.T) {
 			w.Close()
 			t.Fatalf("%s: a cancelled placement moved the weights", mode)
 		}
-		got := gen(w)
+		got := generateSix(t, pool, w)
 		w.Close()
 		for i := range want.Tokens {
 			if got.Tokens[i] != want.Tokens[i] || got.Logprobs[i].Logprob != want.Logprobs[i].Logprob {
