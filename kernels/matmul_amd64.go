@@ -369,9 +369,14 @@ func packPairsGo(dst []uint32, w *Matrix, r0, cnt, nr, half int) {
 }
 
 // matMulDPRows: W (BF16) rows [lo,hi) against xb, the n x rows already
-// rounded to bf16 with row stride kp2 = 2*ceil(Cols/2) (zero padded).
+// rounded to bf16 with row stride kp2 = 2*ceil(Cols/2) (zero padded);
+// AMX tiles from amxMinN rows where the machine has them (amx_amd64.go).
 func matMulDPRows(y []float32, w *Matrix, xb []uint16, n, lo, hi int, scratch []float32) {
 	if lo >= hi {
+		return
+	}
+	if amxUsed(w, n) {
+		matMulAMXRows(y, w, xb, n, lo, hi, scratch)
 		return
 	}
 	cols, rows := w.Cols, w.Rows
@@ -419,7 +424,7 @@ func dotFormAvailable(w *Matrix, n int, dp bool) bool {
 		return false
 	}
 	if dp {
-		return n < mmDotMaxDP
+		return n < mmDotMaxDP && !amxUsed(w, n)
 	}
 	return n >= mmDotMinN && n < mmDotMaxF32
 }

@@ -1,7 +1,8 @@
 // Command _asm generates the amd64 assembly of package kernels. It is a
 // plain text generator (no dependencies) because the kernels are a few
 // parameterised loop nests; instructions the Go assembler does not know
-// (AVX512_BF16) are emitted as EVEX bytes by evex().
+// (AVX512_BF16, AMX) are emitted as EVEX bytes by evex.go and VEX bytes
+// by amx.go.
 //
 // Run from kernels/: go generate (or: cd _asm && go run . -out ..).
 package main
@@ -59,4 +60,7 @@ func main() {
 	g = header()
 	genMLAChunk(g)
 	g.write("mla_amd64.s")
+	g = header()
+	genAMX(g)
+	g.write("amx_amd64.s")
 }

@@ -1,0 +1,202 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+)
+
+// AMX instructions are VEX.128.W0 in map 0F38; the Go assembler knows none
+// of them, so they are emitted as bytes (checked against objdump's decoding
+// in amx_test.go).
+
+// vex0F38 encodes VEX.128.pp.0F38.W0 opcode with ModRM.reg = reg, VEX.vvvv =
+// vvvv, and either ModRM.rm = register rm (m == nil) or the memory operand
+// m, always through a SIB byte when sib is set (TILELOADD/TILESTORED
+// require one).
+func vex0F38(pp, opcode, reg, vvvv, rm int, m *mem, sib bool) []byte {
+	var X, B int
+	var tail []byte
+	if m == nil {
+		B = (rm >> 3) & 1
+		tail = []byte{byte(0xC0 | (reg&7)<<3 | rm&7)}
+	} else {
+		b := gpr[m.base]
+		B = (b >> 3) & 1
+		var mod int
+		var disp []byte
+		switch {
+		case m.disp == 0 && b&7 != 5:
+			mod = 0
+		case m.disp >= -128 && m.disp < 128:
+			mod, disp = 1, []byte{byte(int8(m.disp))}
+		default:
+			d := uint32(int32(m.disp))
+			mod, disp = 2, []byte{byte(d), byte(d >> 8), byte(d >> 16), byte(d >> 24)}
+		}
+		if sib || m.index != "" || b&7 == 4 {
+			idx := 4 // none
+			ss := 0
+			if m.index != "" {
+				idx = gpr[m.index]
+				X = (idx >> 3) & 1
+				ss = map[int]int{0: 0, 1: 0, 2: 1, 4: 2, 8: 3}[m.scale]
+			}
+			tail = []byte{byte(mod<<6 | (reg&7)<<3 | 4), byte(ss<<6 | (idx&7)<<3 | b&7)}
+		} else {
+			tail = []byte{byte(mod<<6 | (reg&7)<<3 | b&7)}
+		}
+		tail = append(tail, disp...)
+	}
+	R := (reg >> 3) & 1
+	inv := func(v int) int { return (^v) & 1 }
+	b1 := inv(R)<<7 | inv(X)<<6 | inv(B)<<5 | 0x02
+	b2 := ((^vvvv)&0xf)<<3 | pp // W0, L0
+	return append([]byte{0xC4, byte(b1), byte(b2), byte(opcode)}, tail...)
+}
+
+func byteList(bs []byte, comment string) string {
+	var parts []string
+	for _, x := range bs {
+		parts = append(parts, fmt.Sprintf("BYTE $0x%02x", x))
+	}
+	return strings.Join(parts, "; ") + " // " + comment
+}
+
+// ldtilecfg: LDTILECFG m512 (VEX.NP 49 /0).
+func ldtilecfg(m mem) string {
+	return byteList(vex0F38(0, 0x49, 0, 0, 0, &m, false), "LDTILECFG "+m.String())
+}
+
+// tilerelease: TILERELEASE (VEX.NP 49 C0).
+func tilerelease() string { return byteList(vex0F38(0, 0x49, 0, 0, 0, nil, false), "TILERELEASE") }
+
+// tilezero: TILEZERO tmm (VEX.F2 49 11:rrr:000).
+func tilezero(t int) string {
+	return byteList(vex0F38(3, 0x49, t, 0, 0, nil, false), fmt.Sprintf("TILEZERO TMM%d", t))
+}
+
+// tileloadd: TILELOADD tmm, [base+index*1+disp] (VEX.F2 4B, SIB; the index
+// register holds the row stride in bytes).
+func tileloadd(t int, m mem) string {
+	return byteList(vex0F38(3, 0x4B, t, 0, 0, &m, true), fmt.Sprintf("TILELOADD %s, TMM%d", m, t))
+}
+
+// tilestored: TILESTORED [base+index*1+disp], tmm (VEX.F3 4B, SIB).
+func tilestored(m mem, t int) string {
+	return byteList(vex0F38(2, 0x4B, t, 0, 0, &m, true), fmt.Sprintf("TILESTORED TMM%d, %s", t, m))
+}
+
+// tdpbf16ps: TDPBF16PS c, a, b: C += A·B over bf16 pairs (VEX.F3 5C,
+// ModRM.reg = c, ModRM.rm = a, VEX.vvvv = b).
+func tdpbf16ps(c, a, b int) string {
+	return byteList(vex0F38(2, 0x5C, c, b, a, nil, false), fmt.Sprintf("TDPBF16PS TMM%d, TMM%d, TMM%d", b, a, c))
+}
+
+// genAMX writes amx_amd64.s: the AMX-BF16 micro-kernels and the CPUID /
+// XGETBV probes that enable them.
+//
+// func amxBF16{M}x{N}(cfg *amxConfig, a *uint16, astride uintptr, b *uint32, bstride uintptr, ksteps int, c *float32, cstride uintptr, acc int)
+//
+// C (M x N tiles of up to 16x16 float32, c with row stride cstride) =
+// (acc ? C : 0) + sum over ksteps of A·B, where A is M tiles of up to 16
+// rows of 32 bf16 (a, row stride astride, tile 1 at 16*astride; each step
+// 64 bytes further) and B is N tiles of up to 16 pair rows of 16 pairs (b,
+// row stride bstride, tile 1 at +64 bytes; each step 16*bstride further).
+// cfg (from Go) sets every tile's shape: TMM0..3 are C00 C01 C10 C11,
+// TMM4/5 A0/A1, TMM6/7 B0/B1. Every call ends with TILERELEASE.
+func genAMX(g *gen) {
+	for _, mt := range []int{1, 2} {
+		for _, nt := range []int{1, 2} {
+			genAMXKernel(g, mt, nt)
+		}
+	}
+	g.text("amxCPUID", 24)
+	g.p("MOVL leaf+0(FP), AX")
+	g.p("MOVL sub+4(FP), CX")
+	g.p("CPUID")
+	g.p("MOVL AX, a+8(FP)")
+	g.p("MOVL BX, b+12(FP)")
+	g.p("MOVL CX, c+16(FP)")
+	g.p("MOVL DX, d+20(FP)")
+	g.p("RET")
+	g.text("amxXCR0", 8)
+	g.p("MOVL $0, CX")
+	g.p("XGETBV")
+	g.p("MOVL AX, lo+0(FP)")
+	g.p("MOVL DX, hi+4(FP)")
+	g.p("RET")
+}
+
+func genAMXKernel(g *gen, mt, nt int) {
+	name := fmt.Sprintf("amxBF16x%d%d", mt, nt)
+	g.text(name, 72)
+	g.p("MOVQ cfg+0(FP), DI")
+	g.p(ldtilecfg(mem{base: "DI"}))
+	g.p("MOVQ a+8(FP), SI")
+	g.p("MOVQ astride+16(FP), R8")
+	g.p("MOVQ b+24(FP), DX")
+	g.p("MOVQ bstride+32(FP), R11")
+	g.p("MOVQ ksteps+40(FP), CX")
+	g.p("MOVQ c+48(FP), BX")
+	g.p("MOVQ cstride+56(FP), R9")
+	g.p("MOVQ R8, R12")
+	g.p("SHLQ $4, R12")
+	g.p("ADDQ SI, R12") // A1
+	g.p("MOVQ R9, R13")
+	g.p("SHLQ $4, R13")
+	g.p("ADDQ BX, R13") // C row 16
+	g.p("MOVQ R11, R10")
+	g.p("SHLQ $4, R10") // B step
+	cTile := func(i, j int) (int, mem) {
+		base := "BX"
+		if i == 1 {
+			base = "R13"
+		}
+		return 2*i + j, mem{base: base, index: "R9", scale: 1, disp: 64 * j}
+	}
+	g.p("CMPQ acc+64(FP), $0")
+	g.p("JNE %s_load", name)
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, _ := cTile(i, j)
+			g.p(tilezero(t))
+		}
+	}
+	g.p("JMP %s_loop", name)
+	g.label(name + "_load")
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, m := cTile(i, j)
+			g.p(tileloadd(t, m))
+		}
+	}
+	g.label(name + "_loop")
+	// Loads interleaved with the products that need them.
+	g.p(tileloadd(6, mem{base: "DX", index: "R11", scale: 1}))
+	g.p(tileloadd(4, mem{base: "SI", index: "R8", scale: 1}))
+	g.p(tdpbf16ps(0, 4, 6))
+	if nt == 2 {
+		g.p(tileloadd(7, mem{base: "DX", index: "R11", scale: 1, disp: 64}))
+		g.p(tdpbf16ps(1, 4, 7))
+	}
+	if mt == 2 {
+		g.p(tileloadd(5, mem{base: "R12", index: "R8", scale: 1}))
+		g.p(tdpbf16ps(2, 5, 6))
+		if nt == 2 {
+			g.p(tdpbf16ps(3, 5, 7))
+		}
+	}
+	g.p("ADDQ $64, SI")
+	g.p("ADDQ $64, R12")
+	g.p("ADDQ R10, DX")
+	g.p("DECQ CX")
+	g.p("JNZ %s_loop", name)
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, m := cTile(i, j)
+			g.p(tilestored(m, t))
+		}
+	}
+	g.p(tilerelease())
+	g.p("RET")
+}
