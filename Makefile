@@ -52,6 +52,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDispatchValidation -fuzztime 30s ./expertnode/
 	$(GO) test -run '^$$' -fuzz FuzzCodec -fuzztime 30s ./internal/wire/
 	$(GO) test -run '^$$' -fuzz FuzzCheckMatrix -fuzztime 30s ./internal/wire/
+	$(GO) test -run '^$$' -fuzz FuzzFrame -fuzztime 30s ./internal/dataplane/
 
 # Short fuzzing passes of every SIMD kernel against its plain version.
 fuzz-kernels:

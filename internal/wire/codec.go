@@ -91,19 +91,65 @@ func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 func marshalOut(m proto.Message, size int, appendTensor func([]byte) []byte) (mem.BufferSlice, error) {
 	pool := Pool
 	buf := pool.Get(size)
-	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend((*buf)[:0], m)
-	if err == nil {
-		b = appendTensor(b)
-		if len(b) != size {
-			err = fmt.Errorf("wire: marshalled %d bytes of %T, sized %d", len(b), m, size)
-		}
-	}
+	b, err := appendOut((*buf)[:0], m, size, appendTensor)
 	if err != nil {
 		pool.Put(buf)
 		return nil, err
 	}
 	*buf = b
 	return mem.BufferSlice{mem.NewBuffer(buf, pool)}, nil
+}
+
+// appendOut appends m followed by the tensor field appendTensor writes,
+// size bytes in all, to b. m's size must have been computed (UseCachedSize).
+func appendOut(b []byte, m proto.Message, size int, appendTensor func([]byte) []byte) ([]byte, error) {
+	start := len(b)
+	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, m)
+	if err != nil {
+		return b[:start], err
+	}
+	b = appendTensor(b)
+	if len(b)-start != size {
+		return b[:start], fmt.Errorf("wire: marshalled %d bytes of %T, sized %d", len(b)-start, m, size)
+	}
+	return b, nil
+}
+
+// AppendMessage appends v's encoding, the bytes Codec.Marshal produces
+// (an OutRequest or OutResponse with its rows encoded straight from
+// float32 memory, any other message as protobuf), to b: for transports
+// that frame messages in their own reused buffers (internal/dataplane).
+// On error b is returned unchanged.
+func AppendMessage(b []byte, v any) ([]byte, error) {
+	switch v := v.(type) {
+	case *OutRequest:
+		return appendOut(b, v.Req, v.size(), v.appendHidden)
+	case *OutResponse:
+		return appendOut(b, v.Resp, v.size(), v.appendPartial)
+	}
+	m := messageOf(v)
+	if m == nil {
+		return b, fmt.Errorf("wire: cannot marshal %T: not a proto message", v)
+	}
+	b2, err := proto.MarshalOptions{}.MarshalAppend(b, m)
+	if err != nil {
+		return b, err
+	}
+	return b2, nil
+}
+
+// MessageSize is the length of v's encoding (see AppendMessage).
+func MessageSize(v any) int {
+	switch v := v.(type) {
+	case *OutRequest:
+		return v.size()
+	case *OutResponse:
+		return v.size()
+	}
+	if m := messageOf(v); m != nil {
+		return proto.Size(m)
+	}
+	return 0
 }
 
 // OutRequest is a DispatchRequest whose hidden rows Codec encodes

@@ -255,6 +255,21 @@ func marshalled(t *testing.T, v any) []byte {
 	return bs.Materialize()
 }
 
+// checkAppend: AppendMessage appends what Codec marshals after a prefix
+// (the same message: a trace-context map's order varies), and
+// MessageSize is its length.
+func checkAppend(t *testing.T, v any, want []byte, decoded proto.Message) {
+	t.Helper()
+	got, err := AppendMessage([]byte("head"), v)
+	if err != nil || string(got[:4]) != "head" || len(got)-4 != len(want) || MessageSize(v) != len(want) {
+		t.Fatalf("AppendMessage(%T): %v, %d bytes after the prefix, MessageSize %d, want Codec's %d bytes", v, err, len(got)-4, MessageSize(v), len(want))
+	}
+	m := decoded.ProtoReflect().New().Interface()
+	if err := proto.Unmarshal(got[4:], m); err != nil || !proto.Equal(m, decoded) {
+		t.Fatalf("AppendMessage(%T) decodes to another message: %v", v, err)
+	}
+}
+
 // TestOutMessages: an OutRequest or OutResponse, its rows encoded straight
 // into the message buffer, decodes (with proto.Unmarshal and with the
 // in-place decoders) to the message whose Tensor was encoded first and
@@ -290,6 +305,7 @@ func TestOutMessages(t *testing.T) {
 		}
 		out := &OutRequest{Req: base, Dtype: dt, X: x, Rows: rows, Cols: cols}
 		b := marshalled(t, out)
+		checkAppend(t, out, b, want)
 		if len(b) != out.Size() || len(b) != proto.Size(want) {
 			t.Fatalf("request %d: %d bytes, Size %d, proto.Size %d", i, len(b), out.Size(), proto.Size(want))
 		}
@@ -315,6 +331,8 @@ func TestOutMessages(t *testing.T) {
 			wantResp.Partial = &meshpb.Tensor{Dtype: pdt, Shape: []int64{int64(len(rows)), int64(cols)}, Data: AppendRows(nil, pdt, sel)}
 		}
 		b = marshalled(t, o)
+		checkAppend(t, o, b, wantResp)
+		checkAppend(t, wantResp, marshalled(t, wantResp), wantResp)
 		gotResp := new(meshpb.DispatchResponse)
 		if err := proto.Unmarshal(b, gotResp); err != nil || !proto.Equal(gotResp, wantResp) || len(b) != proto.Size(wantResp) {
 			t.Fatalf("response %d: %v\n got %v\nwant %v", i, err, gotResp, wantResp)

@@ -1,0 +1,530 @@
+// Package dataplane is the expert dispatch data plane: the Dispatch
+// stream's two messages (DispatchRequest out, DispatchResponse back,
+// encoded by internal/wire exactly as on the gRPC stream) carried as
+// length-prefixed frames over a plain TCP connection, one stream per
+// connection. gRPC stays the control plane; on the Dispatch stream its
+// HTTP/2 machinery cost 2-4x a raw loopback round trip (a writer and a
+// reader goroutine per connection: 6 goroutine wake-ups per exchange
+// against raw TCP's 2, messages copied into 16 KiB frames). Here a
+// message is marshalled straight into the connection's reused buffer
+// behind its header and written with one write, and read straight into
+// the connection's reused buffer, by the goroutines that send and
+// receive (as MegaScale-Infer's M2N and DeepEP keep expert dispatch off
+// the RPC layer).
+//
+// The expert node serves it on its gRPC port: a connection that begins
+// with Magic is the data plane's (Matcher), any other gRPC's.
+//
+// # Protocol
+//
+// The client opens with a hello of helloSize (24) bytes, as long as
+// HTTP/2's client preface, so that a gRPC-only server reads a whole
+// (bogus) preface and closes the connection at once instead of waiting
+// for more:
+//
+//	0  Magic "EMDP"
+//	4  version, uint16 little-endian (Version)
+//	6  reserved, zero
+//	24
+//
+// The server answers with 8 bytes: Magic, its version (uint16 LE) and a
+// status (uint16 LE): 0 accepted, 1 version not supported (the server
+// then closes). Then frames flow both ways, each a 5-byte header (kind,
+// then the payload length, uint32 little-endian) and the payload:
+//
+//	kindMessage  a protobuf DispatchRequest (client to server) or
+//	             DispatchResponse (server to client)
+//	kindStatus   the stream's end, server to client: a gRPC code
+//	             (uint32 LE) and a UTF-8 message; the server closes after
+//
+// A payload longer than the connection's maximum (MaxFrame: the gRPC
+// message limit, rpc.DefaultMaxMsgSize), an unknown kind or a payload
+// that does not decode ends the connection with an error naming the
+// problem.
+package dataplane
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/expertmesh/expertmesh/internal/rpc"
+	"github.com/expertmesh/expertmesh/internal/wire"
+	meshpb "github.com/expertmesh/expertmesh/proto"
+)
+
+const (
+	// Magic opens every data-plane connection.
+	Magic = "EMDP"
+	// Version is the protocol version this package speaks.
+	Version = 1
+	// MaxFrame bounds a frame's payload: the gRPC message limit, so that
+	// whatever one transport carries the other does too.
+	MaxFrame = rpc.DefaultMaxMsgSize
+
+	helloSize  = 24
+	answerSize = 8
+	headerSize = 5
+
+	kindMessage = 1
+	kindStatus  = 2
+
+	statusOK         = 0
+	statusBadVersion = 1
+
+	// HandshakeTimeout bounds the server's wait for a hello.
+	HandshakeTimeout = 10 * time.Second
+
+	// minRead is the read buffer's first size; it doubles while a frame
+	// does not fit, never past the frame's size, so a header that claims
+	// a huge payload costs only memory for bytes that actually arrived.
+	minRead = 32 << 10
+)
+
+var (
+	// ErrRefused means the peer does not speak the data plane: it
+	// answered the hello with something else (an expert node that serves
+	// only gRPC sends its HTTP/2 SETTINGS). Callers fall back to gRPC.
+	ErrRefused = errors.New("dataplane: peer refused the data-plane handshake")
+	// ErrVersion means the peer speaks another version of the data
+	// plane (wrapped with both versions). Callers fall back to gRPC.
+	ErrVersion = errors.New("dataplane: version not supported")
+	// ErrFrame marks a malformed frame (wrapped with what is wrong); the
+	// connection is closed.
+	ErrFrame = errors.New("dataplane: malformed frame")
+	// ErrClosed is returned by a Conn used after Close.
+	ErrClosed = errors.New("dataplane: connection closed")
+)
+
+// Matcher reports whether a connection's first bytes are a data-plane
+// hello (for a connection multiplexer such as cmux: it reads at most
+// len(Magic) bytes).
+func Matcher(r io.Reader) bool {
+	var b [len(Magic)]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return false
+	}
+	return string(b[:]) == Magic
+}
+
+// Conn is one data-plane stream. SendMsg and RecvMsg may run at the same
+// time as each other, but each only on one goroutine at a time (as a
+// gRPC stream's). Close may be called at any time, from any goroutine.
+type Conn struct {
+	c   net.Conn
+	max int
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	closed atomic.Bool
+
+	// read side: rbuf[r:w] is received and not yet consumed.
+	rbuf []byte
+	r, w int
+	// write side: the header and the message, written with one write.
+	wbuf []byte
+}
+
+func newConn(c net.Conn) *Conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Conn{c: c, max: MaxFrame, ctx: ctx, cancel: cancel}
+}
+
+// Context ends when the connection is closed.
+func (c *Conn) Context() context.Context { return c.ctx }
+
+// RemoteAddr is the peer's address.
+func (c *Conn) RemoteAddr() net.Addr { return c.c.RemoteAddr() }
+
+// Close closes the connection; blocked SendMsg and RecvMsg calls return.
+func (c *Conn) Close() error {
+	if c.closed.Swap(true) {
+		return nil
+	}
+	c.cancel()
+	return c.c.Close()
+}
+
+// SetWriteDeadline bounds the writes of SendMsg from now on (zero: none).
+// A write that misses it leaves a partial frame: the connection is closed.
+func (c *Conn) SetWriteDeadline(t time.Time) error { return c.c.SetWriteDeadline(t) }
+
+// SendMsg writes m (a *meshpb.DispatchRequest or *wire.OutRequest from
+// the client, a *meshpb.DispatchResponse or *wire.OutResponse from the
+// server: anything wire.AppendMessage encodes) as one frame with one
+// write. m is only read during the call. A failed write closes the
+// connection (part of a frame may have left).
+func (c *Conn) SendMsg(m any) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	c.wbuf = append(c.wbuf[:0], 0, 0, 0, 0, 0)
+	var err error
+	if c.wbuf, err = wire.AppendMessage(c.wbuf, m); err != nil {
+		return status.Errorf(codes.Internal, "dataplane: %v", err)
+	}
+	n := len(c.wbuf) - headerSize
+	if n > c.max {
+		return status.Errorf(codes.ResourceExhausted, "dataplane: message of %d bytes exceeds the maximum of %d", n, c.max)
+	}
+	c.wbuf[0] = kindMessage
+	binary.LittleEndian.PutUint32(c.wbuf[1:], uint32(n))
+	return c.write(c.wbuf)
+}
+
+func (c *Conn) write(b []byte) error {
+	if _, err := c.c.Write(b); err != nil {
+		c.Close()
+		return err
+	}
+	return nil
+}
+
+// sendStatus ends the stream with err's gRPC status (OK for nil).
+func (c *Conn) sendStatus(err error) error {
+	st := status.Convert(err)
+	msg := st.Message()
+	if len(msg) > 4096 {
+		msg = msg[:4096]
+	}
+	c.wbuf = append(c.wbuf[:0], kindStatus, 0, 0, 0, 0)
+	c.wbuf = binary.LittleEndian.AppendUint32(c.wbuf, uint32(st.Code()))
+	c.wbuf = append(c.wbuf, msg...)
+	binary.LittleEndian.PutUint32(c.wbuf[1:], uint32(len(c.wbuf)-headerSize))
+	return c.write(c.wbuf)
+}
+
+// RecvMsg reads the next frame into m in place (a *meshpb.DispatchRequest
+// on the server, a *meshpb.DispatchResponse on the client; see
+// wire.UnmarshalRequest). It returns io.EOF when the peer closed the
+// connection between frames, the status carried by a status frame (a
+// gRPC status error; nil's OK becomes io.EOF), and an error wrapping
+// ErrFrame for a malformed frame, after which the connection is closed.
+func (c *Conn) RecvMsg(m any) error {
+	kind, p, err := c.readFrame()
+	if err != nil {
+		return err
+	}
+	switch kind {
+	case kindMessage:
+		switch m := m.(type) {
+		case *meshpb.DispatchRequest:
+			err = wire.UnmarshalRequest(p, m)
+		case *meshpb.DispatchResponse:
+			err = wire.UnmarshalResponse(p, m)
+		default:
+			return fmt.Errorf("dataplane: cannot receive into %T", m)
+		}
+		if err != nil {
+			c.Close()
+			return fmt.Errorf("%w: message: %v", ErrFrame, err)
+		}
+		return nil
+	default: // kindStatus, checked by readFrame
+		code, msg, err := parseStatus(p)
+		c.Close()
+		if err != nil {
+			return err
+		}
+		if code == codes.OK {
+			return io.EOF
+		}
+		return status.Error(code, msg)
+	}
+}
+
+// parseStatus decodes a status frame's payload.
+func parseStatus(p []byte) (codes.Code, string, error) {
+	if len(p) < 4 {
+		return 0, "", fmt.Errorf("%w: status of %d bytes", ErrFrame, len(p))
+	}
+	code := binary.LittleEndian.Uint32(p)
+	if code > uint32(codes.Unauthenticated) {
+		return 0, "", fmt.Errorf("%w: status code %d", ErrFrame, code)
+	}
+	msg := p[4:]
+	if !utf8.Valid(msg) {
+		return 0, "", fmt.Errorf("%w: status message is not UTF-8", ErrFrame)
+	}
+	return codes.Code(code), string(msg), nil
+}
+
+// readFrame returns the next frame's kind and payload; the payload is
+// valid until the next call.
+func (c *Conn) readFrame() (byte, []byte, error) {
+	if c.w == c.r {
+		c.r, c.w = 0, 0
+	}
+	if err := c.fill(headerSize); err != nil {
+		return 0, nil, err
+	}
+	h := c.rbuf[c.r : c.r+headerSize]
+	kind, n := h[0], binary.LittleEndian.Uint32(h[1:])
+	if kind != kindMessage && kind != kindStatus {
+		c.Close()
+		return 0, nil, fmt.Errorf("%w: unknown kind %d", ErrFrame, kind)
+	}
+	if int64(n) > int64(c.max) {
+		c.Close()
+		return 0, nil, fmt.Errorf("%w: payload of %d bytes exceeds the maximum of %d", ErrFrame, n, c.max)
+	}
+	total := headerSize + int(n)
+	if err := c.fill(total); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
+		}
+		return 0, nil, err
+	}
+	p := c.rbuf[c.r+headerSize : c.r+total]
+	c.r += total
+	return kind, p, nil
+}
+
+// fill reads until rbuf[r:] holds need bytes, moving what it holds to
+// the front and growing the buffer (doubling, up to need) only when it
+// is full. io.EOF only when nothing of a frame had arrived.
+func (c *Conn) fill(need int) error {
+	for c.w-c.r < need {
+		if c.r+need > len(c.rbuf) && c.r > 0 {
+			c.w = copy(c.rbuf, c.rbuf[c.r:c.w])
+			c.r = 0
+		}
+		if c.w == len(c.rbuf) {
+			size := min(max(2*len(c.rbuf), minRead), max(need, headerSize))
+			if size <= len(c.rbuf) {
+				size = need
+			}
+			b := make([]byte, size)
+			copy(b, c.rbuf[:c.w])
+			c.rbuf = b
+		}
+		n, err := c.c.Read(c.rbuf[c.w:])
+		c.w += n
+		if err != nil {
+			if c.w-c.r >= need {
+				return nil
+			}
+			c.Close()
+			if errors.Is(err, io.EOF) && c.w > c.r {
+				return fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
+			}
+			if c.closed.Load() && !errors.Is(err, io.EOF) {
+				return ErrClosed
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// hello is the client's opening.
+func hello(version uint16) []byte {
+	b := make([]byte, helloSize)
+	copy(b, Magic)
+	binary.LittleEndian.PutUint16(b[4:], version)
+	return b
+}
+
+// parseHello checks a client's hello: the version it asks for, or an
+// error (wrapping ErrFrame for anything but a data-plane hello).
+func parseHello(b []byte) (uint16, error) {
+	if len(b) != helloSize || string(b[:len(Magic)]) != Magic {
+		return 0, fmt.Errorf("%w: not a data-plane hello", ErrFrame)
+	}
+	return binary.LittleEndian.Uint16(b[4:]), nil
+}
+
+// parseAnswer checks a server's answer to the hello.
+func parseAnswer(b []byte) error {
+	if len(b) != answerSize || string(b[:len(Magic)]) != Magic {
+		return ErrRefused
+	}
+	v, st := binary.LittleEndian.Uint16(b[4:]), binary.LittleEndian.Uint16(b[6:])
+	switch {
+	case st == statusOK && v == Version:
+		return nil
+	case st == statusBadVersion || v != Version:
+		return fmt.Errorf("%w: this node speaks data-plane version %d, the peer %d", ErrVersion, Version, v)
+	}
+	return fmt.Errorf("%w: handshake status %d", ErrRefused, st)
+}
+
+// Dial connects to addr and handshakes; ctx bounds both. The error wraps
+// ErrRefused or ErrVersion when the peer answers but does not speak this
+// data plane (the caller falls back to gRPC), anything else is a
+// transport failure.
+func Dial(ctx context.Context, addr string) (*Conn, error) {
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return Client(ctx, nc)
+}
+
+// Client handshakes over nc as the client; nc is closed on failure.
+func Client(ctx context.Context, nc net.Conn) (*Conn, error) {
+	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Unix(1, 0)) })
+	err := clientHandshake(nc)
+	if !stop() && err != nil {
+		err = fmt.Errorf("dataplane: handshake with %s: %w", nc.RemoteAddr(), ctx.Err())
+	}
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	nc.SetDeadline(time.Time{})
+	return newConn(nc), nil
+}
+
+func clientHandshake(nc net.Conn) error {
+	if _, err := nc.Write(hello(Version)); err != nil {
+		return err
+	}
+	var b [answerSize]byte
+	if n, err := io.ReadFull(nc, b[:]); err != nil {
+		// Only bytes that are not an answer are a refusal (a gRPC server
+		// sends its SETTINGS frame first); a connection that ends with
+		// none is a transport failure, retried as any other.
+		if n > 0 && !bytes.HasPrefix([]byte(Magic), b[:min(n, len(Magic))]) {
+			return fmt.Errorf("%s: %w", nc.RemoteAddr(), ErrRefused)
+		}
+		return err
+	}
+	if err := parseAnswer(b[:]); err != nil {
+		return fmt.Errorf("%s: %w", nc.RemoteAddr(), err)
+	}
+	return nil
+}
+
+// Server accepts data-plane connections and runs a handler per
+// connection. Close ends every connection and waits for the handlers.
+type Server struct {
+	handle func(*Conn) error
+
+	mu struct {
+		sync.Mutex
+		conns  map[net.Conn]*Conn // nil until the handshake is done
+		closed bool
+	}
+	wg sync.WaitGroup
+}
+
+// NewServer serves each accepted connection with handle on a goroutine
+// of its own. When handle returns, the connection ends with its error's
+// gRPC status (a status frame; none for nil) and is closed.
+func NewServer(handle func(*Conn) error) *Server {
+	s := &Server{handle: handle}
+	s.mu.conns = map[net.Conn]*Conn{}
+	return s
+}
+
+// Serve accepts connections from l until it fails or is closed, and
+// returns that error.
+func (s *Server) Serve(l net.Listener) error {
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		if s.mu.closed {
+			s.mu.Unlock()
+			nc.Close()
+			continue
+		}
+		s.mu.conns[nc] = nil
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go s.serveConn(nc)
+	}
+}
+
+func (s *Server) serveConn(nc net.Conn) {
+	defer s.wg.Done()
+	defer func() {
+		s.mu.Lock()
+		delete(s.mu.conns, nc)
+		s.mu.Unlock()
+	}()
+	c, err := s.accept(nc)
+	if err != nil {
+		nc.Close()
+		return
+	}
+	s.mu.Lock()
+	if s.mu.closed {
+		s.mu.Unlock()
+		c.Close()
+		return
+	}
+	s.mu.conns[nc] = c
+	s.mu.Unlock()
+	err = s.handle(c)
+	if err != nil && !c.closed.Load() {
+		c.c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.sendStatus(err)
+	}
+	c.Close()
+}
+
+// accept reads the hello and answers it.
+func (s *Server) accept(nc net.Conn) (*Conn, error) {
+	nc.SetDeadline(time.Now().Add(HandshakeTimeout))
+	b := make([]byte, helloSize)
+	if _, err := io.ReadFull(nc, b); err != nil {
+		return nil, err
+	}
+	v, err := parseHello(b)
+	if err != nil {
+		return nil, err
+	}
+	ans := make([]byte, answerSize)
+	copy(ans, Magic)
+	binary.LittleEndian.PutUint16(ans[4:], Version)
+	if v != Version {
+		binary.LittleEndian.PutUint16(ans[6:], statusBadVersion)
+		nc.Write(ans)
+		return nil, fmt.Errorf("%w: peer asked for version %d", ErrVersion, v)
+	}
+	if _, err := nc.Write(ans); err != nil {
+		return nil, err
+	}
+	nc.SetDeadline(time.Time{})
+	return newConn(nc), nil
+}
+
+// Close ends every connection (their handlers see their reads fail) and
+// waits for every handler to return. Connections accepted later are
+// closed at once. It does not close listeners.
+func (s *Server) Close() {
+	s.mu.Lock()
+	s.mu.closed = true
+	for nc, c := range s.mu.conns {
+		if c != nil {
+			c.Close()
+		} else {
+			nc.Close()
+		}
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// Conns is the number of open connections.
+func (s *Server) Conns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.mu.conns)
+}
