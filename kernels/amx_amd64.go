@@ -47,6 +47,9 @@ func amxBF16x21(cfg *amxConfig, a *uint16, astride uintptr, b *uint32, bstride u
 //go:noescape
 func amxBF16x22(cfg *amxConfig, a *uint16, astride uintptr, b *uint32, bstride uintptr, ksteps int, c *float32, cstride uintptr, acc int)
 
+//go:noescape
+func amxPeak(cfg *amxConfig, iters int)
+
 func amxCPUID(leaf, sub uint32) (a, b, c, d uint32)
 
 func amxXCR0() (lo, hi uint32)
@@ -172,6 +175,7 @@ func matMulAMXRows(y []float32, w *Matrix, xb []uint16, n, lo, hi int, scratch [
 	_ = xb[n*2*kp-1]
 	_ = y[(n-1)*rows+hi-1]
 	astride, bstride, cstride := uintptr(4*kp), uintptr(4*amxNR), uintptr(4*rows)
+	full := amxCfg(16, 16, 16, 16, 16)
 	for r0 := lo; r0 < hi; r0 += amxNR {
 		cnt := min(amxNR, hi-r0)
 		packBF16Pairs(packed, w, r0, cnt, amxNR)
@@ -182,8 +186,13 @@ func matMulAMXRows(y []float32, w *Matrix, xb []uint16, n, lo, hi int, scratch [
 			m1 := min(16, n-i0-m0)
 			c := &y[i0*rows+r0]
 			if kmain > 0 {
-				cfg := amxCfg(m0, m1, n0, n1, 16)
-				amxRun(m1 > 0, n1 > 0, &cfg, &xb[i0*2*kp], astride, &packed[0], bstride, kmain/16, c, cstride, 0)
+				cfg := &full
+				var tail amxConfig
+				if m1 < 16 || n1 < 16 {
+					tail = amxCfg(m0, m1, n0, n1, 16)
+					cfg = &tail
+				}
+				amxRun(m1 > 0, n1 > 0, cfg, &xb[i0*2*kp], astride, &packed[0], bstride, kmain/16, c, cstride, 0)
 			}
 			if kt > 0 {
 				cfg := amxCfg(m0, m1, n0, n1, kt)
@@ -198,4 +207,22 @@ func b2i(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// probeAMX runs iters iterations of 4 register-only TDPBF16PS (16x16x32,
+// 16384 flops each) and returns the flops done, 0 without AMX.
+func probeAMX(iters int) float64 {
+	if !amxOK {
+		return 0
+	}
+	cfg := amxCfg(16, 16, 16, 16, 16)
+	amxPeak(&cfg, iters)
+	return probeAMXFlops(iters)
+}
+
+func probeAMXFlops(iters int) float64 {
+	if !amxOK {
+		return 0
+	}
+	return float64(iters) * 4 * 16384
 }

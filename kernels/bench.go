@@ -33,8 +33,12 @@ func RunBench(w io.Writer, threads []int) error {
 			return fmt.Errorf("kernels: RunBench: thread count %d must be positive", t)
 		}
 	}
-	fmt.Fprintf(w, "kernels %s (best %s, AVX512_BF16 %v), threads %v\n", ActiveISA(), BestISA(), dpAvailable(&Matrix{DType: BF16}), threads)
-	type limits struct{ bw, fma, dp float64 }
+	amxOK, amxWhy := AMXAvailable()
+	if !amxOK {
+		amxWhy = " (" + amxWhy + ")"
+	}
+	fmt.Fprintf(w, "kernels %s (best %s, AVX512_BF16 %v, AMX-BF16 %v%s), threads %v\n", ActiveISA(), BestISA(), dpAvailable(&Matrix{DType: BF16}), AMXEnabled(), amxWhy, threads)
+	type limits struct{ bw, fma, dp, amx float64 }
 	lim := map[int]limits{}
 
 	// Every buffer is huge-page backed, like resident weights (the
@@ -84,11 +88,21 @@ func RunBench(w io.Writer, threads []int) error {
 			return float64(p.Threads()) * probeDPBF16Flops(1<<16)
 		}
 	}
+	amxSample := func(p *Pool) func() float64 {
+		return func() float64 {
+			p.ParallelFor(p.Threads(), func(lo, hi int) { probeAMX(1 << 12 * (hi - lo)) })
+			return float64(p.Threads()) * probeAMXFlops(1<<12)
+		}
+	}
 	for _, t := range threads {
 		p := pools[t]
-		r := bestRates(40, readSample(p, 32<<20), fmaSample(p), dpSample(p))
-		lim[t] = limits{r[0], r[1], r[2]}
-		fmt.Fprintf(w, "limits t%d: read %.1f GB/s, f32 FMA %.1f GFLOP/s, VDPBF16PS %.1f GFLOP/s\n", t, r[0]/1e9, r[1]/1e9, r[2]/1e9)
+		r := bestRates(40, readSample(p, 32<<20), fmaSample(p), dpSample(p), amxSample(p))
+		lim[t] = limits{r[0], r[1], r[2], r[3]}
+		fmt.Fprintf(w, "limits t%d: read %.1f GB/s, f32 FMA %.1f GFLOP/s, VDPBF16PS %.1f GFLOP/s", t, r[0]/1e9, r[1]/1e9, r[2]/1e9)
+		if AMXEnabled() {
+			fmt.Fprintf(w, ", AMX-BF16 %.1f GFLOP/s", r[3]/1e9)
+		}
+		fmt.Fprintln(w)
 	}
 	for _, t := range threads {
 		if t > 1 && lim[t].fma < 0.75*float64(t)*lim[threads[0]].fma/float64(threads[0]) {
@@ -223,12 +237,21 @@ func RunBench(w io.Writer, threads []int) error {
 		{"BF16 x1408 bf16 act n=512 (DP)", BF16, 1408, true, 512},
 		{"BF16 x2048 f32 act n=48 (expert)", BF16, 2048, false, 48},
 		{"BF16 x2048 bf16 act n=48 (DP)", BF16, 2048, true, 48},
+		{"BF16 x2048 bf16 act n=512 (AMX)", BF16, 2048, true, 512},
+		{"BF16 x1408 bf16 act n=512 (AMX)", BF16, 1408, true, 512},
+		{"BF16 x2048 bf16 act n=48 (AMX)", BF16, 2048, true, 48},
 		{"Q8_0 x2048 f32 act n=512", Q8_0, 2048, false, 512},
 		{"Q8_0 x2048 f32 act n=48", Q8_0, 2048, false, 48},
 		{"Q8_0 x2048 int8 act n=512", Q8_0, 2048, false, 512},
 		{"Q4_0 x2048 int8 act n=48", Q4_0, 2048, false, 48},
 		{"F8E4M3 x2048 f32 act n=512", F8E4M3, 2048, false, 512},
 	} {
+		// (AMX) rows run TDPBF16PS tiles, the (DP) rows VDPBF16PS even
+		// where AMX would take them.
+		useAMX := strings.Contains(c.name, "(AMX)")
+		if useAMX && !AMXEnabled() {
+			continue
+		}
 		n := c.n
 		x := make([]float32, n*c.cols)
 		for i := range x {
@@ -245,10 +268,16 @@ func RunBench(w io.Writer, threads []int) error {
 			peak := fmaSample(p)
 			if c.bf16act && dpAvailable(wm) {
 				peak = dpSample(p)
+				if useAMX {
+					peak = amxSample(p)
+				}
 			}
 			r := bestRates(30, peak, func() float64 {
 				if c.bf16act {
+					was := AMXEnabled()
+					SetAMX(was && useAMX)
 					p.MatMulBF16Act(y, wm, x, n)
+					SetAMX(was)
 				} else {
 					p.MatMul(y, wm, x, n)
 				}

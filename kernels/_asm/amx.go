@@ -110,6 +110,24 @@ func genAMX(g *gen) {
 			genAMXKernel(g, mt, nt)
 		}
 	}
+	// func amxPeak(cfg *amxConfig, iters int): iters x 4 TDPBF16PS on
+	// zeroed tiles, register only (the bench-kernels AMX peak).
+	g.text("amxPeak", 16)
+	g.p("MOVQ cfg+0(FP), DI")
+	g.p(ldtilecfg(mem{base: "DI"}))
+	g.p("MOVQ iters+8(FP), CX")
+	for t := 0; t < 8; t++ {
+		g.p(tilezero(t))
+	}
+	g.label("amxPeak_loop")
+	g.p(tdpbf16ps(0, 4, 6))
+	g.p(tdpbf16ps(1, 4, 7))
+	g.p(tdpbf16ps(2, 5, 6))
+	g.p(tdpbf16ps(3, 5, 7))
+	g.p("DECQ CX")
+	g.p("JNZ amxPeak_loop")
+	g.p(tilerelease())
+	g.p("RET")
 	g.text("amxCPUID", 24)
 	g.p("MOVL leaf+0(FP), AX")
 	g.p("MOVL sub+4(FP), CX")
