@@ -79,6 +79,10 @@ type Config struct {
 	// every value rounded to 8 significant bits; DTYPE_F8_E4M3, E4M3
 	// hidden rows with BF16 partial rows back. See RemoteConfig.
 	Wire meshpb.DType
+	// DispatchTransport carries dispatches to expert nodes
+	// (--dispatch-transport): TransportTCP (or ""), the data plane, or
+	// TransportGRPC. See RemoteConfig.
+	DispatchTransport Transport
 	// TracerProvider receives the node's spans; nil means the global
 	// provider as it is when Start runs.
 	TracerProvider trace.TracerProvider
@@ -115,6 +119,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--expert-wait must be > 0, got %v", c.ExpertWait)
 	case c.Wire != meshpb.DType_DTYPE_UNSPECIFIED && c.Wire != meshpb.DType_DTYPE_F32 && c.Wire != meshpb.DType_DTYPE_BF16 && c.Wire != meshpb.DType_DTYPE_F8_E4M3:
 		return fmt.Errorf("--wire %v: want f32, bf16 or fp8", c.Wire)
+	case c.DispatchTransport != "" && c.DispatchTransport != TransportTCP && c.DispatchTransport != TransportGRPC:
+		return fmt.Errorf("--dispatch-transport %q: want tcp or grpc", c.DispatchTransport)
 	}
 	return nil
 }
@@ -230,7 +236,7 @@ func load(ctx context.Context, cfg Config) (*Node, error) {
 	var backend model.ExpertBackend
 	mb := cfg.MicroBatches
 	if cfg.Placement != nil {
-		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize, RemoteConfig{DispatchTimeout: cfg.DispatchTimeout, ExpertWait: cfg.ExpertWait, TracerProvider: tp, Metrics: cfg.Metrics, Wire: cfg.Wire})
+		n.remote = NewRemoteExperts(cfg.Placement, c.HiddenSize, RemoteConfig{DispatchTimeout: cfg.DispatchTimeout, ExpertWait: cfg.ExpertWait, TracerProvider: tp, Metrics: cfg.Metrics, Wire: cfg.Wire, Transport: cfg.DispatchTransport})
 		backend = n.remote
 		if mb == 0 {
 			mb = 2

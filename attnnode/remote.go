@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -20,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/expertmesh/expertmesh/internal/dataplane"
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/kernels"
@@ -65,9 +68,40 @@ var ErrExpertUnavailable = errors.New("expert unavailable")
 // errStreamBroken marks a Dispatch stream that failed under a request.
 var errStreamBroken = errors.New("dispatch stream broken")
 
+// errPeerStalled marks a stream failed because a write to the node could
+// not finish in time (a data-plane connection whose peer stopped
+// reading): like a missed deadline, its requests move to other replicas
+// at once rather than wait for the same node's redial.
+var errPeerStalled = errors.New("expert node stopped reading")
+
 // DialFunc opens a client connection to an expert node. It must do no
 // I/O (grpc.NewClient does none); connecting happens on first use.
 type DialFunc func(addr string) (*grpc.ClientConn, error)
+
+// Transport is what carries the Dispatch streams to expert nodes
+// (--dispatch-transport).
+type Transport string
+
+const (
+	// TransportTCP is the data plane (internal/dataplane): framed
+	// messages over a plain TCP connection per expert node, on the node's
+	// gRPC port. The default. An expert node that refuses its handshake
+	// (one that predates it) is served over gRPC instead.
+	TransportTCP Transport = "tcp"
+	// TransportGRPC is a gRPC Dispatch stream per expert node.
+	TransportGRPC Transport = "grpc"
+)
+
+// ParseTransport parses --dispatch-transport's value.
+func ParseTransport(s string) (Transport, error) {
+	switch t := Transport(s); t {
+	case TransportTCP, TransportGRPC:
+		return t, nil
+	case "":
+		return TransportTCP, nil
+	}
+	return "", fmt.Errorf("%q: want tcp or grpc", s)
+}
 
 // RemoteConfig tunes RemoteExperts.
 type RemoteConfig struct {
@@ -77,8 +111,13 @@ type RemoteConfig struct {
 	// ExpertWait bounds how long a step waits for a replica; see
 	// DefaultExpertWait (0: that).
 	ExpertWait time.Duration
-	// Dial opens connections (nil: rpc.DialDispatch).
+	// Dial opens gRPC connections (nil: rpc.DialDispatch).
 	Dial DialFunc
+	// Transport carries the Dispatch streams ("": TransportTCP).
+	Transport Transport
+	// Logger receives the one-time notice that a node is served over
+	// gRPC because it refused the data plane (nil: slog.Default()).
+	Logger *slog.Logger
 	// TracerProvider receives the attn.dispatch spans (nil: the global
 	// provider at construction).
 	TracerProvider trace.TracerProvider
@@ -123,6 +162,8 @@ type RemoteExperts struct {
 	timeout time.Duration
 	budget  time.Duration
 	dial    DialFunc
+	tcp     bool // TransportTCP
+	log     *slog.Logger
 	tracer  trace.Tracer
 	metrics *Metrics
 	nextID  atomic.Uint64
@@ -138,6 +179,9 @@ type RemoteExperts struct {
 	// attempts trySend sent.
 	queueAll   bool
 	sentInline atomic.Uint64
+	// inlineMax is the largest message a data-plane stream sends inline
+	// to an idle connection (inlineMax; tests raise it).
+	inlineMax int
 	// load counts routed and served tokens (LoadStats); choice keeps the
 	// replica choice's credits (load_share.go).
 	load   *LoadStats
@@ -182,6 +226,12 @@ func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *Remote
 	}
 	if r.dial == nil {
 		r.dial = func(addr string) (*grpc.ClientConn, error) { return rpc.DialDispatch(addr) }
+	}
+	r.tcp = cfg.Transport != TransportGRPC
+	r.inlineMax = inlineMax
+	r.log = cfg.Logger
+	if r.log == nil {
+		r.log = slog.Default()
 	}
 	tp := cfg.TracerProvider
 	if tp == nil {
@@ -822,6 +872,11 @@ func (d *dispatch) handle(a *attempt) error {
 		d.routingChanged()
 		return nil
 	}
+	if errors.Is(err, errPeerStalled) {
+		d.retry(a, err, "other replica")
+		d.avoid[a.addr] = true
+		return nil
+	}
 	d.tries[a.addr]++
 	if d.tries[a.addr] <= sameReplicaRetries && d.alive(a) {
 		// Same node again, after its connection's redial backoff.
@@ -1079,6 +1134,8 @@ type expertConn struct {
 	tx       sync.Mutex
 	cc       *grpc.ClientConn
 	st       *dispatchStream
+	grpcOnly bool // the node refused the data plane: gRPC until a stream fails
+	fellBack bool // that was logged
 	failures int
 	retryAt  time.Time
 	req      meshpb.DispatchRequest
@@ -1092,11 +1149,23 @@ type expertConn struct {
 	trace    map[string]string
 }
 
+// msgStream is what a dispatchStream needs of its transport: a gRPC
+// Dispatch client stream (SendMsg through wire.Codec) or a data-plane
+// connection. SendMsg takes a *meshpb.DispatchRequest or a
+// *wire.OutRequest and RecvMsg decodes a *meshpb.DispatchResponse in
+// place; each is called by one goroutine at a time, the two possibly at
+// once. The stream ends when the context it was opened with ends.
+type msgStream interface {
+	SendMsg(m any) error
+	RecvMsg(m any) error
+}
+
 // dispatchStream is one open Dispatch stream and the requests awaiting
 // replies on it.
 type dispatchStream struct {
 	c        *expertConn
-	stream   meshpb.ExpertService_DispatchClient
+	stream   msgStream
+	dp       *dataplane.Conn // the stream, on the data plane; nil on gRPC
 	cancel   context.CancelFunc
 	recvDone chan struct{}
 
@@ -1138,6 +1207,18 @@ func (c *expertConn) enqueue(a *attempt) {
 // flow control or a slow writer.
 const writeQuota = 64 << 10
 
+// Inline sends on the data plane: the largest message sent inline to an
+// idle connection (larger ones go through the connection's goroutine),
+// and how long its write may block before the stream is failed. 1 MiB
+// (128 rows of V2-Lite's F32 width) leaves the socket in about a
+// millisecond on loopback or 10 GbE and 8 ms at 1 Gb/s; 50 ms is far
+// above that, and a frozen peer costs it once: the failed stream marks
+// the node down and later layers go to other replicas.
+const (
+	inlineMax          = 1 << 20
+	inlineWriteTimeout = 50 * time.Millisecond
+)
+
 // trySend sends a itself when that cannot block: nobody else holds tx
 // (run dialling or sending), nothing is queued before a, the stream is
 // open and healthy, and its requests not yet answered total less than
@@ -1151,7 +1232,7 @@ func (c *expertConn) trySend(a *attempt) bool {
 	}
 	defer c.tx.Unlock()
 	st := c.st
-	if st == nil || !st.quiet() {
+	if st == nil || !st.quiet(len(a.rows)*c.r.rowBytes()) {
 		return false
 	}
 	c.mu.Lock()
@@ -1251,28 +1332,19 @@ func (c *expertConn) backoff() {
 // dispatch timeout: a peer that accepts connections but never answers
 // (stopped) must not hold the queue forever.
 func (c *expertConn) open() error {
-	if c.cc == nil {
-		cc, err := c.r.dial(c.addr)
-		if err != nil {
-			c.backoff()
-			return status.Errorf(codes.Unavailable, "dial expert node %s: %v", c.addr, err)
-		}
-		c.cc = cc
-	}
 	ctx, cancel := context.WithCancel(c.r.ctx)
 	t := time.AfterFunc(c.r.timeout, cancel)
-	stream, err := meshpb.NewExpertServiceClient(c.cc).Dispatch(ctx)
+	stream, dp, err := c.openStream(ctx)
 	if !t.Stop() && err == nil {
 		err = fmt.Errorf("no answer within %v", c.r.timeout)
 	}
 	if err != nil {
 		cancel()
-		c.cc.Close()
-		c.cc = nil
+		c.closeConn()
 		c.backoff()
 		return status.Errorf(codes.Unavailable, "open dispatch stream to %s: %v", c.addr, err)
 	}
-	st := &dispatchStream{c: c, stream: stream, cancel: cancel, recvDone: make(chan struct{})}
+	st := &dispatchStream{c: c, stream: stream, dp: dp, cancel: cancel, recvDone: make(chan struct{})}
 	st.mu.pending = map[uint64]*attempt{}
 	c.st = st
 	c.failures = 0
@@ -1282,14 +1354,56 @@ func (c *expertConn) open() error {
 	return nil
 }
 
+// openStream opens a Dispatch stream that ends with ctx: a data-plane
+// connection, unless the transport is gRPC or the node refused the data
+// plane's handshake, then a gRPC stream.
+func (c *expertConn) openStream(ctx context.Context) (msgStream, *dataplane.Conn, error) {
+	if c.r.tcp && !c.grpcOnly {
+		dc, err := dataplane.Dial(ctx, c.addr)
+		if err == nil {
+			context.AfterFunc(ctx, func() { dc.Close() })
+			return dc, dc, nil
+		}
+		if !errors.Is(err, dataplane.ErrRefused) && !errors.Is(err, dataplane.ErrVersion) {
+			return nil, nil, err
+		}
+		c.grpcOnly = true
+		if !c.fellBack {
+			c.fellBack = true
+			c.r.log.Warn("expert node refused the dispatch data plane; dispatching to it over gRPC", "addr", c.addr, "err", err)
+		}
+	}
+	if c.cc == nil {
+		cc, err := c.r.dial(c.addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("dial: %w", err)
+		}
+		c.cc = cc
+	}
+	stream, err := meshpb.NewExpertServiceClient(c.cc).Dispatch(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return stream, nil, nil
+}
+
+// closeConn closes the gRPC connection, if any.
+func (c *expertConn) closeConn() {
+	if c.cc != nil {
+		c.cc.Close()
+		c.cc = nil
+	}
+}
+
 // dropStream discards a failed stream and its connection; the next
-// attempt redials after the backoff.
+// attempt redials after the backoff (trying the data plane again, should
+// the node have been upgraded or its refusal have been a blip).
 func (c *expertConn) dropStream() {
 	c.st.cancel()
 	<-c.st.recvDone
 	c.st = nil
-	c.cc.Close()
-	c.cc = nil
+	c.closeConn()
+	c.grpcOnly = false
 	c.backoff()
 }
 
@@ -1358,7 +1472,7 @@ func (c *expertConn) send(a *attempt, inline bool) {
 		d.notify(a)
 		return
 	}
-	// gRPC's message header is 5 bytes.
+	// gRPC's message header is 5 bytes, and so is the data plane's.
 	if inline {
 		a.sentBytes = c.out.Size() + 5
 	} else {
@@ -1369,6 +1483,18 @@ func (c *expertConn) send(a *attempt, inline bool) {
 	st.mu.Unlock()
 	a.state = sent
 	a.mu.Unlock()
+	if st.dp != nil {
+		// A write blocks only while the socket's buffers are full: a
+		// frozen or stalled peer. An inline send (under the engine's
+		// compute lock) gives up after inlineWriteTimeout, a queued one
+		// after the dispatch timeout; either way the stream fails (part
+		// of a frame may have left) and its requests are retried.
+		limit := c.r.timeout
+		if inline {
+			limit = inlineWriteTimeout
+		}
+		st.dp.SetWriteTimeout(limit)
+	}
 	if err := st.stream.SendMsg(msg); err != nil {
 		st.fail(err)
 	}
@@ -1394,9 +1520,7 @@ func (c *expertConn) shutdown() {
 		c.st.cancel()
 		<-c.st.recvDone
 	}
-	if c.cc != nil {
-		c.cc.Close()
-	}
+	c.closeConn()
 	c.failQueued(ErrClosed)
 }
 
@@ -1406,12 +1530,26 @@ func (st *dispatchStream) failed() bool {
 	return st.mu.err != nil
 }
 
-// quiet reports whether st is healthy and a Send on it cannot block (see
-// trySend).
-func (st *dispatchStream) quiet() bool {
+// quiet reports whether st is healthy and sending size more bytes on it
+// cannot block (see trySend). On gRPC: its writer has less than
+// writeQuota left to write, so Send only hands the message over. On the
+// data plane the caller writes itself, and a write blocks only when the
+// socket's buffers (ours and the peer's) are full, which a live peer
+// empties as it reads: it may when nothing sent is unanswered (every
+// byte sent was read; the peer's receiving worker waits for more) and
+// the message is at most inlineMax, or when what is unanswered and the
+// message total less than writeQuota (far below any TCP buffer). A
+// frozen peer could still block it; inlineWriteTimeout bounds that.
+func (st *dispatchStream) quiet(size int) bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	return st.mu.err == nil && st.mu.unanswered < writeQuota
+	if st.mu.err != nil {
+		return false
+	}
+	if st.dp == nil {
+		return st.mu.unanswered < writeQuota
+	}
+	return (st.mu.unanswered == 0 && size <= st.c.r.inlineMax) || st.mu.unanswered+size < writeQuota
 }
 
 // receive routes replies to their attempts until the stream fails.
@@ -1461,6 +1599,9 @@ func (st *dispatchStream) fail(err error) {
 	st.mu.Unlock()
 	st.c.down.Store(true)
 	e := fmt.Errorf("%s: %w: %v", st.c.addr, errStreamBroken, err)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		e = fmt.Errorf("%s: %w: %w: %v", st.c.addr, errStreamBroken, errPeerStalled, err)
+	}
 	for _, a := range pending {
 		st.c.outstanding.Add(-int64(len(a.rows)))
 		a.complete(e)

@@ -12,6 +12,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/expertmesh/expertmesh/internal/dataplane"
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/model"
@@ -45,29 +46,31 @@ func genWide(t testing.TB) string {
 }
 
 // BenchmarkDispatchVsRaw is one MoE layer's dispatch of 1, 8 and 32 rows
-// of V2-Lite's width through RemoteExperts (plan, encode, gRPC, the expert
-// node's validation, compute and reply, decode, sum) to one expert node
-// holding every expert, interleaved per iteration with a round trip of
-// the same bytes over a bare loopback TCP connection and with a bare gRPC
-// exchange of the same messages (an echo server; messages reused, as
-// expertmesh's rpc options), so all three see the same machine load. It
-// reports the means and
+// of V2-Lite's width through RemoteExperts (plan, encode, transport, the
+// expert node's validation, compute and reply, decode, sum) to one expert
+// node holding every expert, over the data plane (tcp) and over gRPC,
+// interleaved per iteration with a round trip of the same bytes over a
+// bare loopback TCP connection and with bare exchanges of the same
+// messages over gRPC and over the data plane (echo servers; messages
+// reused), so all see the same machine load. It reports the means and
 //
-//	ratio          = dispatch / raw
-//	overhead-ratio = (dispatch - compute) / raw
-//	grpc-ratio     = grpc echo / raw
+//	ratio-T          = dispatch over T / raw
+//	overhead-ratio-T = (dispatch over T - compute) / raw
+//	grpc-ratio       = grpc echo / raw
+//	dp-ratio         = data-plane echo / raw
 //
 // where compute is the node's own compute time (compute_us): the second
-// is the wire's cost against the floor, the third gRPC's own share of it.
-// On a machine shared with other work these wall-clock ratios mostly
-// measure how long each goroutine hand-off waits for a core, so it also
-// reports process CPU time per round trip (the expert node runs in this
-// process), which contention does not inflate:
+// is the wire's cost against the floor, the last two the transports' own
+// share of it. On a machine shared with other work these wall-clock
+// ratios mostly measure how long each goroutine hand-off waits for a
+// core, so it also reports process CPU time per round trip (the expert
+// node runs in this process), which contention does not inflate:
 //
-//	cpu-overhead-ratio = (dispatch CPU - compute) / raw CPU
-//	cpu-grpc-ratio     = grpc echo CPU / raw CPU
+//	cpu-overhead-ratio-T = (dispatch CPU over T - compute) / raw CPU
+//	cpu-grpc-ratio       = grpc echo CPU / raw CPU
+//	cpu-dp-ratio         = data-plane echo CPU / raw CPU
 //
-// With both wire dtypes (raw and echo carry each one's bytes).
+// With every wire dtype (raw and echoes carry each one's bytes).
 //
 //	go test -run '^$' -bench DispatchVsRaw -benchtime 2000x ./attnnode/
 func BenchmarkDispatchVsRaw(b *testing.B) {
@@ -85,9 +88,12 @@ func BenchmarkDispatchVsRaw(b *testing.B) {
 	for _, dt := range []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16, meshpb.DType_DTYPE_F8_E4M3} {
 		for _, rows := range []int{1, 8, 32} {
 			b.Run(fmt.Sprintf("wire=%s/rows=%d", map[meshpb.DType]string{meshpb.DType_DTYPE_F32: "f32", meshpb.DType_DTYPE_BF16: "bf16", meshpb.DType_DTYPE_F8_E4M3: "fp8"}[dt], rows), func(b *testing.B) {
-				r := NewRemoteExperts(placement.NewStatic(table), c.HiddenSize, RemoteConfig{Wire: dt})
+				r := NewRemoteExperts(placement.NewStatic(table), c.HiddenSize, RemoteConfig{Wire: dt, Transport: TransportGRPC})
 				defer r.Close()
 				ctx := context.WithValue(context.Background(), pinKey{}, r.beginStep())
+				rt := NewRemoteExperts(placement.NewStatic(table), c.HiddenSize, RemoteConfig{Wire: dt, Transport: TransportTCP})
+				defer rt.Close()
+				ctxT := context.WithValue(context.Background(), pinKey{}, rt.beginStep())
 				batch := newRoutedBatch(b, c, table, rows)
 				// The same payload as bytes: what the request and the
 				// reply encode to.
@@ -106,13 +112,17 @@ func BenchmarkDispatchVsRaw(b *testing.B) {
 				echoReq := &meshpb.DispatchRequest{Layer: uint32(batch.layer), Hidden: tn, K: uint32(batch.k), ExpertIds: batch.ids, GateWeights: batch.w, PartialDtype: pdt}
 				echo, stopEcho := echoStream(b, &meshpb.DispatchResponse{Partial: part, ComputeUs: 1000})
 				defer stopEcho()
+				dpEcho, stopDP := echoDataPlane(b, &meshpb.DispatchResponse{Partial: part, ComputeUs: 1000})
+				defer stopDP()
 				var echoResp meshpb.DispatchResponse
 				out, in := make([]byte, reqBytes), make([]byte, respBytes)
 				for range 20 {
 					batch.dispatch(b, ctx, r)
+					batch.dispatch(b, ctxT, rt)
 				}
 				r.computeUS.Store(0)
-				var rawNS, dispatchNS, grpcNS, rawCPU, dispatchCPU, grpcCPU int64
+				rt.computeUS.Store(0)
+				var rawNS, dispatchNS, tcpNS, grpcNS, dpNS, rawCPU, dispatchCPU, tcpCPU, grpcCPU, dpCPU int64
 				b.ResetTimer()
 				for range b.N {
 					c0 := cpuNS()
@@ -137,10 +147,23 @@ func BenchmarkDispatchVsRaw(b *testing.B) {
 					}
 					t3 := time.Now()
 					c3 := cpuNS()
-					rawCPU, dispatchCPU, grpcCPU = rawCPU+c1-c0, dispatchCPU+c2-c1, grpcCPU+c3-c2
+					batch.dispatch(b, ctxT, rt)
+					t4 := time.Now()
+					c4 := cpuNS()
+					if err := dpEcho.SendMsg(echoReq); err != nil {
+						b.Fatal(err)
+					}
+					if err := dpEcho.RecvMsg(&echoResp); err != nil {
+						b.Fatal(err)
+					}
+					t5 := time.Now()
+					c5 := cpuNS()
+					rawCPU, dispatchCPU, grpcCPU, tcpCPU, dpCPU = rawCPU+c1-c0, dispatchCPU+c2-c1, grpcCPU+c3-c2, tcpCPU+c4-c3, dpCPU+c5-c4
 					rawNS += t1.Sub(t0).Nanoseconds()
 					dispatchNS += t2.Sub(t1).Nanoseconds()
 					grpcNS += t3.Sub(t2).Nanoseconds()
+					tcpNS += t4.Sub(t3).Nanoseconds()
+					dpNS += t5.Sub(t4).Nanoseconds()
 				}
 				b.StopTimer()
 				conn.Close()
@@ -149,16 +172,22 @@ func BenchmarkDispatchVsRaw(b *testing.B) {
 				}
 				nf := float64(b.N)
 				computeNS := float64(r.computeUS.Load()) * 1e3
-				b.ReportMetric(float64(dispatchNS)/nf, "dispatch-ns/op")
+				computeT := float64(rt.computeUS.Load()) * 1e3
+				b.ReportMetric(float64(dispatchNS)/nf, "dispatch-grpc-ns/op")
+				b.ReportMetric(float64(tcpNS)/nf, "dispatch-tcp-ns/op")
 				b.ReportMetric(float64(rawNS)/nf, "raw-ns/op")
-				b.ReportMetric(float64(grpcNS)/nf, "grpc-ns/op")
 				b.ReportMetric(float64(grpcNS)/float64(rawNS), "grpc-ratio")
-				b.ReportMetric(computeNS/nf, "compute-ns/op")
-				b.ReportMetric(float64(dispatchNS)/float64(rawNS), "ratio")
-				b.ReportMetric((float64(dispatchNS)-computeNS)/float64(rawNS), "overhead-ratio")
+				b.ReportMetric(float64(dpNS)/float64(rawNS), "dp-ratio")
+				b.ReportMetric((computeNS+computeT)/2/nf, "compute-ns/op")
+				b.ReportMetric(float64(dispatchNS)/float64(rawNS), "ratio-grpc")
+				b.ReportMetric(float64(tcpNS)/float64(rawNS), "ratio-tcp")
+				b.ReportMetric((float64(dispatchNS)-computeNS)/float64(rawNS), "overhead-ratio-grpc")
+				b.ReportMetric((float64(tcpNS)-computeT)/float64(rawNS), "overhead-ratio-tcp")
 				b.ReportMetric(float64(reqBytes+respBytes), "wire-bytes/op")
-				b.ReportMetric((float64(dispatchCPU)-computeNS)/float64(rawCPU), "cpu-overhead-ratio")
+				b.ReportMetric((float64(dispatchCPU)-computeNS)/float64(rawCPU), "cpu-overhead-ratio-grpc")
+				b.ReportMetric((float64(tcpCPU)-computeT)/float64(rawCPU), "cpu-overhead-ratio-tcp")
 				b.ReportMetric(float64(grpcCPU)/float64(rawCPU), "cpu-grpc-ratio")
+				b.ReportMetric(float64(dpCPU)/float64(rawCPU), "cpu-dp-ratio")
 				b.ReportMetric(float64(rawCPU)/nf, "raw-cpu-ns/op")
 			})
 		}
@@ -219,6 +248,43 @@ func echoStream(b *testing.B, reply *meshpb.DispatchResponse) (meshpb.ExpertServ
 		cancel()
 		cc.Close()
 		srv.Stop()
+	}
+}
+
+// echoDataPlane opens a data-plane connection to an echo server that
+// answers every request with reply.
+func echoDataPlane(b *testing.B, reply *meshpb.DispatchResponse) (*dataplane.Conn, func()) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := dataplane.NewServer(func(c *dataplane.Conn) error {
+		var req meshpb.DispatchRequest
+		resp := &meshpb.DispatchResponse{Partial: reply.Partial, ComputeUs: reply.ComputeUs}
+		for {
+			if err := c.RecvMsg(&req); err != nil {
+				return nil
+			}
+			resp.Id = req.Id
+			if err := c.SendMsg(resp); err != nil {
+				return err
+			}
+		}
+	})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		s.Serve(lis)
+	}()
+	c, err := dataplane.Dial(context.Background(), lis.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	return c, func() {
+		c.Close()
+		lis.Close()
+		<-served
+		s.Close()
 	}
 }
 

@@ -40,6 +40,7 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	weights := fs.String("weights", "auto", weightsUsage)
 	fs.DurationVar(&cfg.DispatchTimeout, "dispatch-timeout", cfg.DispatchTimeout, "deadline of one dispatch of up to 256 rows to an expert node (more rows get proportionally more); a node that misses it is skipped for another replica")
 	wireDT := fs.String("wire", "f32", "activation dtype of dispatches to expert nodes: f32 (exact), bf16 (half the bytes both ways, every value rounded to 8 significant bits) or fp8 (E4M3 rows with a scale per 128 values out, BF16 back, as DeepSeek-V3)")
+	transport := fs.String("dispatch-transport", string(attnnode.TransportTCP), "what carries dispatches to expert nodes: tcp (the data plane: framed messages on a plain TCP connection to the node's gRPC port; a node that refuses it is served over gRPC) or grpc (a gRPC Dispatch stream)")
 	fs.DurationVar(&cfg.ExpertWait, "expert-wait", cfg.ExpertWait, "how long a step waits for some replica of an expert before it fails with UNAVAILABLE; keep it below the coordinator's --step-timeout")
 	opsAddr := fs.String("ops-listen", "", "HTTP address for /healthz, /readyz and /metrics (empty: off)")
 	spec := fs.String("placement", "", `fixed expert placement without etcd: "ADDR=EXPERTS;ADDR=EXPERTS" in --experts' grammar; empty (and no --etcd): all experts in-process`)
@@ -62,6 +63,9 @@ func runAttn(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if cfg.Wire, err = wire.ParseDType(*wireDT); err != nil {
 		return fmt.Errorf("--wire: %w", err)
+	}
+	if cfg.DispatchTransport, err = attnnode.ParseTransport(*transport); err != nil {
+		return fmt.Errorf("--dispatch-transport: %w", err)
 	}
 	if cfg.ModelDir == "" {
 		return fmt.Errorf("--model is required")

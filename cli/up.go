@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/expertmesh/expertmesh/attnnode"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/localcluster"
 )
@@ -137,6 +138,13 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 			return err
 		}
 		cfg.AttnArgs = append(cfg.AttnArgs, "--wire", v)
+		return nil
+	})
+	fs.Func("dispatch-transport", "attention nodes: what carries dispatches to expert nodes, tcp (the data plane, the default) or grpc", func(v string) error {
+		if _, err := attnnode.ParseTransport(v); err != nil {
+			return err
+		}
+		cfg.AttnArgs = append(cfg.AttnArgs, "--dispatch-transport", v)
 		return nil
 	})
 	passBool(&cfg.AttnArgs, "prefix-caching", "attention nodes: share full cache blocks between sequences with the same token prefix (on by default; --prefix-caching=false: off)")

@@ -10,10 +10,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/soheilhy/cmux"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
+	"github.com/expertmesh/expertmesh/internal/dataplane"
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/kernels"
 	"github.com/expertmesh/expertmesh/model"
@@ -42,7 +44,12 @@ type Node struct {
 	ck    *safetensors.Checkpoint // owned by w; kept for Prefetch
 	pool  *kernels.Pool
 	srv   *rpc.Server
-	lis   net.Listener
+	// dp serves Dispatch streams over the data plane; one listening
+	// address for both: mux hands connections that open with the data
+	// plane's magic to dp and the rest to srv.
+	dp  *dataplane.Server
+	mux cmux.CMux
+	lis net.Listener
 	// tracer makes the per-dispatch spans; with no provider installed it is
 	// the global no-op tracer and a span costs a few allocations.
 	tracer  trace.Tracer
@@ -97,7 +104,7 @@ type Node struct {
 
 	ready     chan struct{}
 	errc      chan error
-	runDone   chan struct{} // the goroutine running Serve returned
+	runDone   chan struct{} // the goroutines serving the listener returned
 	stopping  atomic.Bool   // stop has begun
 	closeOnce sync.Once
 	closeErr  error
@@ -187,20 +194,46 @@ func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 	n.srv = rpc.NewServer(rpc.ServerOptions{Logger: log, TracerProvider: cfg.TracerProvider, Extra: []grpc.ServerOption{grpc.WaitForHandlers(true)}})
 	meshpb.RegisterExpertServiceServer(n.srv, &service{n: n})
 	n.srv.SetServing(true, meshpb.ExpertService_ServiceDesc.ServiceName)
-	go n.serve()
+	n.dp = dataplane.NewServer(n.serveDataPlane)
+	n.mux = cmux.New(n.lis)
+	// A client that connects and sends nothing is dropped after this
+	// (both transports' clients speak first).
+	n.mux.SetReadTimeout(sniffTimeout)
+	dpLis := n.mux.Match(dataplane.Matcher)
+	grpcLis := n.mux.Match(cmux.HTTP2())
+	n.serve(dpLis, grpcLis)
 	close(n.ready)
 	log.Info("expert node serving", "node", n.id, "addr", n.Addr(), "experts", cfg.Experts, "managed", cfg.Managed)
 	return n, nil
 }
 
-// serve runs the gRPC server until it stops. Serve returns nil once Stop
-// was called; any other return is fatal: the node stops itself and Err
-// delivers the error.
-func (n *Node) serve() {
-	defer close(n.runDone)
-	if err := n.srv.Serve(n.lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-		n.stop(fmt.Errorf("expert node %s: serve: %w", n.id, err))
+// sniffTimeout bounds how long the listener waits for a new
+// connection's first bytes to tell the data plane from gRPC.
+const sniffTimeout = 5 * time.Second
+
+// serve runs the multiplexer, the data plane and the gRPC server until
+// they stop; runDone closes once all three returned. A return before
+// stop or a drain began is fatal: the node stops itself and Err delivers
+// the error. (A drain's graceful stop of the gRPC server closes the
+// listener they share.)
+func (n *Node) serve(dpLis, grpcLis net.Listener) {
+	var wg sync.WaitGroup
+	run := func(what string, f func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(); err != nil && !errors.Is(err, grpc.ErrServerStopped) && !n.stopping.Load() && !n.isDraining() {
+				n.stop(fmt.Errorf("expert node %s: serve %s: %w", n.id, what, err))
+			}
+		}()
 	}
+	run("gRPC", func() error { return n.srv.Serve(grpcLis) })
+	run("data plane", func() error { return n.dp.Serve(dpLis) })
+	run("listener", n.mux.Serve)
+	go func() {
+		wg.Wait()
+		close(n.runDone)
+	}()
 }
 
 // Ready is closed once the node serves requests (Start returns only then).
@@ -331,6 +364,12 @@ func (n *Node) beginDrain() <-chan struct{} {
 	return n.streams.idle
 }
 
+func (n *Node) isDraining() bool {
+	n.streams.Lock()
+	defer n.streams.Unlock()
+	return n.streams.draining
+}
+
 // streamOpened registers a new Dispatch handler; false while draining.
 func (n *Node) streamOpened() bool {
 	n.streams.Lock()
@@ -361,6 +400,9 @@ func (n *Node) stop(fatal error) {
 			n.errc <- fatal
 		}
 		n.srv.Stop()
+		n.lis.Close()
+		n.mux.Close()
+		n.dp.Close()
 		n.pipes.Wait()
 		n.placing.Lock()
 		n.placing.closed = true

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/expertmesh/expertmesh/internal/dataplane"
 	"github.com/expertmesh/expertmesh/internal/rpc"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	"github.com/expertmesh/expertmesh/placement"
@@ -72,19 +73,56 @@ type job struct {
 	data   []byte           // reply's
 }
 
-// Dispatch serves one stream with streamWorkers goroutines that take
-// turns receiving (see streamWorkers); each answers what it received.
-// Replies may leave in another order than their requests (the client
-// matches them by id). A request that fails validation skips compute and
-// is answered with its code; the stream stays open. When the client
-// half-closes, requests already received are still answered before the
-// stream ends. The handler itself only watches: it returns once every
-// worker has exited (which Close relies on), or, when the node drains,
-// once every request received before the drain is answered; then it ends
-// the stream with UNAVAILABLE and the worker waiting to receive exits as
-// the stream's context ends (node.pipes tracks it).
+// dispatchStream is what serving a Dispatch stream needs of its
+// transport: gRPC's server stream, or a data-plane connection
+// (dataplane.Conn). RecvMsg decodes a *meshpb.DispatchRequest in place
+// (wire.Codec's semantics) and is called by one goroutine at a time;
+// SendMsg sends a *wire.OutResponse, also one at a time, possibly
+// concurrently with RecvMsg; Context ends with the stream.
+type dispatchStream interface {
+	Context() context.Context
+	RecvMsg(m any) error
+	SendMsg(m any) error
+}
+
+// Dispatch serves one gRPC Dispatch stream (see serveDispatch).
 func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]) error {
-	n := s.n
+	return s.n.serveDispatch(st)
+}
+
+// serveDataPlane serves one data-plane connection's Dispatch stream.
+// Like the gRPC server's stats handler for a gRPC stream, it gives the
+// stream a server span (a no-op with no tracer provider installed), so
+// expert.compute spans of untraced requests have a parent on both
+// transports.
+func (n *Node) serveDataPlane(c *dataplane.Conn) error {
+	ctx, span := n.tracer.Start(c.Context(), "expertmesh.ExpertService/Dispatch", trace.WithSpanKind(trace.SpanKindServer),
+		trace.WithAttributes(attribute.String("transport", "dataplane")))
+	defer span.End()
+	return n.serveDispatch(dataPlaneStream{c, ctx})
+}
+
+// dataPlaneStream is a data-plane connection with its span's context.
+type dataPlaneStream struct {
+	*dataplane.Conn
+	ctx context.Context
+}
+
+func (s dataPlaneStream) Context() context.Context { return s.ctx }
+
+// serveDispatch serves one stream, over either transport, with
+// streamWorkers goroutines that take turns receiving (see streamWorkers);
+// each answers what it received. Replies may leave in another order than
+// their requests (the client matches them by id). A request that fails
+// validation skips compute and is answered with its code; the stream
+// stays open. When the client half-closes, requests already received are
+// still answered before the stream ends. The handler itself only
+// watches: it returns once every worker has exited (which Close relies
+// on), or, when the node drains, once every request received before the
+// drain is answered; then it ends the stream with UNAVAILABLE and the
+// worker waiting to receive exits as the stream ends (the gRPC stream's
+// context, the data-plane connection's close; node.pipes tracks it).
+func (n *Node) serveDispatch(st dispatchStream) error {
 	if !n.streamOpened() {
 		return status.Errorf(codes.Unavailable, "expert node %s is draining: dispatch to another replica", n.id)
 	}
@@ -113,7 +151,7 @@ func (s *service) Dispatch(st grpc.BidiStreamingServer[meshpb.DispatchRequest, m
 // pipe is one Dispatch stream's workers and what they share.
 type pipe struct {
 	n   *Node
-	st  grpc.BidiStreamingServer[meshpb.DispatchRequest, meshpb.DispatchResponse]
+	st  dispatchStream
 	ctx context.Context
 	// turn holds the one right to receive: the worker that takes it calls
 	// RecvMsg and passes it on as soon as it has a request.
@@ -190,7 +228,7 @@ func (p *pipe) work() {
 }
 
 // receive reads the stream's next request into j.req in place.
-func (j *job) receive(st grpc.ServerStream) error {
+func (j *job) receive(st dispatchStream) error {
 	if j.hidden != nil {
 		j.req.Hidden = j.hidden
 	}

@@ -9,8 +9,6 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
-
-	meshpb "github.com/expertmesh/expertmesh/proto"
 )
 
 // waitFor polls cond until it holds or 10 s pass.
@@ -44,8 +42,15 @@ func errClosed(t testing.TB, n *Node) {
 // with UNAVAILABLE; an idle stream ends at once, a new stream is refused,
 // and Shutdown returns without waiting for its deadline.
 func TestShutdownAnswersReceived(t *testing.T) {
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) { testShutdownAnswersReceived(t, tr) })
+	}
+}
+
+func testShutdownAnswersReceived(t *testing.T, tr string) {
 	node := startNode(t, testConfig("all"))
-	cc, c := dial(t, node)
+	cc, _ := dial(t, node)
+	open := opener(t, node, tr)
 	ctx := testCtx(t)
 
 	// Three busy streams with three requests each: one waits for the
@@ -59,9 +64,9 @@ func TestShutdownAnswersReceived(t *testing.T) {
 			node.compute.Unlock()
 		}
 	}()
-	var busy []meshpb.ExpertService_DispatchClient
+	var busy []dispatchClient
 	for s := range streams {
-		st, err := c.Dispatch(ctx)
+		st, err := open(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -72,7 +77,7 @@ func TestShutdownAnswersReceived(t *testing.T) {
 		}
 		busy = append(busy, st)
 	}
-	idle, err := c.Dispatch(ctx)
+	idle, err := open(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +100,7 @@ func TestShutdownAnswersReceived(t *testing.T) {
 		t.Errorf("idle stream: %v, want Unavailable", err)
 	}
 	// A new stream is refused.
-	late, err := c.Dispatch(ctx)
+	late, err := open(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

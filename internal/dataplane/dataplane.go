@@ -128,12 +128,18 @@ type Conn struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	closed atomic.Bool
+	// cause is why the connection was closed on this side, when a failed
+	// write or a bad frame closed it: what a receive blocked at the time
+	// returns, rather than the closed socket's error.
+	cause atomic.Pointer[error]
 
 	// read side: rbuf[r:w] is received and not yet consumed.
 	rbuf []byte
 	r, w int
-	// write side: the header and the message, written with one write.
+	// write side: the header and the message, written with one write;
+	// wto bounds each write (SetWriteTimeout).
 	wbuf []byte
+	wto  time.Duration
 }
 
 func newConn(c net.Conn) *Conn {
@@ -147,7 +153,8 @@ func (c *Conn) Context() context.Context { return c.ctx }
 // RemoteAddr is the peer's address.
 func (c *Conn) RemoteAddr() net.Addr { return c.c.RemoteAddr() }
 
-// Close closes the connection; blocked SendMsg and RecvMsg calls return.
+// Close closes the connection; blocked SendMsg and RecvMsg calls return
+// ErrClosed, or the error that made the connection close itself.
 func (c *Conn) Close() error {
 	if c.closed.Swap(true) {
 		return nil
@@ -156,9 +163,27 @@ func (c *Conn) Close() error {
 	return c.c.Close()
 }
 
-// SetWriteDeadline bounds the writes of SendMsg from now on (zero: none).
-// A write that misses it leaves a partial frame: the connection is closed.
-func (c *Conn) SetWriteDeadline(t time.Time) error { return c.c.SetWriteDeadline(t) }
+// fail closes the connection because of err and returns err.
+func (c *Conn) fail(err error) error {
+	c.cause.CompareAndSwap(nil, &err)
+	c.Close()
+	return err
+}
+
+// closedErr is what a call on a connection closed on this side returns.
+func (c *Conn) closedErr() error {
+	if e := c.cause.Load(); e != nil {
+		return fmt.Errorf("%w: %w", ErrClosed, *e)
+	}
+	return ErrClosed
+}
+
+// SetWriteTimeout bounds each later SendMsg's write (not its marshalling)
+// to d (0: unbounded). A write that cannot finish in time (the peer
+// stopped reading and the socket buffers are full) fails with an error
+// wrapping os.ErrDeadlineExceeded and closes the connection: part of the
+// frame may have left. Only with SendMsg, from the same goroutine.
+func (c *Conn) SetWriteTimeout(d time.Duration) { c.wto = d }
 
 // SendMsg writes m (a *meshpb.DispatchRequest or *wire.OutRequest from
 // the client, a *meshpb.DispatchResponse or *wire.OutResponse from the
@@ -167,7 +192,7 @@ func (c *Conn) SetWriteDeadline(t time.Time) error { return c.c.SetWriteDeadline
 // connection (part of a frame may have left).
 func (c *Conn) SendMsg(m any) error {
 	if c.closed.Load() {
-		return ErrClosed
+		return c.closedErr()
 	}
 	c.wbuf = append(c.wbuf[:0], 0, 0, 0, 0, 0)
 	var err error
@@ -184,9 +209,14 @@ func (c *Conn) SendMsg(m any) error {
 }
 
 func (c *Conn) write(b []byte) error {
+	if c.wto > 0 {
+		c.c.SetWriteDeadline(time.Now().Add(c.wto))
+	}
 	if _, err := c.c.Write(b); err != nil {
-		c.Close()
-		return err
+		if c.closed.Load() {
+			return c.closedErr()
+		}
+		return c.fail(fmt.Errorf("dataplane: write: %w", err))
 	}
 	return nil
 }
@@ -227,16 +257,15 @@ func (c *Conn) RecvMsg(m any) error {
 			return fmt.Errorf("dataplane: cannot receive into %T", m)
 		}
 		if err != nil {
-			c.Close()
-			return fmt.Errorf("%w: message: %v", ErrFrame, err)
+			return c.fail(fmt.Errorf("%w: message: %v", ErrFrame, err))
 		}
 		return nil
 	default: // kindStatus, checked by readFrame
 		code, msg, err := parseStatus(p)
-		c.Close()
 		if err != nil {
-			return err
+			return c.fail(err)
 		}
+		c.Close()
 		if code == codes.OK {
 			return io.EOF
 		}
@@ -272,12 +301,10 @@ func (c *Conn) readFrame() (byte, []byte, error) {
 	h := c.rbuf[c.r : c.r+headerSize]
 	kind, n := h[0], binary.LittleEndian.Uint32(h[1:])
 	if kind != kindMessage && kind != kindStatus {
-		c.Close()
-		return 0, nil, fmt.Errorf("%w: unknown kind %d", ErrFrame, kind)
+		return 0, nil, c.fail(fmt.Errorf("%w: unknown kind %d", ErrFrame, kind))
 	}
 	if int64(n) > int64(c.max) {
-		c.Close()
-		return 0, nil, fmt.Errorf("%w: payload of %d bytes exceeds the maximum of %d", ErrFrame, n, c.max)
+		return 0, nil, c.fail(fmt.Errorf("%w: payload of %d bytes exceeds the maximum of %d", ErrFrame, n, c.max))
 	}
 	total := headerSize + int(n)
 	if err := c.fill(total); err != nil {
@@ -315,14 +342,13 @@ func (c *Conn) fill(need int) error {
 			if c.w-c.r >= need {
 				return nil
 			}
-			c.Close()
+			if c.closed.Load() {
+				return c.closedErr()
+			}
 			if errors.Is(err, io.EOF) && c.w > c.r {
-				return fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
+				err = fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
 			}
-			if c.closed.Load() && !errors.Is(err, io.EOF) {
-				return ErrClosed
-			}
-			return err
+			return c.fail(err)
 		}
 	}
 	return nil
