@@ -5,12 +5,16 @@ package kernels
 import (
 	"encoding/binary"
 	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"runtime/pprof"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 )
 
 // withAMX runs f with the AMX path forced on (from every batch size) or
@@ -184,4 +188,57 @@ func TestAMXEnvSwitch(t *testing.T) {
 			t.Fatalf("EXPERTMESH_AMX=%s: child says %q, want amx-enabled=%s", c.env, out, c.want)
 		}
 	}
+}
+
+// TestAMXUnderSignals: tile state survives signals (SIGPROF from a CPU
+// profile, SIGURG preemption requests to long-running goroutines) and
+// goroutines moving between threads: repeated AMX products on 2 threads,
+// with spinning goroutines competing for the Ps, all equal bit for bit.
+func TestAMXUnderSignals(t *testing.T) {
+	if ok, why := AMXAvailable(); !ok {
+		t.Skip("AMX unavailable: " + why)
+	}
+	if err := pprof.StartCPUProfile(io.Discard); err == nil {
+		defer pprof.StopCPUProfile()
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				for j := 0; j < 1e6; j++ {
+				}
+			}
+		}()
+	}
+	defer func() { close(stop); wg.Wait() }()
+	rng := rand.New(rand.NewPCG(47, 48))
+	const rows, cols, n = 256, 1024, 96
+	w := randMatrix(rng, BF16, rows, cols, 0)
+	x := randVec(rng, n*cols, 0)
+	p := NewPool(2)
+	defer p.Close()
+	first := make([]float32, n*rows)
+	y := make([]float32, n*rows)
+	withAMX(t, true, func() {
+		p.MatMulBF16Act(first, w, x, n)
+		deadline := time.Now().Add(300 * time.Millisecond)
+		runs := 0
+		for ; time.Now().Before(deadline) || runs < 20; runs++ {
+			p.MatMulBF16Act(y, w, x, n)
+			for i := range y {
+				if math.Float32bits(y[i]) != math.Float32bits(first[i]) {
+					t.Fatalf("run %d: y[%d]=%g, first run %g", runs, i, y[i], first[i])
+				}
+			}
+		}
+		t.Logf("%d identical runs", runs)
+	})
 }
