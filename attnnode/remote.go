@@ -1446,6 +1446,9 @@ func (c *expertConn) send(a *attempt, inline bool) {
 		// Rows and X are the dispatch's, stable until it handles a
 		// completion, which only this goroutine does.
 		c.out.Req, c.out.Dtype, c.out.X, c.out.Rows, c.out.Cols = &c.req, c.r.wire, d.x, a.rows, h
+		// The data plane's receiver reads each request into an aligned
+		// buffer of its own and computes on F32 rows where they are.
+		c.out.AlignRows = c.st.dp != nil
 		msg = &c.out
 	} else {
 		c.data, c.scales = c.data[:0], c.scales[:0]

@@ -189,6 +189,8 @@ func BenchmarkDispatchVsRaw(b *testing.B) {
 				b.ReportMetric(float64(grpcCPU)/float64(rawCPU), "cpu-grpc-ratio")
 				b.ReportMetric(float64(dpCPU)/float64(rawCPU), "cpu-dp-ratio")
 				b.ReportMetric(float64(rawCPU)/nf, "raw-cpu-ns/op")
+				b.ReportMetric((float64(tcpCPU)-computeT)/nf, "tcp-overhead-cpu-ns/op")
+				b.ReportMetric((float64(dispatchCPU)-computeNS)/nf, "grpc-overhead-cpu-ns/op")
 			})
 		}
 	}

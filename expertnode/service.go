@@ -65,6 +65,7 @@ type job struct {
 
 	req    meshpb.DispatchRequest
 	hidden *meshpb.Tensor // req's tensor, kept while a request has none
+	frame  []byte         // the request's bytes, on the data plane (req's rows alias it)
 
 	resp   meshpb.DispatchResponse
 	outMsg wire.OutResponse // resp with out's rows, as Send marshals it
@@ -227,12 +228,26 @@ func (p *pipe) work() {
 	}
 }
 
+// bufferedReceiver is a stream that receives each request into the
+// caller's buffer, its rows aliasing it (dataplane.Conn.RecvMsgInto):
+// each worker keeps its own, so a request's rows are computed on where
+// they arrived while the next worker receives.
+type bufferedReceiver interface {
+	RecvMsgInto(buf *[]byte, m *meshpb.DispatchRequest) error
+}
+
 // receive reads the stream's next request into j.req in place.
 func (j *job) receive(st dispatchStream) error {
 	if j.hidden != nil {
 		j.req.Hidden = j.hidden
 	}
-	if err := st.RecvMsg(&j.req); err != nil {
+	var err error
+	if br, ok := st.(bufferedReceiver); ok {
+		err = br.RecvMsgInto(&j.frame, &j.req)
+	} else {
+		err = st.RecvMsg(&j.req)
+	}
+	if err != nil {
 		return err
 	}
 	if j.req.Hidden != nil {

@@ -188,8 +188,9 @@ func (c *Conn) SetWriteTimeout(d time.Duration) { c.wto = d }
 // SendMsg writes m (a *meshpb.DispatchRequest or *wire.OutRequest from
 // the client, a *meshpb.DispatchResponse or *wire.OutResponse from the
 // server: anything wire.AppendMessage encodes) as one frame with one
-// write. m is only read during the call. A failed write closes the
-// connection (part of a frame may have left).
+// write, marshalled behind its header into the connection's buffer. m is
+// only read during the call. A failed write closes the connection (part
+// of a frame may have left).
 func (c *Conn) SendMsg(m any) error {
 	if c.closed.Load() {
 		return c.closedErr()
@@ -235,42 +236,114 @@ func (c *Conn) sendStatus(err error) error {
 	return c.write(c.wbuf)
 }
 
-// RecvMsg reads the next frame into m in place (a *meshpb.DispatchRequest
-// on the server, a *meshpb.DispatchResponse on the client; see
-// wire.UnmarshalRequest). It returns io.EOF when the peer closed the
-// connection between frames, the status carried by a status frame (a
-// gRPC status error; nil's OK becomes io.EOF), and an error wrapping
-// ErrFrame for a malformed frame, after which the connection is closed.
+// RecvMsg reads the next frame into m in place: a *meshpb.DispatchRequest
+// (wire.UnmarshalRequest: its bytes copied), or a
+// *meshpb.DispatchResponse whose partial rows' bytes alias the
+// connection's read buffer (wire.UnmarshalResponseView), valid until the
+// next RecvMsg: the receiver decodes them before it receives again. It
+// returns io.EOF when the peer closed the connection between frames, the
+// status carried by a status frame (a gRPC status error; nil's OK
+// becomes io.EOF), and an error wrapping ErrFrame for a malformed frame,
+// after which the connection is closed.
 func (c *Conn) RecvMsg(m any) error {
 	kind, p, err := c.readFrame()
 	if err != nil {
 		return err
 	}
-	switch kind {
-	case kindMessage:
-		switch m := m.(type) {
-		case *meshpb.DispatchRequest:
-			err = wire.UnmarshalRequest(p, m)
-		case *meshpb.DispatchResponse:
-			err = wire.UnmarshalResponse(p, m)
-		default:
-			return fmt.Errorf("dataplane: cannot receive into %T", m)
-		}
+	if kind == kindStatus {
+		return c.endStatus(p)
+	}
+	switch m := m.(type) {
+	case *meshpb.DispatchRequest:
+		err = wire.UnmarshalRequest(p, m)
+	case *meshpb.DispatchResponse:
+		err = wire.UnmarshalResponseView(p, m)
+	default:
+		return fmt.Errorf("dataplane: cannot receive into %T", m)
+	}
+	if err != nil {
+		return c.fail(fmt.Errorf("%w: message: %v", ErrFrame, err))
+	}
+	return nil
+}
+
+// endStatus ends the stream with a status frame's status.
+func (c *Conn) endStatus(p []byte) error {
+	code, msg, err := parseStatus(p)
+	if err != nil {
+		return c.fail(err)
+	}
+	c.Close()
+	if code == codes.OK {
+		return io.EOF
+	}
+	return status.Error(code, msg)
+}
+
+// RecvMsgInto is RecvMsg for a request whose bytes go into *buf (grown
+// as they arrive; a new buffer is aligned to at least wire.RowAlign bytes) rather than the
+// connection's buffer, and whose hidden rows alias it
+// (wire.UnmarshalRequestView), valid until the next call with the same
+// buffer: for receivers that take turns receiving and then work on their
+// requests concurrently, each with a buffer of its own. A sender that
+// aligns the rows (wire.OutRequest.AlignRows) lets F32 rows be viewed in
+// place (wire.ViewF32). Errors are RecvMsg's.
+func (c *Conn) RecvMsgInto(buf *[]byte, m *meshpb.DispatchRequest) error {
+	kind, n, err := c.readHeader()
+	if err != nil {
+		return err
+	}
+	if kind == kindStatus {
+		_, p, err := c.readPayload(n)
 		if err != nil {
-			return c.fail(fmt.Errorf("%w: message: %v", ErrFrame, err))
+			return err
 		}
-		return nil
-	default: // kindStatus, checked by readFrame
-		code, msg, err := parseStatus(p)
-		if err != nil {
+		return c.endStatus(p)
+	}
+	// What was read ahead, then the rest straight from the socket.
+	b := (*buf)[:0]
+	have := min(c.w-c.r, n)
+	b = grownTo(b, have)
+	b = append(b, c.rbuf[c.r:c.r+have]...)
+	c.r += have
+	for len(b) < n {
+		b = grownTo(b, len(b)+1)
+		k, err := c.c.Read(b[len(b):min(cap(b), n)])
+		b = b[:len(b)+k]
+		if err != nil && len(b) < n {
+			*buf = b
+			if c.closed.Load() {
+				return c.closedErr()
+			}
+			if errors.Is(err, io.EOF) {
+				err = fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
+			}
 			return c.fail(err)
 		}
-		c.Close()
-		if code == codes.OK {
-			return io.EOF
-		}
-		return status.Error(code, msg)
 	}
+	*buf = b
+	if err := wire.UnmarshalRequestView(b, m); err != nil {
+		return c.fail(fmt.Errorf("%w: message: %v", ErrFrame, err))
+	}
+	return nil
+}
+
+// grownTo returns b with room for need bytes: its capacity doubled from
+// minRead/2 until it does, so that a length a peer claims is only
+// allocated as its bytes arrive (callers ask for one byte more than they
+// have). Powers of two from 16 KiB are Go size classes or page-sized
+// spans: aligned far beyond wire.RowAlign.
+func grownTo(b []byte, need int) []byte {
+	if need <= cap(b) {
+		return b
+	}
+	size := max(cap(b), minRead/2)
+	for size < need {
+		size *= 2
+	}
+	nb := make([]byte, len(b), size)
+	copy(nb, b)
+	return nb
 }
 
 // parseStatus decodes a status frame's payload.
@@ -292,29 +365,45 @@ func parseStatus(p []byte) (codes.Code, string, error) {
 // readFrame returns the next frame's kind and payload; the payload is
 // valid until the next call.
 func (c *Conn) readFrame() (byte, []byte, error) {
+	_, n, err := c.readHeader()
+	if err != nil {
+		return 0, nil, err
+	}
+	return c.readPayload(n)
+}
+
+// readHeader reads and checks the next frame's header: its kind and
+// payload length.
+func (c *Conn) readHeader() (byte, int, error) {
 	if c.w == c.r {
 		c.r, c.w = 0, 0
 	}
 	if err := c.fill(headerSize); err != nil {
-		return 0, nil, err
+		return 0, 0, err
 	}
 	h := c.rbuf[c.r : c.r+headerSize]
 	kind, n := h[0], binary.LittleEndian.Uint32(h[1:])
 	if kind != kindMessage && kind != kindStatus {
-		return 0, nil, c.fail(fmt.Errorf("%w: unknown kind %d", ErrFrame, kind))
+		return 0, 0, c.fail(fmt.Errorf("%w: unknown kind %d", ErrFrame, kind))
 	}
 	if int64(n) > int64(c.max) {
-		return 0, nil, c.fail(fmt.Errorf("%w: payload of %d bytes exceeds the maximum of %d", ErrFrame, n, c.max))
+		return 0, 0, c.fail(fmt.Errorf("%w: payload of %d bytes exceeds the maximum of %d", ErrFrame, n, c.max))
 	}
-	total := headerSize + int(n)
-	if err := c.fill(total); err != nil {
+	c.r += headerSize
+	return kind, int(n), nil
+}
+
+// readPayload reads a payload of n bytes into the connection's buffer.
+func (c *Conn) readPayload(n int) (byte, []byte, error) {
+	kind := c.rbuf[c.r-headerSize]
+	if err := c.fill(n); err != nil {
 		if errors.Is(err, io.EOF) {
 			err = fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
 		}
 		return 0, nil, err
 	}
-	p := c.rbuf[c.r+headerSize : c.r+total]
-	c.r += total
+	p := c.rbuf[c.r : c.r+n]
+	c.r += n
 	return kind, p, nil
 }
 

@@ -5,11 +5,14 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
+	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc/codes"
@@ -110,6 +113,76 @@ func TestRoundTrip(t *testing.T) {
 		if !proto.Equal(&resp, want) {
 			t.Fatalf("round trip %d (%d rows): got a different response", i, rows)
 		}
+	}
+}
+
+// TestRecvMsgInto: requests received into the caller's buffers (two,
+// used in turn, as the expert node's workers do) decode as proto.Unmarshal
+// decodes them, their rows inside the buffer that received them and, sent
+// aligned, at an aligned address; a request stays intact while the other
+// buffer receives the next.
+func TestRecvMsgInto(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	const cols = 64
+	sizes := []int{1, 300, 8, 32, 1, 1000}
+	want := make([]*meshpb.DispatchRequest, len(sizes))
+	got := make(chan error, 1)
+	s := NewServer(func(c *Conn) error {
+		var bufs [2][]byte
+		var reqs [2]meshpb.DispatchRequest
+		for i := range sizes {
+			k := i % 2
+			if err := c.RecvMsgInto(&bufs[k], &reqs[k]); err != nil {
+				got <- err
+				return nil
+			}
+			if !proto.Equal(&reqs[k], want[i]) {
+				got <- fmt.Errorf("request %d: decoded to another message", i)
+				return nil
+			}
+			d := reqs[k].Hidden.Data
+			if &d[0] != &bufs[k][len(bufs[k])-len(d)] || uintptr(unsafe.Pointer(&d[0]))%wire.RowAlign != 0 {
+				got <- fmt.Errorf("request %d: rows not at the end of its buffer, aligned", i)
+				return nil
+			}
+			if i > 0 && !proto.Equal(&reqs[1-k], want[i-1]) {
+				got <- fmt.Errorf("request %d changed while %d was received", i-1, i)
+				return nil
+			}
+		}
+		got <- nil
+		return nil
+	})
+	go s.Serve(lis)
+	defer s.Close()
+	c, err := Dial(testCtx(t), lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i, rows := range sizes {
+		x := make([]float32, rows*cols)
+		sel := make([]int32, rows)
+		for j := range x {
+			x[j] = float32(i*7 + j)
+		}
+		for j := range sel {
+			sel[j] = int32(j)
+		}
+		req := &meshpb.DispatchRequest{Id: uint64(i), Layer: 1, K: 1, ExpertIds: make([]int32, rows), GateWeights: make([]float32, rows),
+			TraceContext: map[string]string{"traceparent": strings.Repeat("x", i)}}
+		want[i] = proto.Clone(req).(*meshpb.DispatchRequest)
+		want[i].Hidden = &meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: []int64{int64(rows), cols}, Data: wire.AppendRows(nil, meshpb.DType_DTYPE_F32, x)}
+		if err := c.SendMsg(&wire.OutRequest{Req: req, Dtype: meshpb.DType_DTYPE_F32, X: x, Rows: sel, Cols: cols, AlignRows: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-got; err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -386,6 +459,17 @@ func FuzzFrame(f *testing.F) {
 				break
 			}
 		}
+		c = newConn(&readerConn{r: bytes.NewReader(b)})
+		c.max = 1 << 20
+		var buf []byte
+		for range 64 {
+			if err := c.RecvMsgInto(&buf, &req); err != nil {
+				break
+			}
+		}
+		if cap(buf) > max(2*len(b), minRead) {
+			t.Fatalf("receive buffer of %d bytes for %d bytes of input", cap(buf), len(b))
+		}
 	})
 }
 
@@ -398,3 +482,100 @@ type readerConn struct {
 func (c *readerConn) Read(b []byte) (int, error)  { return c.r.Read(b) }
 func (c *readerConn) Write(b []byte) (int, error) { return len(b), nil }
 func (c *readerConn) Close() error                { return nil }
+
+// TestWriteTimeout: a write to a peer that stopped reading gives up after
+// SetWriteTimeout's bound with an error wrapping os.ErrDeadlineExceeded,
+// closes the connection, and a receive blocked meanwhile returns that
+// cause (not merely "closed").
+func TestWriteTimeout(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	release := make(chan struct{})
+	defer close(release)
+	s := NewServer(func(c *Conn) error {
+		select { // never reads
+		case <-release:
+		case <-c.Context().Done():
+		}
+		return nil
+	})
+	go s.Serve(lis)
+	defer s.Close()
+	c, err := Dial(testCtx(t), lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	recvd := make(chan error, 1)
+	go func() {
+		var m meshpb.DispatchResponse
+		recvd <- c.RecvMsg(&m)
+	}()
+	c.SetWriteTimeout(50 * time.Millisecond)
+	big := &meshpb.DispatchRequest{Hidden: &meshpb.Tensor{Data: make([]byte, 64<<20)}}
+	start := time.Now()
+	err = c.SendMsg(big)
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("SendMsg to a peer that never reads: %v after %v, want a deadline error", err, time.Since(start))
+	}
+	if err := <-recvd; !errors.Is(err, os.ErrDeadlineExceeded) || !errors.Is(err, ErrClosed) {
+		t.Fatalf("blocked RecvMsg: %v, want ErrClosed wrapping the write's deadline", err)
+	}
+}
+
+// BenchmarkRecv32Rows: a 32-row V2-Lite request (256 KiB of F32 rows)
+// received by RecvMsg (its rows copied into the message) and by
+// RecvMsgInto (read into the caller's buffer, rows viewed there), and
+// its rows then read as float32 as the expert node does (wire.ViewF32,
+// or a decode when the view declines).
+func BenchmarkRecv32Rows(b *testing.B) {
+	const rows, cols = 32, 2048
+	x := make([]float32, rows*cols)
+	sel := make([]int32, rows)
+	for i := range sel {
+		sel[i] = int32(i)
+	}
+	req := &meshpb.DispatchRequest{Id: 1, Layer: 1, K: 6, ExpertIds: make([]int32, rows*6), GateWeights: make([]float32, rows*6)}
+	var frames []byte
+	for range 64 {
+		nc := newConn(&readerConn{r: bytes.NewReader(nil)})
+		if err := nc.SendMsg(&wire.OutRequest{Req: req, Dtype: meshpb.DType_DTYPE_F32, X: x, Rows: sel, Cols: cols, AlignRows: true}); err != nil {
+			b.Fatal(err)
+		}
+		frames = append(frames, nc.wbuf...)
+	}
+	for _, into := range []bool{false, true} {
+		b.Run(fmt.Sprintf("into=%v", into), func(b *testing.B) {
+			var m meshpb.DispatchRequest
+			var buf []byte
+			xs := make([]float32, rows*cols)
+			b.SetBytes(int64(len(frames) / 64))
+			r := bytes.NewReader(frames)
+			c := newConn(&readerConn{r: r})
+			for i := range b.N {
+				if i%64 == 0 {
+					r.Reset(frames)
+					c.r, c.w = 0, 0
+				}
+				var err error
+				if into {
+					err = c.RecvMsgInto(&buf, &m)
+				} else {
+					err = c.RecvMsg(&m)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				if v, ok, err := wire.ViewF32(m.Hidden); ok && err == nil {
+					xs = v
+				} else if err := wire.Decode(xs, m.Hidden); err != nil {
+					b.Fatal(err)
+				}
+			}
+			_ = xs
+		})
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"testing"
+	"unsafe"
 
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
@@ -61,6 +62,7 @@ func randomResponse(rng *rand.Rand) *meshpb.DispatchResponse {
 func TestCodecMatchesProto(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	req, resp := new(meshpb.DispatchRequest), new(meshpb.DispatchResponse)
+	reqV, respV := new(meshpb.DispatchRequest), new(meshpb.DispatchResponse)
 	for i := range 500 {
 		want := randomRequest(rng)
 		b, err := proto.Marshal(want)
@@ -73,6 +75,13 @@ func TestCodecMatchesProto(t *testing.T) {
 		if !proto.Equal(req, want) {
 			t.Fatalf("request %d:\n got %v\nwant %v", i, req, want)
 		}
+		// The view: the same message, its data inside b.
+		if err := UnmarshalRequestView(b, reqV); err != nil || !proto.Equal(reqV, want) {
+			t.Fatalf("request %d view: %v", i, err)
+		}
+		if d := reqV.Hidden.GetData(); len(d) > 0 && !aliases(d, b) {
+			t.Fatalf("request %d view: data not inside b", i)
+		}
 		wantR := randomResponse(rng)
 		if b, err = proto.Marshal(wantR); err != nil {
 			t.Fatal(err)
@@ -83,7 +92,18 @@ func TestCodecMatchesProto(t *testing.T) {
 		if !proto.Equal(resp, wantR) {
 			t.Fatalf("response %d:\n got %v\nwant %v", i, resp, wantR)
 		}
+		if err := UnmarshalResponseView(b, respV); err != nil || !proto.Equal(respV, wantR) {
+			t.Fatalf("response %d view: %v", i, err)
+		}
+		if d := respV.Partial.GetData(); len(d) > 0 && !aliases(d, b) {
+			t.Fatalf("response %d view: data not inside b", i)
+		}
 	}
+}
+
+// aliases reports whether d lies inside b.
+func aliases(d, b []byte) bool {
+	return uintptr(unsafe.Pointer(&d[0])) >= uintptr(unsafe.Pointer(&b[0])) && uintptr(unsafe.Pointer(&d[len(d)-1])) <= uintptr(unsafe.Pointer(&b[len(b)-1]))
 }
 
 // TestCodecReuseAllocs: once a message's buffers have grown, decoding
@@ -165,6 +185,7 @@ func FuzzCodec(f *testing.F) {
 		f.Add(b)
 	}
 	req, resp := new(meshpb.DispatchRequest), new(meshpb.DispatchResponse)
+	reqV, respV := new(meshpb.DispatchRequest), new(meshpb.DispatchResponse)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		want := new(meshpb.DispatchRequest)
 		werr := proto.Unmarshal(b, want)
@@ -176,6 +197,9 @@ func FuzzCodec(f *testing.F) {
 		if err == nil && !proto.Equal(req, want) {
 			t.Fatalf("request:\n got %v\nwant %v", req, want)
 		}
+		if err := UnmarshalRequestView(b, reqV); (err == nil) != (werr == nil) || (err == nil && !proto.Equal(reqV, want)) {
+			t.Fatalf("request view: err %v, proto %v", err, werr)
+		}
 		wantR := new(meshpb.DispatchResponse)
 		werr = proto.Unmarshal(b, wantR)
 		err = UnmarshalResponse(b, resp)
@@ -185,6 +209,9 @@ func FuzzCodec(f *testing.F) {
 		dropUnknown(wantR, wantR.Partial)
 		if err == nil && !proto.Equal(resp, wantR) {
 			t.Fatalf("response:\n got %v\nwant %v", resp, wantR)
+		}
+		if err := UnmarshalResponseView(b, respV); (err == nil) != (werr == nil) || (err == nil && !proto.Equal(respV, wantR)) {
+			t.Fatalf("response view: err %v, proto %v", err, werr)
 		}
 	})
 }
@@ -264,6 +291,9 @@ func checkAppend(t *testing.T, v any, want []byte, decoded proto.Message) {
 	if err != nil || string(got[:4]) != "head" || len(got)-4 != len(want) || MessageSize(v) != len(want) {
 		t.Fatalf("AppendMessage(%T): %v, %d bytes after the prefix, MessageSize %d, want Codec's %d bytes", v, err, len(got)-4, MessageSize(v), len(want))
 	}
+	if decoded == nil {
+		return
+	}
 	m := decoded.ProtoReflect().New().Interface()
 	if err := proto.Unmarshal(got[4:], m); err != nil || !proto.Equal(m, decoded) {
 		t.Fatalf("AppendMessage(%T) decodes to another message: %v", v, err)
@@ -304,6 +334,29 @@ func TestOutMessages(t *testing.T) {
 			want.Hidden.Data = AppendRows(nil, dt, sel)
 		}
 		out := &OutRequest{Req: base, Dtype: dt, X: x, Rows: rows, Cols: cols}
+		if i%4 >= 2 {
+			// Aligned: the rows start a multiple of RowAlign bytes in, and the
+			// request decodes the same (the padding is skipped).
+			out.AlignRows = true
+			b := marshalled(t, out)
+			checkAppend(t, out, b, nil)
+			inPlace := new(meshpb.DispatchRequest)
+			if err := UnmarshalRequestView(b, inPlace); err != nil || !proto.Equal(inPlace, want) || len(b) != out.Size() {
+				t.Fatalf("aligned request %d: %v, %d bytes, Size %d", i, err, len(b), out.Size())
+			}
+			if off := uintptr(unsafe.Pointer(&inPlace.Hidden.Data[0])) - uintptr(unsafe.Pointer(&b[0])); off%RowAlign != 0 {
+				t.Fatalf("aligned request %d: rows at offset %d", i, off)
+			}
+			got := new(meshpb.DispatchRequest)
+			if err := proto.Unmarshal(b, got); err != nil {
+				t.Fatal(err)
+			}
+			dropUnknown(got, got.Hidden)
+			if !proto.Equal(got, want) {
+				t.Fatalf("aligned request %d: proto.Unmarshal gives another message", i)
+			}
+			continue
+		}
 		b := marshalled(t, out)
 		checkAppend(t, out, b, want)
 		if len(b) != out.Size() || len(b) != proto.Size(want) {
