@@ -60,6 +60,16 @@ type Pool struct {
 	// MLADecodeMany: per-row arguments and the rows' cache pointers.
 	mlaArgs []mlaArgs
 	exited  chan struct{}
+	// done lets the caller of run sleep, once it has spun spinIters,
+	// until the last worker finishes: on a machine whose cores other
+	// processes share, a worker the OS descheduled would otherwise have
+	// the caller burn a core spinning for its whole time slice. The caller
+	// parks by setting pendingParked in pending; the worker whose
+	// decrement leaves exactly that bit owes one token on done. Flag and
+	// count share one word so that a worker still finishing the previous
+	// job (its decrement already seen) cannot mistake the next job's park
+	// for its own.
+	done chan struct{}
 	// streamed counts the weight bytes the products have read (see
 	// WeightBytes). Calls into a Pool are serialised by its callers, as
 	// job is, so a plain counter suffices.
@@ -137,6 +147,7 @@ func NewPool(threads int) *Pool {
 		workers: make([]poolWorker, threads-1),
 		scratch: make([][]float32, threads),
 		exited:  make(chan struct{}, threads),
+		done:    make(chan struct{}, 1),
 	}
 	for i := range p.workers {
 		p.workers[i].wake = make(chan struct{}, 1)
@@ -183,7 +194,9 @@ func (p *Pool) work(id int) {
 		}
 		seen = g
 		p.runPart(id)
-		p.pending.Add(-1)
+		if p.pending.Add(-1) == pendingParked {
+			p.done <- struct{}{}
+		}
 	}
 }
 
@@ -245,12 +258,36 @@ func (p *Pool) run() {
 	p.gen.Add(1)
 	p.wakeAll()
 	p.runPart(0)
-	for i := 0; p.pending.Load() != 0; i++ {
+	p.waitDone()
+	p.job = job{} // drop references to the caller's buffers
+}
+
+// pendingParked is set in pending while the caller of run sleeps on done.
+const pendingParked = 1 << 30
+
+// waitDone returns once every worker's share of the job is done:
+// spinning first, then parking as the workers do.
+func (p *Pool) waitDone() {
+	for i := 0; i < spinIters; i++ {
+		if p.pending.Load() == 0 {
+			return
+		}
 		if i&63 == 63 {
 			runtime.Gosched()
 		}
 	}
-	p.job = job{} // drop references to the caller's buffers
+	for {
+		v := p.pending.Load()
+		if v == 0 {
+			return
+		}
+		// Set the bit on the count just read: if a worker decremented in
+		// between, the CAS fails and the count is read again.
+		if p.pending.CompareAndSwap(v, v|pendingParked) {
+			<-p.done // the worker that brings the count to zero sends it
+			return
+		}
+	}
 }
 
 // runPart runs thread id's part of the job: its static share, or for row

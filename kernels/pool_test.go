@@ -91,6 +91,45 @@ func TestPoolParkedWorkersWake(t *testing.T) {
 	}
 }
 
+// TestPoolCallerParksForSlowWorker: a caller whose worker is still busy
+// after the spin parks (it does not burn a core the worker may need) and
+// is woken by the worker's finish, with every share run, call after call.
+func TestPoolCallerParksForSlowWorker(t *testing.T) {
+	p := NewPool(2)
+	defer p.Close()
+	for round := 0; round < 3; round++ {
+		release := make(chan struct{})
+		var sum atomic.Int64
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			p.ParallelFor(2, func(lo, hi int) {
+				if lo == 1 { // the worker's share (the caller runs [0, 1))
+					<-release
+				}
+				sum.Add(int64(hi - lo))
+			})
+		}()
+		deadline := time.Now().Add(10 * time.Second)
+		for p.pending.Load() != pendingParked|1 { // parked, its one worker not done
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: caller never parked while its worker was blocked", round)
+			}
+			runtime.Gosched()
+		}
+		select {
+		case <-done:
+			t.Fatalf("round %d: call returned before its worker's share ran", round)
+		default:
+		}
+		close(release)
+		<-done
+		if sum.Load() != 2 || p.pending.Load() != pendingParked {
+			t.Fatalf("round %d: covered %d of 2, pending %#x after the call, want only the parked bit", round, sum.Load(), p.pending.Load())
+		}
+	}
+}
+
 func TestMatVecPanicsOnBadLengths(t *testing.T) {
 	p := NewPool(1)
 	defer p.Close()
