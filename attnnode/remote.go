@@ -1122,6 +1122,10 @@ type expertConn struct {
 	// deadline, not one per layer.
 	down atomic.Bool
 	wake chan struct{}
+	// flushing is set (under tx) when an inline send left the rest of
+	// its frame unwritten: the connection's goroutine writes it before
+	// anything else is sent.
+	flushing atomic.Bool
 
 	mu struct {
 		sync.Mutex
@@ -1195,10 +1199,7 @@ func (c *expertConn) enqueue(a *attempt) {
 	c.mu.Lock()
 	c.mu.queue = append(c.mu.queue, a)
 	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
+	c.poke()
 }
 
 // writeQuota is how many bytes of one stream gRPC lets be handed to its
@@ -1209,11 +1210,12 @@ const writeQuota = 64 << 10
 
 // Inline sends on the data plane: the largest message sent inline to an
 // idle connection (larger ones go through the connection's goroutine),
-// and how long its write may block before the stream is failed. 1 MiB
-// (128 rows of V2-Lite's F32 width) leaves the socket in about a
-// millisecond on loopback or 10 GbE and 8 ms at 1 Gb/s; 50 ms is far
-// above that, and a frozen peer costs it once: the failed stream marks
-// the node down and later layers go to other replicas.
+// and how long the dispatching goroutine may wait for the socket to take
+// it before it leaves the rest to the connection's goroutine (a busy
+// peer reads it later; a frozen one fails the stream after the dispatch
+// timeout, as any write). 1 MiB (128 rows of V2-Lite's F32 width)
+// leaves the socket in about a millisecond on loopback or 10 GbE and
+// 8 ms at 1 Gb/s, and usually fits the socket buffers outright.
 const (
 	inlineMax          = 1 << 20
 	inlineWriteTimeout = 50 * time.Millisecond
@@ -1232,7 +1234,7 @@ func (c *expertConn) trySend(a *attempt) bool {
 	}
 	defer c.tx.Unlock()
 	st := c.st
-	if st == nil || !st.quiet(len(a.rows)*c.r.rowBytes()) {
+	if st == nil || c.flushing.Load() || !st.quiet(len(a.rows)*c.r.rowBytes()) {
 		return false
 	}
 	c.mu.Lock()
@@ -1275,6 +1277,11 @@ func (c *expertConn) run() {
 	defer c.shutdown()
 	ctx := c.r.ctx
 	for {
+		if c.flushing.Load() {
+			c.tx.Lock()
+			c.flush()
+			c.tx.Unlock()
+		}
 		a := c.next()
 		if a == nil {
 			select {
@@ -1302,6 +1309,7 @@ func (c *expertConn) run() {
 func (c *expertConn) sendQueued(a *attempt) time.Duration {
 	c.tx.Lock()
 	defer c.tx.Unlock()
+	c.flush()
 	if c.st != nil && c.st.failed() {
 		c.dropStream()
 	}
@@ -1399,6 +1407,7 @@ func (c *expertConn) closeConn() {
 // attempt redials after the backoff (trying the data plane again, should
 // the node have been upgraded or its refusal have been a blip).
 func (c *expertConn) dropStream() {
+	c.flushing.Store(false)
 	c.st.cancel()
 	<-c.st.recvDone
 	c.st = nil
@@ -1487,19 +1496,48 @@ func (c *expertConn) send(a *attempt, inline bool) {
 	a.state = sent
 	a.mu.Unlock()
 	if st.dp != nil {
-		// A write blocks only while the socket's buffers are full: a
-		// frozen or stalled peer. An inline send (under the engine's
-		// compute lock) gives up after inlineWriteTimeout, a queued one
-		// after the dispatch timeout; either way the stream fails (part
-		// of a frame may have left) and its requests are retried.
-		limit := c.r.timeout
+		// A write blocks only while the socket's buffers are full: the
+		// peer is busy or frozen. An inline send (under the engine's
+		// compute lock) waits at most inlineWriteTimeout and leaves the
+		// rest of its frame to the connection's goroutine (flush); every
+		// write gives up after the dispatch timeout, failing the stream
+		// with errPeerStalled.
+		st.dp.SetWriteTimeout(c.r.timeout)
 		if inline {
-			limit = inlineWriteTimeout
+			done, err := st.dp.TrySendMsg(msg, inlineWriteTimeout)
+			if err != nil {
+				st.fail(err)
+			} else if !done {
+				c.flushing.Store(true)
+				c.poke()
+			}
+			return
 		}
-		st.dp.SetWriteTimeout(limit)
 	}
 	if err := st.stream.SendMsg(msg); err != nil {
 		st.fail(err)
+	}
+}
+
+// flush writes the rest of a frame an inline send left (TrySendMsg), on
+// the connection's goroutine; c.tx is held.
+func (c *expertConn) flush() {
+	if !c.flushing.Load() {
+		return
+	}
+	c.flushing.Store(false)
+	if c.st != nil && c.st.dp != nil {
+		if err := c.st.dp.Flush(); err != nil {
+			c.st.fail(err)
+		}
+	}
+}
+
+// poke wakes the connection's goroutine.
+func (c *expertConn) poke() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -1542,7 +1580,8 @@ func (st *dispatchStream) failed() bool {
 // byte sent was read; the peer's receiving worker waits for more) and
 // the message is at most inlineMax, or when what is unanswered and the
 // message total less than writeQuota (far below any TCP buffer). A
-// frozen peer could still block it; inlineWriteTimeout bounds that.
+// busy or frozen peer could still block it; inlineWriteTimeout bounds
+// that.
 func (st *dispatchStream) quiet(size int) bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()

@@ -51,6 +51,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -140,6 +141,9 @@ type Conn struct {
 	// wto bounds each write (SetWriteTimeout).
 	wbuf []byte
 	wto  time.Duration
+	// pend is the unwritten rest of a frame TrySendMsg gave up on; Flush
+	// (or the next SendMsg) writes it first.
+	pend []byte
 }
 
 func newConn(c net.Conn) *Conn {
@@ -192,9 +196,59 @@ func (c *Conn) SetWriteTimeout(d time.Duration) { c.wto = d }
 // only read during the call. A failed write closes the connection (part
 // of a frame may have left).
 func (c *Conn) SendMsg(m any) error {
+	if err := c.Flush(); err != nil {
+		return err
+	}
+	if err := c.frame(m); err != nil {
+		return err
+	}
+	return c.write(c.wbuf)
+}
+
+// TrySendMsg is SendMsg with its write bounded by d instead of
+// SetWriteTimeout's bound: when the socket's buffers are full for d (the
+// peer is slow to read, or stopped), it keeps the frame's unwritten rest
+// and returns false; the caller must then Flush before anything else is
+// sent, typically from another goroutine, since Flush waits for the peer.
+// m may be changed once it returns, written or not.
+func (c *Conn) TrySendMsg(m any, d time.Duration) (bool, error) {
+	if err := c.Flush(); err != nil {
+		return false, err
+	}
+	if err := c.frame(m); err != nil {
+		return false, err
+	}
+	c.c.SetWriteDeadline(time.Now().Add(d))
+	n, err := c.c.Write(c.wbuf)
+	if err == nil {
+		return true, nil
+	}
+	if c.closed.Load() {
+		return false, c.closedErr()
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		c.pend = c.wbuf[n:]
+		return false, nil
+	}
+	return false, c.fail(fmt.Errorf("dataplane: write: %w", err))
+}
+
+// Flush writes what TrySendMsg left unwritten, bounded by
+// SetWriteTimeout's bound; nothing if it left nothing.
+func (c *Conn) Flush() error {
 	if c.closed.Load() {
 		return c.closedErr()
 	}
+	if len(c.pend) == 0 {
+		return nil
+	}
+	p := c.pend
+	c.pend = nil
+	return c.write(p)
+}
+
+// frame marshals m behind a frame header into wbuf.
+func (c *Conn) frame(m any) error {
 	c.wbuf = append(c.wbuf[:0], 0, 0, 0, 0, 0)
 	var err error
 	if c.wbuf, err = wire.AppendMessage(c.wbuf, m); err != nil {
@@ -206,7 +260,7 @@ func (c *Conn) SendMsg(m any) error {
 	}
 	c.wbuf[0] = kindMessage
 	binary.LittleEndian.PutUint32(c.wbuf[1:], uint32(n))
-	return c.write(c.wbuf)
+	return nil
 }
 
 func (c *Conn) write(b []byte) error {

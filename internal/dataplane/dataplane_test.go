@@ -579,3 +579,68 @@ func BenchmarkRecv32Rows(b *testing.B) {
 		})
 	}
 }
+
+// TestTrySendMsg: a message larger than the socket buffers, to a peer
+// that reads only later, is left partly written by TrySendMsg (false,
+// no error, within its bound); Flush then writes the rest once the peer
+// reads, and the peer receives the message whole, then the next one.
+func TestTrySendMsg(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	read := make(chan struct{})
+	got := make(chan error, 1)
+	const rows, cols = 2048, 2048 // 16 MiB
+	x := make([]float32, rows*cols)
+	for i := range x {
+		x[i] = float32(i)
+	}
+	sel := make([]int32, rows)
+	for i := range sel {
+		sel[i] = int32(i)
+	}
+	s := NewServer(func(c *Conn) error {
+		<-read
+		var m meshpb.DispatchRequest
+		for id := range uint64(2) {
+			if err := c.RecvMsg(&m); err != nil {
+				got <- err
+				return nil
+			}
+			v, ok, err := wire.ViewF32(m.Hidden)
+			if !ok || err != nil || m.Id != id || len(v) != len(x) || v[len(v)-1] != x[len(x)-1] {
+				got <- fmt.Errorf("message %d arrived damaged (id %d)", id, m.Id)
+				return nil
+			}
+		}
+		got <- nil
+		return nil
+	})
+	go s.Serve(lis)
+	defer s.Close()
+	c, err := Dial(testCtx(t), lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := &meshpb.DispatchRequest{Id: 0, K: 1}
+	start := time.Now()
+	done, err := c.TrySendMsg(&wire.OutRequest{Req: req, Dtype: meshpb.DType_DTYPE_F32, X: x, Rows: sel, Cols: cols}, 20*time.Millisecond)
+	if err != nil || done {
+		t.Fatalf("TrySendMsg of 16 MiB to a peer not reading: %v, %v after %v; want false, nil", done, err, time.Since(start))
+	}
+	close(read)
+	c.SetWriteTimeout(20 * time.Second)
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	req.Id = 1
+	if err := c.SendMsg(&wire.OutRequest{Req: req, Dtype: meshpb.DType_DTYPE_F32, X: x, Rows: sel, Cols: cols}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+}
