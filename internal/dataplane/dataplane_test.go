@@ -40,8 +40,9 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// echoServer answers every request with a response carrying its id and
-// its hidden rows as the partial rows, on a loopback listener.
+// echoServer serves handle on a loopback listener until the test ends;
+// a nil handle answers every request with a response carrying its id and
+// its hidden rows as the partial rows.
 func echoServer(t *testing.T, handle func(*Conn) error) (string, *Server) {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -122,16 +123,11 @@ func TestRoundTrip(t *testing.T) {
 // aligned, at an aligned address; a request stays intact while the other
 // buffer receives the next.
 func TestRecvMsgInto(t *testing.T) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lis.Close()
 	const cols = 64
 	sizes := []int{1, 300, 8, 32, 1, 1000}
 	want := make([]*meshpb.DispatchRequest, len(sizes))
 	got := make(chan error, 1)
-	s := NewServer(func(c *Conn) error {
+	addr, _ := echoServer(t, func(c *Conn) error {
 		var bufs [2][]byte
 		var reqs [2]meshpb.DispatchRequest
 		for i := range sizes {
@@ -157,9 +153,7 @@ func TestRecvMsgInto(t *testing.T) {
 		got <- nil
 		return nil
 	})
-	go s.Serve(lis)
-	defer s.Close()
-	c, err := Dial(testCtx(t), lis.Addr().String())
+	c, err := Dial(testCtx(t), addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -488,23 +482,16 @@ func (c *readerConn) Close() error                { return nil }
 // closes the connection, and a receive blocked meanwhile returns that
 // cause (not merely "closed").
 func TestWriteTimeout(t *testing.T) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lis.Close()
 	release := make(chan struct{})
 	defer close(release)
-	s := NewServer(func(c *Conn) error {
+	addr, _ := echoServer(t, func(c *Conn) error {
 		select { // never reads
 		case <-release:
 		case <-c.Context().Done():
 		}
 		return nil
 	})
-	go s.Serve(lis)
-	defer s.Close()
-	c, err := Dial(testCtx(t), lis.Addr().String())
+	c, err := Dial(testCtx(t), addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -585,11 +572,6 @@ func BenchmarkRecv32Rows(b *testing.B) {
 // no error, within its bound); Flush then writes the rest once the peer
 // reads, and the peer receives the message whole, then the next one.
 func TestTrySendMsg(t *testing.T) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lis.Close()
 	read := make(chan struct{})
 	got := make(chan error, 1)
 	const rows, cols = 2048, 2048 // 16 MiB
@@ -601,7 +583,7 @@ func TestTrySendMsg(t *testing.T) {
 	for i := range sel {
 		sel[i] = int32(i)
 	}
-	s := NewServer(func(c *Conn) error {
+	addr, _ := echoServer(t, func(c *Conn) error {
 		<-read
 		var m meshpb.DispatchRequest
 		for id := range uint64(2) {
@@ -618,9 +600,7 @@ func TestTrySendMsg(t *testing.T) {
 		got <- nil
 		return nil
 	})
-	go s.Serve(lis)
-	defer s.Close()
-	c, err := Dial(testCtx(t), lis.Addr().String())
+	c, err := Dial(testCtx(t), addr)
 	if err != nil {
 		t.Fatal(err)
 	}
