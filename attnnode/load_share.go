@@ -1,7 +1,9 @@
 package attnnode
 
 import (
+	"slices"
 	"sync"
+	"time"
 
 	"github.com/expertmesh/expertmesh/placement"
 )
@@ -150,4 +152,94 @@ func (s *shareState) choose(l, e int, cands []candidate) int {
 		credit[r] = min(max(v, -creditBound), creditBound)
 	}
 	return best
+}
+
+// plan assigns every slot in need to a replica: among the usable ones not
+// avoided, those with a healthy connection if there are any, chosen in
+// proportion to the planned shares (see load_share.go: credits, a row's
+// slots kept together where the credits allow, least outstanding work
+// as the correction for a node falling behind). One attempt per node
+// carries each of its rows once.
+func (d *dispatch) plan(now time.Time) {
+	if d.pending == 0 {
+		return
+	}
+	rt := d.rt
+	nodes := len(rt.Table.Nodes())
+	batch := slices.Grow(d.batch[:0], nodes)[:nodes]
+	conns := slices.Grow(d.conns[:0], nodes)[:nodes]
+	load := slices.Grow(d.load[:0], nodes)[:nodes]
+	clear(batch)
+	clear(conns)
+	clear(load)
+	order := d.order[:0]
+	cands := d.cands[:0]
+	defer func() {
+		clear(batch)
+		clear(conns)
+		clear(order)
+		d.batch, d.conns, d.load, d.order, d.cands = batch, conns, load, order[:0], cands[:0]
+	}()
+	d.r.choice.mu.Lock()
+	shares := d.r.choice.forTableLocked(rt.Table)
+	for i := range d.n {
+		for s := range d.k {
+			id := d.need[i*d.k+s]
+			if id < 0 {
+				continue
+			}
+			rs := rt.Table.Replicas(d.layer, int(id))
+			cands = cands[:0]
+			up := false
+			for r, ri16 := range rs {
+				ri := int(ri16)
+				addr := rt.Addrs[ri]
+				if !d.usable[ri] || d.avoid[addr] {
+					continue
+				}
+				if conns[ri] == nil {
+					if conns[ri] = d.r.conn(addr); conns[ri] == nil {
+						continue // closing
+					}
+					load[ri] = conns[ri].outstanding.Load()
+				}
+				b := batch[ri]
+				there := b != nil && b.rows[len(b.rows)-1] == int32(i)
+				down := conns[ri].down.Load()
+				up = up || !down
+				cands = append(cands, candidate{r: r, load: load[ri], there: there, fallback: down})
+			}
+			if up {
+				cands = slices.DeleteFunc(cands, func(c candidate) bool { return c.fallback })
+			}
+			if len(cands) == 0 {
+				continue // stuck
+			}
+			pick := cands[shares.choose(d.layer, int(id), cands)]
+			best, bestThere := int(rs[pick.r]), pick.there
+			b := batch[best]
+			if b == nil {
+				b = d.newAttempt()
+				b.conn, b.addr, b.nodeID, b.version = conns[best], rt.Addrs[best], rt.Table.Nodes()[best], rt.Table.Version
+				batch[best] = b
+				order = append(order, b)
+			}
+			if !bestThere {
+				b.rows = append(b.rows, int32(i))
+				for range d.k {
+					b.ids = append(b.ids, -1)
+					b.w = append(b.w, 0)
+				}
+				load[best]++
+			}
+			j := (len(b.rows)-1)*d.k + s
+			b.ids[j], b.w[j] = id, d.weights[i*d.k+s]
+			d.need[i*d.k+s] = -1
+			d.pending--
+		}
+	}
+	d.r.choice.mu.Unlock()
+	for _, a := range order {
+		d.send(a, now, 1)
+	}
 }
