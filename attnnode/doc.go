@@ -23,10 +23,14 @@
 // 256 rows); a failed one is retried on the same node after a redial with
 // jittered exponential backoff, then on other replicas, then by the next
 // placement Routing; a request in flight to a node that leaves the Routing
-// is abandoned at once. A replicated expert's rows are split over its
-// replicas in the placement's planned shares, least outstanding rows
-// correcting for a node that falls behind (load_share.go); LoadStats
-// counts the tokens routed and served for the load balancer. A step pins the placement version in force when it starts and
-// moves only to a newer one when a failover needs it, reporting the
-// versions in use through placement.View.InUse.
+// is abandoned at once. A replicated expert with few rows in a
+// dispatch (decode) goes whole to the replica that evens out the
+// dispatch's work over the nodes, since its weights stream once per node
+// it reaches; one with many rows (prefill) is split over its replicas in
+// the placement's planned shares, least outstanding rows correcting for
+// a node that falls behind (load_share.go). LoadStats counts the tokens
+// routed and served for the load balancer. A step pins the placement
+// version in force when it starts and moves only to a newer one when a
+// failover needs it, reporting the versions in use through
+// placement.View.InUse.
 package attnnode

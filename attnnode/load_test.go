@@ -1,8 +1,10 @@
 package attnnode
 
 import (
+	"context"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -149,9 +151,10 @@ func TestShareChoiceCredits(t *testing.T) {
 }
 
 // TestReplicaSharesSplitRows: two expert nodes hold every expert, with
-// planned shares 0.5/0.5 and then 0.75/0.25 for every one; real steps
-// through the attention node split each expert's rows accordingly, as
-// the expert nodes count them. The tolerance is the rule's own bound:
+// planned shares 0.5/0.5 and then 0.75/0.25 for every one; with every
+// expert split slot by slot (splitRows 1: as prefill chunks' experts of
+// splitRows rows or more are), real steps through the attention node
+// split each expert's rows accordingly, as the expert nodes count them. The tolerance is the rule's own bound:
 // with two replicas a credit stays within ±1, so each expert's rows are
 // within one row of their share (nothing in this test fails or falls
 // behind, so no correction steps in). Summed over the 128 (layer,
@@ -173,6 +176,7 @@ func TestReplicaSharesSplitRows(t *testing.T) {
 				}
 			}
 			node := remoteNode(t, dir, newTestView(rt), 5*time.Second, 30*time.Second)
+			node.remote.choice.splitRows = 1
 			many := make([][]int, 12)
 			for i := range many {
 				many[i] = []int{1 + i, 20 + 3*i, 7, 100 + i, 3 * i, 40 + i}
@@ -215,4 +219,109 @@ func sum(xs []uint64) uint64 {
 		s += x
 	}
 	return s
+}
+
+// TestChooseWholeTakesTurnsInShares: replicas with equal work take an
+// expert whole in turns that follow the planned shares (credits charged
+// by rows); less work wins over credit.
+func TestChooseWholeTakesTurnsInShares(t *testing.T) {
+	tab := placement.NewTable(loadShape, 1)
+	for _, id := range []string{"a", "b"} {
+		if err := tab.Add(1, 0, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tab.SetShares(1, 0, []float64{3, 1}); err != nil {
+		t.Fatal(err)
+	}
+	var c shareChoice
+	st := c.forTableLocked(tab)
+	cands := []candidate{{r: 0}, {r: 1}}
+	even := []int64{7, 7}
+	got := make([]int, 2)
+	for n := 1; n <= 400; n++ {
+		got[cands[st.chooseWhole(1, 0, cands, 1, even)].r]++
+		if d := 0.75*float64(n) - float64(got[0]); d < -1-1e-9 || d > 1+1e-9 {
+			t.Fatalf("after %d dispatches of 1 row: %v, a off its share by %.2f", n, got, d)
+		}
+	}
+	// b has less work: it takes the expert whatever the credits say.
+	for range 5 {
+		if i := st.chooseWhole(1, 0, cands, 3, []int64{7, 6}); cands[i].r != 1 {
+			t.Fatalf("chose replica %d, want b with less work", cands[i].r)
+		}
+	}
+}
+
+// TestWholeExpertsBalanceDispatch: three expert nodes hold every expert;
+// every dispatch of real steps sends each expert with fewer than
+// splitRows rows whole to one node, evens the nodes' work out to within
+// one expert (with one micro-batch nothing else is outstanding when a
+// dispatch plans, so longest-first greedy leaves the busiest node at
+// most its last expert above the least busy), and splits experts with
+// more rows; the outputs are the single-process engine's.
+func TestWholeExpertsBalanceDispatch(t *testing.T) {
+	dir := genTiny(t, "tiny-v2-lite")
+	a, b, c := startExpert(t, dir, "a", nil), startExpert(t, dir, "b", nil), startExpert(t, dir, "c", nil)
+	cfg := DefaultConfig()
+	cfg.ModelDir, cfg.Threads, cfg.CacheBytes, cfg.Placement = dir, 1, 8<<20, newTestView(routing(t, dir, 1, a, b, c))
+	cfg.ListenAddr, cfg.MicroBatches = "", 1
+	node, err := Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer node.Close()
+	const split = 4
+	node.remote.choice.splitRows = split
+	var dispatches, wholeExperts, splitExperts, splitAcross int
+	node.remote.choice.observe = func(layer int, ids, dest []int32) {
+		dispatches++
+		nodesOf := map[int32][]int32{}
+		rowsOf := map[int32]int64{}
+		for slot, n := range dest {
+			if n < 0 {
+				continue
+			}
+			id := ids[slot]
+			rowsOf[id]++
+			if !slices.Contains(nodesOf[id], n) {
+				nodesOf[id] = append(nodesOf[id], n)
+			}
+		}
+		work := make([]int64, 3)
+		largest := int64(0)
+		for id, on := range nodesOf {
+			rows := rowsOf[id]
+			if rows >= split {
+				splitExperts++
+				if len(on) > 1 {
+					splitAcross++
+				}
+				continue
+			}
+			wholeExperts++
+			if len(on) != 1 {
+				t.Errorf("layer %d expert %d (%d rows) went to nodes %v, want one", layer, id, rows, on)
+				continue
+			}
+			work[on[0]] += expertRowCost + rows
+			largest = max(largest, expertRowCost+rows)
+		}
+		if slices.Max(work)-slices.Min(work) > largest {
+			t.Errorf("layer %d: whole experts' work per node %v, spread above the largest expert's %d", layer, work, largest)
+		}
+	}
+	many := make([][]int, 12)
+	for i := range many {
+		many[i] = []int{1 + i, 20 + 3*i, 7, 100 + i, 3 * i, 40 + i}
+	}
+	const maxTokens = 6
+	var tokens [][]int
+	var lps, echo [][]float64
+	bounded(t, 2*time.Minute, "drive", func() { tokens, lps, echo = drive(t, node, many, maxTokens, 4) })
+	checkPromptsAgainstReference(t, dir, many, tokens, lps, echo, maxTokens)
+	t.Logf("%d dispatches: %d whole experts, %d split (%d of them over more than one node)", dispatches, wholeExperts, splitExperts, splitAcross)
+	if wholeExperts == 0 || splitAcross == 0 {
+		t.Fatalf("%d whole experts, %d split over nodes: the test did not exercise both rules", wholeExperts, splitAcross)
+	}
 }

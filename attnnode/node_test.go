@@ -139,7 +139,14 @@ var prompts = [][]int{
 
 func checkAgainstReference(t *testing.T, dir string, tokens [][]int, lps, echo [][]float64, maxTokens int) {
 	t.Helper()
-	for i, p := range prompts {
+	checkPromptsAgainstReference(t, dir, prompts, tokens, lps, echo, maxTokens)
+}
+
+// checkPromptsAgainstReference is checkAgainstReference for the outputs
+// of ps.
+func checkPromptsAgainstReference(t *testing.T, dir string, ps [][]int, tokens [][]int, lps, echo [][]float64, maxTokens int) {
+	t.Helper()
+	for i, p := range ps {
 		ref := reference(t, dir, p, maxTokens)
 		for j := range ref.Tokens {
 			if tokens[i][j] != ref.Tokens[j] {

@@ -133,7 +133,9 @@
 // that cuts the imbalance by --rebalance-margin (2%). Imbalance is
 // placement.Imbalance's (see LoadStatus). The planner (placement.Plan)
 // weighs the balance a move buys against the expert bytes it loads, and
-// sets planned shares per replica that attention nodes follow. A
+// sets planned shares per replica that attention nodes follow when a
+// dispatch splits an expert's rows (one with few rows goes whole to the
+// replica that evens out the dispatch: see package attnnode). A
 // rebalance is an ordinary version switch, make-before-break: serving
 // goes on by the old version until every node has loaded the new one.
 // The controller logs and exports (Controller.Collectors) every switch:

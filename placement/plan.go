@@ -86,7 +86,9 @@ const countSlack = 8
 // of its expert's load; once the layout is final, each replicated
 // expert's tokens are split over its replicas in planned shares, unequal
 // where that evens the nodes out (see splitShares; the table carries
-// them, Share reads them, attention nodes follow them). Shares cost no
+// them, Share reads them, attention nodes split an expert's rows by them
+// where a dispatch has many, and send an expert with few whole to the
+// replica that evens out that dispatch). Shares cost no
 // migration: they change where rows go, not what any node holds. Where a
 // layer's layout did not change, its stored shares stay unless new ones
 // balance better.
