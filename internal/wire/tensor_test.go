@@ -355,3 +355,60 @@ func TestViewF32(t *testing.T) {
 		t.Error("viewed BF16 data")
 	}
 }
+
+// TestNonFiniteFloat holds the SIMD finiteness scan (a dot product with
+// zeros) to the element-wise one under every kernel level this machine
+// has: lengths around the vector widths and the 1024-value blocks, each
+// special value (±Inf, NaNs; the largest finite values, the smallest
+// subnormal and -0 must pass) at the edges and at random places, alone
+// and after an earlier one.
+func TestNonFiniteFloat(t *testing.T) {
+	defer kernels.SetISA(kernels.BestISA())
+	specials := []uint32{0x7f800000, 0xff800000, 0x7fc00000, 0x7f800001, 0xffffffff, 0x7f7fffff, 0xff7fffff, 0x00000001, 0x80000000}
+	rng := rand.New(rand.NewPCG(5, 6))
+	var lengths []int
+	for n := range 70 {
+		lengths = append(lengths, n)
+	}
+	lengths = append(lengths, 1023, 1024, 1025, 1040, 2047, 2048, 2049, 3001)
+	for isa := kernels.ISAGeneric; isa <= kernels.BestISA(); isa++ {
+		if err := kernels.SetISA(isa); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range lengths {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = math.Float32frombits(rng.Uint32() &^ 0x40000000) // exponent below all ones
+			}
+			if got := firstNonFiniteFloat(x); got != -1 {
+				t.Fatalf("%v n=%d finite: got %d", isa, n, got)
+			}
+			positions := []int{0, n - 1, n / 2, 1023, 1024, 15, 16, 63, 64}
+			for range 4 {
+				positions = append(positions, rng.IntN(max(n, 1)))
+			}
+			for _, pos := range positions {
+				if pos < 0 || pos >= n {
+					continue
+				}
+				for _, sp := range specials {
+					old := x[pos]
+					x[pos] = math.Float32frombits(sp)
+					b := unsafe.Slice((*byte)(unsafe.Pointer(&x[0])), 4*n)
+					if got, want := firstNonFiniteFloat(x), firstNonFiniteF32Plain(b); got != want {
+						t.Fatalf("%v n=%d %#x at %d: got %d, want %d", isa, n, sp, pos, got, want)
+					}
+					if later := n - 1; later > pos {
+						o2 := x[later]
+						x[later] = float32(math.NaN())
+						if got, want := firstNonFiniteFloat(x), firstNonFiniteF32Plain(b); got != want {
+							t.Fatalf("%v n=%d %#x at %d, NaN at %d: got %d, want %d", isa, n, sp, pos, later, got, want)
+						}
+						x[later] = o2
+					}
+					x[pos] = old
+				}
+			}
+		}
+	}
+}
