@@ -8,11 +8,13 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"google.golang.org/grpc"
 
@@ -38,6 +40,7 @@ const (
 	stall     = iota // never reads a request
 	halfFrame        // reads a request, writes part of a reply frame, closes
 	corrupt          // reads a request, answers with a frame that does not decode
+	nonFinite        // answers every request with a well-formed reply (aligned F32 rows, viewed in place) holding a NaN
 )
 
 func startBadExpert(t *testing.T, how int) *badExpert {
@@ -70,6 +73,29 @@ func startBadExpert(t *testing.T, how int) *badExpert {
 		if how == stall {
 			<-release
 			return
+		}
+		if how == nonFinite {
+			var frame []byte
+			var req meshpb.DispatchRequest
+			for {
+				head := make([]byte, 5)
+				if _, err := io.ReadFull(nc, head); err != nil {
+					return
+				}
+				b := make([]byte, binary.LittleEndian.Uint32(head[1:]))
+				if _, err := io.ReadFull(nc, b); err != nil || wire.UnmarshalRequest(b, &req) != nil {
+					return
+				}
+				e.reqs.Add(1)
+				var x []float32
+				frame, x = dataplane.ReplyFrame(frame, req.Id, int(req.Hidden.Shape[0]), int(req.Hidden.Shape[1]))
+				x[len(x)/2] = float32(math.NaN())
+				frame[0] = 1
+				binary.LittleEndian.PutUint32(frame[1:], uint32(len(frame)-5))
+				if _, err := nc.Write(frame); err != nil {
+					return
+				}
+			}
 		}
 		head := make([]byte, 5)
 		if _, err := io.ReadFull(nc, head); err != nil {
@@ -140,8 +166,10 @@ func closeTo(got, want []float32) bool {
 }
 
 // TestBadPeerFailsOver: a data-plane peer that handshakes and then never
-// reads (frozen from the start), cuts a reply short, or answers with a
-// frame that does not decode never blocks the dispatching goroutine
+// reads (frozen from the start), cuts a reply short, answers with a
+// frame that does not decode, or answers with a NaN among rows the
+// receiver views in place (checked there: refused as any bad reply)
+// never blocks the dispatching goroutine
 // (StartRoutedExperts, which runs under the engine's compute lock): its
 // rows are served by the other replica, the frozen one's after one
 // dispatch timeout (its request's deadline, as on gRPC), the others'
@@ -166,7 +194,8 @@ func TestBadPeerFailsOver(t *testing.T) {
 		name    string
 		how     int
 		timeout time.Duration
-	}{{"stalled", stall, time.Second}, {"half frame", halfFrame, 20 * time.Second}, {"corrupt frame", corrupt, 20 * time.Second}} {
+	}{{"stalled", stall, time.Second}, {"half frame", halfFrame, 20 * time.Second}, {"corrupt frame", corrupt, 20 * time.Second},
+		{"non-finite rows", nonFinite, 20 * time.Second}} {
 		t.Run(tc.name, func(t *testing.T) {
 			timeout := tc.timeout
 			bad := startBadExpert(t, tc.how)
@@ -409,6 +438,54 @@ func TestTransportsAgree(t *testing.T) {
 	for _, n := range nodes {
 		if n.Held().Len() == 0 {
 			t.Error("some expert node holds nothing")
+		}
+	}
+}
+
+// TestRepliesViewedInPlace: over the data plane, F32 replies' rows are
+// used where they arrived (each attempt keeps the buffer its reply was
+// read into, and its part views it), BF16 ones are widened into the
+// attempt's own buffer; either way the sums are bit for bit those of
+// gRPC, whose replies are always decoded into the attempt's buffer.
+func TestRepliesViewedInPlace(t *testing.T) {
+	dir := genWide(t)
+	c, err := model.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table, _ := startExperts(t, dir, 1)
+	for _, dt := range []meshpb.DType{meshpb.DType_DTYPE_F32, meshpb.DType_DTYPE_BF16} {
+		for _, rows := range []int{1, 8, 33} {
+			var outs [2][]float32
+			for i, tr := range []Transport{TransportTCP, TransportGRPC} {
+				r := NewRemoteExperts(placement.NewStatic(table), c.HiddenSize, RemoteConfig{Wire: dt, Transport: tr})
+				b := newRoutedBatch(t, c, table, rows)
+				for range 3 {
+					b.dispatch(t, context.Background(), r)
+				}
+				outs[i] = slices.Clone(b.out)
+				r.free.Lock()
+				var attempts []*attempt
+				for _, d := range r.free.list {
+					attempts = append(attempts, d.spare...)
+				}
+				r.free.Unlock()
+				if len(attempts) == 0 {
+					t.Fatal("no attempt to inspect")
+				}
+				for _, a := range attempts {
+					inFrame := len(a.frame) > 0 && len(a.part) > 0 &&
+						uintptr(unsafe.Pointer(&a.part[0])) >= uintptr(unsafe.Pointer(&a.frame[0])) &&
+						uintptr(unsafe.Pointer(&a.part[len(a.part)-1])) < uintptr(unsafe.Pointer(&a.frame[0]))+uintptr(len(a.frame))
+					if want := tr == TransportTCP && dt == meshpb.DType_DTYPE_F32; inFrame != want {
+						t.Errorf("%v %v rows=%d: partial rows viewed in the reply's buffer: %v, want %v", tr, dt, rows, inFrame, want)
+					}
+				}
+				r.Close()
+			}
+			if !slices.Equal(outs[0], outs[1]) {
+				t.Errorf("%v rows=%d: sums over tcp differ from gRPC's", dt, rows)
+			}
 		}
 	}
 }

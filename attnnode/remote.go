@@ -932,8 +932,13 @@ type attempt struct {
 	state int
 	code  int32     // the reply's code (0: OK)
 	msg   string    // the reply's message
-	part  []float32 // decoded partial rows, grown and reused
+	part  []float32 // the partial rows: a view of frame's, or partBuf
 	err   error
+	// partBuf holds decoded partial rows, grown and reused; frame the
+	// bytes of a data-plane reply whose F32 rows part views in place
+	// (swapped with the receiving stream's buffer, see decode).
+	partBuf []float32
+	frame   []byte
 }
 
 // reset clears a completed attempt for reuse, keeping its buffers.
@@ -972,8 +977,9 @@ func (a *attempt) complete(err error) {
 // reply records a's reply, decoding its partial rows into a.part straight
 // from the receiver's reused message (which the caller may overwrite as
 // soon as this returns), and hands it to its dispatch, unless the
-// dispatch gave up on it.
-func (a *attempt) reply(resp *meshpb.DispatchResponse, h int) {
+// dispatch gave up on it. frame, when not nil, is the buffer the
+// message's bytes are in, which a may take (see decode).
+func (a *attempt) reply(resp *meshpb.DispatchResponse, h int, frame *[]byte) {
 	a.mu.Lock()
 	if a.state == answered || a.state == abandoned {
 		a.mu.Unlock()
@@ -982,19 +988,35 @@ func (a *attempt) reply(resp *meshpb.DispatchResponse, h int) {
 	a.state, a.code, a.msg, a.err = answered, resp.Code, resp.Message, nil
 	a.d.r.computeUS.Add(resp.ComputeUs)
 	if resp.Code == 0 {
-		a.err = a.decode(resp.Partial, h)
+		a.err = a.decode(resp.Partial, h, frame)
 	}
 	a.mu.Unlock()
 	a.d.notify(a)
 }
 
-// decode checks and decodes the partial rows (F32 or BF16) into a.part.
-func (a *attempt) decode(t *meshpb.Tensor, h int) error {
+// decode checks the partial rows (F32 or BF16) and decodes them into
+// a.partBuf, or, when they are F32 in *frame (a data-plane reply, the
+// rows aligned in it), takes the frame in exchange for a's own: a.part
+// views the rows where they arrived and the stream receives its next
+// reply into the buffer a had (no copy; the same set of buffers goes
+// round).
+func (a *attempt) decode(t *meshpb.Tensor, h int, frame *[]byte) error {
 	rows, err := wire.CheckMatrix(t, h, len(a.rows))
 	if err != nil || rows != len(a.rows) {
 		return status.Errorf(codes.Internal, "expert node %s: bad partial: %v (rows %d, want %d)", a.addr, err, rows, len(a.rows))
 	}
-	a.part = slices.Grow(a.part[:0], rows*h)[:rows*h]
+	if frame != nil {
+		if x, ok, err := wire.ViewF32(t); ok {
+			if err != nil {
+				return status.Errorf(codes.Internal, "expert node %s: %v", a.addr, err)
+			}
+			a.part = x[:rows*h]
+			a.frame, *frame = *frame, a.frame
+			return nil
+		}
+	}
+	a.partBuf = slices.Grow(a.partBuf[:0], rows*h)[:rows*h]
+	a.part = a.partBuf
 	if err := wire.Decode(a.part, t); err != nil {
 		return status.Errorf(codes.Internal, "expert node %s: %v", a.addr, err)
 	}
@@ -1094,9 +1116,12 @@ type dispatchStream struct {
 	}
 
 	// Owned by receive: the reply every message is decoded into in place
-	// (wire.Codec), and its tensor, kept across replies that carry none.
+	// (wire.Codec), and its tensor, kept across replies that carry none;
+	// on the data plane, the buffer the next reply's bytes go into
+	// (dataplane.Conn.RecvMsgInto; see attempt.decode).
 	resp    meshpb.DispatchResponse
 	partial *meshpb.Tensor
+	buf     []byte
 }
 
 // enqueue sends a on the caller's goroutine if that cannot block
@@ -1514,8 +1539,17 @@ func (st *dispatchStream) receive() {
 			resp.Partial = st.partial
 		}
 		// RecvMsg into the stream's one message (Recv would allocate a
-		// new one per reply): wire.Codec decodes it in place.
-		if err := st.stream.RecvMsg(resp); err != nil {
+		// new one per reply): wire.Codec decodes it in place. The data
+		// plane reads each reply into a buffer the attempt may keep.
+		var err error
+		var frame *[]byte
+		if st.dp != nil {
+			frame = &st.buf
+			err = st.dp.RecvMsgInto(frame, resp)
+		} else {
+			err = st.stream.RecvMsg(resp)
+		}
+		if err != nil {
 			st.fail(err)
 			return
 		}
@@ -1532,7 +1566,7 @@ func (st *dispatchStream) receive() {
 		st.c.down.Store(false) // it answers
 		if a != nil {
 			st.c.outstanding.Add(-int64(len(a.rows)))
-			a.reply(resp, st.c.r.hidden)
+			a.reply(resp, st.c.r.hidden, frame)
 		}
 	}
 }

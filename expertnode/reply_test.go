@@ -8,10 +8,12 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/expertmesh/expertmesh/internal/dataplane"
 	"github.com/expertmesh/expertmesh/internal/wire"
 	meshpb "github.com/expertmesh/expertmesh/proto"
 )
@@ -36,7 +38,7 @@ func TestReplyOut(t *testing.T) {
 		}
 		j := node.prepare(new(job), req)
 		if j.code == 0 {
-			node.run(context.Background(), j)
+			node.run(context.Background(), j, false)
 		}
 		decode := func(v any) *meshpb.DispatchResponse {
 			bs, err := wire.Codec{}.Marshal(v)
@@ -57,6 +59,37 @@ func TestReplyOut(t *testing.T) {
 		}
 		if (want.Partial == nil) != c.bad {
 			t.Errorf("%v rows=%d bad=%v: partial %v, code %d", c.dt, c.rows, c.bad, want.Partial != nil, want.Code)
+		}
+
+		// Computed in place, on a stream that sends frames: F32 rows go
+		// into the reply's frame, 64-byte aligned, and the frame decodes
+		// to the same reply (but for its compute time); other replies
+		// take replyOut's path.
+		j2 := node.prepare(new(job), req)
+		if j2.code == 0 {
+			node.run(context.Background(), j2, true)
+		}
+		if inFrame := c.dt == meshpb.DType_DTYPE_F32 && !c.bad; j2.inFrame != inFrame {
+			t.Fatalf("%v rows=%d bad=%v: computed in the frame %v, want %v", c.dt, c.rows, c.bad, j2.inFrame, inFrame)
+		}
+		if !j2.inFrame {
+			continue
+		}
+		if a := uintptr(unsafe.Pointer(&j2.out[0])); a%wire.RowAlign != 0 {
+			t.Errorf("%v rows=%d: rows at %#x", c.dt, c.rows, a)
+		}
+		frame := node.replyFrame(j2)
+		inPlace := new(meshpb.DispatchResponse)
+		if err := proto.Unmarshal(frame[dataplane.HeaderSize:], inPlace); err != nil {
+			t.Fatal(err)
+		}
+		inPlace.ProtoReflect().SetUnknown(nil) // the alignment padding
+		if inPlace.ComputeUs != uint64(j2.compute.Microseconds()) {
+			t.Errorf("rows=%d: compute_us %d, want %d", c.rows, inPlace.ComputeUs, j2.compute.Microseconds())
+		}
+		inPlace.ComputeUs, want.ComputeUs = 0, 0
+		if !proto.Equal(inPlace, want) {
+			t.Errorf("rows=%d: the frame decodes to %v, reply to %v", c.rows, inPlace, want)
 		}
 	}
 }

@@ -57,7 +57,8 @@ type job struct {
 	trace   map[string]string
 	x       []float32 // the rows: a view of req's F32 bytes, or xbuf
 	xbuf    []float32 // decoded rows of other dtypes
-	out     []float32
+	out     []float32 // the partial sums: outBuf, or the rows of sendBuf
+	outBuf  []float32
 	partial meshpb.DType // the reply's dtype (F32 or BF16)
 	code    codes.Code
 	msg     string
@@ -72,6 +73,11 @@ type job struct {
 	tensor meshpb.Tensor    // reply's
 	shape  [2]int64         // reply's
 	data   []byte           // reply's
+	// On the data plane, a reply with F32 rows is computed straight into
+	// the frame that sends it (dataplane.ReplyFrame): sendBuf is that
+	// frame, and inFrame says out is its rows.
+	sendBuf []byte
+	inFrame bool
 }
 
 // dispatchStream is what serving a Dispatch stream needs of its
@@ -221,7 +227,8 @@ func (p *pipe) work() {
 			continue
 		}
 		if j.code == codes.OK {
-			p.n.run(p.ctx, j)
+			_, inPlace := p.st.(frameSender)
+			p.n.run(p.ctx, j, inPlace)
 		}
 		p.answer(j)
 		j.ids, j.weights, j.msg, j.trace = nil, nil, "", nil
@@ -233,7 +240,13 @@ func (p *pipe) work() {
 // each worker keeps its own, so a request's rows are computed on where
 // they arrived while the next worker receives.
 type bufferedReceiver interface {
-	RecvMsgInto(buf *[]byte, m *meshpb.DispatchRequest) error
+	RecvMsgInto(buf *[]byte, m any) error
+}
+
+// frameSender is a stream that sends frames its caller laid out
+// (dataplane.Conn.SendFrame): a reply computed in place.
+type frameSender interface {
+	SendFrame(b []byte) error
 }
 
 // receive reads the stream's next request into j.req in place.
@@ -262,13 +275,25 @@ func (p *pipe) sendFailed() bool {
 	return p.send.err != nil
 }
 
-// answer sends j's reply, its rows encoded straight into gRPC's message
-// buffer (replyOut), unless an earlier Send failed.
+// answer sends j's reply, unless an earlier Send failed: the frame its
+// rows were computed in (replyFrame), or its rows encoded straight into
+// the transport's message buffer (replyOut).
 func (p *pipe) answer(j *job) {
-	r := p.n.replyOut(j)
+	var frame []byte
+	var r *wire.OutResponse
+	if j.inFrame && j.code == codes.OK {
+		frame = p.n.replyFrame(j)
+	} else {
+		r = p.n.replyOut(j)
+	}
+	j.inFrame = false
 	p.send.Lock()
 	if p.send.err == nil {
-		p.send.err = p.st.SendMsg(r)
+		if frame != nil {
+			p.send.err = p.st.(frameSender).SendFrame(frame)
+		} else {
+			p.send.err = p.st.SendMsg(r)
+		}
 	}
 	p.send.Unlock()
 	p.answered()
@@ -397,8 +422,10 @@ func (n *Node) firstNotHeld(layer int, ids []int32) (int, int32) {
 	return -1, 0
 }
 
-// run computes a validated job's partial sums under the compute lock.
-func (n *Node) run(ctx context.Context, j *job) {
+// run computes a validated job's partial sums under the compute lock:
+// F32 ones straight into their reply's frame when inPlace (the stream
+// sends frames: replyFrame), others into j's own buffer.
+func (n *Node) run(ctx context.Context, j *job, inPlace bool) {
 	if err := ctx.Err(); err != nil {
 		j.code, j.msg = codes.Canceled, err.Error()
 		return
@@ -422,7 +449,17 @@ func (n *Node) run(ctx context.Context, j *job) {
 			attribute.String("node", n.id))
 	}
 	h := n.mc.HiddenSize
-	j.out = grow(j.out, j.rows*h)
+	j.inFrame = false
+	if inPlace && j.partial == meshpb.DType_DTYPE_F32 {
+		var x []float32
+		if j.sendBuf, x = dataplane.ReplyFrame(j.sendBuf, j.id, j.rows, h); x != nil {
+			j.out, j.inFrame = x, true
+		}
+	}
+	if !j.inFrame {
+		j.outBuf = grow(j.outBuf, j.rows*h)
+		j.out = j.outBuf
+	}
 	queued := time.Now()
 	n.compute.Lock()
 	start := time.Now()
@@ -466,6 +503,14 @@ func (n *Node) replyOut(j *job) *wire.OutResponse {
 		j.outMsg.Rows = j.out[:j.rows*n.mc.HiddenSize]
 	}
 	return &j.outMsg
+}
+
+// replyFrame finishes the frame j's rows were computed in (run) with its
+// compute time, counts the reply, and returns the frame to send.
+func (n *Node) replyFrame(j *job) []byte {
+	n.metrics.requests[codes.OK].Inc()
+	j.sendBuf = wire.AppendComputeUs(j.sendBuf, uint64(j.compute.Microseconds()))
+	return j.sendBuf
 }
 
 // replyHead fills j's response but its partial rows and counts it by code.

@@ -56,6 +56,7 @@ import (
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -247,6 +248,63 @@ func (c *Conn) Flush() error {
 	return c.write(p)
 }
 
+// HeaderSize is the frame header's size: the room SendFrame's frame
+// leaves before the message.
+const HeaderSize = headerSize
+
+// SendFrame sends a message the caller encoded itself (wire.AppendMessage's
+// bytes, or a reply laid out in place with wire.AppendResponseHead) as one
+// frame: b[HeaderSize:] is the message, b[:HeaderSize] room for the frame
+// header, which SendFrame writes there. One write, as SendMsg's (bounded
+// by SetWriteTimeout, closing the connection when it fails), of the
+// caller's buffer: nothing is copied. b is only used during the call.
+func (c *Conn) SendFrame(b []byte) error {
+	if err := c.Flush(); err != nil {
+		return err
+	}
+	if len(b) < headerSize {
+		return status.Errorf(codes.Internal, "dataplane: frame of %d bytes has no room for its header", len(b))
+	}
+	n := len(b) - headerSize
+	if n > c.max {
+		return status.Errorf(codes.ResourceExhausted, "dataplane: message of %d bytes exceeds the maximum of %d", n, c.max)
+	}
+	b[0] = kindMessage
+	binary.LittleEndian.PutUint32(b[1:], uint32(n))
+	return c.write(b)
+}
+
+// ReplyFrame lays out, in buf's memory (reallocated when it is too
+// small), a frame for a DispatchResponse with id, code OK and rows×cols
+// F32 partial rows that the caller writes in place
+// (wire.AppendResponseHead): the rows start 64-byte aligned in memory, for
+// the kernels that compute them, and in the message, for a receiver that
+// views them in place. It returns the frame so far (header room, the
+// message up to the rows, the rows) and the rows; the caller writes
+// them, appends wire.AppendComputeUs to the frame and sends it with
+// SendFrame, which copies nothing. Pass the frame back as the next
+// call's buf to reuse its memory. x is nil when the rows could not be
+// laid out in place (not on a little-endian machine): encode them then.
+func ReplyFrame(buf []byte, id uint64, rows, cols int) (frame []byte, x []float32) {
+	// Alignment slack, the header, the message's fields before the rows
+	// (an id, padding under 64 bytes, the tensor's heads: under 128) and
+	// after them (compute_us: 11).
+	need := headerSize + 128 + 4*rows*cols + 16
+	start := 0
+	for {
+		if cap(buf) > 0 {
+			base := uintptr(unsafe.Pointer(&buf[:1][0]))
+			start = (wire.RowAlign - int((base+headerSize)%wire.RowAlign)) % wire.RowAlign
+		}
+		if cap(buf)-start >= need {
+			break
+		}
+		buf = make([]byte, need+wire.RowAlign)
+	}
+	buf = buf[:cap(buf)]
+	return wire.AppendResponseHead(buf[start:start+headerSize], headerSize, id, rows, cols)
+}
+
 // frame marshals m behind a frame header into wbuf.
 func (c *Conn) frame(m any) error {
 	c.wbuf = append(c.wbuf[:0], 0, 0, 0, 0, 0)
@@ -334,15 +392,23 @@ func (c *Conn) endStatus(p []byte) error {
 	return status.Error(code, msg)
 }
 
-// RecvMsgInto is RecvMsg for a request whose bytes go into *buf (grown
-// as they arrive; a new buffer is aligned to at least wire.RowAlign bytes) rather than the
-// connection's buffer, and whose hidden rows alias it
-// (wire.UnmarshalRequestView), valid until the next call with the same
-// buffer: for receivers that take turns receiving and then work on their
-// requests concurrently, each with a buffer of its own. A sender that
-// aligns the rows (wire.OutRequest.AlignRows) lets F32 rows be viewed in
-// place (wire.ViewF32). Errors are RecvMsg's.
-func (c *Conn) RecvMsgInto(buf *[]byte, m *meshpb.DispatchRequest) error {
+// RecvMsgInto is RecvMsg for a message whose bytes go into *buf (grown
+// as they arrive; a new buffer is aligned to at least wire.RowAlign
+// bytes) rather than the connection's buffer, and whose rows alias it
+// (wire.UnmarshalRequestView, wire.UnmarshalResponseView), valid as long
+// as the caller keeps that buffer: for receivers that take turns
+// receiving and then work on their requests concurrently, each with a
+// buffer of its own, and for a receiver that hands each reply's buffer to
+// whoever uses its rows and receives the next into another. m is a
+// *meshpb.DispatchRequest or *meshpb.DispatchResponse. A sender that
+// aligns the rows (wire.OutRequest.AlignRows, wire.AppendResponseHead)
+// lets F32 rows be viewed in place (wire.ViewF32). Errors are RecvMsg's.
+func (c *Conn) RecvMsgInto(buf *[]byte, m any) error {
+	switch m.(type) {
+	case *meshpb.DispatchRequest, *meshpb.DispatchResponse:
+	default:
+		return fmt.Errorf("dataplane: cannot receive into %T", m)
+	}
 	kind, n, err := c.readHeader()
 	if err != nil {
 		return err
@@ -376,7 +442,13 @@ func (c *Conn) RecvMsgInto(buf *[]byte, m *meshpb.DispatchRequest) error {
 		}
 	}
 	*buf = b
-	if err := wire.UnmarshalRequestView(b, m); err != nil {
+	switch m := m.(type) {
+	case *meshpb.DispatchRequest:
+		err = wire.UnmarshalRequestView(b, m)
+	case *meshpb.DispatchResponse:
+		err = wire.UnmarshalResponseView(b, m)
+	}
+	if err != nil {
 		return c.fail(fmt.Errorf("%w: message: %v", ErrFrame, err))
 	}
 	return nil

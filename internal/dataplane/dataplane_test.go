@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -622,5 +623,74 @@ func TestTrySendMsg(t *testing.T) {
 	}
 	if err := <-got; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestReplyFrame: replies laid out by ReplyFrame, their rows written in
+// place and sent with SendFrame, arrive through RecvMsgInto as the reply
+// with those rows, viewable in place (aligned) in the receiver's buffer;
+// a frame passed back to ReplyFrame is reused while the rows fit, and
+// its rows are 64-byte aligned in memory every time. A frame with no
+// room for its header is refused.
+func TestReplyFrame(t *testing.T) {
+	const cols = 64
+	sizes := []int{1, 300, 8, 32, 1, 1000, 999}
+	got := make(chan error, 1)
+	addr, _ := echoServer(t, func(c *Conn) error {
+		var frame []byte
+		for i, rows := range sizes {
+			old := frame
+			var x []float32
+			frame, x = ReplyFrame(frame, uint64(i+1), rows, cols)
+			if x == nil {
+				got <- fmt.Errorf("reply %d: no view", i)
+				return nil
+			}
+			if a := uintptr(unsafe.Pointer(&x[0])); a%wire.RowAlign != 0 {
+				got <- fmt.Errorf("reply %d: rows at %#x", i, a)
+				return nil
+			}
+			if i > 0 && rows <= sizes[i-1] && &frame[:1][0] != &old[:1][0] {
+				got <- fmt.Errorf("reply %d: %d rows after %d, frame reallocated", i, rows, sizes[i-1])
+				return nil
+			}
+			for j := range x {
+				x[j] = float32(i*7 + j)
+			}
+			if err := c.SendFrame(wire.AppendComputeUs(frame, uint64(i))); err != nil {
+				got <- err
+				return nil
+			}
+		}
+		got <- c.SendFrame(make([]byte, HeaderSize-1))
+		return nil
+	})
+	c, err := Dial(testCtx(t), addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var buf []byte
+	var resp meshpb.DispatchResponse
+	for i, rows := range sizes {
+		if err := c.RecvMsgInto(&buf, &resp); err != nil {
+			t.Fatal(err)
+		}
+		x := make([]float32, rows*cols)
+		for j := range x {
+			x[j] = float32(i*7 + j)
+		}
+		want := &meshpb.DispatchResponse{Id: uint64(i + 1), ComputeUs: uint64(i),
+			Partial: &meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: []int64{int64(rows), cols}, Data: wire.AppendRows(nil, meshpb.DType_DTYPE_F32, x)}}
+		if !proto.Equal(&resp, want) {
+			t.Fatalf("reply %d: decoded to another message", i)
+		}
+		v, ok, err := wire.ViewF32(resp.Partial)
+		if !ok || err != nil || !slices.Equal(v, x) || &resp.Partial.Data[0] != &buf[len(buf)-len(resp.Partial.Data)-len(wire.AppendComputeUs(nil, uint64(i)))] {
+			t.Fatalf("reply %d: view %v %v, or the rows are not in the buffer", i, ok, err)
+		}
+	}
+	if err := <-got; status.Code(err) != codes.Internal {
+		t.Errorf("a frame without room for its header: %v", err)
 	}
 }

@@ -3,7 +3,9 @@ package wire
 import (
 	"fmt"
 	"math"
+	"slices"
 	"unicode/utf8"
+	"unsafe"
 
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
@@ -721,4 +723,73 @@ func consumeTag(b []byte) (protowire.Number, protowire.Type, int) {
 		return 0, 0, -1
 	}
 	return num, typ, n
+}
+
+// AppendResponseHead appends the start of a DispatchResponse with id,
+// code OK and F32 partial rows of rows×cols values whose bytes the caller
+// writes in place, where they will be sent: its id, alignment padding
+// (PadField) that puts the rows a multiple of RowAlign bytes after
+// start (where the message begins in b), the partial field up to its
+// data, and room for the rows. It returns b and the rows as float32
+// values aliasing it, or a nil view (and b unchanged) when they would
+// not be 4-byte aligned in memory. b has capacity left for
+// AppendComputeUs, so that appending it does not move the rows. The
+// message, with AppendComputeUs after the rows, decodes to the response
+// with that Partial and ComputeUs (fields may come in any order): an
+// expert node computes its partial sums straight into the frame it
+// sends, with no pass to encode them.
+func AppendResponseHead(b []byte, start int, id uint64, rows, cols int) ([]byte, []float32) {
+	data := 4 * rows * cols
+	ts := tensorSize(meshpb.DType_DTYPE_F32, rows, cols, data, 0)
+	// The id, then the partial field up to its rows' bytes.
+	head := 0
+	if id != 0 {
+		head = protowire.SizeTag(1) + protowire.SizeVarint(id)
+	}
+	off := len(b) - start + head + protowire.SizeTag(responsePartialField) + protowire.SizeVarint(uint64(ts)) +
+		tensorSize(meshpb.DType_DTYPE_F32, rows, cols, 0, 0) + protowire.SizeTag(tensorDataField) + protowire.SizeVarint(uint64(data))
+	pad := 0
+	if off%RowAlign != 0 {
+		pad = protowire.SizeTag(PadField) + 1
+		pad += (RowAlign - (off+pad)%RowAlign) % RowAlign
+	}
+	const tail = 1 + 10 // AppendComputeUs: a one-byte tag and a varint
+	orig := b
+	b = slices.Grow(b, off-(len(b)-start)+pad+data+tail)
+	if id != 0 {
+		b = protowire.AppendTag(b, 1, protowire.VarintType)
+		b = protowire.AppendVarint(b, id)
+	}
+	if pad > 0 {
+		b = protowire.AppendTag(b, PadField, protowire.BytesType)
+		k := pad - protowire.SizeTag(PadField) - 1
+		b = append(b, byte(k))
+		for range k {
+			b = append(b, 0)
+		}
+	}
+	b = protowire.AppendTag(b, responsePartialField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(ts))
+	b = appendTensorHead(b, meshpb.DType_DTYPE_F32, rows, cols)
+	b = protowire.AppendTag(b, tensorDataField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(data))
+	n := len(b)
+	b = b[:n+data]
+	if data == 0 {
+		return b, []float32{}
+	}
+	p := unsafe.Pointer(&b[n])
+	if uintptr(p)%4 != 0 || !nativeLE {
+		return orig, nil
+	}
+	return b, unsafe.Slice((*float32)(p), rows*cols)
+}
+
+// AppendComputeUs appends a DispatchResponse's compute_us field.
+func AppendComputeUs(b []byte, us uint64) []byte {
+	if us == 0 {
+		return b
+	}
+	b = protowire.AppendTag(b, 5, protowire.VarintType)
+	return protowire.AppendVarint(b, us)
 }
