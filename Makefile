@@ -61,6 +61,7 @@ fuzz-kernels:
 	$(GO) test -run '^$$' -fuzz '^FuzzMLADecode$$' -fuzztime 30s ./kernels/
 	$(GO) test -run '^$$' -fuzz '^FuzzMLAChunks$$' -fuzztime 30s ./kernels/
 	$(GO) test -run '^$$' -fuzz '^FuzzMatMulAMX$$' -fuzztime 30s ./kernels/
+	$(GO) test -run '^$$' -fuzz '^FuzzMatMulSplitAMX$$' -fuzztime 30s ./kernels/
 	$(GO) test -run '^$$' -fuzz '^FuzzQDot$$' -fuzztime 30s ./kernels/
 
 clean:

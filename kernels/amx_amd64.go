@@ -106,7 +106,9 @@ var (
 	// amxOK: the CPU has AMX-TILE and AMX-BF16, the OS enables tile state
 	// (XCR0 bits 17 and 18) and granted this process XTILEDATA.
 	amxOK, amxWhy = amxProbe()
-	// amxOn: MatMulBF16Act uses AMX (amxOK, unless EXPERTMESH_AMX=0 or SetAMX(false)).
+	// amxOn: MatMulBF16Act and the float32-activation products (split
+	// parts, amxsplit_amd64.go) use AMX (amxOK, unless EXPERTMESH_AMX=0 or
+	// SetAMX(false)).
 	amxOn = amxOK && os.Getenv("EXPERTMESH_AMX") != "0"
 )
 
@@ -132,12 +134,15 @@ func amxProbe() (bool, string) {
 // and if not, why.
 func AMXAvailable() (bool, string) { return amxOK, amxWhy }
 
-// AMXEnabled reports whether MatMulBF16Act currently uses AMX for large batches.
+// AMXEnabled reports whether MatMulBF16Act, and MatMul, MatMulMany and
+// ExpertFFN with BF16 weights, currently use AMX for large batches.
 func AMXEnabled() bool { return amxOn }
 
-// SetAMX turns the AMX path of MatMulBF16Act on or off (a hook for tests
-// and benchmarks that compare it with the VDPBF16PS kernels; also off when
-// the environment has EXPERTMESH_AMX=0). Not safe while kernels run.
+// SetAMX turns the AMX paths on or off: MatMulBF16Act's, and the exact one
+// of the float32-activation products with BF16 weights (a hook for tests
+// and benchmarks that compare them with the VDPBF16PS and FMA kernels;
+// also off when the environment has EXPERTMESH_AMX=0). Not safe while
+// kernels run.
 func SetAMX(on bool) error {
 	if on && !amxOK {
 		return errors.New("kernels: AMX unavailable: " + amxWhy)

@@ -57,3 +57,47 @@ func BenchmarkMatMulAMX(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkMatMulSplitAMX: float32-activation MatMul through the split
+// AMX kernels (three bf16 parts of x) against the FMA kernels (dot form
+// from 16 rows, packed from 64), at the shapes of BenchmarkMatMulAMX.
+// GFLOP/s counts the product's 2*n*rows*cols, not the split's three
+// times that. Each configuration runs split then fma back to back, so
+// -count=N gives alternated rounds; -amxsmall takes batches of 4-24 rows
+// (the split threshold).
+func BenchmarkMatMulSplitAMX(b *testing.B) {
+	if ok, why := AMXAvailable(); !ok {
+		b.Skip("AMX unavailable: " + why)
+	}
+	rng := rand.New(rand.NewPCG(59, 60))
+	shapes := [][2]int{{1408, 2048}, {2048, 1408}, {10944, 2048}, {2048, 10944}}
+	ns := []int{16, 32, 48, 64, 128, 512}
+	if *amxSmall {
+		ns = []int{4, 8, 12, 16, 20, 24}
+	}
+	if testing.Short() {
+		shapes, ns = shapes[:2], []int{16, 48, 512}
+	}
+	for _, sh := range shapes {
+		w := fastMatrix(uint64(sh[0]), BF16, sh[0], sh[1])
+		for _, n := range ns {
+			x := randVec(rng, n*sh[1], 0)
+			y := make([]float32, n*sh[0])
+			for _, th := range []int{1, 2} {
+				for _, path := range []string{"split", "fma"} {
+					b.Run(fmt.Sprintf("%dx%d/n%d/t%d/%s", sh[0], sh[1], n, th, path), func(b *testing.B) {
+						p := NewPool(th)
+						defer p.Close()
+						was, minN := amxOn, amxSplitMinN
+						defer func() { amxOn, amxSplitMinN = was, minN }()
+						amxOn, amxSplitMinN = path == "split", 1
+						for b.Loop() {
+							p.MatMul(y, w, x, n)
+						}
+						b.ReportMetric(2*float64(n)*float64(sh[0])*float64(sh[1])*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
+					})
+				}
+			}
+		}
+	}
+}

@@ -48,3 +48,73 @@ func FuzzMatMulAMX(f *testing.F) {
 		}
 	})
 }
+
+// FuzzMatMulSplitAMX: float32-activation MatMul through the split AMX
+// path against the FMA kernels and the plain twin (matMulRowsPlain) on
+// fuzzer-chosen shapes, batches (1-70 rows: every tile tail), weights
+// (moderate finite bf16) and activations whose bits come from the input,
+// so any float32 appears: subnormal, huge, signed zeros, Inf and NaN.
+// Finite x: within the split's bound of the float64 reference (plus the
+// rounding of subnormal results); x with Inf or NaN: bit for bit the FMA
+// kernels' outputs (the call falls back to them).
+func FuzzMatMulSplitAMX(f *testing.F) {
+	f.Add(uint8(33), uint8(97), uint8(37), []byte{1, 2, 3, 4, 5, 6, 7, 8, 9}, []byte{0x3f, 0x80, 0, 1})
+	f.Add(uint8(16), uint8(32), uint8(16), []byte{0xff, 0x7f, 0x80, 0x01}, []byte{0, 0, 0x80, 0x7f})
+	f.Add(uint8(5), uint8(1), uint8(8), []byte{0x55}, []byte{0x01, 0, 0, 0x80, 0xc3, 0xf5, 0x48, 0x40})
+	f.Fuzz(func(t *testing.T, rows, cols, n uint8, seed, xbits []byte) {
+		if ok, why := AMXAvailable(); !ok {
+			t.Skip("AMX unavailable: " + why)
+		}
+		r, c, nn := int(rows%80)+1, int(cols)+1, int(n%70)+1
+		m := &Matrix{DType: BF16, Rows: r, Cols: c, Data: make([]byte, 2*r*c)}
+		for i := 0; i < r*c; i++ {
+			var b uint16
+			if len(seed) > 0 {
+				b = uint16(seed[i%len(seed)]) ^ uint16(i*131) ^ uint16(seed[(i/len(seed))%len(seed)])<<8
+			}
+			binary.LittleEndian.PutUint16(m.Data[2*i:], b&0x83ff|0x3c00)
+		}
+		x := make([]float32, nn*c)
+		for i := range x {
+			v := float32(math.Sin(float64(i)*0.37+float64(len(seed)))) * 3
+			if k := len(xbits) / 4; k > 0 && i%3 == 0 {
+				// Every third value from the input's bits, scaled rows
+				// and all: any float32.
+				j := (i / 3) % k
+				v = math.Float32frombits(binary.LittleEndian.Uint32(xbits[4*j:]))
+			}
+			x[i] = v
+		}
+		finite := true
+		for _, v := range x {
+			finite = finite && !math.IsInf(float64(v), 0) && !math.IsNaN(float64(v))
+		}
+		p := NewPool(2)
+		defer p.Close()
+		yFMA := make([]float32, nn*r)
+		withSplit(t, false, func() { p.MatMul(yFMA, m, x, nn) })
+		y, check := guarded(nn * r)
+		withSplit(t, true, func() { p.MatMul(y, m, x, nn) })
+		check(t)
+		if !finite {
+			for i := range y {
+				if math.Float32bits(y[i]) != math.Float32bits(yFMA[i]) {
+					t.Fatalf("%dx%d n=%d, x with Inf/NaN: y[%d]=%g, FMA %g", r, c, nn, i, y[i], yFMA[i])
+				}
+			}
+			return
+		}
+		want, mag := refMatMul(m, x, nn, false)
+		plain := make([]float32, nn*r)
+		matMulRowsPlain(plain, m, x, nn, 0, r, make([]float32, matMulScratch(c)), false)
+		for i := range y {
+			if math.IsInf(want[i], 0) || mag[i] > math.MaxFloat32/4 {
+				continue // the float32 sum overflows on any path
+			}
+			tol := splitTol(c)*mag[i] + float64(c)*0x1p-149
+			if d := math.Abs(float64(y[i]) - want[i]); d > tol {
+				t.Fatalf("%dx%d n=%d: y[%d]=%g want %g (sum|w*x| %g, plain %g, FMA %g)", r, c, nn, i, y[i], want[i], mag[i], plain[i], yFMA[i])
+			}
+		}
+	})
+}

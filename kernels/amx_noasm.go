@@ -22,3 +22,26 @@ func SetAMX(on bool) error {
 func probeAMX(iters int) float64 { return 0 }
 
 func probeAMXFlops(iters int) float64 { return 0 }
+
+// splitX: no split AMX path in this build.
+type splitX struct {
+	a       []uint16
+	n, cols int
+}
+
+func splitUsed(*Matrix, int) bool { return false }
+
+func splitRowLen(int) int { return 0 }
+
+func amxSplitRows([]uint16, []float32, int, int, int, []uint32) {
+	panic("kernels: no AMX path in this build")
+}
+
+func finishSplit(*splitX, []float32, []uint32, []float32) bool {
+	panic("kernels: no AMX path in this build")
+}
+
+func matMulSplitRows([]float32, *Matrix, *splitX, int, int, []float32) {
+	panic("kernels: no AMX path in this build")
+}
+func splitScratch(int) int { return 0 }

@@ -34,19 +34,28 @@ func (p *Pool) ExpertFFN(out, x []float32, n int, gate, up, down *Matrix, scratc
 	g, u := scratch[:n*inter], scratch[n*inter:2*n*inter]
 	var xa, ga *actQ8
 	var xe, he []float32
-	if gate.IntAct() {
+	var xs, hs *splitX
+	switch {
+	case gate.IntAct():
 		xa = p.quantize(0, gate, x, n)
-	} else {
+	case splitUsed(gate, n):
+		xs = p.splitOne(x, n, hidden)
+	}
+	if xa == nil && xs == nil {
 		xe = p.prepare(gate, x, n)
 	}
-	p.job = job{kind: jobFFNGateUp, n: inter, grain: rowGrain, chunk: p.rowChunk(gate), w: gate, w2: up, x: x, xe: xe, act: xa, rows: n, y: g, y2: u}
+	p.job = job{kind: jobFFNGateUp, n: inter, grain: rowGrain, chunk: p.rowChunk(gate), w: gate, w2: up, x: x, xe: xe, act: xa, split: xs, rows: n, y: g, y2: u}
 	p.run()
-	if down.IntAct() {
+	switch {
+	case down.IntAct():
 		ga = p.quantize(1, down, g, n)
-	} else {
+	case splitUsed(down, n):
+		hs = p.splitOne(g, n, inter)
+	}
+	if ga == nil && hs == nil {
 		he = p.prepare(down, g, n)
 	}
-	p.job = job{kind: jobRows, n: hidden, grain: rowGrain, chunk: p.rowChunk(down), w: down, x: g, xe: he, act: ga, rows: n, y: out}
+	p.job = job{kind: jobRows, n: hidden, grain: rowGrain, chunk: p.rowChunk(down), w: down, x: g, xe: he, act: ga, split: hs, rows: n, y: out}
 	p.run()
 }
 
@@ -67,11 +76,14 @@ func (p *Pool) prepare(w *Matrix, x []float32, n int) []float32 {
 }
 
 // rowsFor computes y = W·x for W rows [lo,hi) and all n x rows on thread
-// id, with whichever kernel MatVec/MatMul would use (xe from prepare).
-func (p *Pool) rowsFor(id int, y []float32, w *Matrix, x, xe []float32, act *actQ8, n, lo, hi int) {
+// id, with whichever kernel MatVec/MatMul would use (xe from prepare, s
+// from splitOne).
+func (p *Pool) rowsFor(id int, y []float32, w *Matrix, x, xe []float32, act *actQ8, s *splitX, n, lo, hi int) {
 	switch {
 	case act != nil:
 		qRows(y, w, act, n, lo, hi)
+	case s != nil:
+		matMulSplitRows(y, w, s, lo, hi, p.scratchFor(id, splitScratch(w.Cols)))
 	case n == 1:
 		matVecRows(y, w, x, lo, hi, p.scratchFor(id, w.Cols))
 	case xe != nil:

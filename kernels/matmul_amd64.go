@@ -334,7 +334,9 @@ func packBF16Pairs(dst []uint32, w *Matrix, r0, cnt, nr int) {
 		clear(dst)
 	}
 	half := cols / 2
-	if impl.isa >= ISAAVX512 && cnt%16 == 0 && cnt > 0 && half%16 == 0 {
+	// (half > 0: packPairsT writes a 16x16 block even of zero pairs; one
+	// column once overran dst, which FuzzMatMulSplitAMX found.)
+	if impl.isa >= ISAAVX512 && cnt%16 == 0 && cnt > 0 && half > 0 && half%16 == 0 {
 		packPairsT((*float32)(unsafe.Pointer(&dst[0])), &w.Data[2*r0*cols], uintptr(2*cols), cnt, half, nr, nil, 0)
 	} else if main := half &^ 63; main > 0 && cnt > 0 {
 		packPairs(&dst[0], &w.Data[2*r0*cols], uintptr(2*cols), cnt, main, nr)

@@ -59,7 +59,21 @@ type Pool struct {
 	xeBuf []float32
 	// MLADecodeMany: per-row arguments and the rows' cache pointers.
 	mlaArgs []mlaArgs
-	exited  chan struct{}
+	// The split AMX path (amxsplit_amd64.go): each distinct input split
+	// once per call (splits, from splitSrc, rows ending at splitEnd in the
+	// joint row space of the split job), into one buffer kept across
+	// calls; per row the largest |x| bits and the scale to undo. For
+	// MatMulMany, each product's split (-1: not that path).
+	splits   []splitX
+	splitSrc [][]float32
+	splitEnd []int
+	splitOK  []bool
+	splitOf  []int
+	xsBuf    []uint16
+	xsMax    []uint32
+	xsInv    []float32
+
+	exited chan struct{}
 	// done lets the caller of run sleep, once it has spun spinIters,
 	// until the last worker finishes: on a machine whose cores other
 	// processes share, a worker the OS descheduled would otherwise have
@@ -100,6 +114,8 @@ const (
 	jobQuant // x rows -> act (integer activations)
 	jobQRows // integer-activation product of W rows against act's rows
 	jobMLAMany
+	jobSplit       // x rows -> three bf16 parts for the split AMX path
+	jobMatMulSplit // y = W·x from split x (split)
 )
 
 // job holds the arguments of the current call; storing them in the Pool
@@ -130,6 +146,7 @@ type job struct {
 	// guided: threads claim chunks that shrink with the work left (see
 	// claimGuided); chunk is then the smallest.
 	guided bool
+	split  *splitX // x split for the AMX path (jobMatMulSplit, ExpertFFN)
 }
 
 // spinIters bounds the busy-wait before a worker parks. About 20-50µs on
@@ -378,15 +395,19 @@ func (p *Pool) runShare(id, lo, hi int) {
 	case jobFFNGateUp:
 		// The gate and up rows [lo,hi) of every token, then SiLU·mul on
 		// exactly those rows: no synchronisation in between.
-		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.act, j.rows, lo, hi)
-		p.rowsFor(id, j.y2, j.w2, j.x, j.xe, j.act, j.rows, lo, hi)
+		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.act, j.split, j.rows, lo, hi)
+		p.rowsFor(id, j.y2, j.w2, j.x, j.xe, j.act, j.split, j.rows, lo, hi)
 		inter := j.w.Rows
 		for i := 0; i < j.rows; i++ {
 			g := j.y[i*inter+lo : i*inter+hi]
 			impl.siluMul(g, g, j.y2[i*inter+lo:i*inter+hi])
 		}
 	case jobRows:
-		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.act, j.rows, lo, hi)
+		p.rowsFor(id, j.y, j.w, j.x, j.xe, j.act, j.split, j.rows, lo, hi)
+	case jobSplit:
+		p.splitRowsOf(lo, hi)
+	case jobMatMulSplit:
+		matMulSplitRows(j.y, j.w, j.split, lo, hi, p.scratchFor(id, splitScratch(j.w.Cols)))
 	case jobQuant:
 		j.act.quantRows(j.x, lo, hi)
 	case jobQRows:
@@ -513,6 +534,7 @@ func (p *Pool) matMulMany(ys [][]float32, ws []*Matrix, xs [][]float32, ns []int
 		return
 	}
 	p.prepActs(ws, xs, ns)
+	p.prepSplit(ws, xs, ns)
 	p.prepDot(ws, xs, ns)
 	// At least guidedMinBytes a chunk, unless that would leave some of
 	// many threads without work: then four chunks a thread.
@@ -542,6 +564,8 @@ func (p *Pool) manyRows(id, lo, hi int) {
 		case n == 0:
 		case a >= 0:
 			qRows(j.ys[i], w, &p.acts[a], n, r0, r1)
+		case j.ns != nil && p.splitOf[i] >= 0:
+			matMulSplitRows(j.ys[i], w, &p.splits[p.splitOf[i]], r0, r1, p.scratchFor(id, splitScratch(w.Cols)))
 		case n == 1:
 			matVecRows(j.ys[i], w, j.xs[i], r0, r1, p.scratchFor(id, w.Cols))
 		case p.xeOf[i] != nil:
@@ -577,6 +601,13 @@ func (p *Pool) MatMul(y []float32, w *Matrix, x []float32, n int) {
 		p.job = job{kind: jobQRows, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, act: a, rows: n}
 		p.run()
 		return
+	}
+	if splitUsed(w, n) {
+		if s := p.splitOne(x, n, w.Cols); s != nil {
+			p.job = job{kind: jobMatMulSplit, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, split: s}
+			p.run()
+			return
+		}
 	}
 	if xe := p.prepare(w, x, n); xe != nil {
 		p.job = job{kind: jobMatMulDot, n: w.Rows, grain: rowGrain, chunk: p.rowChunk(w), y: y, w: w, x: x, xe: xe, rows: n}
@@ -700,7 +731,7 @@ func (p *Pool) prepDot(ws []*Matrix, xs [][]float32, ns []int) {
 	p.xeOf = p.xeOf[:0]
 	total := 0
 	for i, w := range ws {
-		if ns != nil && !w.IntAct() && dotFormAvailable(w, ns[i], false) {
+		if ns != nil && !w.IntAct() && p.splitOf[i] < 0 && dotFormAvailable(w, ns[i], false) {
 			total += ns[i] * (w.Cols &^ 31)
 		}
 	}
@@ -709,7 +740,7 @@ func (p *Pool) prepDot(ws []*Matrix, xs [][]float32, ns []int) {
 	}
 	off := 0
 	for i, w := range ws {
-		if ns == nil || w.IntAct() || !dotFormAvailable(w, ns[i], false) {
+		if ns == nil || w.IntAct() || p.splitOf[i] >= 0 || !dotFormAvailable(w, ns[i], false) {
 			p.xeOf = append(p.xeOf, nil)
 			continue
 		}
@@ -740,5 +771,113 @@ func checkMat(op string, y []float32, w *Matrix, x []float32, n int) {
 	if n < 0 || len(x) != n*w.Cols || len(y) != n*w.Rows {
 		panic(fmt.Sprintf("kernels: %s %s %dx%d with n=%d: len(x)=%d (want %d), len(y)=%d (want %d)",
 			op, w.DType, w.Rows, w.Cols, n, len(x), n*w.Cols, len(y), n*w.Rows))
+	}
+}
+
+// prepSplit splits the inputs of MatMulMany's products that take the
+// split AMX path (once per distinct input) and records each product's
+// split in p.splitOf (-1 for the others, and for inputs holding Inf or
+// NaN, which take the FMA kernels).
+func (p *Pool) prepSplit(ws []*Matrix, xs [][]float32, ns []int) {
+	p.splitOf = p.splitOf[:0]
+	p.resetSplits()
+	for i, w := range ws {
+		k := -1
+		if ns != nil && !w.IntAct() && splitUsed(w, ns[i]) {
+			k = p.addSplit(xs[i], ns[i], w.Cols)
+		}
+		p.splitOf = append(p.splitOf, k)
+	}
+	if len(p.splits) == 0 {
+		return
+	}
+	p.runSplits()
+	for i, k := range p.splitOf {
+		if k >= 0 && !p.splitOK[k] {
+			p.splitOf[i] = -1
+		}
+	}
+}
+
+// splitOne splits x (n rows of cols) alone, returning nil if it holds
+// Inf or NaN.
+func (p *Pool) splitOne(x []float32, n, cols int) *splitX {
+	p.resetSplits()
+	p.addSplit(x, n, cols)
+	p.runSplits()
+	if !p.splitOK[0] {
+		return nil
+	}
+	return &p.splits[0]
+}
+
+func (p *Pool) resetSplits() {
+	clear(p.splitSrc) // drop the callers' buffers
+	p.splits, p.splitSrc, p.splitEnd = p.splits[:0], p.splitSrc[:0], p.splitEnd[:0]
+}
+
+// addSplit adds x (n rows of cols) to the splits, or finds it there, and
+// returns its index.
+func (p *Pool) addSplit(x []float32, n, cols int) int {
+	for k := range p.splits {
+		if s := &p.splits[k]; s.n == n && s.cols == cols && &p.splitSrc[k][0] == &x[0] {
+			return k
+		}
+	}
+	end := n
+	if k := len(p.splitEnd); k > 0 {
+		end += p.splitEnd[k-1]
+	}
+	p.splits = append(p.splits, splitX{n: n, cols: cols})
+	p.splitSrc = append(p.splitSrc, x[:n*cols])
+	p.splitEnd = append(p.splitEnd, end)
+	return len(p.splits) - 1
+}
+
+// runSplits splits every input added since resetSplits, the rows of all
+// of them shared by the threads, into one buffer (grown with headroom:
+// the batches of MoE layers vary from call to call), then checks each.
+func (p *Pool) runSplits() {
+	total, rowsTotal := 0, p.splitEnd[len(p.splitEnd)-1]
+	for k := range p.splits {
+		total += p.splits[k].n * splitRowLen(p.splits[k].cols)
+	}
+	if cap(p.xsBuf) < total {
+		p.xsBuf = make([]uint16, max(total, 2*cap(p.xsBuf)))
+	}
+	if cap(p.xsMax) < rowsTotal {
+		p.xsMax = make([]uint32, max(rowsTotal, 2*cap(p.xsMax)))
+		p.xsInv = make([]float32, max(rowsTotal, 2*cap(p.xsInv)))
+	}
+	off := 0
+	for k := range p.splits {
+		s := &p.splits[k]
+		sz := s.n * splitRowLen(s.cols)
+		s.a = p.xsBuf[off : off+sz : off+sz]
+		off += sz
+	}
+	p.job = job{kind: jobSplit, n: rowsTotal, grain: 1}
+	p.run()
+	p.splitOK = p.splitOK[:0]
+	start := 0
+	for k := range p.splits {
+		end := p.splitEnd[k]
+		p.splitOK = append(p.splitOK, finishSplit(&p.splits[k], p.splitSrc[k], p.xsMax[start:end], p.xsInv[start:end]))
+		start = end
+	}
+}
+
+// splitRowsOf splits rows [lo,hi) of the split job's joint row space.
+func (p *Pool) splitRowsOf(lo, hi int) {
+	k, _ := slices.BinarySearch(p.splitEnd, lo+1) // first input ending after lo
+	for u := lo; u < hi; k++ {
+		start := 0
+		if k > 0 {
+			start = p.splitEnd[k-1]
+		}
+		end := min(hi, p.splitEnd[k])
+		s := &p.splits[k]
+		amxSplitRows(s.a, p.splitSrc[k], s.cols, u-start, end-start, p.xsMax[start:p.splitEnd[k]])
+		u = end
 	}
 }

@@ -110,6 +110,12 @@ func genAMX(g *gen) {
 			genAMXKernel(g, mt, nt)
 		}
 	}
+	for _, mt := range []int{1, 2} {
+		for _, nt := range []int{1, 2} {
+			genAMXSplitKernel(g, mt, nt)
+		}
+	}
+	genAMXSplitRow(g)
 	// func amxPeak(cfg *amxConfig, iters int): iters x 4 TDPBF16PS on
 	// zeroed tiles, register only (the bench-kernels AMX peak).
 	g.text("amxPeak", 16)
@@ -216,5 +222,149 @@ func genAMXKernel(g *gen, mt, nt int) {
 		}
 	}
 	g.p(tilerelease())
+	g.p("RET")
+}
+
+// genAMXSplitKernel writes amxSplit{M}{N}, the kernel of the exact
+// (float32-activation) AMX path:
+//
+// func amxSplit{M}{N}(cfg *amxConfig, a *uint16, astride uintptr, b *uint32, bstride uintptr, ksteps int, c *float32, cstride uintptr, acc int)
+//
+// as amxBF16{M}x{N}, but every 16-pair step of A is three bf16 parts of
+// the activations (hi, lo, lo2 of amxSplitRow: 64 bytes each, the step
+// 192 bytes long), each multiplied by the same B tiles into the same C:
+// C += (hi + lo + lo2)·B, B loaded once for all three. With one A tile
+// (M = 1) the parts alternate between TMM4 and TMM5 (cfg shapes both),
+// so a part's load does not wait for the products of the one before.
+func genAMXSplitKernel(g *gen, mt, nt int) {
+	name := fmt.Sprintf("amxSplit%d%d", mt, nt)
+	g.text(name, 72)
+	g.p("MOVQ cfg+0(FP), DI")
+	g.p(ldtilecfg(mem{base: "DI"}))
+	g.p("MOVQ a+8(FP), SI")
+	g.p("MOVQ astride+16(FP), R8")
+	g.p("MOVQ b+24(FP), DX")
+	g.p("MOVQ bstride+32(FP), R11")
+	g.p("MOVQ ksteps+40(FP), CX")
+	g.p("MOVQ c+48(FP), BX")
+	g.p("MOVQ cstride+56(FP), R9")
+	g.p("MOVQ R8, R12")
+	g.p("SHLQ $4, R12")
+	g.p("ADDQ SI, R12") // A1
+	g.p("MOVQ R9, R13")
+	g.p("SHLQ $4, R13")
+	g.p("ADDQ BX, R13") // C row 16
+	g.p("MOVQ R11, R10")
+	g.p("SHLQ $4, R10") // B step
+	cTile := func(i, j int) (int, mem) {
+		base := "BX"
+		if i == 1 {
+			base = "R13"
+		}
+		return 2*i + j, mem{base: base, index: "R9", scale: 1, disp: 64 * j}
+	}
+	g.p("CMPQ acc+64(FP), $0")
+	g.p("JNE %s_load", name)
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, _ := cTile(i, j)
+			g.p(tilezero(t))
+		}
+	}
+	g.p("JMP %s_loop", name)
+	g.label(name + "_load")
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, m := cTile(i, j)
+			g.p(tileloadd(t, m))
+		}
+	}
+	g.label(name + "_loop")
+	g.p(tileloadd(6, mem{base: "DX", index: "R11", scale: 1}))
+	if nt == 2 {
+		g.p(tileloadd(7, mem{base: "DX", index: "R11", scale: 1, disp: 64}))
+	}
+	for part := 0; part < 3; part++ {
+		ta := 4
+		if mt == 1 && part == 1 {
+			ta = 5
+		}
+		g.p(tileloadd(ta, mem{base: "SI", index: "R8", scale: 1, disp: 64 * part}))
+		g.p(tdpbf16ps(0, ta, 6))
+		if nt == 2 {
+			g.p(tdpbf16ps(1, ta, 7))
+		}
+		if mt == 2 {
+			g.p(tileloadd(5, mem{base: "R12", index: "R8", scale: 1, disp: 64 * part}))
+			g.p(tdpbf16ps(2, 5, 6))
+			if nt == 2 {
+				g.p(tdpbf16ps(3, 5, 7))
+			}
+		}
+	}
+	g.p("ADDQ $192, SI")
+	g.p("ADDQ $192, R12")
+	g.p("ADDQ R10, DX")
+	g.p("DECQ CX")
+	g.p("JNZ %s_loop", name)
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, m := cTile(i, j)
+			g.p(tilestored(m, t))
+		}
+	}
+	g.p(tilerelease())
+	g.p("RET")
+}
+
+// genAMXSplitRow writes
+//
+// func amxSplitRow(dst *uint16, src *float32, steps int, scale float32, mx *[16]uint32)
+//
+// which splits steps x 32 float32 (each times scale, a power of two) into
+// three bf16 parts, all exact: hi = v truncated to bf16 (its top 16 bits),
+// lo = (v-hi) truncated, lo2 = v-hi-lo (at most 8 significant bits left,
+// so its top 16 bits hold it whole; only a subnormal remainder is
+// truncated). Each step writes hi, lo, lo2 as 32 bf16 (64 bytes) one
+// after another, 192 bytes a step. mx receives the per-lane maximum of
+// |v|'s bits (Inf and NaN above every finite value).
+func genAMXSplitRow(g *gen) {
+	g.text("amxSplitRow", 40)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ src+8(FP), SI")
+	g.p("MOVQ steps+16(FP), CX")
+	g.p("VBROADCASTSS scale+24(FP), Z31")
+	g.p("MOVL $0xffff0000, AX")
+	g.p("VPBROADCASTD AX, Z30")
+	g.p("MOVL $0x7fffffff, AX")
+	g.p("VPBROADCASTD AX, Z29")
+	g.p("VPXORD Z28, Z28, Z28")
+	g.p("TESTQ CX, CX")
+	g.p("JZ amxSplitRow_done")
+	g.label("amxSplitRow_loop")
+	for h := 0; h < 2; h++ {
+		v, t, hi, r, lo := 5*h, 5*h+1, 5*h+2, 5*h+3, 5*h+4
+		g.p("VMULPS %d(SI), Z31, Z%d", 64*h, v)
+		g.p("VPANDD Z29, Z%d, Z%d", v, t)
+		g.p("VPMAXUD Z%d, Z28, Z28", t)
+		g.p("VPANDD Z30, Z%d, Z%d", v, hi)
+		g.p("VSUBPS Z%d, Z%d, Z%d", hi, v, r) // r = v - hi
+		g.p("VPANDD Z30, Z%d, Z%d", r, lo)
+		g.p("VSUBPS Z%d, Z%d, Z%d", lo, r, r) // lo2 = r - lo
+		g.p("VPSRLD $16, Z%d, Z%d", hi, hi)
+		g.p("VPSRLD $16, Z%d, Z%d", lo, lo)
+		g.p("VPSRLD $16, Z%d, Z%d", r, r)
+		g.p("VPMOVDW Z%d, %d(DI)", hi, 32*h)
+		g.p("VPMOVDW Z%d, %d(DI)", lo, 64+32*h)
+		g.p("VPMOVDW Z%d, %d(DI)", r, 128+32*h)
+	}
+	g.p("ADDQ $128, SI")
+	g.p("ADDQ $192, DI")
+	g.p("DECQ CX")
+	g.p("JNZ amxSplitRow_loop")
+	g.label("amxSplitRow_done")
+	g.p("MOVQ mx+32(FP), AX")
+	g.p("VMOVDQU32 Z28, (AX)")
+	g.p("VZEROUPPER")
 	g.p("RET")
 }

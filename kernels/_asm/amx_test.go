@@ -27,6 +27,9 @@ var amxCases = []struct {
 	{vex0F38(2, 0x4B, 2, 0, 0, &mem{base: "R13", index: "R9", scale: 1}, true), "tilestored %tmm2,0x0(%r13,%r9,1)"},
 	{vex0F38(2, 0x5C, 0, 6, 4, nil, false), "tdpbf16ps %tmm6,%tmm4,%tmm0"},
 	{vex0F38(2, 0x5C, 3, 7, 5, nil, false), "tdpbf16ps %tmm7,%tmm5,%tmm3"},
+	// The split kernels' third part: a 32-bit displacement.
+	{vex0F38(3, 0x4B, 4, 0, 0, &mem{base: "SI", index: "R8", scale: 1, disp: 128}, true), "tileloadd 0x80(%rsi,%r8,1),%tmm4"},
+	{vex0F38(3, 0x4B, 5, 0, 0, &mem{base: "R12", index: "R8", scale: 1, disp: 128}, true), "tileloadd 0x80(%r12,%r8,1),%tmm5"},
 }
 
 // TestAMXKnownBytes pins the encodings of a few forms to the bytes of the
@@ -67,7 +70,8 @@ func TestAMXObjdump(t *testing.T) {
 	line := regexp.MustCompile(`^\s*[0-9a-f]+:\s+((?:[0-9a-f]{2} )+)\s*(.*)$`)
 	var got []string
 	for _, l := range strings.Split(string(out), "\n") {
-		if m := line.FindStringSubmatch(l); m != nil {
+		// (A line of bytes alone continues the instruction above.)
+		if m := line.FindStringSubmatch(l); m != nil && strings.TrimSpace(m[2]) != "" {
 			got = append(got, strings.Join(strings.Fields(m[2]), " "))
 		}
 	}
