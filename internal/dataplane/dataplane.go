@@ -145,6 +145,12 @@ type Conn struct {
 	// pend is the unwritten rest of a frame TrySendMsg gave up on; Flush
 	// (or the next SendMsg) writes it first.
 	pend []byte
+	// A frame written from several buffers (vectored): wbuf's header and
+	// head, then the rows straight from the sender's memory; pbuf keeps a
+	// copy of what TrySendMsg left unwritten of such a frame.
+	vecs [][]byte    // the frame's buffers (kept: WriteTo consumes iov)
+	iov  net.Buffers // vecs, as WriteTo consumes them
+	pbuf []byte
 }
 
 func newConn(c net.Conn) *Conn {
@@ -200,6 +206,23 @@ func (c *Conn) SendMsg(m any) error {
 	if err := c.Flush(); err != nil {
 		return err
 	}
+	if ok, err := c.frameVectored(m); ok || err != nil {
+		if err != nil {
+			return err
+		}
+		if c.wto > 0 {
+			c.c.SetWriteDeadline(time.Now().Add(c.wto))
+		}
+		_, err := c.iov.WriteTo(c.c)
+		clear(c.vecs)
+		if err != nil {
+			if c.closed.Load() {
+				return c.closedErr()
+			}
+			return c.fail(fmt.Errorf("dataplane: write: %w", err))
+		}
+		return nil
+	}
 	if err := c.frame(m); err != nil {
 		return err
 	}
@@ -216,22 +239,79 @@ func (c *Conn) TrySendMsg(m any, d time.Duration) (bool, error) {
 	if err := c.Flush(); err != nil {
 		return false, err
 	}
-	if err := c.frame(m); err != nil {
+	vectored, err := c.frameVectored(m)
+	if err != nil {
 		return false, err
 	}
+	if !vectored {
+		if err := c.frame(m); err != nil {
+			return false, err
+		}
+	}
 	c.c.SetWriteDeadline(time.Now().Add(d))
-	n, err := c.c.Write(c.wbuf)
+	var n int
+	if vectored {
+		_, err = c.iov.WriteTo(c.c)
+	} else {
+		n, err = c.c.Write(c.wbuf)
+	}
 	if err == nil {
+		clear(c.vecs)
 		return true, nil
 	}
 	if c.closed.Load() {
+		clear(c.vecs)
 		return false, c.closedErr()
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		c.pend = c.wbuf[n:]
+		if vectored {
+			// What is left aliases m's rows, which the caller may
+			// change once this returns: keep a copy.
+			c.pbuf = c.pbuf[:0]
+			for _, b := range c.iov {
+				c.pbuf = append(c.pbuf, b...)
+			}
+			clear(c.vecs)
+			c.pend = c.pbuf
+		} else {
+			c.pend = c.wbuf[n:]
+		}
 		return false, nil
 	}
+	clear(c.vecs)
 	return false, c.fail(fmt.Errorf("dataplane: write: %w", err))
+}
+
+// frameVectored lays out m, when it is an F32 wire.OutRequest, as a
+// frame of several buffers in iov (wire.OutRequest.AppendHead): the
+// header and the request up to its rows in wbuf, then the rows straight
+// from the request's float32 memory, for one vectored write (writev)
+// that copies nothing into wbuf. false (and nothing done) for other
+// messages, which frame encodes, and under the race detector
+// (raceEnabled).
+func (c *Conn) frameVectored(m any) (bool, error) {
+	o, ok := m.(*wire.OutRequest)
+	if !ok || raceEnabled {
+		return false, nil
+	}
+	b, ok := o.AppendHead(append(c.wbuf[:0], 0, 0, 0, 0, 0))
+	if !ok {
+		return false, nil
+	}
+	c.wbuf = b
+	c.vecs = o.AppendRowSpans(append(c.vecs[:0], c.wbuf))
+	c.iov = c.vecs
+	n := -headerSize
+	for _, b := range c.vecs {
+		n += len(b)
+	}
+	if n > c.max {
+		clear(c.vecs)
+		return true, status.Errorf(codes.ResourceExhausted, "dataplane: message of %d bytes exceeds the maximum of %d", n, c.max)
+	}
+	c.wbuf[0] = kindMessage
+	binary.LittleEndian.PutUint32(c.wbuf[1:], uint32(n))
+	return true, nil
 }
 
 // Flush writes what TrySendMsg left unwritten, bounded by

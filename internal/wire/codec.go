@@ -269,6 +269,44 @@ func (o *OutRequest) appendHidden(b []byte) []byte {
 	return b
 }
 
+// AppendHead appends the request up to its rows' bytes and reports true
+// when the rows can be sent straight from X's memory after it (F32 on a
+// little-endian machine: AppendRowSpans), so that a transport writes
+// them with the head in one vectored write instead of copying them into
+// its buffer; otherwise it appends nothing and reports false. The head
+// and the rows make the bytes AppendMessage gives.
+func (o *OutRequest) AppendHead(b []byte) ([]byte, bool) {
+	if o.Dtype != meshpb.DType_DTYPE_F32 || !nativeLE {
+		return b, false
+	}
+	o.size()
+	start := len(b)
+	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, o.Req)
+	if err != nil {
+		return b[:start], false
+	}
+	return o.appendHiddenHead(b), true
+}
+
+// AppendRowSpans appends to v the bytes of the rows AppendHead left out,
+// in order, as slices of X's memory (rows that follow each other in X
+// merged into one slice). They alias X: valid while X is.
+func (o *OutRequest) AppendRowSpans(v [][]byte) [][]byte {
+	rowBytes := 4 * o.Cols
+	for i := 0; i < len(o.Rows); {
+		j := i + 1
+		for j < len(o.Rows) && o.Rows[j] == o.Rows[j-1]+1 {
+			j++
+		}
+		if rowBytes > 0 {
+			x := o.X[int(o.Rows[i])*o.Cols : int(o.Rows[j-1]+1)*o.Cols]
+			v = append(v, unsafe.Slice((*byte)(unsafe.Pointer(&x[0])), len(x)*4))
+		}
+		i = j
+	}
+	return v
+}
+
 // appendHiddenHead appends the padding (AlignRows) and the tensor field
 // up to its rows' bytes.
 func (o *OutRequest) appendHiddenHead(b []byte) []byte {

@@ -1,8 +1,10 @@
 package wire
 
 import (
+	"bytes"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"unsafe"
 
@@ -340,6 +342,7 @@ func TestOutMessages(t *testing.T) {
 			out.AlignRows = true
 			b := marshalled(t, out)
 			checkAppend(t, out, b, nil)
+			checkVectored(t, out, b)
 			inPlace := new(meshpb.DispatchRequest)
 			if err := UnmarshalRequestView(b, inPlace); err != nil || !proto.Equal(inPlace, want) || len(b) != out.Size() {
 				t.Fatalf("aligned request %d: %v, %d bytes, Size %d", i, err, len(b), out.Size())
@@ -359,6 +362,7 @@ func TestOutMessages(t *testing.T) {
 		}
 		b := marshalled(t, out)
 		checkAppend(t, out, b, want)
+		checkVectored(t, out, b)
 		if len(b) != out.Size() || len(b) != proto.Size(want) {
 			t.Fatalf("request %d: %d bytes, Size %d, proto.Size %d", i, len(b), out.Size(), proto.Size(want))
 		}
@@ -534,4 +538,40 @@ func decodeOut(t *testing.T, o *OutResponse) *meshpb.DispatchResponse {
 		t.Fatal(err)
 	}
 	return m
+}
+
+// checkVectored: an F32 request's head (AppendHead) and row spans
+// (AppendRowSpans, slices of X) make its marshalled bytes b; other
+// dtypes decline.
+func checkVectored(t *testing.T, o *OutRequest, b []byte) {
+	t.Helper()
+	prefix := []byte{9, 9}
+	head, ok := o.AppendHead(slices.Clone(prefix))
+	if ok != (o.Dtype == meshpb.DType_DTYPE_F32) || (!ok && len(head) != len(prefix)) {
+		t.Fatalf("%v: AppendHead %v, %d bytes", o.Dtype, ok, len(head)-len(prefix))
+	}
+	if !ok {
+		return
+	}
+	got := head[len(prefix):]
+	spans := o.AppendRowSpans(nil)
+	for _, s := range spans {
+		got = append(got, s...)
+	}
+	// The same bytes but for the order of the trace context's map
+	// entries, which marshalling does not fix.
+	m1, m2 := new(meshpb.DispatchRequest), new(meshpb.DispatchRequest)
+	if err := UnmarshalRequest(got, m1); err != nil || len(got) != len(b) || UnmarshalRequest(b, m2) != nil || !proto.Equal(m1, m2) ||
+		!bytes.Equal(got[len(got)-4*len(o.Rows)*o.Cols:], b[len(b)-4*len(o.Rows)*o.Cols:]) {
+		t.Fatalf("rows %v: head and %d spans differ from the marshalled request (%v)", o.Rows, len(spans), err)
+	}
+	runs := 0
+	for i, r := range o.Rows {
+		if i == 0 || r != o.Rows[i-1]+1 {
+			runs++
+		}
+	}
+	if o.Cols > 0 && len(spans) != runs {
+		t.Fatalf("rows %v: %d spans, want %d", o.Rows, len(spans), runs)
+	}
 }
