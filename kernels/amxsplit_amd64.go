@@ -84,9 +84,14 @@ func amxSplitCfg(m0, m1, n0, n1, kc int) amxConfig {
 }
 
 // amxSplitMinN: the smallest batch whose float32-activation BF16 products
-// (MatMul, MatMulMany, ExpertFFN) take the split AMX path. A variable for
-// benchmarks and tests.
-var amxSplitMinN = 16
+// (MatMul, MatMulMany, ExpertFFN) take the split AMX path. One thread at
+// load 4.7-6.1, split/FMA: BenchmarkMatMulSplitAMX -amxsmall (1408x2048,
+// 2048x1408, W in cache) 0.66-0.69 at 4 rows, 1.11-1.30 at 8, 1.37-1.67
+// at 12, 1.69-1.73 at 16; MatMulMany over 24 experts' gate and up
+// (1408x2048, 280 MB of weights streamed from memory as in a MoE layer,
+// best of 8 alternated calls) 1.03-1.08 at 6 rows, 1.29-1.34 at 8,
+// 1.41-1.53 at 12, 2.04-2.08 at 48. A variable for benchmarks and tests.
+var amxSplitMinN = 8
 
 // splitUsed reports whether a float32-activation product of n rows with w
 // takes the split AMX path.

@@ -35,7 +35,7 @@
 // (arch_prctl ARCH_REQ_XCOMP_PERM, asked once at start-up), MatMulBF16Act
 // of 8 or more rows runs TDPBF16PS tiles instead of VDPBF16PS; otherwise
 // the VDPBF16PS kernels run, nothing fails. The default float32-activation
-// products with BF16 weights (MatMul, MatMulMany, ExpertFFN) of 16 or more
+// products with BF16 weights (MatMul, MatMulMany, ExpertFFN) of 8 or more
 // rows run on AMX too, exactly (amxsplit_amd64.go): x split into three
 // bf16 parts whose sum is x, so every product is exact and only the order
 // and number (3K instead of K) of the float32 sums differ; rows of values
