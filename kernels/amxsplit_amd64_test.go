@@ -97,8 +97,9 @@ func TestSplitBF16(t *testing.T) {
 // kernels (the same call with AMX off) and the plain twin
 // (matMulRowsPlain), all against a float64 reference, for batch, row and
 // column tails (tile rows and columns below 16, 16-pair tails of K, odd
-// columns), 1-3 threads, and MatMul, MatMulMany (inputs shared by two
-// products, others below the threshold) and ExpertFFN.
+// columns), 1-3 threads (bit-identical to each other), and MatMul and
+// MatMulMany (inputs shared by two products, a product of one row;
+// bit-identical to MatMul).
 func TestMatMulSplitAMX(t *testing.T) {
 	if ok, why := AMXAvailable(); !ok {
 		t.Skip("AMX unavailable: " + why)
@@ -139,6 +140,7 @@ func TestMatMulSplitAMX(t *testing.T) {
 				}
 			}
 			check("plain", plain, want, mag)
+			var first []float32 // the split path on one thread
 			for _, p := range pools {
 				name := fmt.Sprintf("t%d", p.Threads())
 				yFMA, checkFMA := guarded(n * rows)
@@ -149,6 +151,15 @@ func TestMatMulSplitAMX(t *testing.T) {
 				withSplit(t, true, func() { p.MatMul(yAMX, w, x, n) })
 				checkAMX(t)
 				check("split AMX "+name, yAMX, want, mag)
+				// Which thread computes a row never changes its value.
+				if first == nil {
+					first = yAMX
+				}
+				for i := range yAMX {
+					if math.Float32bits(yAMX[i]) != math.Float32bits(first[i]) {
+						t.Fatalf("split AMX %s %dx%d n=%d: y[%d]=%g, one thread %g", name, rows, cols, n, i, yAMX[i], first[i])
+					}
+				}
 				for i := range yAMX {
 					if !closeRel(float64(yAMX[i]), float64(yFMA[i]), mag[i], exactTol(cols)+splitTol(cols)) {
 						t.Fatalf("split/FMA %s %dx%d n=%d: y[%d] %g vs %g", name, rows, cols, n, i, yAMX[i], yFMA[i])
@@ -167,6 +178,11 @@ func TestMatMulSplitAMX(t *testing.T) {
 				cb(t)
 				cc(t)
 				check("MatMulMany split "+name, ya, want, mag)
+				for i := range ya {
+					if n >= 2 && math.Float32bits(ya[i]) != math.Float32bits(yAMX[i]) {
+						t.Fatalf("MatMulMany %s %dx%d n=%d: y[%d]=%g, MatMul %g", name, rows, cols, n, i, ya[i], yAMX[i])
+					}
+				}
 				check("MatMulMany split (w2) "+name, yb, want2, mag2)
 				check("MatMulMany one row "+name, yc, want[:rows], mag[:rows])
 			}
