@@ -194,7 +194,7 @@ func TestSteadyStateAllocs(t *testing.T) {
 		j := new(job)
 		step := func() {
 			node.prepare(j, req)
-			node.run(ctx, j, false)
+			node.run(ctx, j, false, nil)
 			if r := node.reply(j); r.Code != 0 {
 				t.Fatalf("%v", r)
 			}

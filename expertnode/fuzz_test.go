@@ -37,7 +37,7 @@ func FuzzDispatchValidation(f *testing.F) {
 			}
 			return
 		}
-		node.run(context.Background(), j, false)
+		node.run(context.Background(), j, false, nil)
 		r := node.reply(j)
 		if r.Code != 0 {
 			t.Fatalf("accepted request failed in compute: %v %s", codes.Code(r.Code), r.Message)

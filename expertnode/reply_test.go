@@ -38,7 +38,7 @@ func TestReplyOut(t *testing.T) {
 		}
 		j := node.prepare(new(job), req)
 		if j.code == 0 {
-			node.run(context.Background(), j, false)
+			node.run(context.Background(), j, false, nil)
 		}
 		decode := func(v any) *meshpb.DispatchResponse {
 			bs, err := wire.Codec{}.Marshal(v)
@@ -67,7 +67,7 @@ func TestReplyOut(t *testing.T) {
 		// take replyOut's path.
 		j2 := node.prepare(new(job), req)
 		if j2.code == 0 {
-			node.run(context.Background(), j2, true)
+			node.run(context.Background(), j2, true, nil)
 		}
 		if inFrame := c.dt == meshpb.DType_DTYPE_F32 && !c.bad; j2.inFrame != inFrame {
 			t.Fatalf("%v rows=%d bad=%v: computed in the frame %v, want %v", c.dt, c.rows, c.bad, j2.inFrame, inFrame)

@@ -534,6 +534,11 @@ func (c *Conn) RecvMsgInto(buf *[]byte, m any) error {
 	return nil
 }
 
+// Buffered is how many bytes the connection has read past the last
+// message received: the beginning of the next, if any. Only from the
+// goroutine that receives.
+func (c *Conn) Buffered() int { return c.w - c.r }
+
 // grownTo returns b with room for need bytes: its capacity doubled from
 // minRead/2 until it does, so that a length a peer claims is only
 // allocated as its bytes arrive (callers ask for one byte more than they
