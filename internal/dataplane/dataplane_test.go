@@ -465,6 +465,21 @@ func FuzzFrame(f *testing.F) {
 		if cap(buf) > max(2*len(b), minRead) {
 			t.Fatalf("receive buffer of %d bytes for %d bytes of input", cap(buf), len(b))
 		}
+		// Replies into the receiver's buffer, their rows viewed where
+		// they are when aligned (as the attention node takes them).
+		c = newConn(&readerConn{r: bytes.NewReader(b)})
+		c.max = 1 << 20
+		buf = buf[:0]
+		for range 64 {
+			if err := c.RecvMsgInto(&buf, &m); err != nil {
+				break
+			}
+			if m.Partial != nil {
+				if _, err := wire.CheckMatrix(m.Partial, 2, 64); err == nil {
+					wire.ViewF32(m.Partial)
+				}
+			}
+		}
 	})
 }
 
