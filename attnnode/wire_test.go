@@ -395,7 +395,20 @@ func TestInlineSend(t *testing.T) {
 	r := NewRemoteExperts(newTestView(rt), c.HiddenSize, RemoteConfig{DispatchTimeout: time.Minute})
 	defer r.Close()
 	ctx := context.WithValue(context.Background(), pinKey{}, r.beginStep())
-	one.dispatch(t, ctx, r) // open the stream
+	// untilInline dispatches one until a dispatch goes out inline: the
+	// connection's goroutine, after it opened the stream or sent a queued
+	// request, may still hold the stream when the reply is in.
+	untilInline := func(what string) {
+		t.Helper()
+		before := r.sentInline.Load()
+		for i := 0; r.sentInline.Load() == before; i++ {
+			if i == 100 {
+				t.Fatalf("%s: 100 dispatches to an idle node, none sent inline", what)
+			}
+			one.dispatch(t, ctx, r)
+		}
+	}
+	untilInline("stream opened")
 	base := r.sentInline.Load()
 	e.proxy.Freeze()
 	second := newRoutedBatch(t, c, table, 8)
@@ -429,11 +442,7 @@ func TestInlineSend(t *testing.T) {
 		t.Fatal("the request sent to the frozen node summed differently once it thawed")
 	}
 	// Answered: inline again.
-	before := r.sentInline.Load()
-	one.dispatch(t, ctx, r)
-	if r.sentInline.Load() == before {
-		t.Error("no inline send once every request was answered")
-	}
+	untilInline("every request answered")
 	if !slices.Equal(one.out, want1) {
 		t.Error("partial sums changed")
 	}
