@@ -94,9 +94,12 @@ func amxSplitCfg(m0, m1, n0, n1, kc int) amxConfig {
 var amxSplitMinN = 8
 
 // splitUsed reports whether a float32-activation product of n rows with w
-// takes the split AMX path.
+// takes the split AMX path. Not below 32 columns: at 16 (a 16-wide expert
+// of attnnode's dispatch benchmark) the split ran at 21-38 GFLOP/s against
+// the FMA kernels' 93-106 on one thread, at 32 already 3-5x faster
+// (BenchmarkMatMulSplitAMX with those shapes, 16 and 32 rows).
 func splitUsed(w *Matrix, n int) bool {
-	return amxOn && n >= amxSplitMinN && w.DType == BF16 && impl.isa >= ISAAVX512
+	return amxOn && n >= amxSplitMinN && w.DType == BF16 && w.Cols >= 32 && impl.isa >= ISAAVX512
 }
 
 // splitSteps is the 16-pair steps of a split row of cols values.
