@@ -168,19 +168,7 @@ type candidate struct {
 // rule above and charges it; cands is not empty. It returns an index
 // into cands.
 func (s *shareState) choose(l, e int, cands []candidate) int {
-	rs := s.t.Replicas(l, e)
-	credit := s.credits(l, e, len(rs))
-	total := 0.0
-	for _, c := range cands {
-		total += s.t.Share(l, e, c.r)
-	}
-	for _, c := range cands {
-		share := 1 / float64(len(cands))
-		if total > 0 {
-			share = s.t.Share(l, e, c.r) / total
-		}
-		credit[c.r] += share
-	}
+	credit := s.creditShares(l, e, cands, 1)
 	best := -1
 	better := func(i int) bool {
 		a, b := cands[i], cands[best]
@@ -213,11 +201,36 @@ func (s *shareState) choose(l, e int, cands []candidate) int {
 	if cands[best].load >= 2*cands[least].load+divertRows {
 		best = least
 	}
-	credit[cands[best].r]--
-	for r, v := range credit {
-		credit[r] = min(max(v, -creditBound), creditBound)
-	}
+	charge(credit, cands[best].r, 1)
 	return best
+}
+
+// creditShares credits each of expert e of layer l's candidates its share of
+// amount (the planned shares renormalised over cands; equal parts where
+// they sum to 0) and returns the expert's credits, one per replica.
+func (s *shareState) creditShares(l, e int, cands []candidate, amount float64) []float64 {
+	credit := s.credits(l, e, len(s.t.Replicas(l, e)))
+	total := 0.0
+	for _, c := range cands {
+		total += s.t.Share(l, e, c.r)
+	}
+	for _, c := range cands {
+		share := 1 / float64(len(cands))
+		if total > 0 {
+			share = s.t.Share(l, e, c.r) / total
+		}
+		credit[c.r] += share * amount
+	}
+	return credit
+}
+
+// charge takes amount from replica r's credit and keeps every credit
+// within ±creditBound.
+func charge(credit []float64, r int, amount float64) {
+	credit[r] -= amount
+	for i, v := range credit {
+		credit[i] = min(max(v, -creditBound), creditBound)
+	}
 }
 
 // chooseWhole picks the replica of expert e of layer l that takes all
@@ -228,18 +241,7 @@ func (s *shareState) choose(l, e int, cands []candidate) int {
 // charged rows. It returns an index into cands.
 func (s *shareState) chooseWhole(l, e int, cands []candidate, rows int, cost []int64) int {
 	rs := s.t.Replicas(l, e)
-	credit := s.credits(l, e, len(rs))
-	total := 0.0
-	for _, c := range cands {
-		total += s.t.Share(l, e, c.r)
-	}
-	for _, c := range cands {
-		share := 1 / float64(len(cands))
-		if total > 0 {
-			share = s.t.Share(l, e, c.r) / total
-		}
-		credit[c.r] += share * float64(rows)
-	}
+	credit := s.creditShares(l, e, cands, float64(rows))
 	best := 0
 	for i := 1; i < len(cands); i++ {
 		a, b := cands[i], cands[best]
@@ -261,10 +263,7 @@ func (s *shareState) chooseWhole(l, e int, cands []candidate, rows int, cost []i
 			best = i
 		}
 	}
-	credit[cands[best].r] -= float64(rows)
-	for r, v := range credit {
-		credit[r] = min(max(v, -creditBound), creditBound)
-	}
+	charge(credit, cands[best].r, float64(rows))
 	return best
 }
 

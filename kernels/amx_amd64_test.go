@@ -21,12 +21,19 @@ import (
 // off, restoring both afterwards.
 func withAMX(t testing.TB, on bool, f func()) {
 	t.Helper()
-	was, minN := amxOn, amxMinN
-	defer func() { amxOn, amxMinN = was, minN }()
+	withAMXFrom(t, on, &amxMinN, f)
+}
+
+// withAMXFrom runs f with AMX on or off and *minN, a path's smallest
+// batch, at 1, restoring both afterwards.
+func withAMXFrom(t testing.TB, on bool, minN *int, f func()) {
+	t.Helper()
+	was, n := amxOn, *minN
+	defer func() { amxOn, *minN = was, n }()
 	if err := SetAMX(on); err != nil {
 		t.Skip(err)
 	}
-	amxMinN = 1
+	*minN = 1
 	f()
 }
 

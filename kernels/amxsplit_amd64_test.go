@@ -14,19 +14,13 @@ import (
 // or off, restoring both afterwards.
 func withSplit(t testing.TB, on bool, f func()) {
 	t.Helper()
-	was, minN := amxOn, amxSplitMinN
-	defer func() { amxOn, amxSplitMinN = was, minN }()
-	if err := SetAMX(on); err != nil {
-		t.Skip(err)
-	}
-	amxSplitMinN = 1
-	f()
+	withAMXFrom(t, on, &amxSplitMinN, f)
 }
 
-// exactTol: the float32 products' bound, as amxTol: K*2^-24 * sum|w*x|
+// exactTol: the float32 products' bound, amxTol: K*2^-24 * sum|w*x|
 // against the float64 reference (closeRel adds 1e-30), for a sum of K
 // exact products in any order.
-func exactTol(cols int) float64 { return float64(cols) * 0x1p-24 }
+func exactTol(cols int) float64 { return amxTol(cols) }
 
 // splitTol: the split path sums 3K exact products (w·hi, w·lo, w·lo2,
 // whose magnitudes add up to |w*x|) in float32, so its bound is that of 3K
