@@ -21,14 +21,7 @@ func FuzzMatMulAMX(f *testing.F) {
 			t.Skip("AMX unavailable: " + why)
 		}
 		r, c, nn := int(rows%80)+1, int(cols)+1, int(n%70)+1
-		m := &Matrix{DType: BF16, Rows: r, Cols: c, Data: make([]byte, 2*r*c)}
-		for i := 0; i < r*c; i++ {
-			var b uint16
-			if len(seed) > 0 {
-				b = uint16(seed[i%len(seed)]) ^ uint16(i*131) ^ uint16(seed[(i/len(seed))%len(seed)])<<8
-			}
-			binary.LittleEndian.PutUint16(m.Data[2*i:], b&0x83ff|0x3c00)
-		}
+		m := fuzzBF16Matrix(r, c, seed)
 		x := make([]float32, nn*c)
 		for i := range x {
 			x[i] = float32(math.Sin(float64(i)*0.37+float64(len(seed)))) * 3
@@ -66,14 +59,7 @@ func FuzzMatMulSplitAMX(f *testing.F) {
 			t.Skip("AMX unavailable: " + why)
 		}
 		r, c, nn := int(rows%80)+1, int(cols)+1, int(n%70)+1
-		m := &Matrix{DType: BF16, Rows: r, Cols: c, Data: make([]byte, 2*r*c)}
-		for i := 0; i < r*c; i++ {
-			var b uint16
-			if len(seed) > 0 {
-				b = uint16(seed[i%len(seed)]) ^ uint16(i*131) ^ uint16(seed[(i/len(seed))%len(seed)])<<8
-			}
-			binary.LittleEndian.PutUint16(m.Data[2*i:], b&0x83ff|0x3c00)
-		}
+		m := fuzzBF16Matrix(r, c, seed)
 		x := make([]float32, nn*c)
 		for i := range x {
 			v := float32(math.Sin(float64(i)*0.37+float64(len(seed)))) * 3
@@ -117,4 +103,18 @@ func FuzzMatMulSplitAMX(f *testing.F) {
 			}
 		}
 	})
+}
+
+// fuzzBF16Matrix is an r×c BF16 matrix of moderate finite values (bits
+// 0x3c00-0xbfff with the middle exponent bits fixed) drawn from seed.
+func fuzzBF16Matrix(r, c int, seed []byte) *Matrix {
+	m := &Matrix{DType: BF16, Rows: r, Cols: c, Data: make([]byte, 2*r*c)}
+	for i := 0; i < r*c; i++ {
+		var b uint16
+		if len(seed) > 0 {
+			b = uint16(seed[i%len(seed)]) ^ uint16(i*131) ^ uint16(seed[(i/len(seed))%len(seed)])<<8
+		}
+		binary.LittleEndian.PutUint16(m.Data[2*i:], b&0x83ff|0x3c00)
+	}
+	return m
 }
