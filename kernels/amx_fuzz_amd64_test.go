@@ -49,7 +49,9 @@ func FuzzMatMulAMX(f *testing.F) {
 // so any float32 appears: subnormal, huge, signed zeros, Inf and NaN.
 // Finite x: within the split's bound of the float64 reference (plus the
 // rounding of subnormal results); x with Inf or NaN: bit for bit the FMA
-// kernels' outputs (the call falls back to them).
+// kernels' outputs (the call falls back to them). Both forms of the
+// split path run (forms): packed, and transposed where the columns are
+// even.
 func FuzzMatMulSplitAMX(f *testing.F) {
 	f.Add(uint8(33), uint8(97), uint8(37), []byte{1, 2, 3, 4, 5, 6, 7, 8, 9}, []byte{0x3f, 0x80, 0, 1})
 	f.Add(uint8(16), uint8(32), uint8(16), []byte{0xff, 0x7f, 0x80, 0x01}, []byte{0, 0, 0x80, 0x7f})
@@ -79,27 +81,35 @@ func FuzzMatMulSplitAMX(f *testing.F) {
 		defer p.Close()
 		yFMA := make([]float32, nn*r)
 		withSplit(t, false, func() { p.MatMul(yFMA, m, x, nn) })
-		y, check := guarded(nn * r)
-		withSplit(t, true, func() { p.MatMul(y, m, x, nn) })
-		check(t)
-		if !finite {
-			for i := range y {
-				if math.Float32bits(y[i]) != math.Float32bits(yFMA[i]) {
-					t.Fatalf("%dx%d n=%d, x with Inf/NaN: y[%d]=%g, FMA %g", r, c, nn, i, y[i], yFMA[i])
-				}
-			}
-			return
+		var want, mag []float64
+		var plain []float32
+		if finite {
+			want, mag = refMatMul(m, x, nn, false)
+			plain = make([]float32, nn*r)
+			matMulRowsPlain(plain, m, x, nn, 0, r, make([]float32, matMulScratch(c)), false)
 		}
-		want, mag := refMatMul(m, x, nn, false)
-		plain := make([]float32, nn*r)
-		matMulRowsPlain(plain, m, x, nn, 0, r, make([]float32, matMulScratch(c)), false)
-		for i := range y {
-			if math.IsInf(want[i], 0) || mag[i] > math.MaxFloat32/4 {
-				continue // the float32 sum overflows on any path
+		for _, form := range splitForms {
+			y, check := guarded(nn * r)
+			withWAMax(form.maxN, func() {
+				withSplit(t, true, func() { p.MatMul(y, m, x, nn) })
+			})
+			check(t)
+			if !finite {
+				for i := range y {
+					if math.Float32bits(y[i]) != math.Float32bits(yFMA[i]) {
+						t.Fatalf("%s %dx%d n=%d, x with Inf/NaN: y[%d]=%g, FMA %g", form.name, r, c, nn, i, y[i], yFMA[i])
+					}
+				}
+				continue
 			}
-			tol := splitTol(c)*mag[i] + float64(c)*0x1p-149
-			if d := math.Abs(float64(y[i]) - want[i]); d > tol {
-				t.Fatalf("%dx%d n=%d: y[%d]=%g want %g (sum|w*x| %g, plain %g, FMA %g)", r, c, nn, i, y[i], want[i], mag[i], plain[i], yFMA[i])
+			for i := range y {
+				if math.IsInf(want[i], 0) || mag[i] > math.MaxFloat32/4 {
+					continue // the float32 sum overflows on any path
+				}
+				tol := splitTol(c)*mag[i] + float64(c)*0x1p-149
+				if d := math.Abs(float64(y[i]) - want[i]); d > tol {
+					t.Fatalf("%s %dx%d n=%d: y[%d]=%g want %g (sum|w*x| %g, plain %g, FMA %g)", form.name, r, c, nn, i, y[i], want[i], mag[i], plain[i], yFMA[i])
+				}
 			}
 		}
 	})

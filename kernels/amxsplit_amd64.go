@@ -122,11 +122,20 @@ type splitX struct {
 // scaled up before splitting.
 const splitTinyBits = 0x2f800000
 
-// amxSplitRows splits rows [lo,hi) of x (cols each) into dst (rows of
-// splitRowLen(cols)) and stores each row's largest |x| bits in mx[i]
+// amxSplitRows splits rows [lo,hi) of x (cols each) into dst, the split
+// of all n = len(dst)/splitRowLen(cols) rows (rows of splitRowLen(cols),
+// or the transposed layout where waLayout(n, cols)), and stores each row's largest |x| bits in mx[i]
 // (>= 0x7f800000 where the row has Inf or NaN).
 func amxSplitRows(dst []uint16, x []float32, cols, lo, hi int, mx []uint32) {
 	rl := splitRowLen(cols)
+	if n := len(dst) / rl; waLayout(n, cols) {
+		buf := unsafe.Slice((*uint32)(unsafe.Pointer(&dst[0])), n*rl/2)
+		for i := lo; i < hi; i += 16 {
+			b1 := min(hi, i+16)
+			splitRowsT(buf, n, cols, x, i, b1, 1, mx[i:b1])
+		}
+		return
+	}
 	for i := lo; i < hi; i++ {
 		mx[i] = amxSplitRowScaled(dst[i*rl:(i+1)*rl], x[i*cols:(i+1)*cols], 1)
 	}
@@ -189,7 +198,12 @@ func finishSplit(s *splitX, x []float32, mx []uint32, inv []float32) bool {
 		// 2^e <= max < 2^(e+1); scale by 2^-e, at most 2^126.
 		e := max(-126, math.Ilogb(float64(math.Float32frombits(m))))
 		rl := splitRowLen(s.cols)
-		amxSplitRowScaled(s.a[i*rl:(i+1)*rl], x[i*s.cols:(i+1)*s.cols], float32(math.Ldexp(1, -e)))
+		if waLayout(s.n, s.cols) {
+			var m [1]uint32
+			splitRowsT(waBuf(s), s.n, s.cols, x, i, i+1, float32(math.Ldexp(1, -e)), m[:])
+		} else {
+			amxSplitRowScaled(s.a[i*rl:(i+1)*rl], x[i*s.cols:(i+1)*s.cols], float32(math.Ldexp(1, -e)))
+		}
 		s.inv[i] = float32(math.Ldexp(1, e))
 	}
 	return true
@@ -225,6 +239,11 @@ func matMulSplitRows(y []float32, w *Matrix, s *splitX, lo, hi int, scratch []fl
 		return
 	}
 	cols, rows := w.Cols, w.Rows
+	if waLayout(n, cols) {
+		matMulWARows(y, w, s, lo, hi, scratch)
+		splitUnscale(y, s, rows, lo, hi)
+		return
+	}
 	kp := (cols + 1) / 2
 	kmain := kp &^ 15 // whole 16-pair steps
 	kt := kp - kmain  // pairs of the tail step
@@ -271,11 +290,14 @@ func matMulSplitRows(y []float32, w *Matrix, s *splitX, lo, hi int, scratch []fl
 			}
 		}
 	}
-	if s.inv != nil {
-		for i, f := range s.inv {
-			if f != 1 {
-				scaleGeneric(y[i*rows+lo:i*rows+hi], f)
-			}
+	splitUnscale(y, s, rows, lo, hi)
+}
+
+// splitUnscale scales the outputs [lo,hi) of the split's tiny rows back.
+func splitUnscale(y []float32, s *splitX, rows, lo, hi int) {
+	for i, f := range s.inv {
+		if f != 1 {
+			scaleGeneric(y[i*rows+lo:i*rows+hi], f)
 		}
 	}
 }

@@ -93,8 +93,10 @@ func TestSplitBF16(t *testing.T) {
 // column tails (tile rows and columns below 16, 16-pair tails of K, odd
 // columns), 1-3 threads (bit-identical to each other), and MatMul and
 // MatMulMany (inputs shared by two products, a product of one row;
-// bit-identical to MatMul).
-func TestMatMulSplitAMX(t *testing.T) {
+// bit-identical to MatMul), in both forms (forSplitForms).
+func TestMatMulSplitAMX(t *testing.T) { forSplitForms(t, testMatMulSplitAMX) }
+
+func testMatMulSplitAMX(t *testing.T) {
 	if ok, why := AMXAvailable(); !ok {
 		t.Skip("AMX unavailable: " + why)
 	}
@@ -105,7 +107,7 @@ func TestMatMulSplitAMX(t *testing.T) {
 			p.Close()
 		}
 	}()
-	shapes := [][2]int{{33, 64}, {48, 97}, {17, 31}, {70, 160}, {16, 40}, {100, 33}, {5, 2}, {64, 1024}, {40, 1}}
+	shapes := [][2]int{{33, 64}, {48, 97}, {17, 31}, {70, 160}, {16, 40}, {100, 33}, {5, 2}, {64, 1024}, {40, 1}, {150, 64}}
 	var ns []int
 	for n := 1; n <= 40; n++ {
 		ns = append(ns, n)
@@ -185,8 +187,10 @@ func TestMatMulSplitAMX(t *testing.T) {
 }
 
 // TestExpertFFNSplitAMX: ExpertFFN with the split path against the FMA
-// kernels (gate and up, then down, each split once).
-func TestExpertFFNSplitAMX(t *testing.T) {
+// kernels (gate and up, then down, each split once), in both forms.
+func TestExpertFFNSplitAMX(t *testing.T) { forSplitForms(t, testExpertFFNSplitAMX) }
+
+func testExpertFFNSplitAMX(t *testing.T) {
 	if ok, why := AMXAvailable(); !ok {
 		t.Skip("AMX unavailable: " + why)
 	}
@@ -221,15 +225,24 @@ func TestExpertFFNSplitAMX(t *testing.T) {
 // zeros, Inf and NaN. Finite inputs stay within the float32 bound of the
 // float64 reference (rows of tiny values are scaled, so their outputs keep
 // full relative precision); any Inf or NaN in x makes the call take the
-// FMA kernels, so the outputs equal theirs bit for bit.
+// FMA kernels, so the outputs equal theirs bit for bit. Both forms, with
+// an odd (packed form only) and an even column count.
 func TestMatMulSplitAMXSpecial(t *testing.T) {
+	forSplitForms(t, func(t *testing.T) {
+		for _, cols := range []int{97, 98} {
+			testMatMulSplitAMXSpecial(t, cols)
+		}
+	})
+}
+
+func testMatMulSplitAMXSpecial(t *testing.T, cols int) {
 	if ok, why := AMXAvailable(); !ok {
 		t.Skip("AMX unavailable: " + why)
 	}
 	rng := rand.New(rand.NewPCG(57, 58))
 	p := NewPool(2)
 	defer p.Close()
-	const rows, cols, n = 40, 97, 37
+	const rows, n = 40, 37
 	w := randMatrix(rng, BF16, rows, cols, 0)
 	finite := []struct {
 		name string

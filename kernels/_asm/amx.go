@@ -116,6 +116,14 @@ func genAMX(g *gen) {
 		}
 	}
 	genAMXSplitRow(g)
+	for _, mt := range []int{1, 2} {
+		for _, nt := range []int{1, 2} {
+			genAMXWAKernel(g, mt, nt)
+		}
+	}
+	genAMXSplitRowAcc(g)
+	genAMXPairsT(g)
+	genAMXStoreT(g)
 	// func amxPeak(cfg *amxConfig, iters int): iters x 4 TDPBF16PS on
 	// zeroed tiles, register only (the bench-kernels AMX peak).
 	g.text("amxPeak", 16)
@@ -328,8 +336,14 @@ func genAMXSplitKernel(g *gen, mt, nt int) {
 // truncated). Each step writes hi, lo, lo2 as 32 bf16 (64 bytes) one
 // after another, 192 bytes a step. mx receives the per-lane maximum of
 // |v|'s bits (Inf and NaN above every finite value).
-func genAMXSplitRow(g *gen) {
-	g.text("amxSplitRow", 40)
+func genAMXSplitRow(g *gen) { genAMXSplitRowInto(g, "amxSplitRow", false) }
+
+// genAMXSplitRowAcc writes amxSplitRowAcc, amxSplitRow whose mx is a
+// running maximum: it starts from mx's lanes instead of zero.
+func genAMXSplitRowAcc(g *gen) { genAMXSplitRowInto(g, "amxSplitRowAcc", true) }
+
+func genAMXSplitRowInto(g *gen, name string, acc bool) {
+	g.text(name, 40)
 	g.p("MOVQ dst+0(FP), DI")
 	g.p("MOVQ src+8(FP), SI")
 	g.p("MOVQ steps+16(FP), CX")
@@ -338,10 +352,15 @@ func genAMXSplitRow(g *gen) {
 	g.p("VPBROADCASTD AX, Z30")
 	g.p("MOVL $0x7fffffff, AX")
 	g.p("VPBROADCASTD AX, Z29")
-	g.p("VPXORD Z28, Z28, Z28")
+	if acc {
+		g.p("MOVQ mx+32(FP), AX")
+		g.p("VMOVDQU32 (AX), Z28")
+	} else {
+		g.p("VPXORD Z28, Z28, Z28")
+	}
 	g.p("TESTQ CX, CX")
-	g.p("JZ amxSplitRow_done")
-	g.label("amxSplitRow_loop")
+	g.p("JZ %s_done", name)
+	g.label(name + "_loop")
 	for h := 0; h < 2; h++ {
 		v, t, hi, r, lo := 5*h, 5*h+1, 5*h+2, 5*h+3, 5*h+4
 		g.p("VMULPS %d(SI), Z31, Z%d", 64*h, v)
@@ -361,10 +380,194 @@ func genAMXSplitRow(g *gen) {
 	g.p("ADDQ $128, SI")
 	g.p("ADDQ $192, DI")
 	g.p("DECQ CX")
-	g.p("JNZ amxSplitRow_loop")
-	g.label("amxSplitRow_done")
+	g.p("JNZ %s_loop", name)
+	g.label(name + "_done")
 	g.p("MOVQ mx+32(FP), AX")
 	g.p("VMOVDQU32 Z28, (AX)")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genAMXWAKernel writes amxWA{M}{N}, the transposed ("W as A") kernel of
+// the exact path, C^T = W·x^T:
+//
+// func amxWA{M}{N}(cfg *amxConfig, a *byte, astride uintptr, b *uint32, bstride uintptr, ksteps int, c *float32, cstride uintptr, acc int)
+//
+// A is M tiles of up to 16 rows of W itself (bf16, a with row stride
+// astride = 2*Cols, tile 1 at 16*astride; each step 64 bytes further), so
+// W is read straight from memory without packing. B is N tiles of x split
+// by amxSplitRowT: per 16-pair step three parts (hi, lo, lo2) of 16 pair
+// rows each (b, row stride bstride; part p at 16*p*bstride, the next step
+// at 48*bstride; x block 1 at +64 bytes). Each step loads the A tiles
+// once and multiplies them by the three parts' B tiles into the same C.
+// C (tile i,j at c + 16*i*cstride + 64*j) = (acc ? C : 0) + the sum; C's
+// rows are W rows, its columns x rows (the caller transposes). With one
+// B tile (N = 1) the parts alternate between TMM6 and TMM7 (cfg shapes
+// both), so a part's load does not wait for the products of the one
+// before. Every call ends with TILERELEASE.
+func genAMXWAKernel(g *gen, mt, nt int) {
+	name := fmt.Sprintf("amxWA%d%d", mt, nt)
+	g.text(name, 72)
+	g.p("MOVQ cfg+0(FP), DI")
+	g.p(ldtilecfg(mem{base: "DI"}))
+	g.p("MOVQ a+8(FP), SI")
+	g.p("MOVQ astride+16(FP), R8")
+	g.p("MOVQ b+24(FP), DX")
+	g.p("MOVQ bstride+32(FP), R11")
+	g.p("MOVQ ksteps+40(FP), CX")
+	g.p("MOVQ c+48(FP), BX")
+	g.p("MOVQ cstride+56(FP), R9")
+	g.p("MOVQ R8, R12")
+	g.p("SHLQ $4, R12")
+	g.p("ADDQ SI, R12") // A1
+	g.p("MOVQ R9, R13")
+	g.p("SHLQ $4, R13")
+	g.p("ADDQ BX, R13") // C row 16
+	g.p("MOVQ R11, DI")
+	g.p("SHLQ $4, DI") // part stride
+	cTile := func(i, j int) (int, mem) {
+		base := "BX"
+		if i == 1 {
+			base = "R13"
+		}
+		return 2*i + j, mem{base: base, index: "R9", scale: 1, disp: 64 * j}
+	}
+	g.p("CMPQ acc+64(FP), $0")
+	g.p("JNE %s_load", name)
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, _ := cTile(i, j)
+			g.p(tilezero(t))
+		}
+	}
+	g.p("JMP %s_loop", name)
+	g.label(name + "_load")
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, m := cTile(i, j)
+			g.p(tileloadd(t, m))
+		}
+	}
+	g.label(name + "_loop")
+	g.p(tileloadd(4, mem{base: "SI", index: "R8", scale: 1}))
+	if mt == 2 {
+		g.p(tileloadd(5, mem{base: "R12", index: "R8", scale: 1}))
+	}
+	for part := 0; part < 3; part++ {
+		tb := 6
+		if nt == 1 && part == 1 {
+			tb = 7
+		}
+		g.p(tileloadd(tb, mem{base: "DX", index: "R11", scale: 1}))
+		g.p(tdpbf16ps(0, 4, tb))
+		if mt == 2 {
+			g.p(tdpbf16ps(2, 5, tb))
+		}
+		if nt == 2 {
+			g.p(tileloadd(7, mem{base: "DX", index: "R11", scale: 1, disp: 64}))
+			g.p(tdpbf16ps(1, 4, 7))
+			if mt == 2 {
+				g.p(tdpbf16ps(3, 5, 7))
+			}
+		}
+		g.p("ADDQ DI, DX")
+	}
+	g.p("ADDQ $64, SI")
+	g.p("ADDQ $64, R12")
+	g.p("DECQ CX")
+	g.p("JNZ %s_loop", name)
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, m := cTile(i, j)
+			g.p(tilestored(m, t))
+		}
+	}
+	g.p(tilerelease())
+	g.p("RET")
+}
+
+// genAMXPairsT writes
+//
+// func amxPairsT(dst *uint32, dstride uintptr, src *uint16, sstride uintptr, rows, blocks int)
+//
+// which transposes blocks 16x16 blocks of 32-bit words: block b of source
+// row r is the 16 words at src + r*sstride + 64*b, and word q of it goes
+// to column r of row 16*b+q of dst (dst + (16*b+q)*dstride + 4*r). Only
+// columns r < rows are stored (a masked store), but all 16 source rows
+// are read (src must hold 16 rows of 64*blocks bytes). It turns
+// amxSplitRow's rows (per step, three parts of 16 pairs) into the pair
+// rows of the amxWA kernels' B tiles.
+func genAMXPairsT(g *gen) {
+	g.text("amxPairsT", 48)
+	g.p("MOVQ dst+0(FP), DI")
+	g.p("MOVQ dstride+8(FP), R8")
+	g.p("MOVQ src+16(FP), SI")
+	g.p("MOVQ sstride+24(FP), R9")
+	g.p("MOVQ rows+32(FP), CX")
+	g.p("MOVL $1, AX")
+	g.p("SHLL CX, AX")
+	g.p("DECL AX")
+	g.p("KMOVW AX, K1")
+	g.p("MOVQ blocks+40(FP), CX")
+	g.p("TESTQ CX, CX")
+	g.p("JZ amxPairsT_done")
+	g.label("amxPairsT_loop")
+	g.p("MOVQ SI, AX")
+	for r := 0; r < 16; r++ {
+		g.p("VMOVDQU32 (AX), Z%d", r)
+		if r < 15 {
+			g.p("ADDQ R9, AX")
+		}
+	}
+	transpose16(g, 0, 16)
+	for q := 0; q < 16; q++ {
+		g.p("VMOVDQU32 Z%d, K1, (DI)", q)
+		g.p("ADDQ R8, DI")
+	}
+	g.p("ADDQ $64, SI")
+	g.p("DECQ CX")
+	g.p("JNZ amxPairsT_loop")
+	g.label("amxPairsT_done")
+	g.p("VZEROUPPER")
+	g.p("RET")
+}
+
+// genAMXStoreT writes
+//
+// func amxStoreT(y *float32, ystride uintptr, c *float32, cstride uintptr, m, nx int)
+//
+// which writes a 16x16 float32 block of C transposed into y: row n < nx
+// of y (y + n*ystride) receives column n of C's rows (c + r*cstride),
+// r < m (a masked store). All 16 rows of c are read. It stores the amxWA
+// kernels' C tiles (W rows by x rows) into y (x rows by W rows).
+func genAMXStoreT(g *gen) {
+	g.text("amxStoreT", 48)
+	g.p("MOVQ y+0(FP), DI")
+	g.p("MOVQ ystride+8(FP), R8")
+	g.p("MOVQ c+16(FP), SI")
+	g.p("MOVQ cstride+24(FP), R9")
+	g.p("MOVQ m+32(FP), CX")
+	g.p("MOVL $1, AX")
+	g.p("SHLL CX, AX")
+	g.p("DECL AX")
+	g.p("KMOVW AX, K1")
+	g.p("MOVQ nx+40(FP), CX")
+	for r := 0; r < 16; r++ {
+		g.p("VMOVUPS (SI), Z%d", r)
+		if r < 15 {
+			g.p("ADDQ R9, SI")
+		}
+	}
+	transpose16(g, 0, 16)
+	for n := 0; n < 16; n++ {
+		g.p("VMOVUPS Z%d, K1, (DI)", n)
+		if n < 15 {
+			g.p("CMPQ CX, $%d", n+1)
+			g.p("JLE amxStoreT_done")
+			g.p("ADDQ R8, DI")
+		}
+	}
+	g.label("amxStoreT_done")
 	g.p("VZEROUPPER")
 	g.p("RET")
 }
