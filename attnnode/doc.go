@@ -15,7 +15,9 @@
 // and the coordinator sends it again. Steps and Info carry the
 // coordinator's epoch: an older epoch is refused with
 // FAILED_PRECONDITION, a newer one first drops the sequences older epochs
-// created, and ExpireEpoch drops a dead coordinator's sequences.
+// created, and ExpireEpoch drops a dead coordinator's sequences and
+// refuses its epoch until ReviveEpoch (that coordinator had only lost its
+// lease and registered again; it rebuilds what was dropped).
 //
 // Dispatch (RemoteExperts) never does network I/O under the engine's
 // compute lock. Each expert node has one long-lived Dispatch stream run by

@@ -370,6 +370,18 @@ func (n *Node) ExpireEpoch(epoch uint64) {
 	n.tryFence()
 }
 
+// ReviveEpoch accepts steps of an expired epoch again: the control plane
+// calls it when that coordinator is a member again (its lease had expired
+// while it lived, a stall or a partition from etcd, and it re-registered
+// under the same epoch). What ExpireEpoch dropped stays dropped: the
+// coordinator learns from NOT_FOUND which sequences to rebuild. A newer
+// epoch still fences it.
+func (n *Node) ReviveEpoch(epoch uint64) {
+	n.mu.Lock()
+	delete(n.mu.expired, epoch)
+	n.mu.Unlock()
+}
+
 // Drain marks the node draining: Info reports it, and the coordinator
 // places no new sequence here. Running sequences keep being served (a
 // new one is still accepted: the coordinator's view may lag); the owner

@@ -229,15 +229,28 @@ func (l *lateView) InUse(oldest, newest uint64) {
 
 // expireDead drops the sequences of coordinator epochs that were live
 // and are no longer (that coordinator's lease ended), so a coordinator
-// that died leaks no cache even before a new one starts.
+// that died leaks no cache even before a new one starts; an epoch that is
+// live again (its coordinator outlived its lease and re-registered) is
+// served again, and the coordinator rebuilds what was dropped.
 func expireDead(n *attnnode.Node) func(live []uint64) {
-	var prev []uint64
+	var prev, expired []uint64
 	return func(live []uint64) {
 		for _, e := range prev {
 			if !slices.Contains(live, e) {
 				n.ExpireEpoch(e)
+				expired = append(expired, e)
 			}
 		}
+		expired = slices.DeleteFunc(expired, func(e uint64) bool {
+			switch {
+			case slices.Contains(live, e):
+				n.ReviveEpoch(e)
+				return true
+			default:
+				// A newer live epoch fences e on the node anyway.
+				return len(live) > 0 && e < live[len(live)-1]
+			}
+		})
 		prev = slices.Clone(live)
 	}
 }

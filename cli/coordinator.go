@@ -24,6 +24,7 @@ func addCoordinatorFlags(fs *flag.FlagSet, cfg *coordinator.Config) {
 	fs.DurationVar(&cfg.RetryAfter, "retry-after", cfg.RetryAfter, "Retry-After of 429 and 503 answers")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "end-to-end limit per request (0: none)")
 	fs.DurationVar(&cfg.StepTimeout, "step-timeout", cfg.StepTimeout, "limit per attention-node step; beyond it the node counts as failed")
+	fs.DurationVar(&cfg.NodeWait, "node-wait", cfg.NodeWait, "how long requests wait for an attention node while none is usable (one whose lease lapsed re-registers, one that died restarts) before they get 503 (0: at once)")
 }
 
 // serveCoordinator starts a coordinator on nodes, prints the URL once an

@@ -112,6 +112,7 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 		{"redundant-experts", "coordinator: extra replicas per MoE layer for the hottest experts", 'i'},
 		{"request-timeout", "coordinator: end-to-end limit per request", 'd'},
 		{"step-timeout", "coordinator: limit per attention-node step", 'd'},
+		{"node-wait", "coordinator: how long requests wait for an attention node while none is usable", 'd'},
 		{"retry-after", "coordinator: Retry-After of 429 and 503 answers", 'd'},
 		{"rebalance-interval", "coordinator: how often to check whether the observed expert load warrants a new placement (0: never on a schedule)", 'd'},
 		{"rebalance-threshold", "coordinator: a scheduled check plans only above this weighted expert imbalance", 'f'},

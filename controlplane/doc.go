@@ -163,7 +163,9 @@
 //     Controller.Collectors for /metrics.
 //   - Attention node: NewAttnView as its placement.View; Wait before
 //     serving; InUse per step; OnCoordinators to drop sequences of dead
-//     coordinator epochs; StartLoadReporter with its load statistics.
+//     coordinator epochs (and serve an epoch again once its coordinator,
+//     which had only lost its lease, is a member again); StartLoadReporter
+//     with its load statistics.
 //   - Expert node: NewExpertAgent with the node as ExpertHolder; Drain on
 //     SIGTERM; exit on Drained.
 //   - CLI: Show (`placement show`), RequestDrain, RequestRebalance;

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/expertmesh/expertmesh/model"
@@ -279,7 +280,9 @@ func (f *flakyInfo) Step(ctx context.Context, req *meshpb.StepRequest) (*meshpb.
 
 func TestOperationalEndpoints(t *testing.T) {
 	var fl *flakyInfo
-	cl := startCluster(t, 1, nil, func(_ int, n AttentionNode) AttentionNode { fl = &flakyInfo{AttentionNode: n}; return fl })
+	// The node breaks for good below: its request waits 100 ms for it.
+	cl := startCluster(t, 1, func(c *Config) { c.NodeWait = 100 * time.Millisecond },
+		func(_ int, n AttentionNode) AttentionNode { fl = &flakyInfo{AttentionNode: n}; return fl })
 	if code, _ := complete(t, cl, map[string]any{"prompt": []int{1, 2}, "max_tokens": 2}); code != 200 {
 		t.Fatal(code)
 	}

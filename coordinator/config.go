@@ -44,6 +44,13 @@ type Config struct {
 	// StepTimeout bounds one node step (--step-timeout); a node that does
 	// not answer in time is treated as failed and its requests get 503.
 	StepTimeout time.Duration
+	// NodeWait is how long requests wait for an attention node while none
+	// is usable (--node-wait): after the last one left (its lease lapsed
+	// and it re-registers, or it restarts) and after the coordinator
+	// starts. Sequences of a node that left are rebuilt on the one that
+	// comes; after NodeWait with none, waiting requests fail with 503 and
+	// new ones get 503 at once. 0: at once.
+	NodeWait time.Duration
 	// DefaultMaxTokens is max_tokens when a request omits it.
 	DefaultMaxTokens int
 	// Logger receives node up/down transitions (nil: slog.Default()).
@@ -71,6 +78,7 @@ func DefaultConfig() Config {
 		RetryAfter:        time.Second,
 		RequestTimeout:    10 * time.Minute,
 		StepTimeout:       2 * time.Minute,
+		NodeWait:          30 * time.Second,
 		DefaultMaxTokens:  16,
 	}
 }
@@ -94,6 +102,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--retry-after must be >= 0, got %v", c.RetryAfter)
 	case c.RequestTimeout < 0:
 		return fmt.Errorf("--request-timeout must be >= 0, got %v", c.RequestTimeout)
+	case c.NodeWait < 0:
+		return fmt.Errorf("--node-wait must be >= 0, got %v", c.NodeWait)
 	case c.StepTimeout <= 0:
 		return fmt.Errorf("--step-timeout must be > 0, got %v", c.StepTimeout)
 	case c.DefaultMaxTokens < 0:

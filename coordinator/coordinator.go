@@ -77,6 +77,9 @@ type Coordinator struct {
 		published struct{ rebuilt, preempted, cacheQueries, cacheHits int }
 		closing   bool
 		draining  bool
+		// noNodesSince is when the last usable attention node was lost
+		// (or the coordinator started); zero while one is usable.
+		noNodesSince time.Time
 		// nodes[i] drives scheduler node i; indexes are never reused.
 		nodes []*nodeHandle
 		boxes map[uint64]*mailbox
@@ -160,6 +163,8 @@ func Start(ctx context.Context, cfg Config, nodes map[string]AttentionNode) (*Co
 	c.nextID.Store(cfg.Epoch << 32)
 	c.mu.sched = newScheduler(schedConfig{budget: cfg.StepTokenBudget, maxSeqs: cfg.MaxRunningPerNode})
 	c.mu.boxes = map[uint64]*mailbox{}
+	c.mu.noNodesSince = time.Now() // nodes join after the start
+	c.armNodeWait()
 	c.lctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	ids := make([]string, 0, len(nodes))
 	for id := range nodes {
@@ -527,9 +532,49 @@ func (c *Coordinator) wakeNodes(nodes []int) {
 // admitLocked places waiting sequences and publishes the scheduler's
 // figures.
 func (c *Coordinator) admitLocked() (woken []int, failed []update) {
+	c.holdLocked()
 	woken, failed = c.mu.sched.admit()
 	c.publishLocked()
 	return woken, failed
+}
+
+// holdLocked sets whether the scheduler holds requests for an attention
+// node while none is usable: for NodeWait from when the last one was lost
+// (or the coordinator started), so that a node whose lease lapsed and
+// re-registers, or one that restarts, loses no request. A timer admits
+// again at the end of the wait, when what still waits fails.
+func (c *Coordinator) holdLocked() {
+	s := c.mu.sched
+	if s.anyUsable() {
+		c.mu.noNodesSince = time.Time{}
+		return
+	}
+	now := time.Now()
+	if c.mu.noNodesSince.IsZero() {
+		c.mu.noNodesSince = now
+		c.armNodeWait()
+	}
+	s.hold = now.Sub(c.mu.noNodesSince) < c.cfg.NodeWait
+}
+
+// armNodeWait admits again once NodeWait has passed, so that what waits
+// for a node that never came fails then. A timer of an earlier wait finds
+// a node usable, or a later wait still running, and changes nothing.
+func (c *Coordinator) armNodeWait() {
+	if c.cfg.NodeWait <= 0 {
+		return
+	}
+	time.AfterFunc(c.cfg.NodeWait, func() {
+		c.mu.Lock()
+		if c.mu.closing {
+			c.mu.Unlock()
+			return
+		}
+		woken, failed := c.admitLocked()
+		c.mu.Unlock()
+		c.deliver(failed)
+		c.wakeNodes(woken)
+	})
 }
 
 // publishLocked brings the metrics up to the scheduler's counters and
@@ -573,6 +618,7 @@ func (c *Coordinator) submit(qs []*sequence) (*mailbox, error) {
 		return nil, ErrShuttingDown
 	}
 	s := c.mu.sched
+	c.holdLocked()
 	for _, q := range qs {
 		if err := s.check(q); err != nil {
 			c.mu.Unlock()

@@ -45,9 +45,14 @@
 // its sequences is rebuilt on another node by re-prefilling its prompt and
 // the tokens generated so far, which the coordinator keeps; the client sees
 // one uninterrupted answer (greedy tokens unchanged, a seeded sampler
-// continues its random stream). A sequence whose node fails a second time,
-// or that has no live node to go to, gets a 503; requests never hang on a
-// dead node. A full waiting queue answers 429 with Retry-After, before
+// continues its random stream). A sequence the node answers NOT_FOUND for
+// (it dropped the sequences of this coordinator's epoch while the
+// coordinator's lease had lapsed) is rebuilt the same way. With no usable
+// node, requests wait for one up to Config.NodeWait (--node-wait: a node
+// whose lease lapsed registers again, one that died restarts), new ones
+// included, and are rebuilt on it; past that they get a 503, as does a
+// sequence whose node fails a second time: requests never hang on a dead
+// node. A full waiting queue answers 429 with Retry-After, before
 // any byte of a stream; a client that goes away or a request past its
 // timeout is withdrawn and its cache blocks freed.
 //

@@ -711,12 +711,12 @@ func TestRequestTimeout(t *testing.T) {
 
 func TestNodeFailure(t *testing.T) {
 	var g *gate
-	cl := startCluster(t, 1, nil, func(_ int, n AttentionNode) AttentionNode { g = newGate(n); return g })
+	cl := startCluster(t, 1, func(c *Config) { c.NodeWait = 0 }, func(_ int, n AttentionNode) AttentionNode { g = newGate(n); return g })
 	g.fail = errors.New("connection reset")
 	close(g.open)
 	// The only node fails the step: with no other node to move the
-	// sequence to, it fails with the attention node's error, not a
-	// generic one.
+	// sequence to and no wait for one (--node-wait 0), it fails with the
+	// attention node's error, not a generic one.
 	resp, b := post(t, context.Background(), cl.url+"/v1/completions", map[string]any{"prompt": []int{1, 2}, "max_tokens": 4})
 	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), `"attention_node_unavailable"`) ||
 		!strings.Contains(string(b), "no other can take it over") {

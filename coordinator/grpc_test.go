@@ -102,6 +102,9 @@ func startGRPC(t *testing.T, n int, wrap func(i int, nd AttentionNode) Attention
 	}
 	cfg := DefaultConfig()
 	cfg.ModelDir, cfg.Addr, cfg.StepTokenBudget, cfg.MaxRunningPerNode = tinyDir, "127.0.0.1:0", 16, 8
+	// A node cut off here stays cut off: what it ran fails at once
+	// instead of waiting for it (TestNodeWait* test the wait).
+	cfg.NodeWait = 0
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	c, err := Start(context.Background(), cfg, byID(nodes))
 	if err != nil {

@@ -259,6 +259,10 @@ type scheduler struct {
 	// chunks, and those the node took from its cache).
 	rebuilt, preempted      int
 	cacheQueries, cacheHits int
+	// hold: with no usable node, waiting sequences wait and new ones are
+	// taken (the driver's grace for a node to come back) instead of
+	// failing with ErrNoNodes.
+	hold bool
 }
 
 func newScheduler(cfg schedConfig) *scheduler {
@@ -352,15 +356,24 @@ func blocksFor(tokens, blockSize int) int { return (tokens + blockSize - 1) / bl
 // hold its longest extent (prompt + max_tokens), or it would have to
 // preempt itself. It is called before enqueue so that a request that can
 // never be placed is refused rather than waiting forever.
+//
+// While the scheduler holds for a node (hold), a request is checked
+// against the caches of the nodes it knew (a node that comes back under
+// its id comes back with the same cache), and against nothing if it never
+// knew one.
 func (s *scheduler) check(q *sequence) error {
-	if !s.anyUsable() {
+	usable := s.anyUsable()
+	if !usable && !s.hold {
 		return ErrNoNodes
 	}
 	best := 0
 	for _, n := range s.nodes {
-		if n.usable() {
+		if n.usable() || !usable {
 			best = max(best, n.totalBlocks*n.blockSize)
 		}
+	}
+	if !usable && best == 0 {
+		return nil
 	}
 	if t := q.reserveTokens(); t > best {
 		return fmt.Errorf("%w: prompt (%d tokens) + max_tokens (%d) = %d tokens exceed the largest attention node's cache of %d tokens",
@@ -434,9 +447,13 @@ func (s *scheduler) anyPrefixCaching() bool {
 // preempt sequences younger than itself on one node, the fewest blocks'
 // worth, youngest first; failing that it waits, and younger ones behind
 // it may still be placed. With no usable node every waiting sequence
-// fails. It returns the nodes that got work.
+// fails, unless the scheduler holds for a node to come (hold): then they
+// wait. It returns the nodes that got work.
 func (s *scheduler) admit() (woken []int, failed []update) {
 	if !s.anyUsable() {
+		if s.hold {
+			return nil, nil
+		}
 		for _, q := range s.waiting {
 			q.done = true
 			err := ErrNoNodes
@@ -794,6 +811,17 @@ func (s *scheduler) apply(i int, resp *meshpb.StepResponse) []update {
 			q.claim = blocksFor(q.sent, n.blockSize)
 			continue
 		}
+		if r != nil && codes.Code(r.Code) == codes.NotFound && q.created && !q.done {
+			// The node lost it: it dropped this coordinator's sequences
+			// while the coordinator's lease had lapsed (a stall, or cut
+			// off from etcd) and took its steps again once it was a
+			// member again. Rebuilt like a failed node's sequence.
+			q.inflight = false
+			n.running = slices.DeleteFunc(n.running, func(x *sequence) bool { return x == q })
+			n.freeBlocks += q.claim
+			out = s.rebuild(q, &NodeSeqError{Code: codes.NotFound, Message: r.Message}, out)
+			continue
+		}
 		// The node holds every other sequence this step carried work
 		// for (a per-sequence failure included: it is released below).
 		q.created = true
@@ -920,17 +948,24 @@ func (s *scheduler) fail(i int, err error) []update {
 	for _, q := range n.running {
 		q.inflight = false
 		n.release = append(n.release, q.id)
-		if q.rebuilds >= maxRebuilds {
-			q.done = true
-			out = append(out, update{seq: q, err: err})
-			continue
-		}
-		q.rebuilds++
-		q.rebuilding = true
-		q.claim, q.sent, q.created = 0, 0, false
-		s.requeue(q)
+		out = s.rebuild(q, err, out)
 	}
 	n.running = nil
+	return out
+}
+
+// rebuild sends q, taken off its node, back to the waiting queue to be
+// re-prefilled elsewhere (or on the same node); one rebuilt maxRebuilds
+// times already fails with err instead, appended to out.
+func (s *scheduler) rebuild(q *sequence, err error, out []update) []update {
+	if q.rebuilds >= maxRebuilds {
+		q.done = true
+		return append(out, update{seq: q, err: err})
+	}
+	q.rebuilds++
+	q.rebuilding = true
+	q.claim, q.sent, q.created = 0, 0, false
+	s.requeue(q)
 	return out
 }
 

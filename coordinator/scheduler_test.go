@@ -552,3 +552,42 @@ func TestSchedulerRandomWorkloads(t *testing.T) {
 		})
 	}
 }
+
+// TestSchedulerHoldsForNode: while the driver holds for a node (hold),
+// a failed node's sequences and new ones wait instead of failing, a new
+// one is checked against the caches the scheduler knew, and they are
+// placed when a node is up again; without hold they fail.
+func TestSchedulerHoldsForNode(t *testing.T) {
+	s, fn := testScheduler(schedConfig{budget: 16, maxSeqs: 4}, info(8, 8, 4))
+	a := seqOf(1, 3, 4)
+	s.enqueue(a)
+	s.admit()
+	s.apply(0, fn[0].answer(s.plan(0), func(uint64) int { return 7 }))
+	s.plan(0)
+	s.hold = true
+	if ups := s.fail(0, errors.New("boom")); len(ups) != 0 {
+		t.Fatalf("failure failed %d sequences, want them rebuilt", len(ups))
+	}
+	if woken, failed := s.admit(); len(woken) != 0 || len(failed) != 0 || a.node != -1 {
+		t.Fatalf("admit holding for a node: woken %v, failed %+v, a on %d", woken, failed, a.node)
+	}
+	b := seqOf(2, 2, 2)
+	if err := s.check(b); err != nil {
+		t.Fatalf("check holding for a node: %v", err)
+	}
+	if err := s.check(seqOf(3, 20, 20)); !errors.Is(err, ErrTooLong) {
+		t.Fatalf("check of a request no known cache holds, holding for a node: %v", err)
+	}
+	s.enqueue(b)
+	s.nodeUp(0, info(8, fn[0].free(), 4))
+	if woken, _ := s.admit(); len(woken) != 1 || a.node != 0 || b.node != 0 {
+		t.Fatalf("node back: woken %v, a on %d, b on %d", woken, a.node, b.node)
+	}
+	// Without hold the same loss fails what waits.
+	s.plan(0)
+	s.hold = false
+	s.fail(0, errors.New("boom"))
+	if _, failed := s.admit(); len(failed) != 1 || failed[0].seq != b || !errors.Is(failed[0].err, ErrNoNodes) {
+		t.Fatalf("admit not holding: %+v", failed)
+	}
+}

@@ -562,7 +562,7 @@ func TestTruthfulErrors(t *testing.T) {
 	})
 	t.Run("attention node fails, no other", func(t *testing.T) {
 		var g *gate
-		cl := startCluster(t, 1, nil, func(_ int, n AttentionNode) AttentionNode { g = newGate(n); return g })
+		cl := startCluster(t, 1, func(c *Config) { c.NodeWait = 0 }, func(_ int, n AttentionNode) AttentionNode { g = newGate(n); return g })
 		g.fail = fmt.Errorf("connection reset")
 		close(g.open)
 		code, out := complete(t, cl, map[string]any{"prompt": []int{1, 2}, "max_tokens": 2})

@@ -16,6 +16,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/expertmesh/expertmesh/controlplane"
 )
 
 // The failure tests run the real binary's roles as processes against a
@@ -671,4 +675,81 @@ func TestDrainIdleCluster(t *testing.T) {
 	if got := clusterJSON(t, c); got["control_plane"] == nil {
 		t.Fatalf("/v1/cluster without the control plane: %v", got)
 	}
+}
+
+// lapseLease revokes the lease of a member's key, as etcd does when the
+// member's keep-alives stop arriving for a TTL (a stall, a partition from
+// etcd) while the process itself lives on, and waits until the member has
+// registered again under a new lease.
+func lapseLease(t *testing.T, c *Cluster, role controlplane.Role, id string) {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: strings.Split(c.EtcdEndpoints, ","), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	key := controlplane.KeysFor(c.cfg.ClusterName).Member(role, id)
+	resp, err := cli.Get(ctx, key)
+	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
+		t.Fatalf("member %s: %v %v", key, resp, err)
+	}
+	old := resp.Kvs[0].Lease
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(old)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, key+" registered again", time.Minute, func() bool {
+		r, err := cli.Get(ctx, key)
+		return err == nil && len(r.Kvs) == 1 && r.Kvs[0].Lease != 0 && r.Kvs[0].Lease != old
+	})
+}
+
+// TestChaosCoordinatorLeaseLapses: the coordinator's lease ends while it
+// lives. The attention nodes drop its sequences (for all they know it
+// died), it registers again under its epoch, they take its steps again,
+// and it rebuilds what they dropped: no request fails, outputs unchanged,
+// and nothing leaks.
+func TestChaosCoordinatorLeaseLapses(t *testing.T) {
+	c := startChaos(t, 1, 2, nil)
+	l := startLoad(t, c.URL)
+	l.warm(t)
+	from := time.Now()
+	lapseLease(t, c, controlplane.RoleCoordinator, "coordinator")
+	to := time.Now()
+	took := l.waitProgress(t, to, chaosStreams, time.Minute)
+	t.Logf("coordinator lease lapsed: %d requests started after it re-registered completed within %v", chaosStreams, took.Round(time.Millisecond))
+	check(t, "coordinator lease lapsed", l.finish(), from, to, nil)
+	waitNoLeak(t, c, "attn-0")
+}
+
+// TestChaosAttentionLeaseLapses: the only attention node's lease ends
+// while it lives. The coordinator drops it and its sequences wait
+// (--node-wait) until it is a member again, then are rebuilt there; new
+// requests wait too: no request fails and outputs are unchanged.
+func TestChaosAttentionLeaseLapses(t *testing.T) {
+	c := startChaos(t, 1, 2, nil)
+	l := startLoad(t, c.URL)
+	l.warm(t)
+	from := time.Now()
+	lapseLease(t, c, controlplane.RoleAttn, "attn-0")
+	to := time.Now()
+	took := l.waitProgress(t, to, chaosStreams, time.Minute)
+	t.Logf("attention node lease lapsed: %d requests started after it re-registered completed within %v", chaosStreams, took.Round(time.Millisecond))
+	check(t, "attention node lease lapsed", l.finish(), from, to, nil)
+	waitNoLeak(t, c, "attn-0")
+}
+
+// TestChaosExpertLeaseLapses: an expert node's lease ends while it lives;
+// it registers again: no request fails and outputs are unchanged.
+func TestChaosExpertLeaseLapses(t *testing.T) {
+	c := startChaos(t, 1, 2, nil)
+	l := startLoad(t, c.URL)
+	l.warm(t)
+	from := time.Now()
+	lapseLease(t, c, controlplane.RoleExpert, "expert-1")
+	to := time.Now()
+	took := l.waitProgress(t, to, chaosStreams, time.Minute)
+	t.Logf("expert node lease lapsed: %d requests started after it re-registered completed within %v", chaosStreams, took.Round(time.Millisecond))
+	check(t, "expert node lease lapsed", l.finish(), from, to, nil)
 }
