@@ -50,8 +50,8 @@ func FuzzMatMulAMX(f *testing.F) {
 // Finite x: within the split's bound of the float64 reference (plus the
 // rounding of subnormal results); x with Inf or NaN: bit for bit the FMA
 // kernels' outputs (the call falls back to them). Both forms of the
-// split path run (forms): packed, and transposed where the columns are
-// even.
+// split path run (splitForms): packed, and transposed where the columns
+// are even; their outputs agree bit for bit.
 func FuzzMatMulSplitAMX(f *testing.F) {
 	f.Add(uint8(33), uint8(97), uint8(37), []byte{1, 2, 3, 4, 5, 6, 7, 8, 9}, []byte{0x3f, 0x80, 0, 1})
 	f.Add(uint8(16), uint8(32), uint8(16), []byte{0xff, 0x7f, 0x80, 0x01}, []byte{0, 0, 0x80, 0x7f})
@@ -88,12 +88,22 @@ func FuzzMatMulSplitAMX(f *testing.F) {
 			plain = make([]float32, nn*r)
 			matMulRowsPlain(plain, m, x, nn, 0, r, make([]float32, matMulScratch(c)), false)
 		}
+		var first []float32
 		for _, form := range splitForms {
 			y, check := guarded(nn * r)
 			withWAMax(form.maxN, func() {
 				withSplit(t, true, func() { p.MatMul(y, m, x, nn) })
 			})
 			check(t)
+			// The forms add the same products in the same order.
+			if first == nil {
+				first = y
+			}
+			for i := range y {
+				if math.Float32bits(y[i]) != math.Float32bits(first[i]) {
+					t.Fatalf("%dx%d n=%d: y[%d] %s %g, %s %g", r, c, nn, i, form.name, y[i], splitForms[0].name, first[i])
+				}
+			}
 			if !finite {
 				for i := range y {
 					if math.Float32bits(y[i]) != math.Float32bits(yFMA[i]) {

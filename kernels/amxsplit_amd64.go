@@ -16,7 +16,11 @@ import (
 // w·part is exact in float32 and TDPBF16PS sums them in float32 with round
 // to nearest even: W·hi + W·lo + W·lo2, accumulated into the same C tiles,
 // is W·x with float32 summation error, the error class of the FMA
-// kernels (bound below), for three times their tile work. The parts of a 16-pair step lie next to each other
+// kernels (bound below), for three times their tile work. Two forms:
+// here x's parts are the A tiles and W is packed into B tiles on every
+// call; in amxwa_amd64.go (batches up to waMaxN rows, even columns) W's
+// rows are the A tiles as stored and x's parts the B tiles, which saves
+// the packing. Here the parts of a 16-pair step lie next to each other
 // (amxSplitRow) so one kernel loads each B tile once for all three.
 //
 // What TDPBF16PS does differently from float32 FMA, and how it is kept
@@ -124,8 +128,9 @@ const splitTinyBits = 0x2f800000
 
 // amxSplitRows splits rows [lo,hi) of x (cols each) into dst, the split
 // of all n = len(dst)/splitRowLen(cols) rows (rows of splitRowLen(cols),
-// or the transposed layout where waLayout(n, cols)), and stores each row's largest |x| bits in mx[i]
-// (>= 0x7f800000 where the row has Inf or NaN).
+// or the transposed layout of amxwa_amd64.go where waLayout(n, cols)),
+// and stores each row's largest |x| bits in mx[i] (>= 0x7f800000 where
+// the row has Inf or NaN).
 func amxSplitRows(dst []uint16, x []float32, cols, lo, hi int, mx []uint32) {
 	rl := splitRowLen(cols)
 	if n := len(dst) / rl; waLayout(n, cols) {
@@ -199,8 +204,8 @@ func finishSplit(s *splitX, x []float32, mx []uint32, inv []float32) bool {
 		e := max(-126, math.Ilogb(float64(math.Float32frombits(m))))
 		rl := splitRowLen(s.cols)
 		if waLayout(s.n, s.cols) {
-			var m [1]uint32
-			splitRowsT(waBuf(s), s.n, s.cols, x, i, i+1, float32(math.Ldexp(1, -e)), m[:])
+			var scaled [1]uint32
+			splitRowsT(waBuf(s), s.n, s.cols, x, i, i+1, float32(math.Ldexp(1, -e)), scaled[:])
 		} else {
 			amxSplitRowScaled(s.a[i*rl:(i+1)*rl], x[i*s.cols:(i+1)*s.cols], float32(math.Ldexp(1, -e)))
 		}

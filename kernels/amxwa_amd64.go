@@ -20,9 +20,13 @@ import (
 // of n uint32, pair row q holding (x[i][2q], x[i][2q+1]) of every x row
 // i. A C tile is 16 W rows by 16 x rows; the kernel stores it to scratch
 // and Go writes it transposed into y. The arithmetic is the split's
-// (amxsplit_amd64.go): the same parts, the same exact products, only the
-// order of the float32 sums differs, so the same bound 3K*2^-24*sum|w*x|
-// holds and the same Inf/NaN, tiny-row and subnormal handling applies
+// (amxsplit_amd64.go): the same parts and exact products (w·part is
+// part·w), which TDPBF16PS adds in the order its pseudocode fixes (pair
+// by pair within a step, steps in order, hi lo lo2 within a step in both
+// forms) whichever operand is A, so the outputs equal the packed form's
+// bit for bit (TestMatMulWAForms and FuzzMatMulSplitAMX check it; so did
+// the logprobs of a 512-token exact prefill), with the same bound
+// 3K*2^-24*sum|w*x| and the same Inf/NaN, tiny-row and subnormal handling
 // (finishSplit, matMulSplitRows).
 //
 // Odd column counts keep the packed form: the last pair of a W row would
