@@ -715,3 +715,128 @@ func TestReplyFrame(t *testing.T) {
 		t.Errorf("a frame without room for its header: %v", err)
 	}
 }
+
+// TestReadDeadline: a receive whose read deadline passes mid-header or
+// mid-payload returns ErrReadTimeout and leaves the connection open; the
+// next receive goes on with the frame where it stopped, whether its
+// payload goes into RecvMsgInto's buffer or (RecvMsg) the connection's. A
+// deadline set in the past from another goroutine wakes a blocked
+// receive. The frames that arrive in pieces decode exactly as sent.
+func TestReadDeadline(t *testing.T) {
+	x := make([]float32, 3*4096) // 48 KiB of payload: more than the read-ahead
+	for i := range x {
+		x[i] = float32(i)
+	}
+	want := &meshpb.DispatchResponse{Id: 5, ComputeUs: 9, Partial: &meshpb.Tensor{Dtype: meshpb.DType_DTYPE_F32, Shape: []int64{3, 4096}, Data: wire.AppendRows(nil, meshpb.DType_DTYPE_F32, x)}}
+	p, err := proto.Marshal(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := frame(kindMessage, p)
+	st := frame(kindStatus, append(binary.LittleEndian.AppendUint32(nil, uint32(codes.Aborted)), "bye"...))
+	// The pieces the server writes, one per receive below.
+	pieces := [][]byte{msg[:2], msg[2:9], msg[9:20000], msg[20000:], st[:3], st[3:6], st[6:]}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	next := make(chan []byte)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		nc, err := lis.Accept()
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		io.ReadFull(nc, make([]byte, helloSize))
+		nc.Write(answer(Version, statusOK))
+		for b := range next {
+			nc.Write(b)
+		}
+	}()
+	c, err := Dial(testCtx(t), lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		c.Close()
+		close(next)
+		<-served
+	}()
+	// timeout receives with short deadlines until total bytes of the
+	// frame have been read (progress): each receive must time out, keep
+	// what it read and leave the connection open.
+	timeout := func(recv func() error, progress func() int, total int) {
+		t.Helper()
+		for i := 0; progress() < total; i++ {
+			c.SetReadDeadline(time.Now().Add(5 * time.Millisecond))
+			if err := recv(); !errors.Is(err, ErrReadTimeout) || !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("receive of a partial frame: %v, want ErrReadTimeout", err)
+			}
+			if c.closed.Load() {
+				t.Fatal("a timeout closed the connection")
+			}
+			if i == 2000 {
+				t.Fatalf("after 10 s, %d of %d bytes of the frame read", progress(), total)
+			}
+		}
+	}
+	// What arrived of a frame whose bytes go into the connection's buffer.
+	inRbuf := func() int {
+		if c.rk != 0 {
+			return headerSize + c.w - c.r
+		}
+		return c.w - c.r
+	}
+	var buf []byte
+	var got meshpb.DispatchResponse
+	into := func() error { return c.RecvMsgInto(&buf, &got) }
+	sent := 0
+	for _, b := range pieces[:3] {
+		next <- b
+		sent += len(b)
+		timeout(into, func() int {
+			if c.rinto {
+				return headerSize + len(buf)
+			}
+			return inRbuf()
+		}, sent)
+	}
+	// Woken by a deadline in the past set from another goroutine, while
+	// blocked in the read or before it (the same error either way).
+	woke := make(chan error, 1)
+	c.SetReadDeadline(time.Time{})
+	go func() { woke <- into() }()
+	c.SetReadDeadline(time.Unix(1, 0))
+	select {
+	case err := <-woke:
+		if !errors.Is(err, ErrReadTimeout) {
+			t.Fatalf("interrupted receive: %v, want ErrReadTimeout", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a deadline in the past did not wake the receive")
+	}
+	next <- pieces[3]
+	c.SetReadDeadline(time.Time{})
+	if err := into(); err != nil {
+		t.Fatalf("the frame's last piece: %v", err)
+	}
+	if !proto.Equal(&got, want) {
+		t.Fatal("the frame received in pieces decoded to another message")
+	}
+	// A status frame in pieces, through RecvMsg (the connection's buffer).
+	var m meshpb.DispatchResponse
+	sent = 0
+	for _, b := range pieces[4:6] {
+		next <- b
+		sent += len(b)
+		timeout(func() error { return c.RecvMsg(&m) }, inRbuf, sent)
+	}
+	next <- pieces[6]
+	c.SetReadDeadline(time.Time{})
+	if err := c.RecvMsg(&m); status.Code(err) != codes.Aborted || status.Convert(err).Message() != "bye" {
+		t.Fatalf("status frame in pieces: %v, want Aborted: bye", err)
+	}
+}
