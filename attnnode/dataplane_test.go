@@ -489,3 +489,409 @@ func TestRepliesViewedInPlace(t *testing.T) {
 		}
 	}
 }
+
+// scriptedExpert is a data-plane expert node whose replies the test
+// writes, whole or in pieces: the requests it reads arrive on reqs, and
+// whatever the test sends on out is written to the connection. conns
+// counts the connections handshaken (a stream that failed redials).
+type scriptedExpert struct {
+	addr  string
+	conns atomic.Int32
+	reqs  chan *meshpb.DispatchRequest
+	out   chan []byte
+}
+
+func startScriptedExpert(t *testing.T) *scriptedExpert {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &scriptedExpert{addr: lis.Addr().String(), reqs: make(chan *meshpb.DispatchRequest, 16), out: make(chan []byte)}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	serve := func(nc net.Conn) {
+		defer wg.Done()
+		defer nc.Close()
+		hello := make([]byte, 24)
+		if _, err := io.ReadFull(nc, hello); err != nil || string(hello[:4]) != dataplane.Magic {
+			return
+		}
+		answer := []byte(dataplane.Magic + "\x00\x00\x00\x00")
+		binary.LittleEndian.PutUint16(answer[4:], dataplane.Version)
+		if _, err := nc.Write(answer); err != nil {
+			return
+		}
+		e.conns.Add(1)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				head := make([]byte, 5)
+				if _, err := io.ReadFull(nc, head); err != nil {
+					return
+				}
+				b := make([]byte, binary.LittleEndian.Uint32(head[1:]))
+				req := new(meshpb.DispatchRequest)
+				if _, err := io.ReadFull(nc, b); err != nil || wire.UnmarshalRequest(b, req) != nil {
+					return
+				}
+				select {
+				case e.reqs <- req:
+				case <-done:
+					return
+				}
+			}
+		}()
+		for {
+			select {
+			case b := <-e.out:
+				if _, err := nc.Write(b); err != nil {
+					return
+				}
+			case <-done:
+				return
+			}
+		}
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go serve(nc)
+		}
+	}()
+	t.Cleanup(func() {
+		close(done)
+		lis.Close()
+		wg.Wait()
+	})
+	return e
+}
+
+// request is the next request the expert reads.
+func (e *scriptedExpert) request(t *testing.T) *meshpb.DispatchRequest {
+	t.Helper()
+	select {
+	case req := <-e.reqs:
+		return req
+	case <-time.After(20 * time.Second):
+		t.Fatal("no request reached the expert node")
+		return nil
+	}
+}
+
+// echo is the frame of a reply to req whose partial rows are its hidden
+// rows: a dispatch's out then equals its x.
+func echo(t *testing.T, req *meshpb.DispatchRequest) []byte {
+	t.Helper()
+	frame, x := dataplane.ReplyFrame(nil, req.Id, int(req.Hidden.Shape[0]), int(req.Hidden.Shape[1]))
+	if err := wire.Decode(x, req.Hidden); err != nil {
+		t.Fatal(err)
+	}
+	frame = wire.AppendComputeUs(frame, 1)
+	frame[0] = 1
+	binary.LittleEndian.PutUint32(frame[1:], uint32(len(frame)-5))
+	return frame
+}
+
+// scriptedDispatches is a RemoteExperts on the data plane whose one node
+// is e, with the dispatch timeout given, and a way to start dispatches of
+// two rows (each dispatch's rows its own values) that e echoes.
+type scriptedDispatches struct {
+	r     *RemoteExperts
+	c     *model.Config
+	layer int
+	ctx   context.Context
+}
+
+func newScriptedDispatches(t *testing.T, e *scriptedExpert, timeout time.Duration) *scriptedDispatches {
+	t.Helper()
+	dir := genTiny(t, "tiny-v2")
+	c, err := model.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shape := placement.ShapeOf(c)
+	all, _ := placement.ParseSet(shape, "all")
+	tab := placement.NewTable(shape, 1)
+	if err := tab.AddSet("s", all); err != nil {
+		t.Fatal(err)
+	}
+	r := NewRemoteExperts(newTestView(&placement.Routing{Table: tab, Addrs: []string{e.addr}}), c.HiddenSize,
+		RemoteConfig{DispatchTimeout: timeout, ExpertWait: time.Minute, Transport: TransportTCP, Wire: meshpb.DType_DTYPE_F32})
+	t.Cleanup(r.Close)
+	s := &scriptedDispatches{r: r, c: c, layer: -1}
+	for l := range c.NumHiddenLayers {
+		if c.IsMoELayer(l) {
+			s.layer = l
+			break
+		}
+	}
+	s.ctx = context.WithValue(context.Background(), pinKey{}, r.beginStep())
+	return s
+}
+
+// start starts a dispatch of two rows of value v (plus their index) in
+// ctx; check waits for it and checks that it echoed them.
+func (s *scriptedDispatches) start(ctx context.Context, v float32) (wait func() error, check func(t *testing.T)) {
+	const n = 2
+	h, k := s.c.HiddenSize, s.c.TopK()
+	x, out := make([]float32, n*h), make([]float32, n*h)
+	for i := range x {
+		x[i] = v + float32(i)
+	}
+	ids, w := make([]int32, n*k), make([]float32, n*k)
+	for i := range ids {
+		ids[i], w[i] = int32(i%k), 1
+	}
+	wait = s.r.StartRoutedExperts(ctx, s.layer, x, n, k, ids, w, out)
+	return wait, func(t *testing.T) {
+		t.Helper()
+		if !slices.Equal(out, x) {
+			t.Errorf("dispatch of %v: out is not the rows echoed", v)
+		}
+	}
+}
+
+// stream is the node's open data-plane stream.
+func (s *scriptedDispatches) stream(t *testing.T) *dispatchStream {
+	t.Helper()
+	s.r.mu.Lock()
+	defer s.r.mu.Unlock()
+	for _, c := range s.r.mu.conns {
+		if st := c.cur.Load(); st != nil && st.dp != nil {
+			return st
+		}
+	}
+	t.Fatal("no open data-plane stream")
+	return nil
+}
+
+// holder waits until some dispatch holds st's reader role and returns it.
+func (st *dispatchStream) holder(t *testing.T) *dispatch {
+	t.Helper()
+	for start := time.Now(); time.Since(start) < 20*time.Second; time.Sleep(time.Millisecond) {
+		st.mu.Lock()
+		d := st.mu.reader
+		st.mu.Unlock()
+		if d != nil {
+			return d
+		}
+	}
+	t.Fatal("no dispatch took the stream's reader role")
+	return nil
+}
+
+// warm runs one dispatch, which opens the stream, and waits until the
+// stream's receive goroutine, which read its reply (its request went out
+// from the connection's goroutine), leaves the reader role free, and the
+// connection's goroutine is done sending (so that the next dispatches
+// send inline and read their replies).
+func (s *scriptedDispatches) warm(t *testing.T, e *scriptedExpert) {
+	t.Helper()
+	wait, check := s.start(s.ctx, 1000)
+	e.out <- echo(t, e.request(t))
+	if err := wait(); err != nil {
+		t.Fatal(err)
+	}
+	check(t)
+	st := s.stream(t)
+	for start := time.Now(); ; time.Sleep(time.Millisecond) {
+		st.mu.Lock()
+		free := st.mu.reader == nil && !st.mu.bg
+		st.mu.Unlock()
+		if free && st.c.tx.TryLock() {
+			st.c.tx.Unlock()
+			return
+		}
+		if time.Since(start) > 20*time.Second {
+			t.Fatal("the receive goroutine kept the reader role with no request awaiting a reply")
+		}
+	}
+}
+
+// TestReplyReadByAnotherWaiter: two dispatches await replies on one
+// data-plane stream; the one that holds its reader role reads the other's
+// reply (which comes first) and hands it over, then its own; both sums
+// are right, and the dispatch that waited without the role never read.
+func TestReplyReadByAnotherWaiter(t *testing.T) {
+	e := startScriptedExpert(t)
+	s := newScriptedDispatches(t, e, time.Minute)
+	s.warm(t, e)
+	type read struct{ reader, owner *dispatch }
+	reads := make(chan read, 4)
+	s.r.onRead = func(reader, owner *dispatch) { reads <- read{reader, owner} }
+	wait1, check1 := s.start(s.ctx, 1)
+	errs := make(chan error, 2)
+	go func() { errs <- wait1() }()
+	st := s.stream(t)
+	d1 := st.holder(t)
+	wait2, check2 := s.start(s.ctx, 2)
+	go func() { errs <- wait2() }()
+	req1, req2 := e.request(t), e.request(t)
+	e.out <- echo(t, req2)
+	e.out <- echo(t, req1)
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	check1(t)
+	check2(t)
+	r2, r1 := <-reads, <-reads
+	if r2.reader != d1 || r2.owner == d1 || r1.reader != d1 || r1.owner != d1 {
+		t.Errorf("replies read by %p (for %p), then %p (for %p); want both by the role's holder %p, the first for the other dispatch",
+			r2.reader, r2.owner, r1.reader, r1.owner, d1)
+	}
+	if n := e.conns.Load(); n != 1 {
+		t.Errorf("%d connections, want 1", n)
+	}
+}
+
+// TestDeadlineMidReply: a dispatch reading its own reply misses its
+// deadline with half the reply read. The stream stays open, the role
+// passes to the receive goroutine mid-reply, and the next try, on the
+// same node after the round's backoff, is sent on it; the rest of the
+// first reply (its attempt abandoned) is read and dropped, then the
+// second reply is read; no redial.
+func TestDeadlineMidReply(t *testing.T) {
+	e := startScriptedExpert(t)
+	const timeout = time.Second
+	s := newScriptedDispatches(t, e, timeout)
+	s.warm(t, e)
+	var own, background atomic.Int32
+	s.r.onRead = func(reader, owner *dispatch) {
+		if reader == nil {
+			background.Add(1)
+		} else if reader == owner {
+			own.Add(1)
+		}
+	}
+	wait, check := s.start(s.ctx, 1)
+	errs := make(chan error, 1)
+	start := time.Now()
+	go func() { errs <- wait() }()
+	req1 := e.request(t)
+	s.stream(t).holder(t) // the dispatch reads
+	first := echo(t, req1)
+	half := len(first) / 2
+	e.out <- first[:half]
+	req2 := e.request(t) // sent once the first attempt's deadline passed
+	if took := time.Since(start); took < timeout {
+		t.Errorf("the dispatch was retried after %v, before its %v deadline", took, timeout)
+	}
+	e.out <- first[half:]
+	e.out <- echo(t, req2)
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	check(t)
+	if n := e.conns.Load(); n != 1 {
+		t.Errorf("%d connections: the deadline failed the stream", n)
+	}
+	// The dispatch gave the role up mid-reply (nothing of its own was
+	// awaited on the stream then); the receive goroutine read the rest,
+	// then the second reply, which was awaited by then.
+	if o, b := own.Load(), background.Load(); o != 0 || b != 2 {
+		t.Errorf("%d replies read by their dispatch, %d by the receive goroutine; want 0 and 2", o, b)
+	}
+	// The stream still works, read by the dispatch itself.
+	own.Store(0)
+	wait, check = s.start(s.ctx, 3)
+	go func() { errs <- wait() }()
+	e.out <- echo(t, e.request(t))
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	check(t)
+}
+
+// TestCancelWhileReading: a dispatch blocked reading the stream for its
+// own reply returns promptly when its context is cancelled (the dispatch
+// timeout is a minute); the role passes to the receive goroutine, which
+// reads the late reply, and the stream serves the next dispatch.
+func TestCancelWhileReading(t *testing.T) {
+	e := startScriptedExpert(t)
+	s := newScriptedDispatches(t, e, time.Minute)
+	s.warm(t, e)
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	wait, _ := s.start(ctx, 1)
+	errs := make(chan error, 1)
+	go func() { errs <- wait() }()
+	req1 := e.request(t)
+	st := s.stream(t)
+	st.holder(t)
+	cancelled := time.Now()
+	cancel()
+	select {
+	case err := <-errs:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled dispatch: %v, want context.Canceled", err)
+		}
+		if took := time.Since(cancelled); took > 5*time.Second {
+			t.Errorf("the cancelled dispatch returned after %v", took)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the cancelled dispatch did not return")
+	}
+	st.mu.Lock()
+	reader, bg := st.mu.reader, st.mu.bg
+	st.mu.Unlock()
+	if reader != nil || !bg {
+		t.Errorf("after the cancel: role held by %p, receive goroutine %v; want it with the receive goroutine", reader, bg)
+	}
+	e.out <- echo(t, req1)
+	wait, check := s.start(s.ctx, 2)
+	go func() { errs <- wait() }()
+	e.out <- echo(t, e.request(t))
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	check(t)
+	if n := e.conns.Load(); n != 1 {
+		t.Errorf("%d connections, want 1", n)
+	}
+}
+
+// TestDispatchReadsOwnReply: one dispatch at a time to a real expert
+// node: the dispatching goroutine reads its reply itself (no hand-off
+// from the stream's receive goroutine) for most dispatches (the receive
+// goroutine may still hold the role from the one before, when it read
+// that reply: the first dispatch's request went out from the
+// connection's goroutine).
+func TestDispatchReadsOwnReply(t *testing.T) {
+	dir := genTiny(t, "tiny-v2")
+	c, err := model.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table, _ := startExperts(t, dir, 1)
+	r := NewRemoteExperts(placement.NewStatic(table), c.HiddenSize, RemoteConfig{Transport: TransportTCP})
+	defer r.Close()
+	var own, other atomic.Int32
+	r.onRead = func(reader, owner *dispatch) {
+		if reader == owner {
+			own.Add(1)
+		} else {
+			other.Add(1)
+		}
+	}
+	ctx := context.WithValue(context.Background(), pinKey{}, r.beginStep())
+	batch := newRoutedBatch(t, c, table, 4)
+	const n = 40
+	for range n {
+		batch.dispatch(t, ctx, r)
+	}
+	o := own.Load()
+	if o < n/2 {
+		t.Errorf("%d of %d replies read by their own dispatch, %d by another reader", o, n, other.Load())
+	}
+	t.Logf("%d of %d replies read by their own dispatch", o, n)
+}
