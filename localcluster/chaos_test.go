@@ -705,51 +705,35 @@ func lapseLease(t *testing.T, c *Cluster, role controlplane.Role, id string) {
 	})
 }
 
-// TestChaosCoordinatorLeaseLapses: the coordinator's lease ends while it
-// lives. The attention nodes drop its sequences (for all they know it
-// died), it registers again under its epoch, they take its steps again,
-// and it rebuilds what they dropped: no request fails, outputs unchanged,
-// and nothing leaks.
-func TestChaosCoordinatorLeaseLapses(t *testing.T) {
-	c := startChaos(t, 1, 2, nil)
-	l := startLoad(t, c.URL)
-	l.warm(t)
-	from := time.Now()
-	lapseLease(t, c, controlplane.RoleCoordinator, "coordinator")
-	to := time.Now()
-	took := l.waitProgress(t, to, chaosStreams, time.Minute)
-	t.Logf("coordinator lease lapsed: %d requests started after it re-registered completed within %v", chaosStreams, took.Round(time.Millisecond))
-	check(t, "coordinator lease lapsed", l.finish(), from, to, nil)
-	waitNoLeak(t, c, "attn-0")
-}
-
-// TestChaosAttentionLeaseLapses: the only attention node's lease ends
-// while it lives. The coordinator drops it and its sequences wait
-// (--node-wait) until it is a member again, then are rebuilt there; new
-// requests wait too: no request fails and outputs are unchanged.
-func TestChaosAttentionLeaseLapses(t *testing.T) {
-	c := startChaos(t, 1, 2, nil)
-	l := startLoad(t, c.URL)
-	l.warm(t)
-	from := time.Now()
-	lapseLease(t, c, controlplane.RoleAttn, "attn-0")
-	to := time.Now()
-	took := l.waitProgress(t, to, chaosStreams, time.Minute)
-	t.Logf("attention node lease lapsed: %d requests started after it re-registered completed within %v", chaosStreams, took.Round(time.Millisecond))
-	check(t, "attention node lease lapsed", l.finish(), from, to, nil)
-	waitNoLeak(t, c, "attn-0")
-}
-
-// TestChaosExpertLeaseLapses: an expert node's lease ends while it lives;
-// it registers again: no request fails and outputs are unchanged.
-func TestChaosExpertLeaseLapses(t *testing.T) {
-	c := startChaos(t, 1, 2, nil)
-	l := startLoad(t, c.URL)
-	l.warm(t)
-	from := time.Now()
-	lapseLease(t, c, controlplane.RoleExpert, "expert-1")
-	to := time.Now()
-	took := l.waitProgress(t, to, chaosStreams, time.Minute)
-	t.Logf("expert node lease lapsed: %d requests started after it re-registered completed within %v", chaosStreams, took.Round(time.Millisecond))
-	check(t, "expert node lease lapsed", l.finish(), from, to, nil)
+// TestChaosLeaseLapses: a member's lease ends while its process lives
+// on, and it registers again. The coordinator: the attention nodes drop
+// its sequences (for all they know it died) and take its steps again once
+// it is a member again; it rebuilds what they dropped. The only attention
+// node: the coordinator drops it; its sequences and new requests wait
+// (--node-wait) until it is a member again, then are rebuilt there. An
+// expert node: placement moves and comes back. In each case no request
+// fails, outputs are unchanged, and no cache leaks.
+func TestChaosLeaseLapses(t *testing.T) {
+	for _, tc := range []struct {
+		role controlplane.Role
+		id   string
+	}{
+		{controlplane.RoleCoordinator, "coordinator"},
+		{controlplane.RoleAttn, "attn-0"},
+		{controlplane.RoleExpert, "expert-1"},
+	} {
+		t.Run(string(tc.role), func(t *testing.T) {
+			c := startChaos(t, 1, 2, nil)
+			l := startLoad(t, c.URL)
+			l.warm(t)
+			from := time.Now()
+			lapseLease(t, c, tc.role, tc.id)
+			to := time.Now()
+			took := l.waitProgress(t, to, chaosStreams, time.Minute)
+			what := tc.id + " lease lapsed"
+			t.Logf("%s: %d requests started after it registered again completed within %v", what, chaosStreams, took.Round(time.Millisecond))
+			check(t, what, l.finish(), from, to, nil)
+			waitNoLeak(t, c, "attn-0")
+		})
+	}
 }
