@@ -6,6 +6,8 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -102,6 +104,8 @@ func BenchmarkMatMulSplitAMX(b *testing.B) {
 	}
 }
 
+var waNs = flag.String("wans", "", "BenchmarkMatMulSplitWA: comma-separated batch sizes instead of 8,16,32,64,128,512")
+
 var waRounds = flag.Int("warounds", 1, "BenchmarkMatMulSplitWA: rounds of wa, packed, fma per configuration (alternated)")
 
 var waCold = flag.Int("wacold", 0, "BenchmarkMatMulSplitWA: MiB of weights to rotate through (0: one matrix, hot in cache)")
@@ -126,6 +130,16 @@ func BenchmarkMatMulSplitWA(b *testing.B) {
 	ns := []int{8, 16, 32, 64, 128, 512}
 	if testing.Short() {
 		shapes, ns = shapes[:3], []int{8, 32, 128}
+	}
+	if *waNs != "" {
+		ns = ns[:0]
+		for _, f := range strings.Split(*waNs, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ns = append(ns, n)
+		}
 	}
 	var big *Matrix
 	if *waCold > 0 {

@@ -94,7 +94,8 @@ func amxSplitCfg(m0, m1, n0, n1, kc int) amxConfig {
 // at 12, 1.69-1.73 at 16; MatMulMany over 24 experts' gate and up
 // (1408x2048, 280 MB of weights streamed from memory as in a MoE layer,
 // best of 8 alternated calls) 1.03-1.08 at 6 rows, 1.29-1.34 at 8,
-// 1.41-1.53 at 12, 2.04-2.08 at 48. A variable for benchmarks and tests.
+// 1.41-1.53 at 12, 2.04-2.08 at 48. (Measured on the packed form; the
+// transposed one starts at waMinN.) A variable for benchmarks and tests.
 var amxSplitMinN = 8
 
 // splitUsed reports whether a float32-activation product of n rows with w
@@ -103,7 +104,7 @@ var amxSplitMinN = 8
 // the FMA kernels' 93-106 on one thread, at 32 already 3-5x faster
 // (BenchmarkMatMulSplitAMX with those shapes, 16 and 32 rows).
 func splitUsed(w *Matrix, n int) bool {
-	return amxOn && n >= amxSplitMinN && w.DType == BF16 && w.Cols >= 32 && impl.isa >= ISAAVX512
+	return amxOn && (n >= amxSplitMinN || n >= waMinN && waLayout(n, w.Cols)) && w.DType == BF16 && w.Cols >= 32 && impl.isa >= ISAAVX512
 }
 
 // splitSteps is the 16-pair steps of a split row of cols values.

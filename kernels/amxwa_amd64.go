@@ -64,6 +64,14 @@ func amxPairsT(dst *uint32, dstride uintptr, src *uint16, sstride uintptr, rows,
 // 0.55-1.16 (below 1 on 10 of 14). Variables for benchmarks and tests.
 var waMaxN, waMaxNK = 64, 1 << 19
 
+// waMinN: the smallest batch that takes the split path where the split
+// takes the transposed layout (amxSplitMinN for the packed form).
+// BenchmarkMatMulSplitWA -wans 4,6 (one thread, 3 alternated rounds,
+// load 5.3-5.7), wa/fma median with W streamed from memory (-wacold 768)
+// at 1408x2048, 2048x1408, 2048x2048, 512x2048: 0.97-1.07 at 4 rows,
+// 1.04-1.42 at 6; with W in cache 0.91-1.21 at 4, 1.18-1.68 at 6.
+var waMinN = 6
+
 // waLayout reports whether a split of n rows of cols values takes the
 // transposed layout (and matMulSplitRows the amxWA kernels). It depends
 // on n and cols only, so every product sharing a split agrees.

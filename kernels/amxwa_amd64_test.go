@@ -182,3 +182,39 @@ func TestMatMulWAForms(t *testing.T) {
 		}
 	}
 }
+
+// TestSplitChoice: which products take the split path, and in which form,
+// at the default thresholds: the transposed form from waMinN rows (even
+// columns, up to waMaxN rows and waMaxNK values), the packed form from
+// amxSplitMinN (odd columns, larger batches), the FMA kernels below.
+func TestSplitChoice(t *testing.T) {
+	if ok, why := AMXAvailable(); !ok {
+		t.Skip("AMX unavailable: " + why)
+	}
+	if impl.isa < ISAAVX512 {
+		t.Skip("no AVX-512")
+	}
+	was := amxOn
+	defer func() { amxOn = was }()
+	amxOn = true
+	for _, c := range []struct {
+		n, cols   int
+		split, wa bool
+	}{
+		{5, 2048, false, true}, {6, 2048, true, true}, {8, 2048, true, true}, {64, 2048, true, true},
+		{65, 2048, true, false}, {512, 2048, true, false}, {6, 2047, false, false}, {8, 2047, true, false},
+		{32, 10944, true, true}, {47, 10944, true, true}, {48, 10944, true, false}, {6, 16, false, true},
+	} {
+		w := &Matrix{DType: BF16, Rows: 32, Cols: c.cols}
+		if got := splitUsed(w, c.n); got != c.split {
+			t.Errorf("n=%d cols=%d: split %v, want %v", c.n, c.cols, got, c.split)
+		}
+		if got := waLayout(c.n, c.cols); got != c.wa {
+			t.Errorf("n=%d cols=%d: transposed %v, want %v", c.n, c.cols, got, c.wa)
+		}
+	}
+	amxOn = false
+	if splitUsed(&Matrix{DType: BF16, Rows: 32, Cols: 2048}, 64) {
+		t.Error("split path with AMX off")
+	}
+}
