@@ -1,11 +1,13 @@
 package attnnode
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -56,6 +58,91 @@ func BenchmarkDispatchTCP(b *testing.B) {
 			b.ReportMetric(float64(cpuNS()-c0)/float64(b.N), "cpu-ns/op")
 		})
 	}
+}
+
+// BenchmarkDispatchTCPApart is BenchmarkDispatchTCP with the expert node
+// in another process (this test binary again, as TestExpertProcess), as
+// in a deployment: no thread of the attention side runs the expert's
+// compute. cpu-ns/op is the attention process's CPU alone,
+// expert-cpu-ns/op the expert process's (/proc, 10 ms ticks).
+func BenchmarkDispatchTCPApart(b *testing.B) {
+	dir := genWide(b)
+	c, err := model.LoadConfig(dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestExpertProcess$")
+	cmd.Env = append(os.Environ(), "EXPERTMESH_EXPERT_PROCESS="+dir)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		stdin.Close()
+		cmd.Wait()
+	}()
+	addr, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		b.Fatal(err)
+	}
+	go io.Copy(io.Discard, stdout)
+	table, err := placement.ParseSpec(placement.ShapeOf(c), strings.TrimSpace(addr)+"=all")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, rows := range []int{1, 8, 32} {
+		b.Run(fmt.Sprintf("rows=%d", rows), func(b *testing.B) {
+			rt := NewRemoteExperts(placement.NewStatic(table), c.HiddenSize, RemoteConfig{Wire: meshpb.DType_DTYPE_F32, Transport: TransportTCP})
+			defer rt.Close()
+			ctx := context.WithValue(context.Background(), pinKey{}, rt.beginStep())
+			batch := newRoutedBatch(b, c, table, rows)
+			for range 20 {
+				batch.dispatch(b, ctx, rt)
+			}
+			rt.computeUS.Store(0)
+			c0, e0 := cpuNS(), procCPU(cmd.Process.Pid)
+			b.ResetTimer()
+			for range b.N {
+				batch.dispatch(b, ctx, rt)
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(rt.computeUS.Load())*1e3/float64(b.N), "compute-ns/op")
+			b.ReportMetric(float64(cpuNS()-c0)/float64(b.N), "cpu-ns/op")
+			b.ReportMetric(float64(procCPU(cmd.Process.Pid)-e0)/float64(b.N), "expert-cpu-ns/op")
+		})
+	}
+}
+
+// TestExpertProcess is BenchmarkDispatchTCPApart's expert node: it
+// prints its address and serves until its stdin closes.
+func TestExpertProcess(t *testing.T) {
+	dir := os.Getenv("EXPERTMESH_EXPERT_PROCESS")
+	if dir == "" {
+		t.Skip("run by BenchmarkDispatchTCPApart")
+	}
+	_, nodes := startExperts(t, dir, 1)
+	fmt.Println(nodes[0].Addr())
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// procCPU is process pid's user and system CPU time so far, in ns.
+func procCPU(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	k, _ := strconv.ParseInt(f[12], 10, 64)
+	return (u + k) * 1e7 // clock ticks of 10 ms
 }
 
 // BenchmarkRawTCP is BenchmarkDispatchVsRaw's raw round trip alone, with
