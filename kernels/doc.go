@@ -36,13 +36,18 @@
 // of 8 or more rows runs TDPBF16PS tiles instead of VDPBF16PS; otherwise
 // the VDPBF16PS kernels run, nothing fails. The default float32-activation
 // products with BF16 weights (MatMul, MatMulMany, ExpertFFN) of 8 or more
-// rows run on AMX too, exactly (amxsplit_amd64.go): x split into three
-// bf16 parts whose sum is x, so every product is exact and only the order
-// and number (3K instead of K) of the float32 sums differ; rows of values
-// under 2^-32 are scaled by a power of two first, and x holding Inf or NaN
-// takes the FMA kernels. EXPERTMESH_AMX=0 in the environment turns AMX
-// off; SetAMX does so for tests and benchmarks, and AMXAvailable says why
-// it is unavailable. MatMulBF16Act's arithmetic is VDPBF16PS's: exact
+// rows (6 in the second form below) run on AMX too, exactly
+// (amxsplit_amd64.go): x split into three bf16 parts whose sum is x, so
+// every product is exact and only the order and number (3K instead of K)
+// of the float32 sums differ; rows of values under 2^-32 are scaled by a
+// power of two first, and x holding Inf or NaN takes the FMA kernels. Two
+// forms give the same bits: x's parts as A tiles against W packed into
+// pair panels (from 8 rows), and, for 6-64 rows with an even column count
+// (decode batches), W's rows loaded straight as A tiles against x's parts
+// as B tiles, nothing of W packed (amxwa_amd64.go; waLayout chooses).
+// EXPERTMESH_AMX=0 in the environment turns AMX off; SetAMX does so for
+// tests and benchmarks, and AMXAvailable says why it is unavailable.
+// MatMulBF16Act's arithmetic is VDPBF16PS's: exact
 // bf16 products, float32 sums in another order, subnormal inputs and
 // results flushed to zero (the plain Go loop keeps them).
 //
