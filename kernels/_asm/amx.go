@@ -159,8 +159,14 @@ func genAMX(g *gen) {
 	g.p("RET")
 }
 
-func genAMXKernel(g *gen, mt, nt int) {
-	name := fmt.Sprintf("amxBF16x%d%d", mt, nt)
+// amxKernelHead writes the start of the tile kernels amxBF16x, amxSplit
+// and amxWA, whose arguments are (cfg, a, astride, b, bstride, ksteps, c,
+// cstride, acc): the tile config loaded, the pointers in SI (A0), R12
+// (A1), DX (B), BX (C row 0), R13 (C row 16), the strides in R8, R11 and
+// R9, 16*bstride in reg, then the mt x nt C tiles zeroed, or loaded from c
+// when acc is set, up to the label NAME_loop. It returns where C tile
+// (i, j) lives: its register and its memory.
+func amxKernelHead(g *gen, name string, mt, nt int, reg string) func(i, j int) (int, mem) {
 	g.text(name, 72)
 	g.p("MOVQ cfg+0(FP), DI")
 	g.p(ldtilecfg(mem{base: "DI"}))
@@ -177,8 +183,8 @@ func genAMXKernel(g *gen, mt, nt int) {
 	g.p("MOVQ R9, R13")
 	g.p("SHLQ $4, R13")
 	g.p("ADDQ BX, R13") // C row 16
-	g.p("MOVQ R11, R10")
-	g.p("SHLQ $4, R10") // B step
+	g.p("MOVQ R11, %s", reg)
+	g.p("SHLQ $4, %s", reg)
 	cTile := func(i, j int) (int, mem) {
 		base := "BX"
 		if i == 1 {
@@ -203,6 +209,12 @@ func genAMXKernel(g *gen, mt, nt int) {
 		}
 	}
 	g.label(name + "_loop")
+	return cTile
+}
+
+func genAMXKernel(g *gen, mt, nt int) {
+	name := fmt.Sprintf("amxBF16x%d%d", mt, nt)
+	cTile := amxKernelHead(g, name, mt, nt, "R10") // R10: B step
 	// Loads interleaved with the products that need them.
 	g.p(tileloadd(6, mem{base: "DX", index: "R11", scale: 1}))
 	g.p(tileloadd(4, mem{base: "SI", index: "R8", scale: 1}))
@@ -246,48 +258,7 @@ func genAMXKernel(g *gen, mt, nt int) {
 // so a part's load does not wait for the products of the one before.
 func genAMXSplitKernel(g *gen, mt, nt int) {
 	name := fmt.Sprintf("amxSplit%d%d", mt, nt)
-	g.text(name, 72)
-	g.p("MOVQ cfg+0(FP), DI")
-	g.p(ldtilecfg(mem{base: "DI"}))
-	g.p("MOVQ a+8(FP), SI")
-	g.p("MOVQ astride+16(FP), R8")
-	g.p("MOVQ b+24(FP), DX")
-	g.p("MOVQ bstride+32(FP), R11")
-	g.p("MOVQ ksteps+40(FP), CX")
-	g.p("MOVQ c+48(FP), BX")
-	g.p("MOVQ cstride+56(FP), R9")
-	g.p("MOVQ R8, R12")
-	g.p("SHLQ $4, R12")
-	g.p("ADDQ SI, R12") // A1
-	g.p("MOVQ R9, R13")
-	g.p("SHLQ $4, R13")
-	g.p("ADDQ BX, R13") // C row 16
-	g.p("MOVQ R11, R10")
-	g.p("SHLQ $4, R10") // B step
-	cTile := func(i, j int) (int, mem) {
-		base := "BX"
-		if i == 1 {
-			base = "R13"
-		}
-		return 2*i + j, mem{base: base, index: "R9", scale: 1, disp: 64 * j}
-	}
-	g.p("CMPQ acc+64(FP), $0")
-	g.p("JNE %s_load", name)
-	for i := 0; i < mt; i++ {
-		for j := 0; j < nt; j++ {
-			t, _ := cTile(i, j)
-			g.p(tilezero(t))
-		}
-	}
-	g.p("JMP %s_loop", name)
-	g.label(name + "_load")
-	for i := 0; i < mt; i++ {
-		for j := 0; j < nt; j++ {
-			t, m := cTile(i, j)
-			g.p(tileloadd(t, m))
-		}
-	}
-	g.label(name + "_loop")
+	cTile := amxKernelHead(g, name, mt, nt, "R10") // R10: B step
 	g.p(tileloadd(6, mem{base: "DX", index: "R11", scale: 1}))
 	if nt == 2 {
 		g.p(tileloadd(7, mem{base: "DX", index: "R11", scale: 1, disp: 64}))
@@ -407,48 +378,7 @@ func genAMXSplitRowInto(g *gen, name string, acc bool) {
 // before. Every call ends with TILERELEASE.
 func genAMXWAKernel(g *gen, mt, nt int) {
 	name := fmt.Sprintf("amxWA%d%d", mt, nt)
-	g.text(name, 72)
-	g.p("MOVQ cfg+0(FP), DI")
-	g.p(ldtilecfg(mem{base: "DI"}))
-	g.p("MOVQ a+8(FP), SI")
-	g.p("MOVQ astride+16(FP), R8")
-	g.p("MOVQ b+24(FP), DX")
-	g.p("MOVQ bstride+32(FP), R11")
-	g.p("MOVQ ksteps+40(FP), CX")
-	g.p("MOVQ c+48(FP), BX")
-	g.p("MOVQ cstride+56(FP), R9")
-	g.p("MOVQ R8, R12")
-	g.p("SHLQ $4, R12")
-	g.p("ADDQ SI, R12") // A1
-	g.p("MOVQ R9, R13")
-	g.p("SHLQ $4, R13")
-	g.p("ADDQ BX, R13") // C row 16
-	g.p("MOVQ R11, DI")
-	g.p("SHLQ $4, DI") // part stride
-	cTile := func(i, j int) (int, mem) {
-		base := "BX"
-		if i == 1 {
-			base = "R13"
-		}
-		return 2*i + j, mem{base: base, index: "R9", scale: 1, disp: 64 * j}
-	}
-	g.p("CMPQ acc+64(FP), $0")
-	g.p("JNE %s_load", name)
-	for i := 0; i < mt; i++ {
-		for j := 0; j < nt; j++ {
-			t, _ := cTile(i, j)
-			g.p(tilezero(t))
-		}
-	}
-	g.p("JMP %s_loop", name)
-	g.label(name + "_load")
-	for i := 0; i < mt; i++ {
-		for j := 0; j < nt; j++ {
-			t, m := cTile(i, j)
-			g.p(tileloadd(t, m))
-		}
-	}
-	g.label(name + "_loop")
+	cTile := amxKernelHead(g, name, mt, nt, "DI") // DI: part stride
 	g.p(tileloadd(4, mem{base: "SI", index: "R8", scale: 1}))
 	if mt == 2 {
 		g.p(tileloadd(5, mem{base: "R12", index: "R8", scale: 1}))
