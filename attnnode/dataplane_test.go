@@ -56,7 +56,19 @@ func startBadExpert(t *testing.T, how int) *badExpert {
 	}
 	e := &badExpert{addr: lis.Addr().String()}
 	release := make(chan struct{})
-	serveFakeExpert(t, lis, release, func(nc net.Conn, _ *sync.WaitGroup) {
+	var wg sync.WaitGroup
+	serve := func(nc net.Conn) {
+		defer wg.Done()
+		defer nc.Close()
+		hello := make([]byte, 24)
+		if _, err := io.ReadFull(nc, hello); err != nil || string(hello[:4]) != dataplane.Magic {
+			return
+		}
+		answer := []byte(dataplane.Magic + "\x00\x00\x00\x00")
+		binary.LittleEndian.PutUint16(answer[4:], dataplane.Version)
+		if _, err := nc.Write(answer); err != nil {
+			return
+		}
 		e.conns.Add(1)
 		if how == stall {
 			<-release
@@ -101,30 +113,6 @@ func startBadExpert(t *testing.T, how int) *badExpert {
 			nc.Write([]byte{1, 3, 0, 0, 0, 0xff, 0xff, 0xff})
 		}
 		<-release
-	})
-	return e
-}
-
-// serveFakeExpert accepts data-plane connections on lis until the test
-// ends: each one handshaken (hello read, version answered) is handed to
-// serve, which may start goroutines of its own on wg, and closed when
-// serve returns. At the end of the test stop is closed, lis closed, and
-// everything waited for.
-func serveFakeExpert(t *testing.T, lis net.Listener, stop chan struct{}, serve func(nc net.Conn, wg *sync.WaitGroup)) {
-	var wg sync.WaitGroup
-	handle := func(nc net.Conn) {
-		defer wg.Done()
-		defer nc.Close()
-		hello := make([]byte, 24)
-		if _, err := io.ReadFull(nc, hello); err != nil || string(hello[:4]) != dataplane.Magic {
-			return
-		}
-		answer := []byte(dataplane.Magic + "\x00\x00\x00\x00")
-		binary.LittleEndian.PutUint16(answer[4:], dataplane.Version)
-		if _, err := nc.Write(answer); err != nil {
-			return
-		}
-		serve(nc, &wg)
 	}
 	wg.Add(1)
 	go func() {
@@ -135,14 +123,15 @@ func serveFakeExpert(t *testing.T, lis net.Listener, stop chan struct{}, serve f
 				return
 			}
 			wg.Add(1)
-			go handle(nc)
+			go serve(nc)
 		}
 	}()
 	t.Cleanup(func() {
-		close(stop)
+		close(release)
 		lis.Close()
 		wg.Wait()
 	})
+	return e
 }
 
 // twoReplicas is a Routing in which the bad peer and a real node each
@@ -520,7 +509,19 @@ func startScriptedExpert(t *testing.T) *scriptedExpert {
 	}
 	e := &scriptedExpert{addr: lis.Addr().String(), reqs: make(chan *meshpb.DispatchRequest, 16), out: make(chan []byte)}
 	done := make(chan struct{})
-	serveFakeExpert(t, lis, done, func(nc net.Conn, wg *sync.WaitGroup) {
+	var wg sync.WaitGroup
+	serve := func(nc net.Conn) {
+		defer wg.Done()
+		defer nc.Close()
+		hello := make([]byte, 24)
+		if _, err := io.ReadFull(nc, hello); err != nil || string(hello[:4]) != dataplane.Magic {
+			return
+		}
+		answer := []byte(dataplane.Magic + "\x00\x00\x00\x00")
+		binary.LittleEndian.PutUint16(answer[4:], dataplane.Version)
+		if _, err := nc.Write(answer); err != nil {
+			return
+		}
 		e.conns.Add(1)
 		wg.Add(1)
 		go func() {
@@ -552,6 +553,23 @@ func startScriptedExpert(t *testing.T) *scriptedExpert {
 				return
 			}
 		}
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go serve(nc)
+		}
+	}()
+	t.Cleanup(func() {
+		close(done)
+		lis.Close()
+		wg.Wait()
 	})
 	return e
 }
