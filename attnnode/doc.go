@@ -21,11 +21,7 @@
 //
 // Dispatch (RemoteExperts) never does network I/O under the engine's
 // compute lock. Each expert node has one long-lived Dispatch stream run by
-// its own goroutine. On the data plane (tcp) a dispatch waiting for a reply
-// reads it from the stream itself: one reader role per stream, held by a
-// waiting dispatch or else by the stream's receive goroutine, with read
-// deadlines that leave the stream and a half-read reply intact for the
-// next holder (remote.go). A request has a deadline (Config.DispatchTimeout per
+// its own goroutine. A request has a deadline (Config.DispatchTimeout per
 // 256 rows); a failed one is retried on the same node after a redial with
 // jittered exponential backoff, then on other replicas, then by the next
 // placement Routing; a request in flight to a node that leaves the Routing
