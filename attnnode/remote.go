@@ -145,10 +145,7 @@ type RemoteConfig struct {
 // queues it. Every connection has its own goroutine that dials, opens the
 // stream and sends what was queued (outside every lock), and a receiver
 // that routes replies by id. The wait function, called after the engine
-// released the compute lock, does all the waiting and retrying; on the
-// data plane it reads its replies itself when it can, receiving the
-// replies of the stream's other requests on the way (dispatch.claim),
-// the receiver reading only what no waiting dispatch reads.
+// released the compute lock, does all the waiting and retrying.
 //
 // Failure policy, per slice of a dispatch sent to one node: a transport
 // failure (stream reset, refused dial) is retried on the same node after
@@ -177,9 +174,6 @@ type RemoteExperts struct {
 	// onStuck, if set (tests), is called when a dispatch finds no usable
 	// replica and starts waiting for a Routing.
 	onStuck func()
-	// onRead, if set (tests), is called with each data-plane reply's
-	// reader (nil: the stream's receive goroutine) and its dispatch.
-	onRead func(reader, owner *dispatch)
 	// queueAll (tests) sends every attempt from its connection's
 	// goroutine, the path trySend short-cuts; sentInline counts the
 	// attempts trySend sent.
@@ -260,13 +254,10 @@ func NewRemoteExperts(view placement.View, hidden int, cfg RemoteConfig) *Remote
 // end instead.
 func (r *RemoteExperts) acknowledge() {
 	defer r.wg.Done()
-	for first := true; ; first = false {
+	for {
 		rt, ch := r.view.Routing()
 		if rt != nil {
 			r.ackIdle(rt.Table.Version)
-		}
-		if !first {
-			r.wakeReaders()
 		}
 		select {
 		case <-ch:
@@ -275,28 +266,6 @@ func (r *RemoteExperts) acknowledge() {
 		}
 	}
 }
-
-// wakeReaders interrupts every dispatch reading its own replies (see
-// dispatch.read) so that it looks at the new Routing, which the view
-// published before this call.
-func (r *RemoteExperts) wakeReaders() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, c := range r.mu.conns {
-		if st := c.cur.Load(); st != nil && st.dp != nil {
-			st.mu.Lock()
-			reader := st.mu.reader
-			st.mu.Unlock()
-			if reader != nil {
-				st.dp.SetReadDeadline(wakeNow)
-			}
-		}
-	}
-}
-
-// wakeNow is a read deadline in the past: it interrupts a data-plane
-// stream's receive (dataplane.Conn.SetReadDeadline).
-var wakeNow = time.Unix(1, 0)
 
 // ackIdle reports (v, v) unless a step runs or a newer pair was reported.
 func (r *RemoteExperts) ackIdle(v uint64) {
@@ -483,7 +452,6 @@ func (r *RemoteExperts) getDispatch() *dispatch {
 	if d == nil {
 		d = &dispatch{r: r, signal: make(chan struct{}, 1), avoid: map[string]bool{}, tries: map[string]int{}}
 		d.waitFn = d.wait
-		d.interruptFn = d.interrupt
 		d.timer = time.NewTimer(time.Hour)
 		d.timer.Stop()
 	}
@@ -553,22 +521,9 @@ type dispatch struct {
 
 	handling []*attempt // the loop's spare completed list
 
-	// held is the data-plane stream whose reader role d holds (see
-	// dispatch.read), if any. watched is the Done channel of the context
-	// whose end interrupts d's reads (interruptFn, registered with
-	// context.AfterFunc; stopWatch unregisters it): kept across reuse,
-	// since a step's dispatches share their context.
-	held        *dispatchStream
-	watched     <-chan struct{}
-	stopWatch   func() bool
-	interruptFn func()
-
 	mu        sync.Mutex
 	completed []*attempt
 	signal    chan struct{}
-	// reading is the stream d is reading (dispatch.read), so that
-	// whoever hands it something to do interrupts the read.
-	reading *dispatchStream
 }
 
 // use makes rt the routing to plan by (the step moves to it too).
@@ -692,33 +647,14 @@ func (d *dispatch) trouble(now time.Time) {
 	}
 }
 
-// notify is how receivers hand back a completed attempt; reader is the
-// dispatch whose goroutine delivers it, when one reads a stream (nil:
-// the stream's receive goroutine, or a failure). A failure wakes d if it
-// is reading a stream, since d must retry the rows; a reply does not:
-// it waits in completed until d reads its own.
-func (d *dispatch) notify(a *attempt, reader *dispatch) {
-	failed := a.err != nil || a.code != 0 // d may reuse a once it is in completed
+// notify is how receivers hand back a completed attempt.
+func (d *dispatch) notify(a *attempt) {
 	d.mu.Lock()
 	d.completed = append(d.completed, a)
-	st := d.reading
 	d.mu.Unlock()
 	select {
 	case d.signal <- struct{}{}:
 	default:
-	}
-	if st != nil && reader != d && failed {
-		st.dp.SetReadDeadline(wakeNow)
-	}
-}
-
-// interrupt wakes d if it is reading a stream (its context ended).
-func (d *dispatch) interrupt() {
-	d.mu.Lock()
-	st := d.reading
-	d.mu.Unlock()
-	if st != nil {
-		st.dp.SetReadDeadline(wakeNow)
 	}
 }
 
@@ -727,10 +663,6 @@ func (d *dispatch) interrupt() {
 // reproducible whatever order replies arrive in.
 func (d *dispatch) wait() error {
 	err := d.loop()
-	if d.held != nil {
-		d.held.release(d)
-		d.held = nil
-	}
 	now := time.Now()
 	for _, a := range d.inflight {
 		a.abandon()
@@ -794,20 +726,22 @@ func (d *dispatch) loop() error {
 		if d.stuck && d.nextRound.Before(next) {
 			next = d.nextRound
 		}
-		if st := d.claim(); st != nil {
-			d.read(st, next)
-			if err := d.events(next); err != nil {
-				return err
-			}
-			d.launch(time.Now())
-			continue
-		}
 		timer.Reset(max(next.Sub(now), 0))
 		select {
 		case <-d.signal:
-			if err := d.handleCompleted(); err != nil {
-				return err
+			// Swap the list with the spare one so that neither side
+			// allocates.
+			d.mu.Lock()
+			completed := d.completed
+			d.completed = d.handling
+			d.mu.Unlock()
+			for _, a := range completed {
+				if err := d.handle(a); err != nil {
+					return err // wait ends those still in flight
+				}
 			}
+			clear(completed)
+			d.handling = completed[:0]
 		case <-d.change:
 			d.routingChanged()
 		case <-timer.C:
@@ -818,137 +752,6 @@ func (d *dispatch) loop() error {
 			return ErrClosed
 		}
 		d.launch(time.Now())
-	}
-}
-
-// handleCompleted handles the attempts completed so far.
-func (d *dispatch) handleCompleted() error {
-	// Swap the list with the spare one so that neither side allocates.
-	d.mu.Lock()
-	completed := d.completed
-	d.completed = d.handling
-	d.mu.Unlock()
-	for _, a := range completed {
-		if err := d.handle(a); err != nil {
-			return err // wait ends those still in flight
-		}
-	}
-	clear(completed)
-	d.handling = completed[:0]
-	return nil
-}
-
-// events handles, after d read a stream, what the loop's select would
-// have: completions, the end of its context or of RemoteExperts, a new
-// Routing, and deadlines passed (next).
-func (d *dispatch) events(next time.Time) error {
-	select {
-	case <-d.signal:
-	default:
-	}
-	if err := d.handleCompleted(); err != nil {
-		return err
-	}
-	if err := d.ctx.Err(); err != nil {
-		return err
-	}
-	if d.r.ctx.Err() != nil {
-		return ErrClosed
-	}
-	if closed(d.change) {
-		d.routingChanged()
-	}
-	if now := time.Now(); !now.Before(next) {
-		d.expire(now)
-	}
-	return nil
-}
-
-// closed reports whether ch is closed (a Routing's change channel).
-func closed(ch <-chan struct{}) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
-}
-
-// claim returns the data-plane stream d reads its replies from itself,
-// if any: on data-plane streams the goroutine waiting for a reply reads
-// it, rather than being woken by the stream's receive goroutine (one
-// hand-off less each way; a leader/follower reader role per stream).
-// Whoever holds a stream's role reads every reply on it and hands each
-// to its attempt; d takes the role of one stream it awaits a reply from
-// whose role is free, and keeps the one it holds while it awaits a
-// reply there. Every other stream it awaits a reply from gets a reader:
-// the role, when free, goes to the stream's receive goroutine.
-func (d *dispatch) claim() *dispatchStream {
-	if st := d.held; st != nil {
-		keep := false
-		for _, a := range d.inflight {
-			if a.stream() == st && st.awaits(a) {
-				keep = true
-				break
-			}
-		}
-		if !keep {
-			st.release(d)
-			d.held = nil
-		}
-	}
-	for _, a := range d.inflight {
-		if st := a.stream(); st != nil && st != d.held && st.claim(d, a, d.held == nil) {
-			d.held = st
-		}
-	}
-	return d.held
-}
-
-// read receives replies on st, whose reader role d holds, until one of
-// its own attempts completes, next passes (a read deadline, which leaves
-// the stream usable and what arrived of a reply kept for the next
-// reader), a failure elsewhere needs handling, its context ends, a new
-// Routing comes, or RemoteExperts closes: each of which interrupts the
-// read (a read deadline in the past). Those interrupters publish their
-// event before they look at d.reading (or the stream's role), and read
-// sets the deadline before it publishes d.reading, then looks at the
-// events: either it sees the event, or the interrupt comes after its
-// deadline and ends the read. d keeps the role; claim or wait release
-// it. A stream that fails is failed for every request on it.
-func (d *dispatch) read(st *dispatchStream, next time.Time) {
-	if done := d.ctx.Done(); done != nil && done != d.watched {
-		if d.stopWatch != nil {
-			d.stopWatch()
-		}
-		d.watched, d.stopWatch = done, context.AfterFunc(d.ctx, d.interruptFn)
-	}
-	st.dp.SetReadDeadline(next)
-	d.mu.Lock()
-	d.reading = st
-	ready := len(d.completed) > 0
-	d.mu.Unlock()
-	defer func() {
-		d.mu.Lock()
-		d.reading = nil
-		d.mu.Unlock()
-	}()
-	if ready || d.ctx.Err() != nil || d.r.ctx.Err() != nil || closed(d.change) {
-		return
-	}
-	for {
-		if err := st.recvOne(d); err != nil {
-			if !errors.Is(err, dataplane.ErrReadTimeout) {
-				st.fail(err)
-			}
-			return
-		}
-		d.mu.Lock()
-		ready := len(d.completed) > 0
-		d.mu.Unlock()
-		if ready {
-			return
-		}
 	}
 }
 
@@ -1120,9 +923,8 @@ type attempt struct {
 	deadline  time.Time
 	ctx       context.Context
 	span      trace.Span
-	started   time.Time       // when send queued it (dispatch metrics)
-	sentBytes int             // its request's wire size, once sent (dispatchStream.mu)
-	st        *dispatchStream // the stream it was sent on (under mu)
+	started   time.Time // when send queued it (dispatch metrics)
+	sentBytes int       // its request's wire size, once sent (dispatchStream.mu)
 	// mu orders the sender's encoding of x against abandonment (once
 	// abandon returns, nothing reads the dispatch's buffers) and the
 	// receiver's decoding into part against both.
@@ -1146,18 +948,6 @@ func (a *attempt) reset() {
 	a.id, a.seq, a.attemptNo = 0, 0, 0
 	a.ctx, a.span = nil, nil
 	a.state, a.code, a.msg, a.err = queued, 0, "", nil
-	a.st = nil
-}
-
-// stream is the data-plane stream a was sent on; nil while queued, and
-// on gRPC.
-func (a *attempt) stream() *dispatchStream {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.st == nil || a.st.dp == nil {
-		return nil
-	}
-	return a.st
 }
 
 // abandon gives up on a; false if it was already answered.
@@ -1181,16 +971,15 @@ func (a *attempt) complete(err error) {
 	}
 	a.state, a.err = answered, err
 	a.mu.Unlock()
-	a.d.notify(a, nil)
+	a.d.notify(a)
 }
 
 // reply records a's reply, decoding its partial rows into a.part straight
 // from the receiver's reused message (which the caller may overwrite as
 // soon as this returns), and hands it to its dispatch, unless the
 // dispatch gave up on it. frame, when not nil, is the buffer the
-// message's bytes are in, which a may take (see decode); reader is
-// notify's.
-func (a *attempt) reply(resp *meshpb.DispatchResponse, h int, frame *[]byte, reader *dispatch) {
+// message's bytes are in, which a may take (see decode).
+func (a *attempt) reply(resp *meshpb.DispatchResponse, h int, frame *[]byte) {
 	a.mu.Lock()
 	if a.state == answered || a.state == abandoned {
 		a.mu.Unlock()
@@ -1202,7 +991,7 @@ func (a *attempt) reply(resp *meshpb.DispatchResponse, h int, frame *[]byte, rea
 		a.err = a.decode(resp.Partial, h, frame)
 	}
 	a.mu.Unlock()
-	a.d.notify(a, reader)
+	a.d.notify(a)
 }
 
 // decode checks the partial rows (F32 or BF16) and decodes them into
@@ -1265,8 +1054,6 @@ type expertConn struct {
 	// deadline, not one per layer.
 	down atomic.Bool
 	wake chan struct{}
-	// cur is st, for wakeReaders (which must not wait for tx).
-	cur atomic.Pointer[dispatchStream]
 	// flushing is set (under tx) when an inline send left the rest of
 	// its frame unwritten: the connection's goroutine writes it before
 	// anything else is sent.
@@ -1311,21 +1098,12 @@ type msgStream interface {
 
 // dispatchStream is one open Dispatch stream and the requests awaiting
 // replies on it.
-//
-// On the data plane, whoever holds the stream's reader role reads it: a
-// dispatch waiting for a reply on it (see dispatch.claim), or, when the
-// role is free and requests await replies that no dispatch reads, the
-// stream's receive goroutine, woken through bgWake, until none await. One
-// holder at a time; replies come in order, so a holder reads everyone's.
-// A stream that nobody awaits a reply from is not read.
 type dispatchStream struct {
 	c        *expertConn
 	stream   msgStream
 	dp       *dataplane.Conn // the stream, on the data plane; nil on gRPC
-	ctx      context.Context // ends with the stream
 	cancel   context.CancelFunc
 	recvDone chan struct{}
-	bgWake   chan struct{} // hands receive the reader role
 
 	mu struct {
 		sync.Mutex
@@ -1335,18 +1113,12 @@ type dispatchStream struct {
 		// written yet, for trySend.
 		unanswered int
 		err        error
-		// The reader role (data plane): the dispatch that holds it, or
-		// bg when receive does; free when neither.
-		reader *dispatch
-		bg     bool
 	}
 
-	// Owned by the reader (the receive goroutine on gRPC; the role's
-	// holder on the data plane): the reply every message is decoded into
-	// in place (wire.Codec), and its tensor, kept across replies that
-	// carry none; on the data plane, the buffer the next reply's bytes go
-	// into (dataplane.Conn.RecvMsgInto; see attempt.decode), which holds
-	// what arrived of a reply when a reader's deadline cut it.
+	// Owned by receive: the reply every message is decoded into in place
+	// (wire.Codec), and its tensor, kept across replies that carry none;
+	// on the data plane, the buffer the next reply's bytes go into
+	// (dataplane.Conn.RecvMsgInto; see attempt.decode).
 	resp    meshpb.DispatchResponse
 	partial *meshpb.Tensor
 	buf     []byte
@@ -1515,10 +1287,9 @@ func (c *expertConn) open() error {
 		c.backoff()
 		return status.Errorf(codes.Unavailable, "open dispatch stream to %s: %v", c.addr, err)
 	}
-	st := &dispatchStream{c: c, stream: stream, dp: dp, ctx: ctx, cancel: cancel, recvDone: make(chan struct{}), bgWake: make(chan struct{}, 1)}
+	st := &dispatchStream{c: c, stream: stream, dp: dp, cancel: cancel, recvDone: make(chan struct{})}
 	st.mu.pending = map[uint64]*attempt{}
 	c.st = st
-	c.cur.Store(st)
 	c.failures = 0
 	c.down.Store(false)
 	c.r.wg.Add(1)
@@ -1575,7 +1346,6 @@ func (c *expertConn) dropStream() {
 	c.st.cancel()
 	<-c.st.recvDone
 	c.st = nil
-	c.cur.Store(nil)
 	c.closeConn()
 	c.grpcOnly = false
 	c.backoff()
@@ -1646,7 +1416,7 @@ func (c *expertConn) send(a *attempt, inline bool) {
 		a.err = fmt.Errorf("%s: %w: %v", c.addr, errStreamBroken, err)
 		a.mu.Unlock()
 		c.outstanding.Add(-rows)
-		d.notify(a, nil)
+		d.notify(a)
 		return
 	}
 	// gRPC's message header is 5 bytes, and so is the data plane's.
@@ -1657,15 +1427,8 @@ func (c *expertConn) send(a *attempt, inline bool) {
 	}
 	st.mu.pending[a.id] = a
 	st.mu.unanswered += a.sentBytes
-	if st.dp != nil && !inline {
-		// Its dispatch may be waiting already, for something else:
-		// someone must read the reply. An inline send's dispatch reads
-		// it, or finds it a reader, once it waits (claim).
-		st.wakeReaderLocked()
-	}
 	st.mu.Unlock()
 	a.state = sent
-	a.st = st
 	a.mu.Unlock()
 	if st.dp != nil {
 		// A write blocks only while the socket's buffers are full: the
@@ -1766,149 +1529,45 @@ func (st *dispatchStream) quiet(size int) bool {
 	return (st.mu.unanswered == 0 && size <= st.c.r.inlineMax) || st.mu.unanswered+size < writeQuota
 }
 
-// receive routes replies to their attempts until the stream fails: all
-// of them on gRPC; on the data plane those read while it holds the
-// reader role.
+// receive routes replies to their attempts until the stream fails.
 func (st *dispatchStream) receive() {
 	defer st.c.r.wg.Done()
 	defer close(st.recvDone)
-	if st.dp != nil {
-		for {
-			select {
-			case <-st.bgWake:
-			case <-st.ctx.Done():
-				return
-			}
-			if !st.background() {
-				return
-			}
-		}
-	}
 	resp := &st.resp
 	for {
 		if st.partial != nil {
 			resp.Partial = st.partial
 		}
 		// RecvMsg into the stream's one message (Recv would allocate a
-		// new one per reply): wire.Codec decodes it in place.
-		if err := st.stream.RecvMsg(resp); err != nil {
+		// new one per reply): wire.Codec decodes it in place. The data
+		// plane reads each reply into a buffer the attempt may keep.
+		var err error
+		var frame *[]byte
+		if st.dp != nil {
+			frame = &st.buf
+			err = st.dp.RecvMsgInto(frame, resp)
+		} else {
+			err = st.stream.RecvMsg(resp)
+		}
+		if err != nil {
 			st.fail(err)
 			return
 		}
-		st.deliver(nil, nil)
-	}
-}
-
-// background reads a data-plane stream while receive holds its reader
-// role: until no request awaits a reply (true) or the stream fails.
-func (st *dispatchStream) background() bool {
-	st.dp.SetReadDeadline(time.Time{})
-	for {
+		if resp.Partial != nil {
+			st.partial = resp.Partial
+		}
 		st.mu.Lock()
-		idle := len(st.mu.pending) == 0
-		if idle {
-			st.mu.bg = false
+		a := st.mu.pending[resp.Id]
+		if a != nil {
+			delete(st.mu.pending, resp.Id)
+			st.mu.unanswered -= a.sentBytes
 		}
 		st.mu.Unlock()
-		if idle {
-			return true
+		st.c.down.Store(false) // it answers
+		if a != nil {
+			st.c.outstanding.Add(-int64(len(a.rows)))
+			a.reply(resp, st.c.r.hidden, frame)
 		}
-		if err := st.recvOne(nil); err != nil {
-			if errors.Is(err, dataplane.ErrReadTimeout) {
-				// Meant for a dispatch that read the stream before.
-				st.dp.SetReadDeadline(time.Time{})
-				continue
-			}
-			st.fail(err)
-			return false
-		}
-	}
-}
-
-// recvOne reads the next reply on a data-plane stream, for the holder of
-// its reader role (reader, or nil: receive), into a buffer the reply's
-// attempt may keep, and hands it to its attempt.
-func (st *dispatchStream) recvOne(reader *dispatch) error {
-	if st.partial != nil {
-		st.resp.Partial = st.partial
-	}
-	if err := st.dp.RecvMsgInto(&st.buf, &st.resp); err != nil {
-		return err
-	}
-	st.deliver(&st.buf, reader)
-	return nil
-}
-
-// deliver hands the reply just received (st.resp, its bytes in frame on
-// the data plane) to its attempt.
-func (st *dispatchStream) deliver(frame *[]byte, reader *dispatch) {
-	resp := &st.resp
-	if resp.Partial != nil {
-		st.partial = resp.Partial
-	}
-	st.mu.Lock()
-	a := st.mu.pending[resp.Id]
-	if a != nil {
-		delete(st.mu.pending, resp.Id)
-		st.mu.unanswered -= a.sentBytes
-	}
-	st.mu.Unlock()
-	st.c.down.Store(false) // it answers
-	if a != nil {
-		st.c.outstanding.Add(-int64(len(a.rows)))
-		if f := st.c.r.onRead; f != nil && st.dp != nil {
-			f(reader, a.d)
-		}
-		a.reply(resp, st.c.r.hidden, frame, reader)
-	}
-}
-
-// awaits reports whether a awaits its reply on st (it is not answered,
-// and st has not failed).
-func (st *dispatchStream) awaits(a *attempt) bool {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	return st.mu.pending[a.id] == a
-}
-
-// claim gives d the reader role of st, where a (d's) awaits its reply,
-// if take and the role is free; otherwise, if the role is free, it goes
-// to the receive goroutine. It reports whether d took it.
-func (st *dispatchStream) claim(d *dispatch, a *attempt, take bool) bool {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.mu.pending[a.id] != a || st.mu.reader != nil || st.mu.bg {
-		return false
-	}
-	if take {
-		st.mu.reader = d
-		return true
-	}
-	st.wakeReaderLocked()
-	return false
-}
-
-// release ends d's hold on the reader role; the receive goroutine takes
-// it if replies are still awaited.
-func (st *dispatchStream) release(d *dispatch) {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.mu.reader == d {
-		st.mu.reader = nil
-		st.wakeReaderLocked()
-	}
-}
-
-// wakeReaderLocked gives the receive goroutine the reader role if it is
-// free and a request awaits its reply; st.mu is held.
-func (st *dispatchStream) wakeReaderLocked() {
-	if st.mu.reader != nil || st.mu.bg || len(st.mu.pending) == 0 {
-		return
-	}
-	st.mu.bg = true
-	select {
-	case st.bgWake <- struct{}{}:
-	default:
 	}
 }
 
