@@ -107,11 +107,6 @@ var (
 	ErrFrame = errors.New("dataplane: malformed frame")
 	// ErrClosed is returned by a Conn used after Close.
 	ErrClosed = errors.New("dataplane: connection closed")
-	// ErrReadTimeout is returned (wrapping os.ErrDeadlineExceeded) by a
-	// receive whose read deadline (SetReadDeadline) passed before a whole
-	// frame arrived; the connection stays open and the next receive
-	// continues the frame where this one stopped.
-	ErrReadTimeout = errors.New("dataplane: read deadline passed")
 )
 
 // Matcher reports whether a connection's first bytes are a data-plane
@@ -127,9 +122,7 @@ func Matcher(r io.Reader) bool {
 
 // Conn is one data-plane stream. SendMsg and RecvMsg may run at the same
 // time as each other, but each only on one goroutine at a time (as a
-// gRPC stream's): receivers may take turns, each call ordered after the
-// last (by a mutex or a channel). Close and SetReadDeadline may be called
-// at any time, from any goroutine.
+// gRPC stream's). Close may be called at any time, from any goroutine.
 type Conn struct {
 	c   net.Conn
 	max int
@@ -142,16 +135,9 @@ type Conn struct {
 	// returns, rather than the closed socket's error.
 	cause atomic.Pointer[error]
 
-	// read side: rbuf[r:w] is received and not yet consumed. rk and rn
-	// are the kind and payload length of a frame whose header was read
-	// and whose payload a read deadline interrupted (rk 0: none); rinto
-	// that its payload goes into RecvMsgInto's buffer, which holds what
-	// arrived of it.
-	rbuf  []byte
-	r, w  int
-	rk    byte
-	rn    int
-	rinto bool
+	// read side: rbuf[r:w] is received and not yet consumed.
+	rbuf []byte
+	r, w int
 	// write side: the header and the message, written with one write;
 	// wto bounds each write (SetWriteTimeout).
 	wbuf []byte
@@ -201,28 +187,6 @@ func (c *Conn) closedErr() error {
 		return fmt.Errorf("%w: %w", ErrClosed, *e)
 	}
 	return ErrClosed
-}
-
-// SetReadDeadline bounds the receives (RecvMsg, RecvMsgInto) until t (zero:
-// unbounded), as net.Conn's does, but a receive that passes it fails with
-// an error wrapping ErrReadTimeout and leaves the connection open: the
-// next receive continues the frame it was reading (a RecvMsgInto's with
-// the same buffer, as that call left it). A time in the past interrupts a
-// receive blocked at the moment, or the next one: how another goroutine
-// wakes a receiver that has something else to do.
-func (c *Conn) SetReadDeadline(t time.Time) error { return c.c.SetReadDeadline(t) }
-
-// readErr is what a receive returns for a failed read (nothing else
-// consumed what arrived): the closing's cause when the connection was
-// closed, a timeout that leaves it open, or err, closing it.
-func (c *Conn) readErr(err error) error {
-	if c.closed.Load() {
-		return c.closedErr()
-	}
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return fmt.Errorf("%w: %w", ErrReadTimeout, err)
-	}
-	return c.fail(err)
 }
 
 // SetWriteTimeout bounds each later SendMsg's write (not its marshalling)
@@ -471,9 +435,8 @@ func (c *Conn) sendStatus(err error) error {
 // next RecvMsg: the receiver decodes them before it receives again. It
 // returns io.EOF when the peer closed the connection between frames, the
 // status carried by a status frame (a gRPC status error; nil's OK
-// becomes io.EOF), an error wrapping ErrFrame for a malformed frame,
-// after which the connection is closed, and one wrapping ErrReadTimeout
-// when the read deadline passed (see SetReadDeadline).
+// becomes io.EOF), and an error wrapping ErrFrame for a malformed frame,
+// after which the connection is closed.
 func (c *Conn) RecvMsg(m any) error {
 	kind, p, err := c.readFrame()
 	if err != nil {
@@ -519,50 +482,46 @@ func (c *Conn) endStatus(p []byte) error {
 // whoever uses its rows and receives the next into another. m is a
 // *meshpb.DispatchRequest or *meshpb.DispatchResponse. A sender that
 // aligns the rows (wire.OutRequest.AlignRows, wire.AppendResponseHead)
-// lets F32 rows be viewed in place (wire.ViewF32). Errors are RecvMsg's;
-// after a timeout (ErrReadTimeout) *buf holds what arrived of the frame,
-// and the next call must pass it as it is to go on with the frame.
+// lets F32 rows be viewed in place (wire.ViewF32). Errors are RecvMsg's.
 func (c *Conn) RecvMsgInto(buf *[]byte, m any) error {
 	switch m.(type) {
 	case *meshpb.DispatchRequest, *meshpb.DispatchResponse:
 	default:
 		return fmt.Errorf("dataplane: cannot receive into %T", m)
 	}
-	kind, n, err := c.header()
+	kind, n, err := c.readHeader()
 	if err != nil {
 		return err
 	}
 	if kind == kindStatus {
-		p, err := c.readPayload(n)
+		_, p, err := c.readPayload(n)
 		if err != nil {
 			return err
 		}
 		return c.endStatus(p)
 	}
-	b := *buf
-	if !c.rinto {
-		// What was read ahead, then the rest straight from the socket.
-		b = b[:0]
-		have := min(c.w-c.r, n)
-		b = grownTo(b, have)
-		b = append(b, c.rbuf[c.r:c.r+have]...)
-		c.r += have
-		c.rinto = true
-	}
+	// What was read ahead, then the rest straight from the socket.
+	b := (*buf)[:0]
+	have := min(c.w-c.r, n)
+	b = grownTo(b, have)
+	b = append(b, c.rbuf[c.r:c.r+have]...)
+	c.r += have
 	for len(b) < n {
 		b = grownTo(b, len(b)+1)
 		k, err := c.c.Read(b[len(b):min(cap(b), n)])
 		b = b[:len(b)+k]
 		if err != nil && len(b) < n {
 			*buf = b
+			if c.closed.Load() {
+				return c.closedErr()
+			}
 			if errors.Is(err, io.EOF) {
 				err = fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
 			}
-			return c.readErr(err)
+			return c.fail(err)
 		}
 	}
 	*buf = b
-	c.rk, c.rinto = 0, false
 	switch m := m.(type) {
 	case *meshpb.DispatchRequest:
 		err = wire.UnmarshalRequestView(b, m)
@@ -617,30 +576,11 @@ func parseStatus(p []byte) (codes.Code, string, error) {
 // readFrame returns the next frame's kind and payload; the payload is
 // valid until the next call.
 func (c *Conn) readFrame() (byte, []byte, error) {
-	kind, n, err := c.header()
+	_, n, err := c.readHeader()
 	if err != nil {
 		return 0, nil, err
 	}
-	if c.rinto {
-		return 0, nil, errors.New("dataplane: RecvMsg inside a frame RecvMsgInto began")
-	}
-	p, err := c.readPayload(n)
-	return kind, p, err
-}
-
-// header is the kind and payload length of the frame being received: the
-// one whose payload an earlier receive did not finish before its
-// deadline, or the next.
-func (c *Conn) header() (byte, int, error) {
-	if c.rk != 0 {
-		return c.rk, c.rn, nil
-	}
-	kind, n, err := c.readHeader()
-	if err != nil {
-		return 0, 0, err
-	}
-	c.rk, c.rn, c.rinto = kind, n, false
-	return kind, n, nil
+	return c.readPayload(n)
 }
 
 // readHeader reads and checks the next frame's header: its kind and
@@ -664,25 +604,23 @@ func (c *Conn) readHeader() (byte, int, error) {
 	return kind, int(n), nil
 }
 
-// readPayload reads the payload (n bytes) of the frame header read into
-// the connection's buffer; the frame is then received.
-func (c *Conn) readPayload(n int) ([]byte, error) {
+// readPayload reads a payload of n bytes into the connection's buffer.
+func (c *Conn) readPayload(n int) (byte, []byte, error) {
+	kind := c.rbuf[c.r-headerSize]
 	if err := c.fill(n); err != nil {
 		if errors.Is(err, io.EOF) {
 			err = fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
 		}
-		return nil, err
+		return 0, nil, err
 	}
 	p := c.rbuf[c.r : c.r+n]
 	c.r += n
-	c.rk = 0
-	return p, nil
+	return kind, p, nil
 }
 
 // fill reads until rbuf[r:] holds need bytes, moving what it holds to
 // the front and growing the buffer (doubling, up to need) only when it
-// is full. io.EOF only when nothing of a frame had arrived; a timeout
-// keeps what arrived.
+// is full. io.EOF only when nothing of a frame had arrived.
 func (c *Conn) fill(need int) error {
 	for c.w-c.r < need {
 		if c.r+need > len(c.rbuf) && c.r > 0 {
@@ -704,10 +642,13 @@ func (c *Conn) fill(need int) error {
 			if c.w-c.r >= need {
 				return nil
 			}
+			if c.closed.Load() {
+				return c.closedErr()
+			}
 			if errors.Is(err, io.EOF) && c.w > c.r {
 				err = fmt.Errorf("%w: connection closed inside a frame", io.ErrUnexpectedEOF)
 			}
-			return c.readErr(err)
+			return c.fail(err)
 		}
 	}
 	return nil
