@@ -212,6 +212,19 @@ func amxKernelHead(g *gen, name string, mt, nt int, reg string) func(i, j int) (
 	return cTile
 }
 
+// amxKernelTail ends the tile kernels amxKernelHead starts: the C tiles
+// stored back, the tiles released, RET.
+func amxKernelTail(g *gen, mt, nt int, cTile func(i, j int) (int, mem)) {
+	for i := 0; i < mt; i++ {
+		for j := 0; j < nt; j++ {
+			t, m := cTile(i, j)
+			g.p(tilestored(m, t))
+		}
+	}
+	g.p(tilerelease())
+	g.p("RET")
+}
+
 func genAMXKernel(g *gen, mt, nt int) {
 	name := fmt.Sprintf("amxBF16x%d%d", mt, nt)
 	cTile := amxKernelHead(g, name, mt, nt, "R10") // R10: B step
@@ -235,14 +248,7 @@ func genAMXKernel(g *gen, mt, nt int) {
 	g.p("ADDQ R10, DX")
 	g.p("DECQ CX")
 	g.p("JNZ %s_loop", name)
-	for i := 0; i < mt; i++ {
-		for j := 0; j < nt; j++ {
-			t, m := cTile(i, j)
-			g.p(tilestored(m, t))
-		}
-	}
-	g.p(tilerelease())
-	g.p("RET")
+	amxKernelTail(g, mt, nt, cTile)
 }
 
 // genAMXSplitKernel writes amxSplit{M}{N}, the kernel of the exact
@@ -286,14 +292,7 @@ func genAMXSplitKernel(g *gen, mt, nt int) {
 	g.p("ADDQ R10, DX")
 	g.p("DECQ CX")
 	g.p("JNZ %s_loop", name)
-	for i := 0; i < mt; i++ {
-		for j := 0; j < nt; j++ {
-			t, m := cTile(i, j)
-			g.p(tilestored(m, t))
-		}
-	}
-	g.p(tilerelease())
-	g.p("RET")
+	amxKernelTail(g, mt, nt, cTile)
 }
 
 // genAMXSplitRow writes
@@ -406,14 +405,7 @@ func genAMXWAKernel(g *gen, mt, nt int) {
 	g.p("ADDQ $64, R12")
 	g.p("DECQ CX")
 	g.p("JNZ %s_loop", name)
-	for i := 0; i < mt; i++ {
-		for j := 0; j < nt; j++ {
-			t, m := cTile(i, j)
-			g.p(tilestored(m, t))
-		}
-	}
-	g.p(tilerelease())
-	g.p("RET")
+	amxKernelTail(g, mt, nt, cTile)
 }
 
 // genAMXPairsT writes
