@@ -229,3 +229,28 @@ func TestStreamParsing(t *testing.T) {
 		t.Errorf("with token_ids: output %d (%s %s), want 6", o.outputLen, o.kind, o.err)
 	}
 }
+
+// TestDoorClosedNotSent: in --duration mode a request admitted before the
+// door closed but reaching the send after it is not sent and not counted,
+// so no counted request starts after the duration (the race that let one
+// start at 1.000016 s of a 1 s run).
+func TestDoorClosedNotSent(t *testing.T) {
+	var hits atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		http.Error(w, "unexpected", http.StatusInternalServerError)
+	}))
+	defer srv.Close()
+	cfg := DefaultConfig()
+	cfg.BaseURL, cfg.Endpoint = srv.URL+"/v1", "/v1/completions"
+	now := time.Now()
+	c := &client{http: srv.Client(), url: cfg.Root() + cfg.Endpoint, model: "m", cfg: &cfg, runStart: now.Add(-time.Second), door: now}
+	o := c.do(context.Background(), &Request{Text: "hi", OutputLen: 2})
+	if !o.late || o.kind != "" || hits.Load() != 0 {
+		t.Errorf("past the door: late %v, kind %q, %d requests reached the server", o.late, o.kind, hits.Load())
+	}
+	c.door = time.Now().Add(time.Hour)
+	if o = c.do(context.Background(), &Request{Text: "hi", OutputLen: 2}); o.late || hits.Load() != 1 {
+		t.Errorf("before the door: late %v, %d requests reached the server", o.late, hits.Load())
+	}
+}

@@ -59,6 +59,7 @@ type outcome struct {
 	err         string
 	kind        string // "" when the request succeeded
 	canceled    bool   // the run was cancelled under it; not counted
+	late        bool   // the --duration door closed before it was sent; not counted
 }
 
 // client sends benchmark requests.
@@ -68,6 +69,10 @@ type client struct {
 	model    string
 	cfg      *Config
 	runStart time.Time
+	// door, when set (--duration), is when requests stop being sent: a
+	// request admitted just before it whose send would fall after it is
+	// not sent, so every counted request started within the duration.
+	door time.Time
 }
 
 type streamChoice struct {
@@ -162,6 +167,10 @@ func (c *client) do(ctx context.Context, r *Request) (o outcome) {
 	setAuth(req, c.cfg.APIKey)
 
 	st := time.Now()
+	if !c.door.IsZero() && !st.Before(c.door) {
+		o.late = true
+		return o
+	}
 	o.start = st.Sub(c.runStart).Seconds()
 	defer func() {
 		o.end = c.since()

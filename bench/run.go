@@ -300,6 +300,10 @@ func dispatch(ctx context.Context, c *client, cfg *Config, reqs []Request) ([]ou
 	}
 	start := time.Now()
 	c.runStart = start
+	if cfg.Duration > 0 {
+		c.door = start.Add(cfg.Duration)
+		defer func() { c.door = time.Time{} }()
+	}
 	stopProgress := prog.start(cfg.Progress, start, cfg.Duration)
 
 	var deadline <-chan time.Time // closes the door in duration mode
@@ -359,6 +363,9 @@ loop:
 				<-sem
 			}
 			prog.inflight.Add(-1)
+			if slot.late {
+				return
+			}
 			prog.done.Add(1)
 			if slot.kind != "" {
 				prog.failed.Add(1)
@@ -373,7 +380,7 @@ loop:
 	}
 	outs := make([]outcome, 0, len(slots))
 	for _, s := range slots {
-		if !s.canceled {
+		if !s.canceled && !s.late {
 			outs = append(outs, *s)
 		}
 	}
