@@ -12,6 +12,7 @@ import (
 	"github.com/expertmesh/expertmesh/controlplane"
 	"github.com/expertmesh/expertmesh/expertnode"
 	"github.com/expertmesh/expertmesh/internal/ops"
+	"github.com/expertmesh/expertmesh/internal/schedpolicy"
 	"github.com/expertmesh/expertmesh/model"
 	"github.com/expertmesh/expertmesh/placement"
 )
@@ -45,9 +46,15 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	slots := fs.Int("expert-slots", 0, "with --etcd: the most routed experts (over all layers) this node may hold (0: any number)")
 	cp := addControlPlaneFlags(fs)
 	tel := addTelemetryFlags(fs)
+	schedBatch := fs.Bool("sched-batch", false, "run every thread under SCHED_BATCH (Linux): a request that wakes the node does not preempt whatever runs on its core; for nodes that share cores with an attention node (`up` sets it)")
 	advertise := fs.String("advertise-addr", "", "with --etcd: the host:port attention nodes dial (default: --listen's, with 0.0.0.0 replaced by this host's address; in Kubernetes $(POD_IP):PORT)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *schedBatch {
+		if err := schedpolicy.Batch(); err != nil {
+			return fmt.Errorf("--sched-batch: %w", err)
+		}
 	}
 	expertsSet := false
 	fs.Visit(func(f *flag.Flag) { expertsSet = expertsSet || f.Name == "experts" })

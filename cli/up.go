@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"strconv"
 	"time"
@@ -59,7 +60,14 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 	fs.IntVar(&cfg.ExpertNodes, "expert-nodes", cfg.ExpertNodes, "expert node processes")
 	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "coordinator HTTP address")
 	fs.IntVar(&cfg.AttnThreads, "attn-threads", 0, "threads per attention node (0: all cores)")
-	fs.IntVar(&cfg.ExpertThreads, "expert-threads", cfg.ExpertThreads, "threads per expert node")
+	// Two threads per expert node, where there are two cores: the nodes'
+	// shares of a layer differ, and the second thread of the node still
+	// computing takes the core the others left. On v2-lite-4l, 1 attention
+	// + 3 expert nodes on 2 cores, both under SCHED_BATCH (below), 2
+	// threads gave 1.03-1.06x (8 streams) and 1.05-1.08x (32) the output
+	// tokens/s of 1.
+	fs.IntVar(&cfg.ExpertThreads, "expert-threads", min(2, runtime.NumCPU()), "threads per expert node")
+	expertBatch := fs.Bool("expert-sched-batch", true, "run expert nodes under SCHED_BATCH (Linux), so that the requests the attention node sends do not hand its core to the expert node they wake before it has sent the others (every role shares this machine's cores)")
 	fs.StringVar(&cfg.Etcd, "etcd", "", "external etcd endpoints host:port[,…] (default: run an embedded member here)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "the embedded etcd member's data (default: CACHE-DIR/up/etcd)")
 	fs.StringVar(&cfg.ClusterName, "cluster", cfg.ClusterName, "cluster name (prefix of every etcd key)")
@@ -161,6 +169,12 @@ func upConfig(args []string, stderr io.Writer) (cfg localcluster.Config, quiet b
 		// micro-batch gave 1.15x (8 streams) and 1.25x (32) the output
 		// tokens/s of two. An attention node on its own host keeps 2.
 		cfg.AttnArgs = append([]string{"--micro-batches", "1"}, cfg.AttnArgs...)
+	}
+	// Measured as the threads above: SCHED_BATCH alone gave 1.03-1.05x
+	// (8 streams), both 1.08-1.10x (8) and 1.07-1.11x (32) the output
+	// tokens/s of neither, at 3-4% less CPU per token.
+	if *expertBatch && runtime.GOOS == "linux" {
+		cfg.ExpertArgs = append(cfg.ExpertArgs, "--sched-batch")
 	}
 	for _, dst := range []*[]string{&cfg.CoordinatorArgs, &cfg.AttnArgs, &cfg.ExpertArgs} {
 		*dst = append(*dst, tel.args()...)

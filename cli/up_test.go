@@ -2,6 +2,7 @@ package cli
 
 import (
 	"io"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -61,5 +62,27 @@ func TestUpOneMicroBatchByDefault(t *testing.T) {
 	}
 	if got := strings.Join(cfg.AttnArgs, " "); strings.Count(got, "--micro-batches") != 1 || !strings.Contains(got, "--micro-batches 2") {
 		t.Errorf("--micro-batches 2: attention nodes get %q", got)
+	}
+}
+
+// TestUpExpertDefaults: up runs expert nodes with two threads (one on a
+// single core) and, on Linux, under SCHED_BATCH; both can be set.
+func TestUpExpertDefaults(t *testing.T) {
+	cfg, _, err := upConfig(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := min(2, runtime.NumCPU()); cfg.ExpertThreads != want {
+		t.Errorf("expert threads %d by default, want %d", cfg.ExpertThreads, want)
+	}
+	if got := slices.Contains(cfg.ExpertArgs, "--sched-batch"); got != (runtime.GOOS == "linux") {
+		t.Errorf("expert nodes get %q on %s", cfg.ExpertArgs, runtime.GOOS)
+	}
+	cfg, _, err = upConfig([]string{"--expert-threads", "1", "--expert-sched-batch=false"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.ExpertThreads != 1 || slices.Contains(cfg.ExpertArgs, "--sched-batch") {
+		t.Errorf("--expert-threads 1 --expert-sched-batch=false: %d threads, args %q", cfg.ExpertThreads, cfg.ExpertArgs)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -78,7 +79,7 @@ func (l *testLog) Write(p []byte) (int, error) {
 	return l.b.Write(p)
 }
 
-func startCluster(t *testing.T, attn, experts int) *Cluster {
+func startCluster(t *testing.T, attn, experts int, tweak ...func(*Config)) *Cluster {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("starts processes")
@@ -87,6 +88,9 @@ func startCluster(t *testing.T, attn, experts int) *Cluster {
 	cfg.Binary, cfg.ModelDir, cfg.AttnNodes, cfg.ExpertNodes, cfg.Addr = binary, modelDir, attn, experts, freeAddr(t)
 	cfg.AttnThreads, cfg.ExpertThreads = 1, 1
 	cfg.DataDir = t.TempDir()
+	for _, f := range tweak {
+		f(&cfg)
+	}
 	log := &testLog{}
 	cfg.Log = log
 	c, err := Start(context.Background(), cfg)
@@ -175,9 +179,29 @@ var prompts = [][]int{
 }
 
 // TestUpMatchesGenerate: the cluster (1 attention node, 3 expert nodes,
-// separate processes) and `serve` return exactly what `generate` computes.
+// separate processes, the expert nodes as `up` runs them: 2 threads, and
+// on Linux every thread under SCHED_BATCH) and `serve` return exactly what
+// `generate` computes.
 func TestUpMatchesGenerate(t *testing.T) {
-	c := startCluster(t, 1, 3)
+	batch := runtime.GOOS == "linux"
+	c := startCluster(t, 1, 3, func(cfg *Config) {
+		cfg.ExpertThreads = 2
+		if batch {
+			cfg.ExpertArgs = append(cfg.ExpertArgs, "--sched-batch")
+		}
+	})
+	if batch {
+		for _, k := range c.Children() {
+			if k.Role != "expert" && k.Role != "attn" {
+				continue
+			}
+			for tid, isBatch := range batchThreads(t, k.PID) {
+				if isBatch != (k.Role == "expert") {
+					t.Errorf("%s (%s) thread %d: SCHED_BATCH %v; want it for expert nodes only", k.Name, k.Role, tid, isBatch)
+				}
+			}
+		}
+	}
 	serve := startServe(t)
 	for i, p := range prompts {
 		want := engineResult(t, p, 8)
