@@ -23,13 +23,16 @@ import (
 // Batch moves every thread of the process to SCHED_BATCH (nice unchanged).
 // Threads the Go runtime starts later inherit it from the thread that
 // creates them, which is one of these.
-func Batch() error {
+func Batch() error { return setPolicy(unix.SCHED_BATCH) }
+
+// setPolicy moves every thread of the process to policy (nice unchanged).
+func setPolicy(policy uint32) error {
 	// Twice: a thread created while the first pass ran may have been
 	// cloned from one not yet moved.
 	for range 2 {
 		ents, err := os.ReadDir("/proc/self/task")
 		if err != nil {
-			return fmt.Errorf("SCHED_BATCH: %w", err)
+			return fmt.Errorf("scheduling policy %d: %w", policy, err)
 		}
 		for _, e := range ents {
 			tid, err := strconv.Atoi(e.Name())
@@ -38,11 +41,11 @@ func Batch() error {
 			}
 			attr, err := unix.SchedGetAttr(tid, 0)
 			if err == nil {
-				attr.Policy = unix.SCHED_BATCH
+				attr.Policy = policy
 				err = unix.SchedSetAttr(tid, attr, 0)
 			}
 			if err != nil && err != unix.ESRCH { // ESRCH: the thread exited
-				return fmt.Errorf("SCHED_BATCH for thread %d: %w", tid, err)
+				return fmt.Errorf("scheduling policy %d for thread %d: %w", policy, tid, err)
 			}
 		}
 	}

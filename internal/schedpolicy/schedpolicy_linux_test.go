@@ -37,6 +37,12 @@ func TestBatch(t *testing.T) {
 	if nice0.Policy == unix.SCHED_BATCH {
 		t.Fatal("the test process already runs SCHED_BATCH: the test would prove nothing")
 	}
+	// Back to the usual policy afterwards (a later test, or -count=2).
+	t.Cleanup(func() {
+		if err := setPolicy(unix.SCHED_NORMAL); err != nil {
+			t.Error(err)
+		}
+	})
 	if err := Batch(); err != nil {
 		t.Fatal(err)
 	}
