@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strconv"
 	"time"
 
@@ -33,7 +34,8 @@ func runBenchSweep(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs.IntVar(&cfg.Repeats, "repeats", 1, "runs of every configuration, interleaved (all once, then all again)")
 	fs.IntVar(&cfg.StartAttempts, "start-attempts", 2, "tries of a point whose cluster fails to start (each failure is kept in sweep.json)")
 	fs.IntVar(&cfg.AttnThreads, "attn-threads", 0, "threads per attention node (0: all cores)")
-	fs.IntVar(&cfg.ExpertThreads, "expert-threads", 1, "threads per expert node")
+	fs.IntVar(&cfg.ExpertThreads, "expert-threads", min(2, runtime.NumCPU()), "threads per expert node (as up)")
+	fs.BoolVar(&cfg.ExpertSchedBatch, "expert-sched-batch", runtime.GOOS == "linux", "run expert nodes under SCHED_BATCH (Linux), as up does")
 	fs.StringVar(&cfg.ResultDir, "result-dir", "sweep-results", "directory for every point's bench JSON and HTML, sweep.json and sweep.html")
 	quiet := fs.Bool("quiet", true, "do not print the clusters' logs")
 	bc := bench.DefaultConfig()

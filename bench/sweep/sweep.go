@@ -85,6 +85,9 @@ type Config struct {
 	Repeats int
 	// AttnThreads and ExpertThreads per process (0: all cores).
 	AttnThreads, ExpertThreads int
+	// ExpertSchedBatch runs the expert nodes under SCHED_BATCH (expert
+	// --sched-batch), as `up` does by default on Linux.
+	ExpertSchedBatch bool
 	// Bench is the load of every point (BaseURL, MaxConcurrency and
 	// Traces are set per point).
 	Bench bench.Config
@@ -292,6 +295,21 @@ func runAttempts(ctx context.Context, cfg Config, logw io.Writer, run func() err
 	}
 }
 
+// roleArgs is what a point's roles are started with beyond the cluster's
+// shape: traces to the sweep's receiver at otlp, the point's
+// micro-batches, a cache for its concurrency, and SCHED_BATCH for the
+// expert nodes when the sweep asks for it.
+func roleArgs(cfg Config, p *Point, otlp string) (coordinator, attn, expert []string) {
+	coordinator = []string{"--max-running", strconv.Itoa(p.Concurrency)}
+	attn = []string{"--otlp-endpoint", otlp, "--micro-batches", strconv.Itoa(p.MicroBatches),
+		"--cache-mb", strconv.Itoa(max(256, 64*p.Concurrency/p.AttnNodes))}
+	expert = []string{"--otlp-endpoint", otlp}
+	if cfg.ExpertSchedBatch {
+		expert = append(expert, "--sched-batch")
+	}
+	return coordinator, attn, expert
+}
+
 // runPoint starts the point's cluster, benches it and stops it.
 func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemetry.Receiver, link Link, p *Point) (err error) {
 	lc := localcluster.DefaultConfig()
@@ -315,11 +333,7 @@ func runPoint(ctx context.Context, cfg Config, dir, rcvPort string, rcv *telemet
 		defer n.Close() // after the cluster's Close, deferred below
 		lc.Net, host, p.Emulation = n, n.Host(), n.Mode()
 	}
-	otlp := []string{"--otlp-endpoint", "http://" + host + ":" + rcvPort}
-	lc.AttnArgs = append(otlp, "--micro-batches", strconv.Itoa(p.MicroBatches),
-		"--cache-mb", strconv.Itoa(max(256, 64*p.Concurrency/p.AttnNodes)))
-	lc.ExpertArgs = otlp
-	lc.CoordinatorArgs = []string{"--max-running", strconv.Itoa(p.Concurrency)}
+	lc.CoordinatorArgs, lc.AttnArgs, lc.ExpertArgs = roleArgs(cfg, p, "http://"+host+":"+rcvPort)
 	c, err := localcluster.Start(ctx, lc)
 	if err != nil {
 		if ctx.Err() != nil {

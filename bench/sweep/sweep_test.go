@@ -192,3 +192,26 @@ func TestPredictCalibratesNodeOverhead(t *testing.T) {
 		t.Error("fitLine of one x value")
 	}
 }
+
+// TestRoleArgs: a point's roles get its micro-batches, a cache sized for
+// its concurrency, traces to the receiver, and SCHED_BATCH on the expert
+// nodes only when the sweep asks for it.
+func TestRoleArgs(t *testing.T) {
+	p := &Point{AttnNodes: 2, MicroBatches: 2, Concurrency: 16}
+	for _, batch := range []bool{false, true} {
+		co, at, ex := roleArgs(Config{ExpertSchedBatch: batch}, p, "http://h:1")
+		if got := strings.Join(co, " "); got != "--max-running 16" {
+			t.Errorf("coordinator %q", got)
+		}
+		if got := strings.Join(at, " "); got != "--otlp-endpoint http://h:1 --micro-batches 2 --cache-mb 512" {
+			t.Errorf("attention nodes %q", got)
+		}
+		want := "--otlp-endpoint http://h:1"
+		if batch {
+			want += " --sched-batch"
+		}
+		if got := strings.Join(ex, " "); got != want {
+			t.Errorf("ExpertSchedBatch %v: expert nodes %q, want %q", batch, got, want)
+		}
+	}
+}
