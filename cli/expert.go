@@ -52,8 +52,11 @@ func runExpert(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if *schedBatch {
+		// A scheduling hint, not a requirement: where the kernel or a
+		// sandbox refuses it (gVisor, a strict seccomp profile) the node
+		// serves as it would without it.
 		if err := schedpolicy.Batch(); err != nil {
-			return fmt.Errorf("--sched-batch: %w", err)
+			fmt.Fprintf(stderr, "warning: --sched-batch not applied, running under the default policy: %v\n", err)
 		}
 	}
 	expertsSet := false
