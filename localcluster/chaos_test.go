@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"slices"
 	"sort"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -274,7 +275,13 @@ func startChaos(t *testing.T, attn, experts int, mod func(*Config)) *Cluster {
 	// The coordinator picks its port (announced); a test that restarts it
 	// fixes one.
 	cfg.Binary, cfg.ModelDir, cfg.AttnNodes, cfg.ExpertNodes, cfg.Addr = binary, modelDir, attn, experts, "127.0.0.1:0"
-	cfg.AttnThreads, cfg.ExpertThreads = 1, 1
+	// Expert nodes as `up` runs them: 2 threads, and on Linux every
+	// thread under SCHED_BATCH, so that the faults are proved on the
+	// configuration users run.
+	cfg.AttnThreads, cfg.ExpertThreads = 1, 2
+	if runtime.GOOS == "linux" {
+		cfg.ExpertArgs = append(cfg.ExpertArgs, "--sched-batch")
+	}
 	cfg.DataDir = t.TempDir()
 	cfg.LeaseTTL = chaosLeaseTTL
 	log := &testLog{}
